@@ -1,0 +1,72 @@
+"""The one assembly line: config -> model on the meta device -> weights (loaded or random).
+
+Building on the meta device costs no memory; weights are then materialised tensor by tensor in the
+target dtype and device, so loading a checkpoint needs about one copy of the model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from llama4.checkpoint.io import CheckpointError, load_weights, read_config, save_checkpoint
+from llama4.config import ModelConfig
+from llama4.model.transformer import Llama4Model
+
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
+
+
+def build_meta(config: ModelConfig) -> Llama4Model:
+    """The model structure with every parameter on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        return Llama4Model(config)
+
+
+def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 seed: int = 0, std: float = 0.02) -> Llama4Model:
+    """A model with random weights (normal(0, std) matrices, unit norms), reproducible from ``seed``."""
+    model = build_meta(config)
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in list(model.named_parameters()):
+        if name.endswith("norm.weight") or name.endswith("norm_pre.weight") or name.endswith("norm_post.weight"):
+            value = torch.ones(param.shape)
+        elif name.endswith(".bias"):
+            value = torch.zeros(param.shape)
+        else:
+            value = torch.randn(param.shape, generator=generator) * std
+        module_name, _, attr = name.rpartition(".")
+        model.get_submodule(module_name)._parameters[attr] = nn.Parameter(value.to(device=device, dtype=dtype),
+                                                                          requires_grad=False)
+    return model.to(device).eval()
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    if path is not None:
+        return Path(path)
+    if (EMBEDDED_DIR / "config.json").is_file():
+        return EMBEDDED_DIR
+    raise CheckpointError("no model path given and this installation has no embedded model; pass a checkpoint directory")
+
+
+def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> Llama4Model:
+    """Load a Hugging Face Llama 4 checkpoint directory (safetensors) for inference.
+
+    Returns the model in eval mode with gradients off; training code turns them back on.
+    """
+    path = resolve_model_path(path)
+    config = read_config(path)
+    model = build_meta(config)
+    load_weights(model, path, dtype, device)
+    return model.to(device).eval()
+
+
+def save_model(model: Llama4Model, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
+    """Save in the Hugging Face layout (config.json + safetensors) that transformers loads unchanged."""
+    if max_shard_bytes is None:
+        save_checkpoint(model, path)
+    else:
+        save_checkpoint(model, path, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,175 @@
+"""Hugging Face checkpoint directories: config.json + safetensors (single file or sharded with an index).
+
+Loading is lazy and strict: tensors are read one at a time from memory-mapped files and converted to
+the target dtype, so peak memory stays near one copy of the model; any missing, unexpected or
+mis-shaped tensor is reported in one error. Pickle-based formats (.bin, .pt, .pth) are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from llama4.checkpoint.hf_config import model_config_from_hf, model_config_to_hf
+from llama4.checkpoint.mapping import from_hf_name, to_hf_name
+from llama4.config import ConfigError, ModelConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as it is; the message says what is wrong."""
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    path = Path(path)
+    file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint directory (expected a folder with config.json)")
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    try:
+        return model_config_from_hf(raw)
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint, from its index when sharded."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that do not exist: {missing}")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{path} holds only pickle-based weights {pickles}; they are never loaded because unpickling can run "
+            "arbitrary code. Convert them to safetensors (e.g. with transformers' save_pretrained) first."
+        )
+    raise CheckpointError(f"{path} has no weights: expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
+
+
+def iter_checkpoint(path: str | os.PathLike) -> Iterator[tuple[str, Path, object]]:
+    """(tensor name, file, open handle) for every tensor; each file is opened (mmap) once."""
+    for file in weight_files(path):
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():
+                    yield name, file, handle
+        except SafetensorError as e:
+            raise CheckpointError(f"{file} is not a valid safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Fill ``model``'s parameters (typically on the meta device) from the checkpoint, strictly."""
+    multimodal = model.config.multimodal
+    tied = model.config.text.tie_word_embeddings
+    expected = dict(model.named_parameters())
+    seen: set[str] = set()
+    unexpected, misshaped = [], []
+    for hf_name, file, handle in iter_checkpoint(path):
+        ours = from_hf_name(hf_name, multimodal)
+        if ours is None or ours not in expected:
+            if not (tied and ours == "text.output.weight"):
+                unexpected.append(hf_name)
+            continue
+        shape = tuple(handle.get_slice(hf_name).get_shape())
+        if shape != tuple(expected[ours].shape):
+            misshaped.append(f"{hf_name}: checkpoint {list(shape)}, model {list(expected[ours].shape)}")
+            continue
+        seen.add(ours)
+        if misshaped or unexpected:
+            continue  # the load will fail: do not spend time and memory on tensors
+        try:
+            tensor = handle.get_tensor(hf_name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: cannot read {hf_name}: {e}") from None
+        _assign(model, ours, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype))
+    missing = [to_hf_name(n, multimodal) for n in expected if n not in seen]
+    if missing or unexpected or misshaped:
+        problems = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+            if items:
+                shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+                problems.append(f"  {len(items)} {label}:\n    {shown}")
+        raise CheckpointError(f"checkpoint {path} does not match its config.json:\n" + "\n".join(problems))
+
+
+def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write config.json and safetensors in the HF layout (sharded above ``max_shard_bytes``).
+
+    New files are written under temporary names and renamed into place; weight files of an earlier
+    save in the same directory are removed only after the new ones are complete.
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config: ModelConfig = model.config
+    tensors = {to_hf_name(name, config.multimodal): p.detach().contiguous()
+               for name, p in model.named_parameters()}
+    dtypes = {t.dtype for t in tensors.values()}
+    dtype_name = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    written = []
+    for shard, name in zip(shards, names):
+        tmp = path / (name + ".tmp")
+        save_file({k: v.cpu() for k, v in shard.items()}, str(tmp), metadata={"format": "pt"})
+        written.append((tmp, path / name))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {k: name for shard, name in zip(shards, names) for k in shard}}
+        tmp = path / (INDEX_FILE + ".tmp")
+        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        written.append((tmp, path / INDEX_FILE))
+    tmp = path / "config.json.tmp"
+    tmp.write_text(json.dumps(model_config_to_hf(config, dtype_name), indent=2) + "\n", encoding="utf-8")
+    written.append((tmp, path / "config.json"))
+    for tmp, final in written:
+        os.replace(tmp, final)
+    keep = {final.name for _, final in written}
+    for stale in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
+        if stale.name not in keep and stale.exists():
+            stale.unlink()

@@ -1,0 +1,104 @@
+"""Mixture of experts: sigmoid top-k router, routed SwiGLU experts (fused weights), shared expert.
+
+The routed experts are sparse: tokens are grouped by expert and each expert multiplies only its own
+tokens. :func:`dense_moe_reference` evaluates every expert on every token (as transformers does) and
+is the oracle the sparse path is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llama4.model.ops import swiglu
+
+
+class SwiGLU(nn.Module):
+    """Dense feed-forward: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.gate.weight, self.up.weight, self.down.weight)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts in the checkpoint's fused layout, used as x @ W (no transposes).
+
+    gate_up [E, D, 2I]: columns [:I] feed silu (gate), [I:] are the up projection; down [E, I, D].
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens x [n, D] -> [n, D]."""
+        gate, up = (x @ self.gate_up[e]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.down[e]
+
+
+def route(router_logits: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts by raw logit and their sigmoid scores (no renormalisation).
+
+    router_logits [N, E] -> (expert ids [N, k] int64, scores [N, k] in ``dtype``; sigmoid in float32).
+    """
+    top_logits, top_ids = torch.topk(router_logits, top_k, dim=-1)
+    return top_ids, torch.sigmoid(top_logits.float()).to(dtype)
+
+
+def sparse_experts(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """Routed output for x [N, D]: sum over the chosen experts of expert(score * x). Only chosen experts run."""
+    n, k = expert_ids.shape
+    if n == 0:
+        return torch.zeros_like(x)
+    flat_ids = expert_ids.reshape(-1)
+    order = flat_ids.argsort(stable=True)  # assignments grouped by expert, token order kept within one
+    token_of = order // k
+    scaled = x[token_of] * scores.reshape(-1)[order, None]  # the score scales the expert's *input*
+    counts = torch.bincount(flat_ids, minlength=experts.gate_up.shape[0]).tolist()
+    pieces, offset = [], 0
+    for e, count in enumerate(counts):
+        if count:
+            pieces.append(experts.expert(e, scaled[offset:offset + count]))
+            offset += count
+    routed = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    out = torch.zeros_like(x)
+    return out.index_add_(0, token_of, routed)
+
+
+class MoE(nn.Module):
+    """Llama 4 MoE block: shared expert on x plus the routed experts on score-scaled x."""
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.experts = Experts(num_experts, dim, hidden)
+        self.shared = SwiGLU(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        expert_ids, scores = route(self.router(flat), self.top_k, flat.dtype)
+        out = self.shared(flat)
+        out += sparse_experts(flat, expert_ids, scores, self.experts)
+        return out.reshape(shape)
+
+
+def dense_moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Oracle: every expert on every token, unselected experts fed zeros (as transformers computes it)."""
+    flat = x.reshape(-1, x.shape[-1])
+    logits = moe.router(flat)
+    expert_ids, scores = route(logits, moe.top_k, flat.dtype)
+    full_scores = torch.zeros_like(logits).scatter(1, expert_ids, scores)  # [N, E]
+    routed = torch.zeros_like(flat)
+    for e in range(moe.experts.gate_up.shape[0]):
+        routed = routed + moe.experts.expert(e, flat * full_scores[:, e:e + 1])
+    return (moe.shared(flat) + routed).reshape(x.shape)

@@ -1,0 +1,174 @@
+"""Pure tensor functions of the Llama 4 text decoder.
+
+Each function states the shapes it takes. Numerics follow the reference sheet (and so transformers):
+norms and rotations are computed in float32 and cast back to the working dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from llama4.config import RopeScaling
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMS-normalise the last dim in float32, cast back, then scale by ``weight`` (if any) in x's dtype."""
+    x32 = x.float()
+    y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    return y if weight is None else y * weight
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Rotary inverse frequencies, float32 [head_dim // 2], with optional llama3-style scaling."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    if scaling.high_freq_factor == scaling.low_freq_factor:
+        return scaled  # no band between the two wavelengths to interpolate in
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position x frequency, float32 [..., head_dim // 2] for positions [...]."""
+    angles = positions[..., None].float() * inv_freq
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2j, 2j+1) of x [B, T, H, d] by cos/sin [B or 1, T, d/2], in float32.
+
+    Llama 4 checkpoints keep Meta's complex-number layout: pairs are adjacent, not split in halves.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    real, imag = xf[..., 0], xf[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = torch.stack((real * c - imag * s, real * s + imag * c), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def temperature_scale(cache_index: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """Query scale of NoPE layers: 1 + attn_scale * log(1 + floor((n + 1) / floor_scale)), float32 [T].
+
+    ``cache_index`` n is the token's index in the sequence (not its RoPE position). Exactly 1 for
+    n < floor_scale - 1, so short prompts are unaffected.
+    """
+    return torch.log1p(torch.floor((cache_index.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
+def swiglu(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) with nn.Linear-layout weights ([out, in])."""
+    return F.linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention. Inputs are head-major: q [B, H, Tq, d], k/v [B, Hkv, Tk, d]. Query i sits at sequence index
+# q_start + i, key j at k_start + j. The fast paths below never build a Tq x Tk mask for long inputs;
+# `masked_attention` is the slow reference they are tested against.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+          causal: bool = False) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One query per sequence that may see every key: fold the GQA group into the query axis.
+
+    q [B, H, 1, d], k/v [B, Hkv, S, d] -> [B, H, 1, d], without repeating the keys per head.
+    """
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, h // hkv, d)
+    out = F.scaled_dot_product_attention(qg, k, v)
+    return out.reshape(b, h, 1, d)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full causal attention where the queries are the last Tq of the Tk keys (bottom-right aligned)."""
+    tq, tk = q.shape[2], k.shape[2]
+    if tq == 1:
+        return _decode_attention(q, k, v)
+    if tq == tk:
+        return _sdpa(q, k, v, causal=True)
+    mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+    return _sdpa(q, k, v, mask=mask)
+
+
+def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
+                             chunk: int) -> torch.Tensor:
+    """Causal attention restricted to the query's own chunk (index // chunk), chunk-native.
+
+    Keys must cover [k_start, q_start + Tq) with k_start <= the chunk start of q_start. Cost is
+    O(Tq x chunk): the queries are cut at chunk boundaries and each piece attends only to its chunk.
+    """
+    tq = q.shape[2]
+    q_end = q_start + tq
+    first_chunk_start = (q_start // chunk) * chunk
+    if k_start > first_chunk_start:
+        raise ValueError(f"keys start at {k_start}, after the chunk start {first_chunk_start} of query {q_start}")
+    if k.shape[2] != q_end - k_start:
+        raise ValueError(f"keys must cover [{k_start}, {q_end}), got {k.shape[2]} keys")
+    k = k[:, :, first_chunk_start - k_start:]
+    v = v[:, :, first_chunk_start - k_start:]
+    boundary = min(first_chunk_start + chunk, q_end)  # end of the chunk holding the first query
+    head_q = q[:, :, : boundary - q_start]
+    outputs = [causal_attention(head_q, k[:, :, : boundary - first_chunk_start],
+                                v[:, :, : boundary - first_chunk_start])]
+    rest = q_end - boundary  # queries from the next chunk boundary on: whole chunks + a ragged tail
+    if rest > 0:
+        outputs.append(_aligned_chunks_attention(q[:, :, boundary - q_start:], k[:, :, boundary - first_chunk_start:],
+                                                 v[:, :, boundary - first_chunk_start:], chunk))
+    return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+
+
+def _aligned_chunks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Block-diagonal causal attention for q, k, v [B, H*, T, d] that start at a chunk boundary."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    n_full = t // chunk
+    outputs = []
+    if n_full:
+        span = n_full * chunk
+
+        def blocks(x: torch.Tensor, heads: int) -> torch.Tensor:  # [B, h, n*C, d] -> [B*n, h, C, d]
+            return x[:, :, :span].reshape(b, heads, n_full, chunk, d).transpose(1, 2).reshape(b * n_full, heads, chunk, d)
+
+        out = _sdpa(blocks(q, h), blocks(k, hkv), blocks(v, hkv), causal=True)
+        outputs.append(out.reshape(b, n_full, h, chunk, d).transpose(1, 2).reshape(b, h, span, d))
+    if t % chunk:
+        tail = n_full * chunk
+        outputs.append(_sdpa(q[:, :, tail:], k[:, :, tail:], v[:, :, tail:], causal=t - tail > 1))
+    return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
+                     chunk: int | None) -> torch.Tensor:
+    """Reference: explicit Tq x Tk mask (causal, and same chunk when ``chunk`` is given), eager softmax."""
+    qi = torch.arange(q.shape[2], device=q.device)[:, None] + q_start
+    kj = torch.arange(k.shape[2], device=q.device)[None, :] + k_start
+    allowed = kj <= qi
+    if chunk is not None:
+        allowed &= (kj // chunk) == (qi // chunk)
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(dim=-1) @ v

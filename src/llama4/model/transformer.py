@@ -1,0 +1,180 @@
+"""The Llama 4 decoder, top to bottom: attention, feed-forward, block, text model, multimodal model.
+
+Every layer is pre-norm: h += attention(rms_norm(h)); h += ffn(rms_norm(h)). Three of every four
+layers (RoPE layers) rotate q/k, optionally RMS-normalise them, and attend within their chunk; the
+fourth (NoPE layers) has no position embedding, attends to the whole causal prefix and scales its
+queries with the log of the sequence index (temperature tuning). Feed-forwards are MoE or dense SwiGLU
+per the config's schedule.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llama4.config import LayerSpec, ModelConfig, TextConfig
+from llama4.model.cache import KVCache
+from llama4.model.moe import MoE, SwiGLU
+from llama4.model.ops import (
+    apply_rope,
+    causal_attention,
+    chunked_causal_attention,
+    rms_norm,
+    rope_angles,
+    rope_inv_freq,
+    temperature_scale,
+)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, spec: LayerSpec):
+        super().__init__()
+        self.spec = spec
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.chunk = config.attention_chunk_size
+        self.eps = config.rms_norm_eps
+        self.floor_scale, self.attn_scale = config.floor_scale, config.attn_scale
+        self.wq = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], start: int,
+                cache: KVCache | None) -> torch.Tensor:
+        """x [B, T, D] for sequence indices start..start+T-1 -> [B, T, D]."""
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.wk(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.wv(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.spec.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.spec.qk_norm:
+            q, k = rms_norm(q, None, self.eps), rms_norm(k, None, self.eps)
+        if self.spec.temperature_tuning:
+            index = torch.arange(start, start + t, device=x.device)
+            scale = temperature_scale(index, self.floor_scale, self.attn_scale)
+            q = (q * scale[None, :, None, None]).to(q.dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
+        k_start = start
+        if cache is not None:
+            k, v, k_start = cache.update(self.spec.index, k, v)
+        if self.spec.chunked:
+            out = chunked_causal_attention(q, k, v, start, k_start, self.chunk)
+        else:
+            out = causal_attention(q, k, v)
+        return self.wo(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, spec: LayerSpec):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, spec)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if spec.moe:
+            self.ffn: nn.Module = MoE(config.hidden_size, config.intermediate_size, config.num_experts,
+                                      config.num_experts_per_tok)
+        else:
+            self.ffn = SwiGLU(config.hidden_size, config.intermediate_size_mlp)
+
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], start: int,
+                cache: KVCache | None) -> torch.Tensor:
+        h = h + self.attn(self.attn_norm(h), rope, start, cache)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class TextModel(nn.Module):
+    """Token embeddings, decoder layers, final norm and the output projection (LM head)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in config.layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.output = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        with torch.device("cpu"):  # a small table, exact in float32 even when the model is built on "meta"
+            inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                num_logits: int | None = None) -> torch.Tensor:
+        """h [B, T, D] input embeddings at RoPE positions [B or 1, T] -> logits [B, T', vocab] float32.
+
+        The sequence index of h[:, 0] is ``cache.seq_len`` (0 without a cache). ``num_logits`` keeps only
+        the last that many positions for the output projection (None: all).
+        """
+        start = cache.seq_len if cache is not None else 0
+        rope = rope_angles(positions.to(h.device), self.inv_freq.to(h.device))
+        for layer in self.layers:
+            h = layer(h, rope, start, cache)
+        if cache is not None:
+            cache.advance(h.shape[1])
+        if num_logits is not None:
+            h = h[:, h.shape[1] - num_logits:]
+        h = self.norm(h)
+        weight = self.embed.weight if self.output is None else self.output.weight
+        return F.linear(h, weight).float()
+
+
+class Llama4Model(nn.Module):
+    """The whole checkpoint: text decoder and, for multimodal configs, the vision tower + projector."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.text = TextModel(config.text)
+        self.vision = None
+        self.projector = None
+        if config.vision is not None:
+            from llama4.model.vision import VisionEncoder  # multimodal checkpoints only
+
+            self.vision = VisionEncoder(config.vision)
+            self.projector = nn.Linear(config.vision.vision_output_dim, config.text.hidden_size,
+                                       bias=config.vision.multi_modal_projector_bias)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [B, T, D]; image features replace the image placeholder tokens in order."""
+        h = self.text.embed(input_ids)
+        if pixel_values is None:
+            return h
+        if self.vision is None:
+            raise ValueError("this checkpoint is text-only (no vision_config): it cannot take pixel_values")
+        slots = input_ids == self.config.image_token_id
+        features = self.projector(self.vision(pixel_values.to(h.dtype)).flatten(0, 1))  # [tiles * tokens, D]
+        if int(slots.sum()) != features.shape[0]:
+            raise ValueError(
+                f"the prompt has {int(slots.sum())} image tokens (id {self.config.image_token_id}) but the "
+                f"{pixel_values.shape[0]} image tile(s) give {features.shape[0]} features"
+            )
+        return h.masked_scatter(slots[..., None], features.to(h.dtype))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                pixel_values: torch.Tensor | None = None, num_logits: int | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] float32 (the last ``num_logits`` positions if given).
+
+        Positions default to the sequence indices (cache.seq_len + arange(T)).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        vocab = self.config.text.vocab_size
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise ValueError(f"token ids must be in [0, {vocab}), got min {int(input_ids.min())} max {int(input_ids.max())}")
+        if positions is None:
+            start = cache.seq_len if cache is not None else 0
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
+        elif positions.dim() == 1:
+            positions = positions[None]
+        h = self.embed(input_ids, pixel_values)
+        return self.text(h, positions, cache, num_logits)
