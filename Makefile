@@ -16,8 +16,10 @@ $(STAMP_BASE): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+# torchvision is only the image-preprocessing oracle; --no-deps keeps pip from replacing the CPU torch.
 $(STAMP_TEST): $(STAMP_BASE) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps torchvision==0.28.0
 	touch $@
 
 setup: $(STAMP_BASE)

@@ -54,23 +54,30 @@ def route(router_logits: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[
 
 
 def sparse_experts(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor, experts: Experts) -> torch.Tensor:
-    """Routed output for x [N, D]: sum over the chosen experts of expert(score * x). Only chosen experts run."""
+    """Routed output for x [N, D]: sum over the chosen experts of expert(score * x). Only chosen experts run.
+
+    Assignments are sorted by expert so each expert multiplies one contiguous block of its tokens; the
+    results are written in place into one buffer and scattered back to token order once.
+    """
     n, k = expert_ids.shape
     if n == 0:
         return torch.zeros_like(x)
     flat_ids = expert_ids.reshape(-1)
+    if n * k == 1:  # one token, one expert (decode): no grouping needed
+        return experts.expert(int(flat_ids), x * scores)
     order = flat_ids.argsort(stable=True)  # assignments grouped by expert, token order kept within one
     token_of = order // k
     scaled = x[token_of] * scores.reshape(-1)[order, None]  # the score scales the expert's *input*
     counts = torch.bincount(flat_ids, minlength=experts.gate_up.shape[0]).tolist()
-    pieces, offset = [], 0
+    routed = torch.empty_like(scaled)
+    offset = 0
     for e, count in enumerate(counts):
         if count:
-            pieces.append(experts.expert(e, scaled[offset:offset + count]))
+            routed[offset:offset + count] = experts.expert(e, scaled[offset:offset + count])
             offset += count
-    routed = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-    out = torch.zeros_like(x)
-    return out.index_add_(0, token_of, routed)
+    if k == 1:
+        return torch.empty_like(x).index_copy_(0, token_of, routed)
+    return torch.zeros_like(x).index_add_(0, token_of, routed)
 
 
 class MoE(nn.Module):

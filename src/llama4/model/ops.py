@@ -40,22 +40,19 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position x frequency, float32 [..., head_dim // 2] for positions [...]."""
+def rope_table(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Unit complex rotations e^(i * position * freq), complex64 [..., head_dim // 2] for positions [...]."""
     angles = positions[..., None].float() * inv_freq
-    return torch.cos(angles), torch.sin(angles)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (2j, 2j+1) of x [B, T, H, d] by cos/sin [B or 1, T, d/2], in float32.
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2j, 2j+1) of x [B, T, H, d] by ``rotation`` [B or 1, T, d/2], in float32.
 
     Llama 4 checkpoints keep Meta's complex-number layout: pairs are adjacent, not split in halves.
     """
-    xf = x.float().unflatten(-1, (-1, 2))
-    real, imag = xf[..., 0], xf[..., 1]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    out = torch.stack((real * c - imag * s, real * s + imag * c), dim=-1)
-    return out.flatten(-2).type_as(x)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation[:, :, None, :]).flatten(-2).type_as(x)
 
 
 def temperature_scale(cache_index: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
@@ -81,11 +78,7 @@ def swiglu(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: to
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
           causal: bool = False) -> torch.Tensor:
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from llama4.model.ops import (
     causal_attention,
     chunked_causal_attention,
     rms_norm,
-    rope_angles,
+    rope_table,
     rope_inv_freq,
     temperature_scale,
 )
@@ -50,7 +50,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], start: int,
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int,
                 cache: KVCache | None) -> torch.Tensor:
         """x [B, T, D] for sequence indices start..start+T-1 -> [B, T, D]."""
         b, t, _ = x.shape
@@ -58,7 +58,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.wv(x).view(b, t, self.num_kv_heads, self.head_dim)
         if self.spec.use_rope:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.spec.qk_norm:
             q, k = rms_norm(q, None, self.eps), rms_norm(k, None, self.eps)
         if self.spec.temperature_tuning:
@@ -88,7 +88,7 @@ class DecoderLayer(nn.Module):
         else:
             self.ffn = SwiGLU(config.hidden_size, config.intermediate_size_mlp)
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], start: int,
+    def forward(self, h: torch.Tensor, rope: torch.Tensor, start: int,
                 cache: KVCache | None) -> torch.Tensor:
         h = h + self.attn(self.attn_norm(h), rope, start, cache)
         return h + self.ffn(self.ffn_norm(h))
@@ -116,7 +116,7 @@ class TextModel(nn.Module):
         the last that many positions for the output projection (None: all).
         """
         start = cache.seq_len if cache is not None else 0
-        rope = rope_angles(positions.to(h.device), self.inv_freq.to(h.device))
+        rope = rope_table(positions.to(h.device), self.inv_freq.to(h.device))
         for layer in self.layers:
             h = layer(h, rope, start, cache)
         if cache is not None:

@@ -1,0 +1,108 @@
+"""Shared pieces of the benchmarks: random reference checkpoints, worker subprocesses, machine rates.
+
+Every measurement runs in its own subprocess so that peak RSS belongs to one implementation, one dtype
+and one length. Both implementations load the same safetensors checkpoint of transformers' random init.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_BENCH = ROOT.parent / "shared" / "bench"
+
+
+def bench_config(shape: str) -> dict:
+    path = SHARED_BENCH / f"{shape}.config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    raise SystemExit(f"benchmark shape {shape!r} not found at {path} (needs ../shared/bench)")
+
+
+def ensure_checkpoint(shape: str, cache_dir: Path, seed: int = 0) -> Path:
+    """transformers' Llama4ForCausalLM with its own random init (seed ``seed``), saved once as bf16."""
+    path = cache_dir / f"{shape}-seed{seed}"
+    if (path / "config.json").is_file():
+        return path
+    import sys as _sys
+    import types
+
+    _sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.Llama4TextConfig(**{k: v for k, v in bench_config(shape).items()
+                                              if k not in ("architectures", "model_type", "dtype")})
+    model = transformers.Llama4ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    return path
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that across exec from the parent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_worker(script: Path, args: list[str], timeout: float = 1800) -> dict:
+    """Run ``script --worker ARGS`` in a fresh interpreter; it prints one JSON line as its last output."""
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, str(script), "--worker", *args], capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def gemm_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Measured FLOP/s of a large square matmul in ``dtype`` on this machine (best of ``reps``)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Measured bytes/s of reading + writing a large buffer (a copy moves 2 x nbytes)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(doc: Path, marker: str, body: str) -> None:
+    """Replace the text between <!-- marker --> and <!-- /marker --> in ``doc`` (appending if absent)."""
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    text = doc.read_text() if doc.exists() else "# Performance\n\nMeasured tables, each written by the benchmark named in it.\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)

@@ -1,0 +1,1 @@
+"""Checkpoint formats: HF config translation, the tensor-name table, safetensors load/save."""

@@ -1,0 +1,1 @@
+"""The model math: imports nothing from inference, serving, training, quantization or distribution."""
