@@ -11,6 +11,8 @@ Public API::
 from llama4.build import load_model, random_model, save_model
 from llama4.checkpoint.io import CheckpointError
 from llama4.config import ConfigError, ModelConfig, TextConfig, VisionConfig
+from llama4.inference.generate import generate, generate_tokens
+from llama4.inference.sampling import SamplingParams
 from llama4.info import model_info
 from llama4.model.cache import KVCache
 from llama4.model.transformer import Llama4Model
@@ -18,6 +20,6 @@ from llama4.presets import preset
 
 __all__ = [
     "CheckpointError", "ConfigError", "KVCache", "Llama4Model", "ModelConfig", "TextConfig", "VisionConfig",
-    "load_model", "model_info", "preset", "random_model", "save_model",
+    "SamplingParams", "generate", "generate_tokens", "load_model", "model_info", "preset", "random_model", "save_model",
 ]
 __version__ = "0.1.0"

@@ -1,7 +1,10 @@
 """KV cache shaped by iRoPE: chunk-local layers keep one chunk, global layers keep everything.
 
-The model talks to a cache through two calls: ``update(layer, k, v)`` during a forward pass and
-``advance(num_tokens)`` once the pass is complete. All rows of a batch share one sequence index.
+The model talks to a cache through ``update(layer, k, v)`` during a forward pass and
+``advance(num_tokens)`` once the pass is complete. Each row of the batch has its own length: a
+multi-token pass (prefill) needs all rows at the same length, a one-token pass (decode) does not, so
+prompts of different lengths are prefilled separately (each row exactly as its solo run) and then
+decoded together (:meth:`KVCache.stack`).
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ from llama4.config import TextConfig
 
 
 class KVCache:
-    """Contiguous per-layer cache. Keys are stored post-RoPE/QK-norm, values raw, [B, Hkv, S, d].
+    """Per-layer key/value buffers [B, Hkv, capacity, d]; keys post-RoPE/QK-norm, values raw.
 
-    Chunked layers hold only keys of the current chunk (at most ``chunk`` entries); global layers, and
-    chunked layers within their chunk, grow in blocks of ``block_size`` tokens, so memory follows the
-    actual length. Reads are views of the buffers: a decode step copies only the new token's k/v.
+    Chunked layers hold only keys of each row's current chunk (at most ``chunk`` entries); global layers,
+    and chunked layers within their chunk, grow in blocks of ``block_size`` tokens, so memory follows the
+    actual length. Reads are views: a decode step writes only the new token's k/v.
     """
 
     def __init__(self, config: TextConfig, block_size: int = 256):
@@ -25,30 +28,70 @@ class KVCache:
         self.chunk = config.attention_chunk_size
         self.chunked = tuple(spec.chunked for spec in config.layers)
         self.block_size = block_size
-        self.seq_len = 0  # sequence index of the next token
-        self._k: list[torch.Tensor | None] = [None] * config.num_layers
-        self._v: list[torch.Tensor | None] = [None] * config.num_layers
-        self._len = [0] * config.num_layers  # valid entries in each layer's buffer
-        self._start = [0] * config.num_layers  # sequence index of each layer's first entry
+        self.lengths: list[int] = []  # per row: sequence index of its next token (empty until first use)
+        n = config.num_layers
+        self._k: list[torch.Tensor | None] = [None] * n
+        self._v: list[torch.Tensor | None] = [None] * n
+        self._len: list[list[int]] = [[] for _ in range(n)]  # per layer, per row: valid buffer entries
+        self._start: list[list[int]] = [[] for _ in range(n)]  # per layer, per row: sequence index of entry 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Add k/v [B, Hkv, T, d] for tokens seq_len..seq_len+T-1; return the keys/values this
-        layer's queries may need and the sequence index of their first entry."""
-        if self.chunked[layer]:
-            return self._update_local(layer, k, v)
-        return self._update_global(layer, k, v)
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def seq_len(self) -> int:
+        """The common length of all rows (0 for an unused cache); an error when rows differ."""
+        if not self.lengths:
+            return 0
+        if any(n != self.lengths[0] for n in self.lengths):
+            raise ValueError(f"rows are at different lengths {self.lengths}; use .lengths")
+        return self.lengths[0]
+
+    def starts(self, batch: int) -> list[int]:
+        """Per-row sequence index of the next token, for a pass over ``batch`` rows."""
+        if not self.lengths:
+            return [0] * batch
+        if batch != len(self.lengths):
+            raise ValueError(f"the cache holds {len(self.lengths)} rows but the input has {batch}")
+        return list(self.lengths)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+        """Add k/v [B, Hkv, T, d] for each row's next T tokens.
+
+        Returns the keys/values the new queries may need, the sequence index of their first entry, and
+        ``None`` when all rows are aligned; for a decode step over rows at different lengths the keys
+        are each row's own buffer and the last item holds the valid entries per row [B] (the index of
+        entry 0 then differs per row and is not needed: every valid entry is visible to the query).
+        """
+        b, t = k.shape[0], k.shape[2]
+        if not self.lengths:
+            self.lengths = [0] * b
+        starts = self.starts(b)
+        if not self._len[layer]:
+            self._len[layer], self._start[layer] = [0] * b, [0] * b
+        if all(s == starts[0] for s in starts):
+            if self.chunked[layer]:
+                return (*self._update_local(layer, k, v, starts[0]), None)
+            return (*self._update_global(layer, k, v), None)
+        if t != 1:
+            raise ValueError(f"a {t}-token pass needs all rows at one length, got lengths {starts}")
+        return self._update_ragged(layer, k, v, starts)
 
     def advance(self, num_tokens: int) -> None:
-        self.seq_len += num_tokens
+        self.lengths = [n + num_tokens for n in self.lengths]
 
-    def _update_local(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        start = (self.seq_len // self.chunk) * self.chunk  # the first query's chunk starts here
-        end = self.seq_len + k.shape[2]
-        kept = self._len[layer] if self._start[layer] == start else 0  # 0: the stored chunk just ended
+    def _update_local(self, layer: int, k: torch.Tensor, v: torch.Tensor, seq: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        start = (seq // self.chunk) * self.chunk  # the first query's chunk starts here
+        end = seq + k.shape[2]
+        kept = self._len[layer][0] if self._start[layer][0] == start else 0  # 0: the stored chunk just ended
         if end <= start + self.chunk:  # all new tokens fall in the current chunk: append in place
             self._write(layer, k, v, at=kept, limit=self.chunk)
-            self._len[layer], self._start[layer] = kept + k.shape[2], start
-            return self._k[layer][:, :, :kept + k.shape[2]], self._v[layer][:, :, :kept + k.shape[2]], start
+            self._set(layer, kept + k.shape[2], start)
+            n = kept + k.shape[2]
+            return self._k[layer][:, :, :n], self._v[layer][:, :, :n], start
         if kept:
             k_all = torch.cat((self._k[layer][:, :, :kept], k), dim=2)
             v_all = torch.cat((self._v[layer][:, :, :kept], v), dim=2)
@@ -58,31 +101,101 @@ class KVCache:
         keep = end - new_start
         self._write(layer, k_all[:, :, k_all.shape[2] - keep:], v_all[:, :, v_all.shape[2] - keep:], at=0,
                     limit=self.chunk)
-        self._len[layer], self._start[layer] = keep, new_start
+        self._set(layer, keep, new_start)
         return k_all, v_all, start
 
     def _update_global(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        n = self._len[layer]
+        n = self._len[layer][0]
         self._write(layer, k, v, at=n, limit=None)
-        self._len[layer] = n + k.shape[2]
+        self._set(layer, n + k.shape[2], 0)
         return self._k[layer][:, :, :n + k.shape[2]], self._v[layer][:, :, :n + k.shape[2]], 0
 
+    def _update_ragged(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: list[int]
+                       ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        """One new token per row, rows at different sequence indices."""
+        lens, firsts = self._len[layer], self._start[layer]
+        for row, seq in enumerate(starts):
+            if self.chunked[layer] and firsts[row] != (seq // self.chunk) * self.chunk:
+                lens[row], firsts[row] = 0, (seq // self.chunk) * self.chunk  # this row entered a new chunk
+        need = max(lens) + 1
+        self._reserve(layer, k, need, limit=self.chunk if self.chunked[layer] else None)
+        at = torch.tensor(lens, device=k.device)
+        rows = torch.arange(k.shape[0], device=k.device)
+        self._k[layer][rows, :, at] = k[:, :, 0]
+        self._v[layer][rows, :, at] = v[:, :, 0]
+        for row in range(len(lens)):
+            lens[row] += 1
+        valid = torch.tensor(lens, device=k.device)
+        return self._k[layer][:, :, :need], self._v[layer][:, :, :need], 0, valid
+
+    def _set(self, layer: int, length: int, start: int) -> None:
+        self._len[layer] = [length] * len(self._len[layer])
+        self._start[layer] = [start] * len(self._start[layer])
+
+    def _reserve(self, layer: int, like: torch.Tensor, need: int, limit: int | None) -> None:
+        """Make the layer's buffers hold at least ``need`` entries, growing in blocks (to at most ``limit``)."""
+        buf_k = self._k[layer]
+        if buf_k is not None and buf_k.shape[2] >= need and buf_k.shape[:2] == like.shape[:2]:
+            return
+        capacity = -(-need // self.block_size) * self.block_size
+        if limit is not None:
+            capacity = min(capacity, max(limit, need))
+        shape = (*like.shape[:2], capacity, like.shape[3])
+        # Zeros, not empty: a masked decode step still multiplies unused slots by zero weights, and
+        # uninitialised memory may hold NaN.
+        grown_k, grown_v = like.new_zeros(shape), like.new_zeros(shape)
+        if buf_k is not None and buf_k.shape[:2] == like.shape[:2]:
+            used = min(buf_k.shape[2], capacity)
+            grown_k[:, :, :used] = buf_k[:, :, :used]
+            grown_v[:, :, :used] = self._v[layer][:, :, :used]
+        self._k[layer], self._v[layer] = grown_k, grown_v
+
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: int, limit: int | None) -> None:
-        """Write k/v at buffer offset ``at``, growing the buffer in blocks (to at most ``limit``)."""
         need = at + k.shape[2]
-        buf_k, buf_v = self._k[layer], self._v[layer]
-        if buf_k is None or buf_k.shape[2] < need or buf_k.shape[:2] != k.shape[:2]:
-            capacity = -(-need // self.block_size) * self.block_size
-            if limit is not None:
-                capacity = min(capacity, max(limit, need))
-            grown_k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
-            grown_v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
-            if at and buf_k is not None:
-                grown_k[:, :, :at] = buf_k[:, :, :at]
-                grown_v[:, :, :at] = buf_v[:, :, :at]
-            self._k[layer], self._v[layer] = buf_k, buf_v = grown_k, grown_v
-        buf_k[:, :, at:need] = k
-        buf_v[:, :, at:need] = v
+        self._reserve(layer, k, need, limit)
+        self._k[layer][:, :, at:need] = k
+        self._v[layer][:, :, at:need] = v
+
+    @classmethod
+    def stack(cls, caches: list[KVCache]) -> KVCache:
+        """One batched cache from single-row caches (e.g. prompts of different lengths prefilled apart)."""
+        if not caches:
+            raise ValueError("stack needs at least one cache")
+        first = caches[0]
+        merged = cls.__new__(cls)
+        merged.chunk, merged.chunked, merged.block_size = first.chunk, first.chunked, first.block_size
+        merged.lengths = [n for c in caches for n in c.lengths]
+        merged._k, merged._v, merged._len, merged._start = [], [], [], []
+        for layer in range(len(first.chunked)):
+            rows = [c for c in caches if c._k[layer] is not None]
+            if len(rows) != len(caches):
+                merged._k.append(None)
+                merged._v.append(None)
+                merged._len.append([])
+                merged._start.append([])
+                continue
+            need = max(max(c._len[layer]) for c in caches)
+            k_parts, v_parts = [], []
+            for c in caches:
+                pad = need - c._k[layer].shape[2]
+                k_parts.append(c._k[layer][:, :, :need] if pad <= 0 else torch.nn.functional.pad(c._k[layer], (0, 0, 0, pad)))
+                v_parts.append(c._v[layer][:, :, :need] if pad <= 0 else torch.nn.functional.pad(c._v[layer], (0, 0, 0, pad)))
+            merged._k.append(torch.cat(k_parts))
+            merged._v.append(torch.cat(v_parts))
+            merged._len.append([n for c in caches for n in c._len[layer]])
+            merged._start.append([s for c in caches for s in c._start[layer]])
+        return merged
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Drop every row not in ``rows`` (e.g. finished sequences), keeping the given order."""
+        index = torch.tensor(rows, dtype=torch.long)
+        self.lengths = [self.lengths[r] for r in rows]
+        for layer in range(len(self._k)):
+            if self._k[layer] is not None:
+                self._k[layer] = self._k[layer].index_select(0, index.to(self._k[layer].device))
+                self._v[layer] = self._v[layer].index_select(0, index.to(self._v[layer].device))
+                self._len[layer] = [self._len[layer][r] for r in rows]
+                self._start[layer] = [self._start[layer][r] for r in rows]
 
     def nbytes(self) -> int:
         """Bytes of key/value storage currently allocated."""

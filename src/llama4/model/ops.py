@@ -93,6 +93,16 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return out.reshape(b, h, 1, d)
 
 
+def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """One query per row that sees the first valid[b] keys of its row: q [B, H, 1, d], k/v [B, Hkv, S, d]."""
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    mask = torch.arange(k.shape[2], device=q.device)[None, :] < valid[:, None]  # [B, S]
+    qg = q.reshape(b, hkv, h // hkv, d)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :])
+    return out.reshape(b, h, 1, d)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Full causal attention where the queries are the last Tq of the Tk keys (bottom-right aligned)."""
     tq, tk = q.shape[2], k.shape[2]

@@ -20,6 +20,7 @@ from llama4.model.ops import (
     apply_rope,
     causal_attention,
     chunked_causal_attention,
+    masked_decode_attention,
     rms_norm,
     rope_table,
     rope_inv_freq,
@@ -50,9 +51,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int,
-                cache: KVCache | None) -> torch.Tensor:
-        """x [B, T, D] for sequence indices start..start+T-1 -> [B, T, D]."""
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, starts: list[int], cache: KVCache | None) -> torch.Tensor:
+        """x [B, T, D]; row b holds sequence indices starts[b]..starts[b]+T-1 -> [B, T, D]."""
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.num_heads, self.head_dim)
         k = self.wk(x).view(b, t, self.num_kv_heads, self.head_dim)
@@ -62,15 +62,17 @@ class Attention(nn.Module):
         if self.spec.qk_norm:
             q, k = rms_norm(q, None, self.eps), rms_norm(k, None, self.eps)
         if self.spec.temperature_tuning:
-            index = torch.arange(start, start + t, device=x.device)
-            scale = temperature_scale(index, self.floor_scale, self.attn_scale)
-            q = (q * scale[None, :, None, None]).to(q.dtype)
+            index = torch.tensor(starts, device=x.device)[:, None] + torch.arange(t, device=x.device)
+            scale = temperature_scale(index, self.floor_scale, self.attn_scale)  # [B, T]
+            q = (q * scale[:, :, None, None]).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
-        k_start = start
+        k_start, valid = starts[0], None
         if cache is not None:
-            k, v, k_start = cache.update(self.spec.index, k, v)
-        if self.spec.chunked:
-            out = chunked_causal_attention(q, k, v, start, k_start, self.chunk)
+            k, v, k_start, valid = cache.update(self.spec.index, k, v)
+        if valid is not None:  # one token per row, rows at different lengths: each sees its valid entries
+            out = masked_decode_attention(q, k, v, valid)
+        elif self.spec.chunked:
+            out = chunked_causal_attention(q, k, v, starts[0], k_start, self.chunk)
         else:
             out = causal_attention(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
@@ -88,9 +90,8 @@ class DecoderLayer(nn.Module):
         else:
             self.ffn = SwiGLU(config.hidden_size, config.intermediate_size_mlp)
 
-    def forward(self, h: torch.Tensor, rope: torch.Tensor, start: int,
-                cache: KVCache | None) -> torch.Tensor:
-        h = h + self.attn(self.attn_norm(h), rope, start, cache)
+    def forward(self, h: torch.Tensor, rope: torch.Tensor, starts: list[int], cache: KVCache | None) -> torch.Tensor:
+        h = h + self.attn(self.attn_norm(h), rope, starts, cache)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -112,13 +113,13 @@ class TextModel(nn.Module):
                 num_logits: int | None = None) -> torch.Tensor:
         """h [B, T, D] input embeddings at RoPE positions [B or 1, T] -> logits [B, T', vocab] float32.
 
-        The sequence index of h[:, 0] is ``cache.seq_len`` (0 without a cache). ``num_logits`` keeps only
-        the last that many positions for the output projection (None: all).
+        Row b continues its sequence at ``cache.lengths[b]`` (0 without a cache). ``num_logits`` keeps
+        only the last that many positions for the output projection (None: all).
         """
-        start = cache.seq_len if cache is not None else 0
+        starts = cache.starts(h.shape[0]) if cache is not None else [0] * h.shape[0]
         rope = rope_table(positions.to(h.device), self.inv_freq.to(h.device))
         for layer in self.layers:
-            h = layer(h, rope, start, cache)
+            h = layer(h, rope, starts, cache)
         if cache is not None:
             cache.advance(h.shape[1])
         if num_logits is not None:
@@ -164,7 +165,7 @@ class Llama4Model(nn.Module):
                 pixel_values: torch.Tensor | None = None, num_logits: int | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] float32 (the last ``num_logits`` positions if given).
 
-        Positions default to the sequence indices (cache.seq_len + arange(T)).
+        Positions default to the sequence indices (each row's cache length + arange(T)).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
@@ -172,8 +173,9 @@ class Llama4Model(nn.Module):
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             raise ValueError(f"token ids must be in [0, {vocab}), got min {int(input_ids.min())} max {int(input_ids.max())}")
         if positions is None:
-            start = cache.seq_len if cache is not None else 0
-            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
+            b, t = input_ids.shape
+            starts = cache.starts(b) if cache is not None else [0]
+            positions = torch.tensor(starts, device=input_ids.device)[:, None] + torch.arange(t, device=input_ids.device)
         elif positions.dim() == 1:
             positions = positions[None]
         h = self.embed(input_ids, pixel_values)
