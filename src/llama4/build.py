@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from llama4.checkpoint.io import CheckpointError, load_weights, read_config, save_checkpoint
 from llama4.config import ModelConfig
+from llama4.cpu_packing import pack_model, packing_supported, unpacked
 from llama4.model.transformer import Llama4Model
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
@@ -52,21 +53,27 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> Llama4Model:
+               device: str | torch.device = "cpu", pack: bool | None = None) -> Llama4Model:
     """Load a Hugging Face Llama 4 checkpoint directory (safetensors) for inference.
 
-    Returns the model in eval mode with gradients off; training code turns them back on.
+    Returns the model in eval mode with gradients off. ``pack`` (default: wherever supported, i.e. on
+    CPU in fp32/bf16) reorders the decoder's weights into oneDNN's layout for speed; pass ``False`` for
+    a model to train or to modify in place.
     """
     path = resolve_model_path(path)
     config = read_config(path)
     model = build_meta(config)
     load_weights(model, path, dtype, device)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if pack or (pack is None and packing_supported(dtype, device)):
+        pack_model(model)
+    return model
 
 
 def save_model(model: Llama4Model, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
     """Save in the Hugging Face layout (config.json + safetensors) that transformers loads unchanged."""
-    if max_shard_bytes is None:
-        save_checkpoint(model, path)
-    else:
-        save_checkpoint(model, path, max_shard_bytes=max_shard_bytes)
+    with unpacked(model):
+        if max_shard_bytes is None:
+            save_checkpoint(model, path)
+        else:
+            save_checkpoint(model, path, max_shard_bytes=max_shard_bytes)

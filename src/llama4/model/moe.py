@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama4.model.ops import swiglu
 
 
 class SwiGLU(nn.Module):
@@ -24,7 +23,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.gate.weight, self.up.weight, self.down.weight)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class Experts(nn.Module):
@@ -37,6 +36,10 @@ class Experts(nn.Module):
         super().__init__()
         self.gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.down = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.shape[0]
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens x [n, D] -> [n, D]."""
@@ -53,7 +56,7 @@ def route(router_logits: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[
     return top_ids, torch.sigmoid(top_logits.float()).to(dtype)
 
 
-def sparse_experts(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor, experts: Experts) -> torch.Tensor:
+def sparse_experts(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor, experts: nn.Module) -> torch.Tensor:
     """Routed output for x [N, D]: sum over the chosen experts of expert(score * x). Only chosen experts run.
 
     Assignments are sorted by expert so each expert multiplies one contiguous block of its tokens; the
@@ -68,7 +71,7 @@ def sparse_experts(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tens
     order = flat_ids.argsort(stable=True)  # assignments grouped by expert, token order kept within one
     token_of = order // k
     scaled = x[token_of] * scores.reshape(-1)[order, None]  # the score scales the expert's *input*
-    counts = torch.bincount(flat_ids, minlength=experts.gate_up.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=experts.num_experts).tolist()
     routed = torch.empty_like(scaled)
     offset = 0
     for e, count in enumerate(counts):
@@ -106,6 +109,6 @@ def dense_moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     expert_ids, scores = route(logits, moe.top_k, flat.dtype)
     full_scores = torch.zeros_like(logits).scatter(1, expert_ids, scores)  # [N, E]
     routed = torch.zeros_like(flat)
-    for e in range(moe.experts.gate_up.shape[0]):
+    for e in range(moe.experts.num_experts):
         routed = routed + moe.experts.expert(e, flat * full_scores[:, e:e + 1])
     return (moe.shared(flat) + routed).reshape(x.shape)

@@ -125,8 +125,8 @@ class TextModel(nn.Module):
         if num_logits is not None:
             h = h[:, h.shape[1] - num_logits:]
         h = self.norm(h)
-        weight = self.embed.weight if self.output is None else self.output.weight
-        return F.linear(h, weight).float()
+        logits = F.linear(h, self.embed.weight) if self.output is None else self.output(h)
+        return logits.float()
 
 
 class Llama4Model(nn.Module):
