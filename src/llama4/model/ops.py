@@ -110,8 +110,42 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         return _decode_attention(q, k, v)
     if tq == tk:
         return _sdpa(q, k, v, causal=True)
-    mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
-    return _sdpa(q, k, v, mask=mask)
+    return _prefix_then_causal_attention(q, k, v)
+
+
+def _prefix_then_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bottom-right causal attention without a Tq x Tk mask (a prefill piece after a long cached prefix).
+
+    Every query sees all Tk - Tq prefix keys and the new keys causally; the two parts are attended
+    separately and merged exactly by their log-sum-exps, so memory stays O(Tq + Tk) at any context.
+    """
+    b, h, tq, d = q.shape
+    hkv = k.shape[1]
+    prefix = k.shape[2] - tq
+    # Prefix: no mask, so the GQA group folds into the query axis and the keys are not repeated.
+    q_grouped = q.reshape(b, hkv, h // hkv * tq, d)
+    out_prefix, lse_prefix = _flash_with_lse(q_grouped, k[:, :, :prefix], v[:, :, :prefix], causal=False)
+    out_prefix, lse_prefix = out_prefix.reshape(b, h, tq, d), lse_prefix.reshape(b, h, tq)
+    groups = h // hkv
+    k_new, v_new = k[:, :, prefix:], v[:, :, prefix:]
+    if groups > 1:
+        k_new, v_new = k_new.repeat_interleave(groups, dim=1), v_new.repeat_interleave(groups, dim=1)
+    out_new, lse_new = _flash_with_lse(q, k_new, v_new, causal=True)
+    top = torch.maximum(lse_prefix, lse_new)
+    w_prefix, w_new = torch.exp(lse_prefix - top), torch.exp(lse_new - top)
+    merged = (out_prefix.float() * w_prefix[..., None] + out_new.float() * w_new[..., None]) / (w_prefix + w_new)[..., None]
+    return merged.to(q.dtype)
+
+
+def _flash_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and its log-sum-exp [B, H, Tq] (float32), via the fused kernel where available."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.exp(scores - lse[..., None]) @ v.float()).to(q.dtype), lse
 
 
 def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
