@@ -70,8 +70,13 @@ def _as_prompts(input_ids) -> list[list[int]]:
 
 def generate_tokens(model: Llama4Model, requests: Sequence[Request], max_new_tokens: int,
                     stop_tokens: Sequence[int] | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                    ) -> Iterator[StepEvent]:
-    """Yield tokens as they are produced, one event per live row per step."""
+                    cache: KVCache | None = None) -> Iterator[StepEvent]:
+    """Yield tokens as they are produced, one event per live row per step.
+
+    With ``cache`` (one request only) the prompt continues what the cache already holds (a chat
+    session's earlier turns); each yielded token is fed to the cache on the next step, so after the
+    generator is closed the cache holds everything but the last token.
+    """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     vocab = model.config.text.vocab_size
@@ -86,9 +91,14 @@ def generate_tokens(model: Llama4Model, requests: Sequence[Request], max_new_tok
         return
     device = model.text.embed.weight.device
     samplers = [Sampler(r.params, vocab, r.prompt) for r in requests]
+    if cache is not None and len(requests) != 1:
+        raise ValueError("an existing cache continues exactly one request")
     same_length = len({len(r.prompt) for r in requests}) == 1 and all(r.pixel_values is None for r in requests)
     with torch.inference_mode():
-        if same_length:
+        if cache is not None:
+            ids = torch.tensor([requests[0].prompt], device=device)
+            logits = prefill(model, ids, cache, requests[0].pixel_values, chunk=prefill_chunk)
+        elif same_length:
             cache = KVCache(model.config.text)
             ids = torch.tensor([r.prompt for r in requests], device=device)
             logits = prefill(model, ids, cache, chunk=prefill_chunk)

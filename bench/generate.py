@@ -1,0 +1,190 @@
+"""Generation benchmark: decode, prefill, memory at long context, vs transformers on the same weights.
+
+    python bench/generate.py                 # everything below on the `small` shape (bf16, 2 threads)
+    python bench/generate.py --skip-hf --sections decode
+
+Sections (each measurement in a fresh process, so peak RSS belongs to it alone):
+- decode: tokens/s at batch 1 and 8 after a 128-token prompt (greedy, no early stop), ours vs HF;
+- prefill: tokens/s for 2k and 8k-token prompts;
+- memory: peak RSS after prefilling 8k and 32k tokens and decoding 8 more;
+- context: the longest prompt of the `tiny` shape we prefill within a memory cap (--context-lengths);
+- roofline: bytes of weights read per decoded token / measured copy bandwidth = the batch-1 bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (ROOT, copy_bandwidth, ensure_checkpoint, markdown_table, peak_rss_bytes,  # noqa: E402
+                    run_worker, write_section)
+
+
+def _load(impl: str, path: str, dtype: torch.dtype):
+    if impl == "llama4":
+        import llama4
+
+        return llama4.load_model(path, dtype=dtype)
+    import types
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    import transformers
+
+    return transformers.Llama4ForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
+
+
+def _generate(impl: str, model, ids: torch.Tensor, new: int) -> None:
+    if impl == "llama4":
+        import llama4
+
+        llama4.generate(model, ids, max_new_tokens=new, stop_tokens=[])
+    else:
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, pad_token_id=0)
+
+
+def worker(kind: str, impl: str, path: str, dtype_name: str, a: int, b: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    model = _load(impl, path, dtype)
+    vocab = model.config.vocab_size if impl != "llama4" else model.config.text.vocab_size
+    g = torch.Generator().manual_seed(0)
+    if kind == "decode":  # a = batch, b = new tokens
+        ids = torch.randint(3, vocab, (a, 128), generator=g)
+        with torch.inference_mode():
+            _generate(impl, model, ids, 4)  # warm-up
+            t = time.perf_counter()
+            _generate(impl, model, ids, 1)
+            prefill = time.perf_counter() - t
+            t = time.perf_counter()
+            _generate(impl, model, ids, b + 1)
+            total = time.perf_counter() - t
+        return {"tok_s": a * b / (total - prefill)}
+    if kind == "prefill":  # a = prompt length
+        ids = torch.randint(3, vocab, (1, a), generator=g)
+        with torch.inference_mode():
+            _generate(impl, model, ids[:, :128], 1)
+            t = time.perf_counter()
+            _generate(impl, model, ids, 1)
+            return {"tok_s": a / (time.perf_counter() - t)}
+    if kind == "memory":  # a = prompt length; 8 decoded tokens after it
+        ids = torch.randint(3, vocab, (1, a), generator=g)
+        with torch.inference_mode():
+            t = time.perf_counter()
+            _generate(impl, model, ids, 8)
+        return {"peak_rss": peak_rss_bytes(), "seconds": time.perf_counter() - t}
+    raise ValueError(kind)
+
+
+def active_weight_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes of weights one decoded token reads: active parameters minus the embedding table."""
+    import llama4
+
+    info = llama4.model_info(config)
+    return (info["active_params"] - info["embedding_params"]) * torch.finfo(dtype).bits // 8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="small")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sections", nargs="+", default=["roofline", "decode", "prefill", "memory", "context"])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--memory-lengths", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--context-lengths", type=int, nargs="+", default=[131072, 262144])
+    parser.add_argument("--context-cap-gib", type=float, default=20.0)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, impl, path, dtype_name, a, b, threads = args.worker
+        print(json.dumps(worker(kind, impl, path, dtype_name, int(a), int(b), int(threads))))
+        return
+
+    import llama4
+    from llama4.checkpoint.io import read_config
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    cache_dir = Path(tempfile.gettempdir()) / "llama4-bench"
+    path = ensure_checkpoint(args.shape, cache_dir)
+    config = read_config(path)
+    impls = ["llama4"] if args.skip_hf else ["llama4", "transformers"]
+    script = Path(__file__)
+    sections = []
+
+    def run(kind, impl, a, b=0, shape_path=path, timeout=3600):
+        return run_worker(script, [kind, impl, str(shape_path), args.dtype, str(a), str(b), str(args.threads)], timeout)
+
+    bound = None
+    if "roofline" in args.sections or "decode" in args.sections:
+        bandwidth = copy_bandwidth()
+        weight_bytes = active_weight_bytes(config, dtype)
+        bound = bandwidth / weight_bytes
+        sections.append(f"Batch-1 decode roofline: {weight_bytes / 1e6:.0f} MB of active weights per token / "
+                        f"{bandwidth / 1e9:.1f} GB/s measured copy bandwidth = **{bound:.0f} tok/s**.")
+        print(sections[-1], flush=True)
+    if "decode" in args.sections:
+        rows = []
+        for batch in (1, 8):
+            res = {impl: run("decode", impl, batch, args.new_tokens) for impl in impls}
+            ours, ref = res["llama4"].get("tok_s"), res.get("transformers", {}).get("tok_s")
+            rows.append([batch, f"{ours:.1f}" if ours else res["llama4"], f"{ref:.1f}" if ref else "-",
+                         f"{ours / ref:.1f}x" if ours and ref else "-",
+                         f"{ours / bound:.0%}" if ours and batch == 1 else "-"])
+            print(rows[-1], flush=True)
+        sections.append("### Decode after a 128-token prompt\n\n" + markdown_table(
+            ["batch", "llama4 tok/s", "transformers tok/s", "speed-up", "llama4 / roofline"], rows))
+    if "prefill" in args.sections:
+        rows = []
+        for length in (2048, 8192):
+            res = {impl: run("prefill", impl, length) for impl in impls}
+            ours, ref = res["llama4"].get("tok_s"), res.get("transformers", {}).get("tok_s")
+            rows.append([length, f"{ours:.0f}" if ours else res["llama4"], f"{ref:.0f}" if ref else "-",
+                         f"{ours / ref:.1f}x" if ours and ref else "-"])
+            print(rows[-1], flush=True)
+        sections.append("### Prefill (whole prompt, then one token)\n\n" + markdown_table(
+            ["prompt tokens", "llama4 tok/s", "transformers tok/s", "speed-up"], rows))
+    if "memory" in args.sections:
+        rows = []
+        for length in args.memory_lengths:
+            res = {impl: run("memory", impl, length) for impl in impls}
+            ours, ref = res["llama4"].get("peak_rss"), res.get("transformers", {}).get("peak_rss")
+            rows.append([length, f"{ours / 2**20:.0f}" if ours else res["llama4"],
+                         f"{ref / 2**20:.0f}" if ref else res.get("transformers", "-"),
+                         f"{ours / ref:.2f}" if ours and ref else "-"])
+            print(rows[-1], flush=True)
+        sections.append("### Peak RSS after prefill + 8 decoded tokens (MiB, weights included)\n\n" + markdown_table(
+            ["context", "llama4", "transformers", "ratio"], rows))
+    if "context" in args.sections:
+        tiny = ensure_checkpoint("tiny", cache_dir)
+        rows = []
+        for length in args.context_lengths:
+            res = run("memory", "llama4", length, shape_path=tiny, timeout=4 * 3600)
+            fits = "peak_rss" in res and res["peak_rss"] <= args.context_cap_gib * 2**30
+            rows.append([length, f"{res['peak_rss'] / 2**30:.2f}" if "peak_rss" in res else res,
+                         f"{res.get('seconds', 0):.0f}", "yes" if fits else "no"])
+            print(rows[-1], flush=True)
+        sections.append(f"### Long-context prefill, `tiny` shape (cap {args.context_cap_gib:g} GiB)\n\n" + markdown_table(
+            ["prompt tokens", "llama4 peak RSS GiB", "seconds", "within cap"], rows))
+    text = "\n\n".join(sections)
+    print("\n" + text)
+    if not args.no_write:
+        head = (f"## Generation (`python bench/generate.py`)\n\n`{args.shape}` shape, transformers' random init "
+                f"(seed 0) saved as bf16, run in {args.dtype}, {args.threads} threads, "
+                f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
+                "Greedy, no early stop, each figure from its own process.\n\n")
+        write_section(ROOT / "docs" / "PERFORMANCE.md", "bench-generate", head + text)
+
+
+if __name__ == "__main__":
+    main()
