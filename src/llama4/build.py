@@ -7,6 +7,7 @@ target dtype and device, so loading a checkpoint needs about one copy of the mod
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,17 +54,18 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", pack: bool | None = None) -> Llama4Model:
+               device: str | torch.device = "cpu", pack: bool | None = None,
+               progress: Callable[[int, int], None] | None = None) -> Llama4Model:
     """Load a Hugging Face Llama 4 checkpoint directory (safetensors) for inference.
 
     Returns the model in eval mode with gradients off. ``pack`` (default: wherever supported, i.e. on
     CPU in fp32/bf16) reorders the decoder's weights into oneDNN's layout for speed; pass ``False`` for
-    a model to train or to modify in place.
+    a model to train or to modify in place. ``progress(done, total)`` is called per tensor loaded.
     """
     path = resolve_model_path(path)
     config = read_config(path)
     model = build_meta(config)
-    load_weights(model, path, dtype, device)
+    load_weights(model, path, dtype, device, progress)
     model = model.to(device).eval()
     if pack or (pack is None and packing_supported(dtype, device)):
         pack_model(model)

@@ -52,6 +52,158 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+
+
+def _setup_torch(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def _load(args: argparse.Namespace):
+    """Model and tokenizer from --model (default: the embedded model), with a progress bar."""
+    import torch
+    from tqdm import tqdm
+
+    import llama4
+
+    _setup_torch(args)
+    bar = tqdm(total=0, desc="loading weights", unit="tensor", disable=args.quiet or not sys.stderr.isatty(),
+               leave=False)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    model = llama4.load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]), progress=progress)
+    bar.close()
+    path = args.model if args.model is not None else llama4.build.resolve_model_path(None)
+    return model, llama4.load_tokenizer(path)
+
+
+def _sampling(args: argparse.Namespace):
+    from llama4.inference.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                          presence_penalty=args.presence_penalty, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from llama4.inference.text import Completion, stream_chat, stream_tokens_as_text
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    model, tok = _load(args)
+    completion = Completion()
+    if args.raw:
+        if args.image:
+            raise ValueError("--image needs the chat format; drop --raw")
+        stream = stream_tokens_as_text(model, tok, tok.encode(prompt, bos=True), params=_sampling(args),
+                                       max_new_tokens=args.max_tokens, stop=args.stop, completion=completion)
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        parts = [{"type": "image", "image": path} for path in args.image]
+        messages.append({"role": "user", "content": parts + [{"type": "text", "text": prompt}] if parts else prompt})
+        stream = stream_chat(model, tok, messages, params=_sampling(args), max_new_tokens=args.max_tokens,
+                             stop=args.stop, allow_image_paths=True, completion=completion)
+    for piece in stream:
+        if not args.json:
+            print(piece, end="", flush=True)
+    if args.json:
+        print(json.dumps({
+            "text": completion.text, "tokens": completion.tokens, "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": len(completion.tokens), "finish_reason": completion.finish_reason,
+            "prefill_seconds": round(completion.prefill_seconds, 4), "decode_seconds": round(completion.decode_seconds, 4),
+            "decode_tokens_per_second": round(completion.decode_tokens_per_second, 2),
+        }))
+    else:
+        print()
+        if not args.quiet:
+            print(_speed(completion), file=sys.stderr)
+    return 0
+
+
+def _speed(c) -> str:
+    prefill = c.prompt_tokens / c.prefill_seconds if c.prefill_seconds else 0.0
+    return (f"[{c.prompt_tokens} prompt tokens at {prefill:.0f} tok/s, {len(c.tokens)} generated at "
+            f"{c.decode_tokens_per_second:.1f} tok/s]")
+
+
+CHAT_HELP = "commands: /image PATH (attach to your next message), /reset, /quit; Ctrl-C stops an answer"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from llama4.inference.text import ChatSession
+
+    model, tok = _load(args)
+    session = ChatSession(model, tok, system=args.system, params=_sampling(args), max_new_tokens=args.max_tokens)
+    images: list[str] = []
+    print(CHAT_HELP, file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            session.reset()
+            images.clear()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/image"):
+            path = text[len("/image"):].strip()
+            if not path:
+                print("usage: /image PATH", file=sys.stderr)
+            else:
+                images.append(path)
+                print(f"(image {path} will go with your next message)", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text.split()[0]}; " + CHAT_HELP, file=sys.stderr)
+            continue
+        try:
+            for piece in session.send(text, images):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print("\n(stopped)", file=sys.stderr)
+        except ValueError as e:  # a bad image, a model without vision, ...
+            print(f"error: {e}", file=sys.stderr)
+            images.clear()
+            continue
+        images.clear()
+        print()
+        if session.last is not None and not args.quiet:
+            print(_speed(session.last), file=sys.stderr)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or speed line")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--system", help="system prompt")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama4", description="Llama 4 in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", help="scout, maverick, behemoth, tiny or small")
     info.add_argument("--json", action="store_true", help="print the figures as JSON")
     info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="generate a reply (chat format) or a raw continuation")
+    gen.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
+    gen.add_argument("--image", action="append", default=[], help="image file to include (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="continue the text as is, without the chat template")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 
@@ -68,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"llama4: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -86,8 +86,12 @@ def iter_checkpoint(path: str | os.PathLike) -> Iterator[tuple[str, Path, object
             raise CheckpointError(f"{file} is not a valid safetensors file (truncated or corrupt?): {e}") from None
 
 
-def load_weights(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str) -> None:
-    """Fill ``model``'s parameters (typically on the meta device) from the checkpoint, strictly."""
+def load_weights(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+    """Fill ``model``'s parameters (typically on the meta device) from the checkpoint, strictly.
+
+    ``progress(done, total)`` is called after each tensor (total = the model's parameter count).
+    """
     multimodal = model.config.multimodal
     tied = model.config.text.tie_word_embeddings
     expected = dict(model.named_parameters())
@@ -111,6 +115,8 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.d
         except SafetensorError as e:
             raise CheckpointError(f"{file}: cannot read {hf_name}: {e}") from None
         _assign(model, ours, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype))
+        if progress is not None:
+            progress(len(seen), len(expected))
     missing = [to_hf_name(n, multimodal) for n in expected if n not in seen]
     if missing or unexpected or misshaped:
         problems = []
