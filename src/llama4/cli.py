@@ -26,8 +26,14 @@ def _bytes(n: float) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from llama4.info import model_info
+    from llama4.presets import ASSUMED_PRESETS
 
-    info = model_info(args.model or args.preset or "scout")
+    from llama4.presets import preset
+
+    info = model_info(args.model if args.model else preset(args.preset or "scout"))
+    if not args.model:
+        info["source"] = f"preset {(args.preset or 'scout').lower()}"
+        info["assumed"] = (args.preset or "scout").lower() in ASSUMED_PRESETS
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

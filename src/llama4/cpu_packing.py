@@ -38,26 +38,27 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 class PackedLinear(nn.Module):
-    """A bias-free nn.Linear whose weight lives in oneDNN's blocked layout."""
+    """An nn.Linear whose weight lives in oneDNN's blocked layout (the bias, if any, stays plain)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        if linear.bias is not None:
-            raise ValueError("PackedLinear packs bias-free linears only")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = _pack(linear.weight)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.packed)
+        return _linear(x, self.packed, self.bias)
 
     def unpack(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = nn.Parameter(self.packed.to_dense(), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = self.bias
         return linear
 
 
@@ -82,19 +83,20 @@ class PackedExperts(nn.Module):
         return experts
 
 
-def _swap_targets(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
-    for name, module in list(model.text.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child.bias is None and child_name != "router":
-                yield module, child_name, child
-            elif isinstance(child, Experts):
-                yield module, child_name, child
+def _swap_targets(model: nn.Module) -> list[tuple[str, str]]:
+    """(parent module name, child name) of every module to pack; names only, so that each plain module
+    can be freed as soon as its packed replacement exists."""
+    return [(parent, name) for parent, module in model.named_modules() for name, child in module.named_children()
+            if (isinstance(child, nn.Linear) and name != "router") or isinstance(child, Experts)]
 
 
 def pack_model(model: nn.Module) -> nn.Module:
-    """Pack the text decoder's linear and expert weights in place (CPU, fp32 or bf16); returns the model."""
-    for parent, name, child in _swap_targets(model):
+    """Pack every linear (but the MoE routers) and the expert weights in place (CPU, fp32 or bf16)."""
+    for parent_name, name in _swap_targets(model):
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, name)
         setattr(parent, name, PackedExperts(child) if isinstance(child, Experts) else PackedLinear(child))
+        del child
     model.packed = True
     return model
 

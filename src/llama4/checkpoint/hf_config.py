@@ -115,7 +115,8 @@ def text_config_from_hf(d: dict) -> TextConfig:
         raise ConfigError(f"{where}: hidden_act {d['hidden_act']!r} is not supported; Llama 4 uses 'silu'")
     if d.get("attention_bias", False):
         raise ConfigError(f"{where}: attention_bias=true is not supported; Llama 4 attention has no biases")
-    g = {**_TEXT_DEFAULTS, **{k: v for k, v in d.items() if v is not None or k == "pad_token_id"}}
+    nullable = ("pad_token_id", "bos_token_id", "eos_token_id")  # an explicit null means "none", not the default
+    g = {**_TEXT_DEFAULTS, **{k: v for k, v in d.items() if v is not None or k in nullable}}
     n = int(g["num_hidden_layers"])
     no_rope = d.get("no_rope_layers") or default_no_rope_layers(n, int(g["no_rope_layer_interval"]))
     if len(no_rope) < n:

@@ -104,10 +104,10 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.d
                 unexpected.append(hf_name)
             continue
         shape = tuple(handle.get_slice(hf_name).get_shape())
+        seen.add(ours)
         if shape != tuple(expected[ours].shape):
             misshaped.append(f"{hf_name}: checkpoint {list(shape)}, model {list(expected[ours].shape)}")
             continue
-        seen.add(ours)
         if misshaped or unexpected:
             continue  # the load will fail: do not spend time and memory on tensors
         try:

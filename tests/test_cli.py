@@ -1,0 +1,110 @@
+"""The ``llama4`` command line: ``info`` output, JSON mode, exit codes and error messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import llama4
+from llama4.cli import main
+from llama4.presets import text_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """Run the installed ``llama4`` entry point (or ``python -m llama4.cli`` if it is not installed)."""
+    exe = Path(sys.executable).parent / "llama4"
+    cmd = [str(exe), *args] if exe.exists() else [sys.executable, "-m", "llama4.cli", *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_info_preset_scout_subprocess():
+    out = run_cli("info", "--preset", "scout")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "108,641,793,536 total" in text
+    assert "17,172,894,720 active" in text
+    assert "16 routed, top-1 + shared" in text
+    indices = [int(line.split(":")[0]) for line in text.split("layers:\n", 1)[1].splitlines()]
+    assert indices == list(range(48))
+    assert "  0: chunked attention, RoPE, QK-norm, MoE" in text
+    assert "  3: global attention, NoPE, temperature tuning, MoE" in text
+    assert " 47: global attention, NoPE, temperature tuning, MoE" in text
+
+
+def test_info_preset_maverick(capsys):
+    assert main(["info", "--preset", "maverick"]) == 0
+    text = capsys.readouterr().out
+    assert "401,583,781,376 total" in text and "17,184,691,200 active" in text
+    assert "  0: chunked attention, RoPE, dense FFN" in text
+    assert "  1: chunked attention, RoPE, MoE" in text
+    assert "  3: global attention, NoPE, temperature tuning, MoE" in text
+    assert "QK-norm" not in text
+
+
+def test_info_json_parses(capsys):
+    assert main(["info", "--preset", "scout", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["total_params"] == 108_641_793_536
+    assert info["active_params"] == 17_172_894_720
+    assert len(info["layers"]) == 48 and info["layers"][3]["attention"] == "global"
+
+
+def test_info_default_is_scout(capsys):
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] == 108_641_793_536
+
+
+def test_info_behemoth_says_assumed(capsys):
+    assert main(["info", "--preset", "behemoth"]) == 0
+    assert "ASSUMED" in capsys.readouterr().out
+
+
+def test_info_on_a_checkpoint(tmp_path, capsys):
+    cfg = llama4.ModelConfig(text=text_config(
+        num_layers=4, vocab_size=50, hidden_size=16, num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=12,
+        intermediate_size_mlp=20, num_experts=2, attention_chunk_size=4, bos_token_id=1, eos_token_ids=(2,),
+        pad_token_id=0))
+    model = llama4.random_model(cfg)
+    llama4.save_model(model, tmp_path)
+    assert main(["info", "--model", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["total_params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_unknown_preset_exit_code_2_subprocess():
+    out = run_cli("info", "--preset", "llama5-ultra")
+    assert out.returncode == 2
+    assert out.stderr.startswith("llama4: error:") and "llama5-ultra" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_preset_message_names_the_presets(capsys):
+    assert main(["info", "--preset", "llama5-ultra"]) == 2
+    err = capsys.readouterr().err
+    assert "preset" in err and "scout" in err and "maverick" in err, err
+
+
+def test_missing_checkpoint_exit_code_2(tmp_path, capsys):
+    assert main(["info", "--model", str(tmp_path / "nothing")]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+def test_preset_and_model_are_mutually_exclusive(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--preset", "scout", "--model", "x"])
+    assert e.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_no_subcommand_is_a_usage_error():
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
