@@ -6,6 +6,7 @@ All counts are exact integers (measured by instantiating transformers' classes o
 from __future__ import annotations
 
 import pytest
+import torch
 
 import llama4
 from llama4.presets import text_config
@@ -87,3 +88,30 @@ def test_model_info_on_a_checkpoint_directory(tmp_path):
 def test_model_info_unknown_name_is_an_error():
     with pytest.raises((llama4.ConfigError, llama4.CheckpointError)):
         llama4.model_info("llama5-ultra")
+
+
+def test_kv_cache_bytes_match_the_cache_after_decoding():
+    """The formula equals KVCache.nbytes() after N one-token steps, below, at and past chunk boundaries."""
+    from llama4.info import kv_cache_bytes
+    from llama4.model.cache import KVCache
+    from llama4.presets import text_config
+
+    text = text_config(num_layers=8, vocab_size=50, hidden_size=16, num_heads=2, num_kv_heads=1, head_dim=8,
+                       intermediate_size=16, num_experts=2, attention_chunk_size=8)
+    config = llama4.ModelConfig(text=text)
+    cache = KVCache(text, block_size=3)
+    k = torch.zeros(2, 1, 1, 8, dtype=torch.bfloat16)
+    for n in range(1, 30):
+        for layer in range(text.num_layers):
+            cache.update(layer, k, k)
+        cache.advance(1)
+        expected = kv_cache_bytes(config, n, bytes_per_value=2, batch=2, block_size=3)["total_bytes"]
+        assert cache.nbytes() == expected, n
+
+
+def test_scout_kv_cache_is_48_kib_per_token_in_bf16():
+    from llama4.info import kv_cache_bytes
+
+    kv = kv_cache_bytes(llama4.preset("scout"), 1_000_000, 2)
+    assert kv["bytes_per_token_global"] == 48 * 1024  # 12 global layers x 8 KV heads x 128 x k,v x 2 bytes
+    assert kv["local_bytes"] == 36 * 8192 * 2 * 8 * 128 * 2  # one chunk per chunked layer, fixed

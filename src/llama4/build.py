@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from llama4.checkpoint.io import CheckpointError, load_weights, read_config, save_checkpoint
 from llama4.config import ModelConfig
-from llama4.cpu_packing import pack_model, packing_supported, unpacked
+from llama4.cpu_packing import pack_shells, packing_supported, unpacked
 from llama4.model.transformer import Llama4Model
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
@@ -65,11 +65,11 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     path = resolve_model_path(path)
     config = read_config(path)
     model = build_meta(config)
-    load_weights(model, path, dtype, device, progress)
-    model = model.to(device).eval()
+    shapes = {name: p.shape for name, p in model.named_parameters()}
     if pack or (pack is None and packing_supported(dtype, device)):
-        pack_model(model)
-    return model
+        pack_shells(model)  # each weight is packed as it is read: never a plain and a packed copy at once
+    load_weights(model, path, dtype, device, progress, shapes)
+    return model.to(device).eval()
 
 
 def save_model(model: Llama4Model, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:

@@ -46,6 +46,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"experts: {info['num_experts']} routed, top-{info['experts_per_token']} + shared; "
           f"attention chunk {info['attention_chunk_size']}")
     print("weights: " + ", ".join(f"{fmt} {_bytes(b)}" for fmt, b in info["weight_bytes"].items()))
+    if args.context is not None:
+        from llama4.info import KV_DTYPES, kv_cache_bytes, resolve_config
+
+        config, _ = resolve_config(args.model if args.model else preset(args.preset or "scout"))
+        for name, size in KV_DTYPES.items():
+            kv = kv_cache_bytes(config, args.context, size)
+            print(f"KV cache at {args.context:,} tokens ({name}): {_bytes(kv['total_bytes'])} = global layers "
+                  f"{_bytes(kv['global_bytes'])} ({_bytes(kv['bytes_per_token_global'])} per token) + chunked "
+                  f"layers {_bytes(kv['local_bytes'])} (at most one chunk each)")
     print("layers:")
     for layer in info["layers"]:
         flags = [layer["attention"] + " attention", "RoPE" if layer["rope"] else "NoPE"]
@@ -218,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="checkpoint directory (Hugging Face layout)")
     source.add_argument("--preset", help="scout, maverick, behemoth, tiny or small")
     info.add_argument("--json", action="store_true", help="print the figures as JSON")
+    info.add_argument("--context", type=int, help="also print the KV cache memory at this many tokens")
     info.set_defaults(func=cmd_info)
 
     gen = sub.add_parser("generate", help="generate a reply (chat format) or a raw continuation")

@@ -43,21 +43,34 @@ def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = N
 
 
 class PackedLinear(nn.Module):
-    """An nn.Linear whose weight lives in oneDNN's blocked layout (the bias, if any, stays plain)."""
+    """An nn.Linear whose weight lives in oneDNN's blocked layout (the bias, if any, stays plain).
+
+    Built empty from a (possibly meta-device) linear; ``load_tensor`` fills it, so a checkpoint loader
+    can pack each weight as it is read and never hold the plain and packed copies of the whole model.
+    """
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = _pack(linear.weight)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.has_bias = linear.bias is not None
+        self.packed: torch.Tensor | None = None
+        self.bias = None
+
+    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        if name == "weight":
+            self.packed = _pack(tensor)
+        elif name == "bias" and self.has_bias:
+            self.bias = nn.Parameter(tensor.detach(), requires_grad=False)
+        else:
+            raise KeyError(f"PackedLinear has no tensor {name!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _linear(x, self.packed, self.bias)
 
     def unpack(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.has_bias, device="meta")
         linear.weight = nn.Parameter(self.packed.to_dense(), requires_grad=False)
-        if self.bias is not None:
+        if self.has_bias:
             linear.bias = self.bias
         return linear
 
@@ -68,8 +81,14 @@ class PackedExperts(nn.Module):
     def __init__(self, experts: Experts):
         super().__init__()
         self.num_experts = experts.num_experts
-        self.gate_up = [_pack(experts.gate_up[e].t()) for e in range(self.num_experts)]  # [2I, D] each
-        self.down = [_pack(experts.down[e].t()) for e in range(self.num_experts)]  # [D, I] each
+        self.gate_up: list[torch.Tensor] = []  # [2I, D] per expert, packed
+        self.down: list[torch.Tensor] = []  # [D, I] per expert, packed
+
+    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """``gate_up`` [E, D, 2I] or ``down`` [E, I, D], in the checkpoint's x @ W layout."""
+        if name not in ("gate_up", "down"):
+            raise KeyError(f"PackedExperts has no tensor {name!r}")
+        setattr(self, name, [_pack(tensor[e].t()) for e in range(self.num_experts)])
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = _linear(x, self.gate_up[e]).chunk(2, dim=-1)
@@ -90,12 +109,28 @@ def _swap_targets(model: nn.Module) -> list[tuple[str, str]]:
             if (isinstance(child, nn.Linear) and name != "router") or isinstance(child, Experts)]
 
 
+def _packed_shell(child: nn.Module) -> nn.Module:
+    return PackedExperts(child) if isinstance(child, Experts) else PackedLinear(child)
+
+
+def pack_shells(model: nn.Module) -> nn.Module:
+    """Swap in empty packed modules (e.g. on a meta-device model, before a loader fills them)."""
+    for parent_name, name in _swap_targets(model):
+        parent = model.get_submodule(parent_name)
+        setattr(parent, name, _packed_shell(getattr(parent, name)))
+    model.packed = True
+    return model
+
+
 def pack_model(model: nn.Module) -> nn.Module:
-    """Pack every linear (but the MoE routers) and the expert weights in place (CPU, fp32 or bf16)."""
+    """Pack every linear (but the MoE routers) and the expert weights of a loaded model in place."""
     for parent_name, name in _swap_targets(model):
         parent = model.get_submodule(parent_name)
         child = getattr(parent, name)
-        setattr(parent, name, PackedExperts(child) if isinstance(child, Experts) else PackedLinear(child))
+        shell = _packed_shell(child)
+        for tensor_name, tensor in child.named_parameters(recurse=False):
+            shell.load_tensor(tensor_name, tensor)
+        setattr(parent, name, shell)
         del child
     model.packed = True
     return model

@@ -14,6 +14,36 @@ from llama4.presets import ASSUMED_PRESETS, PRESETS, preset
 WEIGHT_FORMATS = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5}
 
 
+KV_DTYPES = {"bf16": 2, "fp32": 4}
+
+
+def kv_cache_bytes(config: ModelConfig, context: int, bytes_per_value: int = 2, batch: int = 1,
+                   block_size: int = 256) -> dict:
+    """KV cache memory of :class:`~llama4.model.cache.KVCache` after decoding ``context`` tokens.
+
+    Global (NoPE) layers hold every token, rounded up to the allocation block; chunked layers hold at
+    most one chunk, so their part stops growing at ``attention_chunk_size`` tokens.
+    """
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    text = config.text
+    per_entry = 2 * text.num_kv_heads * text.head_dim * bytes_per_value * batch  # keys and values
+
+    def blocks(n: int) -> int:
+        return -(-n // block_size) * block_size
+
+    global_entries = len(text.global_layers) * blocks(context)
+    local_entries = len(text.local_layers) * min(blocks(min(context, text.attention_chunk_size)),
+                                                 text.attention_chunk_size)
+    return {
+        "context": context,
+        "global_bytes": global_entries * per_entry,
+        "local_bytes": local_entries * per_entry,
+        "total_bytes": (global_entries + local_entries) * per_entry,
+        "bytes_per_token_global": len(text.global_layers) * per_entry,
+    }
+
+
 def resolve_config(name_or_path: str | os.PathLike | ModelConfig) -> tuple[ModelConfig, str]:
     if isinstance(name_or_path, ModelConfig):
         return name_or_path, "config"
