@@ -146,6 +146,23 @@ def _return_freed_memory() -> None:
         trim(0)
 
 
+def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    """The module that takes tensor ``name`` and the name relative to it: the parameter's own module,
+    or the nearest ancestor that accepts its tensors through ``load_tensor`` (e.g. a packed fusion)."""
+    parts = name.split(".")
+    module, depth = model, 0
+    for depth, part in enumerate(parts[:-1]):
+        if hasattr(module, "load_tensor"):
+            break
+        child = getattr(module, part, None)
+        if not isinstance(child, torch.nn.Module):
+            break
+        module = child
+    else:
+        depth = len(parts) - 1
+    return module, ".".join(parts[depth:])
+
+
 def _load_tensor(model: torch.nn.Module, name: str, file: Path, hf_name: str, dtype: torch.dtype,
                  device: torch.device | str) -> None:
     """Read one tensor through its own short-lived mapping of the file and hand it to its module.
@@ -155,8 +172,7 @@ def _load_tensor(model: torch.nn.Module, name: str, file: Path, hf_name: str, dt
     while the map is open, and the map is closed at once: resident memory is the model being built,
     never model + file.
     """
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
+    module, attr = _owner(model, name)
     try:
         with safe_open(file, framework="pt") as handle:
             tensor = handle.get_tensor(hf_name)

@@ -38,6 +38,19 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+class QKVProjection(nn.Module):
+    """The query, key and value projections of x (three bias-free linears; fused by CPU packing)."""
+
+    def __init__(self, dim: int, q_dim: int, kv_dim: int):
+        super().__init__()
+        self.wq = nn.Linear(dim, q_dim, bias=False)
+        self.wk = nn.Linear(dim, kv_dim, bias=False)
+        self.wv = nn.Linear(dim, kv_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.wq(x), self.wk(x), self.wv(x)
+
+
 class Attention(nn.Module):
     def __init__(self, config: TextConfig, spec: LayerSpec):
         super().__init__()
@@ -46,17 +59,17 @@ class Attention(nn.Module):
         self.chunk = config.attention_chunk_size
         self.eps = config.rms_norm_eps
         self.floor_scale, self.attn_scale = config.floor_scale, config.attn_scale
-        self.wq = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.qkv = QKVProjection(config.hidden_size, config.num_heads * config.head_dim,
+                                 config.num_kv_heads * config.head_dim)
         self.wo = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, starts: list[int], cache: KVCache | None) -> torch.Tensor:
         """x [B, T, D]; row b holds sequence indices starts[b]..starts[b]+T-1 -> [B, T, D]."""
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.wk(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.wv(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         if self.spec.use_rope:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.spec.qk_norm:
