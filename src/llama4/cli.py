@@ -244,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    from llama4.train.command import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
