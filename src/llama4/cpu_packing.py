@@ -76,6 +76,11 @@ class PackedLinear(nn.Module):
         return linear
 
 
+# oneDNN builds (and keeps) a kernel per distinct row count; experts see every count from 1 to the
+# batch, so counts above this are rounded up to a multiple of it (zero rows, sliced off afterwards).
+ROW_BUCKET = 16
+
+
 class PackedExperts(nn.Module):
     """Experts with each expert's gate/up and down matrices packed ([out, in] before packing)."""
 
@@ -92,8 +97,12 @@ class PackedExperts(nn.Module):
         setattr(self, name, [_pack(tensor[e].t()) for e in range(self.num_experts)])
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        bucket = rows if rows <= ROW_BUCKET else -(-rows // ROW_BUCKET) * ROW_BUCKET
+        if bucket != rows:
+            x = F.pad(x, (0, 0, 0, bucket - rows))
         gate, up = _linear(x, self.gate_up[e]).chunk(2, dim=-1)
-        return _linear(F.silu(gate) * up, self.down[e])
+        return _linear(F.silu(gate) * up, self.down[e])[:rows]
 
     def unpack(self) -> Experts:
         first = self.gate_up[0]
