@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import functools
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -94,6 +95,9 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.d
                  shapes: dict[str, torch.Size] | None = None) -> None:
     """Fill ``model``'s parameters (typically on the meta device) from the checkpoint, strictly.
 
+    Every header is checked first (nothing is read if any tensor is missing, unexpected or mis-shaped);
+    tensors are then read largest first, so the transient memory of reading one tensor is highest
+    while little else is resident and peak memory stays near the finished model.
     ``shapes`` (default: the model's parameters) lists every tensor expected by our name; a module
     with a ``load_tensor(name, tensor)`` method (e.g. a packed linear) receives its tensors through it.
     ``progress(done, total)`` is called after each tensor.
@@ -101,7 +105,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.d
     multimodal = model.config.multimodal
     tied = model.config.text.tie_word_embeddings
     expected = dict(shapes) if shapes is not None else {n: p.shape for n, p in model.named_parameters()}
-    seen: set[str] = set()
+    found: dict[str, tuple[str, Path, int]] = {}  # our name -> (HF name, file, number of elements)
     unexpected, misshaped = [], []
     for hf_name, file, handle in iter_checkpoint(path):
         ours = from_hf_name(hf_name, multimodal)
@@ -110,17 +114,10 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.d
                 unexpected.append(hf_name)
             continue
         shape = tuple(handle.get_slice(hf_name).get_shape())
-        seen.add(ours)
+        found[ours] = (hf_name, file, math.prod(shape))
         if shape != tuple(expected[ours]):
             misshaped.append(f"{hf_name}: checkpoint {list(shape)}, model {list(expected[ours])}")
-            continue
-        if misshaped or unexpected:
-            continue  # the load will fail: do not spend time and memory on tensors
-        _load_tensor(model, ours, file, hf_name, dtype, device)
-        _return_freed_memory()
-        if progress is not None:
-            progress(len(seen), len(expected))
-    missing = [to_hf_name(n, multimodal) for n in expected if n not in seen]
+    missing = [to_hf_name(n, multimodal) for n in expected if n not in found]
     if missing or unexpected or misshaped:
         problems = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
@@ -128,6 +125,11 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.d
                 shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
                 problems.append(f"  {len(items)} {label}:\n    {shown}")
         raise CheckpointError(f"checkpoint {path} does not match its config.json:\n" + "\n".join(problems))
+    for done, (ours, (hf_name, file, _)) in enumerate(sorted(found.items(), key=lambda item: -item[1][2]), 1):
+        _load_tensor(model, ours, file, hf_name, dtype, device)
+        _return_freed_memory()
+        if progress is not None:
+            progress(done, len(found))
 
 
 @functools.cache
