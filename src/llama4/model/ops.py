@@ -67,11 +67,6 @@ def temperature_scale(cache_index: torch.Tensor, floor_scale: float, attn_scale:
     return torch.log1p(torch.floor((cache_index.float() + 1.0) / floor_scale)) * attn_scale + 1.0
 
 
-def swiglu(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) with nn.Linear-layout weights ([out, in])."""
-    return F.linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Attention. Inputs are head-major: q [B, H, Tq, d], k/v [B, Hkv, Tk, d]. Query i sits at sequence index
 # q_start + i, key j at k_start + j. The fast paths below never build a Tq x Tk mask for long inputs;
