@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     from llama4.train.command import add_train_parser
 
     add_train_parser(sub)
+    from llama4.serve.command import add_serve_parser
+    add_serve_parser(sub)
     return parser
 
 

@@ -1,0 +1,338 @@
+"""The HTTP side: FastAPI routes over one :class:`~llama4.serve.engine.Engine` (its thread runs for the
+app's lifetime).
+
+Bodies are read by hand, not by FastAPI's body parameter, so that an oversized body is refused (413)
+as soon as its declared or streamed size passes the limit, and malformed JSON is a 400 in the OpenAI
+error format. Image decoding and chat rendering run in the thread pool; the event loop only moves
+events between the engine and the sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from llama4.model.transformer import Llama4Model
+from llama4.prompt import Tokenizer
+from llama4.serve import translate
+from llama4.serve.engine import Engine, EngineConfig, FinishEvent, TokenEvent
+from llama4.serve.errors import APIError, body_too_large, install_handlers, model_not_found, unauthorized
+from llama4.serve.metrics import ServeMetrics
+from llama4.serve.schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk,
+                                  ChatCompletionRequest, ChunkChoice, CompletionChoice, CompletionRequest, Delta,
+                                  ModelCard, ModelList, TextCompletion, Usage)
+from llama4.serve.streams import Choices, cancel_on_disconnect
+
+DEFAULT_MAX_BODY_BYTES = 32 * 2**20  # room for a few base64 images
+STATIC_DIR = Path(__file__).parent / "static"
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+
+
+class _CountRequests:
+    """ASGI middleware: counts every HTTP response by route and status (streams included)."""
+
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope["path"] if scope["path"] in ROUTES else "other"
+            self.metrics.count_request(route, status)
+
+
+def create_app(model: Llama4Model, tokenizer: Tokenizer, *, model_id: str = "llama4", api_key: str | None = None,
+               engine_config: EngineConfig = EngineConfig(), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """An OpenAI-compatible app serving ``model`` as ``model_id``; the engine starts with the app."""
+    metrics = ServeMetrics()
+    engine = Engine(model, tokenizer, engine_config, metrics)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="llama4", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.metrics = engine, metrics
+    app.add_middleware(_CountRequests, metrics=metrics)
+    install_handlers(app)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), api_key.encode())):
+            raise unauthorized()
+
+    async def read_request(request: Request, schema: type[BaseModel]):
+        authorize(request)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            raise body_too_large(max_body_bytes)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise body_too_large(max_body_bytes)
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        try:
+            req = schema.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise APIError(400, f"invalid value for '{param}': {first['msg']}", param=param) from None
+        if req.model is not None and req.model != model_id:
+            raise model_not_found(req.model, model_id)
+        return req
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **engine.stats()}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return ModelList(data=[ModelCard(id=model_id, created=created, max_context=engine.max_context)])
+
+    @app.get("/metrics")
+    async def prometheus():
+        s = engine.stats()
+        gauges = [("llama4_running_requests", "Sequences in the running batch (decoding or prefilling).",
+                   s["running"] + s["prefilling"]),
+                  ("llama4_queued_requests", "Requests waiting for a batch slot.", s["queued"]),
+                  ("llama4_kv_cache_bytes", "Bytes of KV cache allocated.", s["kv_cache_bytes"])]
+        return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: ChatCompletionRequest = await read_request(request, ChatCompletionRequest)
+        plan = await run_in_threadpool(translate.plan_chat, req, tokenizer, model.vision is not None)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        choices = Choices(engine, plan.requests(req, logprobs))
+        reply = _ChatReply(req, plan, tokenizer, model_id, choices)
+        if req.stream:
+            return _sse(reply.stream())
+        return await _unless_disconnected(request, choices, reply.collect())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = await read_request(request, CompletionRequest)
+        plan = await run_in_threadpool(translate.plan_completion, req, tokenizer)
+        choices = Choices(engine, plan.requests(req, req.logprobs))
+        reply = _CompletionReply(req, plan, tokenizer, model_id, choices)
+        if req.stream:
+            return _sse(reply.stream())
+        return await _unless_disconnected(request, choices, reply.collect())
+
+    if (STATIC_DIR / "index.html").is_file():
+        @app.get("/", include_in_schema=False)
+        async def index():
+            return FileResponse(STATIC_DIR / "index.html")
+
+    return app
+
+
+def _sse(chunks: AsyncIterator[BaseModel | dict | str]) -> StreamingResponse:
+    async def lines():
+        async for chunk in chunks:
+            if isinstance(chunk, BaseModel):
+                chunk = chunk.model_dump_json(exclude_none=True)
+            elif isinstance(chunk, dict):
+                chunk = json.dumps(chunk)
+            yield f"data: {chunk}\n\n"
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _unless_disconnected(request: Request, choices: Choices, reply):
+    """Await a non-streamed reply while watching for the client going away (which cancels it)."""
+    watcher = asyncio.create_task(cancel_on_disconnect(request.receive, choices))
+    try:
+        return await reply
+    finally:
+        watcher.cancel()
+        choices.cancel()
+
+
+def _error_chunk(event: FinishEvent) -> dict:
+    return {"error": {"message": event.error or "generation failed", "type": "server_error", "param": None,
+                      "code": None}}
+
+
+class _ChatReply:
+    """Shapes one chat request's engine events as a ChatCompletion or as a stream of chunks."""
+
+    def __init__(self, req: ChatCompletionRequest, plan: translate.Plan, tokenizer: Tokenizer, model_id: str,
+                 choices: Choices):
+        self.req, self.plan, self.tokenizer, self.model_id, self.choices = req, plan, tokenizer, model_id, choices
+        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.n = len(choices.handles)
+        self.texts, self.events = [""] * self.n, [[] for _ in range(self.n)]
+        self.finishes: list[FinishEvent | None] = [None] * self.n
+
+    def usage(self) -> Usage:
+        prompt = len(self.plan.prompts[0])
+        generated = sum(f.completion_tokens for f in self.finishes if f is not None)
+        return Usage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
+
+    def _logprobs(self, events):
+        return translate.chat_logprobs(self.tokenizer, events) if self.req.logprobs else None
+
+    async def collect(self) -> ChatCompletion:
+        async for i, event in self.choices.events():
+            self.texts[i] += event.text
+            if isinstance(event, TokenEvent):
+                self.events[i].append(event)
+            else:
+                self.finishes[i] = event
+        failed = [f for f in self.finishes if f.reason == "error"]
+        if failed:
+            raise APIError(500, failed[0].error or "generation failed", "server_error")
+        out = []
+        for i, finish in enumerate(self.finishes):
+            content, calls = translate.tool_calls_of(self.texts[i], self.plan.tools)
+            reason = "tool_calls" if calls else ("length" if finish.reason == "length" else "stop")
+            out.append(ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=calls),
+                                  logprobs=self._logprobs(self.events[i]), finish_reason=reason))
+        return ChatCompletion(id=self.id, model=self.model_id, choices=out, usage=self.usage())
+
+    def _chunk(self, index: int, delta: Delta, logprobs=None, finish_reason: str | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, model=self.model_id, choices=[
+            ChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
+
+    async def stream(self) -> AsyncIterator[BaseModel | dict | str]:
+        """Content deltas as they come; with tools the reply is held until it can be parsed into calls."""
+        try:
+            for i in range(self.n):
+                yield self._chunk(i, Delta(role="assistant", content=""))
+            async for i, event in self.choices.events():
+                if isinstance(event, TokenEvent):
+                    if self.plan.tools is not None:
+                        self.texts[i] += event.text
+                        self.events[i].append(event)
+                    elif event.text or self.req.logprobs:
+                        yield self._chunk(i, Delta(content=event.text), self._logprobs([event]))
+                    continue
+                self.finishes[i] = event
+                if event.reason == "error":
+                    yield _error_chunk(event)
+                    continue
+                for chunk in self._final_chunks(i, event):
+                    yield chunk
+            if self.req.stream_options is not None and self.req.stream_options.include_usage:
+                yield ChatCompletionChunk(id=self.id, model=self.model_id, choices=[], usage=self.usage())
+            yield "[DONE]"
+        finally:
+            self.choices.cancel()
+
+    def _final_chunks(self, i: int, event: FinishEvent) -> list[ChatCompletionChunk]:
+        chunks = []
+        reason = "length" if event.reason == "length" else "stop"
+        if self.plan.tools is None:
+            if event.text:
+                chunks.append(self._chunk(i, Delta(content=event.text)))
+        else:
+            content, calls = translate.tool_calls_of(self.texts[i] + event.text, self.plan.tools)
+            if calls:
+                reason = "tool_calls"
+                chunks += [self._chunk(i, Delta(tool_calls=[call])) for call in calls]
+            elif content:
+                chunks.append(self._chunk(i, Delta(content=content), self._logprobs(self.events[i])))
+        chunks.append(self._chunk(i, Delta(), finish_reason=reason))
+        return chunks
+
+
+class _CompletionReply:
+    """Shapes a legacy completions request's events (choice index = prompt index * n + j)."""
+
+    def __init__(self, req: CompletionRequest, plan: translate.Plan, tokenizer: Tokenizer, model_id: str,
+                 choices: Choices):
+        self.req, self.plan, self.tokenizer, self.model_id, self.choices = req, plan, tokenizer, model_id, choices
+        self.id = "cmpl-" + uuid.uuid4().hex
+        k = len(choices.handles)
+        self.texts = [self._echo(i) for i in range(k)]
+        self.events = [[] for _ in range(k)]
+        self.finishes: list[FinishEvent | None] = [None] * k
+
+    def _echo(self, i: int) -> str:
+        return self.plan.echo_texts[i // self.req.n] if self.plan.echo_texts else ""
+
+    def usage(self) -> Usage:
+        prompt = sum(len(p) for p in self.plan.prompts)
+        generated = sum(f.completion_tokens for f in self.finishes if f is not None)
+        return Usage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
+
+    def _logprobs(self, i: int, events):
+        if self.req.logprobs is None:
+            return None
+        return translate.completion_logprobs(self.tokenizer, events, len(self._echo(i)))
+
+    async def collect(self) -> TextCompletion:
+        async for i, event in self.choices.events():
+            self.texts[i] += event.text
+            if isinstance(event, TokenEvent):
+                self.events[i].append(event)
+            else:
+                self.finishes[i] = event
+        failed = [f for f in self.finishes if f.reason == "error"]
+        if failed:
+            raise APIError(500, failed[0].error or "generation failed", "server_error")
+        out = [CompletionChoice(index=i, text=self.texts[i], logprobs=self._logprobs(i, self.events[i]),
+                                finish_reason="length" if f.reason == "length" else "stop")
+               for i, f in enumerate(self.finishes)]
+        return TextCompletion(id=self.id, model=self.model_id, choices=out, usage=self.usage())
+
+    def _chunk(self, i: int, text: str, logprobs=None, finish_reason=None) -> TextCompletion:
+        return TextCompletion(id=self.id, model=self.model_id, choices=[
+            CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=finish_reason)])
+
+    async def stream(self) -> AsyncIterator[BaseModel | dict | str]:
+        try:
+            for i, echo in enumerate(self.texts):
+                if echo:
+                    yield self._chunk(i, echo)
+            async for i, event in self.choices.events():
+                if isinstance(event, TokenEvent):
+                    if event.text or self.req.logprobs is not None:
+                        yield self._chunk(i, event.text, self._logprobs(i, [event]))
+                    continue
+                self.finishes[i] = event
+                if event.reason == "error":
+                    yield _error_chunk(event)
+                    continue
+                yield self._chunk(i, event.text, finish_reason="length" if event.reason == "length" else "stop")
+            if self.req.stream_options is not None and self.req.stream_options.include_usage:
+                yield TextCompletion(id=self.id, model=self.model_id, choices=[], usage=self.usage())
+            yield "[DONE]"
+        finally:
+            self.choices.cancel()

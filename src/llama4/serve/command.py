@@ -1,0 +1,57 @@
+"""``llama4 serve``: arguments, model loading and the uvicorn run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, web chat page)")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--model-id", help="the model name clients send (default: the directory name, or 'llama4')")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-context", type=int, help="tokens per sequence, prompt included (default: the model's)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill piece")
+    p.add_argument("--max-body-mb", type=float, help="request body limit in MiB (default: 32)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def build_app(args: argparse.Namespace):
+    """The app for parsed ``serve`` arguments (loads the model and tokenizer)."""
+    import torch
+
+    import llama4
+    from llama4.serve.app import create_app
+    from llama4.serve.engine import EngineConfig
+
+    config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
+                          prefill_chunk=args.prefill_chunk)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = llama4.load_model(args.model, dtype=dtype)
+    tokenizer = llama4.load_tokenizer(args.model)
+    model_id = args.model_id or (Path(args.model).resolve().name if args.model else "llama4")
+    limits = {} if args.max_body_mb is None else {"max_body_bytes": int(args.max_body_mb * 2**20)}
+    return create_app(model, tokenizer, model_id=model_id, api_key=args.api_key, engine_config=config, **limits)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    app = build_app(args)
+    where = "all interfaces" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"llama4 serve: http://{args.host}:{args.port}/ ({where}); OpenAI base URL "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

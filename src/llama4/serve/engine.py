@@ -1,0 +1,355 @@
+"""The continuous-batching engine: one background thread owns the model and the running batch.
+
+Each iteration of the loop (:meth:`Engine.step`) does, in order:
+
+1. drop cancelled requests - a waiting one leaves the queue, a running one loses its cache row now
+   (``KVCache.keep_rows``), so a client that disconnects frees its memory before the next token;
+2. admit waiting requests while the batch (running + prefilling) has room;
+3. run one piece (``prefill_chunk`` tokens) of the oldest prefilling prompt in its own one-row cache;
+   when its last piece is done, sample its first token and stack its row into the running batch
+   (``KVCache.stack``);
+4. run one decode step for every running row together (a ragged one-token pass: each row at its own
+   length, so a row's tokens are those of its solo run) and drop the rows that finished.
+
+So requests join and leave at token granularity, and a long prompt delays running streams by one
+piece per token rather than by its whole prefill. Each sequence has its own sampler, stop tokens,
+stop strings, streaming detokenizer and (optionally) a logits constraint; results go to a ``sink``
+callable as :class:`TokenEvent`\\ s and one final :class:`FinishEvent`, called from the engine thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from llama4.inference.sampling import Sampler, SamplingParams, TokenChoice
+from llama4.inference.text import StopStrings
+from llama4.model.cache import KVCache
+from llama4.model.transformer import Llama4Model
+from llama4.prompt import Tokenizer
+from llama4.serve.metrics import ServeMetrics
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8  # sequences decoded together (running + prefilling)
+    max_queue: int = 64  # requests waiting for a batch slot; one more is refused (HTTP 429)
+    max_context: int | None = None  # prompt + generated tokens per sequence; None: the model's maximum
+    prefill_chunk: int = 256  # prompt tokens per prefill piece (one piece per engine iteration)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_context is not None and self.max_context < 2:
+            raise ValueError(f"max_context must be >= 2, got {self.max_context}")
+
+
+class Constraint(Protocol):
+    """Restricts a sequence's next token (e.g. to valid JSON); see ``llama4.inference.constrained``."""
+
+    def restrict(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def advance(self, token_id: int) -> None: ...
+
+
+@dataclass
+class GenerationRequest:
+    prompt: list[int]
+    pixel_values: torch.Tensor | None = None  # image tiles for the prompt's <|patch|> slots
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None  # None: until a stop or the end of the context
+    stop: Sequence[str] = ()
+    stop_tokens: Sequence[int] | None = None  # None: the tokenizer's end-of-turn / end-of-text ids
+    constraint: Constraint | None = None
+
+
+@dataclass
+class TokenEvent:
+    """One generated token; ``text`` is what became safe to show (may be empty, e.g. half a character)."""
+
+    text: str
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class FinishEvent:
+    reason: str  # "stop" (stop token or string), "length", "cancelled" or "error"
+    text: str = ""  # text held back until the end (a possible stop-string prefix, a partial character)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # includes the stop token, which is generated but not shown
+    error: str | None = None
+
+
+Event = TokenEvent | FinishEvent
+
+
+class EngineError(Exception):
+    pass
+
+
+class QueueFull(EngineError):
+    def __init__(self, queued: int):
+        super().__init__(f"the request queue is full ({queued} waiting)")
+        self.queued = queued
+
+
+class ContextTooLong(EngineError, ValueError):
+    def __init__(self, prompt_tokens: int, max_context: int):
+        super().__init__(f"the prompt has {prompt_tokens} tokens but the context holds {max_context} "
+                         f"(including at least one generated token); shorten the prompt")
+        self.prompt_tokens, self.max_context = prompt_tokens, max_context
+
+
+class _Sequence:
+    """A request's state inside the engine."""
+
+    def __init__(self, request: GenerationRequest, sink: Callable[[Event], None], sampler: Sampler,
+                 tokenizer: Tokenizer, max_new: int):
+        self.request, self.sink, self.sampler, self.max_new = request, sink, sampler, max_new
+        self.stop_ids = frozenset(tokenizer.eos_ids if request.stop_tokens is None else request.stop_tokens)
+        self.decoder = tokenizer.stream_decoder(skip_special=True)
+        self.stops = StopStrings(request.stop)
+        self.generated = 0
+        self.last_token: int | None = None
+        self.cancelled = False
+        self.finished = False
+        self.cache: KVCache | None = None  # its own one-row cache while prefilling
+        self.embeds: torch.Tensor | None = None  # [1, T, D] while prefilling
+        self.prefilled = 0
+        self.arrived = time.perf_counter()
+        self.last_time: float | None = None
+
+
+class Handle:
+    """The caller's side of a submitted request: lets it cancel."""
+
+    def __init__(self, engine: Engine, seq: _Sequence):
+        self._engine, self._seq = engine, seq
+
+    def cancel(self) -> None:
+        """Stop generating for this request; its cache row is freed at the next engine iteration."""
+        if not self._seq.finished:
+            self._seq.cancelled = True
+            self._engine.wake()
+
+    @property
+    def finished(self) -> bool:
+        return self._seq.finished
+
+
+class Engine:
+    def __init__(self, model: Llama4Model, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
+                 metrics: ServeMetrics | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.metrics = metrics if metrics is not None else ServeMetrics()
+        text = model.config.text
+        self.vocab = text.vocab_size
+        self.max_context = min(config.max_context or text.max_position_embeddings, text.max_position_embeddings)
+        self.device = model.text.embed.weight.device
+        self._cond = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()
+        self._prefilling: list[_Sequence] = []
+        self._running: list[_Sequence] = []  # in cache row order
+        self._cache: KVCache | None = None
+        self._kv_bytes = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- caller side (any thread) ----------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, sink: Callable[[Event], None]) -> Handle:
+        """Queue a request; raises ValueError (bad input), ContextTooLong or QueueFull at once."""
+        prompt = request.prompt
+        if not prompt:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        bad = [t for t in prompt if not 0 <= t < self.vocab]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {self.vocab}), got {bad[:5]}")
+        if len(prompt) >= self.max_context:
+            raise ContextTooLong(len(prompt), self.max_context)
+        if request.pixel_values is not None and self.model.vision is None:
+            raise ValueError("this model has no vision encoder: it cannot take images")
+        room = self.max_context - len(prompt)
+        max_new = room if request.max_tokens is None else min(request.max_tokens, room)
+        if max_new < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        seq = _Sequence(request, sink, Sampler(request.params, self.vocab, prompt), self.tokenizer, max_new)
+        with self._cond:
+            if len(self._waiting) >= self.config.max_queue:
+                raise QueueFull(len(self._waiting))
+            self._waiting.append(seq)
+            self._cond.notify()
+        return Handle(self, seq)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self._running), "prefilling": len(self._prefilling), "queued": len(self._waiting),
+                "kv_cache_bytes": self._kv_bytes}
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the engine is already running")
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llama4-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the loop; every unfinished request is finished as cancelled."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for seq in [*self._waiting, *self._prefilling, *self._running]:
+            self._finish(seq, "cancelled", error="the server is shutting down")
+        self._waiting.clear()
+        self._prefilling, self._running, self._cache = [], [], None
+
+    # -- engine side (the engine thread, or a test calling step()) ----------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                if not self.step():
+                    with self._cond:
+                        if not self._stopping and not self._waiting:
+                            self._cond.wait(0.5)
+
+    def step(self) -> bool:
+        """One iteration (see the module docstring); False when there was nothing to do."""
+        with self._cond:
+            for seq in [s for s in self._waiting if s.cancelled]:
+                self._waiting.remove(seq)
+                self._finish(seq, "cancelled")
+            while self._waiting and len(self._running) + len(self._prefilling) < self.config.max_batch:
+                self._prefilling.append(self._waiting.popleft())
+        for seq in [s for s in self._prefilling if s.cancelled]:
+            self._prefilling.remove(seq)
+            self._finish(seq, "cancelled")
+        self._drop_rows([i for i, s in enumerate(self._running) if not s.cancelled], "cancelled")
+        worked = bool(self._prefilling or self._running)
+        if self._prefilling:
+            self._prefill_piece(self._prefilling[0])
+        if self._running:
+            self._decode()
+        self._kv_bytes = sum(c.nbytes() for c in [self._cache, *(s.cache for s in self._prefilling)] if c is not None)
+        return worked
+
+    def _prefill_piece(self, seq: _Sequence) -> None:
+        prompt = seq.request.prompt
+        try:
+            if seq.embeds is None:  # image features are computed once, for the whole prompt
+                ids = torch.tensor([prompt], device=self.device)
+                pixels = seq.request.pixel_values
+                if pixels is not None:
+                    pixels = pixels.to(device=self.device, dtype=self.model.text.embed.weight.dtype)
+                seq.embeds, seq.cache = self.model.embed(ids, pixels), KVCache(self.model.config.text)
+            at = seq.prefilled
+            piece = seq.embeds[:, at:at + self.config.prefill_chunk]
+            positions = torch.arange(at, at + piece.shape[1], device=self.device)[None]
+            logits = self.model.text(piece, positions, seq.cache, num_logits=1)
+            seq.prefilled += piece.shape[1]
+        except Exception as e:  # e.g. image tokens that do not match the tiles: this request only
+            self._prefilling.remove(seq)
+            self._finish(seq, "error", error=f"prefill failed: {e}")
+            return
+        if seq.prefilled < len(prompt):
+            return
+        self._prefilling.remove(seq)
+        seq.embeds = None
+        self.metrics.add_tokens(prompt=len(prompt))
+        if self._accept(seq, logits[0, -1].float().cpu()):
+            self._cache = seq.cache if self._cache is None else KVCache.stack([self._cache, seq.cache])
+            seq.cache = None
+            self._running.append(seq)
+
+    def _decode(self) -> None:
+        ids = torch.tensor([[s.last_token] for s in self._running], device=self.device)
+        try:
+            logits = self.model(ids, cache=self._cache)[:, -1].float().cpu()
+        except Exception as e:  # the batch cache may be half-updated: end every running sequence
+            for seq in self._running:
+                self._finish(seq, "error", error=f"decode failed: {e}")
+            self._running, self._cache = [], None
+            return
+        keep = [i for i, seq in enumerate(self._running) if self._accept(seq, logits[i])]
+        self._drop_rows(keep, None)
+
+    def _drop_rows(self, keep: list[int], reason: str | None) -> None:
+        """Keep only running rows ``keep``; the others are finished with ``reason`` (None: already)."""
+        if len(keep) == len(self._running):
+            return
+        if reason is not None:
+            for i, seq in enumerate(self._running):
+                if i not in keep:
+                    self._finish(seq, reason)
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._cache = None
+        else:
+            self._cache.keep_rows(keep)
+
+    def _accept(self, seq: _Sequence, logits: torch.Tensor) -> bool:
+        """Sample the sequence's next token from logits [V] and report it; False when it finished."""
+        constraint = seq.request.constraint
+        if constraint is not None:
+            logits = constraint.restrict(logits)
+        choice: TokenChoice = seq.sampler.choose(logits)
+        seq.generated += 1
+        self._time_token(seq)
+        self.metrics.add_tokens(generated=1)
+        if choice.token in seq.stop_ids:
+            self._finish(seq, "stop")
+            return False
+        if constraint is not None:
+            constraint.advance(choice.token)
+        piece, hit = seq.stops.feed(seq.decoder.add(choice.token))
+        self._emit(seq, TokenEvent(piece, choice.token, choice.logprob, choice.top))
+        if hit:
+            self._finish(seq, "stop", flush=False)
+            return False
+        if seq.generated >= seq.max_new:
+            self._finish(seq, "length")
+            return False
+        seq.last_token = choice.token
+        return True
+
+    def _time_token(self, seq: _Sequence) -> None:
+        now = time.perf_counter()
+        if seq.last_time is None:
+            self.metrics.ttft.observe(now - seq.arrived)
+        else:
+            self.metrics.inter_token.observe(now - seq.last_time)
+        seq.last_time = now
+
+    def _finish(self, seq: _Sequence, reason: str, flush: bool = True, error: str | None = None) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        seq.cache = seq.embeds = None
+        tail = ""
+        if flush and reason in ("stop", "length"):
+            tail, _ = seq.stops.feed(seq.decoder.flush())
+            tail += seq.stops.flush()
+        self._emit(seq, FinishEvent(reason, tail, len(seq.request.prompt), seq.generated, error))
+
+    def _emit(self, seq: _Sequence, event: Event) -> None:
+        try:
+            seq.sink(event)
+        except Exception:  # the consumer is gone (e.g. its event loop closed): stop generating for it
+            seq.cancelled = True

@@ -1,0 +1,81 @@
+"""Errors in the OpenAI format: ``{"error": {"message", "type", "param", "code"}}`` with the right status.
+
+Every failure a client can cause is raised as an :class:`APIError` (or mapped to one here) so that a
+stock OpenAI client turns it into its matching exception (``BadRequestError``, ``NotFoundError``,
+``AuthenticationError``, ``RateLimitError``, ...) with our message.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llama4.serve.schemas import ErrorBody, ErrorResponse
+
+
+class APIError(Exception):
+    """An error to report to the client; ``headers`` are added to the response (e.g. Retry-After)."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", *, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def response(self) -> JSONResponse:
+        body = ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def unauthorized() -> APIError:
+    return APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error",
+                    code="invalid_api_key")
+
+
+def model_not_found(name: str, served: str) -> APIError:
+    return APIError(404, f"the model '{name}' does not exist; this server serves '{served}'", param="model",
+                    code="model_not_found")
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than the limit of {limit:,} bytes", code="request_too_large")
+
+
+def queue_full(queued: int, retry_after: int) -> APIError:
+    return APIError(429, f"the server is busy ({queued} requests already waiting); retry in {retry_after} s",
+                    "rate_limit_error", code="queue_full", headers={"Retry-After": str(retry_after)})
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first pydantic problem as one sentence, and the offending parameter's dotted path."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    return (f"invalid value for '{param}': {first.get('msg')}" if param else str(first.get("msg"))), param
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Route every error, including FastAPI's own 404/405 and validation errors, through the OpenAI format."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        message, param = validation_message(exc)
+        return bad_request(message, param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), kind).response()

@@ -1,0 +1,187 @@
+"""OpenAI requests into engine requests, and engine events back into OpenAI fields.
+
+Kept apart from the routes so that the mapping (messages -> prompt, parameters -> sampling, tool and
+``response_format`` handling, logprob shapes) reads in one place and the HTTP layer only moves bytes.
+Everything here may raise :class:`~llama4.serve.errors.APIError`; nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from llama4.inference.sampling import SamplingParams
+from llama4.inference.text import prepare_messages
+from llama4.prompt import ImageError, Tokenizer, parse_assistant_output
+from llama4.serve.engine import Constraint, GenerationRequest, TokenEvent
+from llama4.serve.errors import APIError, bad_request
+from llama4.serve.schemas import (ChatCompletionRequest, ChoiceLogprobs, CompletionLogprobs, CompletionRequest,
+                                  FunctionCall, TokenLogprob, ToolCall, TopLogprob)
+
+
+@dataclass
+class Plan:
+    """Everything needed to submit a request's choices to the engine and to shape the replies."""
+
+    prompts: list[list[int]]  # one per prompt (chat: exactly one)
+    pixel_values: torch.Tensor | None = None
+    tools: list[dict] | None = None  # rendered into the prompt and parsed back out of the reply
+    constraint: Callable[[], Constraint] | None = None  # a fresh constraint per choice
+    echo_texts: list[str] = field(default_factory=list)
+
+    def requests(self, req: ChatCompletionRequest | CompletionRequest, logprobs: int | None) -> list[GenerationRequest]:
+        """One engine request per choice, prompt-major: choice index = prompt index * n + j."""
+        out = []
+        for prompt in self.prompts:
+            for j in range(req.n):
+                seed = None if req.seed is None else req.seed + j
+                params = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=seed, logprobs=logprobs,
+                                        frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty)
+                out.append(GenerationRequest(prompt, self.pixel_values, params, req.token_budget, req.stop_strings,
+                                             constraint=self.constraint() if self.constraint else None))
+        return out
+
+
+def _message_dicts(req: ChatCompletionRequest) -> list[dict]:
+    messages = []
+    for m in req.messages:
+        d = m.model_dump(exclude_none=True)
+        if d["role"] == "developer":  # OpenAI's newer name for the system role
+            d["role"] = "system"
+        messages.append(d)
+    return messages
+
+
+def plan_chat(req: ChatCompletionRequest, tokenizer: Tokenizer, has_vision: bool) -> Plan:
+    """Messages (images decoded, tools rendered) -> prompt ids and the constraint for the reply."""
+    try:
+        prepared, pixel_values = prepare_messages(_message_dicts(req))
+    except ImageError as e:
+        raise bad_request(f"bad image: {e}", param="messages", code="invalid_image") from None
+    if pixel_values is not None and not has_vision:
+        raise bad_request("this model has no vision encoder: it cannot take images", param="messages")
+    tools = _active_tools(req)
+    try:
+        prompt = tokenizer.apply_chat_template(prepared, add_generation_prompt=True, tools=tools)
+    except ValueError as e:
+        raise bad_request(f"cannot render the messages: {e}", param="messages") from None
+    return Plan([prompt], pixel_values, tools, _constraint_for(req, tools, tokenizer))
+
+
+def _active_tools(req: ChatCompletionRequest) -> list[dict] | None:
+    if not req.tools or req.tool_choice == "none":
+        return None
+    for k, tool in enumerate(req.tools):
+        fn = tool.get("function")
+        if tool.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
+            raise bad_request(f"tools[{k}] must be {{'type': 'function', 'function': {{'name': ..., ...}}}}",
+                              param=f"tools[{k}]")
+    return list(req.tools)
+
+
+def _forced_tool_schema(req: ChatCompletionRequest, tools: list[dict]) -> dict | None:
+    """For tool_choice 'required' or a named function: the JSON shape the reply must take."""
+    choice = req.tool_choice
+    if choice in (None, "auto"):
+        return None
+    by_name = {t["function"]["name"]: t["function"] for t in tools}
+    if choice == "required":
+        names = list(by_name)
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in by_name:
+            raise bad_request(f"tool_choice names '{name}', which is not among the tools {sorted(by_name)}",
+                              param="tool_choice")
+        names = [name]
+    else:
+        raise bad_request("tool_choice must be 'none', 'auto', 'required' or "
+                          "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
+    parameters = by_name[names[0]].get("parameters") if len(names) == 1 else None
+    return {"type": "object", "properties": {"name": {"enum": names},
+                                             "parameters": parameters or {"type": "object"}},
+            "required": ["name", "parameters"], "additionalProperties": False}
+
+
+def _constraint_for(req: ChatCompletionRequest, tools: list[dict] | None,
+                    tokenizer: Tokenizer) -> Callable[[], Constraint] | None:
+    fmt = req.response_format
+    schema, wanted = None, False
+    if tools is not None:
+        schema = _forced_tool_schema(req, tools)
+        wanted = schema is not None
+    if not wanted and fmt is not None and fmt.type != "text":
+        wanted = True
+        if fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise bad_request("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                                  param="response_format")
+            schema = fmt.json_schema.schema_
+    if not wanted:
+        return None
+    constrained = _constrained_module()
+    try:
+        constrained.JsonConstraint(tokenizer, schema)  # fail now, as a 400, rather than in the engine thread
+    except constrained.SchemaError as e:
+        raise bad_request(f"unsupported JSON schema: {e}", param="response_format") from None
+    return lambda: constrained.JsonConstraint(tokenizer, schema)
+
+
+def _constrained_module():
+    try:
+        return importlib.import_module("llama4.inference.constrained")
+    except ImportError:
+        raise APIError(501, "constrained JSON decoding is not available in this installation",
+                       code="unsupported_response_format") from None
+
+
+def plan_completion(req: CompletionRequest, tokenizer: Tokenizer) -> Plan:
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise bad_request("prompt is empty", param="prompt")
+    ids = [tokenizer.encode(p, bos=True) if isinstance(p, str) else list(p) for p in prompts]
+    echo = [p if isinstance(p, str) else tokenizer.decode(p, skip_special=True) for p in prompts] if req.echo else []
+    return Plan(ids, echo_texts=echo)
+
+
+def tool_calls_of(text: str, tools: list[dict] | None) -> tuple[str | None, list[ToolCall] | None]:
+    """The reply's prose and its parsed tool calls (None when the reply is not a call)."""
+    if tools is None:
+        return text, None
+    parsed = parse_assistant_output(text, tools=tools)
+    if not parsed.tool_calls:
+        return text, None
+    calls = [ToolCall(index=k, id=c["id"], function=FunctionCall(**c["function"]))
+             for k, c in enumerate(parsed.tool_calls)]
+    return parsed.content, calls
+
+
+def chat_logprobs(tokenizer: Tokenizer, events: Sequence[TokenEvent]) -> ChoiceLogprobs:
+    def entry(token: int, logprob: float) -> dict:
+        return {"token": tokenizer.decode([token]), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token))}
+
+    return ChoiceLogprobs(content=[
+        TokenLogprob(**entry(e.token, e.logprob), top_logprobs=[TopLogprob(**entry(t, lp)) for t, lp in e.top or []])
+        for e in events if e.logprob is not None
+    ])
+
+
+def completion_logprobs(tokenizer: Tokenizer, events: Sequence[TokenEvent], offset: int) -> CompletionLogprobs:
+    out = CompletionLogprobs(top_logprobs=[])
+    for e in events:
+        if e.logprob is None:
+            continue
+        out.tokens.append(tokenizer.decode([e.token]))
+        out.token_logprobs.append(e.logprob)
+        out.top_logprobs.append({tokenizer.decode([t]): lp for t, lp in e.top or []})
+        out.text_offset.append(offset)
+        offset += len(e.text)
+    return out
