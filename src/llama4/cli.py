@@ -199,6 +199,72 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(_speed(session.last), file=sys.stderr)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from llama4 import evaluation
+    from llama4.train.data import CORPUS_FILES, read_records, validation_text
+
+    model, tok = _load(args)
+    data = Path(args.data_dir)
+    report: dict = {"model": str(args.model or "embedded")}
+    held_out = tok.encode(validation_text(data))
+    report["perplexity"] = evaluation.perplexity(model, held_out, window=args.window, max_windows=args.max_windows)
+    train_ids = [t for text in read_records(data / CORPUS_FILES["tinystories"]) for t in tok.encode(text)]
+    report["perplexity"]["unigram_baseline"] = evaluation.unigram_perplexity(train_ids, held_out, tok.vocab_size)
+    ppl = report["perplexity"]
+    print(f"held-out TinyStories: perplexity {ppl['perplexity']:.2f} over {ppl['tokens']:,} tokens "
+          f"(unigram baseline {ppl['unigram_baseline']:.1f})", file=sys.stderr)
+    if args.images and model.config.multimodal:
+        report["pictures"] = evaluation.picture_questions(model, tok, args.images, seed=args.seed)
+        for kind, r in report["pictures"].items():
+            print(f"picture {kind} questions: {r['accuracy']:.1%} right of {r['questions']} "
+                  f"(chance {r['chance']:.1%})", file=sys.stderr)
+    if args.samples:
+        report["samples"] = evaluation.samples(model, tok)
+        for s in report["samples"]:
+            print(f"--- {s['kind']}: {s['prompt']!r} ({s['tokens_per_s']:.0f} tok/s)\n{s['output']}", file=sys.stderr)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        print(text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import random
+
+    from llama4.inference.text import Completion, stream_chat, stream_tokens_as_text
+    from llama4.shapes import describe, draw_scene
+
+    model, tok = _load(args)
+
+    def show(title: str, stream, completion, prefix: str = "") -> None:
+        print(f"\n== {title}\n{prefix}", end="")
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+        print(_speed(completion), file=sys.stderr)
+
+    opening = "Once upon a time, there was a little dog named"
+    c = Completion()
+    show("story continuation", stream_tokens_as_text(model, tok, tok.encode(opening, bos=True),
+                                                      max_new_tokens=args.max_tokens, completion=c), c, opening)
+    question = "Who are you?"
+    c = Completion()
+    show(f"chat: {question!r}", stream_chat(model, tok, [{"role": "user", "content": question}],
+                                            max_new_tokens=args.max_tokens, completion=c), c)
+    if model.config.multimodal:
+        image, scene = draw_scene(random.Random(args.seed))
+        messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                 {"type": "text", "text": "What is in the picture?"}]}]
+        c = Completion()
+        show(f"a freshly drawn picture ({describe(scene)[len('I see '):]}): 'What is in the picture?'",
+             stream_chat(model, tok, messages, max_new_tokens=args.max_tokens, completion=c), c)
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -244,6 +310,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    ev = sub.add_parser("eval", help="held-out perplexity, picture-question accuracy and samples")
+    ev.add_argument("--data-dir", default="../shared/data", help="the shared data folder (held-out text)")
+    ev.add_argument("--images", type=int, default=500, help="fresh pictures to ask about (0: skip)")
+    ev.add_argument("--window", type=int, default=256, help="perplexity window in tokens")
+    ev.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    ev.add_argument("--samples", action="store_true", help="also print a few unedited greedy samples")
+    ev.add_argument("--seed", type=int, default=0, help="picture seed (training never used these pictures)")
+    ev.add_argument("--json", action="store_true", help="print the report as JSON")
+    ev.add_argument("--out", help="also write the JSON report to this file")
+    _add_model_args(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="a story, a chat answer and a picture answer from the model")
+    demo.add_argument("--max-tokens", type=int, default=80)
+    demo.add_argument("--seed", type=int, help="seed of the picture (default: a new one each run)")
+    _add_model_args(demo)
+    demo.set_defaults(func=cmd_demo)
 
     from llama4.train.command import add_train_parser
 

@@ -21,6 +21,8 @@ DEFAULT_DATA_DIR = "../shared/data"  # the shared data beside this checkout (run
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="pretrain a (small) Llama 4 on the bundled corpora")
+    p.add_argument("--recipe", choices=["embedded"],
+                   help="run a whole recipe (all stages, resumable): 'embedded' rebuilds the shipped default model")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--preset", help="model shape preset (e.g. tiny); vocab/special ids come from the tokenizer")
     shape.add_argument("--config", help="HF config.json for the model shape")
@@ -71,9 +73,29 @@ def model_config(args, tok) -> ModelConfig:
     return replace(config, text=text, vision=None)
 
 
+def run_recipe(args) -> int:
+    from tqdm import tqdm
+
+    from llama4.train.recipe import build_embedded
+
+    bar = tqdm(unit="step")
+
+    def on_step(m: dict) -> None:
+        bar.n = m["step"]
+        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}")
+        bar.refresh()
+
+    final = build_embedded(args.out, args.data_dir, on_step)
+    bar.close()
+    print(f"model written to {final}")
+    return 0
+
+
 def run_train(args) -> int:
     from tqdm import tqdm
 
+    if args.recipe:
+        return run_recipe(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     texts = pretraining_texts(args.data_dir, args.data, seed=args.seed, limit=args.limit)

@@ -23,7 +23,13 @@ from llama4.train.objectives import RouterCapture, lr_at, next_token_loss, param
 from llama4.train.plot import plot_curves
 from llama4.train.state import load_training_state, save_training_state
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs [B, T], targets [B, T]) int64
+Batch = tuple  # (inputs [B, T], targets [B, T]) int64, optionally + pixel_values [tiles, 3, H, W]
+
+
+def _forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a batch (with its pictures, if it has any) and its targets."""
+    inputs, targets, *pixels = batch
+    return (model(inputs, pixel_values=pixels[0]) if pixels else model(inputs)), targets
 
 
 @dataclass(frozen=True)
@@ -71,8 +77,8 @@ def evaluate(model: nn.Module, batches: Sequence[Batch], bf16: bool = False) -> 
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad(), _autocast(bf16):
-        for inputs, targets in batches:
-            loss, n = next_token_loss(model(inputs), targets)
+        for batch in batches:
+            loss, n = next_token_loss(*_forward(model, batch))
             total, count = total + float(loss) * n, count + n
     model.train(was_training)
     mean = total / max(count, 1)
@@ -152,10 +158,10 @@ def train(model: nn.Module, config: TrainConfig, train_batches, eval_batches: Se
         lr = lr_at(step, config.lr, config.min_lr, config.warmup, config.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        inputs, targets = next(train_batches)
+        batch = next(train_batches)
         capture.clear()
         with capture, _autocast(config.bf16):
-            logits = model(inputs)
+            logits, targets = _forward(model, batch)
         ce, _ = next_token_loss(logits, targets)
         aux, shares = capture.aux_loss()
         loss = ce + config.aux_coef * aux if config.aux_coef else ce
@@ -170,7 +176,7 @@ def train(model: nn.Module, config: TrainConfig, train_batches, eval_batches: Se
         shares_sum = [s.clone() for s in shares] if not shares_sum else [a + s for a, s in zip(shares_sum, shares)]
         shares_steps += 1
         metrics = {"step": done, "loss": float(ce.detach()), "aux": float(aux.detach()), "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": inputs.numel() / elapsed}
+                   "tokens_per_s": targets.numel() / elapsed}
         result.step, result.train_loss = done, metrics["loss"]
         if on_step is not None:
             on_step(metrics)

@@ -1,0 +1,164 @@
+"""The recipe of the embedded default model: its shape, its data stages and how they are run.
+
+``build_embedded(out_dir, data_dir)`` rebuilds the shipped model from the shared data in three steps,
+each resumable (an interrupted run continues where it stopped, bit-identically):
+
+1. ``tokenizer``: a 6,144-token BPE trained on the pretraining text, plus Llama 4's 2,048 special slots.
+2. ``pretrain``: next-token prediction on TinyStories with 25 % public-domain tales.
+3. ``instruct``: a mixture of chat turns (small talk, identity, task dialogues, story requests),
+   synthetic-image questions (the vision tower is trained here) and pretraining text (against forgetting).
+
+The result (``<out>/model``) holds the weights, tokenizer and ``recipe.json`` (this recipe, the data files'
+SHA-256 and the code version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from llama4.build import random_model, save_model
+from llama4.config import ModelConfig
+from llama4.presets import LLAMA4_VISION, text_config
+from llama4.train.data import BatchIterator, eval_batches, pack, pretraining_texts, text_stream, validation_text
+from llama4.train.trainer import TrainConfig, TrainResult, train
+
+BASE_VOCAB = 6144  # + 2,048 special slots = 8,192
+TALES_SHARE = 0.25
+SEED = 0
+
+PRETRAIN = TrainConfig(steps=1200, batch_size=16, seq_len=256, lr=3e-3, min_lr=3e-4, warmup=100, eval_every=200,
+                       eval_batches=16, checkpoint_every=100, seed=SEED, aux_coef=0.01)
+INSTRUCT = TrainConfig(steps=800, batch_size=16, seq_len=256, lr=1e-3, min_lr=1e-4, warmup=30, eval_every=100,
+                       eval_batches=16, checkpoint_every=50, seed=SEED + 1, aux_coef=0.01)
+
+MODEL_NAME = "llama4-tiny"
+AUTHOR = "the llama4 project"
+
+
+def embedded_config(tok) -> ModelConfig:
+    """Llama 4's structure at ~12 M parameters: 4 layers (3 chunked-RoPE + 1 NoPE global with temperature
+    tuning), every layer MoE with 4 routed experts + a shared expert, QK-norm, 64-token attention chunks
+    (a 256-token training row spans 4), and a 2-layer vision tower with the released 336 px / 14 px
+    patch / 0.5 pixel-shuffle layout (144 tokens per tile)."""
+    text = text_config(
+        num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=384,
+        intermediate_size_mlp=768, num_experts=4, vocab_size=tok.vocab_size, attention_chunk_size=64,
+        floor_scale=64, attn_scale=0.1, rope_theta=10000.0, max_position_embeddings=65536,
+        bos_token_id=tok.bos_id, eos_token_ids=tok.eos_ids, pad_token_id=tok.pad_id,
+    )
+    vision = replace(LLAMA4_VISION, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
+                     vision_output_dim=256, projector_input_dim=256, projector_output_dim=256)
+    return ModelConfig(text=text, vision=vision, image_token_id=tok.patch_id, boi_token_id=tok.image_start_id,
+                       eoi_token_id=tok.image_end_id)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def code_version() -> str:
+    """The git commit of this checkout (with ``+dirty`` if it has uncommitted changes), or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here.parent.parent.parent,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def _tokenizer(out: Path, texts: list[str]):
+    from llama4.prompt import load_tokenizer, train_tokenizer
+
+    path = out / "tokenizer"
+    if (path / "tokenizer.model").is_file():
+        return load_tokenizer(path)
+    return train_tokenizer(texts, BASE_VOCAB, out_dir=path)
+
+
+def pretrain(out: Path, data_dir: Path, tok, texts: list[str], on_step: Callable | None = None
+             ) -> tuple[torch.nn.Module, TrainResult]:
+    """Stage 2: next-token prediction on the pretraining text (resumes from ``<out>/pretrain``)."""
+    tc = PRETRAIN
+    x, y = pack(text_stream(tok, texts, tok.end_of_text_id), tc.seq_len)
+    vx, vy = pack(tok.encode(validation_text(data_dir)), tc.seq_len)
+    model = random_model(embedded_config(tok), seed=tc.seed)
+    result = train(model, tc, BatchIterator(x, y, tc.batch_size, seed=tc.seed),
+                   eval_batches(vx, vy, tc.batch_size, tc.eval_batches), out / "pretrain", resume=True,
+                   on_step=on_step)
+    return model, result
+
+
+INSTRUCT_PATTERN = ("image", "chat", "image", "text", "image", "chat", "image", "image")
+
+
+def instruct(out: Path, data_dir: Path, tok, texts: list[str], pretrained: torch.nn.Module,
+             on_step: Callable | None = None) -> tuple[torch.nn.Module, TrainResult]:
+    """Stage 3: chats, picture questions and pretraining text (resumes from ``<out>/instruct``)."""
+    from llama4.train.data import chat_example, pack_chats
+    from llama4.train.instruct_data import ImageBatches, Mixture, instruct_chats
+
+    tc = INSTRUCT
+    chats = pack_chats([chat_example(tok, c) for c in instruct_chats(data_dir, MODEL_NAME, AUTHOR, tc.seed)],
+                       tc.seq_len)
+    x, y = pack(text_stream(tok, texts, tok.end_of_text_id), tc.seq_len)
+    vx, vy = pack(tok.encode(validation_text(data_dir)), tc.seq_len)
+    sources = {"chat": BatchIterator(*chats, tc.batch_size, seed=tc.seed),
+               "text": BatchIterator(x, y, tc.batch_size, seed=tc.seed + 1),
+               "image": ImageBatches(tok, tc.batch_size, tc.seq_len, seed=tc.seed)}
+    held_out_images = ImageBatches(tok, tc.batch_size, tc.seq_len, seed=10_000 + tc.seed)
+    held_out = eval_batches(vx, vy, tc.batch_size, tc.eval_batches // 2) + [
+        next(held_out_images) for _ in range(tc.eval_batches // 2)]
+    model = random_model(embedded_config(tok), seed=tc.seed)
+    with torch.no_grad():
+        model.load_state_dict(pretrained.state_dict())
+    result = train(model, tc, Mixture(sources, INSTRUCT_PATTERN), held_out, out / "instruct", resume=True,
+                   on_step=on_step)
+    return model, result
+
+
+def recipe_record(data_dir: Path) -> dict:
+    """What ``recipe.json`` records: the stages' settings, the data files' hashes, the code version."""
+    files = ["tinystories", "tales", "tinystories_valid", "smalltalk", "sgd"]
+    from llama4.train.data import CORPUS_FILES
+    from llama4.train.instruct_data import IDENTITY_FILE
+
+    paths = [CORPUS_FILES[f] for f in files] + [IDENTITY_FILE]
+    return {
+        "command": "llama4 train --recipe embedded --out DIR",
+        "base_vocab": BASE_VOCAB, "tales_share": TALES_SHARE, "seed": SEED,
+        "stages": {"pretrain": asdict(PRETRAIN), "instruct": asdict(INSTRUCT),
+                   "instruct_pattern": list(INSTRUCT_PATTERN)},
+        "data_sha256": {p: file_sha256(data_dir / p) for p in paths},
+        "code_version": code_version(),
+        "torch": torch.__version__,
+    }
+
+
+def build_embedded(out_dir: str | Path, data_dir: str | Path, on_step: Callable | None = None) -> Path:
+    """Run every stage (resuming finished ones) and write ``<out>/model``: weights, tokenizer, recipe.json."""
+    out, data_dir = Path(out_dir), Path(data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = pretraining_texts(data_dir, "mix", seed=SEED, tales_share=TALES_SHARE)
+    tok = _tokenizer(out, texts)
+    pretrained, _ = pretrain(out, data_dir, tok, texts, on_step)
+    model, _ = instruct(out, data_dir, tok, texts, pretrained, on_step)
+    final = out / "model"
+    with torch.no_grad():
+        save_model(model.to(torch.bfloat16), final)
+    tok.save(final)
+    (final / "recipe.json").write_text(json.dumps(recipe_record(data_dir), indent=2) + "\n")
+    return final
