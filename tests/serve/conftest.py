@@ -3,7 +3,7 @@
 The model has random weights, with the output projection biased towards ordinary text (a random
 head mostly picks one of the 2,048 special tokens, which would end every reply at once). The main
 server is built by ``llama4 serve``'s own argument path (``build_app``) from the saved checkpoint; a
-second, small-limits server (batch 1, queue 1, 64 KiB bodies, an API key) exercises the refusals.
+second, small-limits server (batch 1, queue 1, 64 KiB bodies, an API key, the model's 4,096-token context) exercises the refusals.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def server(checkpoint):
 @pytest.fixture(scope="session")
 def small_server(model, tok):
     app = create_app(model, tok, model_id=MODEL_ID, api_key=API_KEY, max_body_bytes=64 * 1024,
-                     engine_config=EngineConfig(max_batch=1, max_queue=1, max_context=256, prefill_chunk=64))
+                     engine_config=EngineConfig(max_batch=1, max_queue=1, prefill_chunk=64))
     live = LiveServer(app)
     yield live
     live.close()

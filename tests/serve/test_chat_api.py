@@ -1,0 +1,149 @@
+"""Chat and text completions through the official OpenAI client against the live server."""
+
+from __future__ import annotations
+
+import base64
+import threading
+
+import httpx
+import pytest
+
+import llama4
+from tests.serve.conftest import MODEL_ID, png
+
+HELLO = [{"role": "user", "content": "Tell me about Max and the park."}]
+
+
+def reference(model, tok, messages, n):
+    """The reply ``llama4.generate`` gives for the chat prompt: ids and text."""
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    out = llama4.generate(model, [prompt], max_new_tokens=n, stop_tokens=tok.eos_ids)[0][len(prompt):]
+    return prompt, tok.decode([t for t in out if t not in tok.eos_ids], skip_special=True)
+
+
+def ask(client, messages=HELLO, **kwargs):
+    kwargs.setdefault("max_tokens", 16)
+    kwargs.setdefault("temperature", 0)
+    return client.chat.completions.create(model=MODEL_ID, messages=messages, **kwargs)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["queued"] == 0
+
+
+def test_chat_reply_is_the_models_greedy_reply(client, model, tok):
+    reply = ask(client, max_tokens=20)
+    prompt, text = reference(model, tok, HELLO, 20)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == text
+    assert choice.finish_reason == "length" and choice.message.tool_calls is None
+    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == 20
+    assert reply.usage.total_tokens == len(prompt) + 20 and reply.model == MODEL_ID
+
+
+def test_stream_concatenates_to_the_plain_reply(client):
+    plain = ask(client, max_tokens=24)
+    chunks = list(ask(client, max_tokens=24, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len(chunks) > 5, "the reply did not arrive in pieces"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == plain.usage.model_dump()
+
+
+def test_max_completion_tokens_and_stop(client):
+    free = ask(client, max_completion_tokens=30).choices[0].message.content
+    assert len(free) >= 10
+    stop = free[6:9]
+    cut = ask(client, max_completion_tokens=30, stop=[stop, "never-seen"]).choices[0]
+    assert cut.message.content == free[:free.find(stop)] and cut.finish_reason == "stop"
+
+
+def test_n_choices_are_seeded_and_reproducible(client):
+    first = ask(client, n=3, temperature=1.0, top_p=0.95, seed=11, max_tokens=12)
+    again = ask(client, n=3, temperature=1.0, top_p=0.95, seed=11, max_tokens=12)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in again.choices]
+    assert len(set(texts)) > 1, "three sampled choices were identical"
+    assert first.usage.completion_tokens == 36
+
+
+def test_penalties_change_a_greedy_reply(client):
+    plain = ask(client, max_tokens=30).choices[0].message.content
+    penalised = ask(client, max_tokens=30, frequency_penalty=2.0, presence_penalty=2.0).choices[0].message.content
+    assert penalised != plain
+
+
+def test_logprobs_of_greedy_tokens_are_the_top_ones(client):
+    reply = ask(client, max_tokens=8, logprobs=True, top_logprobs=3).choices[0]
+    content = reply.logprobs.content
+    assert len(content) == 8
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.token == entry.top_logprobs[0].token and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    streamed = ask(client, max_tokens=8, logprobs=True, top_logprobs=3, stream=True)
+    tokens = [e.token for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert tokens == [e.token for e in content]
+
+
+def test_an_image_reaches_the_model(client):
+    def reply(colour):
+        url = "data:image/png;base64," + base64.b64encode(png(400, 300, colour)).decode()
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                 {"type": "text", "text": "What colour is it?"}]}]
+        return ask(client, messages, max_tokens=12)
+
+    red, blue = reply((255, 0, 0)), reply((0, 0, 255))
+    assert red.usage.prompt_tokens > 144  # at least one tile of image tokens
+    assert red.usage.prompt_tokens == blue.usage.prompt_tokens
+    assert red.choices[0].message.content != blue.choices[0].message.content
+
+
+def test_text_completions_plain_stream_and_echo(client, model, tok):
+    prompt = "Once upon a time"
+    ids = tok.encode(prompt, bos=True)
+    expected = llama4.generate(model, [ids], max_new_tokens=10, stop_tokens=tok.eos_ids)[0][len(ids):]
+    reply = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=10, temperature=0)
+    assert reply.choices[0].text == tok.decode(expected, skip_special=True)
+    assert reply.usage.prompt_tokens == len(ids)
+    streamed = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == reply.choices[0].text
+    echoed = client.completions.create(model=MODEL_ID, prompt=[prompt, "He"], max_tokens=10, temperature=0,
+                                       echo=True, logprobs=2)
+    assert echoed.choices[0].text == prompt + reply.choices[0].text and len(echoed.choices) == 2
+    assert len(echoed.choices[0].logprobs.tokens) == 10 and echoed.choices[0].logprobs.text_offset[0] == len(prompt)
+
+
+def test_concurrent_replies_equal_their_solo_replies(server):
+    requests = [dict(messages=[{"role": "user", "content": f"Story number {i}: " + "Max runs. " * i}],
+                     max_tokens=10 + 7 * i) for i in range(6)]
+    solo = [ask(server.client(), **r).choices[0].message.content for r in requests]
+    together: list = [None] * len(requests)
+
+    def run(i):
+        together[i] = ask(server.client(), **requests[i]).choices[0].message.content
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert together == solo
+
+
+def test_metrics_report_requests_tokens_latency_and_cache(server, client):
+    ask(client, max_tokens=5)
+    text = httpx.get(server.url + "/metrics").text
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert int(lines['llama4_requests_total{route="/v1/chat/completions",status="200"}']) >= 1
+    assert int(lines["llama4_generated_tokens_total"]) >= 5 and int(lines["llama4_prompt_tokens_total"]) > 0
+    assert int(lines["llama4_time_to_first_token_seconds_count"]) >= 1
+    assert int(lines["llama4_inter_token_latency_seconds_count"]) >= 4
+    assert lines['llama4_time_to_first_token_seconds_bucket{le="+Inf"}'] == lines["llama4_time_to_first_token_seconds_count"]
+    assert {"llama4_running_requests", "llama4_queued_requests", "llama4_kv_cache_bytes"} <= set(lines)
