@@ -104,7 +104,7 @@ def server(checkpoint):
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers())
     args = parser.parse_args(["serve", "--model", str(checkpoint), "--dtype", "fp32", "--max-batch", "4",
-                              "--max-context", "1024", "--prefill-chunk", "64"])
+                              "--max-context", "2048", "--prefill-chunk", "64"])
     live = LiveServer(build_app(args))
     yield live
     live.close()

@@ -55,8 +55,8 @@ def test_malformed_json_and_bad_values_are_400(server, client):
 
 
 def test_prompt_over_the_context_states_both_numbers(client):
-    long = [{"role": "user", "content": "Max runs in the park. " * 300}]
-    with pytest.raises(openai.BadRequestError, match=r"the prompt has \d+ tokens but the context holds 1024") as raised:
+    long = [{"role": "user", "content": "Max runs in the park. " * 600}]
+    with pytest.raises(openai.BadRequestError, match=r"the prompt has \d+ tokens but the context holds 2048") as raised:
         client.chat.completions.create(model=MODEL_ID, messages=long, max_tokens=2)
     assert raised.value.body["code"] == "context_length_exceeded"
 

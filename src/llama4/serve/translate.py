@@ -83,7 +83,11 @@ def _active_tools(req: ChatCompletionRequest) -> list[dict] | None:
 
 
 def _forced_tool_schema(req: ChatCompletionRequest, tools: list[dict]) -> dict | None:
-    """For tool_choice 'required' or a named function: the JSON shape the reply must take."""
+    """For tool_choice 'required' or a named function: the JSON shape the reply must take.
+
+    The shape is the one the tool instructions in the prompt ask for, ``{"name": ..., "parameters": {...}}``,
+    with each function's own parameter schema, so the reply always parses into a valid call.
+    """
     choice = req.tool_choice
     if choice in (None, "auto"):
         return None
@@ -99,33 +103,32 @@ def _forced_tool_schema(req: ChatCompletionRequest, tools: list[dict]) -> dict |
     else:
         raise bad_request("tool_choice must be 'none', 'auto', 'required' or "
                           "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
-    parameters = by_name[names[0]].get("parameters") if len(names) == 1 else None
-    return {"type": "object", "properties": {"name": {"enum": names},
-                                             "parameters": parameters or {"type": "object"}},
-            "required": ["name", "parameters"], "additionalProperties": False}
+    calls = [{"type": "object", "properties": {"name": {"const": name},
+                                               "parameters": by_name[name].get("parameters") or {"type": "object"}},
+              "required": ["name", "parameters"]} for name in names]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
 def _constraint_for(req: ChatCompletionRequest, tools: list[dict] | None,
                     tokenizer: Tokenizer) -> Callable[[], Constraint] | None:
-    fmt = req.response_format
-    schema, wanted = None, False
-    if tools is not None:
-        schema = _forced_tool_schema(req, tools)
-        wanted = schema is not None
-    if not wanted and fmt is not None and fmt.type != "text":
-        wanted = True
+    """A factory of per-choice JSON constraints: a forced tool call, else ``response_format``, else None."""
+    schema = _forced_tool_schema(req, tools) if tools is not None else None
+    param = "tools"
+    if schema is None:
+        fmt = req.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        param = "response_format"
         if fmt.type == "json_schema":
             if fmt.json_schema is None or fmt.json_schema.schema_ is None:
                 raise bad_request("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
-                                  param="response_format")
+                                  param=param)
             schema = fmt.json_schema.schema_
-    if not wanted:
-        return None
     constrained = _constrained_module()
     try:
         constrained.JsonConstraint(tokenizer, schema)  # fail now, as a 400, rather than in the engine thread
     except constrained.SchemaError as e:
-        raise bad_request(f"unsupported JSON schema: {e}", param="response_format") from None
+        raise bad_request(f"unsupported JSON schema: {e}", param=param) from None
     return lambda: constrained.JsonConstraint(tokenizer, schema)
 
 
