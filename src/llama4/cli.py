@@ -202,28 +202,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from llama4 import evaluation
-    from llama4.train.data import CORPUS_FILES, read_records, validation_text
+    from llama4.evaluation import evaluate_model
 
     model, tok = _load(args)
-    data = Path(args.data_dir)
-    report: dict = {"model": str(args.model or "embedded")}
-    held_out = tok.encode(validation_text(data))
-    report["perplexity"] = evaluation.perplexity(model, held_out, window=args.window, max_windows=args.max_windows)
-    train_ids = [t for text in read_records(data / CORPUS_FILES["tinystories"]) for t in tok.encode(text)]
-    report["perplexity"]["unigram_baseline"] = evaluation.unigram_perplexity(train_ids, held_out, tok.vocab_size)
+    report = {"model": str(args.model or "embedded"),
+              **evaluate_model(model, tok, args.data_dir, pictures=args.images, window=args.window,
+                               max_windows=args.max_windows, with_samples=args.samples, seed=args.seed)}
     ppl = report["perplexity"]
     print(f"held-out TinyStories: perplexity {ppl['perplexity']:.2f} over {ppl['tokens']:,} tokens "
           f"(unigram baseline {ppl['unigram_baseline']:.1f})", file=sys.stderr)
-    if args.images and model.config.multimodal:
-        report["pictures"] = evaluation.picture_questions(model, tok, args.images, seed=args.seed)
-        for kind, r in report["pictures"].items():
-            print(f"picture {kind} questions: {r['accuracy']:.1%} right of {r['questions']} "
-                  f"(chance {r['chance']:.1%})", file=sys.stderr)
-    if args.samples:
-        report["samples"] = evaluation.samples(model, tok)
-        for s in report["samples"]:
-            print(f"--- {s['kind']}: {s['prompt']!r} ({s['tokens_per_s']:.0f} tok/s)\n{s['output']}", file=sys.stderr)
+    for kind, r in report.get("pictures", {}).items():
+        print(f"picture {kind} questions: {r['accuracy']:.1%} right of {r['questions']} "
+              f"(chance {r['chance']:.1%})", file=sys.stderr)
+    for s in report.get("samples", []):
+        print(f"--- {s['kind']}: {s['prompt']!r} ({s['tokens_per_s']:.0f} tok/s)\n{s['output']}", file=sys.stderr)
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -118,3 +118,23 @@ def samples(model: Llama4Model, tok, max_new_tokens: int = 96) -> list[dict]:
         out.append({"kind": kind, "prompt": text, "output": reply,
                     "tokens_per_s": len(tok.encode(reply)) / max(seconds, 1e-9)})
     return out
+
+
+def evaluate_model(model: Llama4Model, tok, data_dir, pictures: int = 500, window: int = 256,
+                   max_windows: int | None = None, with_samples: bool = True, seed: int = 0) -> dict:
+    """The full report of ``llama4 eval``: held-out perplexity with its unigram baseline, picture
+    questions (multimodal models, ``pictures`` > 0) and samples."""
+    from pathlib import Path
+
+    from llama4.train.data import CORPUS_FILES, read_records, validation_text
+
+    data_dir = Path(data_dir)
+    held_out = tok.encode(validation_text(data_dir))
+    report: dict = {"perplexity": perplexity(model, held_out, window=window, max_windows=max_windows)}
+    train_ids = [t for text in read_records(data_dir / CORPUS_FILES["tinystories"]) for t in tok.encode(text)]
+    report["perplexity"]["unigram_baseline"] = unigram_perplexity(train_ids, held_out, tok.vocab_size)
+    if pictures and model.config.multimodal:
+        report["pictures"] = picture_questions(model, tok, pictures, seed=seed)
+    if with_samples:
+        report["samples"] = samples(model, tok)
+    return report

@@ -76,7 +76,7 @@ def model_config(args, tok) -> ModelConfig:
 def run_recipe(args) -> int:
     from tqdm import tqdm
 
-    from llama4.train.recipe import build_embedded
+    from llama4.train.recipe import build_embedded, evaluate_and_card
 
     bar = tqdm(unit="step")
 
@@ -87,7 +87,9 @@ def run_recipe(args) -> int:
 
     final = build_embedded(args.out, args.data_dir, on_step)
     bar.close()
-    print(f"model written to {final}")
+    report = evaluate_and_card(final, args.data_dir)
+    print(f"model written to {final}: held-out perplexity {report['perplexity']['perplexity']:.2f}, "
+          + ", ".join(f"{k} questions {v['accuracy']:.1%}" for k, v in report["pictures"].items()))
     return 0
 
 

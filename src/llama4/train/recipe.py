@@ -150,15 +150,48 @@ def recipe_record(data_dir: Path) -> dict:
 
 def build_embedded(out_dir: str | Path, data_dir: str | Path, on_step: Callable | None = None) -> Path:
     """Run every stage (resuming finished ones) and write ``<out>/model``: weights, tokenizer, recipe.json."""
+    import shutil
+    import time
+
+    from llama4.train.card import copy_licenses
+
     out, data_dir = Path(out_dir), Path(data_dir)
     out.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    tic = time.perf_counter()
     texts = pretraining_texts(data_dir, "mix", seed=SEED, tales_share=TALES_SHARE)
     tok = _tokenizer(out, texts)
+    seconds["tokenizer"] = time.perf_counter() - tic
+    tic = time.perf_counter()
     pretrained, _ = pretrain(out, data_dir, tok, texts, on_step)
-    model, _ = instruct(out, data_dir, tok, texts, pretrained, on_step)
+    seconds["pretrain"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    model, result = instruct(out, data_dir, tok, texts, pretrained, on_step)
+    seconds["instruct"] = time.perf_counter() - tic
     final = out / "model"
     with torch.no_grad():
         save_model(model.to(torch.bfloat16), final)
     tok.save(final)
-    (final / "recipe.json").write_text(json.dumps(recipe_record(data_dir), indent=2) + "\n")
+    for stage in ("pretrain", "instruct"):
+        if (out / stage / "loss.png").is_file():
+            shutil.copyfile(out / stage / "loss.png", final / f"{stage}_loss.png")
+    copy_licenses(data_dir, final)
+    record = {**recipe_record(data_dir), "seconds": {k: round(v, 1) for k, v in seconds.items()},
+              "expert_shares": result.expert_shares}
+    (final / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
     return final
+
+
+def evaluate_and_card(model_dir: str | Path, data_dir: str | Path, pictures: int = 500,
+                      max_windows: int | None = None) -> dict:
+    """Run the ``llama4 eval`` measurements on a built model and write its ``eval.json`` and ``README.md``."""
+    import llama4
+    from llama4.evaluation import evaluate_model
+    from llama4.train.card import write_model_card
+
+    model_dir = Path(model_dir)
+    model = llama4.load_model(model_dir, dtype=torch.bfloat16)
+    report = evaluate_model(model, llama4.load_tokenizer(model_dir), data_dir, pictures=pictures,
+                            max_windows=max_windows)
+    write_model_card(model_dir, report)
+    return report

@@ -1,0 +1,138 @@
+"""The model card of a recipe-built model: written from what the run recorded, never typed by hand.
+
+Inputs are the model directory (config, ``recipe.json``) and the ``llama4 eval`` report; the card
+states the architecture, parameter counts, data and licenses, the training curves, the evaluation
+figures with their baselines, unedited samples and the limitations.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from llama4.info import model_info
+
+DATA_LICENSES = (
+    ("TinyStories (first 5,061 train stories; validation head held out)", "CDLA-Sharing-1.0",
+     "tinystories/LICENSE-CDLA-Sharing-1.0.txt", "Eldan & Li, 2023"),
+    ("Public-domain fairy tales and fables (12 books)", "public domain (USA)", None, "Project Gutenberg texts"),
+    ("Microsoft Personality Chat small talk, 'friend' persona", "MIT", "chat/smalltalk/LICENSE-MIT-Microsoft.txt",
+     "Copyright (c) Microsoft Corporation"),
+    ("Identity Q&A template (LLaMA-Factory), filled with this model's name", "Apache-2.0",
+     "chat/identity/LICENSE-Apache-2.0.txt", "hiyouga/LLaMA-Factory"),
+    ("Schema-Guided Dialogue, a 2,500-dialogue subset cut to 6 turns", "CC BY-SA 4.0",
+     "chat/sgd/LICENSE-CC-BY-SA-4.0.txt", "Google Research (Rastogi et al., 2020)"),
+)
+
+
+def copy_licenses(data_dir: Path, model_dir: Path) -> None:
+    """The license texts of the data the weights derive from, into ``<model>/licenses/``."""
+    target = model_dir / "licenses"
+    target.mkdir(exist_ok=True)
+    for _, _, path, _ in DATA_LICENSES:
+        if path is not None:
+            shutil.copyfile(data_dir / path, target / Path(path).name)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def render_card(model_dir: Path, report: dict) -> str:
+    recipe = json.loads((model_dir / "recipe.json").read_text())
+    info = model_info(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    ppl = report["perplexity"]
+    lines = [
+        "# llama4-tiny: the embedded default model",
+        "",
+        "A small model with the full Llama 4 architecture, trained from scratch by this project's own code "
+        "on 2 CPU cores, so that every `llama4` command works with no download. It writes simple "
+        "TinyStories-style English, answers chat turns, and answers questions about simple synthetic "
+        "pictures. It is a demonstration model, not a useful assistant: real Llama 4 weights load with "
+        "`--model PATH`.",
+        "",
+        "## Architecture",
+        "",
+        f"- {info['total_params']:,} parameters in total, {info['active_params']:,} active per token "
+        f"(text {info['text_params']:,}; vision tower + projector {info['vision_params']:,}).",
+        f"- {text['num_hidden_layers']} decoder layers, hidden {text['hidden_size']}, {text['num_attention_heads']} "
+        f"query / {text['num_key_value_heads']} key-value heads of {text['head_dim']}.",
+        f"- Every layer MoE: {text['num_local_experts']} routed experts (sigmoid top-{text['num_experts_per_tok']}) "
+        f"+ a shared expert, expert width {text['intermediate_size']}.",
+        f"- iRoPE: layers {', '.join(str(i) for i, r in enumerate(text['no_rope_layers']) if r)} use RoPE with "
+        f"chunked attention ({text['attention_chunk_size']}-token chunks); layer(s) "
+        f"{', '.join(str(i) for i, r in enumerate(text['no_rope_layers']) if not r)} have no position embedding, "
+        f"full causal attention and attention-temperature tuning (floor scale {text['floor_scale']}); QK-norm.",
+        f"- Vision: {vision['image_size']} px tiles, {vision['patch_size']} px patches, a {vision['num_hidden_layers']}-layer "
+        f"encoder of width {vision['hidden_size']}, pixel shuffle to 144 tokens per tile, adapter and projector; "
+        "early fusion at the `<|patch|>` tokens.",
+        f"- Tokenizer: {recipe['base_vocab']:,} BPE tokens trained on the pretraining text with this project's "
+        "trainer (Llama 4's pre-tokenizer regex), followed by Llama 4's 2,048 special-token slots.",
+        "- Stored as bfloat16 safetensors in the Hugging Face layout; transformers' "
+        "`Llama4ForConditionalGeneration` loads it (tested).",
+        "",
+        "## Evaluation (`llama4 eval`)",
+        "",
+        "| measure | this model | baseline |",
+        "|---|---|---|",
+        f"| perplexity, held-out TinyStories ({ppl['tokens']:,} tokens) | {ppl['perplexity']:.2f} | "
+        f"{ppl['unigram_baseline']:.1f} (unigram fitted on the training stories) |",
+    ]
+    for kind, r in report.get("pictures", {}).items():
+        lines.append(f"| {kind} questions on {r['questions']} fresh synthetic pictures | {_pct(r['accuracy'])} | "
+                     f"{_pct(r['chance'])} (chance) |")
+    lines += ["", "Unedited greedy samples:", ""]
+    for s in report.get("samples", []):
+        lines += [f"- {s['kind']} `{s['prompt']}`", "", "  > " + s["output"].strip().replace("\n", "\n  > "), ""]
+    stages = recipe["stages"]
+    lines += [
+        "## Training",
+        "",
+        f"Rebuild: `{recipe['command']}` (from the repository root, with the shared data beside it; "
+        "resumable). Code version `" + recipe["code_version"] + "`, torch " + recipe["torch"] + ".",
+        "",
+        f"1. Pretraining: {stages['pretrain']['steps']} steps of {stages['pretrain']['batch_size']} x "
+        f"{stages['pretrain']['seq_len']} tokens, TinyStories with {int(100 * recipe['tales_share'])} % tales, "
+        f"AdamW lr {stages['pretrain']['lr']} (warm-up, cosine), router load-balancing loss "
+        f"x{stages['pretrain']['aux_coef']}.",
+        f"2. Instruct: {stages['instruct']['steps']} steps mixing (in the pattern "
+        f"{', '.join(stages['instruct_pattern'])}) chats, synthetic-picture questions and pretraining text, "
+        f"lr {stages['instruct']['lr']}.",
+        "",
+    ]
+    for name, seconds in recipe.get("seconds", {}).items():
+        lines.append(f"- {name}: {seconds / 60:.1f} min on this run's machine")
+    lines += ["", "![pretraining loss](pretrain_loss.png) ![instruct loss](instruct_loss.png)", "",
+              "Per-expert token shares at the end of training (per MoE layer): "
+              + "; ".join(str(s) for s in recipe.get("expert_shares", [])), ""]
+    lines += ["## Data and licenses", "",
+              "The weights are derived from the data below; the license texts are in `licenses/`. Data "
+              "SHA-256 hashes are in `recipe.json`.", ""]
+    for what, license_name, _, who in DATA_LICENSES:
+        lines.append(f"- {what}: {license_name} ({who}).")
+    lines += [
+        "",
+        "## Limitations",
+        "",
+        "- About 12 M parameters and a few million training tokens: stories drift and repeat, facts are "
+        "invented, instructions outside small talk, identity questions and story requests are not followed.",
+        "- Pictures: it knows only the synthetic scenes it was trained on (one kind of shape in one colour on a "
+        "plain background); on photographs it answers with those words anyway.",
+        "- English only; the tokenizer still round-trips any text (byte fallback) but compresses other "
+        "scripts poorly.",
+        "- Context: trained on 256-token rows; longer prompts work mechanically (iRoPE, chunked cache) but "
+        "quality falls off.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(model_dir: str | Path, report: dict) -> Path:
+    model_dir = Path(model_dir)
+    (model_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    path = model_dir / "README.md"
+    path.write_text(render_card(model_dir, report))
+    return path
