@@ -146,4 +146,5 @@ def test_metrics_report_requests_tokens_latency_and_cache(server, client):
     assert int(lines["llama4_time_to_first_token_seconds_count"]) >= 1
     assert int(lines["llama4_inter_token_latency_seconds_count"]) >= 4
     assert lines['llama4_time_to_first_token_seconds_bucket{le="+Inf"}'] == lines["llama4_time_to_first_token_seconds_count"]
+    assert int(lines['llama4_sequences_finished_total{reason="length"}']) >= 1
     assert {"llama4_running_requests", "llama4_queued_requests", "llama4_kv_cache_bytes"} <= set(lines)

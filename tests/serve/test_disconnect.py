@@ -45,12 +45,14 @@ def test_disconnecting_mid_stream_frees_the_row_and_others_continue(server, clie
     assert not other_done.is_set(), "the other stream ended before the disconnect was noticed (test too short)"
     runner.join(60)
     assert "".join(other_chunks) == solo.choices[0].message.content
+    assert server.app.state.metrics.finished["cancelled"] >= 1
     assert wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["kv_cache_bytes"] == 0)
 
 
 def test_a_non_streamed_request_whose_client_leaves_is_cancelled(server):
-    engine = server.engine
-    body = {"model": MODEL_ID, "messages": STORY, "max_tokens": 900, "temperature": 0}
+    engine, finished = server.engine, server.app.state.metrics.finished
+    cancelled_before = finished["cancelled"]
+    body = {"model": MODEL_ID, "messages": STORY, "max_tokens": 1500, "temperature": 0}
 
     def post():
         try:
@@ -58,11 +60,9 @@ def test_a_non_streamed_request_whose_client_leaves_is_cancelled(server):
         except httpx.TimeoutException:
             pass  # the client gives up and closes the connection
 
-    started = time.monotonic()
     poster = threading.Thread(target=post)
     poster.start()
     assert wait_for(lambda: engine.stats()["running"] == 1)
     poster.join()
-    assert wait_for(lambda: engine.stats()["running"] == 0, timeout=5)
-    generated_for = time.monotonic() - started
-    assert generated_for < 5
+    assert wait_for(lambda: finished["cancelled"] == cancelled_before + 1)
+    assert engine.stats()["running"] == 0

@@ -198,3 +198,21 @@ def test_a_constraint_restricts_every_token(engine, tok):
     engine.submit(GenerationRequest(tok.encode("He", bos=True), max_tokens=50, constraint=constraint), sink)
     run_until_idle(engine)
     assert sink.text == ' {"ok": true}' and constraint.seen == script and sink.finish.reason == "stop"
+
+
+class Broken:
+    def restrict(self, logits):
+        raise ValueError("constraint exploded")
+
+    def advance(self, token_id):
+        pass
+
+
+def test_a_failing_request_ends_alone(engine, model, tok):
+    good, bad = Collector(), Collector()
+    prompt = tok.encode(PROMPTS[1], bos=True)
+    engine.submit(GenerationRequest(prompt, max_tokens=12, stop_tokens=[]), good)
+    engine.submit(GenerationRequest(prompt, max_tokens=12, constraint=Broken()), bad)
+    run_until_idle(engine)
+    assert bad.events == [FinishEvent("error", "", len(prompt), 0, "sampling failed: constraint exploded")]
+    assert good.tokens == solo(model, prompt, 12, [])

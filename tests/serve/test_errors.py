@@ -13,7 +13,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.serve.conftest import API_KEY, MODEL_ID, png
+from tests.serve.conftest import API_KEY, MODEL_ID
 
 HELLO = [{"role": "user", "content": "Hello"}]
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 
 from llama4.model.transformer import Llama4Model
@@ -36,7 +37,7 @@ from llama4.serve.streams import Choices, cancel_on_disconnect
 
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20  # room for a few base64 images
 STATIC_DIR = Path(__file__).parent / "static"
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+ROUTES = ("/", "/static/index.html", "/static/client.js", "/static/ui.js", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 
 
 class _CountRequests:
@@ -155,10 +156,11 @@ def create_app(model: Llama4Model, tokenizer: Tokenizer, *, model_id: str = "lla
             return _sse(reply.stream())
         return await _unless_disconnected(request, choices, reply.collect())
 
-    if (STATIC_DIR / "index.html").is_file():
-        @app.get("/", include_in_schema=False)
-        async def index():
-            return FileResponse(STATIC_DIR / "index.html")
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     return app
 

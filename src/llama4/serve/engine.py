@@ -225,7 +225,14 @@ class Engine:
     def _run(self) -> None:
         with torch.inference_mode():
             while not self._stopping:
-                if not self.step():
+                try:
+                    worked = self.step()
+                except Exception as e:  # a bug, not a bad request: fail what is active, keep serving
+                    worked = True
+                    for seq in [*self._prefilling, *self._running]:
+                        self._finish(seq, "error", error=f"engine failure: {e!r}")
+                    self._prefilling, self._running, self._cache = [], [], None
+                if not worked:
                     with self._cond:
                         if not self._stopping and not self._waiting:
                             self._cond.wait(0.5)
@@ -306,6 +313,13 @@ class Engine:
 
     def _accept(self, seq: _Sequence, logits: torch.Tensor) -> bool:
         """Sample the sequence's next token from logits [V] and report it; False when it finished."""
+        try:
+            return self._sample(seq, logits)
+        except Exception as e:  # a failing constraint or sampler ends its own sequence, not the batch
+            self._finish(seq, "error", error=f"sampling failed: {e}")
+            return False
+
+    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> bool:
         constraint = seq.request.constraint
         if constraint is not None:
             logits = constraint.restrict(logits)
@@ -342,6 +356,7 @@ class Engine:
             return
         seq.finished = True
         seq.cache = seq.embeds = None
+        self.metrics.count_finish(reason)
         tail = ""
         if flush and reason in ("stop", "length"):
             tail, _ = seq.stops.feed(seq.decoder.flush())

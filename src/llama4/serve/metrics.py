@@ -54,6 +54,7 @@ class ServeMetrics:
     def __init__(self):
         self.lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()  # (route, HTTP status) -> count
+        self.finished: Counter[str] = Counter()  # engine sequences by finish reason (stop, length, cancelled, error)
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.ttft = Histogram()
@@ -62,6 +63,10 @@ class ServeMetrics:
     def count_request(self, route: str, status: int) -> None:
         with self.lock:
             self.requests[(route, status)] += 1
+
+    def count_finish(self, reason: str) -> None:
+        with self.lock:
+            self.finished[reason] += 1
 
     def add_tokens(self, prompt: int = 0, generated: int = 0) -> None:
         with self.lock:
@@ -72,10 +77,14 @@ class ServeMetrics:
         """The exposition text; ``gauges`` are (name, help, value) read from the engine at scrape time."""
         with self.lock:
             requests, prompt, generated = dict(self.requests), self.prompt_tokens, self.generated_tokens
+            finished = dict(self.finished)
         lines = ["# HELP llama4_requests_total HTTP requests by route and status.",
                  "# TYPE llama4_requests_total counter"]
         for (route, status), n in sorted(requests.items()):
             lines.append(f'llama4_requests_total{{route="{route}",status="{status}"}} {n}')
+        lines += ["# HELP llama4_sequences_finished_total Generated sequences (choices) by finish reason.",
+                  "# TYPE llama4_sequences_finished_total counter"]
+        lines += [f'llama4_sequences_finished_total{{reason="{r}"}} {n}' for r, n in sorted(finished.items())]
         for name, help, value in (("llama4_prompt_tokens_total", "Prompt tokens prefilled.", prompt),
                                   ("llama4_generated_tokens_total", "Tokens generated.", generated)):
             lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {value}"]
