@@ -1,0 +1,991 @@
+"""Constrained decoding of JSON: OpenAI ``response_format`` ``json_object`` and ``json_schema``.
+
+At every step :meth:`JsonConstraint.restrict` sets to -inf the logit of every token that would stop the
+output being a prefix of a JSON document matching the schema, and allows end-of-sequence only once
+the document is complete; :meth:`JsonConstraint.advance` feeds the chosen token. Greedy decoding then
+picks the most likely allowed token, and sampling samples among the allowed tokens only.
+
+Design
+------
+* The schema is compiled into a small graph of nodes (object with fixed properties, free object,
+  array, string, number, literal set) joined by *values*, which are sets of alternatives (anyOf,
+  oneOf, type lists, ``$ref`` all become alternatives).
+* A byte-level pushdown recogniser runs over that graph. A recogniser state is a tuple of stacks; a
+  stack is an immutable linked list ``(frame, parent)`` of tuples, so branching (several
+  alternatives still alive) and trying a token are free of copies: stepping returns new stacks.
+  Parent frames are stored already in their "after the child" phase, so finishing a child is a pop.
+* Per tokenizer (cached) the vocabulary's token byte strings are kept sorted with their common
+  prefix lengths, which is a trie in flat form: a walk re-uses the state reached for the shared prefix
+  and, at the first invalid byte, skips the whole block of tokens sharing that prefix (one bisect).
+* Most steps are spent inside strings, where nearly every token is allowed. For those the index holds,
+  per UTF-8 decoder state, a mask of the tokens that are plain string content throughout (and their
+  character counts, for ``maxLength``), so they are allowed with one tensor operation; only the few
+  tokens holding a quote or backslash are walked, from that byte on.
+
+Output form
+-----------
+Whitespace is allowed only as one optional space after ``:`` and after ``,`` (``{"a": 1, "b": 2}`` and
+``{"a":1,"b":2}`` both pass), so that a small model cannot loop on whitespace. Numbers have at most
+20 integer digits, 20 fraction digits and a 2-digit exponent; ``integer`` has no fraction or exponent.
+Strings are valid UTF-8; ``\\u`` escapes of UTF-16 surrogates are refused (write the character).
+
+Schema subset
+-------------
+``type`` (one name or a list), ``properties``, ``required``, ``additionalProperties``, ``items``,
+``enum``, ``const``, ``minItems``/``maxItems``, ``minLength``/``maxLength`` (characters; an escape is
+one character), ``anyOf``, ``oneOf`` (treated as anyOf: alternatives that overlap can both match),
+``allOf`` with a single subschema, ``$ref`` to ``#...`` pointers in the same document (``$defs``,
+``definitions``, recursion allowed). ``description``, ``title``, ``default``, ``examples``,
+``$schema``, ``$id``, ``$comment``, ``deprecated``, ``readOnly`` and ``writeOnly`` are ignored; any
+other keyword raises :class:`SchemaError` naming it.
+
+* With ``properties``, properties are generated in the schema's order, optional ones may be left out,
+  and no other property is ever generated (as if ``additionalProperties`` were false, whatever it
+  says: the output is valid either way). ``required`` names must be in ``properties``.
+* Without ``properties`` an object has free keys; the values follow ``additionalProperties`` (any
+  value when absent or true, none when false: only ``{}``). ``required`` without ``properties``
+  becomes required properties with the ``additionalProperties`` schema.
+* ``enum`` / ``const`` values are written as ``json.dumps(value, ensure_ascii=False)`` writes them with
+  ``", "`` and ``": "`` separators; values that do not have the schema's ``type`` (or break its
+  length bounds) are dropped.
+* A schema without ``type`` takes the types its keywords imply (``properties`` -> object, ``items``
+  -> array, ``minLength`` -> string, ...), or any value if none does.
+* Alternatives that admit no finite value (``false``, a required property that recurses forever) are
+  pruned, so every allowed prefix can still be completed; a schema admitting nothing is an error.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import operator
+import re
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import unquote
+
+import torch
+
+from llama4.prompt.tokenizer import Tokenizer
+
+MAX_INT_DIGITS = 20
+MAX_FRAC_DIGITS = 20
+MAX_EXP_DIGITS = 2
+
+IGNORED_KEYWORDS = frozenset({"description", "title", "default", "examples", "$schema", "$id", "$comment",
+                              "deprecated", "readOnly", "writeOnly"})
+SUPPORTED_KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items", "enum",
+                                "const", "minItems", "maxItems", "minLength", "maxLength", "anyOf", "oneOf",
+                                "allOf", "$ref", "$defs", "definitions"})
+TYPE_NAMES = ("object", "array", "string", "number", "integer", "boolean", "null")
+_IMPLIED_TYPE = {"properties": "object", "required": "object", "additionalProperties": "object",
+                 "items": "array", "minItems": "array", "maxItems": "array",
+                 "minLength": "string", "maxLength": "string"}
+
+
+class SchemaError(ValueError):
+    """The JSON schema uses a keyword or value that constrained decoding does not support."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# UTF-8: state 0 is "between characters"; states 1..7 wait for continuation bytes. _U8[u][b] is the
+# state after byte b (255: invalid). Surrogates, overlong forms and code points > U+10FFFF are invalid.
+
+_BAD = 255
+_CONT_RANGE = {1: (0x80, 0xBF, 0), 2: (0x80, 0xBF, 1), 3: (0x80, 0xBF, 2), 4: (0xA0, 0xBF, 1),
+               5: (0x80, 0x9F, 1), 6: (0x90, 0xBF, 2), 7: (0x80, 0x8F, 2)}
+
+
+def _utf8_table() -> list[bytes]:
+    lead = [_BAD] * 256
+    for b in range(0x80):
+        lead[b] = 0
+    for b in range(0xC2, 0xE0):
+        lead[b] = 1
+    for b in range(0xE1, 0xF0):
+        lead[b] = 2
+    lead[0xE0], lead[0xED] = 4, 5
+    for b in range(0xF1, 0xF4):
+        lead[b] = 3
+    lead[0xF0], lead[0xF4] = 6, 7
+    table = [bytes(lead)]
+    for u in range(1, 8):
+        lo, hi, nxt = _CONT_RANGE[u]
+        table.append(bytes(nxt if lo <= b <= hi else _BAD for b in range(256)))
+    return table
+
+
+_U8 = _utf8_table()
+_SPECIAL_ASCII = re.compile(rb'["\\\x00-\x1f]')
+_SIMPLE_ESCAPES = frozenset(b'"\\/bfnrt')
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_DIGITS = frozenset(b"0123456789")
+
+
+def _scan_plain(t: bytes, u: int) -> tuple[int, int] | None:
+    """Scan ``t`` as string content from UTF-8 state ``u``.
+
+    Returns ``(len(t), chars)`` when all of it is plain content (no quote, backslash or control byte;
+    valid UTF-8 so far), ``(pos, chars)`` when a quote or backslash at ``pos`` ends the plain part
+    between characters, and None when the token can never continue a string from this state.
+    ``chars`` counts the characters started in the plain part.
+    """
+    if u == 0 and t.isascii():
+        m = _SPECIAL_ASCII.search(t)
+        if m is None:
+            return len(t), len(t)
+        pos = m.start()
+        return None if t[pos] < 0x20 else (pos, pos)
+    chars = 0
+    for pos, b in enumerate(t):
+        if u == 0:
+            if b == 0x22 or b == 0x5C:
+                return pos, chars
+            if b < 0x20:
+                return None
+            chars += 1
+        u = _U8[u][b]
+        if u == _BAD:
+            return None
+    return len(t), chars
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schema graph. Nodes are compared by identity (frames hold them).
+
+
+class _Value:
+    """A set of alternatives; ``first[b]`` are the alternatives a value starting with byte b can be."""
+
+    __slots__ = ("alts", "first", "path")
+
+    def __init__(self, path: str) -> None:
+        self.alts: list[Any] = []
+        self.first: list[tuple] = []
+        self.path = path
+
+
+class _Object:
+    """An object with fixed properties, written in schema order; optional ones may be skipped."""
+
+    __slots__ = ("props", "key_next", "key_prop", "key_root", "closable_after", "closable_empty")
+
+    def __init__(self, props: list[tuple[str, _Value, bool]]) -> None:
+        self.props = props
+
+    def build(self) -> None:
+        """Key tries: from property i on, the keys that may come next (up to the first required one)."""
+        n = len(self.props)
+        self.key_next: list[dict[int, int]] = []
+        self.key_prop: list[int] = []
+        self.key_root: list[int] = []
+        for i in range(n + 1):
+            root = self._new_node()
+            self.key_root.append(root)
+            for j in range(i, n):
+                node = root
+                for b in json.dumps(self.props[j][0], ensure_ascii=False).encode():
+                    node = self.key_next[node].get(b) if b in self.key_next[node] else self._link(node, b)
+                self.key_prop[node] = j
+                if self.props[j][2]:
+                    break
+        required = [r for _, _, r in self.props]
+        self.closable_after = [not any(required[j + 1:]) for j in range(n)]
+        self.closable_empty = not any(required)
+
+    def _new_node(self) -> int:
+        self.key_next.append({})
+        self.key_prop.append(-1)
+        return len(self.key_next) - 1
+
+    def _link(self, node: int, b: int) -> int:
+        child = self._new_node()
+        self.key_next[node][b] = child
+        return child
+
+
+class _FreeObject:
+    """An object with any keys; values follow ``value`` (None: no members, only ``{}``)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: _Value | None) -> None:
+        self.value = value
+
+
+class _Array:
+    __slots__ = ("items", "min_items", "max_items", "cap")
+
+    def __init__(self, items: _Value, min_items: int, max_items: int | None) -> None:
+        self.items, self.min_items, self.max_items = items, min_items, max_items
+
+    def build(self) -> None:
+        self.cap = self.max_items if self.max_items is not None else self.min_items  # counts kept up to cap
+
+
+class _String:
+    __slots__ = ("min_len", "max_len", "cap", "tracked")
+
+    def __init__(self, min_len: int = 0, max_len: int | None = None) -> None:
+        self.min_len, self.max_len = min_len, max_len
+        self.cap = max_len if max_len is not None else min_len
+        self.tracked = max_len is not None or min_len > 0
+
+
+class _Number:
+    __slots__ = ("integer",)
+
+    def __init__(self, integer: bool) -> None:
+        self.integer = integer
+
+
+class _Literal:
+    """A finite set of serialised values (enum, const, true/false/null) as a byte trie."""
+
+    __slots__ = ("literals", "next", "end")
+
+    def __init__(self, literals: Iterable[bytes]) -> None:
+        self.literals = list(dict.fromkeys(literals))
+        self.next: list[dict[int, int]] = [{}]
+        self.end: list[bool] = [False]
+        for lit in self.literals:
+            node = 0
+            for b in lit:
+                if b not in self.next[node]:
+                    self.next.append({})
+                    self.end.append(False)
+                    self.next[node][b] = len(self.next) - 1
+                node = self.next[node][b]
+            self.end[node] = True
+
+
+def _first_bytes(node: Any) -> Iterable[int]:
+    if isinstance(node, (_Object, _FreeObject)):
+        return b"{"
+    if isinstance(node, _Array):
+        return b"["
+    if isinstance(node, _String):
+        return b'"'
+    if isinstance(node, _Number):
+        return b"-0123456789"
+    return node.next[0].keys()
+
+
+def _has_type(value: Any, name: str) -> bool:
+    if name == "object":
+        return isinstance(value, dict)
+    if name == "array":
+        return isinstance(value, list)
+    if name == "string":
+        return isinstance(value, str)
+    if name == "boolean":
+        return isinstance(value, bool)
+    if name == "null":
+        return value is None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return name == "number" or isinstance(value, int) or value.is_integer()
+
+
+class _Compiler:
+    """JSON schema -> node graph; see the module docstring for the subset."""
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.memo: dict[int, _Value] = {}
+        self.values: list[_Value] = []
+        self.any_value = self._new_value("(any value)")
+        self.any_value.alts = [_FreeObject(self.any_value), _Array(self.any_value, 0, None), _String(),
+                               _Number(False), _Literal([b"true", b"false", b"null"])]
+
+    def _new_value(self, path: str) -> _Value:
+        value = _Value(path)
+        self.values.append(value)
+        return value
+
+    def compile(self) -> _Value:
+        top = self.value(self.root, "#")
+        self._finish(top)
+        return top
+
+    # -- schema dict -> value -----------------------------------------------------------------------
+
+    def value(self, schema: Any, path: str) -> _Value:
+        if schema is True:
+            return self.any_value
+        if schema is False:
+            return self._new_value(path)  # no alternatives: pruned, or an error at the top
+        if not isinstance(schema, dict):
+            raise SchemaError(f"a schema must be an object or a boolean, got {type(schema).__name__} at {path}")
+        if id(schema) in self.memo:
+            return self.memo[id(schema)]
+        value = self._new_value(path)
+        self.memo[id(schema)] = value  # before the children: recursive $refs come back to it
+        value.alts = self._alternatives(schema, path)
+        return value
+
+    def _alternatives(self, schema: dict, path: str) -> list:
+        keys = [k for k in schema if k not in IGNORED_KEYWORDS and k not in ("$defs", "definitions")]
+        for k in keys:
+            if k not in SUPPORTED_KEYWORDS:
+                raise SchemaError(f"unsupported JSON-schema keyword {k!r} at {path}")
+        for k in ("$defs", "definitions"):
+            if k in schema and not isinstance(schema[k], dict):
+                raise SchemaError(f"{k!r} must be an object at {path}")
+        if not keys:
+            return [self.any_value]
+        for combinator in ("$ref", "allOf", "anyOf", "oneOf"):
+            if combinator in schema:
+                others = [k for k in keys if k != combinator]
+                if others:
+                    raise SchemaError(f"{combinator!r} together with {others[0]!r} is not supported at {path}")
+                return self._combinator(combinator, schema[combinator], path)
+        if "enum" in schema or "const" in schema:
+            return [self._literal(schema, path)]
+        types = schema.get("type")
+        if types is None:
+            implied = {_IMPLIED_TYPE[k] for k in keys if k in _IMPLIED_TYPE}
+            types = [t for t in TYPE_NAMES if t in implied] or list(TYPE_NAMES)
+        types = self._type_list(types, path)
+        if "number" in types and "integer" in types:
+            types.remove("integer")
+        return [self._typed(schema, t, path) for t in types]
+
+    def _combinator(self, keyword: str, arg: Any, path: str) -> list:
+        if keyword == "$ref":
+            return [self.value(self._resolve(arg, path), str(arg))]
+        if not isinstance(arg, list) or not arg:
+            raise SchemaError(f"{keyword!r} must be a non-empty list of schemas at {path}")
+        if keyword == "allOf" and len(arg) != 1:
+            raise SchemaError(f"'allOf' is supported with a single subschema only, got {len(arg)} at {path}")
+        return [self.value(s, f"{path}/{keyword}/{i}") for i, s in enumerate(arg)]
+
+    def _resolve(self, ref: Any, path: str) -> Any:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise SchemaError(f"only local '$ref's ('#/...') are supported, got {ref!r} at {path}")
+        target = self.root
+        pointer = ref[1:]
+        if pointer and not pointer.startswith("/"):
+            raise SchemaError(f"'$ref' {ref!r} is not a JSON pointer ('#/$defs/name') at {path}")
+        for part in pointer.split("/")[1:] if pointer else []:
+            part = unquote(part).replace("~1", "/").replace("~0", "~")
+            if isinstance(target, dict) and part in target:
+                target = target[part]
+            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            else:
+                raise SchemaError(f"'$ref' {ref!r} does not resolve (no {part!r}) at {path}")
+        return target
+
+    @staticmethod
+    def _type_list(types: Any, path: str) -> list[str]:
+        names = [types] if isinstance(types, str) else types
+        if not isinstance(names, list) or not names or not all(isinstance(t, str) for t in names):
+            raise SchemaError(f"'type' must be a type name or a non-empty list of them, got {types!r} at {path}")
+        for t in names:
+            if t not in TYPE_NAMES:
+                raise SchemaError(f"unknown type {t!r} at {path} (expected one of {', '.join(TYPE_NAMES)})")
+        return list(dict.fromkeys(names))
+
+    @staticmethod
+    def _count(schema: dict, keyword: str, path: str) -> int | None:
+        v = schema.get(keyword)
+        if v is None:
+            return None
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise SchemaError(f"{keyword!r} must be a non-negative integer, got {v!r} at {path}")
+        return v
+
+    def _bounds(self, schema: dict, low: str, high: str, path: str) -> tuple[int, int | None]:
+        lo, hi = self._count(schema, low, path) or 0, self._count(schema, high, path)
+        if hi is not None and lo > hi:
+            raise SchemaError(f"{low!r} ({lo}) is larger than {high!r} ({hi}) at {path}")
+        return lo, hi
+
+    def _typed(self, schema: dict, t: str, path: str) -> Any:
+        if t == "string":
+            return _String(*self._bounds(schema, "minLength", "maxLength", path))
+        if t in ("number", "integer"):
+            return _Number(t == "integer")
+        if t == "boolean":
+            return _Literal([b"true", b"false"])
+        if t == "null":
+            return _Literal([b"null"])
+        if t == "array":
+            items = schema.get("items", True)
+            if isinstance(items, list):
+                raise SchemaError(f"'items' as a list (tuple validation) is not supported at {path}; "
+                                  "use a single schema")
+            return _Array(self.value(items, f"{path}/items"), *self._bounds(schema, "minItems", "maxItems", path))
+        return self._object(schema, path)
+
+    def _object(self, schema: dict, path: str) -> Any:
+        required = schema.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise SchemaError(f"'required' must be a list of property names at {path}")
+        extra = schema.get("additionalProperties", True)
+        props = schema.get("properties")
+        if props is None:
+            if not required:
+                return _FreeObject(None if extra is False else self.value(extra, f"{path}/additionalProperties"))
+            if extra is False:
+                raise SchemaError(f"'required' properties {required} cannot appear: no 'properties' and "
+                                  f"additionalProperties false at {path}")
+            props = {name: extra for name in required}
+        if not isinstance(props, dict):
+            raise SchemaError(f"'properties' must be an object at {path}")
+        for name in required:
+            if name not in props:
+                raise SchemaError(f"required property {name!r} is not in 'properties' at {path} "
+                                  "(properties not listed are never generated)")
+        needed = set(required)
+        return _Object([(name, self.value(s, f"{path}/properties/{name}"), name in needed)
+                        for name, s in props.items()])
+
+    def _literal(self, schema: dict, path: str) -> _Literal:
+        if "enum" in schema:
+            values = schema["enum"]
+            if not isinstance(values, list) or not values:
+                raise SchemaError(f"'enum' must be a non-empty list at {path}")
+        else:
+            values = []
+        if "const" in schema:
+            values = [schema["const"]] if "enum" not in schema or self._contains(values, schema["const"]) else []
+        if "type" in schema:
+            types = self._type_list(schema["type"], path)
+            values = [v for v in values if any(_has_type(v, t) for t in types)]
+        lo, hi = self._bounds(schema, "minLength", "maxLength", path)
+        values = [v for v in values if not isinstance(v, str) or (lo <= len(v) and (hi is None or len(v) <= hi))]
+        lo, hi = self._bounds(schema, "minItems", "maxItems", path)
+        values = [v for v in values if not isinstance(v, list) or (lo <= len(v) and (hi is None or len(v) <= hi))]
+        if not values:
+            raise SchemaError(f"no value of 'enum'/'const' satisfies the rest of the schema at {path}")
+        out = []
+        for v in values:
+            try:
+                out.append(json.dumps(v, ensure_ascii=False, allow_nan=False, separators=(", ", ": ")).encode())
+            except (TypeError, ValueError) as e:
+                raise SchemaError(f"'enum'/'const' value {v!r} is not JSON ({e}) at {path}") from None
+        return _Literal(out)
+
+    @staticmethod
+    def _contains(values: list, v: Any) -> bool:
+        key = json.dumps(v, sort_keys=True)
+        return any(json.dumps(x, sort_keys=True) == key for x in values)
+
+    # -- flatten, prune, index -----------------------------------------------------------------------
+
+    def _flat(self, value: _Value, visiting: set[int]) -> list:
+        visiting.add(id(value))
+        out = []
+        for alt in value.alts:
+            if isinstance(alt, _Value):
+                if id(alt) not in visiting:  # a cycle of bare references adds nothing
+                    out.extend(self._flat(alt, visiting))
+            else:
+                out.append(alt)
+        visiting.discard(id(value))
+        return list({id(a): a for a in out}.values())
+
+    def _finish(self, top: _Value) -> None:
+        flat = {id(v): self._flat(v, set()) for v in self.values}
+        for v in self.values:
+            v.alts = flat[id(v)]
+        nodes = {id(a): a for v in self.values for a in v.alts}
+        # Which nodes admit a finite value: a least fixed point.
+        ground: set[int] = {i for i, a in nodes.items() if isinstance(a, (_String, _Number, _Literal, _FreeObject))}
+
+        def value_ok(v: _Value) -> bool:
+            return any(id(a) in ground for a in v.alts)
+
+        changed = True
+        while changed:
+            changed = False
+            for i, a in nodes.items():
+                if i in ground:
+                    continue
+                if (isinstance(a, _Array) and (a.min_items == 0 or value_ok(a.items))) or (
+                        isinstance(a, _Object) and all(value_ok(v) for _, v, r in a.props if r)):
+                    ground.add(i)
+                    changed = True
+        if not value_ok(top):
+            raise SchemaError("the schema admits no (finite) JSON value")
+        for v in self.values:
+            v.alts = [a for a in v.alts if id(a) in ground]
+            first: list[list] = [[] for _ in range(256)]
+            for a in v.alts:
+                for b in _first_bytes(a):
+                    first[b].append(a)
+            v.first = [tuple(x) for x in first]
+        for a in nodes.values():
+            if isinstance(a, _Object):
+                a.props = [p for p in a.props if p[2] or value_ok(p[1])]
+                a.build()
+            elif isinstance(a, _Array):
+                if not value_ok(a.items):
+                    a.max_items = 0
+                a.build()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recogniser. Frames are tuples whose first item is the kind; a stack is (frame, parent stack).
+
+_V, _OBJ, _FOBJ, _ARR, _STR, _NUM, _LIT, _DONE = range(8)
+# object phases: after "{", in a key (x = trie node), before ":" (x = property), after a value (x = property),
+# after "," (x = next property, a space allowed)
+_O_OPEN, _O_KEY, _O_COLON, _O_AFTER, _O_COMMA = range(5)
+# free-object phases: after "{", after ",", after ", ", before ":", after a value
+_F_OPEN, _F_COMMA, _F_KEY, _F_COLON, _F_AFTER = range(5)
+_A_OPEN, _A_AFTER = range(2)
+# string escape states: none, after "\", then the four hex digits of \u (the second restricted after "d")
+_E_NONE, _E_BACKSLASH, _E_HEX1, _E_HEX2_NOT_SURROGATE, _E_HEX2, _E_HEX3, _E_HEX4 = range(7)
+_N_SIGN, _N_ZERO, _N_INT, _N_DOT, _N_FRAC, _N_E, _N_ESIGN, _N_EXP = range(8)
+_N_COMPLETE = frozenset({_N_ZERO, _N_INT, _N_FRAC, _N_EXP})
+_KEY_STRING = _String()
+_DONE_STACK = ((_DONE,), None)
+
+Stack = tuple
+States = tuple  # of stacks
+
+
+class _Grammar:
+    """The compiled schema and the byte-stepping of recogniser states."""
+
+    def __init__(self, schema: Any) -> None:
+        compiler = _Compiler(True if schema is None else schema)
+        if schema is None:  # json_object: any object
+            top = compiler._new_value("#")
+            top.alts = [_FreeObject(compiler.any_value)]
+            compiler._finish(top)
+        else:
+            top = compiler.compile()
+        self.start: States = (((_V, top, False), _DONE_STACK),)
+
+    def step_all(self, states: States, b: int) -> States:
+        out: list = []
+        for stack in states:
+            self.step(stack, b, out)
+        if len(out) > 1:
+            return tuple(dict.fromkeys(out))
+        return tuple(out)
+
+    def step(self, stack: Stack, b: int, out: list) -> None:
+        """Append to ``out`` the stacks that ``stack`` becomes on byte ``b`` (none: b is not allowed)."""
+        frame, parent = stack
+        kind = frame[0]
+        if kind == _STR:
+            _, node, u, count, esc = frame
+            if esc == _E_NONE:
+                if u:
+                    u = _U8[u][b]
+                    if u != _BAD:
+                        out.append(((_STR, node, u, count, 0), parent))
+                elif b == 0x22:
+                    if count >= node.min_len:
+                        out.append(parent)
+                elif b >= 0x20 and (node.max_len is None or count < node.max_len):
+                    u = _U8[0][b]
+                    if u != _BAD:
+                        count = count + 1 if count < node.cap else count
+                        out.append(((_STR, node, u, count, _E_BACKSLASH if b == 0x5C else _E_NONE), parent))
+            elif esc == _E_BACKSLASH:
+                if b in _SIMPLE_ESCAPES:
+                    out.append(((_STR, node, 0, count, _E_NONE), parent))
+                elif b == 0x75:  # u
+                    out.append(((_STR, node, 0, count, _E_HEX1), parent))
+            elif b in _HEX:
+                if esc == _E_HEX1:
+                    esc = _E_HEX2_NOT_SURROGATE if b in b"dD" else _E_HEX2
+                elif esc == _E_HEX2_NOT_SURROGATE:
+                    if b not in b"01234567":
+                        return
+                    esc = _E_HEX3
+                else:
+                    esc = _E_NONE if esc == _E_HEX4 else esc + 1
+                out.append(((_STR, node, 0, count, esc), parent))
+        elif kind == _V:
+            if b == 0x20 and frame[2]:
+                out.append(((_V, frame[1], False), parent))
+                return
+            for alt in frame[1].first[b]:
+                self._start(alt, b, parent, out)
+        elif kind == _OBJ:
+            _, node, phase, x = frame
+            if phase == _O_AFTER:
+                if b == 0x2C:
+                    if x + 1 < len(node.props):
+                        out.append(((_OBJ, node, _O_COMMA, x + 1), parent))
+                elif b == 0x7D and node.closable_after[x]:
+                    out.append(parent)
+            elif phase == _O_COLON:
+                if b == 0x3A:
+                    out.append(((_V, node.props[x][1], True), ((_OBJ, node, _O_AFTER, x), parent)))
+            else:
+                if phase == _O_OPEN:
+                    if b == 0x7D and node.closable_empty:
+                        out.append(parent)
+                        return
+                    x = node.key_root[0]
+                elif phase == _O_COMMA:
+                    if b == 0x20:
+                        out.append(((_OBJ, node, _O_KEY, node.key_root[x]), parent))
+                        return
+                    x = node.key_root[x]
+                nxt = node.key_next[x].get(b)
+                if nxt is not None:
+                    j = node.key_prop[nxt]
+                    out.append(((_OBJ, node, _O_KEY, nxt) if j < 0 else (_OBJ, node, _O_COLON, j), parent))
+        elif kind == _ARR:
+            _, node, phase, count = frame
+            if phase == _A_AFTER:
+                if b == 0x2C:
+                    if node.max_items is None or count < node.max_items:
+                        count = count + 1 if count < node.cap else count
+                        out.append(((_V, node.items, True), ((_ARR, node, _A_AFTER, count), parent)))
+                elif b == 0x5D and count >= node.min_items:
+                    out.append(parent)
+            elif b == 0x5D:
+                if node.min_items == 0:
+                    out.append(parent)
+            elif node.max_items != 0:
+                after = ((_ARR, node, _A_AFTER, 1 if node.cap else 0), parent)
+                for alt in node.items.first[b]:
+                    self._start(alt, b, after, out)
+        elif kind == _NUM:
+            self._number(frame, parent, b, out)
+        elif kind == _LIT:
+            node, t = frame[1], frame[2]
+            nxt = node.next[t].get(b)
+            if nxt is not None:
+                out.append(((_LIT, node, nxt), parent))
+            if node.end[t]:
+                self.step(parent, b, out)
+        elif kind == _FOBJ:
+            _, node, phase = frame
+            if phase == _F_AFTER:
+                if b == 0x2C:
+                    out.append(((_FOBJ, node, _F_COMMA), parent))
+                elif b == 0x7D:
+                    out.append(parent)
+            elif phase == _F_COLON:
+                if b == 0x3A:
+                    out.append(((_V, node.value, True), ((_FOBJ, node, _F_AFTER), parent)))
+            elif b == 0x22 and node.value is not None:
+                out.append(((_STR, _KEY_STRING, 0, 0, 0), ((_FOBJ, node, _F_COLON), parent)))
+            elif phase == _F_OPEN and b == 0x7D:
+                out.append(parent)
+            elif phase == _F_COMMA and b == 0x20:
+                out.append(((_FOBJ, node, _F_KEY), parent))
+
+    def _start(self, alt: Any, b: int, parent: Stack, out: list) -> None:
+        """Begin a value of concrete node ``alt`` with its first byte ``b``."""
+        if isinstance(alt, _String):
+            out.append(((_STR, alt, 0, 0, 0), parent))
+        elif isinstance(alt, _Object):
+            out.append(((_OBJ, alt, _O_OPEN, 0), parent))
+        elif isinstance(alt, _Number):
+            phase = _N_SIGN if b == 0x2D else _N_ZERO if b == 0x30 else _N_INT
+            out.append(((_NUM, alt.integer, phase, 1), parent))
+        elif isinstance(alt, _Literal):
+            out.append(((_LIT, alt, alt.next[0][b]), parent))
+        elif isinstance(alt, _Array):
+            out.append(((_ARR, alt, _A_OPEN, 0), parent))
+        else:
+            out.append(((_FOBJ, alt, _F_OPEN), parent))
+
+    def _number(self, frame: tuple, parent: Stack, b: int, out: list) -> None:
+        _, integer, phase, n = frame
+        digit = b in _DIGITS
+        nxt = None
+        if phase == _N_SIGN:
+            if digit:
+                nxt = (_NUM, integer, _N_ZERO if b == 0x30 else _N_INT, 1)
+        elif phase == _N_ZERO or phase == _N_INT:
+            if digit and phase == _N_INT and n < MAX_INT_DIGITS:
+                nxt = (_NUM, integer, _N_INT, n + 1)
+            elif not integer and b == 0x2E:
+                nxt = (_NUM, integer, _N_DOT, 0)
+            elif not integer and b in b"eE":
+                nxt = (_NUM, integer, _N_E, 0)
+        elif phase == _N_DOT:
+            if digit:
+                nxt = (_NUM, integer, _N_FRAC, 1)
+        elif phase == _N_FRAC:
+            if digit and n < MAX_FRAC_DIGITS:
+                nxt = (_NUM, integer, _N_FRAC, n + 1)
+            elif b in b"eE":
+                nxt = (_NUM, integer, _N_E, 0)
+        elif phase == _N_E:
+            if b in b"+-":
+                nxt = (_NUM, integer, _N_ESIGN, 0)
+            elif digit:
+                nxt = (_NUM, integer, _N_EXP, 1)
+        elif phase == _N_ESIGN:
+            if digit:
+                nxt = (_NUM, integer, _N_EXP, 1)
+        elif digit and n < MAX_EXP_DIGITS:  # _N_EXP
+            nxt = (_NUM, integer, _N_EXP, n + 1)
+        if nxt is not None:
+            out.append((nxt, parent))
+        elif phase in _N_COMPLETE:  # the number ended before b: b belongs to the parent
+            self.step(parent, b, out)
+
+    @staticmethod
+    def can_end(stack: Stack) -> bool:
+        """The text so far is a whole document (a number or literal may be the last thing in it)."""
+        while True:
+            frame, parent = stack
+            kind = frame[0]
+            if kind == _DONE:
+                return True
+            if not ((kind == _NUM and frame[2] in _N_COMPLETE) or (kind == _LIT and frame[1].end[frame[2]])):
+                return False
+            stack = parent
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vocabulary index (once per tokenizer).
+
+
+class _Sorted:
+    """Byte strings in sorted order with token ids and common-prefix lengths: a trie in flat form."""
+
+    __slots__ = ("keys", "ids", "lcp")
+
+    def __init__(self, pairs: list[tuple[bytes, int]]) -> None:
+        pairs.sort()
+        self.keys = [k for k, _ in pairs]
+        self.ids = [i for _, i in pairs]
+        self.lcp = [0] * len(pairs)
+        for i in range(1, len(pairs)):
+            a, b = self.keys[i - 1], self.keys[i]
+            n, m = 0, min(len(a), len(b))
+            while n < m and a[n] == b[n]:
+                n += 1
+            self.lcp[i] = n
+
+    def block(self, first: bytes) -> tuple[int, int]:
+        """Index range of the keys that start with ``first`` (one byte)."""
+        return bisect.bisect_left(self.keys, first), bisect.bisect_left(self.keys, bytes([first[0] + 1]))
+
+    def walk(self, states: States, step_all: Callable[[States, int], States], lo: int = 0,
+             hi: int | None = None) -> list[int]:
+        """Ids of the keys in ``[lo, hi)`` that the recogniser accepts from ``states``, byte by byte.
+
+        ``path[d]`` is the state after the first d bytes of the current key; the next key re-uses it
+        up to their common prefix. When byte d fails, every key sharing the first d+1 bytes is skipped.
+        """
+        keys, lcp, ids = self.keys, self.lcp, self.ids
+        hi = len(keys) if hi is None else hi
+        allowed: list[int] = []
+        path = [states]
+        i = lo
+        while i < hi:
+            key = keys[i]
+            d = min(lcp[i], len(path) - 1) if i > lo else 0
+            del path[d + 1:]
+            st = path[d]
+            n = len(key)
+            while d < n:
+                st = step_all(st, key[d])
+                if not st:
+                    break
+                d += 1
+                path.append(st)
+            if d == n:
+                allowed.append(ids[i])
+                i += 1
+            else:
+                i = self._skip(key[:d + 1], i + 1, hi)
+        return allowed
+
+    def _skip(self, prefix: bytes, lo: int, hi: int) -> int:
+        """First index in ``[lo, hi)`` whose key does not start with ``prefix``."""
+        stripped = prefix.rstrip(b"\xff")
+        if not stripped:
+            return hi
+        upper = stripped[:-1] + bytes([stripped[-1] + 1])
+        return bisect.bisect_left(self.keys, upper, lo, hi)
+
+
+class _PlainSet:
+    """For one starting string state: tokens that are plain string content throughout (a mask and
+    their character counts), and the others that reach a quote/backslash between characters, as
+    suffixes from that byte grouped by the characters before it."""
+
+    def __init__(self, n: int, items: Iterable[tuple[int, bytes]], u: int) -> None:
+        full_ids: list[int] = []
+        full_chars: list[int] = []
+        by_k: dict[int, list[tuple[bytes, int]]] = {}
+        for tid, t in items:
+            r = _scan_plain(t, u)
+            if r is None:
+                continue
+            pos, chars = r
+            if pos == len(t):
+                full_ids.append(tid)
+                full_chars.append(chars)
+            else:
+                by_k.setdefault(chars, []).append((t[pos:], tid))
+        self.full = torch.zeros(n, dtype=torch.bool)
+        self.chars = torch.zeros(n, dtype=torch.int16)
+        if full_ids:
+            idx = torch.tensor(full_ids, dtype=torch.long)
+            self.full[idx] = True
+            self.chars[idx] = torch.tensor(full_chars, dtype=torch.int16)
+        self.by_k = {k: _Sorted(v) for k, v in sorted(by_k.items())}
+        self.all = _Sorted([p for v in by_k.values() for p in v])
+
+
+class _VocabIndex:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        n = tokenizer.num_base_tokens
+        self.n = n
+        self.token_bytes = [tokenizer.token_bytes(i) for i in range(n)]
+        self.sorted = _Sorted([(t, i) for i, t in enumerate(self.token_bytes)])
+        lo, hi = bisect.bisect_left(self.sorted.keys, b"\x80"), bisect.bisect_left(self.sorted.keys, b"\xc0")
+        continuation = [(self.sorted.ids[i], self.sorted.keys[i]) for i in range(lo, hi)]
+        self.plain = [_PlainSet(n, enumerate(self.token_bytes), 0)]
+        self.plain += [_PlainSet(n, continuation, u) for u in range(1, 8)]
+        # After a backslash: a one-byte escape, then plain content (or a quote / backslash).
+        escapes = [(i, t[1:]) for i, t in enumerate(self.token_bytes) if t[0] in _SIMPLE_ESCAPES]
+        self.after_escape = _PlainSet(n, escapes, 0)
+        self.u_block = self.sorted.block(b"u")
+        self.eos_ids = tuple(tokenizer.eos_ids)
+        self.min_logits = max(n, max(self.eos_ids) + 1)
+
+
+_INDEXES: "weakref.WeakKeyDictionary[Tokenizer, _VocabIndex]" = weakref.WeakKeyDictionary()
+
+
+def _vocab_index(tokenizer: Tokenizer) -> _VocabIndex:
+    index = _INDEXES.get(tokenizer)
+    if index is None:
+        index = _INDEXES[tokenizer] = _VocabIndex(tokenizer)
+    return index
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class JsonConstraint:
+    """Token-level constraint: the output is a JSON object (``schema=None``) or matches ``schema``.
+
+    Args:
+        tokenizer: the model's :class:`~llama4.prompt.tokenizer.Tokenizer`; its vocabulary index is
+            built on first use (about a second for the 200k Llama 4 vocabulary) and cached.
+        schema: a JSON-schema dict (the subset in the module docstring), or None for any object.
+
+    Raises:
+        SchemaError: the schema uses something unsupported or admits no value.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, schema: dict | bool | None = None) -> None:
+        if schema is not None and not isinstance(schema, (dict, bool)):
+            raise SchemaError(f"a schema must be a dict (or None for any JSON object), got {type(schema).__name__}")
+        self._grammar = _Grammar(schema)
+        self._index = _vocab_index(tokenizer)
+        self._states: States = self._grammar.start
+        self._bytes = bytearray()
+        self._ended = False
+
+    @property
+    def complete(self) -> bool:
+        """The text so far is a complete JSON value matching the schema."""
+        return any(_Grammar.can_end(s) for s in self._states)
+
+    @property
+    def text(self) -> str:
+        """The text generated so far (a character split across tokens shows once it is whole)."""
+        return self._bytes.decode("utf-8", errors="ignore")
+
+    @property
+    def ended(self) -> bool:
+        """An end-of-sequence token has been fed."""
+        return self._ended
+
+    def copy(self) -> "JsonConstraint":
+        """An independent constraint in the same state (states are immutable: this is cheap)."""
+        other = object.__new__(JsonConstraint)
+        other.__dict__.update(self.__dict__)
+        other._bytes = bytearray(self._bytes)
+        return other
+
+    def allowed_mask(self, vocab_size: int) -> torch.Tensor:
+        """Bool [vocab_size]: the tokens :meth:`restrict` leaves finite."""
+        if self._ended:
+            raise ValueError("the JSON constraint has ended (an end-of-sequence token was fed)")
+        index = self._index
+        if vocab_size < index.min_logits:
+            raise ValueError(f"logits have {vocab_size} entries, but the tokenizer has {index.n} base tokens and "
+                             f"end-of-sequence ids up to {max(index.eos_ids)}")
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        base = mask[: index.n]
+        step_all = self._grammar.step_all
+        generic = []
+        for stack in self._states:
+            frame, parent = stack
+            if frame[0] == _STR and frame[4] == _E_NONE:
+                self._string_tokens(index.plain[frame[2]], frame[1], frame[3], parent, base)
+            elif frame[0] == _STR and frame[4] == _E_BACKSLASH:
+                self._string_tokens(index.after_escape, frame[1], frame[3], parent, base)
+                ids = index.sorted.walk((stack,), step_all, *index.u_block)
+                base[torch.tensor(ids, dtype=torch.long)] = True
+            else:
+                generic.append(stack)
+        if generic:
+            ids = index.sorted.walk(tuple(generic), step_all)
+            base[torch.tensor(ids, dtype=torch.long)] = True
+        if self.complete:
+            mask[list(index.eos_ids)] = True
+        return mask
+
+    def _string_tokens(self, plain: _PlainSet, node: _String, count: int, parent: Stack, base: torch.Tensor) -> None:
+        """Allow the tokens that continue a string (state ``plain``; ``count`` characters so far)."""
+        if node.max_len is None:
+            base |= plain.full
+        else:
+            base |= plain.full & (plain.chars <= node.max_len - count)
+        step_all = self._grammar.step_all
+        groups = [(0, plain.all)] if not node.tracked else plain.by_k.items()
+        for k, suffixes in groups:
+            if node.max_len is not None and count + k > node.max_len:
+                break  # by_k is sorted by k
+            state = ((_STR, node, 0, min(count + k, node.cap), _E_NONE), parent)
+            ids = suffixes.walk((state,), step_all)
+            if ids:
+                base[torch.tensor(ids, dtype=torch.long)] = True
+
+    def restrict(self, logits: torch.Tensor) -> torch.Tensor:
+        """A copy of ``logits`` [V] with every token that is not allowed now set to -inf."""
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 1 or not logits.is_floating_point():
+            raise ValueError(f"restrict() takes a 1-D float tensor of logits, got "
+                             f"{getattr(logits, 'shape', type(logits).__name__)}")
+        mask = self.allowed_mask(logits.shape[0]).to(logits.device)
+        return logits.masked_fill(~mask, float("-inf"))
+
+    def advance(self, token_id: int) -> None:
+        """Feed the chosen token; ValueError if :meth:`restrict` would not have allowed it."""
+        if self._ended:
+            raise ValueError("the JSON constraint has ended (an end-of-sequence token was fed)")
+        token_id = operator.index(token_id)
+        index = self._index
+        if token_id in index.eos_ids:
+            if not self.complete:
+                raise ValueError(f"end-of-sequence token {token_id} before the JSON is complete: {self.text!r}")
+            self._ended = True
+            return
+        if not 0 <= token_id < index.n:
+            raise ValueError(f"token {token_id} is a special token or outside the vocabulary; not allowed in JSON")
+        states = self._states
+        piece = index.token_bytes[token_id]
+        for b in piece:
+            states = self._grammar.step_all(states, b)
+            if not states:
+                raise ValueError(f"token {token_id} ({piece!r}) does not continue {self.text!r} as JSON "
+                                 "matching the schema")
+        self._states = states
+        self._bytes += piece
