@@ -24,16 +24,29 @@ def _bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def _info_source(args: argparse.Namespace):
+    """What ``llama4 info`` describes: --model, else --preset, else the embedded model (Scout if none)."""
+    from llama4.build import EMBEDDED_DIR
+    from llama4.presets import preset
+
+    if args.model:
+        return args.model, None
+    if args.preset:
+        return preset(args.preset), args.preset.lower()
+    if (EMBEDDED_DIR / "config.json").is_file():
+        return EMBEDDED_DIR, None
+    return preset("scout"), "scout"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from llama4.info import model_info
     from llama4.presets import ASSUMED_PRESETS
 
-    from llama4.presets import preset
-
-    info = model_info(args.model if args.model else preset(args.preset or "scout"))
-    if not args.model:
-        info["source"] = f"preset {(args.preset or 'scout').lower()}"
-        info["assumed"] = (args.preset or "scout").lower() in ASSUMED_PRESETS
+    source, preset_name = _info_source(args)
+    info = model_info(source)
+    if preset_name is not None:
+        info["source"] = f"preset {preset_name}"
+        info["assumed"] = preset_name in ASSUMED_PRESETS
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -49,7 +62,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.context is not None:
         from llama4.info import KV_DTYPES, kv_cache_bytes, resolve_config
 
-        config, _ = resolve_config(args.model if args.model else preset(args.preset or "scout"))
+        config, _ = resolve_config(source)
         for name, size in KV_DTYPES.items():
             kv = kv_cache_bytes(config, args.context, size)
             print(f"KV cache at {args.context:,} tokens ({name}): {_bytes(kv['total_bytes'])} = global layers "
@@ -283,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="layer schedule, parameter counts and weight memory")
     source = info.add_mutually_exclusive_group()
     source.add_argument("--model", help="checkpoint directory (Hugging Face layout)")
-    source.add_argument("--preset", help="scout, maverick, behemoth, tiny or small")
+    source.add_argument("--preset", help="scout, maverick, behemoth, tiny or small (default: the embedded model)")
     info.add_argument("--json", action="store_true", help="print the figures as JSON")
     info.add_argument("--context", type=int, help="also print the KV cache memory at this many tokens")
     info.set_defaults(func=cmd_info)
