@@ -1,0 +1,204 @@
+"""Load test of ``llama4 serve`` on loopback: many concurrent streaming clients, every reply checked.
+
+    python bench/serve_load.py                       # the embedded model, 32 clients, 200 requests
+    python bench/serve_load.py --model DIR --clients 16 --requests 100 --no-write
+
+Phases (all against one in-process server on 127.0.0.1, with the official ``openai`` client):
+1. reference: each distinct prompt sent alone (temperature 0) - the reply every later copy must equal;
+2. scaling: the same batch of requests from 1 client, then from 8 concurrent clients - aggregate
+   generated tokens/s (continuous batching should give 8 clients several times one client's rate);
+3. load: ``--requests`` streaming requests from ``--clients`` concurrent clients - HTTP 5xx count,
+   replies lost or different from the reference, time-to-first-token p50/p99, tokens/s.
+
+Bounded: every phase stops at ``--time-limit`` seconds (the run then reports what finished). The
+results go to docs/PERFORMANCE.md under <!-- bench-serve --> unless ``--no-write``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, markdown_table, write_section  # noqa: E402
+
+TOPICS = ["a dog named Max", "the park", "a red ball", "the weather in Paris", "a little cat", "the sea",
+          "a birthday cake", "a rainy day", "the moon", "a tall tree", "a lost key", "a new friend"]
+
+
+def prompts(count: int) -> list[list[dict]]:
+    """``count`` distinct chat requests of different lengths."""
+    return [[{"role": "user", "content": f"Tell me a short story about {TOPICS[i % len(TOPICS)]}." + " Please." * (i // 3)}]
+            for i in range(count)]
+
+
+@dataclass
+class Outcome:
+    index: int  # which prompt
+    status: int = 200
+    text: str = ""
+    tokens: int = 0
+    ttft: float | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class LoadStats:
+    outcomes: list[Outcome] = field(default_factory=list)
+    seconds: float = 0.0
+    mismatched: int = 0
+    lost: int = 0
+
+    @property
+    def server_errors(self) -> int:
+        return sum(1 for o in self.outcomes if o.status >= 500)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(o.tokens for o in self.outcomes) / self.seconds if self.seconds else 0.0
+
+    def ttft_percentile(self, q: float) -> float:
+        times = sorted(o.ttft for o in self.outcomes if o.ttft is not None)
+        if not times:
+            return float("nan")
+        return times[min(len(times) - 1, int(q * len(times)))]
+
+
+def stream_one(client, model: str, messages: list[dict], index: int, max_tokens: int) -> Outcome:
+    import openai
+
+    outcome, start = Outcome(index), time.perf_counter()
+    try:
+        stream = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                                stream=True, stream_options={"include_usage": True})
+        for chunk in stream:
+            if chunk.usage is not None:
+                outcome.tokens = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    if outcome.ttft is None:
+                        outcome.ttft = time.perf_counter() - start
+                    outcome.text += choice.delta.content
+    except openai.APIStatusError as e:
+        outcome.status, outcome.error = e.status_code, str(e)
+    except openai.APIError as e:  # connection errors: count them as lost replies
+        outcome.status, outcome.error = 599, str(e)
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def run_load(base_url: str, model: str, requests: list[tuple[int, list[dict]]], clients: int, max_tokens: int,
+             time_limit: float, reference: dict[int, str] | None = None) -> LoadStats:
+    """Send ``requests`` (prompt index, messages) from ``clients`` threads; compare with ``reference``."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0, timeout=time_limit)
+    stats, deadline = LoadStats(), time.monotonic() + time_limit
+    lock = threading.Lock()
+
+    def work(item):
+        if time.monotonic() > deadline:
+            return
+        outcome = stream_one(client, model, item[1], item[0], max_tokens)
+        with lock:
+            stats.outcomes.append(outcome)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(work, requests))
+    stats.seconds = time.perf_counter() - start
+    stats.lost = len(requests) - sum(1 for o in stats.outcomes if o.status == 200)
+    if reference is not None:
+        stats.mismatched = sum(1 for o in stats.outcomes if o.status == 200 and o.text != reference[o.index])
+    return stats
+
+
+class Server:
+    """The app on a free loopback port, in a thread of this process."""
+
+    def __init__(self, app):
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise SystemExit("the server did not start")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--distinct", type=int, default=24, help="distinct prompts (each checked against its solo reply)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--time-limit", type=float, default=600, help="seconds per phase")
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/PERFORMANCE.md")
+    args = parser.parse_args()
+
+    import torch
+
+    import llama4
+    from llama4.serve.app import create_app
+    from llama4.serve.engine import EngineConfig
+
+    torch.set_num_threads(args.threads)
+    model = llama4.load_model(args.model, dtype=torch.bfloat16)
+    tokenizer = llama4.load_tokenizer(args.model)
+    config = EngineConfig(max_batch=args.max_batch, max_queue=max(args.requests, 64))
+    server = Server(create_app(model, tokenizer, model_id="bench", engine_config=config))
+    try:
+        chats = prompts(args.distinct)
+        solo = run_load(server.url, "bench", list(enumerate(chats)), 1, args.max_tokens, args.time_limit)
+        reference = {o.index: o.text for o in solo.outcomes if o.status == 200}
+        if len(reference) != len(chats):
+            raise SystemExit(f"reference phase: {len(chats) - len(reference)} requests failed or timed out")
+        batch = [(i % len(chats), chats[i % len(chats)]) for i in range(16)]
+        one = run_load(server.url, "bench", batch, 1, args.max_tokens, args.time_limit, reference)
+        eight = run_load(server.url, "bench", batch, 8, args.max_tokens, args.time_limit, reference)
+        load_requests = [(i % len(chats), chats[i % len(chats)]) for i in range(args.requests)]
+        load = run_load(server.url, "bench", load_requests, args.clients, args.max_tokens, args.time_limit, reference)
+    finally:
+        server.close()
+
+    rows = [[name, s.server_errors, s.lost, s.mismatched, f"{s.tokens_per_second:.1f}",
+             f"{s.ttft_percentile(0.5) * 1000:.0f}", f"{s.ttft_percentile(0.99) * 1000:.0f}"]
+            for name, s in (("1 client, 16 requests", one), ("8 clients, 16 requests", eight),
+                            (f"{args.clients} clients, {args.requests} requests", load))]
+    table = markdown_table(["phase", "5xx", "lost", "mismatched", "tokens/s", "TTFT p50 ms", "TTFT p99 ms"], rows)
+    ratio = eight.tokens_per_second / one.tokens_per_second if one.tokens_per_second else float("nan")
+    setup = (f"`bench/serve_load.py`: model {args.model or 'embedded'}, bf16, {args.threads} threads, max batch "
+             f"{args.max_batch}, {args.max_tokens} new tokens per request, greedy; every reply compared with the same "
+             f"prompt sent alone. 8 clients / 1 client aggregate tokens/s: {ratio:.2f}x. "
+             f"{platform.processor() or platform.machine()}, torch {torch.__version__}.")
+    print(table + "\n\n" + setup)
+    if not args.no_write:
+        write_section(ROOT / "docs" / "PERFORMANCE.md", "bench-serve", "## Serving under load\n\n" + table + "\n\n" + setup)
+    if load.server_errors or load.lost or load.mismatched or not ratio >= 4:
+        print("FAILED: 5xx, lost or mismatched replies, or 8-client scaling under 4x", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""bench/serve_load.py's load driver, run small against the test server: no 5xx, nothing lost or mixed up."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.serve.conftest import MODEL_ID
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture(scope="module")
+def serve_load():
+    sys.path.insert(0, str(BENCH))  # the script imports its sibling bench/common.py
+    try:
+        spec = importlib.util.spec_from_file_location("serve_load", BENCH / "serve_load.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["serve_load"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("serve_load", None)
+        sys.path.remove(str(BENCH))
+
+
+def test_concurrent_streams_get_their_solo_replies(server, serve_load):
+    chats = serve_load.prompts(6)
+    solo = serve_load.run_load(server.url, MODEL_ID, list(enumerate(chats)), 1, 12, 60)
+    reference = {o.index: o.text for o in solo.outcomes}
+    assert len(reference) == 6 and len(set(reference.values())) > 1
+    requests = [(i % 6, chats[i % 6]) for i in range(18)]
+    load = serve_load.run_load(server.url, MODEL_ID, requests, 6, 12, 60, reference)
+    assert len(load.outcomes) == 18
+    assert (load.server_errors, load.lost, load.mismatched) == (0, 0, 0)
+    assert all(o.tokens == 12 and o.ttft is not None for o in load.outcomes)
+    assert 0 < load.ttft_percentile(0.5) <= load.ttft_percentile(0.99) and load.tokens_per_second > 0
