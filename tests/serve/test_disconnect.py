@@ -65,4 +65,4 @@ def test_a_non_streamed_request_whose_client_leaves_is_cancelled(server):
     assert wait_for(lambda: engine.stats()["running"] == 1)
     poster.join()
     assert wait_for(lambda: finished["cancelled"] == cancelled_before + 1)
-    assert engine.stats()["running"] == 0
+    assert wait_for(lambda: engine.stats()["running"] == 0)

@@ -68,7 +68,8 @@ def test_requests_joining_a_running_batch_get_their_solo_tokens(engine, model, t
         assert sink.tokens == solo(model, p, n, []), "a batched reply differs from its solo run"
         assert sink.finish.reason == "length" and sink.finish.completion_tokens == n
         assert sink.text == tok.decode(sink.tokens, skip_special=True)
-    assert engine.stats() == {"running": 0, "prefilling": 0, "queued": 0, "kv_cache_bytes": 0}
+    stats = engine.stats()
+    assert (stats["running"], stats["prefilling"], stats["queued"], stats["kv_cache_bytes"]) == (0, 0, 0, 0)
 
 
 def test_prefill_pieces_interleave_with_decode_steps(engine, model, tok):
@@ -214,5 +215,5 @@ def test_a_failing_request_ends_alone(engine, model, tok):
     engine.submit(GenerationRequest(prompt, max_tokens=12, stop_tokens=[]), good)
     engine.submit(GenerationRequest(prompt, max_tokens=12, constraint=Broken()), bad)
     run_until_idle(engine)
-    assert bad.events == [FinishEvent("error", "", len(prompt), 0, "sampling failed: constraint exploded")]
+    assert bad.events == [FinishEvent("error", "", len(prompt), 0, error="sampling failed: constraint exploded")]
     assert good.tokens == solo(model, prompt, 12, [])

@@ -32,7 +32,7 @@ from llama4.serve.errors import APIError, body_too_large, install_handlers, mode
 from llama4.serve.metrics import ServeMetrics
 from llama4.serve.schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk,
                                   ChatCompletionRequest, ChunkChoice, CompletionChoice, CompletionRequest, Delta,
-                                  ModelCard, ModelList, TextCompletion, Usage)
+                                  ModelCard, ModelList, PromptTokensDetails, TextCompletion, Usage)
 from llama4.serve.streams import Choices, cancel_on_disconnect
 
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20  # room for a few base64 images
@@ -186,6 +186,15 @@ async def _unless_disconnected(request: Request, choices: Choices, reply):
         choices.cancel()
 
 
+def _usage(prompt_lengths: list[int], finishes: list[FinishEvent | None], n: int) -> Usage:
+    """Prompts count once however many choices (``n``) each has; cached tokens are those of choice 0."""
+    prompt = sum(prompt_lengths)
+    generated = sum(f.completion_tokens for f in finishes if f is not None)
+    cached = sum(f.cached_tokens for f in finishes[::n] if f is not None)
+    return Usage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
 def _error_chunk(event: FinishEvent) -> dict:
     return {"error": {"message": event.error or "generation failed", "type": "server_error", "param": None,
                       "code": None}}
@@ -203,9 +212,7 @@ class _ChatReply:
         self.finishes: list[FinishEvent | None] = [None] * self.n
 
     def usage(self) -> Usage:
-        prompt = len(self.plan.prompts[0])
-        generated = sum(f.completion_tokens for f in self.finishes if f is not None)
-        return Usage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
+        return _usage([len(self.plan.prompts[0])], self.finishes, self.n)
 
     def _logprobs(self, events):
         return translate.chat_logprobs(self.tokenizer, events) if self.req.logprobs else None
@@ -290,9 +297,7 @@ class _CompletionReply:
         return self.plan.echo_texts[i // self.req.n] if self.plan.echo_texts else ""
 
     def usage(self) -> Usage:
-        prompt = sum(len(p) for p in self.plan.prompts)
-        generated = sum(f.completion_tokens for f in self.finishes if f is not None)
-        return Usage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
+        return _usage([len(p) for p in self.plan.prompts], self.finishes, self.req.n)
 
     def _logprobs(self, i: int, events):
         if self.req.logprobs is None:

@@ -34,6 +34,7 @@ from llama4.model.cache import KVCache
 from llama4.model.transformer import Llama4Model
 from llama4.prompt import Tokenizer
 from llama4.serve.metrics import ServeMetrics
+from llama4.serve.prefix_cache import PrefixCache
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,15 @@ class EngineConfig:
     max_queue: int = 64  # requests waiting for a batch slot; one more is refused (HTTP 429)
     max_context: int | None = None  # prompt + generated tokens per sequence; None: the model's maximum
     prefill_chunk: int = 256  # prompt tokens per prefill piece (one piece per engine iteration)
+    prefix_cache_bytes: int = 256 * 2**20  # finished sequences' cache rows kept for reuse; 0: off
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        for name in ("max_queue", "prefix_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
 
@@ -88,6 +91,7 @@ class FinishEvent:
     text: str = ""  # text held back until the end (a possible stop-string prefix, a partial character)
     prompt_tokens: int = 0
     completion_tokens: int = 0  # includes the stop token, which is generated but not shown
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of being prefilled
     error: str | None = None
 
 
@@ -121,12 +125,15 @@ class _Sequence:
         self.decoder = tokenizer.stream_decoder(skip_special=True)
         self.stops = StopStrings(request.stop)
         self.generated = 0
+        self.tokens: list[int] = []  # every sampled token (the cache holds all but the last)
+        self.reason: str | None = None
         self.last_token: int | None = None
         self.cancelled = False
         self.finished = False
         self.cache: KVCache | None = None  # its own one-row cache while prefilling
         self.embeds: torch.Tensor | None = None  # [1, T, D] while prefilling
-        self.prefilled = 0
+        self.prefilled = 0  # prompt tokens in the cache, reused ones included
+        self.reused = 0  # prompt tokens that came from the prefix cache
         self.arrived = time.perf_counter()
         self.last_time: float | None = None
 
@@ -163,6 +170,7 @@ class Engine:
         self._running: list[_Sequence] = []  # in cache row order
         self._cache: KVCache | None = None
         self._kv_bytes = 0
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes else None
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -198,7 +206,8 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self._running), "prefilling": len(self._prefilling), "queued": len(self._waiting),
-                "kv_cache_bytes": self._kv_bytes}
+                "kv_cache_bytes": self._kv_bytes,
+                "prefix_cache_bytes": self.prefix_cache.bytes if self.prefix_cache is not None else 0}
 
     def start(self) -> None:
         if self._thread is not None:
@@ -260,14 +269,10 @@ class Engine:
     def _prefill_piece(self, seq: _Sequence) -> None:
         prompt = seq.request.prompt
         try:
-            if seq.embeds is None:  # image features are computed once, for the whole prompt
-                ids = torch.tensor([prompt], device=self.device)
-                pixels = seq.request.pixel_values
-                if pixels is not None:
-                    pixels = pixels.to(device=self.device, dtype=self.model.text.embed.weight.dtype)
-                seq.embeds, seq.cache = self.model.embed(ids, pixels), KVCache(self.model.config.text)
+            if seq.embeds is None:
+                self._start_prefill(seq)
             at = seq.prefilled
-            piece = seq.embeds[:, at:at + self.config.prefill_chunk]
+            piece = seq.embeds[:, at - seq.reused:at - seq.reused + self.config.prefill_chunk]
             positions = torch.arange(at, at + piece.shape[1], device=self.device)[None]
             logits = self.model.text(piece, positions, seq.cache, num_logits=1)
             seq.prefilled += piece.shape[1]
@@ -279,11 +284,30 @@ class Engine:
             return
         self._prefilling.remove(seq)
         seq.embeds = None
-        self.metrics.add_tokens(prompt=len(prompt))
+        self.metrics.add_tokens(prompt=len(prompt) - seq.reused, cached=seq.reused)
+        cache, seq.cache = seq.cache, None
         if self._accept(seq, logits[0, -1].float().cpu()):
-            self._cache = seq.cache if self._cache is None else KVCache.stack([self._cache, seq.cache])
-            seq.cache = None
+            self._cache = cache if self._cache is None else KVCache.stack([self._cache, cache])
             self._running.append(seq)
+        elif self._reusable(seq):  # finished at its first token: the cache holds exactly the prompt
+            self.prefix_cache.put(list(prompt), cache)
+
+    def _start_prefill(self, seq: _Sequence) -> None:
+        """Take the longest cached prefix (text-only prompts), embed the rest; image features are
+        computed once, for the whole prompt."""
+        prompt, pixels = seq.request.prompt, seq.request.pixel_values
+        cache = None
+        if self.prefix_cache is not None and pixels is None:
+            seq.reused, cache = self.prefix_cache.take(prompt)
+            seq.prefilled = seq.reused
+        ids = torch.tensor([prompt[seq.reused:]], device=self.device)
+        if pixels is not None:
+            pixels = pixels.to(device=self.device, dtype=self.model.text.embed.weight.dtype)
+        seq.embeds = self.model.embed(ids, pixels)
+        seq.cache = cache if cache is not None else KVCache(self.model.config.text)
+
+    def _reusable(self, seq: _Sequence) -> bool:
+        return self.prefix_cache is not None and seq.request.pixel_values is None and seq.reason != "error"
 
     def _decode(self) -> None:
         ids = torch.tensor([[s.last_token] for s in self._running], device=self.device)
@@ -301,10 +325,15 @@ class Engine:
         """Keep only running rows ``keep``; the others are finished with ``reason`` (None: already)."""
         if len(keep) == len(self._running):
             return
-        if reason is not None:
-            for i, seq in enumerate(self._running):
-                if i not in keep:
-                    self._finish(seq, reason)
+        for i, seq in enumerate(self._running):
+            if i in keep:
+                continue
+            if reason is not None:
+                self._finish(seq, reason)
+            if self._reusable(seq):  # a copy of its row: the batch cache is about to lose it
+                row = KVCache.stack([self._cache])
+                row.keep_rows([i])
+                self.prefix_cache.put(seq.request.prompt + seq.tokens[:-1], row)
         self._running = [self._running[i] for i in keep]
         if not keep:
             self._cache = None
@@ -325,6 +354,7 @@ class Engine:
             logits = constraint.restrict(logits)
         choice: TokenChoice = seq.sampler.choose(logits)
         seq.generated += 1
+        seq.tokens.append(choice.token)
         self._time_token(seq)
         self.metrics.add_tokens(generated=1)
         if choice.token in seq.stop_ids:
@@ -354,14 +384,15 @@ class Engine:
     def _finish(self, seq: _Sequence, reason: str, flush: bool = True, error: str | None = None) -> None:
         if seq.finished:
             return
-        seq.finished = True
+        seq.finished, seq.reason = True, reason
         seq.cache = seq.embeds = None
         self.metrics.count_finish(reason)
         tail = ""
         if flush and reason in ("stop", "length"):
             tail, _ = seq.stops.feed(seq.decoder.flush())
             tail += seq.stops.flush()
-        self._emit(seq, FinishEvent(reason, tail, len(seq.request.prompt), seq.generated, error))
+        self._emit(seq, FinishEvent(reason, tail, len(seq.request.prompt), seq.generated, cached_tokens=seq.reused,
+                                    error=error))
 
     def _emit(self, seq: _Sequence, event: Event) -> None:
         try:

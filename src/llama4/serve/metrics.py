@@ -57,6 +57,7 @@ class ServeMetrics:
         self.finished: Counter[str] = Counter()  # engine sequences by finish reason (stop, length, cancelled, error)
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self.cached_tokens = 0
         self.ttft = Histogram()
         self.inter_token = Histogram()
 
@@ -68,15 +69,17 @@ class ServeMetrics:
         with self.lock:
             self.finished[reason] += 1
 
-    def add_tokens(self, prompt: int = 0, generated: int = 0) -> None:
+    def add_tokens(self, prompt: int = 0, generated: int = 0, cached: int = 0) -> None:
         with self.lock:
             self.prompt_tokens += prompt
             self.generated_tokens += generated
+            self.cached_tokens += cached
 
     def render(self, gauges: Iterable[tuple[str, str, float]]) -> str:
         """The exposition text; ``gauges`` are (name, help, value) read from the engine at scrape time."""
         with self.lock:
             requests, prompt, generated = dict(self.requests), self.prompt_tokens, self.generated_tokens
+            cached = self.cached_tokens
             finished = dict(self.finished)
         lines = ["# HELP llama4_requests_total HTTP requests by route and status.",
                  "# TYPE llama4_requests_total counter"]
@@ -86,6 +89,8 @@ class ServeMetrics:
                   "# TYPE llama4_sequences_finished_total counter"]
         lines += [f'llama4_sequences_finished_total{{reason="{r}"}} {n}' for r, n in sorted(finished.items())]
         for name, help, value in (("llama4_prompt_tokens_total", "Prompt tokens prefilled.", prompt),
+                                  ("llama4_prefix_cache_hit_tokens_total",
+                                   "Prompt tokens reused from the prefix cache (not prefilled).", cached),
                                   ("llama4_generated_tokens_total", "Tokens generated.", generated)):
             lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {value}"]
         for name, help, value in gauges:

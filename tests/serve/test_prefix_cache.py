@@ -1,0 +1,89 @@
+"""Prefix caching: a prompt that extends a finished sequence prefills only its new tokens, same reply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llama4
+from llama4.inference.generate import prefill
+from llama4.serve.engine import Engine, EngineConfig, GenerationRequest
+from llama4.serve.prefix_cache import PrefixCache
+from tests.serve.conftest import MODEL_ID
+from tests.serve.test_engine import Collector, run_until_idle, solo
+
+
+def cache_of(model, tokens):
+    cache = llama4.KVCache(model.config.text)
+    with torch.inference_mode():
+        prefill(model, torch.tensor([tokens]), cache)
+    return cache
+
+
+def test_a_follow_up_prompt_reuses_the_finished_sequence(model, tok):
+    engine = Engine(model, tok, EngineConfig(prefill_chunk=8))
+    first = tok.encode("Max liked to run and play in the park with a little dog", bos=True)
+    a = Collector()
+    engine.submit(GenerationRequest(first, max_tokens=9, stop_tokens=[]), a)
+    run_until_idle(engine)
+    follow = first + a.tokens + tok.encode(" And then what happened?")
+    b = Collector()
+    engine.submit(GenerationRequest(follow, max_tokens=12, stop_tokens=[]), b)
+    run_until_idle(engine)
+    reused = len(first) + 8  # the prompt and every generated token but the last were fed to the cache
+    assert b.finish.cached_tokens == reused
+    assert engine.metrics.prompt_tokens == len(first) + len(follow) - reused
+    assert engine.metrics.cached_tokens == reused
+    assert b.tokens == solo(model, follow, 12, [])
+
+
+def test_without_the_cache_everything_is_prefilled(model, tok):
+    engine = Engine(model, tok, EngineConfig(prefill_chunk=8, prefix_cache_bytes=0))
+    first = tok.encode("The weather in Paris", bos=True)
+    a, b = Collector(), Collector()
+    engine.submit(GenerationRequest(first, max_tokens=5, stop_tokens=[]), a)
+    run_until_idle(engine)
+    engine.submit(GenerationRequest(first + a.tokens + [5, 6], max_tokens=5, stop_tokens=[]), b)
+    run_until_idle(engine)
+    assert b.finish.cached_tokens == 0 and engine.stats()["prefix_cache_bytes"] == 0
+
+
+def test_longest_strict_prefix_wins_and_entries_are_copied(model):
+    store = PrefixCache(max_bytes=2**30)
+    short, long_ = [1, 2, 3], [1, 2, 3, 4, 5]
+    store.put(short, cache_of(model, short))
+    store.put(long_, cache_of(model, long_))
+    assert store.take([1, 2, 3, 4, 5, 6])[0] == 5
+    assert store.take([1, 2, 3, 4, 5])[0] == 3  # strict: the last prompt token must still run
+    assert store.take([9, 1, 2, 3])[0] == 0
+    n, copy = store.take([1, 2, 3, 4, 5, 6])
+    with torch.inference_mode():
+        prefill(model, torch.tensor([[6, 7]]), copy)
+    assert copy.lengths == [7] and store.take([1, 2, 3, 4, 5, 6])[1].lengths == [5]
+
+
+def test_the_byte_budget_evicts_least_recently_used(model):
+    one = cache_of(model, [1, 2, 3]).nbytes()
+    store = PrefixCache(max_bytes=2 * one)
+    store.put([1, 2, 3], cache_of(model, [1, 2, 3]))
+    store.put([4, 5, 6], cache_of(model, [4, 5, 6]))
+    assert store.take([1, 2, 3, 0])[0] == 3  # now [4, 5, 6] is the least recently used
+    store.put([7, 8, 9], cache_of(model, [7, 8, 9]))
+    assert len(store) == 2 and store.bytes == 2 * one
+    assert store.take([4, 5, 6, 0])[0] == 0
+    assert store.take([1, 2, 3, 0])[0] == 3 and store.take([7, 8, 9, 0])[0] == 3
+    with pytest.raises(ValueError, match="one row holding its 2 tokens"):
+        store.put([1, 2], cache_of(model, [1, 2, 3]))
+
+
+def test_token_prompts_over_http_report_cached_tokens(server, model, tok):
+    client = server.client()
+    first = tok.encode("Once upon a time there was a little dog", bos=True)
+    generated = llama4.generate(model, [first], max_new_tokens=6, stop_tokens=[])[0][len(first):]
+    reply = client.completions.create(model=MODEL_ID, prompt=first, max_tokens=6, temperature=0)
+    assert reply.choices[0].text == tok.decode(generated, skip_special=True)
+    follow = first + generated + tok.encode(" The end.")
+    second = client.completions.create(model=MODEL_ID, prompt=follow, max_tokens=6, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens == len(first) + 5
+    expected = llama4.generate(model, [follow], max_new_tokens=6, stop_tokens=tok.eos_ids)[0][len(follow):]
+    assert second.choices[0].text == tok.decode(expected, skip_special=True)
