@@ -34,7 +34,8 @@ TOPICS = ["a dog named Max", "the park", "a red ball", "the weather in Paris", "
 
 def prompts(count: int) -> list[list[dict]]:
     """``count`` distinct chat requests of different lengths."""
-    return [[{"role": "user", "content": f"Tell me a short story about {TOPICS[i % len(TOPICS)]}." + " Please." * (i // 3)}]
+    return [[{"role": "user",
+              "content": f"Tell me a short story about {TOPICS[i % len(TOPICS)]}." + " Please." * (i // 3)}]
             for i in range(count)]
 
 
@@ -149,7 +150,8 @@ def main() -> None:
     parser.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--distinct", type=int, default=24, help="distinct prompts (each checked against its solo reply)")
+    parser.add_argument("--distinct", type=int, default=24,
+                        help="distinct prompts (each checked against its solo reply)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
@@ -194,7 +196,8 @@ def main() -> None:
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}.")
     print(table + "\n\n" + setup)
     if not args.no_write:
-        write_section(ROOT / "docs" / "PERFORMANCE.md", "bench-serve", "## Serving under load\n\n" + table + "\n\n" + setup)
+        body = "## Serving under load\n\n" + table + "\n\n" + setup
+        write_section(ROOT / "docs" / "PERFORMANCE.md", "bench-serve", body)
     if load.server_errors or load.lost or load.mismatched or not ratio >= 4:
         print("FAILED: 5xx, lost or mismatched replies, or 8-client scaling under 4x", file=sys.stderr)
         sys.exit(1)

@@ -3,7 +3,8 @@
 The model has random weights, with the output projection biased towards ordinary text (a random
 head mostly picks one of the 2,048 special tokens, which would end every reply at once). The main
 server is built by ``llama4 serve``'s own argument path (``build_app``) from the saved checkpoint; a
-second, small-limits server (batch 1, queue 1, 64 KiB bodies, an API key, the model's 4,096-token context) exercises the refusals.
+second, small-limits server (batch 1, queue 1, 64 KiB bodies, an API key, the model's 4,096-token
+context) exercises the refusals.
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ def test_logprobs_of_greedy_tokens_are_the_top_ones(client):
     assert len(content) == 8
     for entry in content:
         assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
-        assert entry.token == entry.top_logprobs[0].token and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        best = entry.top_logprobs[0]
+        assert entry.token == best.token and entry.logprob == pytest.approx(best.logprob)
         assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
     streamed = ask(client, max_tokens=8, logprobs=True, top_logprobs=3, stream=True)
     tokens = [e.token for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
@@ -145,6 +146,7 @@ def test_metrics_report_requests_tokens_latency_and_cache(server, client):
     assert int(lines["llama4_generated_tokens_total"]) >= 5 and int(lines["llama4_prompt_tokens_total"]) > 0
     assert int(lines["llama4_time_to_first_token_seconds_count"]) >= 1
     assert int(lines["llama4_inter_token_latency_seconds_count"]) >= 4
-    assert lines['llama4_time_to_first_token_seconds_bucket{le="+Inf"}'] == lines["llama4_time_to_first_token_seconds_count"]
+    ttft = "llama4_time_to_first_token_seconds"
+    assert lines[ttft + '_bucket{le="+Inf"}'] == lines[ttft + "_count"]
     assert int(lines['llama4_sequences_finished_total{reason="length"}']) >= 1
     assert {"llama4_running_requests", "llama4_queued_requests", "llama4_kv_cache_bytes"} <= set(lines)

@@ -110,3 +110,20 @@ def test_a_forced_call_schema_follows_each_functions_parameters():
     schema = translate._forced_tool_schema(named, [WEATHER, TIME])
     assert schema["properties"]["parameters"] == TIME["function"]["parameters"]
     assert translate._forced_tool_schema(ChatCompletionRequest(messages=ASK, tools=[TIME]), [TIME]) is None
+
+
+@pytest.mark.parametrize("text, verdict", [
+    ("", None), ("  ", None), ("[get_weather(", True), (' {"name"', True), ("```json", True),
+    ("<function=get_weather>", True), ("get_weather(", True), ("get_weather ", None), ("weather.get (", True),
+    ("Sure", None), ("Sure,", False), ("Sure thing", False), ("It is sunny", False), ("42 degrees", False),
+])
+def test_which_reply_openings_may_be_tool_calls(text, verdict):
+    assert translate.may_be_tool_call(text) is verdict
+
+
+def test_with_tools_a_prose_reply_still_streams(client):
+    plain = chat(client, tools=[WEATHER], max_tokens=30).choices[0]
+    assert plain.message.tool_calls is None and translate.may_be_tool_call(plain.message.content) is False
+    chunks = list(chat(client, tools=[WEATHER], max_tokens=30, stream=True))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == plain.message.content and len(pieces) > 3

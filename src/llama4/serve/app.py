@@ -37,7 +37,8 @@ from llama4.serve.streams import Choices, cancel_on_disconnect
 
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20  # room for a few base64 images
 STATIC_DIR = Path(__file__).parent / "static"
-ROUTES = ("/", "/static/index.html", "/static/client.js", "/static/ui.js", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+ROUTES = ("/", "/static/index.html", "/static/client.js", "/static/ui.js", "/health", "/metrics", "/v1/models",
+          "/v1/chat/completions", "/v1/completions")  # metric labels; any other path counts as "other"
 
 
 class _CountRequests:
@@ -210,6 +211,7 @@ class _ChatReply:
         self.n = len(choices.handles)
         self.texts, self.events = [""] * self.n, [[] for _ in range(self.n)]
         self.finishes: list[FinishEvent | None] = [None] * self.n
+        self.holding = [plan.tools is not None] * self.n  # streaming: text held while it may be a tool call
 
     def usage(self) -> Usage:
         return _usage([len(self.plan.prompts[0])], self.finishes, self.n)
@@ -240,15 +242,19 @@ class _ChatReply:
             ChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
 
     async def stream(self) -> AsyncIterator[BaseModel | dict | str]:
-        """Content deltas as they come; with tools the reply is held until it can be parsed into calls."""
+        """Content deltas as they come. With tools, a reply that opens like a call is held to the end and
+        sent as tool-call deltas (or as content, if it does not parse); one that opens as prose streams."""
         try:
             for i in range(self.n):
                 yield self._chunk(i, Delta(role="assistant", content=""))
             async for i, event in self.choices.events():
                 if isinstance(event, TokenEvent):
-                    if self.plan.tools is not None:
-                        self.texts[i] += event.text
-                        self.events[i].append(event)
+                    self.texts[i] += event.text
+                    self.events[i].append(event)
+                    if self.holding[i]:
+                        if translate.may_be_tool_call(self.texts[i]) is False:  # prose: release, then stream
+                            self.holding[i] = False
+                            yield self._chunk(i, Delta(content=self.texts[i]), self._logprobs(self.events[i]))
                     elif event.text or self.req.logprobs:
                         yield self._chunk(i, Delta(content=event.text), self._logprobs([event]))
                     continue
@@ -267,7 +273,7 @@ class _ChatReply:
     def _final_chunks(self, i: int, event: FinishEvent) -> list[ChatCompletionChunk]:
         chunks = []
         reason = "length" if event.reason == "length" else "stop"
-        if self.plan.tools is None:
+        if not self.holding[i]:
             if event.text:
                 chunks.append(self._chunk(i, Delta(content=event.text)))
         else:

@@ -29,7 +29,8 @@ class PrefixCache:
     def put(self, tokens: list[int], cache: KVCache) -> None:
         """Keep a one-row ``cache`` holding exactly ``tokens`` (the cache is owned by the store from now)."""
         if cache.batch_size != 1 or cache.lengths[0] != len(tokens):
-            raise ValueError(f"a prefix entry needs one row holding its {len(tokens)} tokens, got lengths {cache.lengths}")
+            raise ValueError(f"a prefix entry needs one row holding its {len(tokens)} tokens, "
+                             f"got lengths {cache.lengths}")
         size = cache.nbytes()
         if not tokens or size > self.max_bytes:
             return

@@ -8,6 +8,7 @@ Everything here may raise :class:`~llama4.serve.errors.APIError`; nothing here t
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -153,6 +154,27 @@ def plan_completion(req: CompletionRequest, tokenizer: Tokenizer) -> Plan:
     ids = [tokenizer.encode(p, bos=True) if isinstance(p, str) else list(p) for p in prompts]
     echo = [p if isinstance(p, str) else tokenizer.decode(p, skip_special=True) for p in prompts] if req.echo else []
     return Plan(ids, echo_texts=echo)
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][\w.]*")
+
+
+def may_be_tool_call(text: str) -> bool | None:
+    """Whether a reply that begins with ``text`` may be a tool call (None: cannot tell yet).
+
+    Calls open with ``[``, ``{``, a code fence, ``<function=`` or ``name(``; a reply that opens any
+    other way is prose and can be streamed as it comes (calls after prose are not looked for then).
+    """
+    head = text.lstrip()
+    if not head:
+        return None
+    if head[0] in "[{`<":
+        return True
+    name = _IDENTIFIER.match(head)
+    if name is None:
+        return False
+    rest = head[name.end():].lstrip()
+    return None if not rest else rest[0] == "("
 
 
 def tool_calls_of(text: str, tools: list[dict] | None) -> tuple[str | None, list[ToolCall] | None]:
