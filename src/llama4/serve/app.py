@@ -66,8 +66,12 @@ class _CountRequests:
 
 
 def create_app(model: Llama4Model, tokenizer: Tokenizer, *, model_id: str = "llama4", api_key: str | None = None,
-               engine_config: EngineConfig = EngineConfig(), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """An OpenAI-compatible app serving ``model`` as ``model_id``; the engine starts with the app."""
+               engine_config: EngineConfig = EngineConfig(), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               allow_remote_images: bool = False) -> FastAPI:
+    """An OpenAI-compatible app serving ``model`` as ``model_id``; the engine starts with the app.
+
+    ``allow_remote_images`` lets clients send http(s) image URLs, which the server then fetches.
+    """
     metrics = ServeMetrics()
     engine = Engine(model, tokenizer, engine_config, metrics)
     created = int(time.time())
@@ -139,7 +143,8 @@ def create_app(model: Llama4Model, tokenizer: Tokenizer, *, model_id: str = "lla
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = await read_request(request, ChatCompletionRequest)
-        plan = await run_in_threadpool(translate.plan_chat, req, tokenizer, model.vision is not None)
+        plan = await run_in_threadpool(translate.plan_chat, req, tokenizer, model.vision is not None,
+                                       allow_remote_images)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         choices = Choices(engine, plan.requests(req, logprobs))
         reply = _ChatReply(req, plan, tokenizer, model_id, choices)

@@ -19,6 +19,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill piece")
     p.add_argument("--max-body-mb", type=float, help="request body limit in MiB (default: 32)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs sent by clients (off: only base64 data: URLs)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_serve)
@@ -40,7 +42,8 @@ def build_app(args: argparse.Namespace):
     tokenizer = llama4.load_tokenizer(args.model)
     model_id = args.model_id or (Path(args.model).resolve().name if args.model else "llama4")
     limits = {} if args.max_body_mb is None else {"max_body_bytes": int(args.max_body_mb * 2**20)}
-    return create_app(model, tokenizer, model_id=model_id, api_key=args.api_key, engine_config=config, **limits)
+    return create_app(model, tokenizer, model_id=model_id, api_key=args.api_key, engine_config=config,
+                      allow_remote_images=args.allow_remote_images, **limits)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from llama4.inference.text import prepare_messages
 from llama4.prompt import ImageError, Tokenizer, parse_assistant_output
 from llama4.serve.engine import Constraint, GenerationRequest, TokenEvent
 from llama4.serve.errors import APIError, bad_request
+from llama4.serve.remote_images import inline_remote_images
 from llama4.serve.schemas import (ChatCompletionRequest, ChoiceLogprobs, CompletionLogprobs, CompletionRequest,
                                   FunctionCall, TokenLogprob, ToolCall, TopLogprob)
 
@@ -56,10 +57,17 @@ def _message_dicts(req: ChatCompletionRequest) -> list[dict]:
     return messages
 
 
-def plan_chat(req: ChatCompletionRequest, tokenizer: Tokenizer, has_vision: bool) -> Plan:
-    """Messages (images decoded, tools rendered) -> prompt ids and the constraint for the reply."""
+def plan_chat(req: ChatCompletionRequest, tokenizer: Tokenizer, has_vision: bool,
+              remote_images: bool = False) -> Plan:
+    """Messages (images decoded, tools rendered) -> prompt ids and the constraint for the reply.
+
+    ``remote_images``: fetch http(s) image URLs (otherwise they are refused, as are file paths).
+    """
     try:
-        prepared, pixel_values = prepare_messages(_message_dicts(req))
+        messages = _message_dicts(req)
+        if remote_images:
+            messages = inline_remote_images(messages)
+        prepared, pixel_values = prepare_messages(messages)
     except ImageError as e:
         raise bad_request(f"bad image: {e}", param="messages", code="invalid_image") from None
     if pixel_values is not None and not has_vision:
