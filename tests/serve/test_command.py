@@ -1,0 +1,59 @@
+"""`llama4 serve`: arguments, and the real command serving a checkpoint in a subprocess."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from llama4.cli import build_parser
+from llama4.serve.command import cmd_serve
+
+
+def test_serve_arguments_and_defaults():
+    args = build_parser().parse_args(["serve"])
+    assert args.func is cmd_serve
+    assert (args.host, args.port, args.model, args.api_key) == ("127.0.0.1", 8000, None, None)
+    assert (args.max_batch, args.max_queue, args.max_context, args.allow_remote_images) == (8, 64, None, False)
+    args = build_parser().parse_args(["serve", "--model", "m", "--port", "9", "--api-key", "k", "--max-batch", "2",
+                                      "--max-context", "512", "--max-queue", "3"])
+    assert (args.model, args.port, args.api_key, args.max_batch, args.max_context, args.max_queue) == (
+        "m", 9, "k", 2, 512, 3)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_llama4_serve_runs_a_checkpoint(checkpoint):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llama4.cli", "serve", "--model", str(checkpoint), "--port", str(port),
+         "--api-key", "k", "--threads", "1", "--dtype", "fp32"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.communicate()[1]
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "llama4 serve did not come up"
+            time.sleep(0.1)
+        models = httpx.get(base + "/v1/models", headers={"authorization": "Bearer k"}).json()
+        assert [m["id"] for m in models["data"]] == [checkpoint.name]
+        reply = httpx.post(base + "/v1/chat/completions", headers={"authorization": "Bearer k"}, timeout=30,
+                           json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/v1" in err
