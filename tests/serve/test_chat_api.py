@@ -149,4 +149,5 @@ def test_metrics_report_requests_tokens_latency_and_cache(server, client):
     ttft = "llama4_time_to_first_token_seconds"
     assert lines[ttft + '_bucket{le="+Inf"}'] == lines[ttft + "_count"]
     assert int(lines['llama4_sequences_finished_total{reason="length"}']) >= 1
-    assert {"llama4_running_requests", "llama4_queued_requests", "llama4_kv_cache_bytes"} <= set(lines)
+    assert {"llama4_running_requests", "llama4_queued_requests", "llama4_kv_cache_bytes",
+            "llama4_prefix_cache_bytes", "llama4_prefix_cache_hit_tokens_total"} <= set(lines)

@@ -28,7 +28,8 @@ from llama4.model.transformer import Llama4Model
 from llama4.prompt import Tokenizer
 from llama4.serve import translate
 from llama4.serve.engine import Engine, EngineConfig, FinishEvent, TokenEvent
-from llama4.serve.errors import APIError, body_too_large, install_handlers, model_not_found, unauthorized
+from llama4.serve.errors import (APIError, body_too_large, install_handlers, model_not_found, unauthorized,
+                                 validation_error)
 from llama4.serve.metrics import ServeMetrics
 from llama4.serve.schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk,
                                   ChatCompletionRequest, ChunkChoice, CompletionChoice, CompletionRequest, Delta,
@@ -115,9 +116,7 @@ def create_app(model: Llama4Model, tokenizer: Tokenizer, *, model_id: str = "lla
         try:
             req = schema.model_validate(data)
         except ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise APIError(400, f"invalid value for '{param}': {first['msg']}", param=param) from None
+            raise validation_error(e) from None
         if req.model is not None and req.model != model_id:
             raise model_not_found(req.model, model_id)
         return req
@@ -137,7 +136,8 @@ def create_app(model: Llama4Model, tokenizer: Tokenizer, *, model_id: str = "lla
         gauges = [("llama4_running_requests", "Sequences in the running batch (decoding or prefilling).",
                    s["running"] + s["prefilling"]),
                   ("llama4_queued_requests", "Requests waiting for a batch slot.", s["queued"]),
-                  ("llama4_kv_cache_bytes", "Bytes of KV cache allocated.", s["kv_cache_bytes"])]
+                  ("llama4_kv_cache_bytes", "Bytes of KV cache allocated to running sequences.", s["kv_cache_bytes"]),
+                  ("llama4_prefix_cache_bytes", "Bytes of KV cache kept for prefix reuse.", s["prefix_cache_bytes"])]
         return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")

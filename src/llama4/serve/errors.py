@@ -10,6 +10,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama4.serve.schemas import ErrorBody, ErrorResponse
@@ -52,15 +53,14 @@ def queue_full(queued: int, retry_after: int) -> APIError:
                     "rate_limit_error", code="queue_full", headers={"Retry-After": str(retry_after)})
 
 
-def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """The first pydantic problem as one sentence, and the offending parameter's dotted path."""
+def validation_error(exc: RequestValidationError | ValidationError) -> APIError:
+    """A 400 for the first pydantic problem, naming the offending parameter's dotted path."""
     errors = exc.errors()
     if not errors:
-        return "invalid request", None
+        return bad_request("invalid request")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    return (f"invalid value for '{param}': {first.get('msg')}" if param else str(first.get("msg"))), param
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    return bad_request(f"invalid value for '{param}': {first.get('msg')}" if param else str(first.get("msg")), param)
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -72,8 +72,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        message, param = validation_message(exc)
-        return bad_request(message, param).response()
+        return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
