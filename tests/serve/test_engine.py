@@ -7,8 +7,8 @@ import torch
 
 import llama4
 from llama4.inference.sampling import SamplingParams
-from llama4.serve.engine import (ContextTooLong, Engine, EngineConfig, FinishEvent, GenerationRequest, QueueFull,
-                                 TokenEvent)
+from llama4.serve.engine import Engine, EngineConfig
+from llama4.serve.protocol import ContextTooLong, FinishEvent, GenerationRequest, QueueFull, TokenEvent
 
 PROMPTS = ["Once upon a time", "Max liked to run and play in the park with a little dog",
            "The weather in Paris", "He"]
@@ -215,5 +215,24 @@ def test_a_failing_request_ends_alone(engine, model, tok):
     engine.submit(GenerationRequest(prompt, max_tokens=12, stop_tokens=[]), good)
     engine.submit(GenerationRequest(prompt, max_tokens=12, constraint=Broken()), bad)
     run_until_idle(engine)
-    assert bad.events == [FinishEvent("error", "", len(prompt), 0, error="sampling failed: constraint exploded")]
+    assert bad.events == [FinishEvent("error", "", len(prompt), 0, cached_tokens=len(prompt),  # a twin of good
+                                      error="sampling failed: constraint exploded")]
     assert good.tokens == solo(model, prompt, 12, [])
+
+
+def test_identical_prompts_are_prefilled_once(model, tok):
+    engine = Engine(model, tok, EngineConfig(max_batch=4, prefill_chunk=64))
+    prompt = tok.encode(PROMPTS[1], bos=True)
+    sinks = [Collector() for _ in range(3)]
+    for seed, sink in enumerate(sinks):
+        engine.submit(GenerationRequest(prompt, params=SamplingParams(temperature=1.0, seed=seed), max_tokens=10,
+                                        stop_tokens=[]), sink)
+    with torch.inference_mode():
+        engine.step()
+    assert all(len(s.tokens) == 2 for s in sinks)  # one prefill gave all three their first token
+    assert (engine.metrics.prompt_tokens, engine.metrics.cached_tokens) == (len(prompt), 2 * len(prompt))
+    run_until_idle(engine)
+    for seed, sink in enumerate(sinks):
+        expected = llama4.generate(model, [prompt], max_new_tokens=10, temperature=1.0, seed=seed, stop_tokens=[])
+        assert sink.tokens == expected[0][len(prompt):]
+    assert [s.finish.cached_tokens for s in sinks] == [0, len(prompt), len(prompt)]

@@ -7,7 +7,8 @@ import torch
 
 import llama4
 from llama4.inference.generate import prefill
-from llama4.serve.engine import Engine, EngineConfig, GenerationRequest
+from llama4.serve.engine import Engine, EngineConfig
+from llama4.serve.protocol import GenerationRequest
 from llama4.serve.prefix_cache import PrefixCache
 from tests.serve.conftest import MODEL_ID
 from tests.serve.test_engine import Collector, run_until_idle, solo

@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP serving: a continuous-batching engine behind FastAPI routes."""
 
-from llama4.serve.engine import Engine, EngineConfig, GenerationRequest
+from llama4.serve.engine import Engine, EngineConfig
+from llama4.serve.protocol import GenerationRequest
 
 __all__ = ["Engine", "EngineConfig", "GenerationRequest", "create_app"]
 

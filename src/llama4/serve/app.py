@@ -27,7 +27,8 @@ from pydantic import BaseModel, ValidationError
 from llama4.model.transformer import Llama4Model
 from llama4.prompt import Tokenizer
 from llama4.serve import translate
-from llama4.serve.engine import Engine, EngineConfig, FinishEvent, TokenEvent
+from llama4.serve.engine import Engine, EngineConfig
+from llama4.serve.protocol import FinishEvent, TokenEvent
 from llama4.serve.errors import (APIError, body_too_large, install_handlers, model_not_found, unauthorized,
                                  validation_error)
 from llama4.serve.metrics import ServeMetrics

@@ -5,9 +5,10 @@ Each iteration of the loop (:meth:`Engine.step`) does, in order:
 1. drop cancelled requests - a waiting one leaves the queue, a running one loses its cache row now
    (``KVCache.keep_rows``), so a client that disconnects frees its memory before the next token;
 2. admit waiting requests while the batch (running + prefilling) has room;
-3. run one piece (``prefill_chunk`` tokens) of the oldest prefilling prompt in its own one-row cache;
-   when its last piece is done, sample its first token and stack its row into the running batch
-   (``KVCache.stack``);
+3. run one piece (``prefill_chunk`` tokens) of the oldest prefilling prompt in its own one-row cache
+   (after taking the longest cached prefix, see prefix_cache.py); when its last piece is done, sample
+   its first token and stack its row into the running batch (``KVCache.stack``); admitted requests
+   with the same prompt (the other choices of ``n``) join with a copy of that row, unprefilled;
 4. run one decode step for every running row together (a ragged one-token pass: each row at its own
    length, so a row's tokens are those of its solo run) and drop the rows that finished.
 
@@ -22,19 +23,19 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from llama4.inference.sampling import Sampler, SamplingParams, TokenChoice
+from llama4.inference.sampling import Sampler, TokenChoice
 from llama4.inference.text import StopStrings
 from llama4.model.cache import KVCache
 from llama4.model.transformer import Llama4Model
 from llama4.prompt import Tokenizer
 from llama4.serve.metrics import ServeMetrics
 from llama4.serve.prefix_cache import PrefixCache
+from llama4.serve.protocol import ContextTooLong, Event, FinishEvent, GenerationRequest, QueueFull, TokenEvent
 
 
 @dataclass(frozen=True)
@@ -54,65 +55,6 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
-
-
-class Constraint(Protocol):
-    """Restricts a sequence's next token (e.g. to valid JSON); see ``llama4.inference.constrained``."""
-
-    def restrict(self, logits: torch.Tensor) -> torch.Tensor: ...
-
-    def advance(self, token_id: int) -> None: ...
-
-
-@dataclass
-class GenerationRequest:
-    prompt: list[int]
-    pixel_values: torch.Tensor | None = None  # image tiles for the prompt's <|patch|> slots
-    params: SamplingParams = field(default_factory=SamplingParams)
-    max_tokens: int | None = None  # None: until a stop or the end of the context
-    stop: Sequence[str] = ()
-    stop_tokens: Sequence[int] | None = None  # None: the tokenizer's end-of-turn / end-of-text ids
-    constraint: Constraint | None = None
-
-
-@dataclass
-class TokenEvent:
-    """One generated token; ``text`` is what became safe to show (may be empty, e.g. half a character)."""
-
-    text: str
-    token: int
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
-
-
-@dataclass
-class FinishEvent:
-    reason: str  # "stop" (stop token or string), "length", "cancelled" or "error"
-    text: str = ""  # text held back until the end (a possible stop-string prefix, a partial character)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0  # includes the stop token, which is generated but not shown
-    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of being prefilled
-    error: str | None = None
-
-
-Event = TokenEvent | FinishEvent
-
-
-class EngineError(Exception):
-    pass
-
-
-class QueueFull(EngineError):
-    def __init__(self, queued: int):
-        super().__init__(f"the request queue is full ({queued} waiting)")
-        self.queued = queued
-
-
-class ContextTooLong(EngineError, ValueError):
-    def __init__(self, prompt_tokens: int, max_context: int):
-        super().__init__(f"the prompt has {prompt_tokens} tokens but the context holds {max_context} "
-                         f"(including at least one generated token); shorten the prompt")
-        self.prompt_tokens, self.max_context = prompt_tokens, max_context
 
 
 class _Sequence:
@@ -285,12 +227,24 @@ class Engine:
         self._prefilling.remove(seq)
         seq.embeds = None
         self.metrics.add_tokens(prompt=len(prompt) - seq.reused, cached=seq.reused)
-        cache, seq.cache = seq.cache, None
-        if self._accept(seq, logits[0, -1].float().cpu()):
+        cache, seq.cache, last = seq.cache, None, logits[0, -1].float().cpu()
+        # Admitted requests with the same prompt (e.g. the other choices of n) take a copy instead of a prefill.
+        twins = [s for s in self._prefilling if s.embeds is None and s.request.prompt == prompt
+                 and s.request.pixel_values is seq.request.pixel_values]
+        for twin in twins:
+            self._prefilling.remove(twin)
+            twin.reused = twin.prefilled = len(prompt)
+            self.metrics.add_tokens(cached=len(prompt))
+            self._admit(twin, KVCache.stack([cache]), last)
+        self._admit(seq, cache, last)
+
+    def _admit(self, seq: _Sequence, cache: KVCache, logits: torch.Tensor) -> None:
+        """A prefilled sequence: sample its first token and, unless that ends it, join the running batch."""
+        if self._accept(seq, logits):
             self._cache = cache if self._cache is None else KVCache.stack([self._cache, cache])
             self._running.append(seq)
         elif self._reusable(seq):  # finished at its first token: the cache holds exactly the prompt
-            self.prefix_cache.put(list(prompt), cache)
+            self.prefix_cache.put(list(seq.request.prompt), cache)
 
     def _start_prefill(self, seq: _Sequence) -> None:
         """Take the longest cached prefix (text-only prompts), embed the rest; image features are

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from llama4.serve.engine import ContextTooLong, Engine, Event, FinishEvent, GenerationRequest, Handle, QueueFull
+from llama4.serve.engine import Engine, Handle
+from llama4.serve.protocol import ContextTooLong, Event, FinishEvent, GenerationRequest, QueueFull
 from llama4.serve.errors import APIError, bad_request, queue_full
 
 

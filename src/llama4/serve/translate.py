@@ -17,7 +17,7 @@ import torch
 from llama4.inference.sampling import SamplingParams
 from llama4.inference.text import prepare_messages
 from llama4.prompt import ImageError, Tokenizer, parse_assistant_output
-from llama4.serve.engine import Constraint, GenerationRequest, TokenEvent
+from llama4.serve.protocol import Constraint, GenerationRequest, TokenEvent
 from llama4.serve.errors import APIError, bad_request
 from llama4.serve.remote_images import inline_remote_images
 from llama4.serve.schemas import (ChatCompletionRequest, ChoiceLogprobs, CompletionLogprobs, CompletionRequest,

@@ -1,0 +1,70 @@
+"""What callers and the engine exchange: the request, the events that come back, the refusals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from llama4.inference.sampling import SamplingParams
+
+
+class Constraint(Protocol):
+    """Restricts a sequence's next token (e.g. to valid JSON); see ``llama4.inference.constrained``."""
+
+    def restrict(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def advance(self, token_id: int) -> None: ...
+
+
+@dataclass
+class GenerationRequest:
+    prompt: list[int]
+    pixel_values: torch.Tensor | None = None  # image tiles for the prompt's <|patch|> slots
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None  # None: until a stop or the end of the context
+    stop: Sequence[str] = ()
+    stop_tokens: Sequence[int] | None = None  # None: the tokenizer's end-of-turn / end-of-text ids
+    constraint: Constraint | None = None
+
+
+@dataclass
+class TokenEvent:
+    """One generated token; ``text`` is what became safe to show (may be empty, e.g. half a character)."""
+
+    text: str
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class FinishEvent:
+    reason: str  # "stop" (stop token or string), "length", "cancelled" or "error"
+    text: str = ""  # text held back until the end (a possible stop-string prefix, a partial character)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # includes the stop token, which is generated but not shown
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of being prefilled
+    error: str | None = None
+
+
+Event = TokenEvent | FinishEvent
+
+
+class EngineError(Exception):
+    pass
+
+
+class QueueFull(EngineError):
+    def __init__(self, queued: int):
+        super().__init__(f"the request queue is full ({queued} waiting)")
+        self.queued = queued
+
+
+class ContextTooLong(EngineError, ValueError):
+    def __init__(self, prompt_tokens: int, max_context: int):
+        super().__init__(f"the prompt has {prompt_tokens} tokens but the context holds {max_context} "
+                         f"(including at least one generated token); shorten the prompt")
+        self.prompt_tokens, self.max_context = prompt_tokens, max_context
