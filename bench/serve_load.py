@@ -8,7 +8,9 @@ Phases (all against one in-process server on 127.0.0.1, with the official ``open
 2. scaling: the same batch of requests from 1 client, then from 8 concurrent clients - aggregate
    generated tokens/s (continuous batching should give 8 clients several times one client's rate);
 3. load: ``--requests`` streaming requests from ``--clients`` concurrent clients - HTTP 5xx count,
-   replies lost or different from the reference, time-to-first-token p50/p99, tokens/s.
+   replies lost or different from the reference, time-to-first-token p50/p99, tokens/s;
+4. prefix cache: two-turn conversations, one at a time, on this server and on one without a prefix
+   cache - the share of turn-2 prompt tokens reused, and turn-2 time-to-first-token with and without.
 
 Bounded: every phase stops at ``--time-limit`` seconds (the run then reports what finished). The
 results go to docs/PERFORMANCE.md under <!-- bench-serve --> unless ``--no-write``.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -45,6 +48,8 @@ class Outcome:
     status: int = 200
     text: str = ""
     tokens: int = 0
+    cached: int = 0  # prompt tokens the server reused from its prefix cache
+    prompt_tokens: int = 0
     ttft: float | None = None
     seconds: float = 0.0
     error: str | None = None
@@ -81,7 +86,9 @@ def stream_one(client, model: str, messages: list[dict], index: int, max_tokens:
                                                 stream=True, stream_options={"include_usage": True})
         for chunk in stream:
             if chunk.usage is not None:
-                outcome.tokens = chunk.usage.completion_tokens
+                outcome.tokens, outcome.prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
+                details = chunk.usage.prompt_tokens_details
+                outcome.cached = (details.cached_tokens or 0) if details is not None else 0
             for choice in chunk.choices:
                 if choice.delta.content:
                     if outcome.ttft is None:
@@ -121,6 +128,20 @@ def run_load(base_url: str, model: str, requests: list[tuple[int, list[dict]]], 
     return stats
 
 
+def converse(base_url: str, model: str, chats: list[list[dict]], max_tokens: int, time_limit: float) -> list[Outcome]:
+    """Two turns per chat, one chat at a time; the outcomes of the (streamed) second turns."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0, timeout=time_limit)
+    outcomes = []
+    for i, messages in enumerate(chats):
+        first = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+        follow = messages + [{"role": "assistant", "content": first.choices[0].message.content},
+                             {"role": "user", "content": "And then what happened?"}]
+        outcomes.append(stream_one(client, model, follow, i, max_tokens))
+    return outcomes
+
+
 class Server:
     """The app on a free loopback port, in a thread of this process."""
 
@@ -155,6 +176,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                        help="bf16 rounding can make a batched greedy reply differ from its solo run at near-ties")
     parser.add_argument("--time-limit", type=float, default=600, help="seconds per phase")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/PERFORMANCE.md")
     args = parser.parse_args()
@@ -166,7 +189,7 @@ def main() -> None:
     from llama4.serve.engine import EngineConfig
 
     torch.set_num_threads(args.threads)
-    model = llama4.load_model(args.model, dtype=torch.bfloat16)
+    model = llama4.load_model(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     tokenizer = llama4.load_tokenizer(args.model)
     config = EngineConfig(max_batch=args.max_batch, max_queue=max(args.requests, 64))
     server = Server(create_app(model, tokenizer, model_id="bench", engine_config=config))
@@ -181,8 +204,14 @@ def main() -> None:
         eight = run_load(server.url, "bench", batch, 8, args.max_tokens, args.time_limit, reference)
         load_requests = [(i % len(chats), chats[i % len(chats)]) for i in range(args.requests)]
         load = run_load(server.url, "bench", load_requests, args.clients, args.max_tokens, args.time_limit, reference)
+        with_prefix = converse(server.url, "bench", chats[:8], args.max_tokens, args.time_limit)
     finally:
         server.close()
+    plain = Server(create_app(model, tokenizer, model_id="bench", engine_config=EngineConfig(prefix_cache_bytes=0)))
+    try:
+        without_prefix = converse(plain.url, "bench", chats[:8], args.max_tokens, args.time_limit)
+    finally:
+        plain.close()
 
     rows = [[name, s.server_errors, s.lost, s.mismatched, f"{s.tokens_per_second:.1f}",
              f"{s.ttft_percentile(0.5) * 1000:.0f}", f"{s.ttft_percentile(0.99) * 1000:.0f}"]
@@ -190,10 +219,16 @@ def main() -> None:
                             (f"{args.clients} clients, {args.requests} requests", load))]
     table = markdown_table(["phase", "5xx", "lost", "mismatched", "tokens/s", "TTFT p50 ms", "TTFT p99 ms"], rows)
     ratio = eight.tokens_per_second / one.tokens_per_second if one.tokens_per_second else float("nan")
-    setup = (f"`bench/serve_load.py`: model {args.model or 'embedded'}, bf16, {args.threads} threads, max batch "
+    setup = (f"`bench/serve_load.py`: model {args.model or 'embedded'}, {args.dtype}, {args.threads} threads, "
+             f"max batch "
              f"{args.max_batch}, {args.max_tokens} new tokens per request, greedy; every reply compared with the same "
              f"prompt sent alone. 8 clients / 1 client aggregate tokens/s: {ratio:.2f}x. "
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}.")
+    reused = sum(o.cached for o in with_prefix) / max(1, sum(o.prompt_tokens for o in with_prefix))
+    with_ms = statistics.median(o.ttft for o in with_prefix if o.ttft is not None) * 1000
+    without_ms = statistics.median(o.ttft for o in without_prefix if o.ttft is not None) * 1000
+    setup += (f" Prefix cache, {len(with_prefix)} two-turn chats: {reused:.0%} of turn-2 prompt tokens reused; "
+              f"turn-2 TTFT median {with_ms:.0f} ms with, {without_ms:.0f} ms without.")
     print(table + "\n\n" + setup)
     if not args.no_write:
         body = "## Serving under load\n\n" + table + "\n\n" + setup

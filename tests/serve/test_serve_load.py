@@ -38,3 +38,10 @@ def test_concurrent_streams_get_their_solo_replies(server, serve_load):
     assert (load.server_errors, load.lost, load.mismatched) == (0, 0, 0)
     assert all(o.tokens == 12 and o.ttft is not None for o in load.outcomes)
     assert 0 < load.ttft_percentile(0.5) <= load.ttft_percentile(0.99) and load.tokens_per_second > 0
+
+
+def test_conversations_report_the_second_turns(server, serve_load):
+    outcomes = serve_load.converse(server.url, MODEL_ID, serve_load.prompts(2), 6, 60)
+    assert [o.index for o in outcomes] == [0, 1]
+    assert all(o.status == 200 and o.tokens == 6 and o.prompt_tokens > 20 and o.ttft is not None for o in outcomes)
+    assert all(0 <= o.cached < o.prompt_tokens for o in outcomes)
