@@ -127,3 +127,16 @@ def test_with_tools_a_prose_reply_still_streams(client):
     chunks = list(chat(client, tools=[WEATHER], max_tokens=30, stream=True))
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert "".join(pieces) == plain.message.content and len(pieces) > 3
+
+
+def test_a_tool_result_turn_renders_and_gets_a_reply(client, tok):
+    call = chat(client, tools=[WEATHER], tool_choice="required").choices[0].message.tool_calls[0]
+    messages = ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
+                      {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    reply = client.chat.completions.create(model=MODEL_ID, messages=messages, tools=[WEATHER], max_tokens=5,
+                                           temperature=0)
+    rendered = [{"role": "user", "content": ASK[0]["content"]},
+                {"role": "assistant", "tool_calls": [call.model_dump(exclude_none=True)]},
+                {"role": "tool", "content": '{"temperature": 21}'}]
+    assert reply.usage.prompt_tokens == len(tok.apply_chat_template(rendered, add_generation_prompt=True,
+                                                                    tools=[WEATHER]))
