@@ -11,9 +11,6 @@ from llama4.serve import translate
 from llama4.serve.schemas import ChatCompletionRequest
 from tests.serve.conftest import MODEL_ID
 
-# Only while the constrained decoder (written in parallel) has not landed: the forced-call and JSON tests need it.
-constrained = pytest.importorskip("llama4.inference.constrained")
-
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city.",
     "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},

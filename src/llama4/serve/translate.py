@@ -2,23 +2,24 @@
 
 Kept apart from the routes so that the mapping (messages -> prompt, parameters -> sampling, tool and
 ``response_format`` handling, logprob shapes) reads in one place and the HTTP layer only moves bytes.
-Everything here may raise :class:`~llama4.serve.errors.APIError`; nothing here touches the network.
+Everything here may raise :class:`~llama4.serve.errors.APIError`. The only network access is fetching
+image URLs, and only on a server started with ``--allow-remote-images`` (remote_images.py).
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from llama4.inference.constrained import JsonConstraint, SchemaError
 from llama4.inference.sampling import SamplingParams
 from llama4.inference.text import prepare_messages
 from llama4.prompt import ImageError, Tokenizer, parse_assistant_output
 from llama4.serve.protocol import Constraint, GenerationRequest, TokenEvent
-from llama4.serve.errors import APIError, bad_request
+from llama4.serve.errors import bad_request
 from llama4.serve.remote_images import inline_remote_images
 from llama4.serve.schemas import (ChatCompletionRequest, ChoiceLogprobs, CompletionLogprobs, CompletionRequest,
                                   FunctionCall, TokenLogprob, ToolCall, TopLogprob)
@@ -133,20 +134,11 @@ def _constraint_for(req: ChatCompletionRequest, tools: list[dict] | None,
                 raise bad_request("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
                                   param=param)
             schema = fmt.json_schema.schema_
-    constrained = _constrained_module()
     try:
-        constrained.JsonConstraint(tokenizer, schema)  # fail now, as a 400, rather than in the engine thread
-    except constrained.SchemaError as e:
+        JsonConstraint(tokenizer, schema)  # fail now, as a 400, rather than in the engine thread
+    except SchemaError as e:
         raise bad_request(f"unsupported JSON schema: {e}", param=param) from None
-    return lambda: constrained.JsonConstraint(tokenizer, schema)
-
-
-def _constrained_module():
-    try:
-        return importlib.import_module("llama4.inference.constrained")
-    except ImportError:
-        raise APIError(501, "constrained JSON decoding is not available in this installation",
-                       code="unsupported_response_format") from None
+    return lambda: JsonConstraint(tokenizer, schema)
 
 
 def plan_completion(req: CompletionRequest, tokenizer: Tokenizer) -> Plan:
