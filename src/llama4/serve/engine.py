@@ -10,7 +10,9 @@ Each iteration of the loop (:meth:`Engine.step`) does, in order:
    its first token and stack its row into the running batch (``KVCache.stack``); admitted requests
    with the same prompt (the other choices of ``n``) join with a copy of that row, unprefilled;
 4. run one decode step for every running row together (a ragged one-token pass: each row at its own
-   length, so a row's tokens are those of its solo run) and drop the rows that finished.
+   length, no padding, so a row computes what its solo run computes - up to rounding differences
+   between the batched masked and the solo attention kernels, which can flip bf16 near-ties) and
+   drop the rows that finished.
 
 So requests join and leave at token granularity, and a long prompt delays running streams by one
 piece per token rather than by its whole prefill. Each sequence has its own sampler, stop tokens,
