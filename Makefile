@@ -17,9 +17,28 @@ $(STAMP_BASE): pyproject.toml | $(PY)
 	touch $@
 
 # torchvision is only the image-preprocessing oracle; --no-deps keeps pip from replacing the CPU torch.
+# Headless Chromium for tests/serve/test_browser.py: Debian's chromium + chromium-driver, installed with
+# apt-get only when missing and apt-get can run (root or passwordless sudo); otherwise one line says so and
+# the set-up goes on (the browser test then skips, saying why). apt's output goes to .venv/apt-browser.log.
 $(STAMP_TEST): $(STAMP_BASE) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps torchvision==0.28.0
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "setup-test: chromium/chromedriver not installed and no apt-get here: the browser test will be skipped"; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then as=; \
+	  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then as="sudo -n"; \
+	  else as=none; fi; \
+	  if [ "$$as" = none ]; then \
+	    echo "setup-test: chromium/chromedriver not installed and apt-get needs root or passwordless sudo: the browser test will be skipped"; \
+	  elif { $$as apt-get update -q && $$as env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	         --no-install-recommends chromium chromium-driver; } >$(VENV)/apt-browser.log 2>&1; then \
+	    echo "setup-test: installed chromium and chromium-driver with apt-get"; \
+	  else \
+	    echo "setup-test: apt-get could not install chromium/chromium-driver (see $(VENV)/apt-browser.log): the browser test will be skipped"; \
+	  fi; \
+	fi
 	touch $@
 
 setup: $(STAMP_BASE)
