@@ -148,6 +148,14 @@ def recipe_record(data_dir: Path) -> dict:
     }
 
 
+def _stage_seconds(stage_dir: Path, elapsed: float) -> float:
+    """Wall time spent in a stage over all its (resumed) runs, kept in ``<stage>/seconds.json``."""
+    path = stage_dir / "seconds.json"
+    total = (json.loads(path.read_text())["seconds"] if path.is_file() else 0.0) + elapsed
+    path.write_text(json.dumps({"seconds": round(total, 1)}) + "\n")
+    return total
+
+
 def build_embedded(out_dir: str | Path, data_dir: str | Path, on_step: Callable | None = None) -> Path:
     """Run every stage (resuming finished ones) and write ``<out>/model``: weights, tokenizer, recipe.json."""
     import shutil
@@ -164,10 +172,10 @@ def build_embedded(out_dir: str | Path, data_dir: str | Path, on_step: Callable 
     seconds["tokenizer"] = time.perf_counter() - tic
     tic = time.perf_counter()
     pretrained, _ = pretrain(out, data_dir, tok, texts, on_step)
-    seconds["pretrain"] = time.perf_counter() - tic
+    seconds["pretrain"] = _stage_seconds(out / "pretrain", time.perf_counter() - tic)
     tic = time.perf_counter()
     model, result = instruct(out, data_dir, tok, texts, pretrained, on_step)
-    seconds["instruct"] = time.perf_counter() - tic
+    seconds["instruct"] = _stage_seconds(out / "instruct", time.perf_counter() - tic)
     final = out / "model"
     with torch.no_grad():
         save_model(model.to(torch.bfloat16), final)
