@@ -238,3 +238,34 @@ def test_ragged_decode_rows_equal_their_solo_full_forward(model):
 def test_invalid_block_size_raises(block_size):
     with pytest.raises(ValueError, match="block_size"):
         KVCache(tiny_text(), block_size=block_size)
+
+
+@pytest.mark.parametrize("total,cut", [(11, 9), (11, 8), (7, 5), (3, 1), (12, 12)])
+def test_truncate_equals_running_only_the_prefix(model, total, cut):
+    """Cut a cache back inside the chunk its chunked layers hold: the continuation is the same as after
+    running only the first ``cut`` tokens (fp32 1e-5)."""
+    x = ids(97, 1, total, seed=20)
+    more = ids(97, 1, 6, seed=21)
+    with torch.no_grad():
+        reference = KVCache(model.config.text)
+        model(x[:, :cut], cache=reference)
+        expected = model(more, cache=reference)
+        cache = KVCache(model.config.text)
+        model(x, cache=cache)
+        assert cache.earliest_cut() == (total // CHUNK) * CHUNK  # one prefill pass: the last chunk is held
+        cache.truncate(cut)
+        assert cache.lengths == [cut]
+        got = model(more, cache=cache)
+    assert rel_err(got, expected) <= 1e-5
+
+
+def test_truncate_refuses_cuts_before_the_held_chunk(model):
+    cache = KVCache(model.config.text)
+    with torch.no_grad():
+        model(ids(97, 1, 2 * CHUNK + 1, seed=22), cache=cache)
+    assert cache.earliest_cut() == 2 * CHUNK
+    with pytest.raises(ValueError, match="starts at 8"):
+        cache.truncate(2 * CHUNK - 1)
+    with pytest.raises(ValueError, match="0..9"):
+        cache.truncate(10)
+    assert cache.lengths == [2 * CHUNK + 1]  # refused cuts change nothing

@@ -55,12 +55,37 @@ def test_longest_strict_prefix_wins_and_entries_are_copied(model):
     store.put(short, cache_of(model, short))
     store.put(long_, cache_of(model, long_))
     assert store.take([1, 2, 3, 4, 5, 6])[0] == 5
-    assert store.take([1, 2, 3, 4, 5])[0] == 3  # strict: the last prompt token must still run
+    assert store.take([1, 2, 3, 4, 5])[0] == 4  # the last prompt token must still run: [1..5] cut to 4
+    assert store.take([1, 2, 3, 9, 9])[0] == 3  # shares 3 with both; the cut copy is as good as the short one
     assert store.take([9, 1, 2, 3])[0] == 0
     n, copy = store.take([1, 2, 3, 4, 5, 6])
     with torch.inference_mode():
         prefill(model, torch.tensor([[6, 7]]), copy)
     assert copy.lengths == [7] and store.take([1, 2, 3, 4, 5, 6])[1].lengths == [5]
+
+
+def test_a_prompt_that_departs_from_an_entry_reuses_the_shared_part(model):
+    """A re-rendered reply tokenizes differently from how it was generated: reuse up to the first
+    difference, and the continuation equals a fresh prefill (fp32 1e-5)."""
+    store = PrefixCache(max_bytes=2**30)
+    cached = [1, 5, 9, 13, 17, 21, 25]
+    store.put(cached, cache_of(model, cached))
+    prompt = [1, 5, 9, 13, 40, 41, 42, 43]
+    n, copy = store.take(prompt)
+    assert n == 4 and copy.lengths == [4]
+    with torch.inference_mode():
+        got = prefill(model, torch.tensor([prompt[n:]]), copy)
+        expected = prefill(model, torch.tensor([prompt]), llama4.KVCache(model.config.text))
+    assert ((got - expected).norm() / expected.norm()).item() <= 1e-5
+
+
+def test_no_reuse_before_the_chunk_the_entry_holds(model):
+    chunk = model.config.text.attention_chunk_size
+    store = PrefixCache(max_bytes=2**30)
+    cached = list(range(3, 3 + chunk + 3))
+    store.put(cached, cache_of(model, cached))
+    assert store.take(cached[:chunk - 1] + [0, 0])[0] == 0  # departs before the held chunk: not usable
+    assert store.take(cached[:chunk + 1] + [0])[0] == chunk + 1
 
 
 def test_the_byte_budget_evicts_least_recently_used(model):

@@ -197,6 +197,32 @@ class KVCache:
                 self._len[layer] = [self._len[layer][r] for r in rows]
                 self._start[layer] = [self._start[layer][r] for r in rows]
 
+    def earliest_cut(self) -> int:
+        """The shortest length :meth:`truncate` can cut back to: chunked layers hold only their current
+        chunk, so a cut must not reach before the start of the chunk they hold."""
+        cut = 0
+        for layer, chunked in enumerate(self.chunked):
+            if chunked and self._start[layer]:
+                cut = max(cut, max(self._start[layer]))
+        return cut
+
+    def truncate(self, length: int) -> None:
+        """Forget every token from sequence index ``length`` on (all rows at one length), as if only the
+        first ``length`` tokens had been run: a cached conversation reused up to where a new prompt
+        departs from it. Buffers keep their capacity; stale entries past the new lengths are never read."""
+        current = self.seq_len
+        if not 0 <= length <= current:
+            raise ValueError(f"can only truncate to 0..{current} tokens, got {length}")
+        if length < self.earliest_cut():
+            raise ValueError(f"cannot truncate to {length} tokens: chunked layers keep only their current "
+                             f"chunk, which starts at {self.earliest_cut()}")
+        for layer, chunked in enumerate(self.chunked):
+            if not self._len[layer]:
+                continue
+            start = self._start[layer][0] if chunked else 0
+            self._len[layer] = [length - start] * len(self._len[layer])
+        self.lengths = [length] * len(self.lengths)
+
     def nbytes(self) -> int:
         """Bytes of key/value storage currently allocated."""
         return sum(t.numel() * t.element_size() for t in (*self._k, *self._v) if t is not None)

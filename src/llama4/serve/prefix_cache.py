@@ -2,9 +2,11 @@
 (the next turn of a conversation) prefills only its new tokens.
 
 An entry is keyed by exactly the tokens its cache holds (the prompt and every generated token that
-was fed back). Only whole entries are reused: chunked-attention layers keep just the current chunk,
-so a cache cannot be cut back to an arbitrary shorter prefix. Entries are evicted least recently used
-first once their bytes pass the budget. Sequences with images are never stored: their keys and values
+was fed back). A new prompt reuses the entry it shares the longest prefix with, cut back to that
+prefix (``KVCache.truncate``): the next turn of a chat re-renders the previous reply, which need not
+tokenize as it was generated, so an exact-extension match would rarely hit. A cut can only go back to
+the start of the chunk the chunked-attention layers hold; a shorter common prefix is not reused.
+Entries are evicted least recently used first once their bytes pass the budget. Sequences with images are never stored: their keys and values
 depend on pixels, not only on token ids.
 """
 
@@ -44,16 +46,29 @@ class PrefixCache:
             self.bytes -= dropped
 
     def take(self, prompt: list[int]) -> tuple[int, KVCache | None]:
-        """The longest entry that is a strict prefix of ``prompt``: (its length, a copy of its cache).
+        """The longest usable shared prefix of ``prompt`` and a cached entry: (its length, a copy of the
+        entry's cache cut back to it); (0, None) when nothing is usable.
 
-        Strict, because the prompt's last token must still be run to get the next token's logits.
-        The entry stays (a copy is returned): other continuations of the same prefix may follow.
+        At most ``len(prompt) - 1`` tokens are reused: the prompt's last token must still be run to get
+        the next token's logits. The entry stays (a copy is returned): other continuations may follow.
         """
-        best = None
-        for key in self._entries:
-            if len(key) < len(prompt) and (best is None or len(key) > len(best)) and tuple(prompt[:len(key)]) == key:
-                best = key
+        best, best_len = None, 0
+        limit = len(prompt) - 1
+        for key, (cache, _) in self._entries.items():
+            shared = _shared_prefix(key, prompt, limit)
+            if shared > best_len and shared >= cache.earliest_cut():
+                best, best_len = key, shared
         if best is None:
             return 0, None
         self._entries.move_to_end(best)
-        return len(best), KVCache.stack([self._entries[best][0]])
+        copy = KVCache.stack([self._entries[best][0]])
+        copy.truncate(best_len)
+        return best_len, copy
+
+
+def _shared_prefix(key: tuple[int, ...], prompt: list[int], limit: int) -> int:
+    n = min(len(key), limit)
+    for i in range(n):
+        if key[i] != prompt[i]:
+            return i
+    return n
