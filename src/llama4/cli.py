@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="held-out perplexity, picture-question accuracy and samples")
     ev.add_argument("--data-dir", default="../shared/data", help="the shared data folder (held-out text)")
     ev.add_argument("--images", type=int, default=500, help="fresh pictures to ask about (0: skip)")
-    ev.add_argument("--window", type=int, default=256, help="perplexity window in tokens")
+    ev.add_argument("--window", type=int, default=1024, help="perplexity window in tokens")
     ev.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     ev.add_argument("--samples", action="store_true", help="also print a few unedited greedy samples")
     ev.add_argument("--seed", type=int, default=0, help="picture seed (training never used these pictures)")

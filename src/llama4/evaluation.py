@@ -27,7 +27,7 @@ from llama4.train.data import pack
 EVAL_SEED_PREFIX = "eval"  # training pictures are drawn from "images:<seed>:<batch>": disjoint streams
 
 
-def perplexity(model: Llama4Model, ids: Sequence[int], window: int = 256, batch_size: int = 8,
+def perplexity(model: Llama4Model, ids: Sequence[int], window: int = 1024, batch_size: int = 4,
                max_windows: int | None = None) -> dict:
     """Token-weighted perplexity of ``ids`` over consecutive windows of ``window`` tokens."""
     inputs, targets = pack(ids, window)
@@ -120,7 +120,7 @@ def samples(model: Llama4Model, tok, max_new_tokens: int = 96) -> list[dict]:
     return out
 
 
-def evaluate_model(model: Llama4Model, tok, data_dir, pictures: int = 500, window: int = 256,
+def evaluate_model(model: Llama4Model, tok, data_dir, pictures: int = 500, window: int = 1024,
                    max_windows: int | None = None, with_samples: bool = True, seed: int = 0) -> dict:
     """The full report of ``llama4 eval``: held-out perplexity with its unigram baseline, picture
     questions (multimodal models, ``pictures`` > 0) and samples."""

@@ -65,9 +65,9 @@ def draw_scene(rng: random.Random) -> tuple[Image.Image, Scene]:
     image = Image.new("RGB", (SIZE, SIZE), BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
     placed: list[tuple[float, float, float]] = []
-    radius_max = 90 if count == 1 else 55
+    radius_min, radius_max = (45, 100) if count == 1 else (35, 58)
     while len(placed) < count:
-        r = rng.uniform(35, radius_max)
+        r = rng.uniform(radius_min, radius_max)
         cx, cy = rng.uniform(r + 4, SIZE - r - 4), rng.uniform(r + 4, SIZE - r - 4)
         if all(math.hypot(cx - x, cy - y) > r + s + 8 for x, y, s in placed):
             placed.append((cx, cy, r))

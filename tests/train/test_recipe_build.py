@@ -19,6 +19,7 @@ def test_recipe_builds_a_loadable_model_with_a_card(tmp_path, monkeypatch):
     small = dict(steps=2, batch_size=2, warmup=1, eval_every=2, eval_batches=2, checkpoint_every=1, log_every=1)
     monkeypatch.setattr(recipe, "PRETRAIN", replace(recipe.PRETRAIN, **small))
     monkeypatch.setattr(recipe, "INSTRUCT", replace(recipe.INSTRUCT, **small))
+    monkeypatch.setattr(recipe, "IMAGE_BATCH", 2)
     final = recipe.build_embedded(tmp_path / "run", DATA)
     record = json.loads((final / "recipe.json").read_text())
     assert record["stages"]["pretrain"]["steps"] == 2 and len(record["data_sha256"]) == 6
@@ -29,7 +30,7 @@ def test_recipe_builds_a_loadable_model_with_a_card(tmp_path, monkeypatch):
     assert next(model.text.parameters()).dtype == torch.float32
     assert {t.dtype for t in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
         final / "model.safetensors").values()} == {torch.bfloat16}
-    report = recipe.evaluate_and_card(final, DATA, pictures=2, max_windows=4)
+    report = recipe.evaluate_and_card(final, DATA, pictures=2, max_windows=2)
     card = (final / "README.md").read_text()
     assert f"{report['perplexity']['perplexity']:.2f}" in card and "chance" in card
     assert report["perplexity"]["perplexity"] < report["perplexity"]["unigram_baseline"] * 10

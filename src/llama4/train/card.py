@@ -96,6 +96,8 @@ def render_card(model_dir: Path, report: dict) -> str:
         "",
         f"1. Pretraining: {stages['pretrain']['steps']} steps of {stages['pretrain']['batch_size']} x "
         f"{stages['pretrain']['seq_len']} tokens, TinyStories with {int(100 * recipe['tales_share'])} % tales, "
+        f"batches in the pattern {', '.join(stages['pretrain_pattern'])} (picture batches: "
+        f"{stages['image_rows']['batch_size']} pictures, one per {stages['image_rows']['seq_len']}-token row), "
         f"AdamW lr {stages['pretrain']['lr']} (warm-up, cosine), router load-balancing loss "
         f"x{stages['pretrain']['aux_coef']}.",
         f"2. Instruct: {stages['instruct']['steps']} steps mixing (in the pattern "
@@ -123,8 +125,9 @@ def render_card(model_dir: Path, report: dict) -> str:
         "plain background); on photographs it answers with those words anyway.",
         "- English only; the tokenizer still round-trips any text (byte fallback) but compresses other "
         "scripts poorly.",
-        "- Context: trained on 256-token rows; longer prompts work mechanically (iRoPE, chunked cache) but "
-        "quality falls off.",
+        "- Context: trained on 1,024-token rows; longer prompts work mechanically (iRoPE, chunked cache) but "
+        "quality falls off. A picture is seen by the chunked layers only from inside its 256-token chunk: "
+        "ask about it in the turn that carries it.",
         "",
     ]
     return "\n".join(lines)
