@@ -45,7 +45,7 @@ setup: $(STAMP_BASE)
 setup-test: $(STAMP_TEST)
 
 demo: setup
-	$(VENV)/bin/llama4 info --preset scout
+	$(VENV)/bin/llama4 demo
 
 test: setup-test
 	$(PY) -m pytest -q
