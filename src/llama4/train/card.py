@@ -103,11 +103,14 @@ def render_card(model_dir: Path, report: dict) -> str:
         f"2. Instruct: {stages['instruct']['steps']} steps mixing (in the pattern "
         f"{', '.join(stages['instruct_pattern'])}) chats, synthetic-picture questions and pretraining text, "
         f"lr {stages['instruct']['lr']}.",
+        f"3. Pictures: {stages['pictures']['steps']} steps of {stages['pictures']['batch_size']} picture "
+        f"conversations only, lr {stages['pictures']['lr']} -> {stages['pictures']['min_lr']}.",
         "",
     ]
     for name, seconds in recipe.get("seconds", {}).items():
         lines.append(f"- {name}: {seconds / 60:.1f} min on this run's machine")
-    lines += ["", "![pretraining loss](pretrain_loss.png) ![instruct loss](instruct_loss.png)", "",
+    lines += ["", "![pretraining loss](pretrain_loss.png) ![instruct loss](instruct_loss.png) "
+              "![pictures loss](pictures_loss.png)", "",
               "Per-expert token shares at the end of training (per MoE layer): "
               + "; ".join(str(s) for s in recipe.get("expert_shares", [])), ""]
     lines += ["## Data and licenses", "",
