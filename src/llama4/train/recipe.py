@@ -8,7 +8,6 @@ each resumable (an interrupted run continues where it stopped, bit-identically):
    synthetic-picture questions (joint early-fusion pretraining, as Llama 4 does).
 3. ``instruct``: a mixture of chat turns (small talk, identity, task dialogues, story requests),
    synthetic-image questions and pretraining text (against forgetting).
-4. ``pictures``: picture conversations only, at a steady learning rate.
 
 The result (``<out>/model``) holds the weights, tokenizer and ``recipe.json`` (this recipe, the data files'
 SHA-256 and the code version).
@@ -40,8 +39,6 @@ PRETRAIN = TrainConfig(steps=1200, batch_size=4, seq_len=1024, lr=3e-3, min_lr=3
 INSTRUCT = TrainConfig(steps=1000, batch_size=4, seq_len=1024, lr=1e-3, min_lr=2e-4, warmup=30, eval_every=100,
                        eval_batches=16, checkpoint_every=50, seed=SEED + 1, aux_coef=0.01)
 
-PICTURES = TrainConfig(steps=480, batch_size=16, seq_len=256, lr=1e-3, min_lr=5e-4, warmup=10, eval_every=120,
-                       eval_batches=4, checkpoint_every=40, seed=SEED + 2, aux_coef=0.01)
 IMAGE_BATCH, IMAGE_ROW = 16, 256  # picture rows: one picture and its questions, inside one attention chunk
 MODEL_NAME = "llama4-tiny"
 AUTHOR = "the llama4 project"
@@ -148,31 +145,6 @@ def instruct(out: Path, data_dir: Path, tok, texts: list[str], pretrained: torch
     return model, result
 
 
-def pictures(out: Path, tok, instructed: torch.nn.Module, on_step: Callable | None = None
-             ) -> tuple[torch.nn.Module, TrainResult]:
-    """Stage 4: a fresh vision tower and projector, trained on picture conversations only at a steady
-    learning rate (resumes from ``<out>/pictures``).
-
-    Why fresh: trained jointly from the start (peak lr 3e-3), the tower's output drifted to a large
-    constant vector (norm ~200) with ~2 % variation across pictures and tokens, and the answers stayed
-    near chance after 10,000 pictures; a new tower trained alone learned colours within ~2,000 in a
-    trial. The language model keeps what the earlier stages taught it, the chat format included."""
-    from llama4.train.instruct_data import ImageBatches
-
-    tc = PICTURES
-    held_out_images = ImageBatches(tok, IMAGE_BATCH, IMAGE_ROW, seed=20_000 + tc.seed)
-    held_out = [next(held_out_images) for _ in range(tc.eval_batches)]
-    model = random_model(embedded_config(tok), seed=tc.seed)
-    fresh_vision = ("vision.", "projector.")
-    with torch.no_grad():
-        kept = {k: v for k, v in instructed.state_dict().items() if not k.startswith(fresh_vision)}
-        missing, unexpected = model.load_state_dict(kept, strict=False)
-        assert all(k.startswith(fresh_vision) for k in missing) and not unexpected
-    result = train(model, tc, ImageBatches(tok, tc.batch_size, tc.seq_len, seed=tc.seed + 200), held_out,
-                   out / "pictures", resume=True, on_step=on_step)
-    return model, result
-
-
 def recipe_record(data_dir: Path) -> dict:
     """What ``recipe.json`` records: the stages' settings, the data files' hashes, the code version."""
     files = ["tinystories", "tales", "tinystories_valid", "smalltalk", "sgd"]
@@ -184,7 +156,7 @@ def recipe_record(data_dir: Path) -> dict:
         "command": "llama4 train --recipe embedded --out DIR",
         "base_vocab": BASE_VOCAB, "tales_share": TALES_SHARE, "seed": SEED,
         "stages": {"pretrain": asdict(PRETRAIN), "pretrain_pattern": list(PRETRAIN_PATTERN),
-                   "instruct": asdict(INSTRUCT), "pictures": asdict(PICTURES),
+                   "instruct": asdict(INSTRUCT),
                    "image_rows": {"batch_size": IMAGE_BATCH, "seq_len": IMAGE_ROW},
                    "instruct_pattern": list(INSTRUCT_PATTERN)},
         "data_sha256": {p: file_sha256(data_dir / p) for p in paths},
@@ -199,6 +171,12 @@ def _stage_seconds(stage_dir: Path, elapsed: float) -> float:
     total = (json.loads(path.read_text())["seconds"] if path.is_file() else 0.0) + elapsed
     path.write_text(json.dumps({"seconds": round(total, 1)}) + "\n")
     return total
+
+
+def _last_expert_shares(metrics: Path) -> list:
+    """Per-expert token shares of the last evaluation a stage logged (a resumed, finished stage runs none)."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    return next((r["expert_shares"] for r in reversed(records) if "expert_shares" in r), [])
 
 
 def build_embedded(out_dir: str | Path, data_dir: str | Path, on_step: Callable | None = None) -> Path:
@@ -219,21 +197,19 @@ def build_embedded(out_dir: str | Path, data_dir: str | Path, on_step: Callable 
     pretrained, _ = pretrain(out, data_dir, tok, texts, on_step)
     seconds["pretrain"] = _stage_seconds(out / "pretrain", time.perf_counter() - tic)
     tic = time.perf_counter()
-    instructed, _ = instruct(out, data_dir, tok, texts, pretrained, on_step)
+    model, result = instruct(out, data_dir, tok, texts, pretrained, on_step)
     seconds["instruct"] = _stage_seconds(out / "instruct", time.perf_counter() - tic)
-    tic = time.perf_counter()
-    model, result = pictures(out, tok, instructed, on_step)
-    seconds["pictures"] = _stage_seconds(out / "pictures", time.perf_counter() - tic)
     final = out / "model"
     with torch.no_grad():
         save_model(model.to(torch.bfloat16), final)
     tok.save(final)
-    for stage in ("pretrain", "instruct", "pictures"):
+    for stage in ("pretrain", "instruct"):
         if (out / stage / "loss.png").is_file():
             shutil.copyfile(out / stage / "loss.png", final / f"{stage}_loss.png")
     copy_licenses(data_dir, final)
+    shares = result.expert_shares or _last_expert_shares(out / "instruct" / "metrics.jsonl")
     record = {**recipe_record(data_dir), "seconds": {k: round(v, 1) for k, v in seconds.items()},
-              "expert_shares": result.expert_shares}
+              "expert_shares": shares}
     (final / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
     return final
 
