@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import llama4.info as llama4_info
+
 import pytest
 
 import llama4
@@ -57,7 +59,13 @@ def test_info_json_parses(capsys):
     assert len(info["layers"]) == 48 and info["layers"][3]["attention"] == "global"
 
 
-def test_info_default_is_scout(capsys):
+def test_info_default_is_the_embedded_model(capsys, monkeypatch):
+    from llama4.build import EMBEDDED_DIR
+
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["total_params"] == llama4_info.model_info(EMBEDDED_DIR)["total_params"] < 25_000_000
+    monkeypatch.setattr("llama4.build.EMBEDDED_DIR", EMBEDDED_DIR / "missing")  # no embedded model: Scout
     assert main(["info", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total_params"] == 108_641_793_536
 
