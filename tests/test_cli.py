@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import llama4.info as llama4_info
-
 import pytest
 
 import llama4
+import llama4.info as llama4_info
 from llama4.cli import main
 from llama4.presets import text_config
 
