@@ -14,14 +14,14 @@ import io
 import socket
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 from PIL import Image
 
 import llama4
-from llama4.config import VisionConfig
-from llama4.presets import text_config
+from llama4.presets import LLAMA4_VISION, text_config
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install -e '.[test]')")
@@ -54,10 +54,8 @@ def checkpoint(tmp_path_factory, tok):
                        head_dim=8, intermediate_size=32, num_experts=4, attention_chunk_size=16, floor_scale=8,
                        max_position_embeddings=4096,
                        bos_token_id=tok.bos_id, eos_token_ids=tok.eos_ids, pad_token_id=tok.pad_id)
-    vision = VisionConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=128, image_size=336,
-                          patch_size=14, num_channels=3, norm_eps=1e-5, vision_output_dim=48,
-                          pixel_shuffle_ratio=0.5, projector_input_dim=48, projector_output_dim=48,
-                          multi_modal_projector_bias=False, rope_theta=10000.0)
+    vision = replace(LLAMA4_VISION, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=128,
+                     vision_output_dim=48, projector_input_dim=48, projector_output_dim=48)
     config = llama4.ModelConfig(text=text, vision=vision, image_token_id=tok.patch_id,
                                 boi_token_id=tok.image_start_id, eoi_token_id=tok.image_end_id)
     model = llama4.random_model(config, std=0.3, seed=1)

@@ -207,6 +207,20 @@ def _error_chunk(event: FinishEvent) -> dict:
                       "code": None}}
 
 
+async def _gather(reply) -> None:
+    """Wait for every choice of a non-streamed reply, filling its texts, token events and finishes;
+    a choice that failed fails the whole reply (HTTP 500)."""
+    async for i, event in reply.choices.events():
+        reply.texts[i] += event.text
+        if isinstance(event, TokenEvent):
+            reply.events[i].append(event)
+        else:
+            reply.finishes[i] = event
+    failed = [f for f in reply.finishes if f.reason == "error"]
+    if failed:
+        raise APIError(500, failed[0].error or "generation failed", "server_error")
+
+
 class _ChatReply:
     """Shapes one chat request's engine events as a ChatCompletion or as a stream of chunks."""
 
@@ -226,15 +240,7 @@ class _ChatReply:
         return translate.chat_logprobs(self.tokenizer, events) if self.req.logprobs else None
 
     async def collect(self) -> ChatCompletion:
-        async for i, event in self.choices.events():
-            self.texts[i] += event.text
-            if isinstance(event, TokenEvent):
-                self.events[i].append(event)
-            else:
-                self.finishes[i] = event
-        failed = [f for f in self.finishes if f.reason == "error"]
-        if failed:
-            raise APIError(500, failed[0].error or "generation failed", "server_error")
+        await _gather(self)
         out = []
         for i, finish in enumerate(self.finishes):
             content, calls = translate.tool_calls_of(self.texts[i], self.plan.tools)
@@ -317,15 +323,7 @@ class _CompletionReply:
         return translate.completion_logprobs(self.tokenizer, events, len(self._echo(i)))
 
     async def collect(self) -> TextCompletion:
-        async for i, event in self.choices.events():
-            self.texts[i] += event.text
-            if isinstance(event, TokenEvent):
-                self.events[i].append(event)
-            else:
-                self.finishes[i] = event
-        failed = [f for f in self.finishes if f.reason == "error"]
-        if failed:
-            raise APIError(500, failed[0].error or "generation failed", "server_error")
+        await _gather(self)
         out = [CompletionChoice(index=i, text=self.texts[i], logprobs=self._logprobs(i, self.events[i]),
                                 finish_reason="length" if f.reason == "length" else "stop")
                for i, f in enumerate(self.finishes)]

@@ -122,12 +122,12 @@ def render_card(model_dir: Path, report: dict) -> str:
         "",
         "- About 12 M parameters and a few million training tokens: stories drift and repeat, facts are "
         "invented, instructions outside small talk, identity questions and story requests are not followed.",
-        "- Pictures: the answers about colour and shape are well short of useful (figures above). The vision "
-        "tower's output is dominated by one common vector (post-GELU adapter, norm ~17 with ~1-2 % variation "
-        "across pictures), which the language model reads only slowly. A fourth stage of picture-only "
-        "training with a fresh tower reached 77 % on colour but destroyed the text model (perplexity ~2,000) "
-        "and was not shipped. It knows only the synthetic scenes (one kind of shape in one colour on a plain "
-        "background); on photographs it answers with those words anyway.",
+        "- Pictures: the answers about colour and shape are well short of useful (figures above): the vision "
+        "tower's output is dominated by one vector common to all pictures, which the language model reads only "
+        "slowly. A picture-only fourth stage with a fresh tower (the recipe at commit 9ba2759) raised colour "
+        "answers but destroyed the text model, and was not shipped. It knows only the synthetic scenes (one "
+        "kind of shape in one colour on a plain background); on photographs it answers with those words "
+        "anyway.",
         "- English only; the tokenizer still round-trips any text (byte fallback) but compresses other "
         "scripts poorly.",
         "- Context: trained on 1,024-token rows; longer prompts work mechanically (iRoPE, chunked cache) but "

@@ -137,9 +137,7 @@ def instruct(out: Path, data_dir: Path, tok, texts: list[str], pretrained: torch
     held_out_images = ImageBatches(tok, IMAGE_BATCH, IMAGE_ROW, seed=10_000 + tc.seed)
     held_out = eval_batches(vx, vy, tc.batch_size, tc.eval_batches // 2) + [
         next(held_out_images) for _ in range(tc.eval_batches // 2)]
-    model = random_model(embedded_config(tok), seed=tc.seed)
-    with torch.no_grad():
-        model.load_state_dict(pretrained.state_dict())
+    model = pretrained  # continued in place (or replaced by the instruct checkpoint when resuming)
     result = train(model, tc, Mixture(sources, INSTRUCT_PATTERN), held_out, out / "instruct", resume=True,
                    on_step=on_step)
     return model, result
