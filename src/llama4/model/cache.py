@@ -197,6 +197,26 @@ class KVCache:
                 self._len[layer] = [self._len[layer][r] for r in rows]
                 self._start[layer] = [self._start[layer][r] for r in rows]
 
+    def copy_rows(self, rows: list[int]) -> KVCache:
+        """A new cache holding copies of rows ``rows`` only (this cache is unchanged)."""
+        index = torch.tensor(rows, dtype=torch.long)
+        out = KVCache.__new__(KVCache)
+        out.chunk, out.chunked, out.block_size = self.chunk, self.chunked, self.block_size
+        out.lengths = [self.lengths[r] for r in rows]
+        out._k, out._v, out._len, out._start = [], [], [], []
+        for layer in range(len(self._k)):
+            if self._k[layer] is None:
+                out._k.append(None)
+                out._v.append(None)
+                out._len.append([])
+                out._start.append([])
+                continue
+            out._k.append(self._k[layer].index_select(0, index.to(self._k[layer].device)))
+            out._v.append(self._v[layer].index_select(0, index.to(self._v[layer].device)))
+            out._len.append([self._len[layer][r] for r in rows])
+            out._start.append([self._start[layer][r] for r in rows])
+        return out
+
     def earliest_cut(self) -> int:
         """The shortest length :meth:`truncate` can cut back to: chunked layers hold only their current
         chunk, so a cut must not reach before the start of the chunk they hold."""

@@ -172,14 +172,23 @@ def create_app(model: Llama4Model, tokenizer: Tokenizer, *, model_id: str = "lla
     return app
 
 
-def _sse(chunks: AsyncIterator[BaseModel | dict | str]) -> StreamingResponse:
+def _sse_event(chunk: BaseModel | dict | str) -> str:
+    if isinstance(chunk, BaseModel):
+        chunk = chunk.model_dump_json(exclude_none=True)
+    elif isinstance(chunk, dict):
+        chunk = json.dumps(chunk)
+    return f"data: {chunk}\n\n"
+
+
+def _sse(chunks: AsyncIterator[BaseModel | dict | str | list]) -> StreamingResponse:
+    """Server-sent events, one per chunk; a list of chunks (what arrived together) goes out in one write."""
     async def lines():
         async for chunk in chunks:
-            if isinstance(chunk, BaseModel):
-                chunk = chunk.model_dump_json(exclude_none=True)
-            elif isinstance(chunk, dict):
-                chunk = json.dumps(chunk)
-            yield f"data: {chunk}\n\n"
+            if isinstance(chunk, list):
+                if chunk:
+                    yield "".join(_sse_event(c) for c in chunk)
+            else:
+                yield _sse_event(chunk)
     return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -253,34 +262,37 @@ class _ChatReply:
         return ChatCompletionChunk(id=self.id, model=self.model_id, choices=[
             ChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
 
-    async def stream(self) -> AsyncIterator[BaseModel | dict | str]:
-        """Content deltas as they come. With tools, a reply that opens like a call is held to the end and
-        sent as tool-call deltas (or as content, if it does not parse); one that opens as prose streams."""
+    async def stream(self) -> AsyncIterator[BaseModel | dict | str | list]:
+        """Content deltas as they come (a list: the chunks of the events that arrived together). With
+        tools, a reply that opens like a call is held to the end and sent as tool-call deltas (or as
+        content, if it does not parse); one that opens as prose streams."""
         try:
             for i in range(self.n):
                 yield self._chunk(i, Delta(role="assistant", content=""))
-            async for i, event in self.choices.events():
-                if isinstance(event, TokenEvent):
-                    self.texts[i] += event.text
-                    self.events[i].append(event)
-                    if self.holding[i]:
-                        if translate.may_be_tool_call(self.texts[i]) is False:  # prose: release, then stream
-                            self.holding[i] = False
-                            yield self._chunk(i, Delta(content=self.texts[i]), self._logprobs(self.events[i]))
-                    elif event.text or self.req.logprobs:
-                        yield self._chunk(i, Delta(content=event.text), self._logprobs([event]))
-                    continue
-                self.finishes[i] = event
-                if event.reason == "error":
-                    yield _error_chunk(event)
-                    continue
-                for chunk in self._final_chunks(i, event):
-                    yield chunk
+            async for batch in self.choices.batches():
+                yield [chunk for i, event in batch for chunk in self._chunks_of(i, event)]
             if self.req.stream_options is not None and self.req.stream_options.include_usage:
                 yield ChatCompletionChunk(id=self.id, model=self.model_id, choices=[], usage=self.usage())
             yield "[DONE]"
         finally:
             self.choices.cancel()
+
+    def _chunks_of(self, i: int, event: TokenEvent | FinishEvent) -> list[BaseModel | dict]:
+        """The chunks one event of choice i produces (none while a possible tool call is held)."""
+        if isinstance(event, TokenEvent):
+            self.texts[i] += event.text
+            self.events[i].append(event)
+            if self.holding[i]:
+                if translate.may_be_tool_call(self.texts[i]) is False:  # prose: release, then stream
+                    self.holding[i] = False
+                    return [self._chunk(i, Delta(content=self.texts[i]), self._logprobs(self.events[i]))]
+            elif event.text or self.req.logprobs:
+                return [self._chunk(i, Delta(content=event.text), self._logprobs([event]))]
+            return []
+        self.finishes[i] = event
+        if event.reason == "error":
+            return [_error_chunk(event)]
+        return self._final_chunks(i, event)
 
     def _final_chunks(self, i: int, event: FinishEvent) -> list[ChatCompletionChunk]:
         chunks = []
@@ -333,21 +345,23 @@ class _CompletionReply:
         return TextCompletion(id=self.id, model=self.model_id, choices=[
             CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=finish_reason)])
 
-    async def stream(self) -> AsyncIterator[BaseModel | dict | str]:
+    def _chunks_of(self, i: int, event: TokenEvent | FinishEvent) -> list[BaseModel | dict]:
+        if isinstance(event, TokenEvent):
+            if event.text or self.req.logprobs is not None:
+                return [self._chunk(i, event.text, self._logprobs(i, [event]))]
+            return []
+        self.finishes[i] = event
+        if event.reason == "error":
+            return [_error_chunk(event)]
+        return [self._chunk(i, event.text, finish_reason="length" if event.reason == "length" else "stop")]
+
+    async def stream(self) -> AsyncIterator[BaseModel | dict | str | list]:
         try:
             for i, echo in enumerate(self.texts):
                 if echo:
                     yield self._chunk(i, echo)
-            async for i, event in self.choices.events():
-                if isinstance(event, TokenEvent):
-                    if event.text or self.req.logprobs is not None:
-                        yield self._chunk(i, event.text, self._logprobs(i, [event]))
-                    continue
-                self.finishes[i] = event
-                if event.reason == "error":
-                    yield _error_chunk(event)
-                    continue
-                yield self._chunk(i, event.text, finish_reason="length" if event.reason == "length" else "stop")
+            async for batch in self.choices.batches():
+                yield [chunk for i, event in batch for chunk in self._chunks_of(i, event)]
             if self.req.stream_options is not None and self.req.stream_options.include_usage:
                 yield TextCompletion(id=self.id, model=self.model_id, choices=[], usage=self.usage())
             yield "[DONE]"

@@ -78,6 +78,13 @@ class _Sequence:
         self.embeds: torch.Tensor | None = None  # [1, T, D] while prefilling
         self.prefilled = 0  # prompt tokens in the cache, reused ones included
         self.reused = 0  # prompt tokens that came from the prefix cache
+        self.started = False  # the prefix cache has been consulted (prefilled / reused are set)
+        self.pieces = 0  # prefill pieces run
+        params = request.params
+        # greedy without history, logprobs or constraint: the token is the row's argmax, taken for the
+        # whole batch at once
+        self.plain_greedy = (params.greedy and not params.uses_history and params.logprobs is None
+                             and request.constraint is None)
         self.arrived = time.perf_counter()
         self.last_time: float | None = None
 
@@ -203,6 +210,7 @@ class Engine:
             self._finish(seq, "cancelled")
         self._drop_rows([i for i, s in enumerate(self._running) if not s.cancelled], "cancelled")
         worked = bool(self._prefilling or self._running)
+        self._join_short()
         if self._prefilling:
             self._prefill_piece(self._prefilling[0])
         if self._running:
@@ -210,11 +218,28 @@ class Engine:
         self._kv_bytes = sum(c.nbytes() for c in [self._cache, *(s.cache for s in self._prefilling)] if c is not None)
         return worked
 
+    def _join_short(self) -> None:
+        """Text prompts with one token left to run (the rest came from the prefix cache) join the decode
+        batch at once: that token is their decode input, so they need no forward pass of their own."""
+        for seq in list(self._prefilling):
+            if seq.request.pixel_values is not None or seq.pieces:
+                continue
+            if not seq.started:
+                self._take_prefix(seq)
+            if len(seq.request.prompt) - seq.prefilled != 1:
+                continue
+            self._prefilling.remove(seq)
+            self.metrics.add_tokens(prompt=1, cached=seq.reused)
+            cache, seq.cache = seq.cache if seq.cache is not None else KVCache(self.model.config.text), None
+            seq.last_token = seq.request.prompt[-1]
+            self._join(seq, cache)
+
     def _prefill_piece(self, seq: _Sequence) -> None:
         prompt = seq.request.prompt
         try:
             if seq.embeds is None:
                 self._start_prefill(seq)
+            seq.pieces += 1
             at = seq.prefilled
             piece = seq.embeds[:, at - seq.reused:at - seq.reused + self.config.prefill_chunk]
             positions = torch.arange(at, at + piece.shape[1], device=self.device)[None]
@@ -231,10 +256,11 @@ class Engine:
         self.metrics.add_tokens(prompt=len(prompt) - seq.reused, cached=seq.reused)
         cache, seq.cache, last = seq.cache, None, logits[0, -1].float().cpu()
         # Admitted requests with the same prompt (e.g. the other choices of n) take a copy instead of a prefill.
-        twins = [s for s in self._prefilling if s.embeds is None and s.request.prompt == prompt
+        twins = [s for s in self._prefilling if not s.pieces and s.request.prompt == prompt
                  and s.request.pixel_values is seq.request.pixel_values]
         for twin in twins:
             self._prefilling.remove(twin)
+            twin.cache = None  # a shorter cached prefix it may have taken
             twin.reused = twin.prefilled = len(prompt)
             self.metrics.add_tokens(cached=len(prompt))
             self._admit(twin, KVCache.stack([cache]), last)
@@ -243,24 +269,32 @@ class Engine:
     def _admit(self, seq: _Sequence, cache: KVCache, logits: torch.Tensor) -> None:
         """A prefilled sequence: sample its first token and, unless that ends it, join the running batch."""
         if self._accept(seq, logits):
-            self._cache = cache if self._cache is None else KVCache.stack([self._cache, cache])
-            self._running.append(seq)
+            self._join(seq, cache)
         elif self._reusable(seq):  # finished at its first token: the cache holds exactly the prompt
             self.prefix_cache.put(list(seq.request.prompt), cache)
 
-    def _start_prefill(self, seq: _Sequence) -> None:
-        """Take the longest cached prefix (text-only prompts), embed the rest; image features are
-        computed once, for the whole prompt."""
-        prompt, pixels = seq.request.prompt, seq.request.pixel_values
-        cache = None
-        if self.prefix_cache is not None and pixels is None:
-            seq.reused, cache = self.prefix_cache.take(prompt)
+    def _join(self, seq: _Sequence, cache: KVCache) -> None:
+        self._cache = cache if self._cache is None else KVCache.stack([self._cache, cache])
+        self._running.append(seq)
+
+    def _take_prefix(self, seq: _Sequence) -> None:
+        """Take the longest cached prefix of a text-only prompt (none for prompts with images)."""
+        seq.started = True
+        if self.prefix_cache is not None and seq.request.pixel_values is None:
+            seq.reused, seq.cache = self.prefix_cache.take(seq.request.prompt)
             seq.prefilled = seq.reused
+
+    def _start_prefill(self, seq: _Sequence) -> None:
+        """Embed the prompt after its cached prefix; image features are computed once, for the whole prompt."""
+        if not seq.started:
+            self._take_prefix(seq)
+        prompt, pixels = seq.request.prompt, seq.request.pixel_values
         ids = torch.tensor([prompt[seq.reused:]], device=self.device)
         if pixels is not None:
             pixels = pixels.to(device=self.device, dtype=self.model.text.embed.weight.dtype)
         seq.embeds = self.model.embed(ids, pixels)
-        seq.cache = cache if cache is not None else KVCache(self.model.config.text)
+        if seq.cache is None:
+            seq.cache = KVCache(self.model.config.text)
 
     def _reusable(self, seq: _Sequence) -> bool:
         return self.prefix_cache is not None and seq.request.pixel_values is None and seq.reason != "error"
@@ -274,7 +308,9 @@ class Engine:
                 self._finish(seq, "error", error=f"decode failed: {e}")
             self._running, self._cache = [], None
             return
-        keep = [i for i, seq in enumerate(self._running) if self._accept(seq, logits[i])]
+        greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in self._running) else None
+        keep = [i for i, seq in enumerate(self._running)
+                if self._accept(seq, logits, i, greedy[i] if greedy is not None and seq.plain_greedy else None)]
         self._drop_rows(keep, None)
 
     def _drop_rows(self, keep: list[int], reason: str | None) -> None:
@@ -287,28 +323,31 @@ class Engine:
             if reason is not None:
                 self._finish(seq, reason)
             if self._reusable(seq):  # a copy of its row: the batch cache is about to lose it
-                row = KVCache.stack([self._cache])
-                row.keep_rows([i])
-                self.prefix_cache.put(seq.request.prompt + seq.tokens[:-1], row)
+                self.prefix_cache.put(seq.request.prompt + seq.tokens[:-1], self._cache.copy_rows([i]))
         self._running = [self._running[i] for i in keep]
         if not keep:
             self._cache = None
         else:
             self._cache.keep_rows(keep)
 
-    def _accept(self, seq: _Sequence, logits: torch.Tensor) -> bool:
-        """Sample the sequence's next token from logits [V] and report it; False when it finished."""
+    def _accept(self, seq: _Sequence, logits: torch.Tensor, row: int | None = None, token: int | None = None
+                ) -> bool:
+        """Sample the sequence's next token from logits [V] (or row ``row`` of logits [B, V]; ``token``:
+        already chosen) and report it; False when it finished."""
         try:
-            return self._sample(seq, logits)
+            return self._sample(seq, logits if row is None else logits[row], token)
         except Exception as e:  # a failing constraint or sampler ends its own sequence, not the batch
             self._finish(seq, "error", error=f"sampling failed: {e}")
             return False
 
-    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> bool:
+    def _sample(self, seq: _Sequence, logits: torch.Tensor, token: int | None = None) -> bool:
         constraint = seq.request.constraint
-        if constraint is not None:
-            logits = constraint.restrict(logits)
-        choice: TokenChoice = seq.sampler.choose(logits)
+        if token is not None:
+            choice = TokenChoice(token)
+        else:
+            if constraint is not None:
+                logits = constraint.restrict(logits)
+            choice: TokenChoice = seq.sampler.choose(logits)
         seq.generated += 1
         seq.tokens.append(choice.token)
         self._time_token(seq)

@@ -1,7 +1,11 @@
 """The bridge between the engine thread and the event loop: one request's choices as an async stream.
 
-The engine calls each choice's sink from its own thread; the sink hands the event to the loop with
-``call_soon_threadsafe`` (never blocking the engine, never a thread per waiting client). Whatever
+The engine calls each choice's sink from its own thread; the sink hands the event to the loop through
+one :class:`LoopBridge` per event loop (never blocking the engine, never a thread per waiting client):
+events pile up in the bridge and the loop is woken once per batch of them (``call_soon_threadsafe``
+writes to the loop's self-pipe; once per token per stream would wake the loop, and take the GIL,
+hundreds of times a second under load). Consumers take whatever has arrived at once
+(:meth:`Choices.batches`), so a stream that fell behind catches up in one socket write. Whatever
 ends the consumer - normal completion, an exception, a client that went away and got its task
 cancelled - :meth:`Choices.cancel` runs and cancels the choices still generating, so their cache
 rows are freed at the engine's next iteration.
@@ -10,6 +14,9 @@ rows are freed at the engine's next iteration.
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator
 
 from llama4.serve.engine import Engine, Handle
@@ -17,11 +24,52 @@ from llama4.serve.protocol import ContextTooLong, Event, FinishEvent, Generation
 from llama4.serve.errors import APIError, bad_request, queue_full
 
 
+class LoopBridge:
+    """Carries (queue, item) pairs from any thread into one event loop, one wake-up per batch."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: deque[tuple[asyncio.Queue, object]] = deque()
+        self._scheduled = False
+        self._lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        """Deliver ``item`` into ``queue`` on the loop soon; raises RuntimeError once the loop is closed."""
+        with self._lock:
+            self._pending.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            with self._lock:
+                self._scheduled = False
+            raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._pending = self._pending, deque()
+            self._scheduled = False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopBridge] = weakref.WeakKeyDictionary()
+
+
+def bridge_for(loop: asyncio.AbstractEventLoop) -> LoopBridge:
+    bridge = _bridges.get(loop)
+    if bridge is None:
+        bridge = _bridges[loop] = LoopBridge(loop)
+    return bridge
+
+
 class Choices:
     """Submits a request's choices; iterate :meth:`events` for ``(choice index, event)`` in arrival order."""
 
     def __init__(self, engine: Engine, requests: list[GenerationRequest]):
-        self.loop = asyncio.get_running_loop()
+        self.bridge = bridge_for(asyncio.get_running_loop())
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.handles: list[Handle] = []
         self.remaining = len(requests)
@@ -40,16 +88,25 @@ class Choices:
             raise bad_request(str(e)) from None
 
     def _sink(self, index: int):
+        bridge, queue = self.bridge, self.queue
+
         def put(event: Event) -> None:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            bridge.put(queue, (index, event))
         return put
 
-    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+    async def batches(self) -> AsyncIterator[list[tuple[int, Event]]]:
+        """Every ``(choice index, event)`` that has arrived, in arrival order, as soon as there is one."""
         while self.remaining:
-            index, event = await self.queue.get()
-            if isinstance(event, FinishEvent):
-                self.remaining -= 1
-            yield index, event
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            self.remaining -= sum(1 for _, event in batch if isinstance(event, FinishEvent))
+            yield batch
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        async for batch in self.batches():
+            for item in batch:
+                yield item
 
     def cancel(self) -> None:
         for handle in self.handles:
