@@ -113,3 +113,53 @@ def test_token_prompts_over_http_report_cached_tokens(server, model, tok):
     assert second.usage.prompt_tokens_details.cached_tokens == len(first) + 5
     expected = llama4.generate(model, [follow], max_new_tokens=6, stop_tokens=tok.eos_ids)[0][len(follow):]
     assert second.choices[0].text == tok.decode(expected, skip_special=True)
+
+
+def test_paged_entries_share_blocks_and_evicted_ones_give_them_back(model):
+    from llama4.model.paged_cache import PagedKVCache
+
+    pool = PagedKVCache(model.config.text, block_size=2)
+
+    def entry(tokens):
+        seq = pool.sequence()
+        with torch.inference_mode():
+            prefill(model, torch.tensor([tokens]), pool.batch([seq]))
+        return seq
+
+    store = PrefixCache(max_bytes=2**30)
+    store.put([1, 2, 3, 4, 5], entry([1, 2, 3, 4, 5]))
+    held = pool.blocks_used()
+    n, copy = store.take([1, 2, 3, 4, 5, 6])
+    assert n == 5 and copy.lengths == [5]
+    assert pool.blocks_used() == held + 2  # the partial last block of each kind; full blocks shared
+    with torch.inference_mode():
+        got = prefill(model, torch.tensor([[6, 7]]), pool.batch([copy]))
+        expected = prefill(model, torch.tensor([[1, 2, 3, 4, 5, 6, 7]]), llama4.KVCache(model.config.text))
+    assert ((got - expected).norm() / expected.norm()).item() <= 1e-5
+    copy.release()
+    assert pool.blocks_used() == held
+    store.put([9, 9, 9], entry([9, 9, 9]))
+    store.max_bytes = store.bytes - 1  # over budget at the next put: the least recently used entry goes
+    store.put([8, 8], entry([8, 8]))
+    assert len(store) == 2 and store.take([1, 2, 3, 4, 5, 6])[0] == 0
+    assert pool.nbytes() == store.bytes  # the evicted entry's blocks went back to the pool
+    store.clear()
+    assert pool.blocks_used() == 0 and store.bytes == 0
+
+
+def test_engine_rows_go_to_the_prefix_cache_without_copies(model, tok):
+    engine = Engine(model, tok, EngineConfig(prefill_chunk=8))
+    prompt = tok.encode("Max liked to run and play in the park with a little dog", bos=True)
+    a, b = Collector(), Collector()
+    engine.submit(GenerationRequest(prompt, max_tokens=5, stop_tokens=[]), a)
+    run_until_idle(engine)
+    pool = engine._pool
+    held = pool.blocks_used()  # the finished row's blocks, now the prefix cache's
+    assert held and engine.prefix_cache.bytes == pool.nbytes() and engine.stats()["kv_cache_bytes"] == 0
+    engine.submit(GenerationRequest(prompt, max_tokens=5, stop_tokens=[]), b)  # all but its last token cached
+    with torch.inference_mode():
+        engine.step()
+    # it joined the decode step at once (no prefill pass of its own) and got its first token there
+    assert len(b.tokens) == 1 and engine.metrics.prompt_tokens == len(prompt) + 1
+    run_until_idle(engine)
+    assert b.tokens == a.tokens and b.finish.cached_tokens == len(prompt) - 1

@@ -217,6 +217,17 @@ class KVCache:
             out._start.append([self._start[layer][r] for r in rows])
         return out
 
+    def copy_prefix(self, length: int) -> KVCache:
+        """A copy of this one-row cache cut back to its first ``length`` tokens (see :meth:`truncate`)."""
+        if self.batch_size != 1:
+            raise ValueError(f"copy_prefix takes a one-row cache, this one has {self.batch_size} rows")
+        copy = self.copy_rows([0])
+        copy.truncate(length)
+        return copy
+
+    def release(self) -> None:
+        """Nothing to give back: the buffers go with the object (the paged cache's sequences need this)."""
+
     def earliest_cut(self) -> int:
         """The shortest length :meth:`truncate` can cut back to: chunked layers hold only their current
         chunk, so a cut must not reach before the start of the chunk they hold."""

@@ -2,17 +2,22 @@
 
 Each iteration of the loop (:meth:`Engine.step`) does, in order:
 
-1. drop cancelled requests - a waiting one leaves the queue, a running one loses its cache row now
-   (``KVCache.keep_rows``), so a client that disconnects frees its memory before the next token;
+1. drop cancelled requests - a waiting one leaves the queue, a running one gives its cache blocks
+   back now, so a client that disconnects frees its memory before the next token;
 2. admit waiting requests while the batch (running + prefilling) has room;
-3. run one piece (``prefill_chunk`` tokens) of the oldest prefilling prompt in its own one-row cache
-   (after taking the longest cached prefix, see prefix_cache.py); when its last piece is done, sample
-   its first token and stack its row into the running batch (``KVCache.stack``); admitted requests
-   with the same prompt (the other choices of ``n``) join with a copy of that row, unprefilled;
+3. take the longest cached prefix of each newly admitted text prompt (see prefix_cache.py); those left
+   with a single token to run join the running batch at once (that token is their first decode
+   input); then run one piece (``prefill_chunk`` tokens) of the oldest other prefilling prompt; when
+   its last piece is done, sample its first token and let it join; admitted requests with the same
+   prompt (the other choices of ``n``) join with a copy of its cache, unprefilled;
 4. run one decode step for every running row together (a ragged one-token pass: each row at its own
-   length, no padding, so a row computes what its solo run computes - up to rounding differences
-   between the batched masked and the solo attention kernels, which can flip bf16 near-ties) and
-   drop the rows that finished.
+   length, no padding, so a row computes what its solo run computes, as far as the model's kernels
+   are batch-invariant) and drop the rows that finished.
+
+Every sequence's keys and values live in one :class:`~llama4.model.paged_cache.PagedKVCache`: blocks
+of ``kv_block_size`` tokens handed out as sequences grow, so rows join and leave without copying
+anyone's cache and memory follows actual lengths; a finished row's blocks go to the prefix cache as
+they are (no copy), and a hit shares them.
 
 So requests join and leave at token granularity, and a long prompt delays running streams by one
 piece per token rather than by its whole prefill. Each sequence has its own sampler, stop tokens,
@@ -32,7 +37,7 @@ import torch
 
 from llama4.inference.sampling import Sampler, TokenChoice
 from llama4.inference.text import StopStrings
-from llama4.model.cache import KVCache
+from llama4.model.paged_cache import PagedKVCache, PagedSequence
 from llama4.model.transformer import Llama4Model
 from llama4.prompt import Tokenizer
 from llama4.serve.metrics import ServeMetrics
@@ -47,9 +52,10 @@ class EngineConfig:
     max_context: int | None = None  # prompt + generated tokens per sequence; None: the model's maximum
     prefill_chunk: int = 256  # prompt tokens per prefill piece (one piece per engine iteration)
     prefix_cache_bytes: int = 256 * 2**20  # finished sequences' cache rows kept for reuse; 0: off
+    kv_block_size: int = 16  # tokens per KV cache block
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "prefill_chunk"):
+        for name in ("max_batch", "prefill_chunk", "kv_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_queue", "prefix_cache_bytes"):
@@ -74,7 +80,7 @@ class _Sequence:
         self.last_token: int | None = None
         self.cancelled = False
         self.finished = False
-        self.cache: KVCache | None = None  # its own one-row cache while prefilling
+        self.cache: PagedSequence | None = None  # its blocks in the engine's cache
         self.embeds: torch.Tensor | None = None  # [1, T, D] while prefilling
         self.prefilled = 0  # prompt tokens in the cache, reused ones included
         self.reused = 0  # prompt tokens that came from the prefix cache
@@ -118,8 +124,9 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: list[_Sequence] = []
-        self._running: list[_Sequence] = []  # in cache row order
-        self._cache: KVCache | None = None
+        self._running: list[_Sequence] = []  # in batch row order
+        self._pool = PagedKVCache(text, block_size=config.kv_block_size)
+        self._idle = True  # nothing active since the pool was last trimmed
         self._kv_bytes = 0
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes else None
         self._thread: threading.Thread | None = None
@@ -177,8 +184,9 @@ class Engine:
             self._thread = None
         for seq in [*self._waiting, *self._prefilling, *self._running]:
             self._finish(seq, "cancelled", error="the server is shutting down")
+            self._free(seq)
         self._waiting.clear()
-        self._prefilling, self._running, self._cache = [], [], None
+        self._prefilling, self._running = [], []
 
     # -- engine side (the engine thread, or a test calling step()) ----------------------------------------
 
@@ -191,7 +199,8 @@ class Engine:
                     worked = True
                     for seq in [*self._prefilling, *self._running]:
                         self._finish(seq, "error", error=f"engine failure: {e!r}")
-                    self._prefilling, self._running, self._cache = [], [], None
+                        self._free(seq)
+                    self._prefilling, self._running = [], []
                 if not worked:
                     with self._cond:
                         if not self._stopping and not self._waiting:
@@ -208,6 +217,7 @@ class Engine:
         for seq in [s for s in self._prefilling if s.cancelled]:
             self._prefilling.remove(seq)
             self._finish(seq, "cancelled")
+            self._free(seq)
         self._drop_rows([i for i, s in enumerate(self._running) if not s.cancelled], "cancelled")
         worked = bool(self._prefilling or self._running)
         self._join_short()
@@ -215,7 +225,12 @@ class Engine:
             self._prefill_piece(self._prefilling[0])
         if self._running:
             self._decode()
-        self._kv_bytes = sum(c.nbytes() for c in [self._cache, *(s.cache for s in self._prefilling)] if c is not None)
+        self._kv_bytes = sum(s.cache.nbytes() for s in (*self._running, *self._prefilling) if s.cache is not None)
+        if worked:
+            self._idle = False
+        elif not self._idle:  # just went idle: give back the pool capacity above the blocks still held
+            self._pool.trim()
+            self._idle = True
         return worked
 
     def _join_short(self) -> None:
@@ -230,9 +245,10 @@ class Engine:
                 continue
             self._prefilling.remove(seq)
             self.metrics.add_tokens(prompt=1, cached=seq.reused)
-            cache, seq.cache = seq.cache if seq.cache is not None else KVCache(self.model.config.text), None
+            if seq.cache is None:
+                seq.cache = self._pool.sequence()
             seq.last_token = seq.request.prompt[-1]
-            self._join(seq, cache)
+            self._running.append(seq)
 
     def _prefill_piece(self, seq: _Sequence) -> None:
         prompt = seq.request.prompt
@@ -243,39 +259,37 @@ class Engine:
             at = seq.prefilled
             piece = seq.embeds[:, at - seq.reused:at - seq.reused + self.config.prefill_chunk]
             positions = torch.arange(at, at + piece.shape[1], device=self.device)[None]
-            logits = self.model.text(piece, positions, seq.cache, num_logits=1)
+            logits = self.model.text(piece, positions, self._pool.batch([seq.cache]), num_logits=1)
             seq.prefilled += piece.shape[1]
         except Exception as e:  # e.g. image tokens that do not match the tiles: this request only
             self._prefilling.remove(seq)
             self._finish(seq, "error", error=f"prefill failed: {e}")
+            self._free(seq)
             return
         if seq.prefilled < len(prompt):
             return
         self._prefilling.remove(seq)
         seq.embeds = None
         self.metrics.add_tokens(prompt=len(prompt) - seq.reused, cached=seq.reused)
-        cache, seq.cache, last = seq.cache, None, logits[0, -1].float().cpu()
+        last = logits[0, -1].float().cpu()
         # Admitted requests with the same prompt (e.g. the other choices of n) take a copy instead of a prefill.
         twins = [s for s in self._prefilling if not s.pieces and s.request.prompt == prompt
                  and s.request.pixel_values is seq.request.pixel_values]
         for twin in twins:
             self._prefilling.remove(twin)
-            twin.cache = None  # a shorter cached prefix it may have taken
+            self._free(twin)  # a shorter cached prefix it may have taken
+            twin.cache = seq.cache.copy_prefix(len(prompt))
             twin.reused = twin.prefilled = len(prompt)
             self.metrics.add_tokens(cached=len(prompt))
-            self._admit(twin, KVCache.stack([cache]), last)
-        self._admit(seq, cache, last)
+            self._admit(twin, last)
+        self._admit(seq, last)
 
-    def _admit(self, seq: _Sequence, cache: KVCache, logits: torch.Tensor) -> None:
+    def _admit(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """A prefilled sequence: sample its first token and, unless that ends it, join the running batch."""
         if self._accept(seq, logits):
-            self._join(seq, cache)
-        elif self._reusable(seq):  # finished at its first token: the cache holds exactly the prompt
-            self.prefix_cache.put(list(seq.request.prompt), cache)
-
-    def _join(self, seq: _Sequence, cache: KVCache) -> None:
-        self._cache = cache if self._cache is None else KVCache.stack([self._cache, cache])
-        self._running.append(seq)
+            self._running.append(seq)
+        else:  # finished at its first token: the cache holds exactly the prompt
+            self._retire(seq, list(seq.request.prompt))
 
     def _take_prefix(self, seq: _Sequence) -> None:
         """Take the longest cached prefix of a text-only prompt (none for prompts with images)."""
@@ -294,19 +308,34 @@ class Engine:
             pixels = pixels.to(device=self.device, dtype=self.model.text.embed.weight.dtype)
         seq.embeds = self.model.embed(ids, pixels)
         if seq.cache is None:
-            seq.cache = KVCache(self.model.config.text)
+            seq.cache = self._pool.sequence()
 
     def _reusable(self, seq: _Sequence) -> bool:
         return self.prefix_cache is not None and seq.request.pixel_values is None and seq.reason != "error"
 
+    def _free(self, seq: _Sequence) -> None:
+        if seq.cache is not None:
+            seq.cache.release()
+            seq.cache = None
+
+    def _retire(self, seq: _Sequence, tokens: list[int]) -> None:
+        """A sequence leaves the engine: its blocks (holding exactly ``tokens``) go to the prefix cache
+        when reusable, else back to the pool."""
+        if self._reusable(seq) and seq.cache is not None:
+            self.prefix_cache.put(tokens, seq.cache)  # the store owns the blocks from now
+            seq.cache = None
+        self._free(seq)
+
     def _decode(self) -> None:
         ids = torch.tensor([[s.last_token] for s in self._running], device=self.device)
         try:
-            logits = self.model(ids, cache=self._cache)[:, -1].float().cpu()
-        except Exception as e:  # the batch cache may be half-updated: end every running sequence
+            batch = self._pool.batch([s.cache for s in self._running])
+            logits = self.model(ids, cache=batch)[:, -1].float().cpu()
+        except Exception as e:  # the cache may be half-updated: end every running sequence
             for seq in self._running:
                 self._finish(seq, "error", error=f"decode failed: {e}")
-            self._running, self._cache = [], None
+                self._free(seq)
+            self._running = []
             return
         greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in self._running) else None
         keep = [i for i, seq in enumerate(self._running)
@@ -317,18 +346,14 @@ class Engine:
         """Keep only running rows ``keep``; the others are finished with ``reason`` (None: already)."""
         if len(keep) == len(self._running):
             return
+        kept = set(keep)
         for i, seq in enumerate(self._running):
-            if i in keep:
+            if i in kept:
                 continue
             if reason is not None:
                 self._finish(seq, reason)
-            if self._reusable(seq):  # a copy of its row: the batch cache is about to lose it
-                self.prefix_cache.put(seq.request.prompt + seq.tokens[:-1], self._cache.copy_rows([i]))
+            self._retire(seq, (seq.request.prompt + seq.tokens)[:-1])  # all but the token not yet fed
         self._running = [self._running[i] for i in keep]
-        if not keep:
-            self._cache = None
-        else:
-            self._cache.keep_rows(keep)
 
     def _accept(self, seq: _Sequence, logits: torch.Tensor, row: int | None = None, token: int | None = None
                 ) -> bool:
@@ -380,7 +405,7 @@ class Engine:
         if seq.finished:
             return
         seq.finished, seq.reason = True, reason
-        seq.cache = seq.embeds = None
+        seq.embeds = None
         self.metrics.count_finish(reason)
         tail = ""
         if flush and reason in ("stop", "length"):

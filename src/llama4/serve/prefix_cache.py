@@ -3,18 +3,38 @@
 
 An entry is keyed by exactly the tokens its cache holds (the prompt and every generated token that
 was fed back). A new prompt reuses the entry it shares the longest prefix with, cut back to that
-prefix (``KVCache.truncate``): the next turn of a chat re-renders the previous reply, which need not
-tokenize as it was generated, so an exact-extension match would rarely hit. A cut can only go back to
-the start of the chunk the chunked-attention layers hold; a shorter common prefix is not reused.
-Entries are evicted least recently used first once their bytes pass the budget. Sequences with images are never stored: their keys and values
-depend on pixels, not only on token ids.
+prefix (``copy_prefix``; with the engine's paged cache the copy shares the entry's full blocks and
+copies one partial block per layer kind): the next turn of a chat re-renders the previous reply,
+which need not tokenize as it was generated, so an exact-extension match would rarely hit. A cut can
+only go back to the start of the chunk the chunked-attention layers hold; a shorter common prefix is
+not reused. Entries are evicted least recently used first once their bytes pass the budget (an
+evicted entry's blocks go back to the pool). Sequences with images are never stored: their keys and
+values depend on pixels, not only on token ids.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Protocol
 
-from llama4.model.cache import KVCache
+
+class CachedSequence(Protocol):
+    """What the store needs of an entry: a one-row :class:`~llama4.model.cache.KVCache` or a
+    :class:`~llama4.model.paged_cache.PagedSequence`."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def lengths(self) -> list[int]: ...
+
+    def nbytes(self) -> int: ...
+
+    def earliest_cut(self) -> int: ...
+
+    def copy_prefix(self, length: int) -> CachedSequence: ...
+
+    def release(self) -> None: ...
 
 
 class PrefixCache:
@@ -23,29 +43,40 @@ class PrefixCache:
             raise ValueError(f"the prefix cache budget must be >= 0 bytes, got {max_bytes}")
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict[tuple[int, ...], tuple[KVCache, int]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, ...], tuple[CachedSequence, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, tokens: list[int], cache: KVCache) -> None:
-        """Keep a one-row ``cache`` holding exactly ``tokens`` (the cache is owned by the store from now)."""
+    def put(self, tokens: list[int], cache: CachedSequence) -> None:
+        """Keep a one-row ``cache`` holding exactly ``tokens`` (owned by the store from now: released when
+        evicted or not kept)."""
         if cache.batch_size != 1 or cache.lengths[0] != len(tokens):
             raise ValueError(f"a prefix entry needs one row holding its {len(tokens)} tokens, "
                              f"got lengths {cache.lengths}")
         size = cache.nbytes()
         if not tokens or size > self.max_bytes:
+            cache.release()
             return
         key = tuple(tokens)
         if key in self._entries:
-            self.bytes -= self._entries.pop(key)[1]
+            old, old_size = self._entries.pop(key)
+            self.bytes -= old_size
+            old.release()
         self._entries[key] = (cache, size)
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, (_, dropped) = self._entries.popitem(last=False)
-            self.bytes -= dropped
+            _, (dropped, dropped_size) = self._entries.popitem(last=False)
+            self.bytes -= dropped_size
+            dropped.release()
 
-    def take(self, prompt: list[int]) -> tuple[int, KVCache | None]:
+    def clear(self) -> None:
+        for cache, _ in self._entries.values():
+            cache.release()
+        self._entries.clear()
+        self.bytes = 0
+
+    def take(self, prompt: list[int]) -> tuple[int, CachedSequence | None]:
         """The longest usable shared prefix of ``prompt`` and a cached entry: (its length, a copy of the
         entry's cache cut back to it); (0, None) when nothing is usable.
 
@@ -61,9 +92,7 @@ class PrefixCache:
         if best is None:
             return 0, None
         self._entries.move_to_end(best)
-        copy = KVCache.stack([self._entries[best][0]])
-        copy.truncate(best_len)
-        return best_len, copy
+        return best_len, self._entries[best][0].copy_prefix(best_len)
 
 
 def _shared_prefix(key: tuple[int, ...], prompt: list[int], limit: int) -> int:

@@ -1,0 +1,439 @@
+"""Paged (block-allocated) KV cache: one pool of fixed-size blocks per layer, shared by many sequences.
+
+Layout. Each layer keeps its keys and values in one pool tensor [capacity x block_size, Hkv, d]
+(token-major; keys post-RoPE/QK-norm, values raw, as in :class:`~llama4.model.cache.KVCache`). A
+sequence owns a list of blocks per layer kind - the same list for every layer of that kind, since
+they hold the same tokens:
+
+- global (NoPE) layers: the blocks of tokens [0, length);
+- chunk-local (RoPE) layers: the blocks of the chunk of the last token only, [chunk start, length);
+  a pass that starts in a new chunk gives them back first, so a sequence holds at most
+  ceil(chunk / block_size) of them (see ../shared/reference/llama4-architecture.md on iRoPE).
+
+So memory follows actual lengths, a sequence joins or leaves a batch without touching anyone else's
+blocks, and a freed block goes back to a free list that hands out the lowest id first (a lone
+sequence gets consecutive blocks, and its passes read views of the pool, no copy). The pool grows by
+doubling when the free list runs dry (rare, amortised) and :meth:`PagedKVCache.trim` gives unused
+capacity back. Block 0 is all zeros and never handed out: padding of a gathered batch points at it.
+
+Blocks are reference-counted: :meth:`PagedSequence.copy_prefix` shares every full block of the
+prefix and copies only the partial last one (the one both sequences could write), so taking a cached
+prefix costs one block copy per kind, whatever its length.
+
+A forward pass runs over a :meth:`PagedKVCache.batch` of sequences, which speaks the model's cache
+protocol (``starts``, ``update``, ``advance``) as KVCache does: a multi-token pass (prefill) over one
+sequence, or a one-token pass (decode) over any number of sequences at different lengths. A decode
+step writes each row's new key/value into its slot (one ``index_copy_`` per layer) and hands attention
+the rows' keys gathered into a padded [B, Hkv, S, d] batch (one ``index_select`` per layer, positions
+past a row's valid entries read zeros) with the valid entries per row, exactly what KVCache's ragged
+step returns. Which slots to write and read is worked out once per pass and layer kind, not per layer.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import torch
+
+from llama4.config import TextConfig
+
+GLOBAL, LOCAL = 0, 1
+
+
+class _Kind:
+    """The blocks of one layer kind: reference counts, the free list (a min-heap) and its layers."""
+
+    def __init__(self, layers: list[int]):
+        self.layers = layers
+        self.capacity = 0  # blocks, the zero block included
+        self.refs: list[int] = []
+        self.free: list[int] = []
+        self.used = 0  # blocks with a reference (the zero block not counted)
+
+
+class _Held:
+    """A sequence's blocks of one kind: they cover tokens [first, first + len(blocks) * block_size)."""
+
+    __slots__ = ("first", "blocks", "consecutive", "_table")
+
+    def __init__(self, first: int = 0, blocks: list[int] | None = None):
+        self.first = first
+        self.set_blocks(blocks if blocks is not None else [])
+
+    def set_blocks(self, blocks: list[int]) -> None:
+        self.blocks = blocks
+        self.consecutive = all(b == blocks[0] + i for i, b in enumerate(blocks))
+        self._table: torch.Tensor | None = None
+
+    def append(self, block: int) -> None:
+        self.consecutive = self.consecutive and (not self.blocks or block == self.blocks[-1] + 1)
+        self.blocks.append(block)
+        self._table = None
+
+    def table(self) -> torch.Tensor:
+        """The block ids as an int64 tensor (rebuilt only after they changed)."""
+        if self._table is None:
+            self._table = torch.tensor(self.blocks, dtype=torch.long)
+        return self._table
+
+
+class PagedSequence:
+    """One sequence's place in a :class:`PagedKVCache`: its length and blocks. ``release`` gives them back."""
+
+    def __init__(self, pool: PagedKVCache):
+        self.pool = pool
+        self.length = 0  # tokens in the cache: the sequence index of its next token
+        self.held = (_Held(), _Held())  # GLOBAL, LOCAL
+        self.released = False
+
+    @property
+    def lengths(self) -> list[int]:
+        return [self.length]
+
+    @property
+    def batch_size(self) -> int:
+        return 1
+
+    def nbytes(self) -> int:
+        """Bytes of the blocks this sequence holds (blocks shared with another sequence count for both)."""
+        return sum(len(self.held[kind].blocks) * self.pool.block_bytes(kind) for kind in (GLOBAL, LOCAL))
+
+    def earliest_cut(self) -> int:
+        """The shortest prefix :meth:`copy_prefix` can take: the local layers hold only their chunk."""
+        return self.held[LOCAL].first if self.pool.has_kind(LOCAL) else 0
+
+    def copy_prefix(self, length: int) -> PagedSequence:
+        """A new sequence holding this one's first ``length`` tokens: full blocks shared, the partial last
+        block copied. This sequence is unchanged."""
+        if self.released:
+            raise ValueError("the sequence was released")
+        if not self.earliest_cut() <= length <= self.length:
+            raise ValueError(f"can only copy a prefix of {self.earliest_cut()}..{self.length} tokens, got {length}")
+        pool, copy = self.pool, PagedSequence(self.pool)
+        copy.length = length
+        for kind in (GLOBAL, LOCAL):
+            if not pool.has_kind(kind):
+                continue
+            held = self.held[kind]
+            count = length - held.first
+            blocks = held.blocks[:-(-count // pool.block_size)]
+            for b in blocks:
+                pool._kinds[kind].refs[b] += 1
+            if count % pool.block_size:  # the partial last block: both sequences may write past `length`
+                fresh = pool._alloc(kind)
+                pool._copy_block(kind, blocks[-1], fresh)
+                pool._release(kind, blocks[-1])
+                blocks[-1] = fresh
+            copy.held[kind].first = held.first
+            copy.held[kind].set_blocks(blocks)
+        return copy
+
+    def release(self) -> None:
+        """Give every block back (idempotent)."""
+        if self.released:
+            return
+        self.released = True
+        for kind in (GLOBAL, LOCAL):
+            self.pool._drop(kind, self.held[kind])
+
+
+class PagedKVCache:
+    """The block pool of every layer (see the module docstring). Sequences come from :meth:`sequence`."""
+
+    def __init__(self, config: TextConfig, block_size: int = 16, initial_blocks: int = 16):
+        if block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {block_size}")
+        if initial_blocks < 2:
+            raise ValueError(f"initial_blocks must be >= 2 (block 0 is the zero block), got {initial_blocks}")
+        self.chunk = config.attention_chunk_size
+        self.chunked = tuple(spec.chunked for spec in config.layers)
+        self.block_size, self.initial_blocks = block_size, initial_blocks
+        self.kv_heads, self.head_dim = config.num_kv_heads, config.head_dim
+        self._kind_of = [LOCAL if c else GLOBAL for c in self.chunked]
+        self._kinds = (_Kind([i for i, c in enumerate(self.chunked) if not c]),
+                       _Kind([i for i, c in enumerate(self.chunked) if c]))
+        n = config.num_layers
+        self._k: list[torch.Tensor | None] = [None] * n
+        self._v: list[torch.Tensor | None] = [None] * n
+        self.dtype: torch.dtype | None = None
+        self.device: torch.device | None = None
+        self._block_bytes = (0, 0)
+
+    # -- sequences and batches ----------------------------------------------------------------------
+
+    def sequence(self) -> PagedSequence:
+        """A new, empty sequence."""
+        return PagedSequence(self)
+
+    def batch(self, sequences: list[PagedSequence]) -> PagedBatch:
+        """The cache of one forward pass over ``sequences`` (row b = sequences[b])."""
+        return PagedBatch(self, sequences)
+
+    # -- accounting -------------------------------------------------------------------------------------
+
+    def has_kind(self, kind: int) -> bool:
+        return bool(self._kinds[kind].layers)
+
+    def block_bytes(self, kind: int) -> int:
+        """Bytes of one block of a kind, keys and values of all its layers (0 before the first pass)."""
+        return self._block_bytes[kind]
+
+    def blocks_used(self) -> int:
+        return sum(kind.used for kind in self._kinds)
+
+    def nbytes(self) -> int:
+        """Bytes of the blocks held by sequences (each shared block once)."""
+        return sum(self._kinds[kind].used * self.block_bytes(kind) for kind in (GLOBAL, LOCAL))
+
+    def capacity_bytes(self) -> int:
+        """Bytes of the pool tensors (held blocks, free blocks and the zero block)."""
+        return sum(t.numel() * t.element_size() for t in (*self._k, *self._v) if t is not None)
+
+    def trim(self) -> None:
+        """Give back the pool capacity above the highest block in use (e.g. when the server goes idle)."""
+        bs = self.block_size
+        for kind in self._kinds:
+            top = next((b for b in range(kind.capacity - 1, 0, -1) if kind.refs[b]), 0)
+            capacity = max(self.initial_blocks, top + 1)
+            if capacity >= kind.capacity:
+                continue
+            for layer in kind.layers:
+                if self._k[layer] is not None:
+                    with torch.inference_mode(False):
+                        self._k[layer] = self._k[layer][:capacity * bs].clone()
+                        self._v[layer] = self._v[layer][:capacity * bs].clone()
+            kind.capacity = capacity
+            del kind.refs[capacity:]
+            kind.free = [b for b in range(1, capacity) if not kind.refs[b]]
+            heapq.heapify(kind.free)
+
+    # -- blocks -------------------------------------------------------------------------------------------
+
+    def _init_storage(self, like: torch.Tensor) -> None:
+        self.dtype, self.device = like.dtype, like.device
+        entry = 2 * self.block_size * self.kv_heads * self.head_dim * like.element_size()  # k and v
+        self._block_bytes = tuple(entry * len(kind.layers) for kind in self._kinds)
+        for kind in self._kinds:
+            if kind.layers:
+                self._grow(kind, max(self.initial_blocks, kind.capacity))
+
+    def _grow(self, kind: _Kind, capacity: int) -> None:
+        old = kind.capacity
+        if old == 0:
+            kind.refs = [1]  # the zero block, pinned
+            old = kind.capacity = 1
+        kind.refs.extend([0] * (capacity - old))
+        kind.free.extend(range(old, capacity))  # all larger than any id in the heap: still a heap
+        kind.capacity = capacity
+        if self.dtype is None:
+            return
+        shape = (capacity * self.block_size, self.kv_heads, self.head_dim)
+        for layer in kind.layers:
+            for store in (self._k, self._v):
+                # zeros: block 0 must read as zeros, and no slot may hold NaN (a padded gather reads them).
+                # Normal tensors even under inference_mode: the pool outlives the pass that grew it, and an
+                # inference tensor could not be written outside inference mode.
+                with torch.inference_mode(False):
+                    grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                    if store[layer] is not None:
+                        grown[:store[layer].shape[0]] = store[layer]
+                store[layer] = grown
+
+    def _alloc(self, kind_id: int) -> int:
+        kind = self._kinds[kind_id]
+        if not kind.free:
+            self._grow(kind, max(self.initial_blocks, 2 * kind.capacity))
+        block = heapq.heappop(kind.free)
+        kind.refs[block] = 1
+        kind.used += 1
+        return block
+
+    def _release(self, kind_id: int, block: int) -> None:
+        kind = self._kinds[kind_id]
+        kind.refs[block] -= 1
+        if not kind.refs[block]:
+            heapq.heappush(kind.free, block)
+            kind.used -= 1
+
+    def _drop(self, kind_id: int, held: _Held) -> None:
+        for block in held.blocks:
+            self._release(kind_id, block)
+        held.set_blocks([])
+
+    def _cover(self, kind_id: int, held: _Held, end: int) -> None:
+        """Allocate blocks until ``held`` covers tokens [first, end)."""
+        need = -(-(end - held.first) // self.block_size)
+        while len(held.blocks) < need:
+            held.append(self._alloc(kind_id))
+
+    def _copy_block(self, kind_id: int, src: int, dst: int) -> None:
+        bs = self.block_size
+        for layer in self._kinds[kind_id].layers:
+            if self._k[layer] is not None:
+                self._k[layer][dst * bs:(dst + 1) * bs] = self._k[layer][src * bs:(src + 1) * bs]
+                self._v[layer][dst * bs:(dst + 1) * bs] = self._v[layer][src * bs:(src + 1) * bs]
+
+    def _slots(self, held: _Held, start: int, end: int) -> torch.Tensor | int:
+        """Pool slots of tokens [start, end): the first slot (an int) when they are consecutive, else an
+        int64 tensor of them."""
+        bs = self.block_size
+        lo, hi = start - held.first, end - held.first
+        if held.consecutive:
+            return held.blocks[0] * bs + lo
+        first_block, last_block = lo // bs, -(-hi // bs)
+        if last_block - first_block == 1:  # inside one block
+            return held.blocks[first_block] * bs + lo % bs
+        table = held.table()[first_block:last_block]
+        slots = (table[:, None] * bs + torch.arange(bs)).reshape(-1)
+        return slots[lo - first_block * bs:hi - first_block * bs]
+
+
+def _read(store: torch.Tensor, slots: torch.Tensor | int, count: int) -> torch.Tensor:
+    """``count`` pool entries at ``slots`` (first slot or slot tensor) as [1, Hkv, count, d]."""
+    if isinstance(slots, int):
+        rows = store[slots:slots + count]
+    else:
+        rows = store.index_select(0, slots.to(store.device))
+    return rows.permute(1, 0, 2)[None]
+
+
+def _write(store: torch.Tensor, slots: torch.Tensor | int, values: torch.Tensor) -> None:
+    """Write values [count, Hkv, d] at ``slots`` (first slot or slot tensor)."""
+    if isinstance(slots, int):
+        store[slots:slots + values.shape[0]] = values
+    else:
+        store.index_copy_(0, slots.to(store.device), values)
+
+
+class _SinglePlan:
+    """One sequence, T new tokens: where they go and which keys the queries see."""
+
+    __slots__ = ("write", "keep_from", "old", "old_count", "read", "read_count", "k_start")
+
+    def apply(self, ks: torch.Tensor, vs: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        k_rows, v_rows = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, Hkv, d]
+        if self.old is not None:  # the pass crosses into a new chunk: old keys + all new ones, keep the tail
+            k_all = torch.cat((_read(ks, self.old, self.old_count), k), dim=2) if self.old_count else k
+            v_all = torch.cat((_read(vs, self.old, self.old_count), v), dim=2) if self.old_count else v
+            if self.write is not None:
+                _write(ks, self.write, k_rows[self.keep_from:])
+                _write(vs, self.write, v_rows[self.keep_from:])
+            return k_all, v_all, self.k_start, None
+        _write(ks, self.write, k_rows)
+        _write(vs, self.write, v_rows)
+        return _read(ks, self.read, self.read_count), _read(vs, self.read, self.read_count), self.k_start, None
+
+
+class _RaggedPlan:
+    """B sequences, one new token each: their slots, and the gather of each row's keys."""
+
+    __slots__ = ("write", "gather", "width", "valid")
+
+    def apply(self, ks: torch.Tensor, vs: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        b = k.shape[0]
+        ks.index_copy_(0, self.write, k[:, :, 0])
+        vs.index_copy_(0, self.write, v[:, :, 0])
+        shape = (b, self.width, ks.shape[1], ks.shape[2])
+        k_all = ks.index_select(0, self.gather).view(shape).permute(0, 2, 1, 3)
+        v_all = vs.index_select(0, self.gather).view(shape).permute(0, 2, 1, 3)
+        return k_all, v_all, 0, self.valid
+
+
+class PagedBatch:
+    """The cache of one forward pass over some sequences of a pool (the model's cache protocol)."""
+
+    def __init__(self, pool: PagedKVCache, sequences: list[PagedSequence]):
+        if any(s.released for s in sequences):
+            raise ValueError("a released sequence cannot run")
+        self.pool, self.sequences = pool, sequences
+        self.lengths = [s.length for s in sequences]
+        self._plans: list[_SinglePlan | _RaggedPlan | None] = [None, None]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.sequences)
+
+    def starts(self, batch: int) -> list[int]:
+        if batch != len(self.sequences):
+            raise ValueError(f"the batch holds {len(self.sequences)} sequences but the input has {batch} rows")
+        return list(self.lengths)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Add k/v [B, Hkv, T, d] (KVCache.update's contract): (keys, values, index of entry 0, valid
+        entries per row [B] or None when the rows are aligned)."""
+        pool = self.pool
+        if pool.dtype is None:
+            pool._init_storage(k)
+        kind = pool._kind_of[layer]
+        plan = self._plans[kind]
+        if plan is None:
+            plan = self._plans[kind] = self._plan(kind, k.shape[0], k.shape[2])
+        return plan.apply(pool._k[layer], pool._v[layer], k, v)
+
+    def advance(self, num_tokens: int) -> None:
+        for s in self.sequences:
+            s.length += num_tokens
+        self.lengths = [s.length for s in self.sequences]
+        self._plans = [None, None]
+
+    def _plan(self, kind: int, batch: int, tokens: int):
+        if batch != len(self.sequences):
+            raise ValueError(f"the batch holds {len(self.sequences)} sequences but the input has {batch} rows")
+        if batch == 1:
+            return self._single(kind, self.sequences[0], tokens)
+        if tokens != 1:
+            raise ValueError(f"a {tokens}-token pass over a paged batch takes one sequence at a time, got {batch}")
+        return self._ragged(kind)
+
+    def _start_chunk(self, kind: int, held: _Held, seq_index: int) -> None:
+        """Local layers: a pass whose first token opens a new chunk gives the old chunk's blocks back."""
+        if kind == LOCAL:
+            start = (seq_index // self.pool.chunk) * self.pool.chunk
+            if held.first != start:
+                self.pool._drop(kind, held)
+                held.first = start
+
+    def _single(self, kind: int, seq: PagedSequence, tokens: int) -> _SinglePlan:
+        pool, held, s = self.pool, seq.held[kind], seq.length
+        end = s + tokens
+        plan = _SinglePlan()
+        plan.old = None
+        self._start_chunk(kind, held, s)
+        plan.k_start = held.first
+        if kind == LOCAL and end > held.first + pool.chunk:  # crosses a chunk boundary
+            plan.old_count = s - held.first
+            plan.old = pool._slots(held, held.first, s) if plan.old_count else 0
+            pool._drop(kind, held)
+            held.first = (end // pool.chunk) * pool.chunk
+            plan.keep_from = tokens - (end - held.first)
+            plan.write = None
+            if end > held.first:
+                pool._cover(kind, held, end)
+                plan.write = pool._slots(held, held.first, end)
+            return plan
+        pool._cover(kind, held, end)
+        plan.write = pool._slots(held, s, end)
+        plan.read, plan.read_count = pool._slots(held, held.first, end), end - held.first
+        return plan
+
+    def _ragged(self, kind: int) -> _RaggedPlan:
+        pool, bs = self.pool, self.pool.block_size
+        slots, valid, tables = [], [], []
+        for seq in self.sequences:
+            held, s = seq.held[kind], seq.length
+            self._start_chunk(kind, held, s)
+            pool._cover(kind, held, s + 1)
+            at = s - held.first
+            slots.append(held.blocks[at // bs] * bs + at % bs)
+            valid.append(at + 1)
+            tables.append(held.table())
+        plan = _RaggedPlan()
+        plan.width = max(valid)
+        table = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)  # [B, blocks]; padding: zero block
+        gather = (table[:, :, None] * bs + torch.arange(bs)).reshape(len(tables), -1)[:, :plan.width]
+        device = pool.device
+        plan.gather = gather.reshape(-1).to(device)
+        plan.write = torch.tensor(slots, dtype=torch.long, device=device)
+        plan.valid = torch.tensor(valid, device=device)
+        return plan
