@@ -1,7 +1,8 @@
 """Paged (block-allocated) KV cache: one pool of fixed-size blocks per layer, shared by many sequences.
 
-Layout. Each layer keeps its keys and values in one pool tensor [capacity x block_size, Hkv, d]
-(token-major; keys post-RoPE/QK-norm, values raw, as in :class:`~llama4.model.cache.KVCache`). A
+Layout. Each layer keeps its keys and values in one pool tensor [Hkv, capacity x block_size, d]
+(block b holds slots [b * block_size, (b + 1) * block_size); keys post-RoPE/QK-norm, values raw, as in
+:class:`~llama4.model.cache.KVCache`, whose per-row buffers have the same per-head layout). A
 sequence owns a list of blocks per layer kind - the same list for every layer of that kind, since
 they hold the same tokens:
 
@@ -159,6 +160,7 @@ class PagedKVCache:
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
         self._block_bytes = (0, 0)
+        self._offsets = torch.arange(block_size)
 
     # -- sequences and batches ----------------------------------------------------------------------
 
@@ -201,8 +203,8 @@ class PagedKVCache:
             for layer in kind.layers:
                 if self._k[layer] is not None:
                     with torch.inference_mode(False):
-                        self._k[layer] = self._k[layer][:capacity * bs].clone()
-                        self._v[layer] = self._v[layer][:capacity * bs].clone()
+                        self._k[layer] = self._k[layer][:, :capacity * bs].clone()
+                        self._v[layer] = self._v[layer][:, :capacity * bs].clone()
             kind.capacity = capacity
             del kind.refs[capacity:]
             kind.free = [b for b in range(1, capacity) if not kind.refs[b]]
@@ -228,7 +230,7 @@ class PagedKVCache:
         kind.capacity = capacity
         if self.dtype is None:
             return
-        shape = (capacity * self.block_size, self.kv_heads, self.head_dim)
+        shape = (self.kv_heads, capacity * self.block_size, self.head_dim)
         for layer in kind.layers:
             for store in (self._k, self._v):
                 # zeros: block 0 must read as zeros, and no slot may hold NaN (a padded gather reads them).
@@ -237,7 +239,7 @@ class PagedKVCache:
                 with torch.inference_mode(False):
                     grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
                     if store[layer] is not None:
-                        grown[:store[layer].shape[0]] = store[layer]
+                        grown[:, :store[layer].shape[1]] = store[layer]
                 store[layer] = grown
 
     def _alloc(self, kind_id: int) -> int:
@@ -271,8 +273,8 @@ class PagedKVCache:
         bs = self.block_size
         for layer in self._kinds[kind_id].layers:
             if self._k[layer] is not None:
-                self._k[layer][dst * bs:(dst + 1) * bs] = self._k[layer][src * bs:(src + 1) * bs]
-                self._v[layer][dst * bs:(dst + 1) * bs] = self._v[layer][src * bs:(src + 1) * bs]
+                self._k[layer][:, dst * bs:(dst + 1) * bs] = self._k[layer][:, src * bs:(src + 1) * bs]
+                self._v[layer][:, dst * bs:(dst + 1) * bs] = self._v[layer][:, src * bs:(src + 1) * bs]
 
     def _slots(self, held: _Held, start: int, end: int) -> torch.Tensor | int:
         """Pool slots of tokens [start, end): the first slot (an int) when they are consecutive, else an
@@ -286,24 +288,22 @@ class PagedKVCache:
             return held.blocks[first_block] * bs + lo % bs
         table = held.table()[first_block:last_block]
         slots = (table[:, None] * bs + torch.arange(bs)).reshape(-1)
-        return slots[lo - first_block * bs:hi - first_block * bs]
+        return slots[lo - first_block * bs:hi - first_block * bs].to(self.device)
 
 
 def _read(store: torch.Tensor, slots: torch.Tensor | int, count: int) -> torch.Tensor:
     """``count`` pool entries at ``slots`` (first slot or slot tensor) as [1, Hkv, count, d]."""
     if isinstance(slots, int):
-        rows = store[slots:slots + count]
-    else:
-        rows = store.index_select(0, slots.to(store.device))
-    return rows.permute(1, 0, 2)[None]
+        return store[None, :, slots:slots + count]
+    return store.index_select(1, slots)[None]
 
 
 def _write(store: torch.Tensor, slots: torch.Tensor | int, values: torch.Tensor) -> None:
-    """Write values [count, Hkv, d] at ``slots`` (first slot or slot tensor)."""
+    """Write values [Hkv, count, d] at ``slots`` (first slot or slot tensor)."""
     if isinstance(slots, int):
-        store[slots:slots + values.shape[0]] = values
+        store[:, slots:slots + values.shape[1]] = values
     else:
-        store.index_copy_(0, slots.to(store.device), values)
+        store.index_copy_(1, slots, values)
 
 
 class _SinglePlan:
@@ -312,16 +312,15 @@ class _SinglePlan:
     __slots__ = ("write", "keep_from", "old", "old_count", "read", "read_count", "k_start")
 
     def apply(self, ks: torch.Tensor, vs: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        k_rows, v_rows = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, Hkv, d]
         if self.old is not None:  # the pass crosses into a new chunk: old keys + all new ones, keep the tail
             k_all = torch.cat((_read(ks, self.old, self.old_count), k), dim=2) if self.old_count else k
             v_all = torch.cat((_read(vs, self.old, self.old_count), v), dim=2) if self.old_count else v
             if self.write is not None:
-                _write(ks, self.write, k_rows[self.keep_from:])
-                _write(vs, self.write, v_rows[self.keep_from:])
+                _write(ks, self.write, k[0, :, self.keep_from:])
+                _write(vs, self.write, v[0, :, self.keep_from:])
             return k_all, v_all, self.k_start, None
-        _write(ks, self.write, k_rows)
-        _write(vs, self.write, v_rows)
+        _write(ks, self.write, k[0])
+        _write(vs, self.write, v[0])
         return _read(ks, self.read, self.read_count), _read(vs, self.read, self.read_count), self.k_start, None
 
 
@@ -332,11 +331,11 @@ class _RaggedPlan:
 
     def apply(self, ks: torch.Tensor, vs: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         b = k.shape[0]
-        ks.index_copy_(0, self.write, k[:, :, 0])
-        vs.index_copy_(0, self.write, v[:, :, 0])
-        shape = (b, self.width, ks.shape[1], ks.shape[2])
-        k_all = ks.index_select(0, self.gather).view(shape).permute(0, 2, 1, 3)
-        v_all = vs.index_select(0, self.gather).view(shape).permute(0, 2, 1, 3)
+        ks.index_copy_(1, self.write, k[:, :, 0].transpose(0, 1))
+        vs.index_copy_(1, self.write, v[:, :, 0].transpose(0, 1))
+        shape = (ks.shape[0], b, self.width, ks.shape[2])
+        k_all = ks.index_select(1, self.gather).view(shape).transpose(0, 1)  # [B, Hkv, width, d]
+        v_all = vs.index_select(1, self.gather).view(shape).transpose(0, 1)
         return k_all, v_all, 0, self.valid
 
 
@@ -419,21 +418,25 @@ class PagedBatch:
 
     def _ragged(self, kind: int) -> _RaggedPlan:
         pool, bs = self.pool, self.pool.block_size
+        chunk = pool.chunk if kind == LOCAL else None
         slots, valid, tables = [], [], []
         for seq in self.sequences:
             held, s = seq.held[kind], seq.length
-            self._start_chunk(kind, held, s)
-            pool._cover(kind, held, s + 1)
+            if chunk is not None and held.first != s - s % chunk:  # a new chunk: the old one's blocks go
+                pool._drop(kind, held)
+                held.first = s - s % chunk
             at = s - held.first
+            if at // bs == len(held.blocks):
+                held.append(pool._alloc(kind))
             slots.append(held.blocks[at // bs] * bs + at % bs)
             valid.append(at + 1)
             tables.append(held.table())
         plan = _RaggedPlan()
-        plan.width = max(valid)
+        plan.width = width = max(valid)
+        b = len(tables)
         table = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)  # [B, blocks]; padding: zero block
-        gather = (table[:, :, None] * bs + torch.arange(bs)).reshape(len(tables), -1)[:, :plan.width]
-        device = pool.device
-        plan.gather = gather.reshape(-1).to(device)
-        plan.write = torch.tensor(slots, dtype=torch.long, device=device)
-        plan.valid = torch.tensor(valid, device=device)
+        gather = (table[:, :, None] * bs + pool._offsets).view(b, -1)[:, :width]
+        ints = torch.tensor(slots + valid, dtype=torch.long, device=pool.device)
+        plan.gather = gather.reshape(-1).to(pool.device)
+        plan.write, plan.valid = ints[:b], ints[b:]
         return plan
