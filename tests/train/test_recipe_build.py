@@ -19,12 +19,15 @@ def test_recipe_builds_a_loadable_model_with_a_card(tmp_path, monkeypatch):
     small = dict(steps=2, batch_size=2, warmup=1, eval_every=2, eval_batches=2, checkpoint_every=1, log_every=1)
     monkeypatch.setattr(recipe, "PRETRAIN", replace(recipe.PRETRAIN, **small))
     monkeypatch.setattr(recipe, "INSTRUCT", replace(recipe.INSTRUCT, **small))
+    monkeypatch.setattr(recipe, "VISION", replace(recipe.VISION, **small))
     monkeypatch.setattr(recipe, "IMAGE_BATCH", 2)
     final = recipe.build_embedded(tmp_path / "run", DATA)
     record = json.loads((final / "recipe.json").read_text())
     assert record["stages"]["pretrain"]["steps"] == 2 and len(record["data_sha256"]) == 6
     assert (final / "licenses" / "LICENSE-CC-BY-SA-4.0.txt").is_file()
-    assert all((final / f"{stage}_loss.png").is_file() for stage in ("pretrain", "instruct"))
+    assert all((final / f"{stage}_loss.png").is_file() for stage in ("pretrain", "vision", "instruct"))
+    assert set(record["vision_probe_accuracy"]) == {"shape", "colour", "count", "background"}
+    assert set(record["seconds"]) == {"tokenizer", "pretrain", "vision", "instruct"}
     model = llama4.load_model(final)
     assert model.config.multimodal and model.config.text.vocab_size == 8192
     assert next(model.text.parameters()).dtype == torch.float32

@@ -75,12 +75,12 @@ def story_request_chats(stories: Sequence[str], count: int, seed: int) -> list[l
     return chats
 
 
-def instruct_chats(data_dir: str | Path, name: str, author: str, seed: int, dialogues: int = 2500,
+def instruct_chats(data_dir: str | Path, name: str, author: str, seed: int, dialogues: int = 800,
                    story_requests: int = 1500) -> list[list[dict]]:
     """All chats of the instruct stage, shuffled by ``seed``."""
     data_dir = Path(data_dir)
     stories = list(read_records(data_dir / CORPUS_FILES["tinystories"]))
-    chats = (smalltalk_chats(data_dir) + identity_chats(data_dir, name, author) * 3
+    chats = (smalltalk_chats(data_dir) + identity_chats(data_dir, name, author) * 6
              + dialogue_chats(data_dir, dialogues, max_messages=6, seed=seed)
              + story_request_chats(stories, story_requests, seed))
     return shuffled(chats, seed)

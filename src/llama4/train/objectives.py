@@ -88,14 +88,18 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, vision_lr_scale: float = 1.0) -> list[dict]:
     """AdamW groups: decay on weight matrices (attention, feed-forward, experts, router, LM head); no
     decay on norms (1-D) or the token embedding (decay would pull rare tokens' rows to zero).
-    Parameters with ``requires_grad=False`` are left out (frozen)."""
-    decay, no_decay = [], []
+    Parameters with ``requires_grad=False`` are left out (frozen). With ``vision_lr_scale != 1`` the
+    vision tower's parameters get groups of their own whose ``lr_scale`` multiplies the scheduled lr (a
+    pre-trained tower then moves slowly while the language model learns to read it)."""
     embed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() < 2 or id(p) in embed else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    scales = (1.0,) if vision_lr_scale == 1.0 else (1.0, vision_lr_scale)
+    groups = {(scale, decays): [] for scale in scales for decays in (True, False)}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scale = vision_lr_scale if name.startswith("vision.") else 1.0
+            groups[(scale, not (p.dim() < 2 or id(p) in embed))].append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+            for (scale, decays), params in groups.items() if params or scale == 1.0]

@@ -6,8 +6,12 @@ each resumable (an interrupted run continues where it stopped, bit-identically):
 1. ``tokenizer``: a 6,144-token BPE trained on the pretraining text, plus Llama 4's 2,048 special slots.
 2. ``pretrain``: next-token prediction on TinyStories with 25 % public-domain tales, every third batch
    synthetic-picture questions (joint early-fusion pretraining, as Llama 4 does).
-3. ``instruct``: a mixture of chat turns (small talk, identity, task dialogues, story requests),
-   synthetic-image questions and pretraining text (against forgetting).
+3. ``vision``: a fresh vision tower learns the pictures' facts (shape, colour, count, background)
+   through a temporary classification head (:mod:`llama4.train.vision_pretrain`), as Llama 4's
+   encoder was pre-trained on its own; it replaces the tower of step 2.
+4. ``instruct``: a mixture of chat turns (small talk, identity, task dialogues, story requests),
+   synthetic-image questions and pretraining text (against forgetting); the tower moves at a tenth of
+   the language model's learning rate so that it keeps what step 3 taught it.
 
 The result (``<out>/model``) holds the weights, tokenizer and ``recipe.json`` (this recipe, the data files'
 SHA-256 and the code version).
@@ -29,6 +33,7 @@ from llama4.config import ModelConfig
 from llama4.presets import LLAMA4_VISION, text_config
 from llama4.train.data import BatchIterator, eval_batches, pack, pretraining_texts, text_stream, validation_text
 from llama4.train.trainer import TrainConfig, TrainResult, train
+from llama4.train.vision_pretrain import ATTRIBUTES
 
 BASE_VOCAB = 6144  # + 2,048 special slots = 8,192
 TALES_SHARE = 0.25
@@ -36,8 +41,11 @@ SEED = 0
 
 PRETRAIN = TrainConfig(steps=1200, batch_size=4, seq_len=1024, lr=3e-3, min_lr=3e-4, warmup=100, eval_every=200,
                        eval_batches=16, checkpoint_every=100, seed=SEED, aux_coef=0.01)
+VISION = TrainConfig(steps=600, batch_size=32, seq_len=len(ATTRIBUTES), lr=1e-3, min_lr=1e-4, warmup=20,
+                     weight_decay=0.0, eval_every=100, eval_batches=4, checkpoint_every=100, seed=SEED + 2,
+                     aux_coef=0.0)
 INSTRUCT = TrainConfig(steps=1000, batch_size=4, seq_len=1024, lr=1e-3, min_lr=2e-4, warmup=30, eval_every=100,
-                       eval_batches=16, checkpoint_every=50, seed=SEED + 1, aux_coef=0.01)
+                       eval_batches=16, checkpoint_every=50, seed=SEED + 1, aux_coef=0.01, vision_lr_scale=0.1)
 
 IMAGE_BATCH, IMAGE_ROW = 16, 256  # picture rows: one picture and its questions, inside one attention chunk
 MODEL_NAME = "llama4-tiny"
@@ -117,12 +125,32 @@ def pretrain(out: Path, data_dir: Path, tok, texts: list[str], on_step: Callable
     return model, result
 
 
+def vision(out: Path, tok, model: torch.nn.Module, on_step: Callable | None = None) -> dict[str, float]:
+    """Stage 3: a fresh vision tower (seeded) learns the pictures' facts through a temporary head, then
+    replaces ``model``'s tower. Returns the head's accuracy per fact on held-out pictures. Resumes from
+    ``<out>/vision``."""
+    from llama4.train.vision_pretrain import AttributeBatches, AttributeProbe, attribute_accuracy
+
+    tc = VISION
+    config = embedded_config(tok)
+    tower = random_model(config, seed=tc.seed).vision.requires_grad_(True)
+    probe = AttributeProbe(tower, config.vision.projector_output_dim, seed=tc.seed)
+    held_out_pictures = AttributeBatches(tc.batch_size, seed=20_000 + tc.seed)
+    held_out = [next(held_out_pictures) for _ in range(tc.eval_batches)]
+    train(probe, tc, AttributeBatches(tc.batch_size, seed=tc.seed), held_out, out / "vision", resume=True,
+          on_step=on_step)
+    probe.eval()
+    accuracy = attribute_accuracy(probe, held_out)
+    model.vision = tower
+    return accuracy
+
+
 INSTRUCT_PATTERN = ("image", "chat", "image", "image", "text", "image", "image", "chat")
 
 
 def instruct(out: Path, data_dir: Path, tok, texts: list[str], pretrained: torch.nn.Module,
              on_step: Callable | None = None) -> tuple[torch.nn.Module, TrainResult]:
-    """Stage 3: chats, picture questions and pretraining text (resumes from ``<out>/instruct``)."""
+    """Stage 4: chats, picture questions and pretraining text (resumes from ``<out>/instruct``)."""
     from llama4.train.data import chat_example, pack_chats
     from llama4.train.instruct_data import ImageBatches, Mixture, instruct_chats
 
@@ -154,7 +182,7 @@ def recipe_record(data_dir: Path) -> dict:
         "command": "llama4 train --recipe embedded --out DIR",
         "base_vocab": BASE_VOCAB, "tales_share": TALES_SHARE, "seed": SEED,
         "stages": {"pretrain": asdict(PRETRAIN), "pretrain_pattern": list(PRETRAIN_PATTERN),
-                   "instruct": asdict(INSTRUCT),
+                   "vision": asdict(VISION), "instruct": asdict(INSTRUCT),
                    "image_rows": {"batch_size": IMAGE_BATCH, "seq_len": IMAGE_ROW},
                    "instruct_pattern": list(INSTRUCT_PATTERN)},
         "data_sha256": {p: file_sha256(data_dir / p) for p in paths},
@@ -195,19 +223,22 @@ def build_embedded(out_dir: str | Path, data_dir: str | Path, on_step: Callable 
     pretrained, _ = pretrain(out, data_dir, tok, texts, on_step)
     seconds["pretrain"] = _stage_seconds(out / "pretrain", time.perf_counter() - tic)
     tic = time.perf_counter()
+    vision_accuracy = vision(out, tok, pretrained, on_step)
+    seconds["vision"] = _stage_seconds(out / "vision", time.perf_counter() - tic)
+    tic = time.perf_counter()
     model, result = instruct(out, data_dir, tok, texts, pretrained, on_step)
     seconds["instruct"] = _stage_seconds(out / "instruct", time.perf_counter() - tic)
     final = out / "model"
     with torch.no_grad():
         save_model(model.to(torch.bfloat16), final)
     tok.save(final)
-    for stage in ("pretrain", "instruct"):
+    for stage in ("pretrain", "vision", "instruct"):
         if (out / stage / "loss.png").is_file():
             shutil.copyfile(out / stage / "loss.png", final / f"{stage}_loss.png")
     copy_licenses(data_dir, final)
     shares = result.expert_shares or _last_expert_shares(out / "instruct" / "metrics.jsonl")
     record = {**recipe_record(data_dir), "seconds": {k: round(v, 1) for k, v in seconds.items()},
-              "expert_shares": shares}
+              "expert_shares": shares, "vision_probe_accuracy": vision_accuracy}
     (final / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
     return final
 

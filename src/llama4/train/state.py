@@ -2,7 +2,9 @@
 
 Layout of ``<out>/checkpoint/``::
 
-    model/              config.json + model.safetensors (HF layout: llama4.load_model / transformers load it)
+    model/              config.json + model.safetensors (HF layout: llama4.load_model / transformers load it),
+                        or, for a module that is not a whole model (e.g. a probe around the vision
+                        tower), weights.safetensors with the module's own state-dict names
     state.safetensors   optimizer tensors, named ``opt.<param name>.<key>`` (exp_avg, exp_avg_sq, step)
     state.json          step, data position, optimizer hyper-parameters, train config
 
@@ -23,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from llama4.build import load_model, save_model
 
 CHECKPOINT_DIR = "checkpoint"
+WEIGHTS_FILE = "weights.safetensors"
 
 
 def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -74,7 +77,12 @@ def save_training_state(out_dir: str | Path, model: nn.Module, optimizer: torch.
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with torch.no_grad():
-        save_model(model, tmp / "model")
+        if hasattr(model, "config"):
+            save_model(model, tmp / "model")
+        else:
+            (tmp / "model").mkdir()
+            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                      str(tmp / "model" / WEIGHTS_FILE))
     tensors, meta = optimizer_tensors(model, optimizer)
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, "data": data_state, "optimizer": meta, **extra},
@@ -94,8 +102,11 @@ def load_training_state(out_dir: str | Path, model: nn.Module, optimizer: torch.
     if not (path / "state.json").is_file():
         return None
     meta = json.loads((path / "state.json").read_text())
-    saved = load_model(path / "model", dtype=next(model.parameters()).dtype, pack=False)
+    if (path / "model" / WEIGHTS_FILE).is_file():
+        weights = load_file(str(path / "model" / WEIGHTS_FILE))
+    else:
+        weights = load_model(path / "model", dtype=next(model.parameters()).dtype, pack=False).state_dict()
     with torch.no_grad():
-        model.load_state_dict(saved.state_dict(), strict=True)
+        model.load_state_dict(weights, strict=True)
     load_optimizer(model, optimizer, load_file(str(path / "state.safetensors")), meta["optimizer"])
     return meta

@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     aux_coef: float = 0.01  # weight of the router load-balancing loss (0 disables it)
     bf16: bool = False  # bf16 autocast for forward/backward; weights and optimizer stay float32
+    vision_lr_scale: float = 1.0  # the vision tower's lr = this x the scheduled lr (0 freezes it in effect)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "log_every"):
@@ -57,6 +58,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.vision_lr_scale < 0:
+            raise ValueError(f"TrainConfig.vision_lr_scale must be >= 0, got {self.vision_lr_scale}")
 
 
 @dataclass
@@ -132,7 +135,8 @@ def train(model: nn.Module, config: TrainConfig, train_batches, eval_batches: Se
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = _enable_grads(model)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
+    groups = param_groups(model, config.weight_decay, config.vision_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
                                   foreach=False)
     start = 0
     if resume and (meta := load_training_state(out_dir, model, optimizer)) is not None:
@@ -157,7 +161,7 @@ def train(model: nn.Module, config: TrainConfig, train_batches, eval_batches: Se
         tic = time.perf_counter()
         lr = lr_at(step, config.lr, config.min_lr, config.warmup, config.steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         batch = next(train_batches)
         capture.clear()
         with capture, _autocast(config.bf16):
