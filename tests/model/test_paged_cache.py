@@ -243,3 +243,26 @@ def test_refusals():
     a.release()
     with pytest.raises(ValueError, match="released"):
         pool.batch([a])
+
+
+def test_a_lone_sequence_is_moved_to_consecutive_blocks_once(model):
+    """Grown in a batch, a sequence's blocks interleave with the others'; its first pass alone moves
+    them to consecutive blocks (one copy), after which its passes read views and keep extending them."""
+    cfg = model.config.text
+    pool = PagedKVCache(cfg, block_size=2, initial_blocks=2)
+    x, y = ids(97, 1, 6 * CHUNK, seed=11), ids(97, 1, 6 * CHUNK, seed=12)
+    with torch.no_grad():
+        a, b = pool.sequence(), pool.sequence()
+        out = [model(x[:, :3], cache=pool.batch([a]))]
+        model(y[:, :3], cache=pool.batch([b]))
+        for t in range(3, 3 * CHUNK):
+            out.append(model(torch.cat([x[:, t:t + 1], y[:, t:t + 1]]), cache=pool.batch([a, b]))[:1])
+        assert not a.held[0].consecutive  # global-layer blocks interleaved with b's
+        b.release()
+        for t in range(3 * CHUNK, x.shape[1]):
+            out.append(model(x[:, t:t + 1], cache=pool.batch([a])))
+            assert a.held[0].consecutive and a.held[1].consecutive
+        full = model(x)
+    assert rel_err(torch.cat(out, dim=1), full) <= 1e-5
+    a.release()
+    assert pool.blocks_used() == 0

@@ -11,23 +11,28 @@ they hold the same tokens:
   a pass that starts in a new chunk gives them back first, so a sequence holds at most
   ceil(chunk / block_size) of them (see ../shared/reference/llama4-architecture.md on iRoPE).
 
-So memory follows actual lengths, a sequence joins or leaves a batch without touching anyone else's
-blocks, and a freed block goes back to a free list that hands out the lowest id first (a lone
-sequence gets consecutive blocks, and its passes read views of the pool, no copy). The pool grows by
-doubling when the free list runs dry (rare, amortised) and :meth:`PagedKVCache.trim` gives unused
-capacity back. Block 0 is all zeros and never handed out: padding of a gathered batch points at it.
+So memory follows actual lengths, and a sequence joins or leaves a batch without touching anyone
+else's blocks. Blocks are reference-counted; a freed block goes back to the free list. A sequence's
+next block is the one after its last when that is free, else the lowest free id; the pool grows by
+doubling when none is free (rare, amortised) and :meth:`PagedKVCache.trim` gives unused capacity back.
+Block 0 is all zeros and never handed out: padding of a gathered batch points at it.
 
-Blocks are reference-counted: :meth:`PagedSequence.copy_prefix` shares every full block of the
-prefix and copies only the partial last one (the one both sequences could write), so taking a cached
-prefix costs one block copy per kind, whatever its length.
+Reads. A pass over one sequence whose blocks are consecutive reads its keys as a slice of the pool
+(no copy); a sequence that grew in a batch (its blocks interleaved with the others') or came from a
+prefix copy is moved to consecutive blocks by its first decode step alone (one copy), so decoding at
+batch 1 stays copy-free. A one-token pass over several sequences (ragged decode) writes each row's new
+key/value into its slot (one ``index_copy_`` per layer) and hands attention the rows' keys gathered
+into a padded [B, Hkv, S, d] batch (one ``index_select`` per layer; positions past a row's valid
+entries read zeros) with the valid entries per row - what KVCache's ragged step returns. That gather
+is a per-step copy of the batch's keys and values (pure PyTorch has no attention over block tables);
+in exchange rows join and leave without copies. Slots are worked out once per pass and layer kind.
+
+:meth:`PagedSequence.copy_prefix` shares every full block of the prefix and copies only the partial
+last one (the one both sequences could write), so taking a cached prefix costs one block copy per kind.
 
 A forward pass runs over a :meth:`PagedKVCache.batch` of sequences, which speaks the model's cache
 protocol (``starts``, ``update``, ``advance``) as KVCache does: a multi-token pass (prefill) over one
-sequence, or a one-token pass (decode) over any number of sequences at different lengths. A decode
-step writes each row's new key/value into its slot (one ``index_copy_`` per layer) and hands attention
-the rows' keys gathered into a padded [B, Hkv, S, d] batch (one ``index_select`` per layer, positions
-past a row's valid entries read zeros) with the valid entries per row, exactly what KVCache's ragged
-step returns. Which slots to write and read is worked out once per pass and layer kind, not per layer.
+sequence, or a one-token pass (decode) over any number of sequences at different lengths.
 """
 
 from __future__ import annotations
@@ -43,12 +48,17 @@ GLOBAL, LOCAL = 0, 1
 
 
 class _Kind:
-    """The blocks of one layer kind: reference counts, the free list (a min-heap) and its layers."""
+    """The blocks of one layer kind: reference counts, which are taken, the free list and its layers.
+
+    ``free`` is a min-heap of candidate ids with lazy deletion: a block taken out of order (a run, or
+    the one after a sequence's last) stays in the heap and is skipped when popped (``taken`` decides).
+    """
 
     def __init__(self, layers: list[int]):
         self.layers = layers
         self.capacity = 0  # blocks, the zero block included
         self.refs: list[int] = []
+        self.taken = bytearray()  # 1: held by some sequence (or the zero block)
         self.free: list[int] = []
         self.used = 0  # blocks with a reference (the zero block not counted)
 
@@ -207,7 +217,8 @@ class PagedKVCache:
                         self._v[layer] = self._v[layer][:, :capacity * bs].clone()
             kind.capacity = capacity
             del kind.refs[capacity:]
-            kind.free = [b for b in range(1, capacity) if not kind.refs[b]]
+            del kind.taken[capacity:]
+            kind.free = [b for b in range(1, capacity) if not kind.taken[b]]
             heapq.heapify(kind.free)
 
     # -- blocks -------------------------------------------------------------------------------------------
@@ -223,9 +234,10 @@ class PagedKVCache:
     def _grow(self, kind: _Kind, capacity: int) -> None:
         old = kind.capacity
         if old == 0:
-            kind.refs = [1]  # the zero block, pinned
+            kind.refs, kind.taken = [1], bytearray(b"\x01")  # the zero block, pinned
             old = kind.capacity = 1
         kind.refs.extend([0] * (capacity - old))
+        kind.taken.extend(bytes(capacity - old))
         kind.free.extend(range(old, capacity))  # all larger than any id in the heap: still a heap
         kind.capacity = capacity
         if self.dtype is None:
@@ -242,12 +254,34 @@ class PagedKVCache:
                         grown[:, :store[layer].shape[1]] = store[layer]
                 store[layer] = grown
 
-    def _alloc(self, kind_id: int) -> int:
+    def _alloc(self, kind_id: int, after: int | None = None) -> int:
+        """A free block: ``after + 1`` when that one is free (a sequence's blocks stay consecutive), else
+        the lowest free id (the pool doubles when none is)."""
         kind = self._kinds[kind_id]
+        if after is not None and after + 1 < kind.capacity and not kind.taken[after + 1]:
+            return self._take(kind, after + 1)
+        while kind.free and kind.taken[kind.free[0]]:  # taken out of order since it was pushed
+            heapq.heappop(kind.free)
         if not kind.free:
             self._grow(kind, max(self.initial_blocks, 2 * kind.capacity))
-        block = heapq.heappop(kind.free)
+        return self._take(kind, heapq.heappop(kind.free))
+
+    def _alloc_run(self, kind_id: int, count: int) -> int:
+        """The first of ``count`` consecutive free blocks (the pool grows when no gap is long enough)."""
+        kind = self._kinds[kind_id]
+        start = kind.taken.find(bytes(count), 1)
+        if start < 0:
+            tail = len(kind.taken) - len(kind.taken.rstrip(b"\x00"))  # free blocks at the top
+            self._grow(kind, max(self.initial_blocks, 2 * kind.capacity, kind.capacity - tail + 2 * count))
+            start = kind.taken.find(bytes(count), 1)
+        for block in range(start, start + count):
+            self._take(kind, block)
+        return start
+
+    @staticmethod
+    def _take(kind: _Kind, block: int) -> int:
         kind.refs[block] = 1
+        kind.taken[block] = 1
         kind.used += 1
         return block
 
@@ -255,6 +289,7 @@ class PagedKVCache:
         kind = self._kinds[kind_id]
         kind.refs[block] -= 1
         if not kind.refs[block]:
+            kind.taken[block] = 0
             heapq.heappush(kind.free, block)
             kind.used -= 1
 
@@ -267,7 +302,21 @@ class PagedKVCache:
         """Allocate blocks until ``held`` covers tokens [first, end)."""
         need = -(-(end - held.first) // self.block_size)
         while len(held.blocks) < need:
-            held.append(self._alloc(kind_id))
+            held.append(self._alloc(kind_id, held.blocks[-1] if held.blocks else None))
+
+    def _relocate(self, kind_id: int, held: _Held) -> None:
+        """Move a sequence's blocks of a kind to consecutive ones (one copy), so that its later passes
+        read views; shared blocks stay with their other holders."""
+        count = len(held.blocks)
+        start = self._alloc_run(kind_id, count)
+        bs = self.block_size
+        slots = (held.table()[:, None] * bs + self._offsets).reshape(-1).to(self.device)
+        for layer in self._kinds[kind_id].layers:
+            for store in (self._k, self._v):
+                store[layer][:, start * bs:(start + count) * bs] = store[layer].index_select(1, slots)
+        for block in held.blocks:
+            self._release(kind_id, block)
+        held.set_blocks(list(range(start, start + count)))
 
     def _copy_block(self, kind_id: int, src: int, dst: int) -> None:
         bs = self.block_size
@@ -412,6 +461,11 @@ class PagedBatch:
                 plan.write = pool._slots(held, held.first, end)
             return plan
         pool._cover(kind, held, end)
+        if tokens == 1 and not held.consecutive:
+            # decoding alone after growing in a batch (or from a prefix copy): one copy now, views from now
+            # on. Not for prefill pieces: between two pieces the running batch takes blocks, so a long
+            # prompt would move (and need a free run) at every piece; a piece reads its keys gathered.
+            pool._relocate(kind, held)
         plan.write = pool._slots(held, s, end)
         plan.read, plan.read_count = pool._slots(held, held.first, end), end - held.first
         return plan
@@ -427,7 +481,7 @@ class PagedBatch:
                 held.first = s - s % chunk
             at = s - held.first
             if at // bs == len(held.blocks):
-                held.append(pool._alloc(kind))
+                held.append(pool._alloc(kind, held.blocks[-1] if held.blocks else None))
             slots.append(held.blocks[at // bs] * bs + at % bs)
             valid.append(at + 1)
             tables.append(held.table())
