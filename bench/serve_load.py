@@ -19,6 +19,7 @@ results go to docs/PERFORMANCE.md under <!-- bench-serve --> unless ``--no-write
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -189,6 +190,7 @@ def main() -> None:
     from llama4.serve.engine import EngineConfig
 
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]  # the cores may be shared: say how busy they were
     model = llama4.load_model(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     tokenizer = llama4.load_tokenizer(args.model)
     config = EngineConfig(max_batch=args.max_batch, max_queue=max(args.requests, 64))
@@ -223,7 +225,8 @@ def main() -> None:
              f"max batch "
              f"{args.max_batch}, {args.max_tokens} new tokens per request, greedy; every reply compared with the same "
              f"prompt sent alone. 8 clients / 1 client aggregate tokens/s: {ratio:.2f}x. "
-             f"{platform.processor() or platform.machine()}, torch {torch.__version__}.")
+             f"{platform.processor() or platform.machine()}, torch {torch.__version__}; 1-minute load average "
+             f"{load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores.")
     reused = sum(o.cached for o in with_prefix) / max(1, sum(o.prompt_tokens for o in with_prefix))
     with_ms = statistics.median(o.ttft for o in with_prefix if o.ttft is not None) * 1000
     without_ms = statistics.median(o.ttft for o in without_prefix if o.ttft is not None) * 1000
