@@ -266,3 +266,22 @@ def test_a_lone_sequence_is_moved_to_consecutive_blocks_once(model):
     assert rel_err(torch.cat(out, dim=1), full) <= 1e-5
     a.release()
     assert pool.blocks_used() == 0
+
+
+def test_the_free_list_stays_bounded_under_churn():
+    cfg = tiny_text(chunk=8, num_layers=4)
+    pool = PagedKVCache(cfg, block_size=1, initial_blocks=4)
+    k = torch.zeros(1, cfg.num_kv_heads, 1, cfg.head_dim)
+    for round_ in range(300):  # sequences come and go, each growing block by block (taken in order)
+        seqs = [pool.sequence() for _ in range(3)]
+        for _ in range(5):
+            for s in seqs:
+                batch = pool.batch([s])
+                for layer in range(cfg.num_layers):
+                    batch.update(layer, k, k)
+                batch.advance(1)
+        for s in seqs:
+            s.release()
+    assert pool.blocks_used() == 0
+    for kind in pool._kinds:
+        assert len(kind.free) <= 2 * kind.capacity + 64

@@ -290,8 +290,12 @@ class PagedKVCache:
         kind.refs[block] -= 1
         if not kind.refs[block]:
             kind.taken[block] = 0
-            heapq.heappush(kind.free, block)
             kind.used -= 1
+            if len(kind.free) > 2 * (kind.capacity - kind.used) + 64:  # mostly stale entries: rebuild
+                kind.free = [b for b in range(1, kind.capacity) if not kind.taken[b]]
+                heapq.heapify(kind.free)
+            else:
+                heapq.heappush(kind.free, block)
 
     def _drop(self, kind_id: int, held: _Held) -> None:
         for block in held.blocks:
