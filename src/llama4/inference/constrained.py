@@ -21,23 +21,30 @@ Design
   per UTF-8 decoder state, a mask of the tokens that are plain string content throughout (and their
   character counts, for ``maxLength``), so they are allowed with one tensor operation; only the few
   tokens holding a quote or backslash are walked, from that byte on.
+* Strings with a DFA (``pattern``, ``format``) use instead, per DFA state (and UTF-8 state), the plain
+  tokens the DFA lets through grouped by the state and character count they end in, computed once by a
+  walk and kept in a bounded cache shared by the constraints on the same DFA; each step decides the
+  groups (a length check each) and allows their tokens with one indexing. Tokens holding a quote or
+  backslash are walked from the string's state.
 
 Output form
 -----------
 Whitespace is allowed only as one optional space after ``:`` and after ``,`` (``{"a": 1, "b": 2}`` and
 ``{"a":1,"b":2}`` both pass), so that a small model cannot loop on whitespace. Numbers have at most
-20 integer digits, 20 fraction digits and a 2-digit exponent; ``integer`` has no fraction or exponent.
+20 integer digits, 20 fraction digits and a 2-digit exponent; ``integer`` has no fraction or exponent,
+and neither has a number with bounds or ``multipleOf`` (no exponent: ``1e3`` is written ``1000``).
 Strings are valid UTF-8; ``\\u`` escapes of UTF-16 surrogates are refused (write the character).
 
 Schema subset
 -------------
 ``type`` (one name or a list), ``properties``, ``required``, ``additionalProperties``, ``items``,
 ``enum``, ``const``, ``minItems``/``maxItems``, ``minLength``/``maxLength`` (characters; an escape is
-one character), ``anyOf``, ``oneOf`` (treated as anyOf: alternatives that overlap can both match),
-``allOf`` with a single subschema, ``$ref`` to ``#...`` pointers in the same document (``$defs``,
-``definitions``, recursion allowed). ``description``, ``title``, ``default``, ``examples``,
-``$schema``, ``$id``, ``$comment``, ``deprecated``, ``readOnly`` and ``writeOnly`` are ignored; any
-other keyword raises :class:`SchemaError` naming it.
+one character), ``pattern``, ``format``, ``minimum``/``maximum``/``exclusiveMinimum``/
+``exclusiveMaximum``, ``multipleOf``, ``anyOf``, ``oneOf`` (exact, for alternatives it can tell
+apart; see below), ``allOf`` with a single subschema, ``$ref`` to ``#...`` pointers in the same
+document (``$defs``, ``definitions``, recursion allowed). ``description``, ``title``, ``default``,
+``examples``, ``$schema``, ``$id``, ``$comment``, ``deprecated``, ``readOnly`` and ``writeOnly`` are
+ignored; any other keyword raises :class:`SchemaError` naming it.
 
 * With ``properties``, properties are generated in the schema's order, optional ones may be left out,
   and no other property is ever generated (as if ``additionalProperties`` were false, whatever it
@@ -47,26 +54,63 @@ other keyword raises :class:`SchemaError` naming it.
   becomes required properties with the ``additionalProperties`` schema.
 * ``enum`` / ``const`` values are written as ``json.dumps(value, ensure_ascii=False)`` writes them with
   ``", "`` and ``": "`` separators; values that do not have the schema's ``type`` (or break its
-  length bounds) are dropped.
+  length, pattern, format or numeric bounds) are dropped.
 * A schema without ``type`` takes the types its keywords imply (``properties`` -> object, ``items``
-  -> array, ``minLength`` -> string, ...), or any value if none does.
-* Alternatives that admit no finite value (``false``, a required property that recurses forever) are
-  pruned, so every allowed prefix can still be completed; a schema admitting nothing is an error.
+  -> array, ``minLength``/``pattern``/``format`` -> string, ``minimum``/``multipleOf`` -> number, ...),
+  or any value if none does.
+* Numbers: ``minimum``/``maximum`` and ``exclusiveMinimum``/``exclusiveMaximum`` (a number, as in
+  draft 6 and later, or draft 4's ``true`` beside ``minimum``/``maximum``) and ``multipleOf`` (any
+  positive number; exact decimal arithmetic: ``0.1`` is one tenth) hold while the number is written:
+  a digit, ``-`` or ``.`` is allowed only if the prefix can still be completed, within the digit
+  limits, to a value in range that is a multiple. A prefix's completions are a union of intervals
+  (``1`` -> [1, 2) or [10, 20) or [100, 200) ...; ``1.2`` -> [1.2, 1.3)) on the grid of 20 fraction
+  digits (of 1 for ``integer``); each interval is tested for a multiple of lcm(grid, ``multipleOf``)
+  inside the bounds, in integers. ``minimum`` above ``maximum`` is an error. (The value is exact as
+  written; a client that reads numbers as doubles may round a long fraction onto a bound.)
+* Strings: ``pattern`` is an ECMA-262 regular expression (:mod:`llama4.inference.regex_dfa` says
+  which subset) that, as JSON Schema says, is *not* anchored: the string must contain a match
+  (``^``/``$`` anchor it). It is compiled to a DFA over characters, which runs on the characters of
+  the string as their UTF-8 bytes or escapes complete; a byte that starts or continues a character
+  is allowed only if some character it can still become keeps the DFA able to accept within the
+  length bounds (lengths to acceptance are precomputed per DFA state), so every prefix stays
+  completable. ``format`` is one of date-time, time, date, duration, email, hostname, ipv4, ipv6 and
+  uuid, each a whole-string regular expression for a safe subset of the format (RFC 3339 dates and
+  times with ``T``/``Z`` upper case, real calendar days including leap years, no leap second, at most
+  9 fraction digits; e-mail as a dot-atom at a host name; host names of at most 253 characters; IPv6
+  in every RFC 4291 form without zone). ``pattern`` and ``format`` together must both match (the
+  product DFA).
+* ``oneOf`` is exact: a value must match exactly one alternative. The value being generated follows one
+  alternative, so this holds when no value an alternative generates can validate against another.
+  That is proved per pair at compile time (types, ``const``/``enum`` values checked against the other
+  schema, a required property the other lacks or refuses, a required property whose values cannot
+  match the other's, disjoint lengths, item counts or numeric ranges, patterns with no common
+  string; the other's ``format`` counts through a loose pattern that every valid value matches);
+  where it cannot be proved :class:`SchemaError` says which alternatives may overlap (use ``anyOf``
+  when several may match).
+* Alternatives that admit no finite value (``false``, a required property that recurses forever, a
+  pattern or numeric range nothing satisfies) are pruned, so every allowed prefix can still be
+  completed; a schema admitting nothing is an error, naming the first such reason.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import json
+import math
 import operator
 import re
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 from urllib.parse import unquote
 
 import torch
 
+from llama4.inference.regex_dfa import DFA, RegexError, compile_search
 from llama4.prompt.tokenizer import Tokenizer
 
 MAX_INT_DIGITS = 20
@@ -75,13 +119,71 @@ MAX_EXP_DIGITS = 2
 
 IGNORED_KEYWORDS = frozenset({"description", "title", "default", "examples", "$schema", "$id", "$comment",
                               "deprecated", "readOnly", "writeOnly"})
+NUMBER_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 SUPPORTED_KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items", "enum",
-                                "const", "minItems", "maxItems", "minLength", "maxLength", "anyOf", "oneOf",
-                                "allOf", "$ref", "$defs", "definitions"})
+                                "const", "minItems", "maxItems", "minLength", "maxLength", "pattern", "format",
+                                *NUMBER_KEYWORDS, "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions"})
 TYPE_NAMES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _IMPLIED_TYPE = {"properties": "object", "required": "object", "additionalProperties": "object",
                  "items": "array", "minItems": "array", "maxItems": "array",
-                 "minLength": "string", "maxLength": "string"}
+                 "minLength": "string", "maxLength": "string", "pattern": "string", "format": "string",
+                 **{k: "number" for k in NUMBER_KEYWORDS}}
+
+# ``format`` values as whole-string ECMA-262 patterns, each a safe subset of the format (see the docstring).
+_YEAR = r"(?:\d{3}[1-9]|\d{2}[1-9]\d|\d[1-9]\d{2}|[1-9]\d{3})"  # 0001..9999
+_LEAP_YEAR = r"(?:\d{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_DATE = (rf"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)"
+         rf"|02-(?:0[1-9]|1\d|2[0-8]))|{_LEAP_YEAR}-02-29)")
+_TIME = r"(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,9})?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
+_DUR_TIME = r"T(?:\d+H(?:\d+M(?:\d+S)?)?|\d+M(?:\d+S)?|\d+S)"
+_DURATION = rf"P(?:\d+W|(?:\d+Y(?:\d+M(?:\d+D)?)?|\d+M(?:\d+D)?|\d+D)(?:{_DUR_TIME})?|{_DUR_TIME})"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = rf"{_LABEL}(?:\.{_LABEL})*"
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+
+
+def _ipv6() -> str:
+    """RFC 4291 / RFC 3986 ``IPv6address``: eight groups, "::" for a run of zero groups, or an IPv4 tail."""
+    h16, ls32 = "[0-9A-Fa-f]{1,4}", rf"(?:[0-9A-Fa-f]{{1,4}}:[0-9A-Fa-f]{{1,4}}|{_IPV4})"
+    forms = [rf"(?:{h16}:){{6}}{ls32}", rf"::(?:{h16}:){{5}}{ls32}"]
+    for before in range(0, 7):  # at most `before` groups before "::" (as [ *n( h16 ":" ) h16 ])
+        head = f"(?:(?:{h16}:){{0,{before}}}{h16})?" if before else f"(?:{h16})?"
+        after = 4 - before
+        if after > 0:
+            tail = rf"(?:{h16}:){{{after}}}{ls32}" if after > 1 else rf"{h16}:{ls32}"
+        else:
+            tail = {0: ls32, -1: h16, -2: ""}[after]
+        forms.append(rf"{head}::{tail}")
+    return "(?:" + "|".join(forms) + ")"
+
+
+FORMATS = {
+    "date-time": rf"^{_DATE}T{_TIME}$",
+    "time": rf"^{_TIME}$",
+    "date": rf"^{_DATE}$",
+    "duration": rf"^{_DURATION}$",
+    "email": rf"^{_ATOM}(?:\.{_ATOM})*@{_HOSTNAME}$",
+    "hostname": rf"^{_HOSTNAME}$",
+    "ipv4": rf"^{_IPV4}$",
+    "ipv6": rf"^{_ipv6()}$",
+    "uuid": r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$",
+}
+_FORMAT_MAX_LENGTH = {"hostname": 253}
+# Patterns (searched) that every valid value of a format matches, however loosely a validator reads it:
+# what exact oneOf may rely on about *another* alternative's format.
+_FORMAT_SUPERSETS = {
+    "date-time": r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2})?(?:[.,]\d+)?(?:[Zz]|[+-]\d{2}:?\d{2})?$",
+    "time": r"^\d{2}:\d{2}(?::\d{2})?(?:[.,]\d+)?(?:[Zz]|[+-]\d{2}:?\d{2})?$",
+    "date": r"^\d{4}-\d{2}-\d{2}$",
+    "duration": r"^P",
+    "email": r"@",
+    "hostname": r"^[A-Za-z0-9_.-]+$",
+    "ipv4": r"^[0-9.]+$",
+    "ipv6": r"^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%.*)?$",
+    "uuid": r"[0-9A-Fa-f]{8}",
+}
 
 
 class SchemaError(ValueError):
@@ -225,19 +327,157 @@ class _Array:
 
 
 class _String:
-    __slots__ = ("min_len", "max_len", "cap", "tracked")
+    """A string with length bounds and, for ``pattern``/``format``, a DFA over its characters."""
 
-    def __init__(self, min_len: int = 0, max_len: int | None = None) -> None:
+    __slots__ = ("min_len", "max_len", "cap", "tracked", "dfa", "empty", "_fine")
+
+    def __init__(self, min_len: int = 0, max_len: int | None = None, dfa: DFA | None = None) -> None:
         self.min_len, self.max_len = min_len, max_len
         self.cap = max_len if max_len is not None else min_len
         self.tracked = max_len is not None or min_len > 0
+        self.dfa = dfa
+        self.empty: str | None = None  # why no string fits (the node is pruned)
+        self._fine: dict[tuple[int, int], bool] = {}
+
+    def fine(self, d: int, count: int) -> bool:
+        """From DFA state ``d`` after ``count`` characters (capped at ``cap``) the string can still be
+        completed to one the DFA accepts, within the length bounds."""
+        if not self.tracked:
+            return True  # every DFA state can reach acceptance
+        key = (d, count)
+        ok = self._fine.get(key)
+        if ok is None:
+            lo = max(self.min_len - count, 0)
+            hi = None if self.max_len is None else self.max_len - count
+            ok = (hi is None or hi >= lo) and self.dfa.has_length(d, lo, hi)
+            self._fine[key] = ok
+        return ok
+
+    def any_fine(self, d: int, lo: int, hi: int, count: int) -> bool:
+        """Some character in ``[lo, hi]`` leads from ``d`` to a state that is :meth:`fine` at ``count``."""
+        return any(self.fine(t, count) for t in self.dfa.targets(d, lo, hi))
+
+    def matches(self, value: str) -> bool:
+        return (self.empty is None and self.min_len <= len(value) and (self.max_len is None or len(value) <= self.max_len)
+                and (self.dfa is None or self.dfa.matches(value)))
+
+
+_NUM_PREFIX = re.compile(rb"(-?)(?:(0|[1-9][0-9]*)(?:(\.)([0-9]*))?)?")
+
+
+class _NumRange:
+    """Bounds and ``multipleOf`` of a number, decided on prefixes of its text (no exponent).
+
+    Values are handled as integers in units of ``1/scale`` (``scale`` clears the denominators of the
+    grid of writable values, 10^-MAX_FRAC_DIGITS or 1 for integers, of the bounds and of the multiple).
+    """
+
+    def __init__(self, integer: bool, lo: Fraction | None, lo_ex: bool, hi: Fraction | None, hi_ex: bool,
+                 multiple: Fraction | None) -> None:
+        self.integer = integer
+        self.bounds = (lo, lo_ex, hi, hi_ex, multiple)
+        unit = 10 ** (0 if integer else MAX_FRAC_DIGITS)
+        scale = unit
+        for x in (lo, hi, multiple):
+            if x is not None:
+                scale = math.lcm(scale, x.denominator)
+        self.scale = scale
+        self.grid = scale // unit  # spacing of the writable values
+        self.step = self.grid if multiple is None else math.lcm(self.grid, int(multiple * scale))
+        self.lo = None if lo is None else int(lo * scale) + lo_ex  # inclusive, in units
+        self.hi = None if hi is None else int(hi * scale) - hi_ex
+        self._memo: dict[bytes, bool] = {}
+
+    def _hit(self, a: int, b: int) -> bool:
+        """Some multiple of ``step`` in ``[a, b]`` lies within the bounds."""
+        if self.lo is not None and self.lo > a:
+            a = self.lo
+        if self.hi is not None and self.hi < b:
+            b = self.hi
+        if a > b:
+            return False
+        return -(-a // self.step) * self.step <= b
+
+    def completable(self, text: bytes) -> bool:
+        """``text`` is a prefix of a number in range (within the digit limits)."""
+        ok = self._memo.get(text)
+        if ok is None:
+            ok = self._completable(text)
+            if len(self._memo) > 100_000:
+                self._memo.clear()
+            self._memo[text] = ok
+        return ok
+
+    def _completable(self, text: bytes) -> bool:
+        m = _NUM_PREFIX.fullmatch(text)
+        if m is None:
+            return False
+        neg, ip, dot, fp = m.groups()
+        scale, grid = self.scale, self.grid
+        if not text:  # either sign
+            return self._completable(b"-") or self._completable(b"0") or any(
+                self._completable(bytes((b,))) for b in b"123456789")
+        if ip is None:  # "-": any magnitude
+            spans: Iterable[tuple[int, int]] = [(0, 10 ** MAX_INT_DIGITS * scale - grid)]
+        elif dot is None:
+            if len(ip) > MAX_INT_DIGITS:
+                return False
+            n = int(ip)
+            if n == 0:
+                spans = [(0, scale - grid)]  # 0 or 0.xxx
+            else:  # n, n.xxx, then each further integer digit: [n * 10^r, (n + 1) * 10^r)
+                spans = ((n * 10 ** r * scale, (n + 1) * 10 ** r * scale - grid)
+                         for r in range(MAX_INT_DIGITS - len(ip) + 1))
+        else:
+            if self.integer or len(fp) > MAX_FRAC_DIGITS:
+                return False
+            width = scale // 10 ** len(fp)
+            base = int(ip) * scale + (int(fp) * width if fp else 0)
+            spans = [(base, base + width - grid)]
+        for a, b in spans:
+            if neg:
+                if self.lo is not None and -a < self.lo:
+                    break  # the spans only grow in magnitude
+                if self._hit(-b, -a):
+                    return True
+            else:
+                if self.hi is not None and a > self.hi:
+                    break
+                if self._hit(a, b):
+                    return True
+        return False
+
+    def accepts(self, text: bytes) -> bool:
+        """``text`` is a whole number in range."""
+        m = _NUM_PREFIX.fullmatch(text)
+        if m is None:
+            return False
+        neg, ip, dot, fp = m.groups()
+        if ip is None or (dot is not None and not fp) or len(ip) > MAX_INT_DIGITS:
+            return False
+        if dot is not None and (self.integer or len(fp) > MAX_FRAC_DIGITS):
+            return False
+        x = int(ip) * self.scale + (int(fp) * self.scale // 10 ** len(fp) if fp else 0)
+        x = -x if neg else x
+        return ((self.lo is None or x >= self.lo) and (self.hi is None or x <= self.hi)
+                and x % self.step == 0)
+
+    def contains(self, value: Fraction) -> bool:
+        """The exact value is in range and a multiple (for enum/const values, written as they are)."""
+        lo, lo_ex, hi, hi_ex, multiple = self.bounds
+        return ((lo is None or value > lo or (value == lo and not lo_ex))
+                and (hi is None or value < hi or (value == hi and not hi_ex))
+                and (multiple is None or (value / multiple).denominator == 1))
 
 
 class _Number:
-    __slots__ = ("integer",)
+    __slots__ = ("integer", "range", "first", "empty")
 
-    def __init__(self, integer: bool) -> None:
+    def __init__(self, integer: bool, rng: _NumRange | None = None) -> None:
         self.integer = integer
+        self.range = rng
+        self.empty: str | None = None
+        self.first = bytes(b for b in b"-0123456789" if rng is None or rng.completable(bytes((b,))))
 
 
 class _Literal:
@@ -268,8 +508,27 @@ def _first_bytes(node: Any) -> Iterable[int]:
     if isinstance(node, _String):
         return b'"'
     if isinstance(node, _Number):
-        return b"-0123456789"
+        return node.first
     return node.next[0].keys()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fraction(value: int | float) -> Fraction:
+    return Fraction(Decimal(repr(value))) if isinstance(value, float) else Fraction(value)
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+    """Equality of JSON values as JSON Schema has it (1 == 1.0, but true != 1)."""
+    if _is_number(a) and _is_number(b):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_json_equal, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
 
 
 def _has_type(value: Any, name: str) -> bool:
@@ -295,6 +554,8 @@ class _Compiler:
         self.root = root
         self.memo: dict[int, _Value] = {}
         self.values: list[_Value] = []
+        self.one_ofs: list[tuple[str, list, list[_Value]]] = []  # checked once the graph is finished
+        self.empty_reasons: list[str] = []
         self.any_value = self._new_value("(any value)")
         self.any_value.alts = [_FreeObject(self.any_value), _Array(self.any_value, 0, None), _String(),
                                _Number(False), _Literal([b"true", b"false", b"null"])]
@@ -307,6 +568,7 @@ class _Compiler:
     def compile(self) -> _Value:
         top = self.value(self.root, "#")
         self._finish(top)
+        self._check_one_ofs()
         return top
 
     # -- schema dict -> value -----------------------------------------------------------------------
@@ -359,7 +621,10 @@ class _Compiler:
             raise SchemaError(f"{keyword!r} must be a non-empty list of schemas at {path}")
         if keyword == "allOf" and len(arg) != 1:
             raise SchemaError(f"'allOf' is supported with a single subschema only, got {len(arg)} at {path}")
-        return [self.value(s, f"{path}/{keyword}/{i}") for i, s in enumerate(arg)]
+        values = [self.value(s, f"{path}/{keyword}/{i}") for i, s in enumerate(arg)]
+        if keyword == "oneOf" and len(arg) > 1:
+            self.one_ofs.append((path, arg, values))
+        return values
 
     def _resolve(self, ref: Any, path: str) -> Any:
         if not isinstance(ref, str) or not ref.startswith("#"):
@@ -405,11 +670,106 @@ class _Compiler:
             raise SchemaError(f"{low!r} ({lo}) is larger than {high!r} ({hi}) at {path}")
         return lo, hi
 
+    # -- numbers and strings -------------------------------------------------------------------------
+
+    @staticmethod
+    def _number_value(schema: dict, keyword: str, path: str) -> Fraction | None:
+        v = schema.get(keyword)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float, Decimal, Fraction)) or (
+                isinstance(v, float) and not math.isfinite(v)):
+            raise SchemaError(f"{keyword!r} must be a number, got {v!r} at {path}")
+        # a float is the number its JSON text wrote: 0.1 is one tenth, not the nearest double
+        return Fraction(Decimal(repr(v))) if isinstance(v, float) else Fraction(v)
+
+    def _number_range(self, schema: dict, integer: bool, path: str) -> _NumRange | None:
+        """The schema's numeric bounds and multipleOf (None when it has none)."""
+        if not any(k in schema for k in NUMBER_KEYWORDS):
+            return None
+        sides = []
+        for plain, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+            bound, ex, name = self._number_value(schema, plain, path), False, plain
+            flag = schema.get(exclusive)
+            if isinstance(flag, bool):  # draft 4: a flag on minimum / maximum
+                if flag and bound is None:
+                    raise SchemaError(f"{exclusive!r}: true needs {plain!r} (draft 4 form) at {path}")
+                ex = flag
+            elif flag is not None:
+                other = self._number_value(schema, exclusive, path)
+                stricter = bound is None or (other >= bound if plain == "minimum" else other <= bound)
+                if stricter:
+                    bound, ex, name = other, True, exclusive
+            sides.append((bound, ex, name))
+        (lo, lo_ex, lo_name), (hi, hi_ex, hi_name) = sides
+        if lo is not None and hi is not None:
+            if lo > hi:
+                raise SchemaError(f"{lo_name!r} ({schema[lo_name]}) is larger than {hi_name!r} ({schema[hi_name]}) "
+                                  f"at {path}")
+            if lo == hi and (lo_ex or hi_ex):
+                raise SchemaError(f"{lo_name!r} and {hi_name!r} ({schema[lo_name]}) leave no number between them "
+                                  f"at {path}")
+        multiple = self._number_value(schema, "multipleOf", path)
+        if multiple is not None and multiple <= 0:
+            raise SchemaError(f"'multipleOf' must be a positive number, got {schema['multipleOf']!r} at {path}")
+        return _NumRange(integer, lo, lo_ex, hi, hi_ex, multiple)
+
+    def _number(self, schema: dict, integer: bool, path: str) -> _Number:
+        node = _Number(integer, self._number_range(schema, integer, path))
+        if node.range is not None and not node.range.completable(b""):
+            kind = "integer" if integer else "number"
+            self._empty(node, f"no {kind} within the bounds is a multiple of 'multipleOf' or can be written with at "
+                              f"most {MAX_INT_DIGITS} integer and {MAX_FRAC_DIGITS} fraction digits at {path}")
+        return node
+
+    def _string(self, schema: dict, path: str) -> _String:
+        lo, hi = self._bounds(schema, "minLength", "maxLength", path)
+        dfa: DFA | None = None
+        empty = None
+        if "pattern" in schema:
+            pattern = schema["pattern"]
+            if not isinstance(pattern, str):
+                raise SchemaError(f"'pattern' must be a string, got {pattern!r} at {path}")
+            try:
+                dfa = compile_search(pattern)
+            except RegexError as e:
+                raise SchemaError(f"'pattern' {pattern!r} is not supported at {path}: {e}") from None
+            if dfa is None:
+                empty = f"'pattern' {pattern!r} matches no string at {path}"
+        if "format" in schema:
+            fmt = schema["format"]
+            if fmt not in FORMATS:
+                raise SchemaError(f"unsupported 'format' {fmt!r} at {path} (supported: {', '.join(FORMATS)})")
+            if fmt in _FORMAT_MAX_LENGTH:
+                hi = _FORMAT_MAX_LENGTH[fmt] if hi is None else min(hi, _FORMAT_MAX_LENGTH[fmt])
+            if empty is None:
+                try:
+                    dfa = _string_dfa(schema.get("pattern"), fmt)
+                except RegexError as e:
+                    raise SchemaError(f"'pattern' with 'format' {fmt!r} at {path}: {e}") from None
+                if dfa is None:
+                    empty = f"no string matches both 'pattern' and 'format' {fmt!r} at {path}"
+        node = _String(lo, hi, dfa)
+        if empty is None and dfa is not None:
+            try:
+                fits = node.fine(0, 0)
+            except RegexError as e:
+                raise SchemaError(f"'pattern'/'format' at {path}: {e}") from None
+            if not fits:
+                empty = f"no string of {lo} to {'any number of' if hi is None else hi} characters matches at {path}"
+        if empty is not None:
+            self._empty(node, empty)
+        return node
+
+    def _empty(self, node: Any, reason: str) -> None:
+        node.empty = reason
+        self.empty_reasons.append(reason)
+
     def _typed(self, schema: dict, t: str, path: str) -> Any:
         if t == "string":
-            return _String(*self._bounds(schema, "minLength", "maxLength", path))
+            return self._string(schema, path)
         if t in ("number", "integer"):
-            return _Number(t == "integer")
+            return self._number(schema, t == "integer", path)
         if t == "boolean":
             return _Literal([b"true", b"false"])
         if t == "null":
@@ -461,6 +821,12 @@ class _Compiler:
         values = [v for v in values if not isinstance(v, str) or (lo <= len(v) and (hi is None or len(v) <= hi))]
         lo, hi = self._bounds(schema, "minItems", "maxItems", path)
         values = [v for v in values if not isinstance(v, list) or (lo <= len(v) and (hi is None or len(v) <= hi))]
+        if any(isinstance(v, str) for v in values) and ("pattern" in schema or "format" in schema):
+            string = self._string(schema, path)
+            values = [v for v in values if not isinstance(v, str) or string.matches(v)]
+        rng = self._number_range(schema, False, path)
+        if rng is not None:
+            values = [v for v in values if not _is_number(v) or rng.contains(_fraction(v))]
         if not values:
             raise SchemaError(f"no value of 'enum'/'const' satisfies the rest of the schema at {path}")
         out = []
@@ -475,6 +841,21 @@ class _Compiler:
     def _contains(values: list, v: Any) -> bool:
         key = json.dumps(v, sort_keys=True)
         return any(json.dumps(x, sort_keys=True) == key for x in values)
+
+    # -- exact oneOf ---------------------------------------------------------------------------------
+
+    def _check_one_ofs(self) -> None:
+        """Each oneOf alternative's values must never validate against another alternative."""
+        check = _Exclusion(self)
+        for path, schemas, values in self.one_ofs:
+            for i, value in enumerate(values):
+                for j, other in enumerate(schemas):
+                    if i != j and value.alts and not check.value(value, other):
+                        raise SchemaError(
+                            f"'oneOf' at {path}: a value of alternative {i} may also match alternative {j}, and a "
+                            "value must match exactly one; exact 'oneOf' is supported for alternatives told apart by "
+                            "type, const/enum, a required property (or its value), length, item count, numeric range "
+                            "or pattern. Use 'anyOf' if a value may match several")
 
     # -- flatten, prune, index -----------------------------------------------------------------------
 
@@ -496,7 +877,8 @@ class _Compiler:
             v.alts = flat[id(v)]
         nodes = {id(a): a for v in self.values for a in v.alts}
         # Which nodes admit a finite value: a least fixed point.
-        ground: set[int] = {i for i, a in nodes.items() if isinstance(a, (_String, _Number, _Literal, _FreeObject))}
+        ground: set[int] = {i for i, a in nodes.items() if isinstance(a, (_String, _Number, _Literal, _FreeObject))
+                            and getattr(a, "empty", None) is None}
 
         def value_ok(v: _Value) -> bool:
             return any(id(a) in ground for a in v.alts)
@@ -512,7 +894,8 @@ class _Compiler:
                     ground.add(i)
                     changed = True
         if not value_ok(top):
-            raise SchemaError("the schema admits no (finite) JSON value")
+            why = f": {self.empty_reasons[0]}" if self.empty_reasons else ""
+            raise SchemaError(f"the schema admits no (finite) JSON value{why}")
         for v in self.values:
             v.alts = [a for a in v.alts if id(a) in ground]
             first: list[list] = [[] for _ in range(256)]
@@ -530,10 +913,220 @@ class _Compiler:
                 a.build()
 
 
+@functools.lru_cache(maxsize=256)
+def _string_dfa(pattern: str | None, fmt: str) -> DFA | None:
+    """The DFA of ``format`` ``fmt`` and (if given) ``pattern`` both matching; cached, as compile_search is."""
+    dfa = compile_search(FORMATS[fmt])
+    if pattern is None:
+        return dfa
+    other = compile_search(pattern)
+    return None if other is None else other.intersect(dfa)
+
+
+class _Exclusion:
+    """Proofs that no value a compiled node generates is valid against a schema (JSON Schema semantics).
+
+    Conservative: False means "could not prove it". The generated side is exact (the node graph says
+    what the recogniser writes); the schema side is read with its full meaning, ``format`` as an
+    assertion but through a loose pattern every valid value matches (``_FORMAT_SUPERSETS``), so that a
+    validator's stricter or looser reading of a format cannot make two alternatives match.
+    """
+
+    def __init__(self, compiler: _Compiler) -> None:
+        self.compiler = compiler
+        self.busy: set[tuple[int, int]] = set()
+
+    def value(self, value: _Value, schema: Any) -> bool:
+        return all(self.node(a, schema) for a in value.alts)
+
+    def node(self, a: Any, schema: Any) -> bool:
+        if schema is False:
+            return True
+        if not isinstance(schema, dict):
+            return False
+        key = (id(a), id(schema))
+        if key in self.busy:
+            return False  # a recursion: assume they may overlap
+        self.busy.add(key)
+        try:
+            return self._node(a, schema)
+        finally:
+            self.busy.discard(key)
+
+    def _resolve(self, ref: Any) -> Any:
+        try:
+            return self.compiler._resolve(ref, "#")
+        except SchemaError:
+            return True
+
+    def _node(self, a: Any, y: dict) -> bool:
+        if "$ref" in y and self.node(a, self._resolve(y["$ref"])):
+            return True
+        if any(self.node(a, s) for s in y.get("allOf", [])):
+            return True
+        for k in ("anyOf", "oneOf"):
+            if isinstance(y.get(k), list) and y[k] and all(self.node(a, s) for s in y[k]):
+                return True
+        if isinstance(a, _Literal):
+            return not any(self.may_validate(json.loads(lit), y, 0) for lit in a.literals)
+        kind = ("object" if isinstance(a, (_Object, _FreeObject)) else "array" if isinstance(a, _Array)
+                else "string" if isinstance(a, _String) else "number")
+        types = y.get("type")
+        if types is not None:
+            names = {types} if isinstance(types, str) else set(types)
+            if not (kind in names or (kind == "number" and "integer" in names)):
+                return True
+        if "enum" in y or "const" in y:
+            values = list(y.get("enum", [])) + ([y["const"]] if "const" in y else [])
+            if not any(self._may_generate(a, v) for v in values):
+                return True
+        if kind == "object":
+            return self._object(a, y)
+        if kind == "array":
+            return self._array(a, y)
+        if kind == "string":
+            return self._string(a, y)
+        return self._number(a, y)
+
+    @staticmethod
+    def _may_generate(a: Any, v: Any) -> bool:
+        if isinstance(a, (_Object, _FreeObject)):
+            return isinstance(v, dict)
+        if isinstance(a, _Array):
+            return isinstance(v, list)
+        if isinstance(a, _String):
+            return isinstance(v, str) and a.matches(v)
+        if not _is_number(v) or (a.integer and not float(v).is_integer()):
+            return False
+        return a.range is None or a.range.contains(_fraction(v))
+
+    def _object(self, a: Any, y: dict) -> bool:
+        required = y.get("required", [])
+        if isinstance(a, _FreeObject):
+            return a.value is None and bool(required)  # only {} is generated
+        names = {name: value for name, value, _ in a.props}
+        if any(r not in names for r in required):
+            return True
+        props = y.get("properties", {})
+        for name, value, needed in a.props:
+            if needed:
+                sub = props[name] if name in props else y.get("additionalProperties", True)
+                if sub is False or self.value(value, sub):
+                    return True
+        return False
+
+    @staticmethod
+    def _count(y: dict, keyword: str) -> int | None:
+        v = y.get(keyword)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    def _array(self, a: _Array, y: dict) -> bool:
+        lo, hi = self._count(y, "minItems") or 0, self._count(y, "maxItems")
+        if (a.max_items is not None and lo > a.max_items) or (hi is not None and a.min_items > hi):
+            return True
+        return a.min_items > 0 and "items" in y and self.value(a.items, y["items"])
+
+    def _string(self, a: _String, y: dict) -> bool:
+        lo = max(self._count(y, "minLength") or 0, a.min_len)
+        highs = [h for h in (self._count(y, "maxLength"), a.max_len) if h is not None]
+        hi = min(highs) if highs else None
+        if hi is not None and lo > hi:
+            return True
+        dfa = a.dfa
+        for other in self._string_patterns(y):
+            try:
+                other_dfa = compile_search(other)
+                dfa = other_dfa if dfa is None or other_dfa is None else dfa.intersect(other_dfa)
+            except RegexError:
+                return False
+            if other_dfa is None or dfa is None:
+                return True
+        try:
+            return dfa is not None and not dfa.has_length(0, lo, hi)
+        except RegexError:
+            return False
+
+    @staticmethod
+    def _string_patterns(y: dict) -> list[str]:
+        """What ``y`` asks of a string's characters: its pattern, and a loose reading of its format."""
+        out = [y["pattern"]] if isinstance(y.get("pattern"), str) else []
+        if y.get("format") in _FORMAT_SUPERSETS:
+            out.append(_FORMAT_SUPERSETS[y["format"]])
+        return out
+
+    def _number(self, a: _Number, y: dict) -> bool:
+        try:
+            other = self.compiler._number_range(y, False, "#")
+        except SchemaError:
+            return False
+        if other is None or a.range is None:
+            return False
+        lo1, lo1_ex, hi1, hi1_ex, _ = a.range.bounds
+        lo2, lo2_ex, hi2, hi2_ex, _ = other.bounds
+
+        def below(hi: Fraction | None, hi_ex: bool, lo: Fraction | None, lo_ex: bool) -> bool:
+            return hi is not None and lo is not None and (hi < lo or (hi == lo and (hi_ex or lo_ex)))
+
+        return below(hi1, hi1_ex, lo2, lo2_ex) or below(hi2, hi2_ex, lo1, lo1_ex)
+
+    def may_validate(self, v: Any, y: Any, depth: int) -> bool:
+        """False only if ``v`` is certainly not valid against ``y``."""
+        if y is False:
+            return False
+        if not isinstance(y, dict) or depth > 64:
+            return True
+        ok = functools.partial(self.may_validate, depth=depth + 1)
+        if "$ref" in y and not ok(v, self._resolve(y["$ref"])):
+            return False
+        if not all(ok(v, s) for s in y.get("allOf", [])):
+            return False
+        for k in ("anyOf", "oneOf"):
+            if isinstance(y.get(k), list) and y[k] and not any(ok(v, s) for s in y[k]):
+                return False
+        types = y.get("type")
+        if types is not None and not any(_has_type(v, t) for t in ([types] if isinstance(types, str) else types)):
+            return False
+        if "enum" in y and not any(_json_equal(v, e) for e in y["enum"]):
+            return False
+        if "const" in y and not _json_equal(v, y["const"]):
+            return False
+        if isinstance(v, str):
+            lo, hi = self._count(y, "minLength"), self._count(y, "maxLength")
+            if (lo is not None and len(v) < lo) or (hi is not None and len(v) > hi):
+                return False
+            for pattern in self._string_patterns(y):
+                try:
+                    dfa = compile_search(pattern)
+                except RegexError:
+                    return True
+                if dfa is None or not dfa.matches(v):
+                    return False
+        elif _is_number(v):
+            try:
+                rng = self.compiler._number_range(y, False, "#")
+            except SchemaError:
+                return True
+            return rng is None or rng.contains(_fraction(v))
+        elif isinstance(v, list):
+            lo, hi = self._count(y, "minItems"), self._count(y, "maxItems")
+            if (lo is not None and len(v) < lo) or (hi is not None and len(v) > hi):
+                return False
+            return all(ok(x, y.get("items", True)) for x in v)
+        elif isinstance(v, dict):
+            if any(r not in v for r in y.get("required", [])):
+                return False
+            props = y.get("properties", {})
+            return all(ok(x, props[k] if k in props else y.get("additionalProperties", True)) for k, x in v.items())
+        return True
+
+
 # ---------------------------------------------------------------------------------------------------
 # Recogniser. Frames are tuples whose first item is the kind; a stack is (frame, parent stack).
 
-_V, _OBJ, _FOBJ, _ARR, _STR, _NUM, _LIT, _DONE = range(8)
+_V, _OBJ, _FOBJ, _ARR, _STR, _NUM, _LIT, _DONE, _PSTR, _BNUM = range(10)
+# _PSTR: a string with a DFA, (_PSTR, node, u, count, esc, dfa state, acc): acc holds the bits of the character
+# being decoded (UTF-8) or the hex digits of a \u escape (esc = _P_HEX + digits so far).
+# _BNUM: a number with bounds / multipleOf, (_BNUM, node, text so far).
 # object phases: after "{", in a key (x = trie node), before ":" (x = property), after a value (x = property),
 # after "," (x = next property, a space allowed)
 _O_OPEN, _O_KEY, _O_COLON, _O_AFTER, _O_COMMA = range(5)
@@ -544,6 +1137,19 @@ _A_OPEN, _A_AFTER = range(2)
 _E_NONE, _E_BACKSLASH, _E_HEX1, _E_HEX2_NOT_SURROGATE, _E_HEX2, _E_HEX3, _E_HEX4 = range(7)
 _N_SIGN, _N_ZERO, _N_INT, _N_DOT, _N_FRAC, _N_E, _N_ESIGN, _N_EXP = range(8)
 _N_COMPLETE = frozenset({_N_ZERO, _N_INT, _N_FRAC, _N_EXP})
+_P_HEX = 10
+_ESCAPED_CP = {0x22: 0x22, 0x5C: 0x5C, 0x2F: 0x2F, 0x62: 0x08, 0x66: 0x0C, 0x6E: 0x0A, 0x72: 0x0D, 0x74: 0x09}
+_HEX_VALUE = {b: int(chr(b), 16) for b in _HEX}
+_LEAD_BITS = {1: 0x1F, 2: 0x0F, 4: 0x0F, 5: 0x0F, 3: 0x07, 6: 0x07, 7: 0x07}  # by the UTF-8 state after the lead
+_CONT_LEFT = {1: 1, 2: 2, 3: 3, 4: 2, 5: 2, 6: 3, 7: 3}  # continuation bytes still to come, by UTF-8 state
+
+
+def _utf8_span(u: int, acc: int) -> tuple[int, int]:
+    """The code points a character can still become in UTF-8 state ``u`` with bits ``acc`` so far."""
+    first_lo, first_hi, _ = _CONT_RANGE[u]
+    shift = 6 * (_CONT_LEFT[u] - 1)
+    return (((acc << 6) | (first_lo & 0x3F)) << shift, ((((acc << 6) | (first_hi & 0x3F)) << shift)
+                                                         | ((1 << shift) - 1)))
 _KEY_STRING = _String()
 _DONE_STACK = ((_DONE,), None)
 
@@ -656,6 +1262,15 @@ class _Grammar:
                     self._start(alt, b, after, out)
         elif kind == _NUM:
             self._number(frame, parent, b, out)
+        elif kind == _PSTR:
+            self._pattern_string(frame, parent, b, out)
+        elif kind == _BNUM:
+            rng, text = frame[1].range, frame[2]
+            longer = text + bytes((b,))
+            if rng.completable(longer):
+                out.append(((_BNUM, frame[1], longer), parent))
+            elif rng.accepts(text):  # the number ended before b
+                self.step(parent, b, out)
         elif kind == _LIT:
             node, t = frame[1], frame[2]
             nxt = node.next[t].get(b)
@@ -683,10 +1298,13 @@ class _Grammar:
     def _start(self, alt: Any, b: int, parent: Stack, out: list) -> None:
         """Begin a value of concrete node ``alt`` with its first byte ``b``."""
         if isinstance(alt, _String):
-            out.append(((_STR, alt, 0, 0, 0), parent))
+            out.append(((_STR, alt, 0, 0, 0) if alt.dfa is None else (_PSTR, alt, 0, 0, _E_NONE, 0, 0), parent))
         elif isinstance(alt, _Object):
             out.append(((_OBJ, alt, _O_OPEN, 0), parent))
         elif isinstance(alt, _Number):
+            if alt.range is not None:  # alt.first holds only the bytes that can start a number in range
+                out.append(((_BNUM, alt, bytes((b,))), parent))
+                return
             phase = _N_SIGN if b == 0x2D else _N_ZERO if b == 0x30 else _N_INT
             out.append(((_NUM, alt.integer, phase, 1), parent))
         elif isinstance(alt, _Literal):
@@ -695,6 +1313,59 @@ class _Grammar:
             out.append(((_ARR, alt, _A_OPEN, 0), parent))
         else:
             out.append(((_FOBJ, alt, _F_OPEN), parent))
+
+    @staticmethod
+    def _pattern_string(frame: tuple, parent: Stack, b: int, out: list) -> None:
+        """A string with a DFA: each byte is allowed only if the DFA can still accept within the lengths."""
+        _, node, u, count, esc, d, acc = frame
+        dfa = node.dfa
+        if esc == _E_NONE:
+            if u:  # a continuation byte
+                u = _U8[u][b]
+                if u == _BAD:
+                    return
+                acc = (acc << 6) | (b & 0x3F)
+                if u == 0:
+                    t = dfa.step(d, acc)
+                    if t >= 0 and node.fine(t, count):
+                        out.append(((_PSTR, node, 0, count, _E_NONE, t, 0), parent))
+                elif node.any_fine(d, *_utf8_span(u, acc), count):
+                    out.append(((_PSTR, node, u, count, _E_NONE, d, acc), parent))
+            elif b == 0x22:
+                if dfa.accept[d] and count >= node.min_len:
+                    out.append(parent)
+            elif b >= 0x20 and (node.max_len is None or count < node.max_len):
+                count = count + 1 if count < node.cap else count  # a character starts
+                if b < 0x80 and b != 0x5C:
+                    t = dfa.step(d, b)
+                    if t >= 0 and node.fine(t, count):
+                        out.append(((_PSTR, node, 0, count, _E_NONE, t, 0), parent))
+                elif b == 0x5C:  # an escape: a simple one or \u can write any character of the BMP
+                    if node.any_fine(d, 0, 0xFFFF, count):
+                        out.append(((_PSTR, node, 0, count, _E_BACKSLASH, d, 0), parent))
+                else:
+                    u = _U8[0][b]
+                    if u != _BAD:
+                        acc = b & _LEAD_BITS[u]
+                        if node.any_fine(d, *_utf8_span(u, acc), count):
+                            out.append(((_PSTR, node, u, count, _E_NONE, d, acc), parent))
+        elif esc == _E_BACKSLASH:
+            cp = _ESCAPED_CP.get(b)
+            if cp is not None:
+                t = dfa.step(d, cp)
+                if t >= 0 and node.fine(t, count):
+                    out.append(((_PSTR, node, 0, count, _E_NONE, t, 0), parent))
+            elif b == 0x75 and node.any_fine(d, 0, 0xFFFF, count):  # \u
+                out.append(((_PSTR, node, 0, count, _P_HEX, d, 0), parent))
+        elif b in _HEX:  # esc = _P_HEX + hex digits so far
+            acc = acc * 16 + _HEX_VALUE[b]
+            left = 3 - (esc - _P_HEX)
+            if left == 0:
+                t = dfa.step(d, acc)  # surrogates are in no DFA range: refused
+                if t >= 0 and node.fine(t, count):
+                    out.append(((_PSTR, node, 0, count, _E_NONE, t, 0), parent))
+            elif node.any_fine(d, acc << (4 * left), (acc << (4 * left)) | ((1 << (4 * left)) - 1), count):
+                out.append(((_PSTR, node, 0, count, esc + 1, d, acc), parent))
 
     def _number(self, frame: tuple, parent: Stack, b: int, out: list) -> None:
         _, integer, phase, n = frame
@@ -741,7 +1412,8 @@ class _Grammar:
             kind = frame[0]
             if kind == _DONE:
                 return True
-            if not ((kind == _NUM and frame[2] in _N_COMPLETE) or (kind == _LIT and frame[1].end[frame[2]])):
+            if not ((kind == _NUM and frame[2] in _N_COMPLETE) or (kind == _LIT and frame[1].end[frame[2]])
+                    or (kind == _BNUM and frame[1].range.accepts(frame[2]))):
                 return False
             stack = parent
 
@@ -802,6 +1474,33 @@ class _Sorted:
                 i = self._skip(key[:d + 1], i + 1, hi)
         return allowed
 
+    def walk_ends(self, start: Any, step: Callable[[Any, int], Any]) -> tuple[list[int], list[Any]]:
+        """Like :meth:`walk`, for any stepping (None: refused); also returns each accepted key's end state."""
+        keys, lcp, ids = self.keys, self.lcp, self.ids
+        allowed: list[int] = []
+        ends: list[Any] = []
+        path = [start]
+        i, hi = 0, len(keys)
+        while i < hi:
+            key = keys[i]
+            d = min(lcp[i], len(path) - 1) if i else 0
+            del path[d + 1:]
+            st = path[d]
+            n = len(key)
+            while d < n:
+                st = step(st, key[d])
+                if st is None:
+                    break
+                d += 1
+                path.append(st)
+            if d == n:
+                allowed.append(ids[i])
+                ends.append(st)
+                i += 1
+            else:
+                i = self._skip(key[:d + 1], i + 1, hi)
+        return allowed, ends
+
     def _skip(self, prefix: bytes, lo: int, hi: int) -> int:
         """First index in ``[lo, hi)`` whose key does not start with ``prefix``."""
         stripped = prefix.rstrip(b"\xff")
@@ -819,6 +1518,8 @@ class _PlainSet:
     def __init__(self, n: int, items: Iterable[tuple[int, bytes]], u: int) -> None:
         full_ids: list[int] = []
         full_chars: list[int] = []
+        full_tokens: list[tuple[bytes, int]] = []
+        special: list[tuple[bytes, int]] = []
         by_k: dict[int, list[tuple[bytes, int]]] = {}
         for tid, t in items:
             r = _scan_plain(t, u)
@@ -828,8 +1529,13 @@ class _PlainSet:
             if pos == len(t):
                 full_ids.append(tid)
                 full_chars.append(chars)
+                full_tokens.append((t, tid))
             else:
                 by_k.setdefault(chars, []).append((t[pos:], tid))
+                special.append((t, tid))
+        # for strings with a DFA: the plain tokens, and the others whole
+        self.full_sorted = _Sorted(full_tokens)
+        self.special = _Sorted(special)
         self.full = torch.zeros(n, dtype=torch.bool)
         self.chars = torch.zeros(n, dtype=torch.int16)
         if full_ids:
@@ -856,6 +1562,49 @@ class _VocabIndex:
         self.u_block = self.sorted.block(b"u")
         self.eos_ids = tuple(tokenizer.eos_ids)
         self.min_logits = max(n, max(self.eos_ids) + 1)
+        # (id(dfa), u, d, acc) -> (dfa, ids, group of each id, groups); least recently used first. An entry
+        # holds its DFA, so the id cannot be reused while it is here. At most ~GROUP_CACHE_TOKENS ids in all.
+        self.group_cache: OrderedDict[tuple, tuple] = OrderedDict()
+        self.group_cache_tokens = 0
+
+    GROUP_CACHE_TOKENS = 20_000_000  # ~120 MB of int32 ids and group numbers
+
+    def plain_groups(self, dfa: DFA, u: int, d: int, acc: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
+        """The plain-content tokens that a string with ``dfa`` can take in state (u, d, acc), grouped by
+        where they leave it: ``(ids, group of each id, groups)``, a group being (u, d, acc, characters)."""
+        key = (id(dfa), u, d, acc)
+        cache = self.group_cache
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+            return hit[1:]
+
+        def step(state: tuple, b: int) -> tuple | None:
+            su, sd, sacc, chars = state
+            if su:
+                su = _U8[su][b]
+                sacc = (sacc << 6) | (b & 0x3F)
+                if su == 0:
+                    sd = dfa.step(sd, sacc)
+                    return None if sd < 0 else (0, sd, 0, chars)
+            elif b < 0x80:
+                sd = dfa.step(sd, b)
+                return None if sd < 0 else (0, sd, 0, chars + 1)
+            else:
+                su = _U8[0][b]
+                sacc = b & _LEAD_BITS[su]
+                chars += 1
+            return (su, sd, sacc, chars) if dfa.targets(sd, *_utf8_span(su, sacc)) else None
+
+        ids, ends = self.plain[u].full_sorted.walk_ends((u, d, acc, 0), step)
+        groups: dict[tuple, int] = {}
+        member = [groups.setdefault(e, len(groups)) for e in ends]
+        hit = (dfa, torch.tensor(ids, dtype=torch.int32), torch.tensor(member, dtype=torch.int32), list(groups))
+        cache[key] = hit
+        self.group_cache_tokens += len(ids)
+        while self.group_cache_tokens > self.GROUP_CACHE_TOKENS and len(cache) > 1:
+            self.group_cache_tokens -= len(cache.popitem(last=False)[1][1])
+        return hit[1:]
 
 
 _INDEXES: "weakref.WeakKeyDictionary[Tokenizer, _VocabIndex]" = weakref.WeakKeyDictionary()
@@ -930,6 +1679,8 @@ class JsonConstraint:
             frame, parent = stack
             if frame[0] == _STR and frame[4] == _E_NONE:
                 self._string_tokens(index.plain[frame[2]], frame[1], frame[3], parent, base)
+            elif frame[0] == _PSTR and frame[4] == _E_NONE:
+                self._pattern_tokens(stack, base)
             elif frame[0] == _STR and frame[4] == _E_BACKSLASH:
                 self._string_tokens(index.after_escape, frame[1], frame[3], parent, base)
                 ids = index.sorted.walk((stack,), step_all, *index.u_block)
@@ -958,6 +1709,26 @@ class JsonConstraint:
             ids = suffixes.walk((state,), step_all)
             if ids:
                 base[torch.tensor(ids, dtype=torch.long)] = True
+
+    def _pattern_tokens(self, stack: Stack, base: torch.Tensor) -> None:
+        """Allow the tokens that continue a string with a DFA: the plain ones by their cached groups,
+        the ones reaching a quote or backslash by a walk."""
+        frame, parent = stack
+        _, node, u, count, _, d, acc = frame
+        ids, member, groups = self._index.plain_groups(node.dfa, u, d, acc)
+        ok = []
+        for gu, gd, gacc, chars in groups:
+            n = count + chars
+            if node.max_len is not None and n > node.max_len:
+                ok.append(False)
+                continue
+            n = min(n, node.cap)
+            ok.append(node.fine(gd, n) if gu == 0 else node.any_fine(gd, *_utf8_span(gu, gacc), n))
+        if any(ok):
+            base[ids[torch.tensor(ok)[member]]] = True
+        walked = self._index.plain[u].special.walk((stack,), self._grammar.step_all)
+        if walked:
+            base[torch.tensor(walked, dtype=torch.long)] = True
 
     def restrict(self, logits: torch.Tensor) -> torch.Tensor:
         """A copy of ``logits`` [V] with every token that is not allowed now set to -inf."""
