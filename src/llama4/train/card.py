@@ -101,14 +101,30 @@ def render_card(model_dir: Path, report: dict) -> str:
         f"{stages['image_rows']['batch_size']} pictures, one per {stages['image_rows']['seq_len']}-token row), "
         f"AdamW lr {stages['pretrain']['lr']} (warm-up, cosine), router load-balancing loss "
         f"x{stages['pretrain']['aux_coef']}.",
-        f"2. Instruct: {stages['instruct']['steps']} steps mixing (in the pattern "
+    ]
+    step = 2
+    if "vision" in stages:
+        probe = recipe.get("vision_probe_accuracy", {})
+        lines.append(
+            f"2. Vision: a fresh vision tower, {stages['vision']['steps']} steps of {stages['vision']['batch_size']} "
+            f"fresh synthetic pictures, learning each picture's {', '.join(probe) or 'facts'} through a temporary "
+            f"linear head on its mean- and max-pooled output (lr {stages['vision']['lr']}); the head is dropped and "
+            "the tower replaces the one from pretraining."
+            + (" Head accuracy on held-out pictures: " + ", ".join(f"{k} {_pct(v)}" for k, v in probe.items()) + "."
+               if probe else ""))
+        step = 3
+    scale = stages["instruct"].get("vision_lr_scale", 1.0)
+    lines += [
+        f"{step}. Instruct: {stages['instruct']['steps']} steps mixing (in the pattern "
         f"{', '.join(stages['instruct_pattern'])}) chats, synthetic-picture questions and pretraining text, "
-        f"lr {stages['instruct']['lr']}.",
+        f"lr {stages['instruct']['lr']}" + (f" (the vision tower at {scale:g}x)" if scale != 1.0 else "") + ".",
         "",
     ]
     for name, seconds in recipe.get("seconds", {}).items():
         lines.append(f"- {name}: {seconds / 60:.1f} min on this run's machine")
-    lines += ["", "![pretraining loss](pretrain_loss.png) ![instruct loss](instruct_loss.png)", "",
+    curves = " ".join(f"![{stage} loss]({stage}_loss.png)" for stage in ("pretrain", "vision", "instruct")
+                      if stage in stages)
+    lines += ["", curves, "",
               "Per-expert token shares at the end of training (per MoE layer): "
               + "; ".join(str(s) for s in recipe.get("expert_shares", [])), ""]
     lines += ["## Data and licenses", "",
