@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llama4.model.moe import Experts, SwiGLU
+from llama4.model.ops import ROW_TILE, TILED_MAX_ROWS, batch_invariant, row_tiled
 from llama4.model.transformer import QKVProjection
 
 
@@ -41,6 +42,11 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+# Batch invariance (ops.row_tiled): like the model's own modules, the packed stand-ins for a composite
+# (q/k/v, SwiGLU, experts) run decode-sized inputs in fixed row tiles themselves, while a bare linear
+# (PackedLinear, like nn.Linear) is tiled by its caller (the model tiles wo and the output head).
 
 
 class PackedLinear(nn.Module):
@@ -77,8 +83,11 @@ class PackedLinear(nn.Module):
 
 
 # oneDNN builds (and keeps) a kernel per distinct row count; experts see every count from 1 to the
-# batch, so counts above this are rounded up to a multiple of it (zero rows, sliced off afterwards).
-ROW_BUCKET = 16
+# batch, so counts above ROW_BUCKET are rounded up to a multiple of it (zero rows, sliced off
+# afterwards). With batch invariance on, counts up to TILED_MAX_ROWS run in tiles of ROW_TILE rows
+# instead (the same kernel whatever the count, so a token's expert output does not depend on how many
+# others chose that expert).
+ROW_BUCKET = ROW_TILE
 
 
 class PackedExperts(nn.Module):
@@ -98,11 +107,16 @@ class PackedExperts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
+        if batch_invariant() and rows <= TILED_MAX_ROWS:
+            return row_tiled(lambda tile: self._swiglu(e, tile), x)
         bucket = rows if rows <= ROW_BUCKET else -(-rows // ROW_BUCKET) * ROW_BUCKET
         if bucket != rows:
             x = F.pad(x, (0, 0, 0, bucket - rows))
+        return self._swiglu(e, x)[:rows]
+
+    def _swiglu(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = _linear(x, self.gate_up[e]).chunk(2, dim=-1)
-        return _linear(F.silu(gate) * up, self.down[e])[:rows]
+        return _linear(F.silu(gate) * up, self.down[e])
 
     def unpack(self) -> Experts:
         first = self.gate_up[0]
@@ -132,6 +146,7 @@ class _FusedLinears(nn.Module):
             self.pending = {}
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The parts' outputs for x [..., in] (untiled: callers tile)."""
         return _linear(x, self.packed).split(list(self.sizes.values()), dim=-1)
 
     def unpacked_parts(self) -> dict[str, nn.Linear]:
@@ -153,7 +168,7 @@ class PackedQKV(_FusedLinears):
         self.load_part(name.removesuffix(".weight"), tensor)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.outputs(x)
+        return row_tiled(lambda rows: _linear(rows, self.packed), x).split(list(self.sizes.values()), dim=-1)
 
     def unpack(self) -> QKVProjection:
         parts = self.unpacked_parts()
@@ -177,6 +192,9 @@ class PackedSwiGLU(_FusedLinears):
             self.load_part(part, tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return row_tiled(self._swiglu, x)
+
+    def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.outputs(x)
         return self.down(F.silu(gate) * up)
 

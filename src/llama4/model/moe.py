@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llama4.model.ops import row_tiled
 
 
 class SwiGLU(nn.Module):
@@ -23,7 +24,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return row_tiled(lambda rows: self.down(F.silu(self.gate(rows)) * self.up(rows)), x)
 
 
 class Experts(nn.Module):
@@ -42,9 +43,21 @@ class Experts(nn.Module):
         return self.gate_up.shape[0]
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e on its tokens x [n, D] -> [n, D]."""
+        """Expert e on its tokens x [n, D] -> [n, D] (a few tokens in fixed row tiles: batch-invariant)."""
+        return row_tiled(lambda rows: self._swiglu(e, rows), x)
+
+    def _swiglu(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = (x @ self.gate_up[e]).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.down[e]
+
+
+class Router(nn.Linear):
+    """The MoE router: a linear (left plain by CPU packing) whose decode-sized products run in fixed row
+    tiles, so that a decode row's expert choice and scores do not depend on the batch (ops.row_tiled).
+    Tiling happens inside forward: hooks on the router see exactly the real rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return row_tiled(super().forward, x)
 
 
 def route(router_logits: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +102,7 @@ class MoE(nn.Module):
     def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int):
         super().__init__()
         self.top_k = top_k
-        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.router = Router(dim, num_experts, bias=False)
         self.experts = Experts(num_experts, dim, hidden)
         self.shared = SwiGLU(dim, hidden)
 

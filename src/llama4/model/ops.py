@@ -68,6 +68,67 @@ def temperature_scale(cache_index: torch.Tensor, floor_scale: float, attn_scale:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Batch invariance of row-wise products. A GEMM kernel picks its blocking (and so the order in which it
+# sums over K) from the row count M among other things: oneDNN's bf16 kernels give a row a different
+# result at M = 1 than at M >= 25 for K = 5120 (plain matmuls at M >= 4; measured, one thread). A decode
+# step has one row per sequence, so for such shapes a row decoded in a batch would not equal its solo
+# run. With batch invariance on (set_batch_invariant), products over at most TILED_MAX_ROWS rows run in
+# tiles of exactly ROW_TILE rows (zero-padded): the kernel is the same whatever the batch, and a row's
+# result does not depend on its companions or its place in the tile. It is off by default: a 16-row
+# product reads the same weights as a 1-row one but costs ~3% more (the `small` shape's decode GEMMs,
+# one thread), and at the shapes measured here (K <= 4096, M <= 32) oneDNN is row-invariant anyway.
+# Modules tile inside their forward (hooks see the real rows); a bare linear is tiled by its caller, so
+# a swapped-in module (CPU packing) stays exact.
+# ----------------------------------------------------------------------------------------------------
+
+ROW_TILE = 16
+TILED_MAX_ROWS = 32  # products over more rows (prefill) run in one call; decode batches up to this are exact
+_batch_invariant = False
+
+
+def set_batch_invariant(enabled: bool) -> bool:
+    """Turn fixed-tile products on or off for the whole process (all threads); returns the previous
+    setting. Batched rows equal their solo runs when both run with the same setting."""
+    global _batch_invariant
+    previous, _batch_invariant = _batch_invariant, bool(enabled)
+    return previous
+
+
+def batch_invariant() -> bool:
+    return _batch_invariant
+
+
+def row_tiled(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for a row-wise product ``fn`` over x [..., K] -> [..., N]; with batch invariance on,
+    computed so that each row's result is independent of the number of rows (up to TILED_MAX_ROWS)."""
+    if not _batch_invariant:
+        return fn(x)
+    rows = x.shape[0] if x.dim() == 2 else x.shape[:-1].numel()
+    if rows == ROW_TILE or rows == 0 or rows > TILED_MAX_ROWS or not x.is_cpu:
+        return fn(x)
+    if rows != x.shape[0]:  # rows over several leading dims (e.g. a short prefill piece): one row axis
+        return row_tiled(fn, x.reshape(rows, x.shape[-1])).reshape(*x.shape[:-1], -1)
+    # rows on dim 0 (a decode step's [B, 1, K]): zero rows appended along it, no reshapes
+    whole = rows - rows % ROW_TILE
+    tiles = [fn(x[at:at + ROW_TILE]) for at in range(0, whole, ROW_TILE)]
+    if whole < rows:
+        tiles.append(fn(torch.cat((x[whole:], _zero_rows(x, ROW_TILE - (rows - whole)))))[:rows - whole])
+    return torch.cat(tiles) if len(tiles) > 1 else tiles[0]
+
+
+_ZERO_ROWS: dict[tuple, torch.Tensor] = {}  # read-only padding, shared by all calls (and threads)
+
+
+def _zero_rows(x: torch.Tensor, count: int) -> torch.Tensor:
+    key = (count, x.shape[1:], x.dtype, x.device)
+    zeros = _ZERO_ROWS.get(key)
+    if zeros is None:
+        with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+            zeros = _ZERO_ROWS[key] = torch.zeros((count, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    return zeros
+
+
+# ----------------------------------------------------------------------------------------------------
 # Attention. Inputs are head-major: q [B, H, Tq, d], k/v [B, Hkv, Tk, d]. Query i sits at sequence index
 # q_start + i, key j at k_start + j. The fast paths below never build a Tq x Tk mask for long inputs;
 # `masked_attention` is the slow reference they are tested against.
@@ -91,8 +152,36 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return out.reshape(b, h, 1, d)
 
 
+def ragged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            valid: torch.Tensor | list[int]) -> torch.Tensor:
+    """One query per row that sees the first valid[b] keys of its row: q [B, H, 1, d], k/v [B, Hkv, S, d].
+
+    Batch-invariant: each row is computed exactly as its own batch-1 decode step computes it (the same
+    kernel over exactly its valid keys), so its result does not depend on the other rows or on the
+    buffer width S. One masked call over the padded buffer would round differently: the kernel's
+    softmax and value sums run over S keys instead of valid[b]. Consecutive rows of one length share a
+    call (the unmasked kernel is batch-invariant).
+    """
+    lengths = valid.tolist() if isinstance(valid, torch.Tensor) else list(valid)
+    groups, sizes = [lengths[0]], [1]  # runs of consecutive rows at one length
+    for n in lengths[1:]:
+        if n == groups[-1]:
+            sizes[-1] += 1
+        else:
+            groups.append(n)
+            sizes.append(1)
+    if len(groups) == 1:
+        return causal_attention(q, k[:, :, :groups[0]], v[:, :, :groups[0]])
+    outputs = [causal_attention(qg, kg[:, :, :n], vg[:, :, :n])
+               for n, qg, kg, vg in zip(groups, q.split(sizes), k.split(sizes), v.split(sizes))]
+    return torch.cat(outputs)
+
+
 def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """One query per row that sees the first valid[b] keys of its row: q [B, H, 1, d], k/v [B, Hkv, S, d]."""
+    """One query per row that sees the first valid[b] keys of its row: q [B, H, 1, d], k/v [B, Hkv, S, d].
+
+    One masked call over the padded buffer: a row's rounding depends on S (see ragged_decode_attention).
+    """
     b, h, _, d = q.shape
     hkv = k.shape[1]
     mask = torch.arange(k.shape[2], device=q.device)[None, :] < valid[:, None]  # [B, S]

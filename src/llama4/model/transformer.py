@@ -20,8 +20,9 @@ from llama4.model.ops import (
     apply_rope,
     causal_attention,
     chunked_causal_attention,
-    masked_decode_attention,
+    ragged_decode_attention,
     rms_norm,
+    row_tiled,
     rope_table,
     rope_inv_freq,
     temperature_scale,
@@ -48,7 +49,7 @@ class QKVProjection(nn.Module):
         self.wv = nn.Linear(dim, kv_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.wq(x), self.wk(x), self.wv(x)
+        return row_tiled(self.wq, x), row_tiled(self.wk, x), row_tiled(self.wv, x)
 
 
 class Attention(nn.Module):
@@ -83,12 +84,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, k_start, valid = cache.update(self.spec.index, k, v)
         if valid is not None:  # one token per row, rows at different lengths: each sees its valid entries
-            out = masked_decode_attention(q, k, v, valid)
+            out = ragged_decode_attention(q, k, v, valid)  # each row exactly as its solo step
         elif self.spec.chunked:
             out = chunked_causal_attention(q, k, v, starts[0], k_start, self.chunk)
         else:
             out = causal_attention(q, k, v)
-        return self.wo(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return row_tiled(self.wo, out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):
@@ -138,7 +139,8 @@ class TextModel(nn.Module):
         if num_logits is not None:
             h = h[:, h.shape[1] - num_logits:]
         h = self.norm(h)
-        logits = F.linear(h, self.embed.weight) if self.output is None else self.output(h)
+        head = (lambda rows: F.linear(rows, self.embed.weight)) if self.output is None else self.output
+        logits = row_tiled(head, h)
         return logits.float()
 
 

@@ -1,0 +1,304 @@
+"""Batch invariance of bf16 decode: a row decoded with others gives bit-identical logits to its solo run.
+
+Exact (torch.equal), not a tolerance: greedy decoding of a batched row must pick the tokens its solo run
+picks, so one rounding difference anywhere (attention over a padded buffer, a GEMM kernel chosen by the
+row count, the router) fails these tests. Attention is batch-invariant always; products need
+``ops.set_batch_invariant(True)`` where the kernels' blocking depends on the row count (the wide tests
+below), and are row-invariant without it at this project's small shapes (the model tests run both ways).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import llama4
+from llama4.cpu_packing import (PackedExperts, PackedLinear, PackedQKV, PackedSwiGLU, pack_model,
+                                packing_supported)
+from llama4.model import ops
+from llama4.model.cache import KVCache
+from llama4.model.paged_cache import PagedKVCache
+from llama4.model.moe import Experts, MoE, SwiGLU
+from llama4.model.transformer import QKVProjection
+from llama4.presets import text_config
+
+CHUNK = 8
+BF16_PACKING = packing_supported(torch.bfloat16, "cpu")
+
+
+def _config(top_k: int) -> llama4.ModelConfig:
+    # 4 layers: RoPE/chunked 0-2 (chunk 8), NoPE/global 3 with temperature tuning (floor_scale 4);
+    # every layer MoE over 4 experts, so decode rows spread over experts and each expert's row count
+    # depends on the batch.
+    return llama4.ModelConfig(text=text_config(
+        num_layers=4, vocab_size=211, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+        intermediate_size=64, intermediate_size_mlp=96, num_experts=4, num_experts_per_tok=top_k,
+        attention_chunk_size=CHUNK, floor_scale=4, attn_scale=0.5, bos_token_id=1, eos_token_ids=(2,),
+        pad_token_id=0))
+
+
+def _models() -> dict[str, llama4.Llama4Model]:
+    out = {}
+    for top_k in (1, 2):
+        plain = llama4.random_model(_config(top_k), dtype=torch.bfloat16, std=0.3, seed=5 + top_k)
+        out[f"top{top_k}-plain"] = plain
+        if BF16_PACKING:
+            out[f"top{top_k}-packed"] = pack_model(copy.deepcopy(plain))
+    return out
+
+
+MODELS = _models()
+
+
+@pytest.fixture(params=[False, True], ids=["default", "invariant"])
+def invariance(request):
+    previous = ops.set_batch_invariant(request.param)
+    yield request.param
+    ops.set_batch_invariant(previous)
+
+
+@pytest.fixture
+def invariant():
+    previous = ops.set_batch_invariant(True)
+    yield
+    ops.set_batch_invariant(previous)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return llama4.load_model(dtype=torch.bfloat16)
+
+
+def _prompt(vocab: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _solo(model, prompt: torch.Tensor, steps: int) -> tuple[list[torch.Tensor], list[int]]:
+    """A prompt decoded alone, greedily: the logits after the prompt and after each of ``steps`` tokens."""
+    cache = KVCache(model.config.text)
+    logits = [model(prompt, cache=cache, num_logits=1)[:, -1]]
+    tokens = []
+    for _ in range(steps):
+        tokens.append(int(logits[-1].argmax()))
+        logits.append(model(torch.tensor([[tokens[-1]]]), cache=cache)[:, -1])
+    return logits, tokens
+
+
+class _StackedBatch:
+    """The generate loop's batching: a row is prefilled in its own KVCache, then stacked into the batch."""
+
+    def __init__(self, model):
+        self.model, self.cache = model, None
+
+    def join(self, prompt: torch.Tensor) -> torch.Tensor:
+        row = KVCache(self.model.config.text)
+        first = self.model(prompt, cache=row, num_logits=1)[:, -1]
+        self.cache = row if self.cache is None else KVCache.stack([self.cache, row])
+        return first
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, cache=self.cache)[:, -1]
+
+    def keep(self, rows: list[int]) -> None:
+        if rows:
+            self.cache.keep_rows(rows)
+        else:
+            self.cache = None
+
+
+class _PagedBatch:
+    """The server's batching: every row a sequence of one PagedKVCache (small blocks, so rows interleave)."""
+
+    def __init__(self, model):
+        self.model, self.pool, self.seqs = model, PagedKVCache(model.config.text, block_size=3, initial_blocks=2), []
+
+    def join(self, prompt: torch.Tensor) -> torch.Tensor:
+        self.seqs.append(self.pool.sequence())
+        return self.model(prompt, cache=self.pool.batch(self.seqs[-1:]), num_logits=1)[:, -1]
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, cache=self.pool.batch(self.seqs))[:, -1]
+
+    def keep(self, rows: list[int]) -> None:
+        for b, seq in enumerate(self.seqs):
+            if b not in rows:
+                seq.release()
+        self.seqs = [self.seqs[b] for b in rows]
+
+
+def _run_schedule(model, rows: list[tuple[int, int, int]], seed: int = 0, batch_kind=_StackedBatch) -> set[int]:
+    """Continuous batching in miniature. ``rows``: (prompt length, step it joins at, steps it decodes).
+
+    Each row is prefilled alone and joins the running batch at its join step; every step decodes all
+    running rows together (at their own lengths) and drops finished rows. Each row's logits at every
+    step must equal its solo run's (KVCache, batch 1). Returns the experts that rows of batched decode
+    steps were routed to.
+    """
+    vocab = model.config.text.vocab_size
+    prompts = [_prompt(vocab, n, seed + i) for i, (n, _, _) in enumerate(rows)]
+    solo = [_solo(model, p, steps) for p, (_, _, steps) in zip(prompts, rows)]
+    routed: set[int] = set()  # experts chosen by some row of a batched decode step (any layer)
+
+    def record(moe, inputs, output):
+        x = inputs[0]
+        if x.shape[0] > 1 and x.shape[1] == 1:
+            routed.update(moe.router(x.flatten(0, 1)).topk(moe.top_k, dim=-1).indices.flatten().tolist())
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, MoE)]
+    batch, running = batch_kind(model), []  # running: [row index, tokens fed so far]
+    last = max(join + steps for _, join, steps in rows)
+    try:
+        for step in range(last + 1):
+            for i, (_, join, _) in enumerate(rows):
+                if join == step:
+                    assert torch.equal(batch.join(prompts[i]), solo[i][0][0]), f"row {i}: prefill"
+                    running.append([i, 0])
+            if not running:
+                continue
+            logits = batch.step(torch.tensor([[solo[i][1][fed]] for i, fed in running]))
+            for b, entry in enumerate(running):
+                i, fed = entry
+                entry[1] += 1
+                assert torch.equal(logits[b:b + 1], solo[i][0][fed + 1]), (
+                    f"row {i} (prompt {rows[i][0]}, batch of {len(running)}) differs from its solo run "
+                    f"at decode step {fed}: max |diff| {(logits[b:b + 1] - solo[i][0][fed + 1]).abs().max():.3g}")
+            keep = [b for b, (i, fed) in enumerate(running) if fed < rows[i][2]]
+            if len(keep) < len(running):
+                running = [running[b] for b in keep]
+                batch.keep(keep)
+    finally:
+        for h in hooks:
+            h.remove()
+    return routed
+
+
+@pytest.mark.parametrize("batch_kind", [_StackedBatch, _PagedBatch], ids=["kvcache", "paged"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_rows_joining_and_leaving_equal_their_solo_runs_bitwise(name, batch_kind, invariance):
+    """Rows of different lengths (two at one length) cross chunk boundaries at different steps, join a
+    running batch and leave it; every decode step of every row equals its solo run bit for bit."""
+    model = MODELS[name]
+    rows = [(5, 0, 14), (13, 0, 6), (2, 0, 10), (13, 2, 9), (21, 3, 12), (1, 5, 7), (8, 9, 6)]
+    with torch.inference_mode():
+        routed = _run_schedule(model, rows, batch_kind=batch_kind)
+    assert len(routed) > 1, "the rows should be routed to different experts"
+
+
+@pytest.mark.parametrize("batch", [2, 7, 16, 17, 32])
+def test_every_batch_size_up_to_32_equals_solo_bitwise(batch, invariance):
+    """All rows at once, lengths spread over 1..3 chunks, 3 decode steps: rows beyond one row tile
+    (16) and up to TILED_MAX_ROWS too."""
+    model = MODELS["top1-packed" if BF16_PACKING else "top1-plain"]
+    rows = [(1 + (7 * i) % (3 * CHUNK), 0, 3) for i in range(batch)]
+    with torch.inference_mode():
+        _run_schedule(model, rows, seed=100)
+
+
+@pytest.mark.parametrize("batch_kind", [_StackedBatch, _PagedBatch], ids=["kvcache", "paged"])
+def test_the_embedded_model_decodes_batched_rows_as_it_decodes_them_alone(embedded, batch_kind, invariance):
+    rows = [(3, 0, 8), (40, 0, 8), (17, 1, 6), (40, 2, 5)]
+    with torch.inference_mode():
+        _run_schedule(embedded, rows, seed=7, batch_kind=batch_kind)
+
+
+def test_ragged_decode_attention_is_each_rows_solo_attention_bitwise():
+    g = torch.Generator().manual_seed(0)
+    valid = [5, 1, 9, 9, 30, 2]
+    q = torch.randn(6, 8, 1, 16, generator=g).bfloat16()
+    k = torch.randn(6, 2, 32, 16, generator=g).bfloat16()
+    v = torch.randn(6, 2, 32, 16, generator=g).bfloat16()
+    got = ops.ragged_decode_attention(q, k, v, torch.tensor(valid))
+    for b, n in enumerate(valid):
+        assert torch.equal(got[b:b + 1], ops.causal_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n]))
+    masked = ops.masked_decode_attention(q.float(), k.float(), v.float(), torch.tensor(valid))
+    assert (got.float() - masked).abs().max() <= 2e-2  # the same attention, up to bf16 rounding
+
+
+# Row-wise products at a width where the kernels' blocking depends on the row count (oneDNN bf16,
+# K = 5120: a row's result at M = 1 differs from M >= 8 plain, M >= 25 packed, measured): computed in
+# fixed row tiles, each row equals its one-row product.
+K_WIDE = 5120
+
+
+def _rows_equal_their_solo_products(fn, x: torch.Tensor) -> list[int]:
+    solo = torch.cat([fn(x[i:i + 1]) for i in range(x.shape[0])])
+    return [m for m in range(1, x.shape[0] + 1) if not torch.equal(fn(x[:m]), solo[:m])]
+
+
+def _wide_module(kind: str, packed: bool) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(len(kind))
+    module = {"linear": lambda: torch.nn.Linear(K_WIDE, 256, bias=False),
+              "qkv": lambda: QKVProjection(K_WIDE, 256, 128),
+              "swiglu": lambda: SwiGLU(K_WIDE, 256),
+              "experts": lambda: Experts(2, K_WIDE, 256)}[kind]().requires_grad_(False)
+    for param in module.parameters():
+        param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+    module = module.bfloat16()
+    if packed:
+        shell = {"linear": PackedLinear, "qkv": PackedQKV, "swiglu": PackedSwiGLU, "experts": PackedExperts}[kind](module)
+        for name, param in module.named_parameters():
+            shell.load_tensor(name, param)
+        module = shell
+    return module
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("kind", ["linear", "qkv", "swiglu", "experts"])
+def test_wide_row_wise_products_are_batch_invariant(kind, packed, invariant):
+    """Every product a decode step makes, packed or not, at 1..TILED_MAX_ROWS rows of [B, 1, K] input."""
+    if packed and not BF16_PACKING:
+        pytest.skip("oneDNN bf16 packing unavailable")
+    module = _wide_module(kind, packed)
+    fn = {"linear": lambda rows: ops.row_tiled(module, rows),  # a bare linear is tiled by its caller
+          "qkv": lambda rows: torch.cat(module(rows), dim=-1),
+          "swiglu": module,
+          "experts": lambda rows: module.expert(1, rows[:, 0])}[kind]
+    x = torch.randn(ops.TILED_MAX_ROWS, 1, K_WIDE, generator=torch.Generator().manual_seed(9)).bfloat16()
+    with torch.inference_mode():
+        assert _rows_equal_their_solo_products(fn, x) == []
+
+
+def test_a_wide_model_decodes_32_rows_as_it_decodes_them_alone(invariant):
+    """End to end at K = 5120 (where untiled products are not row-invariant): 32 rows, packed."""
+    if not BF16_PACKING:
+        pytest.skip("oneDNN bf16 packing unavailable")
+    cfg = llama4.ModelConfig(text=text_config(
+        num_layers=2, vocab_size=256, hidden_size=K_WIDE, num_heads=4, num_kv_heads=2, head_dim=64,
+        intermediate_size=128, intermediate_size_mlp=256, num_experts=4, num_experts_per_tok=1,
+        no_rope_layers=(1, 0), attention_chunk_size=CHUNK, floor_scale=4, attn_scale=0.5, bos_token_id=1,
+        eos_token_ids=(2,), pad_token_id=0))
+    model = pack_model(llama4.random_model(cfg, dtype=torch.bfloat16, std=0.02, seed=11))
+    with torch.inference_mode():
+        _run_schedule(model, [(1 + (5 * i) % (2 * CHUNK), 0, 2) for i in range(32)], seed=300)
+
+
+def test_batch_invariance_is_a_process_wide_switch_off_by_default():
+    assert ops.batch_invariant() is False
+    calls = []
+    x = torch.randn(3, 4)
+    ops.row_tiled(lambda rows: calls.append(rows.shape[0]) or rows, x)
+    previous = ops.set_batch_invariant(True)
+    try:
+        assert previous is False and ops.batch_invariant() is True
+        ops.row_tiled(lambda rows: calls.append(rows.shape[0]) or rows, x)
+    finally:
+        ops.set_batch_invariant(previous)
+    assert calls == [3, ops.ROW_TILE]
+
+
+def test_row_tiled_leaves_large_and_empty_inputs_to_one_call(invariant):
+    calls = []
+
+    def fn(x):
+        calls.append(x.shape[0])
+        return x * 2
+
+    x = torch.randn(ops.TILED_MAX_ROWS + 1, 4)
+    assert torch.equal(ops.row_tiled(fn, x), x * 2) and calls == [ops.TILED_MAX_ROWS + 1]
+    calls.clear()
+    assert ops.row_tiled(fn, torch.randn(0, 4)).shape == (0, 4) and calls == [0]
+    calls.clear()
+    y = torch.randn(3, 6, 4)  # 18 rows: two tiles of ROW_TILE, the second zero-padded
+    assert torch.equal(ops.row_tiled(fn, y), y * 2) and calls == [ops.ROW_TILE, ops.ROW_TILE]
