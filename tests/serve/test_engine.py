@@ -236,3 +236,16 @@ def test_identical_prompts_are_prefilled_once(model, tok):
         expected = llama4.generate(model, [prompt], max_new_tokens=10, temperature=1.0, seed=seed, stop_tokens=[])
         assert sink.tokens == expected[0][len(prompt):]
     assert [s.finish.cached_tokens for s in sinks] == [0, len(prompt), len(prompt)]
+
+
+def test_the_engine_turns_on_batch_invariant_products_unless_told_not_to(model, tok):
+    from llama4.model import ops
+
+    previous = ops.set_batch_invariant(False)
+    try:
+        Engine(model, tok, EngineConfig(batch_invariant=False))
+        assert not ops.batch_invariant()
+        Engine(model, tok, EngineConfig())
+        assert ops.batch_invariant()
+    finally:
+        ops.set_batch_invariant(previous)

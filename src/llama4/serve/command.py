@@ -21,6 +21,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, help="request body limit in MiB (default: 32)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs sent by clients (off: only base64 data: URLs)")
+    p.add_argument("--no-batch-invariant", action="store_true",
+                   help="let products pick kernels by batch size (4-9%% faster decode; a reply at temperature 0 "
+                        "may then differ from the same request sent alone)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_serve)
@@ -36,7 +39,7 @@ def build_app(args: argparse.Namespace):
     from llama4.serve.engine import EngineConfig
 
     config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-                          prefill_chunk=args.prefill_chunk)
+                          prefill_chunk=args.prefill_chunk, batch_invariant=not args.no_batch_invariant)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = llama4.load_model(args.model, dtype=dtype)
     tokenizer = llama4.load_tokenizer(args.model)

@@ -11,8 +11,8 @@ Each iteration of the loop (:meth:`Engine.step`) does, in order:
    its last piece is done, sample its first token and let it join; admitted requests with the same
    prompt (the other choices of ``n``) join with a copy of its cache, unprefilled;
 4. run one decode step for every running row together (a ragged one-token pass: each row at its own
-   length, no padding, so a row computes what its solo run computes, as far as the model's kernels
-   are batch-invariant) and drop the rows that finished.
+   length, no padding, so a row computes what its solo run computes bit for bit on CPU: attention per
+   row, and with ``batch_invariant`` products in fixed 16-row tiles) and drop the rows that finished.
 
 Every sequence's keys and values live in one :class:`~llama4.model.paged_cache.PagedKVCache`: blocks
 of ``kv_block_size`` tokens handed out as sequences grow, so rows join and leave without copying
@@ -37,6 +37,7 @@ import torch
 
 from llama4.inference.sampling import Sampler, TokenChoice
 from llama4.inference.text import StopStrings
+from llama4.model.ops import set_batch_invariant
 from llama4.model.paged_cache import PagedKVCache, PagedSequence
 from llama4.model.transformer import Llama4Model
 from llama4.prompt import Tokenizer
@@ -53,6 +54,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per prefill piece (one piece per engine iteration)
     prefix_cache_bytes: int = 256 * 2**20  # finished sequences' cache rows kept for reuse; 0: off
     kv_block_size: int = 16  # tokens per KV cache block
+    batch_invariant: bool = True  # products in fixed row tiles: replies equal solo runs (process-wide switch)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "prefill_chunk", "kv_block_size"):
@@ -116,6 +118,8 @@ class Engine:
     def __init__(self, model: Llama4Model, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
                  metrics: ServeMetrics | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        if config.batch_invariant:
+            set_batch_invariant(True)
         self.metrics = metrics if metrics is not None else ServeMetrics()
         text = model.config.text
         self.vocab = text.vocab_size
