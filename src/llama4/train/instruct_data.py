@@ -105,15 +105,35 @@ def image_row(tok, rng: random.Random, seq_len: int) -> tuple[list[int], list[bo
     raise ValueError(f"a row of {seq_len} tokens cannot hold one picture and one question")
 
 
-class ImageBatches:
+class SeededBatches:
+    """Endless batches drawn fresh from ``seed`` and the batch index, which is their whole state (a
+    resumed run draws the same batches). Subclasses draw one batch in ``__next__`` and bump ``index``."""
+
+    what = "batches"
+
+    def __init__(self, seed: int):
+        self.seed, self.index = seed, 0
+
+    def __iter__(self) -> "SeededBatches":
+        return self
+
+    def state_dict(self) -> dict:
+        return {"index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"{self.what} were drawn with seed {state['seed']}, not {self.seed}")
+        self.index = state["index"]
+
+
+class ImageBatches(SeededBatches):
     """Endless batches of picture rows, drawn fresh from ``seed`` and the batch index (its state)."""
 
-    def __init__(self, tok, batch_size: int, seq_len: int, seed: int):
-        self.tok, self.batch_size, self.seq_len, self.seed = tok, batch_size, seq_len, seed
-        self.index = 0
+    what = "image batches"
 
-    def __iter__(self) -> "ImageBatches":
-        return self
+    def __init__(self, tok, batch_size: int, seq_len: int, seed: int):
+        super().__init__(seed)
+        self.tok, self.batch_size, self.seq_len = tok, batch_size, seq_len
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = random.Random(f"images:{self.seed}:{self.index}")
@@ -127,14 +147,6 @@ class ImageBatches:
             targets.append([t if m else IGNORE for t, m in zip(ids[1:], mask[1:])])
             tiles.append(pixels)
         return torch.tensor(inputs), torch.tensor(targets), torch.cat(tiles)
-
-    def state_dict(self) -> dict:
-        return {"index": self.index, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"image batches were drawn with seed {state['seed']}, not {self.seed}")
-        self.index = state["index"]
 
 
 class Mixture:

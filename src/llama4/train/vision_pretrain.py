@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from llama4.shapes import BACKGROUNDS, COLOURS, SHAPES, draw_scene
+from llama4.train.instruct_data import SeededBatches
 
 ATTRIBUTES: dict[str, tuple] = {"shape": SHAPES, "colour": tuple(COLOURS), "count": (1, 2, 3),
                                 "background": tuple(BACKGROUNDS)}
@@ -33,17 +34,17 @@ def scene_labels(scene) -> list[int]:
             ATTRIBUTES["count"].index(scene.count), ATTRIBUTES["background"].index(scene.background)]
 
 
-class AttributeBatches:
+class AttributeBatches(SeededBatches):
     """Endless batches of fresh pictures and their attribute labels, drawn from ``seed`` and the batch
     index (its whole state, so a resumed run draws the same pictures)."""
+
+    what = "attribute batches"
 
     def __init__(self, batch_size: int, seed: int):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size, self.seed, self.index = batch_size, seed, 0
-
-    def __iter__(self) -> "AttributeBatches":
-        return self
+        super().__init__(seed)
+        self.batch_size = batch_size
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from llama4.prompt import preprocess_image
@@ -57,14 +58,6 @@ class AttributeBatches:
             labels.append(scene_labels(scene))
         targets = torch.tensor(labels)
         return torch.zeros_like(targets), targets, torch.cat(tiles)
-
-    def state_dict(self) -> dict:
-        return {"index": self.index, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"attribute batches were drawn with seed {state['seed']}, not {self.seed}")
-        self.index = state["index"]
 
 
 class AttributeProbe(nn.Module):
