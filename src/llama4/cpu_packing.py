@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llama4.model.moe import Experts, SwiGLU
-from llama4.model.ops import ROW_TILE, TILED_MAX_ROWS, batch_invariant, row_tiled
+from llama4.model.ops import ROW_TILE, batch_invariant, row_tiled
 from llama4.model.transformer import QKVProjection
 
 
@@ -84,7 +84,7 @@ class PackedLinear(nn.Module):
 
 # oneDNN builds (and keeps) a kernel per distinct row count; experts see every count from 1 to the
 # batch, so counts above ROW_BUCKET are rounded up to a multiple of it (zero rows, sliced off
-# afterwards). With batch invariance on, counts up to TILED_MAX_ROWS run in tiles of ROW_TILE rows
+# afterwards). With batch invariance on, every count runs in tiles of ROW_TILE rows
 # instead (the same kernel whatever the count, so a token's expert output does not depend on how many
 # others chose that expert).
 ROW_BUCKET = ROW_TILE
@@ -107,7 +107,7 @@ class PackedExperts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if batch_invariant() and rows <= TILED_MAX_ROWS:
+        if batch_invariant():
             return row_tiled(lambda tile: self._swiglu(e, tile), x)
         bucket = rows if rows <= ROW_BUCKET else -(-rows // ROW_BUCKET) * ROW_BUCKET
         if bucket != rows:

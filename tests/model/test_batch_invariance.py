@@ -188,8 +188,7 @@ def test_rows_joining_and_leaving_equal_their_solo_runs_bitwise(name, batch_kind
 
 @pytest.mark.parametrize("batch", [2, 7, 16, 17, 32])
 def test_every_batch_size_up_to_32_equals_solo_bitwise(batch, invariance):
-    """All rows at once, lengths spread over 1..3 chunks, 3 decode steps: rows beyond one row tile
-    (16) and up to TILED_MAX_ROWS too."""
+    """All rows at once, lengths spread over 1..3 chunks, 3 decode steps: rows beyond one row tile (16)."""
     model = MODELS["top1-packed" if BF16_PACKING else "top1-plain"]
     rows = [(1 + (7 * i) % (3 * CHUNK), 0, 3) for i in range(batch)]
     with torch.inference_mode():
@@ -247,7 +246,7 @@ def _wide_module(kind: str, packed: bool) -> torch.nn.Module:
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("kind", ["linear", "qkv", "swiglu", "experts"])
 def test_wide_row_wise_products_are_batch_invariant(kind, packed, invariant):
-    """Every product a decode step makes, packed or not, at 1..TILED_MAX_ROWS rows of [B, 1, K] input."""
+    """Every product a decode step makes, packed or not, at 1..40 rows of [B, 1, K] input."""
     if packed and not BF16_PACKING:
         pytest.skip("oneDNN bf16 packing unavailable")
     module = _wide_module(kind, packed)
@@ -255,7 +254,7 @@ def test_wide_row_wise_products_are_batch_invariant(kind, packed, invariant):
           "qkv": lambda rows: torch.cat(module(rows), dim=-1),
           "swiglu": module,
           "experts": lambda rows: module.expert(1, rows[:, 0])}[kind]
-    x = torch.randn(ops.TILED_MAX_ROWS, 1, K_WIDE, generator=torch.Generator().manual_seed(9)).bfloat16()
+    x = torch.randn(40, 1, K_WIDE, generator=torch.Generator().manual_seed(9)).bfloat16()
     with torch.inference_mode():
         assert _rows_equal_their_solo_products(fn, x) == []
 
@@ -288,17 +287,79 @@ def test_batch_invariance_is_a_process_wide_switch_off_by_default():
     assert calls == [3, ops.ROW_TILE]
 
 
-def test_row_tiled_leaves_large_and_empty_inputs_to_one_call(invariant):
+def test_row_tiled_tiles_every_row_count_and_leaves_empty_inputs_alone(invariant):
     calls = []
 
     def fn(x):
         calls.append(x.shape[0])
         return x * 2
 
-    x = torch.randn(ops.TILED_MAX_ROWS + 1, 4)
-    assert torch.equal(ops.row_tiled(fn, x), x * 2) and calls == [ops.TILED_MAX_ROWS + 1]
+    x = torch.randn(3 * ops.ROW_TILE + 1, 4)  # a prefill piece's rows: tiled like a decode batch's
+    assert torch.equal(ops.row_tiled(fn, x), x * 2) and calls == [ops.ROW_TILE] * 4
     calls.clear()
     assert ops.row_tiled(fn, torch.randn(0, 4)).shape == (0, 4) and calls == [0]
     calls.clear()
     y = torch.randn(3, 6, 4)  # 18 rows: two tiles of ROW_TILE, the second zero-padded
     assert torch.equal(ops.row_tiled(fn, y), y * 2) and calls == [ops.ROW_TILE, ops.ROW_TILE]
+
+
+# Split invariance: with invariance on, a token's keys, values and logits do not depend on the other
+# tokens of its pass, so a prompt prefilled in one piece, in any pieces, or one token at a time gives
+# the same cache and logits bit for bit (what makes a prefix-cache hit reply as the cold run does).
+
+def _fed_in_pieces(model, prompt: torch.Tensor, cuts: list[int], cache) -> torch.Tensor:
+    """Logits of every prompt position, the prompt fed to ``cache`` in pieces ending at ``cuts``."""
+    out, at = [], 0
+    for end in [*cuts, prompt.shape[1]]:
+        if end > at:
+            out.append(model(prompt[:, at:end], cache=cache))
+            at = end
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_a_prompt_split_anywhere_gives_the_same_logits_bitwise(packed, invariant):
+    """3.5 chunks of prompt, split at and across chunk boundaries and fed one token at a time at the
+    end: every position's logits equal the one-piece run's (torch.equal)."""
+    if packed and not BF16_PACKING:
+        pytest.skip("oneDNN bf16 packing unavailable")
+    model = MODELS["top2-packed" if packed else "top2-plain"]
+    prompt = _prompt(model.config.text.vocab_size, 3 * CHUNK + 4, 40)
+    with torch.inference_mode():
+        whole = _fed_in_pieces(model, prompt, [], KVCache(model.config.text))
+        for cuts in ([1], [CHUNK], [5, 11, 12, 2 * CHUNK + 3], list(range(2 * CHUNK, 3 * CHUNK + 4))):
+            got = _fed_in_pieces(model, prompt, cuts, KVCache(model.config.text))
+            assert torch.equal(got, whole), f"cut at {cuts}: max |diff| {(got - whole).abs().max():.3g}"
+
+
+def test_a_split_prompt_in_the_paged_cache_equals_the_unsplit_one_bitwise(embedded, invariant):
+    """The server's case on the shipped model: a prompt prefilled in 256-token pieces from the start
+    (a cold run) and the same prompt after a cached prefix that ended mid-piece, its last tokens fed as
+    decode steps (a prefix-cache hit): same logits at every position, and a next step that reads both
+    caches whole gives the same logits (same keys and values)."""
+    prompt = _prompt(embedded.config.text.vocab_size, 300, 41)
+    pool = PagedKVCache(embedded.config.text, block_size=16)
+    cold, warm = pool.sequence(), pool.sequence()
+    with torch.inference_mode():
+        whole = _fed_in_pieces(embedded, prompt, [256], pool.batch([cold]))
+        got = _fed_in_pieces(embedded, prompt, [37, 250, 251, 252], pool.batch([warm]))
+        assert torch.equal(got, whole)
+        step = torch.tensor([[7]])
+        assert torch.equal(embedded(step, cache=pool.batch([cold])), embedded(step, cache=pool.batch([warm])))
+
+
+def test_rowwise_attention_is_each_querys_decode_step_and_the_masked_reference():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 10, 16, generator=g).bfloat16()  # queries at 6..15
+    k = torch.randn(1, 2, 16, 16, generator=g).bfloat16()
+    v = torch.randn(1, 2, 16, 16, generator=g).bfloat16()
+    for chunk, k_start in ((None, 0), (8, 0), (4, 4)):  # keys from k_start up to the last query
+        got = ops.rowwise_causal_attention(q, k[:, :, k_start:], v[:, :, k_start:], 6, k_start, chunk)
+        for i in range(10):
+            first = (6 + i) // chunk * chunk if chunk else 0
+            keys = slice(first, 6 + i + 1)
+            assert torch.equal(got[:, :, i:i + 1], ops.causal_attention(q[:, :, i:i + 1], k[:, :, keys], v[:, :, keys]))
+        reference = ops.masked_attention(q.float(), k.float(), v.float(), q_start=6, k_start=0, chunk=chunk)
+        assert (got.float() - reference).abs().max() <= 2e-2  # the same attention, up to bf16 rounding
+    with pytest.raises(ValueError, match="keys start at 7"):
+        ops.rowwise_causal_attention(q, k[:, :, 7:], v[:, :, 7:], 6, 7, chunk=4)

@@ -163,3 +163,30 @@ def test_engine_rows_go_to_the_prefix_cache_without_copies(model, tok):
     assert len(b.tokens) == 1 and engine.metrics.prompt_tokens == len(prompt) + 1
     run_until_idle(engine)
     assert b.tokens == a.tokens and b.finish.cached_tokens == len(prompt) - 1
+
+
+def test_a_prefix_cache_hit_replies_as_the_cold_run_bit_for_bit():
+    """The shipped model in bf16: a second turn that reuses the first turn's cache (prompt prefilled in
+    one piece, reply decoded token by token, the new turn prefilled after a cut mid-piece) gives the
+    same tokens and the same logprobs, to the last bit, as the same prompt sent to a fresh engine."""
+    from llama4.inference.sampling import SamplingParams
+    from llama4.prompt.chat import encode_chat
+
+    model, tok = llama4.load_model(dtype=torch.bfloat16), llama4.load_tokenizer()
+    params = SamplingParams(logprobs=2)
+
+    def ask(engine, ids):
+        out = Collector()
+        engine.submit(GenerationRequest(ids, params=params, max_tokens=24), out)
+        run_until_idle(engine)
+        return out
+
+    warm = Engine(model, tok, EngineConfig())
+    first = [{"role": "user", "content": "Hello! How are you?"}]
+    reply = ask(warm, encode_chat(tok, first).ids)
+    follow = encode_chat(tok, first + [{"role": "assistant", "content": reply.text},
+                                       {"role": "user", "content": "What is your name?"}]).ids
+    hit, cold = ask(warm, follow), ask(Engine(model, tok, EngineConfig()), follow)
+    assert hit.finish.cached_tokens > 0 and cold.finish.cached_tokens == 0
+    assert [(e.token, e.logprob, e.top) for e in hit.events[:-1]] == [
+        (e.token, e.logprob, e.top) for e in cold.events[:-1]]

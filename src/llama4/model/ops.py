@@ -68,27 +68,30 @@ def temperature_scale(cache_index: torch.Tensor, floor_scale: float, attn_scale:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Batch invariance of row-wise products. A GEMM kernel picks its blocking (and so the order in which it
-# sums over K) from the row count M among other things: oneDNN's bf16 kernels give a row a different
-# result at M = 1 than at M >= 25 for K = 5120 (plain matmuls at M >= 4; measured, one thread). A decode
-# step has one row per sequence, so for such shapes a row decoded in a batch would not equal its solo
-# run. With batch invariance on (set_batch_invariant), products over at most TILED_MAX_ROWS rows run in
-# tiles of exactly ROW_TILE rows (zero-padded): the kernel is the same whatever the batch, and a row's
-# result does not depend on its companions or its place in the tile. It is off by default: a 16-row
-# product reads the same weights as a 1-row one but costs ~3% more (the `small` shape's decode GEMMs,
-# one thread), and at the shapes measured here (K <= 4096, M <= 32) oneDNN is row-invariant anyway.
+# Batch and split invariance. A GEMM kernel picks its blocking (and so the order in which it sums over
+# K) from the row count M among other things: oneDNN's bf16 kernels give a row a different result at
+# M = 1 than at M >= 25 for K = 5120 (plain matmuls at M >= 4), and at M = 100 than at M = 64 for
+# K = 768 (measured, one thread). Attention rounds differently for a query inside a causal block than
+# for the same query alone over its keys. So without care a row's result depends on its companions:
+# the other sequences of a decode batch, and the other tokens of its prefill piece (a prompt prefilled
+# in other pieces, e.g. after a prefix-cache hit, would not equal its cold run).
+# With invariance on (set_batch_invariant): every row-wise product runs in tiles of exactly ROW_TILE
+# rows (zero-padded), so the kernel is the same whatever the row count; and a pass over several tokens
+# attends each query on its own, exactly as a one-token decode step does (rowwise_causal_attention).
+# A row's result then depends only on its own input and keys. It is off by default (the engine turns
+# it on): a 16-row tile costs ~3% more than a 1-row product in decode, and per-query attention makes a
+# prefill piece several times slower than one fused call.
 # Modules tile inside their forward (hooks see the real rows); a bare linear is tiled by its caller, so
 # a swapped-in module (CPU packing) stays exact.
 # ----------------------------------------------------------------------------------------------------
 
 ROW_TILE = 16
-TILED_MAX_ROWS = 32  # products over more rows (prefill) run in one call; decode batches up to this are exact
 _batch_invariant = False
 
 
 def set_batch_invariant(enabled: bool) -> bool:
-    """Turn fixed-tile products on or off for the whole process (all threads); returns the previous
-    setting. Batched rows equal their solo runs when both run with the same setting."""
+    """Turn fixed-tile products and per-query attention on or off for the whole process (all threads);
+    returns the previous setting. A row's result equals its solo, unsplit run when both run with it on."""
     global _batch_invariant
     previous, _batch_invariant = _batch_invariant, bool(enabled)
     return previous
@@ -100,13 +103,13 @@ def batch_invariant() -> bool:
 
 def row_tiled(fn, x: torch.Tensor) -> torch.Tensor:
     """``fn(x)`` for a row-wise product ``fn`` over x [..., K] -> [..., N]; with batch invariance on,
-    computed so that each row's result is independent of the number of rows (up to TILED_MAX_ROWS)."""
+    computed so that each row's result is independent of the number of rows."""
     if not _batch_invariant:
         return fn(x)
     rows = x.shape[0] if x.dim() == 2 else x.shape[:-1].numel()
-    if rows == ROW_TILE or rows == 0 or rows > TILED_MAX_ROWS or not x.is_cpu:
+    if rows == ROW_TILE or rows == 0 or not x.is_cpu:
         return fn(x)
-    if rows != x.shape[0]:  # rows over several leading dims (e.g. a short prefill piece): one row axis
+    if rows != x.shape[0]:  # rows over several leading dims (e.g. a prefill piece): one row axis
         return row_tiled(fn, x.reshape(rows, x.shape[-1])).reshape(*x.shape[:-1], -1)
     # rows on dim 0 (a decode step's [B, 1, K]): zero rows appended along it, no reshapes
     whole = rows - rows % ROW_TILE
@@ -188,6 +191,26 @@ def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     qg = q.reshape(b, hkv, h // hkv, d)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :])
     return out.reshape(b, h, 1, d)
+
+
+def rowwise_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
+                             chunk: int | None) -> torch.Tensor:
+    """Causal (and, with ``chunk``, chunk-local) attention computed one query at a time, each exactly as a
+    one-token decode step computes it: the same kernel over exactly the keys that query sees.
+
+    The split-invariant path (see set_batch_invariant): a token's output does not depend on which other
+    tokens share its pass, so a prompt prefilled in any pieces, or fed one token at a time, gives the
+    same keys, values and logits bit for bit. Keys cover [k_start, q_start + Tq).
+    """
+    outputs = []
+    for i in range(q.shape[2]):
+        position = q_start + i
+        first = (position // chunk) * chunk if chunk else 0
+        if first < k_start:
+            raise ValueError(f"query {position} sees keys from {first}, but the keys start at {k_start}")
+        keys = slice(first - k_start, position + 1 - k_start)
+        outputs.append(_decode_attention(q[:, :, i:i + 1], k[:, :, keys], v[:, :, keys]))
+    return torch.cat(outputs, dim=2)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

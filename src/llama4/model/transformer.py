@@ -18,9 +18,11 @@ from llama4.model.cache import KVCache
 from llama4.model.moe import MoE, SwiGLU
 from llama4.model.ops import (
     apply_rope,
+    batch_invariant,
     causal_attention,
     chunked_causal_attention,
     ragged_decode_attention,
+    rowwise_causal_attention,
     rms_norm,
     row_tiled,
     rope_table,
@@ -85,6 +87,8 @@ class Attention(nn.Module):
             k, v, k_start, valid = cache.update(self.spec.index, k, v)
         if valid is not None:  # one token per row, rows at different lengths: each sees its valid entries
             out = ragged_decode_attention(q, k, v, valid)  # each row exactly as its solo step
+        elif t > 1 and batch_invariant() and x.is_cpu:  # each token exactly as its own decode step
+            out = rowwise_causal_attention(q, k, v, starts[0], k_start, self.chunk if self.spec.chunked else None)
         elif self.spec.chunked:
             out = chunked_causal_attention(q, k, v, starts[0], k_start, self.chunk)
         else:

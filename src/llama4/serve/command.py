@@ -22,8 +22,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs sent by clients (off: only base64 data: URLs)")
     p.add_argument("--no-batch-invariant", action="store_true",
-                   help="let products pick kernels by batch size (4-9%% faster decode; a reply at temperature 0 "
-                        "may then differ from the same request sent alone)")
+                   help="let products pick kernels by row count and prefill attend all of a piece's queries "
+                        "in one call (faster decode and prefill; a reply at temperature 0 may then differ from "
+                        "the same request sent alone, e.g. after a prefix-cache hit)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_serve)

@@ -14,6 +14,11 @@ Each iteration of the loop (:meth:`Engine.step`) does, in order:
    length, no padding, so a row computes what its solo run computes bit for bit on CPU: attention per
    row, and with ``batch_invariant`` products in fixed 16-row tiles) and drop the rows that finished.
 
+With ``batch_invariant`` (the default) prefill is split-invariant too (each prompt token computed as a
+decode step would compute it, see ``llama4.model.ops``), so a reply does not depend on the batch, on
+how its prompt was cut into pieces, or on which prefix came from the prefix cache: at temperature 0 it
+is the reply the same request gets alone on a fresh server.
+
 Every sequence's keys and values live in one :class:`~llama4.model.paged_cache.PagedKVCache`: blocks
 of ``kv_block_size`` tokens handed out as sequences grow, so rows join and leave without copying
 anyone's cache and memory follows actual lengths; a finished row's blocks go to the prefix cache as
@@ -54,7 +59,8 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per prefill piece (one piece per engine iteration)
     prefix_cache_bytes: int = 256 * 2**20  # finished sequences' cache rows kept for reuse; 0: off
     kv_block_size: int = 16  # tokens per KV cache block
-    batch_invariant: bool = True  # products in fixed row tiles: replies equal solo runs (process-wide switch)
+    batch_invariant: bool = True  # fixed row tiles, per-query prefill attention: replies equal cold solo runs
+    # (a process-wide switch)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "prefill_chunk", "kv_block_size"):
