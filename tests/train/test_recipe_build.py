@@ -26,7 +26,9 @@ def test_recipe_builds_a_loadable_model_with_a_card(tmp_path, monkeypatch):
     assert record["stages"]["pretrain"]["steps"] == 2 and len(record["data_sha256"]) == 6
     assert (final / "licenses" / "LICENSE-CC-BY-SA-4.0.txt").is_file()
     assert all((final / f"{stage}_loss.png").is_file() for stage in ("pretrain", "vision", "instruct"))
-    assert set(record["vision_probe_accuracy"]) == {"shape", "colour", "count", "background"}
+    probe = record["vision_probe_accuracy"]
+    assert set(probe) == {"pooled", "mean"} and all(
+        set(acc) == {"shape", "colour", "count", "background"} for acc in probe.values())
     assert set(record["seconds"]) == {"tokenizer", "pretrain", "vision", "instruct"}
     model = llama4.load_model(final)
     assert model.config.multimodal and model.config.text.vocab_size == 8192

@@ -105,13 +105,16 @@ def render_card(model_dir: Path, report: dict) -> str:
     step = 2
     if "vision" in stages:
         probe = recipe.get("vision_probe_accuracy", {})
+        heads = probe if all(isinstance(v, dict) for v in probe.values()) else {"pooled": probe}
+        facts = next(iter(heads.values()), {})
+        where = {"pooled": "mean- and max-pooled output", "mean": "mean output"}
         lines.append(
             f"2. Vision: a fresh vision tower, {stages['vision']['steps']} steps of {stages['vision']['batch_size']} "
-            f"fresh synthetic pictures, learning each picture's {', '.join(probe) or 'facts'} through a temporary "
-            f"linear head on its mean- and max-pooled output (lr {stages['vision']['lr']}); the head is dropped and "
-            "the tower replaces the one from pretraining."
-            + (" Head accuracy on held-out pictures: " + ", ".join(f"{k} {_pct(v)}" for k, v in probe.items()) + "."
-               if probe else ""))
+            f"fresh synthetic pictures, learning each picture's {', '.join(facts) or 'facts'} through temporary "
+            f"linear heads on its {' and on its '.join(where.get(h, h) for h in heads)} (lr {stages['vision']['lr']}); "
+            "the heads are dropped and the tower replaces the one from pretraining."
+            + "".join(f" {where.get(h, h).capitalize()} head accuracy on held-out pictures: "
+                      + ", ".join(f"{k} {_pct(v)}" for k, v in acc.items()) + "." for h, acc in heads.items()))
         step = 3
     scale = stages["instruct"].get("vision_lr_scale", 1.0)
     lines += [

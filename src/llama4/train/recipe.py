@@ -33,7 +33,7 @@ from llama4.config import ModelConfig
 from llama4.presets import LLAMA4_VISION, text_config
 from llama4.train.data import BatchIterator, eval_batches, pack, pretraining_texts, text_stream, validation_text
 from llama4.train.trainer import TrainConfig, TrainResult, train
-from llama4.train.vision_pretrain import ATTRIBUTES
+from llama4.train.vision_pretrain import HEADS, ROWS
 
 BASE_VOCAB = 6144  # + 2,048 special slots = 8,192
 TALES_SHARE = 0.25
@@ -41,7 +41,7 @@ SEED = 0
 
 PRETRAIN = TrainConfig(steps=1200, batch_size=4, seq_len=1024, lr=3e-3, min_lr=3e-4, warmup=100, eval_every=200,
                        eval_batches=16, checkpoint_every=100, seed=SEED, aux_coef=0.01)
-VISION = TrainConfig(steps=600, batch_size=32, seq_len=len(ATTRIBUTES), lr=1e-3, min_lr=1e-4, warmup=20,
+VISION = TrainConfig(steps=1200, batch_size=32, seq_len=len(HEADS) * len(ROWS), lr=1e-3, min_lr=1e-4, warmup=20,
                      weight_decay=0.0, eval_every=100, eval_batches=4, checkpoint_every=100, seed=SEED + 2,
                      aux_coef=0.0)
 INSTRUCT = TrainConfig(steps=1000, batch_size=4, seq_len=1024, lr=1e-3, min_lr=2e-4, warmup=30, eval_every=100,
