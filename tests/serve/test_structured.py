@@ -44,14 +44,20 @@ def test_a_forced_tool_call_comes_back_as_tool_calls(client):
     assert arguments["city"] in ("Paris", "Rome") and isinstance(arguments["celsius"], bool)
 
 
-def test_required_tool_choice_streams_the_call_as_a_delta(client):
+def test_required_tool_choice_streams_the_call_as_deltas(client):
+    """The name in the first delta (with the id), the arguments in the ones after: concatenated, they
+    are the non-streamed reply's arguments."""
     plain = chat(client, tools=[WEATHER, TIME], tool_choice="required")
     chunks = list(chat(client, tools=[WEATHER, TIME], tool_choice="required", stream=True))
     deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
-    assert len(deltas) == 1 and deltas[0].index == 0
+    assert len(deltas) >= 2 and {d.index for d in deltas} == {0}
     expected = plain.choices[0].message.tool_calls[0].function
-    assert (deltas[0].function.name, deltas[0].function.arguments) == (expected.name, expected.arguments)
+    first, rest = deltas[0], deltas[1:]
+    assert first.id.startswith("call_") and first.function.name == expected.name and not first.function.arguments
+    assert all(d.id is None and d.function.name is None for d in rest)
+    assert "".join(d.function.arguments for d in rest) == expected.arguments
     assert expected.name in ("get_weather", "get_time") and isinstance(json.loads(expected.arguments), dict)
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
 
 

@@ -36,6 +36,7 @@ from llama4.serve.schemas import (AssistantMessage, ChatChoice, ChatCompletion, 
                                   ChatCompletionRequest, ChunkChoice, CompletionChoice, CompletionRequest, Delta,
                                   ModelCard, ModelList, PromptTokensDetails, TextCompletion, Usage)
 from llama4.serve.streams import Choices, cancel_on_disconnect
+from llama4.serve.tool_stream import ToolCallStream
 
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20  # room for a few base64 images
 STATIC_DIR = Path(__file__).parent / "static"
@@ -241,6 +242,7 @@ class _ChatReply:
         self.texts, self.events = [""] * self.n, [[] for _ in range(self.n)]
         self.finishes: list[FinishEvent | None] = [None] * self.n
         self.holding = [plan.tools is not None] * self.n  # streaming: text held while it may be a tool call
+        self.calls = [ToolCallStream(plan.tools) if plan.tools is not None else None for _ in range(self.n)]
 
     def usage(self) -> Usage:
         return _usage([len(self.plan.prompts[0])], self.finishes, self.n)
@@ -264,8 +266,9 @@ class _ChatReply:
 
     async def stream(self) -> AsyncIterator[BaseModel | dict | str | list]:
         """Content deltas as they come (a list: the chunks of the events that arrived together). With
-        tools, a reply that opens like a call is held to the end and sent as tool-call deltas (or as
-        content, if it does not parse); one that opens as prose streams."""
+        tools, a reply that opens like a call is streamed as tool-call deltas while it is written (name
+        first, then the arguments; see tool_stream.py) and its text is not sent as content unless it
+        does not parse as calls in the end; one that opens as prose streams as content."""
         try:
             for i in range(self.n):
                 yield self._chunk(i, Delta(role="assistant", content=""))
@@ -283,9 +286,11 @@ class _ChatReply:
             self.texts[i] += event.text
             self.events[i].append(event)
             if self.holding[i]:
-                if translate.may_be_tool_call(self.texts[i]) is False:  # prose: release, then stream
+                calls = self.calls[i]
+                if not calls.started and translate.may_be_tool_call(self.texts[i]) is False:  # prose: release
                     self.holding[i] = False
                     return [self._chunk(i, Delta(content=self.texts[i]), self._logprobs(self.events[i]))]
+                return [self._chunk(i, Delta(tool_calls=[delta])) for delta in calls.feed(self.texts[i])]
             elif event.text or self.req.logprobs:
                 return [self._chunk(i, Delta(content=event.text), self._logprobs([event]))]
             return []
@@ -301,10 +306,10 @@ class _ChatReply:
             if event.text:
                 chunks.append(self._chunk(i, Delta(content=event.text)))
         else:
-            content, calls = translate.tool_calls_of(self.texts[i] + event.text, self.plan.tools)
-            if calls:
+            deltas, content = self.calls[i].finish(self.texts[i] + event.text)
+            if content is None:
                 reason = "tool_calls"
-                chunks += [self._chunk(i, Delta(tool_calls=[call])) for call in calls]
+                chunks += [self._chunk(i, Delta(tool_calls=[delta])) for delta in deltas]
             elif content:
                 chunks.append(self._chunk(i, Delta(content=content), self._logprobs(self.events[i])))
         chunks.append(self._chunk(i, Delta(), finish_reason=reason))
