@@ -3,7 +3,8 @@
     python bench/serve_load.py                       # the embedded model, 32 clients, 200 requests
     python bench/serve_load.py --model DIR --clients 16 --requests 100 --no-write
 
-Phases (all against one in-process server on 127.0.0.1, with the official ``openai`` client):
+Phases (all against ``llama4 serve`` run as its own process on 127.0.0.1, with the official ``openai``
+client in this one, so that the clients' parsing does not share the server's interpreter lock):
 1. reference: each distinct prompt sent alone (temperature 0) - the reply every later copy must equal;
 2. scaling: the same batch of requests from 1 client, then from 8 concurrent clients - aggregate
    generated tokens/s (continuous batching should give 8 clients several times one client's rate);
@@ -144,27 +145,40 @@ def converse(base_url: str, model: str, chats: list[list[dict]], max_tokens: int
 
 
 class Server:
-    """The app on a free loopback port, in a thread of this process."""
+    """``llama4 serve`` in a subprocess on a free loopback port (``options``: its command-line flags)."""
 
-    def __init__(self, app):
+    def __init__(self, options: list[str], timeout: float = 120):
         import socket
+        import subprocess
 
-        import uvicorn
+        import httpx
 
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise SystemExit("the server did not start")
-            time.sleep(0.01)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "llama4.cli", "serve", "--port", str(port), *options],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise SystemExit("the server did not start: " + self.process.communicate()[1][-2000:])
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.close()
+                raise SystemExit(f"the server did not answer /health within {timeout:.0f} s")
+            time.sleep(0.1)
 
     def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        self.process.terminate()
+        try:
+            self.process.communicate(timeout=30)
+        except Exception:
+            self.process.kill()
 
 
 def main() -> None:
@@ -185,16 +199,12 @@ def main() -> None:
 
     import torch
 
-    import llama4
-    from llama4.serve.app import create_app
-    from llama4.serve.engine import EngineConfig
-
-    torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]  # the cores may be shared: say how busy they were
-    model = llama4.load_model(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    tokenizer = llama4.load_tokenizer(args.model)
-    config = EngineConfig(max_batch=args.max_batch, max_queue=max(args.requests, 64))
-    server = Server(create_app(model, tokenizer, model_id="bench", engine_config=config))
+    options = ["--model-id", "bench", "--threads", str(args.threads), "--dtype", args.dtype,
+               "--max-batch", str(args.max_batch), "--max-queue", str(max(args.requests, 64))]
+    if args.model:
+        options += ["--model", args.model]
+    server = Server(options)
     try:
         chats = prompts(args.distinct)
         solo = run_load(server.url, "bench", list(enumerate(chats)), 1, args.max_tokens, args.time_limit)
@@ -209,7 +219,7 @@ def main() -> None:
         with_prefix = converse(server.url, "bench", chats[:8], args.max_tokens, args.time_limit)
     finally:
         server.close()
-    plain = Server(create_app(model, tokenizer, model_id="bench", engine_config=EngineConfig(prefix_cache_bytes=0)))
+    plain = Server(options + ["--prefix-cache-mb", "0"])
     try:
         without_prefix = converse(plain.url, "bench", chats[:8], args.max_tokens, args.time_limit)
     finally:
@@ -221,7 +231,8 @@ def main() -> None:
                             (f"{args.clients} clients, {args.requests} requests", load))]
     table = markdown_table(["phase", "5xx", "lost", "mismatched", "tokens/s", "TTFT p50 ms", "TTFT p99 ms"], rows)
     ratio = eight.tokens_per_second / one.tokens_per_second if one.tokens_per_second else float("nan")
-    setup = (f"`bench/serve_load.py`: model {args.model or 'embedded'}, {args.dtype}, {args.threads} threads, "
+    setup = (f"`bench/serve_load.py`: `llama4 serve` in its own process, model {args.model or 'embedded'}, "
+             f"{args.dtype}, {args.threads} threads, "
              f"max batch "
              f"{args.max_batch}, {args.max_tokens} new tokens per request, greedy; every reply compared with the same "
              f"prompt sent alone. 8 clients / 1 client aggregate tokens/s: {ratio:.2f}x. "

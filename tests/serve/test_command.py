@@ -22,7 +22,8 @@ def test_serve_arguments_and_defaults():
                                       "--max-context", "512", "--max-queue", "3"])
     assert (args.model, args.port, args.api_key, args.max_batch, args.max_context, args.max_queue) == (
         "m", 9, "k", 2, 512, 3)
-    assert not args.no_batch_invariant
+    assert not args.no_batch_invariant and args.prefix_cache_mb == 256
+    assert build_parser().parse_args(["serve", "--prefix-cache-mb", "0"]).prefix_cache_mb == 0
     assert build_parser().parse_args(["serve", "--no-batch-invariant"]).no_batch_invariant
 
 

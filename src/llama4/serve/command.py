@@ -18,6 +18,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, help="tokens per sequence, prompt included (default: the model's)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill piece")
+    p.add_argument("--prefix-cache-mb", type=float, default=256,
+                   help="memory for finished conversations' caches, reused by their next turns (0: off)")
     p.add_argument("--max-body-mb", type=float, help="request body limit in MiB (default: 32)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs sent by clients (off: only base64 data: URLs)")
@@ -40,7 +42,8 @@ def build_app(args: argparse.Namespace):
     from llama4.serve.engine import EngineConfig
 
     config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-                          prefill_chunk=args.prefill_chunk, batch_invariant=not args.no_batch_invariant)
+                          prefill_chunk=args.prefill_chunk, batch_invariant=not args.no_batch_invariant,
+                          prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = llama4.load_model(args.model, dtype=dtype)
     tokenizer = llama4.load_tokenizer(args.model)
