@@ -37,3 +37,15 @@ def test_card_of_a_recipe_without_a_vision_stage(model_dir):
     (model_dir / "recipe.json").write_text(json.dumps(recipe))
     card = render_card(model_dir, json.loads((model_dir / "eval.json").read_text()))
     assert "2. Vision:" not in card and "2. Instruct" in card and "vision_loss.png" not in card
+
+
+@pytest.mark.parametrize("colour, shape, says", [
+    (1.0, 0.95, ["them reliably (colour and shape questions)", "colour and shape answers are right on at least 90%"]),
+    (1.0, 0.388, ["colour questions reliably, shape questions less so", "; shape answers are not"]),
+    (0.2, 0.2, ["only somewhat better than chance", "no kind of question is answered reliably"]),
+])
+def test_the_card_states_what_the_picture_figures_support(model_dir, colour, shape, says):
+    report = json.loads((model_dir / "eval.json").read_text())
+    report["pictures"]["colour"]["accuracy"], report["pictures"]["shape"]["accuracy"] = colour, shape
+    card = render_card(model_dir, report)
+    assert all(phrase in card for phrase in says)

@@ -39,19 +39,33 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
+RELIABLE = 0.9  # picture-question accuracy the card calls reliable (the bar)
+
+
+def _picture_summary(reliable: list[str], unreliable: list[str]) -> str:
+    if reliable and not unreliable:
+        return f"them reliably ({' and '.join(reliable)} questions)"
+    if reliable:
+        return f"{' and '.join(reliable)} questions reliably, {' and '.join(unreliable)} questions less so"
+    return "them only somewhat better than chance" if unreliable else "questions about them"
+
+
 def render_card(model_dir: Path, report: dict) -> str:
     recipe = json.loads((model_dir / "recipe.json").read_text())
     info = model_info(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     text, vision = config["text_config"], config["vision_config"]
     ppl = report["perplexity"]
+    pictures = report.get("pictures", {})
+    reliable = sorted(k for k, r in pictures.items() if r["accuracy"] >= RELIABLE)
+    unreliable = sorted(k for k, r in pictures.items() if r["accuracy"] < RELIABLE)
     lines = [
         "# llama4-tiny: the embedded default model",
         "",
         "A small model with the full Llama 4 architecture, trained from scratch by this project's own code "
         "on 2 CPU cores, so that every `llama4` command works with no download. It writes simple "
         "TinyStories-style English and answers chat turns; it was also trained on questions about simple "
-        "synthetic pictures, but answers them only somewhat better than chance (see the figures below). "
+        "synthetic pictures and answers " + _picture_summary(reliable, unreliable) + " (see the figures below). "
         "It is a demonstration model, not a useful assistant: real Llama 4 weights load with "
         "`--model PATH`.",
         "",
@@ -141,11 +155,11 @@ def render_card(model_dir: Path, report: dict) -> str:
         "",
         "- About 12 M parameters and a few million training tokens: stories drift and repeat, facts are "
         "invented, instructions outside small talk, identity questions and story requests are not followed.",
-        "- Pictures: colour answers are reliable on the synthetic scenes, shape answers are not (figures "
-        "above). The vision stage's head reads shape from the tower's output for about 80 % of held-out "
-        "pictures (recipe.json, vision_probe_accuracy), but the language model has not learnt to read it "
-        "in 1,000 instruct steps. It knows only the synthetic scenes (one kind of shape in one colour on a "
-        "plain background); on photographs it answers with those words anyway.",
+        "- Pictures: " + (f"{' and '.join(reliable)} answers are right on at least {RELIABLE:.0%} of fresh "
+                          "synthetic scenes" if reliable else "no kind of question is answered reliably")
+        + (f"; {' and '.join(unreliable)} answers are not" if unreliable else "") + " (figures above). "
+        "It knows only the synthetic scenes (one kind of shape in one colour on a plain background); on "
+        "photographs it answers with those words anyway.",
         "- Chat: the short task dialogues still dominate its small talk (\"Who are you?\" may be answered "
         "like a booking assistant); story requests are followed.",
         "- English only; the tokenizer still round-trips any text (byte fallback) but compresses other "
