@@ -186,9 +186,10 @@ def test_rows_joining_and_leaving_equal_their_solo_runs_bitwise(name, batch_kind
     assert len(routed) > 1, "the rows should be routed to different experts"
 
 
-@pytest.mark.parametrize("batch", [2, 7, 16, 17, 32])
-def test_every_batch_size_up_to_32_equals_solo_bitwise(batch, invariance):
-    """All rows at once, lengths spread over 1..3 chunks, 3 decode steps: rows beyond one row tile (16)."""
+@pytest.mark.parametrize("batch", [2, 7, 16, 17, 32, 48])
+def test_every_batch_size_equals_solo_bitwise(batch, invariance):
+    """All rows at once, lengths spread over 1..3 chunks, 3 decode steps: rows beyond one row tile (16),
+    and beyond 32 rows."""
     model = MODELS["top1-packed" if BF16_PACKING else "top1-plain"]
     rows = [(1 + (7 * i) % (3 * CHUNK), 0, 3) for i in range(batch)]
     with torch.inference_mode():

@@ -20,12 +20,13 @@ def test_recipe_builds_a_loadable_model_with_a_card(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe, "PRETRAIN", replace(recipe.PRETRAIN, **small))
     monkeypatch.setattr(recipe, "INSTRUCT", replace(recipe.INSTRUCT, **small))
     monkeypatch.setattr(recipe, "VISION", replace(recipe.VISION, **small))
+    monkeypatch.setattr(recipe, "VISION_MEAN", replace(recipe.VISION_MEAN, **small))
     monkeypatch.setattr(recipe, "IMAGE_BATCH", 2)
     final = recipe.build_embedded(tmp_path / "run", DATA)
     record = json.loads((final / "recipe.json").read_text())
     assert record["stages"]["pretrain"]["steps"] == 2 and len(record["data_sha256"]) == 6
     assert (final / "licenses" / "LICENSE-CC-BY-SA-4.0.txt").is_file()
-    assert all((final / f"{stage}_loss.png").is_file() for stage in ("pretrain", "vision", "instruct"))
+    assert all((final / f"{stage}_loss.png").is_file() for stage in ("pretrain", "vision", "vision_mean", "instruct"))
     probe = record["vision_probe_accuracy"]
     assert set(probe) == {"pooled", "mean"} and all(
         set(acc) == {"shape", "colour", "count", "background"} for acc in probe.values())

@@ -38,11 +38,12 @@ Strings are valid UTF-8; ``\\u`` escapes of UTF-16 surrogates are refused (write
 Schema subset
 -------------
 ``type`` (one name or a list), ``properties``, ``required``, ``additionalProperties``, ``items``,
-``enum``, ``const``, ``minItems``/``maxItems``, ``minLength``/``maxLength`` (characters; an escape is
-one character), ``pattern``, ``format``, ``minimum``/``maximum``/``exclusiveMinimum``/
-``exclusiveMaximum``, ``multipleOf``, ``anyOf``, ``oneOf`` (exact, for alternatives it can tell
-apart; see below), ``allOf`` with a single subschema, ``$ref`` to ``#...`` pointers in the same
-document (``$defs``, ``definitions``, recursion allowed). ``description``, ``title``, ``default``,
+``prefixItems``, ``additionalItems``, ``enum``, ``const``, ``minItems``/``maxItems``,
+``minLength``/``maxLength`` (characters; an escape is one character), ``pattern``, ``format``,
+``minimum``/``maximum``/``exclusiveMinimum``/``exclusiveMaximum``, ``multipleOf``, ``anyOf``,
+``oneOf`` (exact, for alternatives it can tell apart; see below), ``allOf`` (merged where that is
+exact; see below), ``$ref`` to ``#...`` pointers in the same document (``$defs``, ``definitions``,
+recursion allowed). ``description``, ``title``, ``default``,
 ``examples``, ``$schema``, ``$id``, ``$comment``, ``deprecated``, ``readOnly`` and ``writeOnly`` are
 ignored; any other keyword raises :class:`SchemaError` naming it.
 
@@ -52,9 +53,17 @@ ignored; any other keyword raises :class:`SchemaError` naming it.
 * Without ``properties`` an object has free keys; the values follow ``additionalProperties`` (any
   value when absent or true, none when false: only ``{}``). ``required`` without ``properties``
   becomes required properties with the ``additionalProperties`` schema.
+* Tuples: item i follows ``prefixItems[i]`` and the items after them ``items`` (draft 2020-12), or
+  item i follows ``items[i]`` when ``items`` is a list and the items after them ``additionalItems``
+  (drafts 4 to 2019-09; beside a single ``items`` schema ``additionalItems`` has no effect, as those
+  drafts say). A rest schema ``false`` ends the array after the prefix; ``minItems``/``maxItems``
+  hold as well, and an array stops before the first position that nothing can fill. ``prefixItems``
+  with ``additionalItems`` or with a list ``items`` (two drafts mixed) is an error.
 * ``enum`` / ``const`` values are written as ``json.dumps(value, ensure_ascii=False)`` writes them with
   ``", "`` and ``": "`` separators; values that do not have the schema's ``type`` (or break its
-  length, pattern, format or numeric bounds) are dropped.
+  length, pattern, format or numeric bounds) are dropped. Object values beside ``properties``/
+  ``required``/``additionalProperties``, and array values beside ``items``/``prefixItems``/
+  ``additionalItems``, are an error (those keywords are not checked on the values).
 * A schema without ``type`` takes the types its keywords imply (``properties`` -> object, ``items``
   -> array, ``minLength``/``pattern``/``format`` -> string, ``minimum``/``multipleOf`` -> number, ...),
   or any value if none does.
@@ -73,12 +82,13 @@ ignored; any other keyword raises :class:`SchemaError` naming it.
   the string as their UTF-8 bytes or escapes complete; a byte that starts or continues a character
   is allowed only if some character it can still become keeps the DFA able to accept within the
   length bounds (lengths to acceptance are precomputed per DFA state), so every prefix stays
-  completable. ``format`` is one of date-time, time, date, duration, email, hostname, ipv4, ipv6 and
-  uuid, each a whole-string regular expression for a safe subset of the format (RFC 3339 dates and
-  times with ``T``/``Z`` upper case, real calendar days including leap years, no leap second, at most
-  9 fraction digits; e-mail as a dot-atom at a host name; host names of at most 253 characters; IPv6
-  in every RFC 4291 form without zone). ``pattern`` and ``format`` together must both match (the
-  product DFA).
+  completable. ``format`` is one of date-time, time, date, duration, email, hostname, ipv4, ipv6,
+  uuid, uri and uri-reference, each a whole-string regular expression for a safe subset of the format
+  (RFC 3339 dates and times with ``T``/``Z`` upper case, real calendar days including leap years, no
+  leap second, at most 9 fraction digits; e-mail as a dot-atom at a host name; host names of at most
+  253 characters; IPv6 in every RFC 4291 form without zone; URIs and URI references by the RFC 3986
+  grammar, ASCII only, percent-encoding for anything else, an ``IPvFuture`` host's "v" lower case).
+  ``pattern`` and ``format`` together must both match (the product DFA).
 * ``oneOf`` is exact: a value must match exactly one alternative. The value being generated follows one
   alternative, so this holds when no value an alternative generates can validate against another.
   That is proved per pair at compile time (types, ``const``/``enum`` values checked against the other
@@ -87,6 +97,16 @@ ignored; any other keyword raises :class:`SchemaError` naming it.
   string; the other's ``format`` counts through a loose pattern that every valid value matches);
   where it cannot be proved :class:`SchemaError` says which alternatives may overlap (use ``anyOf``
   when several may match).
+* ``allOf`` (with the schema's other keywords, and through nested ``allOf`` and ``$ref``) is merged
+  into one schema, keyword by keyword: ``type`` lists intersected (``integer`` within ``number``),
+  ``enum``/``const`` values intersected, the largest ``minimum``/``exclusiveMinimum``/``minLength``/
+  ``minItems`` and the smallest maxima (draft 4's boolean exclusive bounds read as numbers), the least
+  common multiple of the ``multipleOf``s, every ``pattern`` matching, ``required`` united. A property's
+  schema is all of what each subschema says of it (its ``properties`` entry, else its
+  ``additionalProperties``), itself merged when two differ; ``prefixItems``/``items`` likewise per
+  position. A required property that a subschema refuses, two different ``format``s, and ``anyOf``/
+  ``oneOf`` inside the merged subschemas are errors; subschemas with no type or value in common admit
+  nothing (pruned, as below).
 * Alternatives that admit no finite value (``false``, a required property that recurses forever, a
   pattern or numeric range nothing satisfies) are pruned, so every allowed prefix can still be
   completed; a schema admitting nothing is an error, naming the first such reason.
@@ -120,12 +140,14 @@ MAX_EXP_DIGITS = 2
 IGNORED_KEYWORDS = frozenset({"description", "title", "default", "examples", "$schema", "$id", "$comment",
                               "deprecated", "readOnly", "writeOnly"})
 NUMBER_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
-SUPPORTED_KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items", "enum",
-                                "const", "minItems", "maxItems", "minLength", "maxLength", "pattern", "format",
-                                *NUMBER_KEYWORDS, "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions"})
+SUPPORTED_KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items", "prefixItems",
+                                "additionalItems", "enum", "const", "minItems", "maxItems", "minLength", "maxLength",
+                                "pattern", "format", *NUMBER_KEYWORDS, "anyOf", "oneOf", "allOf", "$ref", "$defs",
+                                "definitions"})
 TYPE_NAMES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _IMPLIED_TYPE = {"properties": "object", "required": "object", "additionalProperties": "object",
-                 "items": "array", "minItems": "array", "maxItems": "array",
+                 "items": "array", "prefixItems": "array", "additionalItems": "array", "minItems": "array",
+                 "maxItems": "array",
                  "minLength": "string", "maxLength": "string", "pattern": "string", "format": "string",
                  **{k: "number" for k in NUMBER_KEYWORDS}}
 
@@ -159,6 +181,28 @@ def _ipv6() -> str:
     return "(?:" + "|".join(forms) + ")"
 
 
+def _uri() -> tuple[str, str]:
+    """RFC 3986 ``URI`` and ``URI-reference`` (appendix A), ASCII only, ``IPvFuture``'s "v" lower case.
+
+    ``IPv4address`` is left out of ``host``: every such string is a ``reg-name`` too.
+    """
+    unreserved, sub_delims, pct = r"A-Za-z0-9\-._~", r"!$&'()*+,;=", r"%[0-9A-Fa-f]{2}"
+    pchar = rf"(?:[{unreserved}{sub_delims}:@]|{pct})"
+    segment = rf"(?:/{pchar}*)*"
+    query = rf"(?:[{unreserved}{sub_delims}:@/?]|{pct})*"
+    user_info = rf"(?:[{unreserved}{sub_delims}:]|{pct})*"
+    reg_name = rf"(?:[{unreserved}{sub_delims}]|{pct})*"
+    ip_future = rf"v[0-9A-Fa-f]+\.[{unreserved}{sub_delims}:]+"
+    authority = rf"(?:{user_info}@)?(?:\[(?:{_ipv6()}|{ip_future})\]|{reg_name})(?::[0-9]*)?"
+    absolute = rf"/(?:{pchar}+{segment})?"
+    tail = rf"(?:\?{query})?(?:#{query})?"
+    uri = rf"[A-Za-z][A-Za-z0-9+.\-]*:(?://{authority}{segment}|{absolute}|{pchar}+{segment}|){tail}"
+    no_scheme = rf"(?:[{unreserved}{sub_delims}@]|{pct})+{segment}"
+    relative = rf"(?://{authority}{segment}|{absolute}|{no_scheme}|){tail}"
+    return uri, rf"(?:{uri}|{relative})"
+
+
+_URI, _URI_REFERENCE = _uri()
 FORMATS = {
     "date-time": rf"^{_DATE}T{_TIME}$",
     "time": rf"^{_TIME}$",
@@ -169,6 +213,8 @@ FORMATS = {
     "ipv4": rf"^{_IPV4}$",
     "ipv6": rf"^{_ipv6()}$",
     "uuid": r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$",
+    "uri": rf"^{_URI}$",
+    "uri-reference": rf"^{_URI_REFERENCE}$",
 }
 _FORMAT_MAX_LENGTH = {"hostname": 253}
 # Patterns (searched) that every valid value of a format matches, however loosely a validator reads it:
@@ -183,6 +229,7 @@ _FORMAT_SUPERSETS = {
     "ipv4": r"^[0-9.]+$",
     "ipv6": r"^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%.*)?$",
     "uuid": r"[0-9A-Fa-f]{8}",
+    "uri": r"^[A-Za-z][A-Za-z0-9+.-]*:",
 }
 
 
@@ -317,13 +364,20 @@ class _FreeObject:
 
 
 class _Array:
-    __slots__ = ("items", "min_items", "max_items", "cap")
+    """An array whose item i follows ``prefix[i]`` (tuple validation), and ``items`` after the prefix."""
 
-    def __init__(self, items: _Value, min_items: int, max_items: int | None) -> None:
+    __slots__ = ("prefix", "items", "min_items", "max_items", "cap")
+
+    def __init__(self, items: _Value, min_items: int, max_items: int | None, prefix: Iterable[_Value] = ()) -> None:
         self.items, self.min_items, self.max_items = items, min_items, max_items
+        self.prefix = list(prefix)
+
+    def item(self, i: int) -> _Value:
+        return self.prefix[i] if i < len(self.prefix) else self.items
 
     def build(self) -> None:
-        self.cap = self.max_items if self.max_items is not None else self.min_items  # counts kept up to cap
+        # counts are kept up to cap: exact while they decide the bounds or a prefix position
+        self.cap = self.max_items if self.max_items is not None else max(self.min_items, len(self.prefix))
 
 
 class _String:
@@ -512,6 +566,11 @@ def _first_bytes(node: Any) -> Iterable[int]:
     return node.next[0].keys()
 
 
+def _fraction_lcm(a: Fraction, b: Fraction) -> Fraction:
+    """The least positive rational that is a whole multiple of both ``a`` and ``b`` (both positive)."""
+    return Fraction(math.lcm(a.numerator, b.numerator), math.gcd(a.denominator, b.denominator))
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -556,6 +615,8 @@ class _Compiler:
         self.values: list[_Value] = []
         self.one_ofs: list[tuple[str, list, list[_Value]]] = []  # checked once the graph is finished
         self.empty_reasons: list[str] = []
+        self.all_of_memo: dict[tuple[int, ...], _Value] = {}  # by the ids of the merged subschemas
+        self.made: list[dict] = []  # schemas made while merging: alive, as memo keys hold their ids
         self.any_value = self._new_value("(any value)")
         self.any_value.alts = [_FreeObject(self.any_value), _Array(self.any_value, 0, None), _String(),
                                _Number(False), _Literal([b"true", b"false", b"null"])]
@@ -587,8 +648,13 @@ class _Compiler:
         value.alts = self._alternatives(schema, path)
         return value
 
+    @staticmethod
+    def _keywords(schema: dict) -> list[str]:
+        """The keywords of ``schema`` that say something about the value."""
+        return [k for k in schema if k not in IGNORED_KEYWORDS and k not in ("$defs", "definitions")]
+
     def _alternatives(self, schema: dict, path: str) -> list:
-        keys = [k for k in schema if k not in IGNORED_KEYWORDS and k not in ("$defs", "definitions")]
+        keys = self._keywords(schema)
         for k in keys:
             if k not in SUPPORTED_KEYWORDS:
                 raise SchemaError(f"unsupported JSON-schema keyword {k!r} at {path}")
@@ -599,6 +665,8 @@ class _Compiler:
             return [self.any_value]
         for combinator in ("$ref", "allOf", "anyOf", "oneOf"):
             if combinator in schema:
+                if combinator == "allOf":
+                    return self._all_of(schema, path)
                 others = [k for k in keys if k != combinator]
                 if others:
                     raise SchemaError(f"{combinator!r} together with {others[0]!r} is not supported at {path}")
@@ -619,12 +687,224 @@ class _Compiler:
             return [self.value(self._resolve(arg, path), str(arg))]
         if not isinstance(arg, list) or not arg:
             raise SchemaError(f"{keyword!r} must be a non-empty list of schemas at {path}")
-        if keyword == "allOf" and len(arg) != 1:
-            raise SchemaError(f"'allOf' is supported with a single subschema only, got {len(arg)} at {path}")
         values = [self.value(s, f"{path}/{keyword}/{i}") for i, s in enumerate(arg)]
         if keyword == "oneOf" and len(arg) > 1:
             self.one_ofs.append((path, arg, values))
         return values
+
+    # -- allOf: the subschemas merged into one -----------------------------------------------------
+
+    def _all_of(self, schema: dict, path: str) -> list:
+        """``schema``'s ``allOf`` and its other keywords, merged into one schema (see the module docstring)."""
+        parts: list[tuple[dict, str]] = []
+        if not self._flatten(schema, path, path, parts, set(), set()):
+            self.empty_reasons.append(f"a subschema of 'allOf' at {path} is false")
+            return []
+        if not parts:
+            return [self.any_value]
+        if len(parts) == 1 and "allOf" not in parts[0][0]:
+            return [self.value(*parts[0])]
+        key = tuple(sorted(id(s) for s, _ in parts))
+        value = self.all_of_memo.get(key)
+        if value is None:
+            value = self.all_of_memo[key] = self._new_value(path)  # before merging: recursion comes back to it
+            merged = self._merge(parts, path)
+            value.alts = [] if merged is None else self._alternatives(merged, path)
+        return [value]
+
+    def _flatten(self, schema: Any, path: str, owner: str, parts: list[tuple[dict, str]], seen: set[int],
+                 open_: set[int]) -> bool:
+        """Append to ``parts`` the schemas of plain keywords that ``schema`` is the conjunction of, through
+        ``allOf`` and ``$ref``; False if one of them is ``false``. ``open_`` holds the schemas being
+        flattened: meeting one again is a conjunction that contains itself, which no validator can finish."""
+        if schema is True:
+            return True
+        if schema is False:
+            return False
+        if not isinstance(schema, dict):
+            raise SchemaError(f"a schema must be an object or a boolean, got {type(schema).__name__} at {path}")
+        if id(schema) in open_:
+            raise SchemaError(f"'allOf' at {owner} contains itself through {path}")
+        if id(schema) in seen:
+            return True
+        seen.add(id(schema))
+        keys = self._keywords(schema)
+        for k in keys:
+            if k not in SUPPORTED_KEYWORDS:
+                raise SchemaError(f"unsupported JSON-schema keyword {k!r} at {path}")
+        for k in ("anyOf", "oneOf"):
+            if k in keys:
+                raise SchemaError(f"{k!r} at {path} cannot be merged into the 'allOf' at {owner}: only subschemas of "
+                                  f"plain keywords are merged (write the shared keywords into each alternative)")
+        if "$ref" in keys:
+            others = [k for k in keys if k != "$ref"]
+            if others:
+                raise SchemaError(f"'$ref' together with {others[0]!r} is not supported at {path}")
+        if any(k not in ("$ref", "allOf") for k in keys):
+            parts.append((schema, path))  # its keywords besides 'allOf' (which _merge does not read)
+        open_.add(id(schema))
+        try:
+            if "$ref" in keys:
+                return self._flatten(self._resolve(schema["$ref"], path), str(schema["$ref"]), owner, parts, seen,
+                                     open_)
+            if "allOf" in keys:
+                subs = schema["allOf"]
+                if not isinstance(subs, list) or not subs:
+                    raise SchemaError(f"'allOf' must be a non-empty list of schemas at {path}")
+                return all(self._flatten(s, f"{path}/allOf/{i}", owner, parts, seen, open_)
+                           for i, s in enumerate(subs))
+            return True
+        finally:
+            open_.discard(id(schema))
+
+    def _conjunction(self, schemas: list) -> Any:
+        """A schema meaning all of ``schemas``: one of them where the others are true or the same JSON, else
+        a new ``allOf`` of them (merged in turn when it is compiled)."""
+        kept, seen = [], set()
+        for s in schemas:
+            if s is False:
+                return False
+            if s is True or (isinstance(s, dict) and not self._keywords(s)):
+                continue
+            try:
+                key: Any = json.dumps(s, sort_keys=True)
+            except (TypeError, ValueError):
+                key = id(s)
+            if key not in seen:
+                seen.add(key)
+                kept.append(s)
+        if len(kept) < 2:
+            return kept[0] if kept else True
+        made = {"allOf": kept}
+        self.made.append(made)
+        return made
+
+    def _merge(self, parts: list[tuple[dict, str]], path: str) -> dict | None:
+        """One schema with the keywords of all of ``parts``, the same keyword in several intersected; None
+        (with the reason recorded) when no value can match them all."""
+
+        def present(keyword: str) -> list[tuple[Any, str]]:
+            return [(s[keyword], p) for s, p in parts if keyword in s]
+
+        out: dict[str, Any] = {}
+        type_sets = [set(self._type_list(t, p)) for t, p in present("type")]
+        if type_sets:
+            types = [t for t in TYPE_NAMES if all(t in ts or (t == "integer" and "number" in ts) for ts in type_sets)]
+            if not types:
+                self.empty_reasons.append(f"the subschemas of 'allOf' at {path} have no type in common")
+                return None
+            out["type"] = types
+        literal_sets = [[v] for v, _ in present("const")]
+        for v, p in present("enum"):
+            if not isinstance(v, list) or not v:
+                raise SchemaError(f"'enum' must be a non-empty list at {p}")
+            literal_sets.append(v)
+        if literal_sets:
+            values = [v for v in literal_sets[0] if all(any(_json_equal(v, w) for w in other)
+                                                        for other in literal_sets[1:])]
+            if not values:
+                self.empty_reasons.append(f"the 'enum'/'const' values of the subschemas of 'allOf' at {path} have "
+                                          "none in common")
+                return None
+            out["enum"] = values
+        self._merge_numbers(parts, out)
+        for keyword, pick in (("minLength", max), ("maxLength", min), ("minItems", max), ("maxItems", min)):
+            counts = [c for s, p in parts if (c := self._count(s, keyword, p)) is not None]
+            if counts:
+                out[keyword] = pick(counts)
+        patterns = []
+        for v, p in present("pattern"):
+            if not isinstance(v, str):
+                raise SchemaError(f"'pattern' must be a string, got {v!r} at {p}")
+            patterns.append(v)
+        patterns = list(dict.fromkeys(patterns))
+        if patterns:
+            out["pattern"] = patterns[0] if len(patterns) == 1 else tuple(patterns)  # all must match
+        formats = []
+        for v, p in present("format"):
+            if v not in FORMATS:
+                raise SchemaError(f"unsupported 'format' {v!r} at {p} (supported: {', '.join(FORMATS)})")
+            formats.append(v)
+        formats = list(dict.fromkeys(formats))
+        if len(formats) > 1:
+            raise SchemaError(f"'allOf' at {path}: 'format' {formats[0]!r} and 'format' {formats[1]!r} cannot be "
+                              "merged (a string has at most one 'format')")
+        if formats:
+            out["format"] = formats[0]
+        if any(k in s for s, _ in parts for k in ("properties", "required", "additionalProperties")):
+            self._merge_object(parts, path, out)
+        if any(k in s for s, _ in parts for k in ("items", "prefixItems", "additionalItems")):
+            forms = [self._tuple(s, p) for s, p in parts]
+            prefix = [self._conjunction([f[0][i] if i < len(f[0]) else f[2] for f in forms])
+                      for i in range(max(len(f[0]) for f in forms))]
+            rest = self._conjunction([f[2] for f in forms])
+            if prefix:
+                out["prefixItems"] = prefix
+            if rest is not True:
+                out["items"] = rest
+        return out
+
+    def _merge_numbers(self, parts: list[tuple[dict, str]], out: dict) -> None:
+        """The largest lower and smallest upper bounds (draft 4's boolean exclusive bounds read as draft 6's
+        numbers), and the least common multiple of the ``multipleOf``s, into ``out``."""
+        bounds: dict[str, list[tuple[Fraction, Any]]] = {k: [] for k in NUMBER_KEYWORDS}
+        for s, p in parts:
+            for plain, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+                bound, flag = self._number_value(s, plain, p), s.get(exclusive)
+                if isinstance(flag, bool):
+                    if flag and bound is None:
+                        raise SchemaError(f"{exclusive!r}: true needs {plain!r} (draft 4 form) at {p}")
+                    if bound is not None:
+                        bounds[exclusive if flag else plain].append((bound, s[plain]))
+                else:
+                    if bound is not None:
+                        bounds[plain].append((bound, s[plain]))
+                    if flag is not None:
+                        bounds[exclusive].append((self._number_value(s, exclusive, p), flag))
+            multiple = self._number_value(s, "multipleOf", p)
+            if multiple is not None:
+                if multiple <= 0:
+                    raise SchemaError(f"'multipleOf' must be a positive number, got {s['multipleOf']!r} at {p}")
+                bounds["multipleOf"].append((multiple, s["multipleOf"]))
+        for keyword, found in bounds.items():
+            if not found:
+                continue
+            if keyword == "multipleOf":
+                lcm = functools.reduce(_fraction_lcm, (m for m, _ in found))
+                out[keyword] = next((written for m, written in found if m == lcm), lcm)
+            else:
+                pick = max if keyword in ("minimum", "exclusiveMinimum") else min
+                out[keyword] = pick(found, key=operator.itemgetter(0))[1]
+
+    def _merge_object(self, parts: list[tuple[dict, str]], path: str, out: dict) -> None:
+        """Each property's schema is the conjunction of what every part says of it (its ``properties``
+        entry, else its ``additionalProperties``); ``required`` is the union."""
+        for s, p in parts:
+            if not isinstance(s.get("properties", {}), dict):
+                raise SchemaError(f"'properties' must be an object at {p}")
+            required = s.get("required", [])
+            if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+                raise SchemaError(f"'required' must be a list of property names at {p}")
+
+        def member(s: dict, name: str) -> Any:
+            props = s.get("properties", {})
+            return props[name] if name in props else s.get("additionalProperties", True)
+
+        names = list(dict.fromkeys(n for s, _ in parts for n in s.get("properties", {})))
+        if any("properties" in s for s, _ in parts):
+            out["properties"] = {n: self._conjunction([member(s, n) for s, _ in parts]) for n in names}
+        extra = self._conjunction([s.get("additionalProperties", True) for s, _ in parts])
+        if extra is not True:
+            out["additionalProperties"] = extra
+        required = list(dict.fromkeys(r for s, _ in parts for r in s.get("required", [])))
+        if required:
+            out["required"] = required
+        for name in required:
+            refusing = [p for s, p in parts if member(s, name) is False]
+            if refusing:
+                asking = next(p for s, p in parts if name in s.get("required", []))
+                raise SchemaError(f"'allOf' at {path}: property {name!r}, required at {asking}, is refused at "
+                                  f"{refusing[0]} ('additionalProperties': false or a false schema)")
 
     def _resolve(self, ref: Any, path: str) -> Any:
         if not isinstance(ref, str) or not ref.startswith("#"):
@@ -727,13 +1007,18 @@ class _Compiler:
         dfa: DFA | None = None
         empty = None
         if "pattern" in schema:
-            pattern = schema["pattern"]
-            if not isinstance(pattern, str):
-                raise SchemaError(f"'pattern' must be a string, got {pattern!r} at {path}")
+            pattern = schema["pattern"]  # a tuple of them (all must match) from a merged allOf
+            for one in pattern if isinstance(pattern, tuple) else (pattern,):
+                if not isinstance(one, str):
+                    raise SchemaError(f"'pattern' must be a string, got {one!r} at {path}")
+                try:
+                    compile_search(one)
+                except RegexError as e:
+                    raise SchemaError(f"'pattern' {one!r} is not supported at {path}: {e}") from None
             try:
-                dfa = compile_search(pattern)
+                dfa = _pattern_dfa(pattern)
             except RegexError as e:
-                raise SchemaError(f"'pattern' {pattern!r} is not supported at {path}: {e}") from None
+                raise SchemaError(f"'pattern's {pattern!r} together at {path}: {e}") from None
             if dfa is None:
                 empty = f"'pattern' {pattern!r} matches no string at {path}"
         if "format" in schema:
@@ -775,12 +1060,41 @@ class _Compiler:
         if t == "null":
             return _Literal([b"null"])
         if t == "array":
-            items = schema.get("items", True)
-            if isinstance(items, list):
-                raise SchemaError(f"'items' as a list (tuple validation) is not supported at {path}; "
-                                  "use a single schema")
-            return _Array(self.value(items, f"{path}/items"), *self._bounds(schema, "minItems", "maxItems", path))
+            return self._array(schema, path)
         return self._object(schema, path)
+
+    @staticmethod
+    def _tuple(schema: dict, path: str) -> tuple[list, str, Any, str]:
+        """``(prefix schemas, their keyword, schema of the items after them, its keyword)``.
+
+        Draft 2020-12 writes ``prefixItems`` and ``items`` for the rest; drafts 4 to 2019-09 write ``items`` as
+        a list and ``additionalItems`` for the rest. ``additionalItems`` beside a single ``items`` schema has
+        no effect in any draft, and is ignored.
+        """
+        items = schema.get("items", True)
+        if "prefixItems" in schema:
+            prefix = schema["prefixItems"]
+            if not isinstance(prefix, list) or not prefix:
+                raise SchemaError(f"'prefixItems' must be a non-empty list of schemas at {path}")
+            if isinstance(items, list):
+                raise SchemaError(f"'items' as a list together with 'prefixItems' at {path}: with 'prefixItems' "
+                                  "(draft 2020-12), 'items' is the one schema of the items after the prefix")
+            if "additionalItems" in schema:
+                raise SchemaError(f"'additionalItems' together with 'prefixItems' at {path}: with 'prefixItems' "
+                                  "(draft 2020-12), 'items' is the schema of the items after the prefix")
+            return prefix, "prefixItems", items, "items"
+        if isinstance(items, list):
+            return items, "items", schema.get("additionalItems", True), "additionalItems"
+        return [], "items", items, "items"
+
+    def _array(self, schema: dict, path: str) -> _Array:
+        prefix, prefix_key, rest, rest_key = self._tuple(schema, path)
+        lo, hi = self._bounds(schema, "minItems", "maxItems", path)
+        if rest is False and lo > len(prefix):
+            self.empty_reasons.append(f"'minItems' ({lo}) asks for more than the {len(prefix)} items that "
+                                      f"{prefix_key!r} and {rest_key!r}: false allow at {path}")
+        values = [self.value(s, f"{path}/{prefix_key}/{i}") for i, s in enumerate(prefix)]
+        return _Array(self.value(rest, f"{path}/{rest_key}"), lo, hi, values)
 
     def _object(self, schema: dict, path: str) -> Any:
         required = schema.get("required", [])
@@ -829,6 +1143,12 @@ class _Compiler:
             values = [v for v in values if not _is_number(v) or rng.contains(_fraction(v))]
         if not values:
             raise SchemaError(f"no value of 'enum'/'const' satisfies the rest of the schema at {path}")
+        for kind, name, keywords in ((dict, "object", ("properties", "required", "additionalProperties")),
+                                     (list, "array", ("items", "prefixItems", "additionalItems"))):
+            beside = [k for k in keywords if k in schema]  # not checked on the values: refused, not ignored
+            if beside and any(isinstance(v, kind) for v in values):
+                raise SchemaError(f"'enum'/'const' with {name} values together with {beside[0]!r} is not supported "
+                                  f"at {path}")
         out = []
         for v in values:
             try:
@@ -889,7 +1209,8 @@ class _Compiler:
             for i, a in nodes.items():
                 if i in ground:
                     continue
-                if (isinstance(a, _Array) and (a.min_items == 0 or value_ok(a.items))) or (
+                if (isinstance(a, _Array) and all(value_ok(a.item(k))
+                                                  for k in range(min(a.min_items, len(a.prefix) + 1)))) or (
                         isinstance(a, _Object) and all(value_ok(v) for _, v, r in a.props if r)):
                     ground.add(i)
                     changed = True
@@ -908,18 +1229,34 @@ class _Compiler:
                 a.props = [p for p in a.props if p[2] or value_ok(p[1])]
                 a.build()
             elif isinstance(a, _Array):
-                if not value_ok(a.items):
-                    a.max_items = 0
+                # the items stop before the first position nothing can fill
+                stop = next((k for k in range(len(a.prefix) + 1) if not value_ok(a.item(k))), None)
+                if stop is not None and (a.max_items is None or stop < a.max_items):
+                    a.max_items = stop
                 a.build()
 
 
 @functools.lru_cache(maxsize=256)
-def _string_dfa(pattern: str | None, fmt: str) -> DFA | None:
+def _pattern_dfa(pattern: str | tuple[str, ...]) -> DFA | None:
+    """The DFA of ``pattern``, or of all of a tuple of patterns matching; cached, as compile_search is."""
+    if isinstance(pattern, str):
+        return compile_search(pattern)
+    dfa = compile_search(pattern[0])
+    for other in pattern[1:]:
+        if dfa is None:
+            break
+        more = compile_search(other)
+        dfa = None if more is None else dfa.intersect(more)
+    return dfa
+
+
+@functools.lru_cache(maxsize=256)
+def _string_dfa(pattern: str | tuple[str, ...] | None, fmt: str) -> DFA | None:
     """The DFA of ``format`` ``fmt`` and (if given) ``pattern`` both matching; cached, as compile_search is."""
     dfa = compile_search(FORMATS[fmt])
     if pattern is None:
         return dfa
-    other = compile_search(pattern)
+    other = _pattern_dfa(pattern)
     return None if other is None else other.intersect(dfa)
 
 
@@ -1024,7 +1361,19 @@ class _Exclusion:
         lo, hi = self._count(y, "minItems") or 0, self._count(y, "maxItems")
         if (a.max_items is not None and lo > a.max_items) or (hi is not None and a.min_items > hi):
             return True
-        return a.min_items > 0 and "items" in y and self.value(a.items, y["items"])
+        y_prefix = y.get("prefixItems", y.get("items"))
+        positions = max(len(a.prefix), len(y_prefix) if isinstance(y_prefix, list) else 0) + 1
+        return any(self.value(a.item(i), self._item_schema(y, i)) for i in range(min(a.min_items, positions)))
+
+    @staticmethod
+    def _item_schema(y: dict, i: int) -> Any:
+        """The schema ``y`` gives item ``i`` of an array (true where its keywords are ambiguous)."""
+        prefix, items = y.get("prefixItems"), y.get("items", True)
+        if isinstance(prefix, list):
+            return True if isinstance(items, list) else prefix[i] if i < len(prefix) else items
+        if isinstance(items, list):
+            return items[i] if i < len(items) else y.get("additionalItems", True)
+        return items
 
     def _string(self, a: _String, y: dict) -> bool:
         lo = max(self._count(y, "minLength") or 0, a.min_len)
@@ -1111,7 +1460,7 @@ class _Exclusion:
             lo, hi = self._count(y, "minItems"), self._count(y, "maxItems")
             if (lo is not None and len(v) < lo) or (hi is not None and len(v) > hi):
                 return False
-            return all(ok(x, y.get("items", True)) for x in v)
+            return all(ok(x, self._item_schema(y, i)) for i, x in enumerate(v))
         elif isinstance(v, dict):
             if any(r not in v for r in y.get("required", [])):
                 return False
@@ -1249,8 +1598,9 @@ class _Grammar:
             if phase == _A_AFTER:
                 if b == 0x2C:
                     if node.max_items is None or count < node.max_items:
+                        item = node.prefix[count] if count < len(node.prefix) else node.items
                         count = count + 1 if count < node.cap else count
-                        out.append(((_V, node.items, True), ((_ARR, node, _A_AFTER, count), parent)))
+                        out.append(((_V, item, True), ((_ARR, node, _A_AFTER, count), parent)))
                 elif b == 0x5D and count >= node.min_items:
                     out.append(parent)
             elif b == 0x5D:
@@ -1258,7 +1608,7 @@ class _Grammar:
                     out.append(parent)
             elif node.max_items != 0:
                 after = ((_ARR, node, _A_AFTER, 1 if node.cap else 0), parent)
-                for alt in node.items.first[b]:
+                for alt in node.item(0).first[b]:
                     self._start(alt, b, after, out)
         elif kind == _NUM:
             self._number(frame, parent, b, out)

@@ -125,8 +125,10 @@ def render_card(model_dir: Path, report: dict) -> str:
         lines.append(
             f"2. Vision: a fresh vision tower, {stages['vision']['steps']} steps of {stages['vision']['batch_size']} "
             f"fresh synthetic pictures, learning each picture's {', '.join(facts) or 'facts'} through temporary "
-            f"linear heads on its {' and on its '.join(where.get(h, h) for h in heads)} (lr {stages['vision']['lr']}); "
-            "the heads are dropped and the tower replaces the one from pretraining."
+            f"linear heads on its {' and on its '.join(where.get(h, h) for h in heads)} (lr {stages['vision']['lr']}"
+            + (f", decaying; then {stages['vision_mean']['steps']} steps at a constant lr {stages['vision_mean']['lr']}"
+               if "vision_mean" in stages else "")
+            + "); the heads are dropped and the tower replaces the one from pretraining."
             + "".join(f" {where.get(h, h).capitalize()} head accuracy on held-out pictures: "
                       + ", ".join(f"{k} {_pct(v)}" for k, v in acc.items()) + "." for h, acc in heads.items()))
         step = 3
@@ -139,7 +141,7 @@ def render_card(model_dir: Path, report: dict) -> str:
     ]
     for name, seconds in recipe.get("seconds", {}).items():
         lines.append(f"- {name}: {seconds / 60:.1f} min on this run's machine")
-    curves = " ".join(f"![{stage} loss]({stage}_loss.png)" for stage in ("pretrain", "vision", "instruct")
+    curves = " ".join(f"![{stage} loss]({stage}_loss.png)" for stage in ("pretrain", "vision", "vision_mean", "instruct")
                       if stage in stages)
     lines += ["", curves, "",
               "Per-expert token shares at the end of training (per MoE layer): "
