@@ -709,7 +709,7 @@ def test_one_of_alternatives_that_may_overlap_are_schema_errors(tok, schema, pai
     ({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1e-21}, "no number within"),
     ({"type": "string", "pattern": 3}, "'pattern' must be a string"),
     ({"type": "string", "pattern": "a^b"}, "'pattern' 'a\\^b' matches no string"),
-    ({"type": "string", "format": "uri"}, "unsupported 'format' 'uri' at # .supported: date-time, time"),
+    ({"type": "string", "format": "iri"}, "unsupported 'format' 'iri' at # .supported: date-time, time"),
     ({"type": "string", "format": "date", "pattern": "^x"}, "no string matches both 'pattern' and 'format' 'date'"),
     ({"type": "string", "format": "date", "maxLength": 9}, "no string of 0 to 9 characters"),
     ({"enum": [1, 2], "minimum": 3}, "no value of 'enum'"),

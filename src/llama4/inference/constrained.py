@@ -43,9 +43,9 @@ Schema subset
 ``minimum``/``maximum``/``exclusiveMinimum``/``exclusiveMaximum``, ``multipleOf``, ``anyOf``,
 ``oneOf`` (exact, for alternatives it can tell apart; see below), ``allOf`` (merged where that is
 exact; see below), ``$ref`` to ``#...`` pointers in the same document (``$defs``, ``definitions``,
-recursion allowed). ``description``, ``title``, ``default``,
-``examples``, ``$schema``, ``$id``, ``$comment``, ``deprecated``, ``readOnly`` and ``writeOnly`` are
-ignored; any other keyword raises :class:`SchemaError` naming it.
+recursion allowed). ``description``, ``title``, ``default``, ``examples``, ``$schema``, ``$id``,
+``$comment``, ``deprecated``, ``readOnly`` and ``writeOnly`` are ignored; any other keyword raises
+:class:`SchemaError` naming it.
 
 * With ``properties``, properties are generated in the schema's order, optional ones may be left out,
   and no other property is ever generated (as if ``additionalProperties`` were false, whatever it
@@ -103,10 +103,11 @@ ignored; any other keyword raises :class:`SchemaError` naming it.
   ``minItems`` and the smallest maxima (draft 4's boolean exclusive bounds read as numbers), the least
   common multiple of the ``multipleOf``s, every ``pattern`` matching, ``required`` united. A property's
   schema is all of what each subschema says of it (its ``properties`` entry, else its
-  ``additionalProperties``), itself merged when two differ; ``prefixItems``/``items`` likewise per
-  position. A required property that a subschema refuses, two different ``format``s, and ``anyOf``/
-  ``oneOf`` inside the merged subschemas are errors; subschemas with no type or value in common admit
-  nothing (pruned, as below).
+  ``additionalProperties``), itself merged when two differ, and properties are written in the order
+  the subschemas first name them; ``prefixItems``/``items`` likewise per position. A required
+  property that a subschema refuses, two different ``format``s, and ``anyOf``/``oneOf`` inside the
+  merged subschemas are errors; subschemas with no type or value in common admit nothing (pruned, as
+  below).
 * Alternatives that admit no finite value (``false``, a required property that recurses forever, a
   pattern or numeric range nothing satisfies) are pruned, so every allowed prefix can still be
   completed; a schema admitting nothing is an error, naming the first such reason.
@@ -704,6 +705,11 @@ class _Compiler:
             return [self.any_value]
         if len(parts) == 1 and "allOf" not in parts[0][0]:
             return [self.value(*parts[0])]
+        for s, p in parts:
+            for k in ("anyOf", "oneOf"):
+                if k in s:
+                    raise SchemaError(f"{k!r} at {p} cannot be merged into the 'allOf' at {path}: only subschemas "
+                                      "of plain keywords are merged (write the shared keywords into each alternative)")
         key = tuple(sorted(id(s) for s, _ in parts))
         value = self.all_of_memo.get(key)
         if value is None:
@@ -714,9 +720,10 @@ class _Compiler:
 
     def _flatten(self, schema: Any, path: str, owner: str, parts: list[tuple[dict, str]], seen: set[int],
                  open_: set[int]) -> bool:
-        """Append to ``parts`` the schemas of plain keywords that ``schema`` is the conjunction of, through
-        ``allOf`` and ``$ref``; False if one of them is ``false``. ``open_`` holds the schemas being
-        flattened: meeting one again is a conjunction that contains itself, which no validator can finish."""
+        """Append to ``parts`` the schemas whose own keywords (all but ``allOf``) ``schema`` is the conjunction
+        of, through ``allOf`` and ``$ref``; False if one of them is ``false``. ``open_`` holds the schemas
+        being flattened: meeting one again is a conjunction that contains itself, which no validator can
+        finish."""
         if schema is True:
             return True
         if schema is False:
@@ -732,10 +739,6 @@ class _Compiler:
         for k in keys:
             if k not in SUPPORTED_KEYWORDS:
                 raise SchemaError(f"unsupported JSON-schema keyword {k!r} at {path}")
-        for k in ("anyOf", "oneOf"):
-            if k in keys:
-                raise SchemaError(f"{k!r} at {path} cannot be merged into the 'allOf' at {owner}: only subschemas of "
-                                  f"plain keywords are merged (write the shared keywords into each alternative)")
         if "$ref" in keys:
             others = [k for k in keys if k != "$ref"]
             if others:
