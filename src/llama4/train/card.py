@@ -21,7 +21,7 @@ DATA_LICENSES = (
      "Copyright (c) Microsoft Corporation"),
     ("Identity Q&A template (LLaMA-Factory), filled with this model's name", "Apache-2.0",
      "chat/identity/LICENSE-Apache-2.0.txt", "hiyouga/LLaMA-Factory"),
-    ("Schema-Guided Dialogue, a 2,500-dialogue subset cut to 6 turns", "CC BY-SA 4.0",
+    ("Schema-Guided Dialogue, an 800-dialogue subset cut to 6 turns", "CC BY-SA 4.0",
      "chat/sgd/LICENSE-CC-BY-SA-4.0.txt", "Google Research (Rastogi et al., 2020)"),
 )
 
@@ -44,7 +44,7 @@ RELIABLE = 0.9  # picture-question accuracy the card calls reliable (the issue's
 
 def _picture_summary(reliable: list[str], unreliable: list[str]) -> str:
     if reliable and not unreliable:
-        return f"them reliably ({' and '.join(reliable)} questions)"
+        return f"{' and '.join(reliable)} questions about them reliably"
     if reliable:
         return f"{' and '.join(reliable)} questions reliably, {' and '.join(unreliable)} questions less so"
     return "them only somewhat better than chance" if unreliable else "questions about them"
