@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llama4.train.data import IGNORE
-from llama4.train.instruct_data import (ImageBatches, Mixture, dialogue_chats, identity_chats, image_row,
+from llama4.train.instruct_data import (TASK_SYSTEM, ImageBatches, Mixture, dialogue_chats, identity_chats, image_row,
                                         smalltalk_chats, story_request_chats)
 
 DATA = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -89,7 +89,8 @@ def test_chat_sources():
     assert any("llama4-tiny" in c[1]["content"] for c in ident)
     dialogues = dialogue_chats(DATA, 50, max_messages=6, seed=0)
     assert 40 <= len(dialogues) <= 50
-    assert all(c[-1]["role"] == "assistant" and len(c) <= 6 and c[0]["role"] == "user" for c in dialogues)
+    assert all(c[-1]["role"] == "assistant" and len(c) <= 7 and c[1]["role"] == "user" for c in dialogues)
+    assert all(c[0] == {"role": "system", "content": TASK_SYSTEM} for c in dialogues)  # the role is set
     stories = ["Tom had a red ball. The ball was big.", "The sun was hot.", "Nothing here."]
     requests = story_request_chats(stories, 3, seed=0)
     for chat in requests:

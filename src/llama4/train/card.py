@@ -21,7 +21,7 @@ DATA_LICENSES = (
      "Copyright (c) Microsoft Corporation"),
     ("Identity Q&A template (LLaMA-Factory), filled with this model's name", "Apache-2.0",
      "chat/identity/LICENSE-Apache-2.0.txt", "hiyouga/LLaMA-Factory"),
-    ("Schema-Guided Dialogue, an 800-dialogue subset cut to 6 turns", "CC BY-SA 4.0",
+    ("Schema-Guided Dialogue, a 500-dialogue subset cut to 6 turns, under a booking-assistant system prompt", "CC BY-SA 4.0",
      "chat/sgd/LICENSE-CC-BY-SA-4.0.txt", "Google Research (Rastogi et al., 2020)"),
 )
 

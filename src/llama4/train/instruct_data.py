@@ -4,7 +4,9 @@ Chats (each a list of OpenAI-style messages):
 
 * small talk: Microsoft Personality Chat, the ``friend`` persona (MIT);
 * identity: LLaMA-Factory's identity template filled with this model's name (Apache-2.0);
-* task dialogues: a seeded subset of Schema-Guided Dialogue, cut to their first turns (CC BY-SA 4.0);
+* task dialogues: a seeded subset of Schema-Guided Dialogue, cut to their first turns (CC BY-SA 4.0),
+  each under a system prompt that sets the booking-assistant role (``TASK_SYSTEM``): without it the
+  dialogues' style took over plain chat ("Who are you?" -> "I found 10 events for you.");
 * story requests made here from TinyStories (CDLA-Sharing-1.0): "Tell me a story about a dog." -> a
   training story that contains "dog".
 
@@ -50,6 +52,10 @@ def identity_chats(data_dir: Path, name: str, author: str) -> list[list[dict]]:
     return chats
 
 
+TASK_SYSTEM = ("You are a booking assistant. You search for events, restaurants, salons, flights, hotels and "
+               "apartments, and you book them.")
+
+
 def dialogue_chats(data_dir: Path, count: int, max_messages: int, seed: int) -> list[list[dict]]:
     dialogues = [r["messages"] for r in read_records(data_dir / CORPUS_FILES["sgd"], field=None)]
     picked = shuffled(dialogues, seed)[:count]
@@ -59,7 +65,8 @@ def dialogue_chats(data_dir: Path, count: int, max_messages: int, seed: int) -> 
         while cut and cut[-1]["role"] != "assistant":
             cut = cut[:-1]
         if cut and cut[0]["role"] == "user":
-            out.append([{"role": m["role"], "content": m["content"]} for m in cut])
+            out.append([{"role": "system", "content": TASK_SYSTEM}]
+                       + [{"role": m["role"], "content": m["content"]} for m in cut])
     return out
 
 
@@ -75,7 +82,7 @@ def story_request_chats(stories: Sequence[str], count: int, seed: int) -> list[l
     return chats
 
 
-def instruct_chats(data_dir: str | Path, name: str, author: str, seed: int, dialogues: int = 800,
+def instruct_chats(data_dir: str | Path, name: str, author: str, seed: int, dialogues: int = 500,
                    story_requests: int = 1500) -> list[list[dict]]:
     """All chats of the instruct stage, shuffled by ``seed``."""
     data_dir = Path(data_dir)
