@@ -20,30 +20,15 @@ from decimal import Decimal
 import jsonschema
 import pytest
 import regex
-import torch
 
-import llama4
 from llama4.inference.constrained import FORMATS, MAX_FRAC_DIGITS, MAX_INT_DIGITS, JsonConstraint, SchemaError
 from llama4.inference.regex_dfa import compile_search
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return llama4.load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def byte_ids(tok):
-    ids = {tok.token_bytes(i): i for i in range(tok.num_base_tokens)}
-    return [ids[bytes([b])] for b in range(256)]
+from tests.inference.constrained_support import (  # noqa: F401 (fixtures)
+    allowed_ids, byte_ids, closing_tokens, decimals, one_byte_tokens, tok, walk)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def allowed_ids(c: JsonConstraint, tok) -> list[int]:
-    return torch.isfinite(c.restrict(torch.zeros(tok.vocab_size))).nonzero().flatten().tolist()
 
 
 def feed(c: JsonConstraint, byte_ids, text: str | bytes) -> None:
@@ -77,36 +62,13 @@ def accepts(tok, byte_ids, schema, text: str | bytes) -> bool:
 
 
 def random_walk(tok, schema, seed: int, wander: int = 40, max_steps: int = 600) -> JsonConstraint:
-    """Pick uniformly among the allowed tokens until end-of-sequence; after ``wander`` steps head for
-    the end: end-of-sequence if allowed, else a closing quote, else an "@" (an e-mail address cannot
-    end before it, and "}" is content there), else a token of closing characters, else a one-byte one."""
-    c = JsonConstraint(tok, schema)
-    g = random.Random(seed)
-    eos = set(tok.eos_ids)
-    closing = {t for t in range(tok.num_base_tokens) if set(tok.token_bytes(t)) <= set(b'"]}')}
-    tiers = [eos, {t for t in closing if b'"' in tok.token_bytes(t)}, {tok.encode("@")[0]}, closing,
-             {t for t in range(tok.num_base_tokens) if len(tok.token_bytes(t)) == 1}]
-    for step in range(max_steps):
-        allowed = allowed_ids(c, tok)
-        assert allowed, f"seed {seed}: dead end after {c.text!r}"  # every allowed prefix must be completable
-        if step >= wander:
-            allowed = next((chosen for tier in tiers if (chosen := [t for t in allowed if t in tier])), allowed)
-        choice = g.choice(allowed)
-        c.advance(choice)
-        if choice in eos:
-            break
-    return c
-
-
-def _decimals(x):
-    """The schema with floats as the decimals their JSON text wrote (0.1 is one tenth)."""
-    if isinstance(x, float):
-        return Decimal(repr(x))
-    if isinstance(x, dict):
-        return {k: _decimals(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_decimals(v) for v in x]
-    return x
+    """A walk that ends with: end-of-sequence, else a closing quote, else an "@" (an e-mail address
+    cannot end before it, and "}" is content there), else closing characters, else one byte."""
+    def endings(tok):
+        closing = closing_tokens(tok)
+        return [set(tok.eos_ids), {t for t in closing if b'"' in tok.token_bytes(t)}, {tok.encode("@")[0]},
+                closing, one_byte_tokens(tok)]
+    return walk(tok, schema, seed, endings, wander, max_steps)
 
 
 def validate(text: str, schema) -> None:
@@ -117,7 +79,7 @@ def validate(text: str, schema) -> None:
     cls = jsonschema.Draft4Validator if draft4 else jsonschema.Draft202012Validator
     with decimal.localcontext() as ctx:
         ctx.prec = 200  # 20 + 20 digits and more stay exact
-        cls(_decimals(schema), format_checker=cls.FORMAT_CHECKER).validate(value)
+        cls(decimals(schema), format_checker=cls.FORMAT_CHECKER).validate(value)
 
 
 def test_the_format_checkers_are_installed():

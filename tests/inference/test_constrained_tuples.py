@@ -18,30 +18,15 @@ from decimal import Decimal
 
 import jsonschema
 import pytest
-import torch
 
-import llama4
 from llama4.inference.constrained import FORMATS, JsonConstraint, SchemaError
 from llama4.inference.regex_dfa import compile_search
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return llama4.load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def byte_ids(tok):
-    ids = {tok.token_bytes(i): i for i in range(tok.num_base_tokens)}
-    return [ids[bytes([b])] for b in range(256)]
+from tests.inference.constrained_support import (  # noqa: F401 (fixtures)
+    allowed_ids, byte_ids, closing_tokens, decimals, one_byte_tokens, tok, walk)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def allowed_ids(c: JsonConstraint, tok) -> list[int]:
-    return torch.isfinite(c.restrict(torch.zeros(tok.vocab_size))).nonzero().flatten().tolist()
 
 
 def accepted(start: JsonConstraint, byte_ids, text: str) -> bool:
@@ -55,18 +40,8 @@ def accepted(start: JsonConstraint, byte_ids, text: str) -> bool:
     return c.complete
 
 
-def _decimals(x):
-    if isinstance(x, float):
-        return Decimal(repr(x))
-    if isinstance(x, dict):
-        return {k: _decimals(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_decimals(v) for v in x]
-    return x
-
-
 def validator(schema, draft=jsonschema.Draft202012Validator):
-    return draft(_decimals(schema), format_checker=draft.FORMAT_CHECKER)
+    return draft(decimals(schema), format_checker=draft.FORMAT_CHECKER)
 
 
 def valid(v, text: str) -> bool:
@@ -96,24 +71,10 @@ def assert_exact(tok, byte_ids, schema, values, draft=jsonschema.Draft202012Vali
 
 
 def random_walk(tok, schema, seed: int, wander: int = 30, max_steps: int = 400) -> JsonConstraint:
-    """Uniform among the allowed tokens; after ``wander`` steps prefer end-of-sequence, then closing tokens."""
-    c = JsonConstraint(tok, schema)
-    g = random.Random(seed)
-    eos = set(tok.eos_ids)
-    closing = {t for t in range(tok.num_base_tokens) if set(tok.token_bytes(t)) <= set(b'"]}')}
-    colon = {tok.encode(":")[0]}  # a URI's scheme ends with it
-    single = {t for t in range(tok.num_base_tokens) if len(tok.token_bytes(t)) == 1}
-    for step in range(max_steps):
-        allowed = allowed_ids(c, tok)
-        assert allowed, f"seed {seed}: dead end after {c.text!r}"
-        if step >= wander:
-            allowed = next((chosen for tier in (eos, closing, colon, single)
-                            if (chosen := [t for t in allowed if t in tier])), allowed)
-        choice = g.choice(allowed)
-        c.advance(choice)
-        if choice in eos:
-            break
-    return c
+    """A walk that ends with: end-of-sequence, else closing characters, else ":" (a URI's scheme ends
+    with it), else one byte."""
+    return walk(tok, schema, seed, lambda tok: [set(tok.eos_ids), closing_tokens(tok), {tok.encode(":")[0]},
+                                                one_byte_tokens(tok)], wander, max_steps)
 
 
 def assert_walks_valid(tok, schema, seeds: int = 8, draft=jsonschema.Draft202012Validator, least: int = 3) -> set:
