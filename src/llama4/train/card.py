@@ -162,8 +162,9 @@ def render_card(model_dir: Path, report: dict) -> str:
         + (f"; {' and '.join(unreliable)} answers are not" if unreliable else "") + " (figures above). "
         "It knows only the synthetic scenes (one kind of shape in one colour on a plain background); on "
         "photographs it answers with those words anyway.",
-        "- Chat: the short task dialogues still dominate its small talk (\"Who are you?\" may be answered "
-        "like a booking assistant); story requests are followed.",
+        "- Chat: the task dialogues' style still dominates its small talk, even though they are trained under "
+        "a booking-assistant system prompt and plain chats are not (\"Who are you?\" may be answered \"I have "
+        "10 events for you.\"); story requests are answered with a story, not always about the topic asked.",
         "- English only; the tokenizer still round-trips any text (byte fallback) but compresses other "
         "scripts poorly.",
         "- Context: trained on 1,024-token rows; longer prompts work mechanically (iRoPE, chunked cache) but "
