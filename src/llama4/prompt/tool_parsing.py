@@ -23,7 +23,7 @@ import ast
 import json
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 _END_MARKERS = ("<|eot|>", "<|eom|>", "<|end_of_text|>")
@@ -186,9 +186,14 @@ def _call_group(text: str, pos: int, tools):
         return None
 
 
-def _match_bracket(text: str, start: int) -> int | None:
-    """Index just past the bracket closing ``text[start]``; quotes and escapes respected."""
-    closers = {"[": "]", "{": "}", "(": ")"}
+_CLOSERS = {"[": "]", "{": "}", "(": ")"}
+MISMATCH = "!"
+
+
+def scan_structure(text: str, start: int = 0) -> Iterator[tuple[int, str, list[str]]]:
+    """``(index, character, stack)`` for each bracket and comma of ``text[start:]`` outside quotes
+    (quotes and backslash escapes respected); ``stack`` is the closers still open after it (the live
+    list). A closer that does not match ends the scan with the character ``MISMATCH``."""
     stack: list[str] = []
     quote = None
     i = start
@@ -201,15 +206,27 @@ def _match_bracket(text: str, start: int) -> int | None:
                 quote = None
         elif ch in "\"'":
             quote = ch
-        elif ch in closers:
-            stack.append(closers[ch])
+        elif ch in _CLOSERS:
+            stack.append(_CLOSERS[ch])
+            yield i, ch, stack
         elif ch in ")]}":
             if not stack or stack.pop() != ch:
-                return None
-            if not stack:
-                return i + 1
+                yield i, MISMATCH, stack
+                return
+            yield i, ch, stack
+        elif ch == ",":
+            yield i, ch, stack
         i += 1
-    return None  # truncated
+
+
+def _match_bracket(text: str, start: int) -> int | None:
+    """Index just past the bracket closing ``text[start]``; None when it does not close (truncated)."""
+    for i, ch, stack in scan_structure(text, start):
+        if ch == MISMATCH:
+            return None
+        if ch in ")]}" and not stack:
+            return i + 1
+    return None
 
 
 def _calls_from_span(span: str, tools) -> list[tuple[str, dict]]:

@@ -25,38 +25,23 @@ import json
 from dataclasses import dataclass, field
 
 from llama4.prompt import parse_assistant_output
-from llama4.prompt.tool_parsing import new_call_id
+from llama4.prompt.tool_parsing import MISMATCH, new_call_id, scan_structure
 from llama4.serve.schemas import FunctionCall, ToolCall
 
-_CLOSERS = {"(": ")", "[": "]", "{": "}"}
 _TAG_OPEN, _TAG_CLOSE = "<function=", "</function>"
 
 
 def closed_view(text: str) -> str | None:
     """``text`` cut at its last member boundary with every bracket still open there closed (and an open
     ``<function=...>`` tag ended); None when the brackets do not nest."""
-    stack: list[str] = []
-    quote = None
     cut, cut_stack = 0, []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if quote:
-            if ch == "\\":
-                i += 1
-            elif ch == quote:
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        elif ch in _CLOSERS:
-            stack.append(_CLOSERS[ch])
+    for i, ch, stack in scan_structure(text):
+        if ch == MISMATCH:
+            return None
+        if ch in "([{":
             cut, cut_stack = i + 1, list(stack)
-        elif ch in ")]}":
-            if not stack or stack.pop() != ch:
-                return None
         elif ch == ",":
             cut, cut_stack = i, list(stack)
-        i += 1
     view = text[:cut] + "".join(reversed(cut_stack))
     if view.rfind(_TAG_OPEN) > view.rfind(_TAG_CLOSE):
         view += _TAG_CLOSE
