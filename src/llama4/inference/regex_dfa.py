@@ -206,14 +206,22 @@ class _Parser:
         self.i += 1
         return node
 
-    def atom_escape(self) -> tuple:
+    def class_escape(self) -> str | Ranges:
+        """Step past a backslash: the ranges of a class escape (\\d, \\w, ...; consumed), else the
+        escaped character (not consumed, for the caller's own rules)."""
         self.i += 1
         c = self.peek()
         if c is None:
             raise self.error("'\\' at the end of the pattern")
         if c in _CLASS_ESCAPES:
             self.i += 1
-            return ("set", _CLASS_ESCAPES[c])
+            return _CLASS_ESCAPES[c]
+        return c
+
+    def atom_escape(self) -> tuple:
+        c = self.class_escape()
+        if not isinstance(c, str):
+            return ("set", c)
         if c in "bB":
             raise self.error("word-boundary assertions (\\b, \\B) are not supported")
         if c in "123456789" or c == "k":
@@ -306,13 +314,9 @@ class _Parser:
         if c != "\\":
             self.i += 1
             return ord(c)
-        self.i += 1
-        c = self.peek()
-        if c is None:
-            raise self.error("'\\' at the end of the pattern")
-        if c in _CLASS_ESCAPES:
-            self.i += 1
-            return _CLASS_ESCAPES[c]
+        c = self.class_escape()
+        if not isinstance(c, str):
+            return c
         if c == "b":
             self.i += 1
             return 0x08

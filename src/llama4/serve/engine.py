@@ -59,8 +59,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per prefill piece (one piece per engine iteration)
     prefix_cache_bytes: int = 256 * 2**20  # finished sequences' cache rows kept for reuse; 0: off
     kv_block_size: int = 16  # tokens per KV cache block
-    batch_invariant: bool = True  # fixed row tiles, per-query prefill attention: replies equal cold solo runs
-    # (a process-wide switch)
+    batch_invariant: bool = True  # row tiles + per-query prefill attention (process-wide): replies = cold solo runs
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "prefill_chunk", "kv_block_size"):

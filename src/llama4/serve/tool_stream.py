@@ -122,7 +122,8 @@ class ToolCallStream:
             final = items if k < complete else items[:-1]  # the last argument of an open call may grow
             piece = "".join(_member(key, value, first=not sent.members and j == 0)
                             for j, (key, value) in enumerate(final[len(sent.members):]))
-            sent.members = list(final) if len(final) > len(sent.members) else sent.members
+            if len(final) > len(sent.members):
+                sent.members = list(final)
             if k < complete:
                 piece += "}" if sent.members else "{}"
                 sent.closed = True

@@ -46,8 +46,8 @@ VISION = TrainConfig(steps=1200, batch_size=32, seq_len=len(HEADS) * len(ROWS), 
                      weight_decay=0.0, eval_every=100, eval_batches=4, checkpoint_every=100, seed=SEED + 2,
                      aux_coef=0.0)
 # The pooled head learns shape in the first part; the mean head, which the language model needs, lags
-# behind while the lr decays (shape 97 % pooled vs 57 % mean at step 1,100 of the first build with both
-# heads), so a second part at a constant lr lets it catch up.
+# well behind it while the lr decays, so a second part at a constant lr lets it catch up (both heads'
+# final accuracies are in recipe.json, vision_probe_accuracy).
 VISION_MEAN = TrainConfig(steps=500, batch_size=32, seq_len=len(HEADS) * len(ROWS), lr=1e-3, min_lr=1e-3, warmup=1,
                           weight_decay=0.0, eval_every=100, eval_batches=4, checkpoint_every=100, seed=SEED + 3,
                           aux_coef=0.0)
@@ -132,10 +132,10 @@ def pretrain(out: Path, data_dir: Path, tok, texts: list[str], on_step: Callable
     return model, result
 
 
-def vision(out: Path, tok, model: torch.nn.Module, on_step: Callable | None = None) -> dict[str, float]:
-    """Stage 3: a fresh vision tower (seeded) learns the pictures' facts through a temporary head, then
-    replaces ``model``'s tower. Returns the head's accuracy per fact on held-out pictures. Resumes from
-    ``<out>/vision``."""
+def vision(out: Path, tok, model: torch.nn.Module, on_step: Callable | None = None) -> dict[str, dict[str, float]]:
+    """Stage 3: a fresh vision tower (seeded) learns the pictures' facts through temporary heads, then
+    replaces ``model``'s tower. Returns each head's accuracy per fact on held-out pictures. Resumes from
+    ``<out>/vision`` and ``<out>/vision_mean``."""
     from llama4.train.vision_pretrain import AttributeBatches, AttributeProbe, attribute_accuracy
 
     tc = VISION

@@ -10,7 +10,7 @@ Why two heads: shape is carried by a few tokens (edges and corners), which a max
 quickly but the language model cannot: its attention reads weighted means of the picture's tokens.
 The mean head (which alone does not get off the ground from a fresh tower) then spreads shape into
 what a mean can read; with it the language model learns picture shapes, without it it stays near
-chance even when the pooled head is right on ~99 % of pictures. Shape is the hardest fact, so its
+chance even when the pooled head is right on nearly every picture. Shape is the hardest fact, so its
 rows count ``WEIGHTS["shape"]`` times in the loss. Trained through the joint language-model loss
 alone, the tower's 144 tokens stay one near-constant vector (see the recipe's history).
 
