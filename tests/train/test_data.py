@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from llama4.train.data import (IGNORE, BatchIterator, ChatExample, pack, pack_chats, read_records, shuffled,
+from llama4.train.data import (IGNORE, BatchIterator, ChatExample, chat_rows, pack, pack_chats, read_records, shuffled,
                                text_stream)
 
 
@@ -70,6 +70,18 @@ def test_chat_packing_masks_non_assistant_targets():
     x, y = pack_chats([a, b], 3)
     assert x.tolist() == [[1, 10, 11], [12, 13, 1], [20, 21, 22]]
     assert y.tolist() == [[IGNORE, IGNORE, 12], [13, IGNORE, IGNORE], [21, 22, IGNORE]]
+
+
+def test_chat_rows_put_each_chat_alone_at_position_zero():
+    a = ChatExample([1, 10, 11, 12, 13], [False, False, False, True, True])
+    b = ChatExample([1, 20, 21], [False, False, True])
+    x, y = chat_rows([a, b], 4, pad_id=0)
+    assert x.tolist() == [[1, 10, 11, 12], [1, 20, 21, 0]]
+    assert y.tolist() == [[IGNORE, IGNORE, 12, 13], [IGNORE, 21, IGNORE, IGNORE]]
+    with pytest.raises(ValueError, match="1 chats are longer than a row of 3"):
+        chat_rows([a, b], 3, pad_id=0)
+    with pytest.raises(ValueError, match="no chats"):
+        chat_rows([], 3, pad_id=0)
 
 
 def test_chat_example_uses_tokenizer_mask(tmp_path):

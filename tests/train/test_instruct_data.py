@@ -93,6 +93,8 @@ def test_chat_sources():
     assert all(c[0] == {"role": "system", "content": TASK_SYSTEM} for c in dialogues)  # the role is set
     stories = ["Tom had a red ball. The ball was big.", "The sun was hot.", "Nothing here."]
     requests = story_request_chats(stories, 3, seed=0)
+    assert sorted(c[1]["content"] for c in story_request_chats(stories, 3, seed=0, max_chars=16)) == [
+        "Nothing here.", "The sun was hot."]
     for chat in requests:
         ask, story = chat[0]["content"], chat[1]["content"]
         assert story in stories

@@ -109,6 +109,29 @@ def pack_chats(examples: Sequence[ChatExample], seq_len: int) -> tuple[torch.Ten
     return pack(ids, seq_len, mask)
 
 
+def chat_rows(examples: Sequence[ChatExample], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chat per row, padded with ``pad_id`` to ``seq_len + 1`` tokens: (inputs, targets) [N, seq_len].
+
+    Unlike :func:`pack_chats`, every chat starts at position 0 with nothing before it, as a chat does at
+    inference: packed end to end, a chat attends to the chats before it in its row (their system prompts
+    included), and the model learns answers that depend on that stray context.
+    """
+    too_long = [len(ex.ids) for ex in examples if len(ex.ids) > seq_len + 1]
+    if too_long:
+        raise ValueError(f"{len(too_long)} chats are longer than a row of {seq_len} + 1 tokens "
+                         f"(longest {max(too_long)}); drop or cut them first")
+    if not examples:
+        raise ValueError("no chats to put in rows")
+    rows = torch.full((len(examples), seq_len + 1), pad_id, dtype=torch.int64)
+    learn = torch.zeros((len(examples), seq_len + 1), dtype=torch.bool)
+    for n, ex in enumerate(examples):
+        rows[n, :len(ex.ids)] = torch.tensor(ex.ids, dtype=torch.int64)
+        learn[n, :len(ex.mask)] = torch.tensor(ex.mask, dtype=torch.bool)
+    targets = rows[:, 1:].clone()
+    targets[~learn[:, 1:]] = IGNORE
+    return rows[:, :-1].contiguous(), targets
+
+
 def eval_batches(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
                  max_batches: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Held-out rows in their fixed order, cut into batches (the last may be smaller)."""

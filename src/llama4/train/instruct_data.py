@@ -70,11 +70,13 @@ def dialogue_chats(data_dir: Path, count: int, max_messages: int, seed: int) -> 
     return out
 
 
-def story_request_chats(stories: Sequence[str], count: int, seed: int) -> list[list[dict]]:
-    """Requests for a story (about a topic the story mentions, or none) answered with that story."""
+def story_request_chats(stories: Sequence[str], count: int, seed: int, max_chars: int | None = None) -> list[list[dict]]:
+    """Requests for a story (about a topic the story mentions, or none) answered with that story (of at
+    most ``max_chars`` characters: the shortest stories fit one chat row)."""
     rng = random.Random(seed)
     chats = []
-    for story in shuffled(list(stories), seed)[:count]:
+    fitting = [s for s in stories if max_chars is None or len(s.strip()) <= max_chars]
+    for story in shuffled(fitting, seed)[:count]:
         words = set(re.findall(r"[a-z]+", story.lower()))
         topics = [t for t in STORY_TOPICS if t in words]
         ask = rng.choice(STORY_ASKS).format(rng.choice(topics)) if topics else rng.choice(PLAIN_STORY_ASKS)
@@ -82,14 +84,14 @@ def story_request_chats(stories: Sequence[str], count: int, seed: int) -> list[l
     return chats
 
 
-def instruct_chats(data_dir: str | Path, name: str, author: str, seed: int, dialogues: int = 500,
-                   story_requests: int = 1500) -> list[list[dict]]:
+def instruct_chats(data_dir: str | Path, name: str, author: str, seed: int, dialogues: int = 400,
+                   story_requests: int = 1000, max_story_chars: int = 900) -> list[list[dict]]:
     """All chats of the instruct stage, shuffled by ``seed``."""
     data_dir = Path(data_dir)
     stories = list(read_records(data_dir / CORPUS_FILES["tinystories"]))
     chats = (smalltalk_chats(data_dir) + identity_chats(data_dir, name, author) * 6
              + dialogue_chats(data_dir, dialogues, max_messages=6, seed=seed)
-             + story_request_chats(stories, story_requests, seed))
+             + story_request_chats(stories, story_requests, seed, max_chars=max_story_chars))
     return shuffled(chats, seed)
 
 

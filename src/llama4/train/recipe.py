@@ -55,6 +55,7 @@ INSTRUCT = TrainConfig(steps=1000, batch_size=4, seq_len=1024, lr=1e-3, min_lr=2
                        eval_batches=16, checkpoint_every=50, seed=SEED + 1, aux_coef=0.01, vision_lr_scale=0.1)
 
 IMAGE_BATCH, IMAGE_ROW = 16, 256  # picture rows: one picture and its questions, inside one attention chunk
+CHAT_BATCH, CHAT_ROW = 16, 256  # chat rows: one chat each, starting at position 0 as at inference
 MODEL_NAME = "llama4-tiny"
 AUTHOR = "the llama4 project"
 
@@ -161,15 +162,15 @@ INSTRUCT_PATTERN = ("image", "chat", "image", "image", "text", "image", "image",
 def instruct(out: Path, data_dir: Path, tok, texts: list[str], pretrained: torch.nn.Module,
              on_step: Callable | None = None) -> tuple[torch.nn.Module, TrainResult]:
     """Stage 4: chats, picture questions and pretraining text (resumes from ``<out>/instruct``)."""
-    from llama4.train.data import chat_example, pack_chats
+    from llama4.train.data import chat_example, chat_rows
     from llama4.train.instruct_data import ImageBatches, Mixture, instruct_chats
 
     tc = INSTRUCT
-    chats = pack_chats([chat_example(tok, c) for c in instruct_chats(data_dir, MODEL_NAME, AUTHOR, tc.seed)],
-                       tc.seq_len)
+    examples = [chat_example(tok, c) for c in instruct_chats(data_dir, MODEL_NAME, AUTHOR, tc.seed)]
+    chats = chat_rows([ex for ex in examples if len(ex.ids) <= CHAT_ROW + 1], CHAT_ROW, tok.pad_id)
     x, y = pack(text_stream(tok, texts, tok.end_of_text_id), tc.seq_len)
     vx, vy = pack(tok.encode(validation_text(data_dir)), tc.seq_len)
-    sources = {"chat": BatchIterator(*chats, tc.batch_size, seed=tc.seed),
+    sources = {"chat": BatchIterator(*chats, CHAT_BATCH, seed=tc.seed),
                "text": BatchIterator(x, y, tc.batch_size, seed=tc.seed + 1),
                "image": ImageBatches(tok, IMAGE_BATCH, IMAGE_ROW, seed=tc.seed)}
     held_out_images = ImageBatches(tok, IMAGE_BATCH, IMAGE_ROW, seed=10_000 + tc.seed)
@@ -194,6 +195,7 @@ def recipe_record(data_dir: Path) -> dict:
         "stages": {"pretrain": asdict(PRETRAIN), "pretrain_pattern": list(PRETRAIN_PATTERN),
                    "vision": asdict(VISION), "vision_mean": asdict(VISION_MEAN), "instruct": asdict(INSTRUCT),
                    "image_rows": {"batch_size": IMAGE_BATCH, "seq_len": IMAGE_ROW},
+                   "chat_rows": {"batch_size": CHAT_BATCH, "seq_len": CHAT_ROW},
                    "instruct_pattern": list(INSTRUCT_PATTERN)},
         "data_sha256": {p: file_sha256(data_dir / p) for p in paths},
         "code_version": code_version(),
