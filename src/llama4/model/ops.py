@@ -76,11 +76,11 @@ def temperature_scale(cache_index: torch.Tensor, floor_scale: float, attn_scale:
 # the other sequences of a decode batch, and the other tokens of its prefill piece (a prompt prefilled
 # in other pieces, e.g. after a prefix-cache hit, would not equal its cold run).
 # With invariance on (set_batch_invariant): every row-wise product runs in tiles of exactly ROW_TILE
-# rows (zero-padded), so the kernel is the same whatever the row count; and a pass over several tokens
-# attends each query on its own, exactly as a one-token decode step does (rowwise_causal_attention).
-# A row's result then depends only on its own input and keys. It is off by default (the engine turns
-# it on): a 16-row tile costs ~3% more than a 1-row product in decode, and per-query attention makes a
-# prefill piece several times slower than one fused call.
+# rows (zero-padded), so the kernel is the same whatever the row count; and every query, of a decode
+# batch or of a prefill piece, is attended exactly as a one-token decode step attends it (bucketed
+# attention, below). A row's result then depends only on its own input and keys. It is off by default
+# (the engine turns it on): a 16-row tile costs ~3% more than a 1-row product in decode, and bucketed
+# attention makes a prefill piece slower than one fused causal call.
 # Modules tile inside their forward (hooks see the real rows); a bare linear is tiled by its caller, so
 # a swapped-in module (CPU packing) stays exact.
 # ----------------------------------------------------------------------------------------------------
@@ -193,24 +193,83 @@ def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     return out.reshape(b, h, 1, d)
 
 
+# Batch-invariant attention (set_batch_invariant): a query that sees n keys is attended by one masked
+# call over exactly bucket(n) keys (n rounded up to ATTENTION_BUCKET; the keys past n are masked, their
+# values never matter). The CPU kernel computes every batch entry on its own, so a query's result
+# depends only on its own query, keys and n: not on the other rows of a decode batch, not on the other
+# queries of a prefill piece, not on a buffer's width. Queries in one bucket share one call (a decode
+# batch's rows, a prefill piece's queries as batch entries over the same keys), where exact per-query
+# calls cost one kernel launch per row, per token and per layer.
+
+ATTENTION_BUCKET = 64
+
+
+def _bucket(n: int) -> int:
+    return -(-n // ATTENTION_BUCKET) * ATTENTION_BUCKET
+
+
+def _keys_width(x: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """x[:, :, start:start + width], zero-padded where x ends sooner (masked entries: any finite value)."""
+    x = x[:, :, start:start + width]
+    return x if x.shape[2] == width else F.pad(x, (0, 0, 0, width - x.shape[2]))
+
+
+def _bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """q [N, H, 1, d], k/v [N, Hkv, L, d] (L a bucket): entry n sees its first lengths[n] keys -> [N, H, 1, d]."""
+    n, h, _, d = q.shape
+    hkv = k.shape[1]
+    mask = torch.arange(k.shape[2], device=q.device)[None, :] < lengths[:, None]  # [N, L]
+    out = F.scaled_dot_product_attention(q.reshape(n, hkv, h // hkv, d), k, v, attn_mask=mask[:, None, None, :])
+    return out.reshape(n, h, 1, d)
+
+
+def bucketed_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              valid: torch.Tensor | list[int]) -> torch.Tensor:
+    """One query per row that sees the first valid[b] keys of its row: q [B, H, 1, d], k/v [B, Hkv, S, d].
+
+    Batch-invariant (see above): rows in one key bucket share a call; row b equals its batch-1 step.
+    """
+    lengths = valid.tolist() if isinstance(valid, torch.Tensor) else list(valid)
+    widths = [_bucket(n) for n in lengths]
+    lengths_t = torch.tensor(lengths, device=q.device)
+    if len(set(widths)) == 1:
+        return _bucket_attention(q, _keys_width(k, 0, widths[0]), _keys_width(v, 0, widths[0]), lengths_t)
+    out = torch.empty_like(q)
+    for width in sorted(set(widths)):
+        rows = torch.tensor([b for b, w in enumerate(widths) if w == width], device=q.device)
+        part = _bucket_attention(q[rows], _keys_width(k[rows], 0, width), _keys_width(v[rows], 0, width),
+                                 lengths_t[rows])
+        out.index_copy_(0, rows, part)
+    return out
+
+
 def rowwise_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
                              chunk: int | None) -> torch.Tensor:
-    """Causal (and, with ``chunk``, chunk-local) attention computed one query at a time, each exactly as a
-    one-token decode step computes it: the same kernel over exactly the keys that query sees.
-
-    The split-invariant path (see set_batch_invariant): a token's output does not depend on which other
-    tokens share its pass, so a prompt prefilled in any pieces, or fed one token at a time, gives the
-    same keys, values and logits bit for bit. Keys cover [k_start, q_start + Tq).
+    """Causal (and, with ``chunk``, chunk-local) attention where every query is computed as a one-token
+    decode step computes it (bucketed, see above), so its output does not depend on which other tokens
+    share its pass: a prompt prefilled in any pieces, or fed one token at a time, gives the same keys,
+    values and logits bit for bit. q [B, H, Tq, d]; keys cover [k_start, q_start + Tq).
     """
-    outputs = []
-    for i in range(q.shape[2]):
+    b, h, tq, d = q.shape
+    hkv = k.shape[1]
+    outputs, i = [], 0
+    while i < tq:
         position = q_start + i
         first = (position // chunk) * chunk if chunk else 0
         if first < k_start:
             raise ValueError(f"query {position} sees keys from {first}, but the keys start at {k_start}")
-        keys = slice(first - k_start, position + 1 - k_start)
-        outputs.append(_decode_attention(q[:, :, i:i + 1], k[:, :, keys], v[:, :, keys]))
-    return torch.cat(outputs, dim=2)
+        n = position + 1 - first
+        width = _bucket(n)
+        end = min(first + width, first + chunk if chunk else first + width, q_start + tq)  # same first and bucket
+        m = end - position
+        keys = _keys_width(k, first - k_start, width)[:, None].expand(b, m, hkv, width, d).reshape(b * m, hkv, width, d)
+        values = _keys_width(v, first - k_start, width)[:, None].expand(b, m, hkv, width, d).reshape(b * m, hkv, width, d)
+        queries = q[:, :, i:i + m].transpose(1, 2).reshape(b * m, h, 1, d)
+        lengths = torch.arange(n, n + m, device=q.device).repeat(b)
+        out = _bucket_attention(queries, keys, values, lengths)  # [B * m, H, 1, d]
+        outputs.append(out.reshape(b, m, h, d).transpose(1, 2))
+        i += m
+    return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

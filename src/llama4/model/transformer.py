@@ -19,6 +19,7 @@ from llama4.model.moe import MoE, SwiGLU
 from llama4.model.ops import (
     apply_rope,
     batch_invariant,
+    bucketed_decode_attention,
     causal_attention,
     chunked_causal_attention,
     ragged_decode_attention,
@@ -85,9 +86,12 @@ class Attention(nn.Module):
         k_start, valid = starts[0], None
         if cache is not None:
             k, v, k_start, valid = cache.update(self.spec.index, k, v)
-        if valid is not None:  # one token per row, rows at different lengths: each sees its valid entries
-            out = ragged_decode_attention(q, k, v, valid)  # each row exactly as its solo step
-        elif t > 1 and batch_invariant() and x.is_cpu:  # each token exactly as its own decode step
+        invariant = batch_invariant() and x.is_cpu
+        if valid is not None and invariant:  # one token per row at different lengths, in key buckets
+            out = bucketed_decode_attention(q, k, v, valid)
+        elif valid is not None:  # each row exactly as its solo step, one call per length
+            out = ragged_decode_attention(q, k, v, valid)
+        elif invariant:  # each token exactly as its own decode step (bucketed)
             out = rowwise_causal_attention(q, k, v, starts[0], k_start, self.chunk if self.spec.chunked else None)
         elif self.spec.chunked:
             out = chunked_causal_attention(q, k, v, starts[0], k_start, self.chunk)

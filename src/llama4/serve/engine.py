@@ -11,8 +11,9 @@ Each iteration of the loop (:meth:`Engine.step`) does, in order:
    its last piece is done, sample its first token and let it join; admitted requests with the same
    prompt (the other choices of ``n``) join with a copy of its cache, unprefilled;
 4. run one decode step for every running row together (a ragged one-token pass: each row at its own
-   length, no padding, so a row computes what its solo run computes bit for bit on CPU: attention per
-   row, and with ``batch_invariant`` products in fixed 16-row tiles) and drop the rows that finished.
+   length; with ``batch_invariant`` a row computes what its solo run computes bit for bit on CPU:
+   products in fixed 16-row tiles, attention over its own keys in a fixed key bucket) and drop the
+   rows that finished.
 
 With ``batch_invariant`` (the default) prefill is split-invariant too (each prompt token computed as a
 decode step would compute it, see ``llama4.model.ops``), so a reply does not depend on the batch, on
@@ -59,7 +60,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per prefill piece (one piece per engine iteration)
     prefix_cache_bytes: int = 256 * 2**20  # finished sequences' cache rows kept for reuse; 0: off
     kv_block_size: int = 16  # tokens per KV cache block
-    batch_invariant: bool = True  # row tiles + per-query prefill attention (process-wide): replies = cold solo runs
+    batch_invariant: bool = True  # row tiles + bucketed attention (process-wide): replies = cold solo runs
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "prefill_chunk", "kv_block_size"):
