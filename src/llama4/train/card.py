@@ -162,9 +162,9 @@ def render_card(model_dir: Path, report: dict) -> str:
         + (f"; {' and '.join(unreliable)} answers are not" if unreliable else "") + " (figures above). "
         "It knows only the synthetic scenes (one kind of shape in one colour on a plain background); on "
         "photographs it answers with those words anyway.",
-        "- Chat: the task dialogues' style still dominates its small talk, even though they are trained under "
-        "a booking-assistant system prompt and plain chats are not (\"Who are you?\" may be answered \"I have "
-        "10 events for you.\"); story requests are answered with a story, not always about the topic asked.",
+        "- Chat: greetings and questions about itself get its name and maker, story requests get a story "
+        "(not always about the topic asked); most other small talk gets that same identity line or a stock "
+        "small-talk answer (\"I'm a work in progress.\").",
         "- English only; the tokenizer still round-trips any text (byte fallback) but compresses other "
         "scripts poorly.",
         "- Context: trained on 1,024-token rows; longer prompts work mechanically (iRoPE, chunked cache) but "
