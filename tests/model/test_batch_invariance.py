@@ -204,13 +204,14 @@ def test_the_embedded_model_decodes_batched_rows_as_it_decodes_them_alone(embedd
 
 
 def test_bucketed_decode_attention_is_each_rows_solo_step_bitwise_whatever_the_buffer():
-    """Rows in several key buckets (1..64, 65..128, 129..192), in a buffer wider than any row needs, and
-    each row alone in a buffer of exactly its keys: the same bits; and close to the masked reference."""
+    """Rows in three key buckets, in a buffer wider than any row needs, and each row alone in a buffer of
+    exactly its keys: the same bits; and close to the masked reference."""
     g = torch.Generator().manual_seed(0)
-    valid = [5, 1, 70, 64, 65, 130, 2, 128]
+    b = ops.ATTENTION_BUCKET
+    valid = [5, 1, b + 6, b, b + 1, 2 * b + 2, 2, 2 * b]
     q = torch.randn(8, 8, 1, 16, generator=g).bfloat16()
-    k = torch.randn(8, 2, 200, 16, generator=g).bfloat16()
-    v = torch.randn(8, 2, 200, 16, generator=g).bfloat16()
+    k = torch.randn(8, 2, 3 * b - 5, 16, generator=g).bfloat16()
+    v = torch.randn(8, 2, 3 * b - 5, 16, generator=g).bfloat16()
     got = ops.bucketed_decode_attention(q, k, v, torch.tensor(valid))
     for b, n in enumerate(valid):
         alone = ops.bucketed_decode_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], [n])
@@ -366,21 +367,23 @@ def test_a_split_prompt_in_the_paged_cache_equals_the_unsplit_one_bitwise(embedd
 
 
 def test_rowwise_attention_is_each_querys_decode_step_and_the_masked_reference():
-    """Queries 60..139 (their key counts cross the 64- and 128-key buckets) against one decode step each."""
+    """Queries whose key counts cross key buckets, against one decode step each."""
     g = torch.Generator().manual_seed(1)
-    q = torch.randn(2, 4, 80, 16, generator=g).bfloat16()  # two rows, queries at 60..139
-    k = torch.randn(2, 2, 140, 16, generator=g).bfloat16()
-    v = torch.randn(2, 2, 140, 16, generator=g).bfloat16()
-    for chunk, k_start in ((None, 0), (100, 0), (50, 50)):  # keys from k_start up to the last query
-        got = ops.rowwise_causal_attention(q, k[:, :, k_start:], v[:, :, k_start:], 60, k_start, chunk)
-        for i in range(80):
-            first = (60 + i) // chunk * chunk if chunk else 0
-            keys = slice(first, 60 + i + 1)
+    bucket = ops.ATTENTION_BUCKET
+    start, count = bucket - 20, bucket + 40  # queries at start..start + count - 1: three buckets of keys
+    q = torch.randn(2, 4, count, 16, generator=g).bfloat16()  # two rows
+    k = torch.randn(2, 2, start + count, 16, generator=g).bfloat16()
+    v = torch.randn(2, 2, start + count, 16, generator=g).bfloat16()
+    for chunk, k_start in ((None, 0), (bucket + 30, 0), (50, 50)):  # keys from k_start up to the last query
+        got = ops.rowwise_causal_attention(q, k[:, :, k_start:], v[:, :, k_start:], start, k_start, chunk)
+        for i in range(count):
+            first = (start + i) // chunk * chunk if chunk else 0
+            keys = slice(first, start + i + 1)
             for row in range(2):
                 step = ops.bucketed_decode_attention(q[row:row + 1, :, i:i + 1], k[row:row + 1, :, keys],
-                                                     v[row:row + 1, :, keys], [60 + i + 1 - first])
+                                                     v[row:row + 1, :, keys], [start + i + 1 - first])
                 assert torch.equal(got[row:row + 1, :, i:i + 1], step)
-        reference = ops.masked_attention(q.float(), k.float(), v.float(), q_start=60, k_start=0, chunk=chunk)
+        reference = ops.masked_attention(q.float(), k.float(), v.float(), q_start=start, k_start=0, chunk=chunk)
         assert (got.float() - reference).abs().max() <= 2e-2  # the same attention, up to bf16 rounding
     with pytest.raises(ValueError, match="keys start at 7"):
         ops.rowwise_causal_attention(q[:, :, :10], k[:, :, 7:16], v[:, :, 7:16], 6, 7, chunk=4)

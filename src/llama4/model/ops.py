@@ -195,16 +195,17 @@ def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
 
 # Batch-invariant attention (set_batch_invariant): a query that sees n keys is attended by one masked
 # call over exactly bucket(n) keys (n rounded up to ATTENTION_BUCKET; the keys past n are masked, their
-# values never matter). The CPU kernel computes every batch entry on its own, so a query's result
+# values never matter; a cache may hand over wider buffers). The CPU kernel computes every batch entry on its own, so a query's result
 # depends only on its own query, keys and n: not on the other rows of a decode batch, not on the other
 # queries of a prefill piece, not on a buffer's width. Queries in one bucket share one call (a decode
 # batch's rows, a prefill piece's queries as batch entries over the same keys), where exact per-query
 # calls cost one kernel launch per row, per token and per layer.
 
-ATTENTION_BUCKET = 64
+ATTENTION_BUCKET = 256  # keys: coarse, so that a decode batch at ordinary lengths is one call per layer
 
 
-def _bucket(n: int) -> int:
+def attention_bucket(n: int) -> int:
+    """The number of keys a batch-invariant call over n keys runs on: n rounded up to ATTENTION_BUCKET."""
     return -(-n // ATTENTION_BUCKET) * ATTENTION_BUCKET
 
 
@@ -214,11 +215,24 @@ def _keys_width(x: torch.Tensor, start: int, width: int) -> torch.Tensor:
     return x if x.shape[2] == width else F.pad(x, (0, 0, 0, width - x.shape[2]))
 
 
-def _bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """q [N, H, 1, d], k/v [N, Hkv, L, d] (L a bucket): entry n sees its first lengths[n] keys -> [N, H, 1, d]."""
+_KEY_INDEX: dict[tuple, torch.Tensor] = {}  # read-only aranges, shared by all calls (and threads)
+
+
+def _key_index(width: int, device: torch.device) -> torch.Tensor:
+    index = _KEY_INDEX.get((width, device))
+    if index is None:
+        with torch.inference_mode(False):
+            index = _KEY_INDEX[(width, device)] = torch.arange(width, device=device)
+    return index
+
+
+def _bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | int) -> torch.Tensor:
+    """q [N, H, 1, d], k/v [N, Hkv, L, d] (L a bucket): entry n sees its first lengths[n] keys (an int:
+    the same for all) -> [N, H, 1, d]."""
     n, h, _, d = q.shape
     hkv = k.shape[1]
-    mask = torch.arange(k.shape[2], device=q.device)[None, :] < lengths[:, None]  # [N, L]
+    index = _key_index(k.shape[2], q.device)
+    mask = (index < lengths)[None, :] if isinstance(lengths, int) else index[None, :] < lengths[:, None]  # [1 or N, L]
     out = F.scaled_dot_product_attention(q.reshape(n, hkv, h // hkv, d), k, v, attn_mask=mask[:, None, None, :])
     return out.reshape(n, h, 1, d)
 
@@ -230,7 +244,7 @@ def bucketed_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Batch-invariant (see above): rows in one key bucket share a call; row b equals its batch-1 step.
     """
     lengths = valid.tolist() if isinstance(valid, torch.Tensor) else list(valid)
-    widths = [_bucket(n) for n in lengths]
+    widths = [attention_bucket(n) for n in lengths]
     lengths_t = torch.tensor(lengths, device=q.device)
     if len(set(widths)) == 1:
         return _bucket_attention(q, _keys_width(k, 0, widths[0]), _keys_width(v, 0, widths[0]), lengths_t)
@@ -252,6 +266,13 @@ def rowwise_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """
     b, h, tq, d = q.shape
     hkv = k.shape[1]
+    if tq == 1:  # a decode step: no grouping to do
+        first = (q_start // chunk) * chunk if chunk else 0
+        if first < k_start:
+            raise ValueError(f"query {q_start} sees keys from {first}, but the keys start at {k_start}")
+        width = attention_bucket(q_start + 1 - first)
+        return _bucket_attention(q, _keys_width(k, first - k_start, width), _keys_width(v, first - k_start, width),
+                                 q_start + 1 - first)
     outputs, i = [], 0
     while i < tq:
         position = q_start + i
@@ -259,7 +280,7 @@ def rowwise_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         if first < k_start:
             raise ValueError(f"query {position} sees keys from {first}, but the keys start at {k_start}")
         n = position + 1 - first
-        width = _bucket(n)
+        width = attention_bucket(n)
         end = min(first + width, first + chunk if chunk else first + width, q_start + tq)  # same first and bucket
         m = end - position
         keys = _keys_width(k, first - k_start, width)[:, None].expand(b, m, hkv, width, d).reshape(b * m, hkv, width, d)

@@ -43,6 +43,7 @@ import math
 import torch
 
 from llama4.config import TextConfig
+from llama4.model.ops import attention_bucket, batch_invariant
 
 GLOBAL, LOCAL = 0, 1
 
@@ -472,6 +473,11 @@ class PagedBatch:
             pool._relocate(kind, held)
         plan.write = pool._slots(held, s, end)
         plan.read, plan.read_count = pool._slots(held, held.first, end), end - held.first
+        if tokens == 1 and batch_invariant() and isinstance(plan.read, int):
+            # batch-invariant attention runs on a whole key bucket: a wider view of the store is free
+            # (the entries past the sequence are masked), where padding would copy every key
+            room = pool._kinds[kind].capacity * pool.block_size - plan.read
+            plan.read_count = min(attention_bucket(plan.read_count), room)
         return plan
 
     def _ragged(self, kind: int) -> _RaggedPlan:
@@ -490,9 +496,12 @@ class PagedBatch:
             valid.append(at + 1)
             tables.append(held.table())
         plan = _RaggedPlan()
-        plan.width = width = max(valid)
+        # batch-invariant attention runs on a whole key bucket: gather that wide (zero blocks past the end)
+        plan.width = width = attention_bucket(max(valid)) if batch_invariant() else max(valid)
         b = len(tables)
         table = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)  # [B, blocks]; padding: zero block
+        if table.shape[1] * bs < width:
+            table = torch.nn.functional.pad(table, (0, -(-width // bs) - table.shape[1]))
         gather = (table[:, :, None] * bs + pool._offsets).view(b, -1)[:, :width]
         ints = torch.tensor(slots + valid, dtype=torch.long, device=pool.device)
         plan.gather = gather.reshape(-1).to(pool.device)
