@@ -194,12 +194,12 @@ def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
 
 
 # Batch-invariant attention (set_batch_invariant): a query that sees n keys is attended by one masked
-# call over exactly bucket(n) keys (n rounded up to ATTENTION_BUCKET; the keys past n are masked, their
-# values never matter; a cache may hand over wider buffers). The CPU kernel computes every batch entry on its own, so a query's result
-# depends only on its own query, keys and n: not on the other rows of a decode batch, not on the other
-# queries of a prefill piece, not on a buffer's width. Queries in one bucket share one call (a decode
-# batch's rows, a prefill piece's queries as batch entries over the same keys), where exact per-query
-# calls cost one kernel launch per row, per token and per layer.
+# call over exactly bucket(n) keys (n rounded up to ATTENTION_BUCKET; the keys past n are masked, so
+# their values never matter and a cache may hand over wider buffers). The CPU kernel computes every
+# batch entry on its own, so a query's result depends only on its own query, keys and n: not on the
+# other rows of a decode batch, not on the other queries of a prefill piece, not on a buffer's width.
+# Queries in one bucket share one call (a decode batch's rows; a prefill piece's queries, as batch
+# entries over the same keys), where exact per-query calls cost a kernel launch per row, token and layer.
 
 ATTENTION_BUCKET = 256  # keys: coarse, so that a decode batch at ordinary lengths is one call per layer
 
@@ -257,38 +257,47 @@ def bucketed_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
+def _first_key(position: int, chunk: int | None, k_start: int) -> int:
+    """The first key a query at ``position`` sees (its chunk's start, or 0), checked against the buffer."""
+    first = (position // chunk) * chunk if chunk else 0
+    if first < k_start:
+        raise ValueError(f"query {position} sees keys from {first}, but the keys start at {k_start}")
+    return first
+
+
 def rowwise_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
                              chunk: int | None) -> torch.Tensor:
     """Causal (and, with ``chunk``, chunk-local) attention where every query is computed as a one-token
     decode step computes it (bucketed, see above), so its output does not depend on which other tokens
     share its pass: a prompt prefilled in any pieces, or fed one token at a time, gives the same keys,
     values and logits bit for bit. q [B, H, Tq, d]; keys cover [k_start, q_start + Tq).
+
+    The queries with the same first key and bucket are one call, as batch entries over one set of keys
+    (expanded, not copied).
     """
     b, h, tq, d = q.shape
-    hkv = k.shape[1]
-    if tq == 1:  # a decode step: no grouping to do
-        first = (q_start // chunk) * chunk if chunk else 0
-        if first < k_start:
-            raise ValueError(f"query {q_start} sees keys from {first}, but the keys start at {k_start}")
+    if tq == 1:  # a decode step
+        first = _first_key(q_start, chunk, k_start)
         width = attention_bucket(q_start + 1 - first)
         return _bucket_attention(q, _keys_width(k, first - k_start, width), _keys_width(v, first - k_start, width),
                                  q_start + 1 - first)
+    if b > 1:  # row by row: expanded keys of several rows could not stay views
+        return torch.cat([rowwise_causal_attention(q[r:r + 1], k[r:r + 1], v[r:r + 1], q_start, k_start, chunk)
+                          for r in range(b)])
+    hkv = k.shape[1]
     outputs, i = [], 0
     while i < tq:
         position = q_start + i
-        first = (position // chunk) * chunk if chunk else 0
-        if first < k_start:
-            raise ValueError(f"query {position} sees keys from {first}, but the keys start at {k_start}")
+        first = _first_key(position, chunk, k_start)
         n = position + 1 - first
         width = attention_bucket(n)
-        end = min(first + width, first + chunk if chunk else first + width, q_start + tq)  # same first and bucket
+        end = min(first + (min(width, chunk) if chunk else width), q_start + tq)  # same first key and bucket
         m = end - position
-        keys = _keys_width(k, first - k_start, width)[:, None].expand(b, m, hkv, width, d).reshape(b * m, hkv, width, d)
-        values = _keys_width(v, first - k_start, width)[:, None].expand(b, m, hkv, width, d).reshape(b * m, hkv, width, d)
-        queries = q[:, :, i:i + m].transpose(1, 2).reshape(b * m, h, 1, d)
-        lengths = torch.arange(n, n + m, device=q.device).repeat(b)
-        out = _bucket_attention(queries, keys, values, lengths)  # [B * m, H, 1, d]
-        outputs.append(out.reshape(b, m, h, d).transpose(1, 2))
+        keys = _keys_width(k, first - k_start, width).expand(m, hkv, width, d)
+        values = _keys_width(v, first - k_start, width).expand(m, hkv, width, d)
+        queries = q[0, :, i:i + m].transpose(0, 1)[:, :, None]  # [m, H, 1, d]
+        out = _bucket_attention(queries, keys, values, torch.arange(n, n + m, device=q.device))
+        outputs.append(out[:, :, 0].transpose(0, 1)[None])  # [1, H, m, d]
         i += m
     return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
