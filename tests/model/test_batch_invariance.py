@@ -366,7 +366,7 @@ def test_a_split_prompt_in_the_paged_cache_equals_the_unsplit_one_bitwise(embedd
         assert torch.equal(embedded(step, cache=pool.batch([cold])), embedded(step, cache=pool.batch([warm])))
 
 
-def test_rowwise_attention_is_each_querys_decode_step_and_the_masked_reference():
+def test_rowwise_attention_is_each_querys_decode_step_and_the_masked_reference(monkeypatch):
     """Queries whose key counts cross key buckets, against one decode step each."""
     g = torch.Generator().manual_seed(1)
     bucket = ops.ATTENTION_BUCKET
@@ -385,5 +385,9 @@ def test_rowwise_attention_is_each_querys_decode_step_and_the_masked_reference()
                 assert torch.equal(got[row:row + 1, :, i:i + 1], step)
         reference = ops.masked_attention(q.float(), k.float(), v.float(), q_start=start, k_start=0, chunk=chunk)
         assert (got.float() - reference).abs().max() <= 2e-2  # the same attention, up to bf16 rounding
+        with monkeypatch.context() as patch:  # calls of a few queries each (as at very long context): same bits
+            patch.setattr(ops, "MASK_ELEMENTS", 3 * ops.ATTENTION_BUCKET)
+            assert torch.equal(ops.rowwise_causal_attention(q, k[:, :, k_start:], v[:, :, k_start:], start, k_start,
+                                                            chunk), got)
     with pytest.raises(ValueError, match="keys start at 7"):
         ops.rowwise_causal_attention(q[:, :, :10], k[:, :, 7:16], v[:, :, 7:16], 6, 7, chunk=4)

@@ -202,6 +202,7 @@ def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
 # entries over the same keys), where exact per-query calls cost a kernel launch per row, token and layer.
 
 ATTENTION_BUCKET = 256  # keys: coarse, so that a decode batch at ordinary lengths is one call per layer
+MASK_ELEMENTS = 1 << 22  # most query x key mask entries of one call (16 MB once the kernel makes it float)
 
 
 def attention_bucket(n: int) -> int:
@@ -292,7 +293,7 @@ def rowwise_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         n = position + 1 - first
         width = attention_bucket(n)
         end = min(first + (min(width, chunk) if chunk else width), q_start + tq)  # same first key and bucket
-        m = end - position
+        m = min(end - position, max(1, MASK_ELEMENTS // width))  # the [m, width] mask stays small at long context
         keys = _keys_width(k, first - k_start, width).expand(m, hkv, width, d)
         values = _keys_width(v, first - k_start, width).expand(m, hkv, width, d)
         queries = q[0, :, i:i + m].transpose(0, 1)[:, :, None]  # [m, H, 1, d]
