@@ -89,7 +89,7 @@ def instruct_chats(data_dir: str | Path, name: str, author: str, seed: int, dial
     """All chats of the instruct stage, shuffled by ``seed``."""
     data_dir = Path(data_dir)
     stories = list(read_records(data_dir / CORPUS_FILES["tinystories"]))
-    chats = (smalltalk_chats(data_dir) + identity_chats(data_dir, name, author) * 2
+    chats = (smalltalk_chats(data_dir) + identity_chats(data_dir, name, author) * 4
              + dialogue_chats(data_dir, dialogues, max_messages=6, seed=seed)
              + story_request_chats(stories, story_requests, seed, max_chars=max_story_chars))
     return shuffled(chats, seed)
