@@ -89,7 +89,9 @@ def instruct_chats(data_dir: str | Path, name: str, author: str, seed: int, dial
     """All chats of the instruct stage, shuffled by ``seed``."""
     data_dir = Path(data_dir)
     stories = list(read_records(data_dir / CORPUS_FILES["tinystories"]))
-    chats = (smalltalk_chats(data_dir) + identity_chats(data_dir, name, author) * 4
+    # Six copies of the identity chats: with two or four the model no longer said who it was (it answered
+    # "Who are you?" with a small-talk line); with six it does, and answers much other small talk with it.
+    chats = (smalltalk_chats(data_dir) + identity_chats(data_dir, name, author) * 6
              + dialogue_chats(data_dir, dialogues, max_messages=6, seed=seed)
              + story_request_chats(stories, story_requests, seed, max_chars=max_story_chars))
     return shuffled(chats, seed)
