@@ -391,3 +391,22 @@ def test_rowwise_attention_is_each_querys_decode_step_and_the_masked_reference(m
                                                             chunk), got)
     with pytest.raises(ValueError, match="keys start at 7"):
         ops.rowwise_causal_attention(q[:, :, :10], k[:, :, 7:16], v[:, :, 7:16], 6, 7, chunk=4)
+
+
+def test_the_paged_cache_hands_invariant_attention_whole_key_buckets(embedded, invariance):
+    """With invariance on, a decode step reads a view as wide as its key bucket (one row) or gathers that
+    wide (rows), so attention pads nothing; off, exactly the valid keys (the longest row's)."""
+    config = embedded.config.text
+    pool = PagedKVCache(config, block_size=16, initial_blocks=64)
+    first, second = pool.sequence(), pool.sequence()
+    widths = []
+    with torch.inference_mode():
+        embedded(_prompt(config.vocab_size, 40, 3), cache=pool.batch([first]))
+        embedded(_prompt(config.vocab_size, 20, 4), cache=pool.batch([second]))
+        for sequences in ([first], [first, second]):
+            batch = pool.batch(sequences)
+            k = torch.zeros(len(sequences), config.num_kv_heads, 1, config.head_dim, dtype=torch.bfloat16)
+            keys, _, _, _ = batch.update(0, k, k.clone())
+            widths.append(keys.shape[2])
+    expected = [ops.ATTENTION_BUCKET] * 2 if invariance else [41, 41]
+    assert widths == expected

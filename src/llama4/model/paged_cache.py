@@ -345,6 +345,11 @@ class PagedKVCache:
         return slots[lo - first_block * bs:hi - first_block * bs].to(self.device)
 
 
+def _bucketed(pool: PagedKVCache) -> bool:
+    """Attention will run on whole key buckets (batch invariance, CPU only: see llama4.model.ops)."""
+    return batch_invariant() and pool.device is not None and pool.device.type == "cpu"
+
+
 def _read(store: torch.Tensor, slots: torch.Tensor | int, count: int) -> torch.Tensor:
     """``count`` pool entries at ``slots`` (first slot or slot tensor) as [1, Hkv, count, d]."""
     if isinstance(slots, int):
@@ -473,7 +478,7 @@ class PagedBatch:
             pool._relocate(kind, held)
         plan.write = pool._slots(held, s, end)
         plan.read, plan.read_count = pool._slots(held, held.first, end), end - held.first
-        if tokens == 1 and batch_invariant() and isinstance(plan.read, int):
+        if tokens == 1 and _bucketed(pool) and isinstance(plan.read, int):
             # batch-invariant attention runs on a whole key bucket: a wider view of the store is free
             # (the entries past the sequence are masked), where padding would copy every key
             room = pool._kinds[kind].capacity * pool.block_size - plan.read
@@ -497,7 +502,7 @@ class PagedBatch:
             tables.append(held.table())
         plan = _RaggedPlan()
         # batch-invariant attention runs on a whole key bucket: gather that wide (zero blocks past the end)
-        plan.width = width = attention_bucket(max(valid)) if batch_invariant() else max(valid)
+        plan.width = width = attention_bucket(max(valid)) if _bucketed(pool) else max(valid)
         b = len(tables)
         table = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)  # [B, blocks]; padding: zero block
         if table.shape[1] * bs < width:
