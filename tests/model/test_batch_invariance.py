@@ -410,3 +410,12 @@ def test_the_paged_cache_hands_invariant_attention_whole_key_buckets(embedded, i
             widths.append(keys.shape[2])
     expected = [ops.ATTENTION_BUCKET] * 2 if invariance else [41, 41]
     assert widths == expected
+
+
+def test_the_key_index_is_one_shared_arange_whatever_the_widths():
+    """Decode at a growing context asks for ever wider key indices: one arange serves them all (memory
+    follows the widest, not the sum of all widths)."""
+    cpu = torch.device("cpu")
+    for width in range(ops.ATTENTION_BUCKET, 40 * ops.ATTENTION_BUCKET + 1, ops.ATTENTION_BUCKET):
+        assert torch.equal(ops._key_index(width, cpu), torch.arange(width))
+    assert len(ops._KEY_INDEX[cpu]) < 2 * 40 * ops.ATTENTION_BUCKET

@@ -216,15 +216,17 @@ def _keys_width(x: torch.Tensor, start: int, width: int) -> torch.Tensor:
     return x if x.shape[2] == width else F.pad(x, (0, 0, 0, width - x.shape[2]))
 
 
-_KEY_INDEX: dict[tuple, torch.Tensor] = {}  # read-only aranges, shared by all calls (and threads)
+_KEY_INDEX: dict[torch.device, torch.Tensor] = {}  # one read-only arange per device, grown by doubling
 
 
 def _key_index(width: int, device: torch.device) -> torch.Tensor:
-    index = _KEY_INDEX.get((width, device))
-    if index is None:
-        with torch.inference_mode(False):
-            index = _KEY_INDEX[(width, device)] = torch.arange(width, device=device)
-    return index
+    """arange(width) on ``device``: a view of one shared arange, so memory follows the widest call."""
+    index = _KEY_INDEX.get(device)
+    if index is None or len(index) < width:
+        with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+            index = _KEY_INDEX[device] = torch.arange(max(width, 2 * len(index) if index is not None else 0),
+                                                      device=device)
+    return index[:width]
 
 
 def _bucket_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from llama4.info import model_info
+from llama4.train.instruct_data import DIALOGUES
 
 DATA_LICENSES = (
     ("TinyStories (first 5,061 train stories; validation head held out)", "CDLA-Sharing-1.0",
@@ -21,7 +22,8 @@ DATA_LICENSES = (
      "Copyright (c) Microsoft Corporation"),
     ("Identity Q&A template (LLaMA-Factory), filled with this model's name", "Apache-2.0",
      "chat/identity/LICENSE-Apache-2.0.txt", "hiyouga/LLaMA-Factory"),
-    ("Schema-Guided Dialogue, a 500-dialogue subset cut to 6 turns, under a booking-assistant system prompt", "CC BY-SA 4.0",
+    (f"Schema-Guided Dialogue, a {DIALOGUES}-dialogue subset cut to 6 turns, under a booking-assistant system "
+     "prompt", "CC BY-SA 4.0",
      "chat/sgd/LICENSE-CC-BY-SA-4.0.txt", "Google Research (Rastogi et al., 2020)"),
 )
 

@@ -84,7 +84,10 @@ def story_request_chats(stories: Sequence[str], count: int, seed: int, max_chars
     return chats
 
 
-def instruct_chats(data_dir: str | Path, name: str, author: str, seed: int, dialogues: int = 400,
+DIALOGUES = 400  # task dialogues in the instruct stage (the model card names the count)
+
+
+def instruct_chats(data_dir: str | Path, name: str, author: str, seed: int, dialogues: int = DIALOGUES,
                    story_requests: int = 1000, max_story_chars: int = 900) -> list[list[dict]]:
     """All chats of the instruct stage, shuffled by ``seed``."""
     data_dir = Path(data_dir)
