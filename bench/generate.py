@@ -183,8 +183,12 @@ def main() -> None:
             rows.append([length, f"{res['peak_rss'] / 2**30:.2f}" if "peak_rss" in res else res,
                          f"{res.get('seconds', 0):.0f}", "yes" if fits else "no"])
             print(rows[-1], flush=True)
+        from llama4.inference.generate import DEFAULT_PREFILL_CHUNK
+
         sections["context"] = (f"### Long-context prefill, `tiny` shape (cap {args.context_cap_gib:g} GiB)\n\n" + markdown_table(
-            ["prompt tokens", "llama4 peak RSS GiB", "seconds", "within cap"], rows))
+            ["prompt tokens", "llama4 peak RSS GiB", "seconds", "within cap"], rows) + "\n\n"
+            f"`llama4.generate` of a random prompt: prefill in {DEFAULT_PREFILL_CHUNK:,}-token pieces, then 8 decoded "
+            "tokens; peak RSS of the whole process, weights included; seconds: prefill and decode, wall clock.")
     if "decode" in sections:
         sections.pop("roofline", None)  # the decode table carries it
     print("\n" + "\n\n".join(sections.values()))

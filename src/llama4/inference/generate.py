@@ -40,15 +40,16 @@ def prefill(model: Llama4Model, ids: torch.Tensor, cache: KVCache, pixel_values:
             chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
     """Run a prompt [B, T] through the model in pieces of ``chunk`` tokens; last-position logits [B, vocab].
 
-    Image features (if any) are computed once for the whole prompt, then the embeddings are fed in pieces,
-    so activation memory is bounded by the piece size, not the prompt length.
+    A text prompt is embedded piece by piece, so activation memory is bounded by the piece size, not the
+    prompt length (at 1M tokens a whole-prompt embedding would be 10 GB for Scout's 5120-wide bf16
+    rows). A prompt with images is embedded whole once, so that its image features are computed once.
     """
     if chunk <= 0:
         raise ValueError(f"prefill chunk must be > 0, got {chunk}")
-    embeds = model.embed(ids, pixel_values)
+    embeds = model.embed(ids, pixel_values) if pixel_values is not None else None
     logits = None
     for at in range(0, ids.shape[1], chunk):
-        piece = embeds[:, at:at + chunk]
+        piece = embeds[:, at:at + chunk] if embeds is not None else model.embed(ids[:, at:at + chunk])
         starts = cache.starts(piece.shape[0])
         positions = torch.tensor(starts, device=ids.device)[:, None] + torch.arange(piece.shape[1], device=ids.device)
         logits = model.text(piece, positions, cache, num_logits=1)

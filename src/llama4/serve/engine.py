@@ -89,7 +89,7 @@ class _Sequence:
         self.cancelled = False
         self.finished = False
         self.cache: PagedSequence | None = None  # its blocks in the engine's cache
-        self.embeds: torch.Tensor | None = None  # [1, T, D] while prefilling
+        self.embeds: torch.Tensor | None = None  # [1, T, D] while prefilling a prompt with images
         self.prefilled = 0  # prompt tokens in the cache, reused ones included
         self.reused = 0  # prompt tokens that came from the prefix cache
         self.started = False  # the prefix cache has been consulted (prefilled / reused are set)
@@ -263,11 +263,14 @@ class Engine:
     def _prefill_piece(self, seq: _Sequence) -> None:
         prompt = seq.request.prompt
         try:
-            if seq.embeds is None:
+            if not seq.pieces:
                 self._start_prefill(seq)
             seq.pieces += 1
-            at = seq.prefilled
-            piece = seq.embeds[:, at - seq.reused:at - seq.reused + self.config.prefill_chunk]
+            at, size = seq.prefilled, self.config.prefill_chunk
+            if seq.embeds is not None:
+                piece = seq.embeds[:, at - seq.reused:at - seq.reused + size]
+            else:  # text: embedded piece by piece, never the whole prompt at once
+                piece = self.model.embed(torch.tensor([prompt[at:at + size]], device=self.device))
             positions = torch.arange(at, at + piece.shape[1], device=self.device)[None]
             logits = self.model.text(piece, positions, self._pool.batch([seq.cache]), num_logits=1)
             seq.prefilled += piece.shape[1]
@@ -309,14 +312,14 @@ class Engine:
             seq.prefilled = seq.reused
 
     def _start_prefill(self, seq: _Sequence) -> None:
-        """Embed the prompt after its cached prefix; image features are computed once, for the whole prompt."""
+        """Take the cached prefix; a prompt with images is embedded whole now (its image features are
+        computed once), a text prompt piece by piece as it is prefilled."""
         if not seq.started:
             self._take_prefix(seq)
         prompt, pixels = seq.request.prompt, seq.request.pixel_values
-        ids = torch.tensor([prompt[seq.reused:]], device=self.device)
         if pixels is not None:
-            pixels = pixels.to(device=self.device, dtype=self.model.text.embed.weight.dtype)
-        seq.embeds = self.model.embed(ids, pixels)
+            ids = torch.tensor([prompt[seq.reused:]], device=self.device)
+            seq.embeds = self.model.embed(ids, pixels.to(device=self.device, dtype=self.model.text.embed.weight.dtype))
         if seq.cache is None:
             seq.cache = self._pool.sequence()
 
