@@ -6,10 +6,13 @@
 Phases (all against ``llama4 serve`` run as its own process on 127.0.0.1, with the official ``openai``
 client in this one, so that the clients' parsing does not share the server's interpreter lock):
 1. reference: each distinct prompt sent alone (temperature 0) - the reply every later copy must equal;
-2. scaling: the same batch of requests (64 by default: 8 per client, so that the ramp at the start and
-   the tail at the end, when fewer than 8 are running, are a small part of the phase) from 1 client,
-   then from 8 concurrent clients, twice in turn (the machine's speed drifts) - aggregate generated
-   tokens/s (continuous batching should give 8 clients several times one client's rate);
+2. scaling: 1 client, then 8 concurrent clients, each side for the same time (``--scaling-seconds``;
+   closed loop: every client sends its next request, cycling through the prompts, as soon as its reply
+   is in; replies started before the end are finished and counted), ``--scaling-rounds`` times in turn
+   - aggregate generated tokens/s over each side's rounds (continuous batching should give 8 clients
+   several times one client's rate). The machine's speed drifts within minutes on a shared host:
+   sides of equal length, interleaved, sample it alike (by request count, the 8-client side would run
+   a quarter as long, and a slow spell would fall on one side);
 3. load: ``--requests`` streaming requests from ``--clients`` concurrent clients - HTTP 5xx count,
    replies lost or different from the reference, time-to-first-token p50/p99, tokens/s;
 4. prefix cache: two-turn conversations, one at a time, on this server and on one without a prefix
@@ -132,14 +135,42 @@ def run_load(base_url: str, model: str, requests: list[tuple[int, list[dict]]], 
     return stats
 
 
-def scaling(base_url: str, requests: list[tuple[int, list[dict]]], max_tokens: int, time_limit: float,
-            reference: dict[int, str], rounds: int) -> tuple[LoadStats, LoadStats]:
-    """The requests from 1 client, then from 8, ``rounds`` times in turn: the machine's speed drifts over
-    minutes, and alternating keeps that drift out of the ratio. Each side's outcomes and seconds summed."""
+def run_for(base_url: str, model: str, chats: list[list[dict]], clients: int, max_tokens: int, seconds: float,
+            reference: dict[int, str]) -> LoadStats:
+    """``clients`` closed-loop clients, each sending the next prompt (cycling through ``chats``) as soon as
+    its reply is in, until ``seconds`` have passed; the replies under way then are finished and counted."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0, timeout=max(60.0, seconds))
+    stats, lock, counter = LoadStats(), threading.Lock(), iter(range(1 << 30))
+    start = time.perf_counter()
+
+    def work() -> None:
+        while time.perf_counter() - start < seconds:
+            with lock:
+                index = next(counter) % len(chats)
+            outcome = stream_one(client, model, chats[index], index, max_tokens)
+            with lock:
+                stats.outcomes.append(outcome)
+
+    threads = [threading.Thread(target=work) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats.seconds = time.perf_counter() - start
+    stats.lost = sum(1 for o in stats.outcomes if o.status != 200)
+    stats.mismatched = sum(1 for o in stats.outcomes if o.status == 200 and o.text != reference[o.index])
+    return stats
+
+
+def scaling(base_url: str, chats: list[list[dict]], max_tokens: int, seconds: float, reference: dict[int, str],
+            rounds: int) -> tuple[LoadStats, LoadStats]:
+    """1 client, then 8, for ``seconds`` each, ``rounds`` times in turn; each side's outcomes and seconds summed."""
     sides = (LoadStats(), LoadStats())
     for _ in range(rounds):
         for clients, total in zip((1, 8), sides):
-            stats = run_load(base_url, "bench", requests, clients, max_tokens, time_limit, reference)
+            stats = run_for(base_url, "bench", chats, clients, max_tokens, seconds, reference)
             total.outcomes += stats.outcomes
             total.seconds += stats.seconds
             total.lost += stats.lost
@@ -205,9 +236,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--distinct", type=int, default=24,
                         help="distinct prompts (each checked against its solo reply)")
-    parser.add_argument("--scaling-requests", type=int, default=64,
-                        help="requests of the 1- and 8-client phases (8 per client: start and tail are a small part)")
-    parser.add_argument("--scaling-rounds", type=int, default=2, help="1-client / 8-client phases run in turn")
+    parser.add_argument("--scaling-seconds", type=float, default=8.0,
+                        help="length of each 1-client and 8-client phase of the scaling test")
+    parser.add_argument("--scaling-rounds", type=int, default=3, help="1-client / 8-client phases run in turn")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
@@ -231,8 +262,7 @@ def main() -> None:
         reference = {o.index: o.text for o in solo.outcomes if o.status == 200}
         if len(reference) != len(chats):
             raise SystemExit(f"reference phase: {len(chats) - len(reference)} requests failed or timed out")
-        batch = [(i % len(chats), chats[i % len(chats)]) for i in range(args.scaling_requests)]
-        one, eight = scaling(server.url, batch, args.max_tokens, args.time_limit, reference, args.scaling_rounds)
+        one, eight = scaling(server.url, chats, args.max_tokens, args.scaling_seconds, reference, args.scaling_rounds)
         load_requests = [(i % len(chats), chats[i % len(chats)]) for i in range(args.requests)]
         load = run_load(server.url, "bench", load_requests, args.clients, args.max_tokens, args.time_limit, reference)
         with_prefix = converse(server.url, "bench", chats[:8], args.max_tokens, args.time_limit)
@@ -246,8 +276,8 @@ def main() -> None:
 
     rows = [[name, s.server_errors, s.lost, s.mismatched, f"{s.tokens_per_second:.1f}",
              f"{s.ttft_percentile(0.5) * 1000:.0f}", f"{s.ttft_percentile(0.99) * 1000:.0f}"]
-            for name, s in ((f"1 client, {args.scaling_rounds} x {len(batch)} requests", one),
-                            (f"8 clients, {args.scaling_rounds} x {len(batch)} requests", eight),
+            for name, s in ((f"1 client, {args.scaling_rounds} x {args.scaling_seconds:g} s ({len(one.outcomes)} requests)", one),
+                            (f"8 clients, {args.scaling_rounds} x {args.scaling_seconds:g} s ({len(eight.outcomes)} requests)", eight),
                             (f"{args.clients} clients, {args.requests} requests", load))]
     table = markdown_table(["phase", "5xx", "lost", "mismatched", "tokens/s", "TTFT p50 ms", "TTFT p99 ms"], rows)
     ratio = eight.tokens_per_second / one.tokens_per_second if one.tokens_per_second else float("nan")

@@ -45,3 +45,15 @@ def test_conversations_report_the_second_turns(server, serve_load):
     assert [o.index for o in outcomes] == [0, 1]
     assert all(o.status == 200 and o.tokens == 6 and o.prompt_tokens > 20 and o.ttft is not None for o in outcomes)
     assert all(0 <= o.cached < o.prompt_tokens for o in outcomes)
+
+
+def test_timed_phases_keep_every_client_busy_and_check_each_reply(server, serve_load):
+    chats = serve_load.prompts(3)
+    solo = serve_load.run_load(server.url, MODEL_ID, list(enumerate(chats)), 1, 6, 60)
+    reference = {o.index: o.text for o in solo.outcomes}
+    stats = serve_load.run_for(server.url, MODEL_ID, chats, 3, 6, 1.0, reference)
+    assert len(stats.outcomes) >= 3 and stats.seconds >= 1.0
+    assert (stats.server_errors, stats.lost, stats.mismatched) == (0, 0, 0)
+    assert {o.index for o in stats.outcomes} == {0, 1, 2}  # the prompts are cycled through
+    wrong = {i: text + " (not the reply)" for i, text in reference.items()}
+    assert serve_load.run_for(server.url, MODEL_ID, chats, 1, 6, 0.1, wrong).mismatched >= 1
