@@ -27,3 +27,19 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def embed_widths(monkeypatch):
+    """Records the token count of every ``Llama4Model.embed`` call made during the test."""
+    from llama4.model.transformer import Llama4Model
+
+    widths: list[int] = []
+    embed = Llama4Model.embed
+
+    def recording(self, input_ids, pixel_values=None):
+        widths.append(input_ids.shape[1])
+        return embed(self, input_ids, pixel_values)
+
+    monkeypatch.setattr(Llama4Model, "embed", recording)
+    return widths

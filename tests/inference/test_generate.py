@@ -38,18 +38,10 @@ def test_prefill_in_pieces_gives_the_same_tokens(model):
     assert whole == pieces
 
 
-def test_a_text_prompt_is_embedded_piece_by_piece(model, monkeypatch):
+def test_a_text_prompt_is_embedded_piece_by_piece(model, embed_widths):
     """Activation memory follows the piece: no [T, D] embedding of the whole prompt is ever made."""
-    widths = []
-    embed = type(model).embed
-
-    def spy(self, input_ids, pixel_values=None):
-        widths.append(input_ids.shape[1])
-        return embed(self, input_ids, pixel_values)
-
-    monkeypatch.setattr(type(model), "embed", spy)
     llama4.generate(model, [list(range(3, 26))], max_new_tokens=2, stop_tokens=[], prefill_chunk=4)
-    assert max(widths) == 4 and sum(widths) == 23 + 1  # six pieces, then the one decode step
+    assert max(embed_widths) == 4 and sum(embed_widths) == 23 + 1  # six pieces, then the one decode step
 
 
 def test_tensor_input_returns_padded_tensor_and_stops_on_eos(model):

@@ -91,20 +91,12 @@ def test_prefill_pieces_interleave_with_decode_steps(engine, model, tok):
     assert joining.tokens == solo(model, long_prompt, 3, [])
 
 
-def test_a_text_prompt_is_embedded_piece_by_piece(engine, model, tok, monkeypatch):
-    widths = []
-    embed = type(model).embed
-
-    def spy(self, input_ids, pixel_values=None):
-        widths.append(input_ids.shape[1])
-        return embed(self, input_ids, pixel_values)
-
-    monkeypatch.setattr(type(model), "embed", spy)
+def test_a_text_prompt_is_embedded_piece_by_piece(engine, model, tok, embed_widths):
     prompt = tok.encode(" ".join(PROMPTS), bos=True)
     sink = Collector()
     engine.submit(GenerationRequest(prompt, max_tokens=2, stop_tokens=[]), sink)
     run_until_idle(engine)
-    assert max(widths) == engine.config.prefill_chunk  # pieces, never the whole prompt
+    assert max(embed_widths) == engine.config.prefill_chunk  # pieces, never the whole prompt
     assert sink.tokens == solo(model, prompt, 2, [])
 
 
