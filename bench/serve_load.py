@@ -143,21 +143,27 @@ def run_for(base_url: str, model: str, chats: list[list[dict]], clients: int, ma
 
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0, timeout=max(60.0, seconds))
     stats, lock, counter = LoadStats(), threading.Lock(), iter(range(1 << 30))
+    failures: list[BaseException] = []
     start = time.perf_counter()
 
     def work() -> None:
-        while time.perf_counter() - start < seconds:
-            with lock:
-                index = next(counter) % len(chats)
-            outcome = stream_one(client, model, chats[index], index, max_tokens)
-            with lock:
-                stats.outcomes.append(outcome)
+        try:
+            while time.perf_counter() - start < seconds:
+                with lock:
+                    index = next(counter) % len(chats)
+                outcome = stream_one(client, model, chats[index], index, max_tokens)
+                with lock:
+                    stats.outcomes.append(outcome)
+        except BaseException as e:  # a bug in the driver, not a failed request: end the run with it
+            failures.append(e)
 
     threads = [threading.Thread(target=work) for _ in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if failures:
+        raise failures[0]
     stats.seconds = time.perf_counter() - start
     stats.lost = sum(1 for o in stats.outcomes if o.status != 200)
     stats.mismatched = sum(1 for o in stats.outcomes if o.status == 200 and o.text != reference[o.index])
