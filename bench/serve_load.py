@@ -77,6 +77,10 @@ class LoadStats:
     def tokens_per_second(self) -> float:
         return sum(o.tokens for o in self.outcomes) / self.seconds if self.seconds else 0.0
 
+    def count_mismatched(self, reference: dict[int, str]) -> None:
+        """Replies (HTTP 200) whose text differs from the reference reply to the same prompt."""
+        self.mismatched = sum(1 for o in self.outcomes if o.status == 200 and o.text != reference[o.index])
+
     def ttft_percentile(self, q: float) -> float:
         times = sorted(o.ttft for o in self.outcomes if o.ttft is not None)
         if not times:
@@ -131,7 +135,7 @@ def run_load(base_url: str, model: str, requests: list[tuple[int, list[dict]]], 
     stats.seconds = time.perf_counter() - start
     stats.lost = len(requests) - sum(1 for o in stats.outcomes if o.status == 200)
     if reference is not None:
-        stats.mismatched = sum(1 for o in stats.outcomes if o.status == 200 and o.text != reference[o.index])
+        stats.count_mismatched(reference)
     return stats
 
 
@@ -166,7 +170,7 @@ def run_for(base_url: str, model: str, chats: list[list[dict]], clients: int, ma
         raise failures[0]
     stats.seconds = time.perf_counter() - start
     stats.lost = sum(1 for o in stats.outcomes if o.status != 200)
-    stats.mismatched = sum(1 for o in stats.outcomes if o.status == 200 and o.text != reference[o.index])
+    stats.count_mismatched(reference)
     return stats
 
 

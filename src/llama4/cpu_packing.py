@@ -41,7 +41,7 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    # the resolved overload: the op packet's per-call overload lookup costs ~10 us, a third of a decode GEMV
+    # the resolved overload: calling the op packet looks the overload up in Python on every call
     return torch.ops.mkldnn._linear_pointwise.default(x, packed, bias, "none", [], "")
 
 

@@ -213,9 +213,9 @@ def test_bucketed_decode_attention_is_each_rows_solo_step_bitwise_whatever_the_b
     k = torch.randn(8, 2, 3 * b - 5, 16, generator=g).bfloat16()
     v = torch.randn(8, 2, 3 * b - 5, 16, generator=g).bfloat16()
     got = ops.bucketed_decode_attention(q, k, v, torch.tensor(valid))
-    for b, n in enumerate(valid):
-        alone = ops.bucketed_decode_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], [n])
-        assert torch.equal(got[b:b + 1], alone)
+    for row, n in enumerate(valid):
+        alone = ops.bucketed_decode_attention(q[row:row + 1], k[row:row + 1, :, :n], v[row:row + 1, :, :n], [n])
+        assert torch.equal(got[row:row + 1], alone)
     masked = ops.masked_decode_attention(q.float(), k.float(), v.float(), torch.tensor(valid))
     assert (got.float() - masked).abs().max() <= 2e-2  # the same attention, up to bf16 rounding
 
