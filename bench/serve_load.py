@@ -252,6 +252,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--engine", choices=("process", "thread"), default="process",
+                        help="llama4 serve --engine: the model in a process of its own, or in a server thread")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                         help="bf16 rounding can make a batched greedy reply differ from its solo run at near-ties")
     parser.add_argument("--time-limit", type=float, default=600, help="seconds per phase")
@@ -262,7 +264,8 @@ def main() -> None:
 
     load_before = os.getloadavg()[0]  # the cores may be shared: say how busy they were
     options = ["--model-id", "bench", "--threads", str(args.threads), "--dtype", args.dtype,
-               "--max-batch", str(args.max_batch), "--max-queue", str(max(args.requests, 64))]
+               "--max-batch", str(args.max_batch), "--max-queue", str(max(args.requests, 64)),
+               "--engine", args.engine]
     if args.model:
         options += ["--model", args.model]
     server = Server(options)
@@ -291,10 +294,8 @@ def main() -> None:
                             (f"{args.clients} clients, {args.requests} requests", load))]
     table = markdown_table(["phase", "5xx", "lost", "mismatched", "tokens/s", "TTFT p50 ms", "TTFT p99 ms"], rows)
     ratio = eight.tokens_per_second / one.tokens_per_second if one.tokens_per_second else float("nan")
-    setup = (f"`bench/serve_load.py`: `llama4 serve` in its own process, model {args.model or 'embedded'}, "
-             f"{args.dtype}, {args.threads} threads, "
-             f"max batch "
-             f"{args.max_batch}, {args.max_tokens} new tokens per request, greedy; every reply compared with the same "
+    setup = (f"`bench/serve_load.py`: `llama4 serve` in its own process (engine: {args.engine}), model "
+             f"{args.model or 'embedded'}, {args.dtype}, {args.threads} threads, max batch {args.max_batch}, {args.max_tokens} new tokens per request, greedy; every reply compared with the same "
              f"prompt sent alone. 8 clients / 1 client aggregate tokens/s: {ratio:.2f}x. "
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}; 1-minute load average "
              f"{load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores.")

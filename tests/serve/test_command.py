@@ -8,6 +8,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from llama4.cli import build_parser
 from llama4.serve.command import cmd_serve
@@ -22,7 +23,8 @@ def test_serve_arguments_and_defaults():
                                       "--max-context", "512", "--max-queue", "3"])
     assert (args.model, args.port, args.api_key, args.max_batch, args.max_context, args.max_queue) == (
         "m", 9, "k", 2, 512, 3)
-    assert not args.no_batch_invariant and args.prefix_cache_mb == 256
+    assert not args.no_batch_invariant and args.prefix_cache_mb == 256 and args.engine == "process"
+    assert build_parser().parse_args(["serve", "--engine", "thread"]).engine == "thread"
     assert build_parser().parse_args(["serve", "--prefix-cache-mb", "0"]).prefix_cache_mb == 0
     assert build_parser().parse_args(["serve", "--no-batch-invariant"]).no_batch_invariant
 
@@ -60,3 +62,14 @@ def test_llama4_serve_runs_a_checkpoint(checkpoint):
         process.terminate()
         _, err = process.communicate(timeout=30)
     assert f"http://127.0.0.1:{port}/v1" in err
+
+
+def test_build_app_runs_the_engine_in_a_process_or_a_thread(checkpoint):
+    from llama4.serve.command import build_app
+    from llama4.serve.engine import Engine
+
+    args = build_parser().parse_args(["serve", "--model", str(checkpoint), "--dtype", "fp32", "--engine", "thread"])
+    assert isinstance(build_app(args).state.engine, Engine)
+    missing = checkpoint.parent / "nothing-here"
+    with pytest.raises(Exception, match="nothing-here"):  # the tokenizer is read before any process starts
+        build_app(build_parser().parse_args(["serve", "--model", str(missing)]))

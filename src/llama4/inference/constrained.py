@@ -1988,6 +1988,7 @@ class JsonConstraint:
     def __init__(self, tokenizer: Tokenizer, schema: dict | bool | None = None) -> None:
         if schema is not None and not isinstance(schema, (dict, bool)):
             raise SchemaError(f"a schema must be a dict (or None for any JSON object), got {type(schema).__name__}")
+        self.schema = schema
         self._grammar = _Grammar(schema)
         self._index = _vocab_index(tokenizer)
         self._states: States = self._grammar.start

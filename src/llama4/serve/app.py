@@ -1,5 +1,6 @@
-"""The HTTP side: FastAPI routes over one :class:`~llama4.serve.engine.Engine` (its thread runs for the
-app's lifetime).
+"""The HTTP side: FastAPI routes over one engine - an :class:`~llama4.serve.engine.Engine` thread in this
+process, or (``llama4 serve``'s default) an :class:`~llama4.serve.engine_process.EngineProcess` -
+that runs for the app's lifetime.
 
 Bodies are read by hand, not by FastAPI's body parameter, so that an oversized body is refused (413)
 as soon as its declared or streamed size passes the limit, and malformed JSON is a 400 in the OpenAI
@@ -28,10 +29,10 @@ from llama4.model.transformer import Llama4Model
 from llama4.prompt import Tokenizer
 from llama4.serve import translate
 from llama4.serve.engine import Engine, EngineConfig
+from llama4.serve.engine_process import EngineProcess
 from llama4.serve.protocol import FinishEvent, TokenEvent
 from llama4.serve.errors import (APIError, body_too_large, install_handlers, model_not_found, unauthorized,
                                  validation_error)
-from llama4.serve.metrics import ServeMetrics
 from llama4.serve.schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk,
                                   ChatCompletionRequest, ChunkChoice, CompletionChoice, CompletionRequest, Delta,
                                   ModelCard, ModelList, PromptTokensDetails, TextCompletion, Usage)
@@ -47,7 +48,7 @@ ROUTES = ("/", "/static/index.html", "/static/client.js", "/static/ui.js", "/hea
 class _CountRequests:
     """ASGI middleware: counts every HTTP response by route and status (streams included)."""
 
-    def __init__(self, app, metrics: ServeMetrics):
+    def __init__(self, app, metrics):
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
@@ -71,12 +72,20 @@ class _CountRequests:
 def create_app(model: Llama4Model, tokenizer: Tokenizer, *, model_id: str = "llama4", api_key: str | None = None,
                engine_config: EngineConfig = EngineConfig(), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                allow_remote_images: bool = False) -> FastAPI:
-    """An OpenAI-compatible app serving ``model`` as ``model_id``; the engine starts with the app.
+    """An OpenAI-compatible app serving ``model`` as ``model_id`` from an engine thread in this process.
 
     ``allow_remote_images`` lets clients send http(s) image URLs, which the server then fetches.
     """
-    metrics = ServeMetrics()
-    engine = Engine(model, tokenizer, engine_config, metrics)
+    return create_engine_app(Engine(model, tokenizer, engine_config), tokenizer, model_id=model_id, api_key=api_key,
+                             max_body_bytes=max_body_bytes, allow_remote_images=allow_remote_images)
+
+
+def create_engine_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, *, model_id: str = "llama4",
+                      api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                      allow_remote_images: bool = False) -> FastAPI:
+    """The app over ``engine`` (a thread in this process, or a process of its own, see
+    engine_process.py), which starts and stops with the app."""
+    metrics = engine.metrics
     created = int(time.time())
 
     @asynccontextmanager
@@ -145,7 +154,7 @@ def create_app(model: Llama4Model, tokenizer: Tokenizer, *, model_id: str = "lla
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = await read_request(request, ChatCompletionRequest)
-        plan = await run_in_threadpool(translate.plan_chat, req, tokenizer, model.vision is not None,
+        plan = await run_in_threadpool(translate.plan_chat, req, tokenizer, engine.has_vision,
                                        allow_remote_images)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         choices = Choices(engine, plan.requests(req, logprobs))

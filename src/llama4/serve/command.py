@@ -29,28 +29,37 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         "the same request sent alone, e.g. after a prefix-cache hit)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--engine", choices=("process", "thread"), default="process",
+                   help="run the model in a process of its own (default: decoding never waits for the HTTP "
+                        "side's interpreter lock) or in a thread of the server process")
     p.set_defaults(func=cmd_serve)
     return p
 
 
 def build_app(args: argparse.Namespace):
-    """The app for parsed ``serve`` arguments (loads the model and tokenizer)."""
-    import torch
-
+    """The app for parsed ``serve`` arguments. With ``--engine process`` the engine process is started
+    (and its model loaded) here, so that a checkpoint that does not load fails before serving."""
     import llama4
-    from llama4.serve.app import create_app
-    from llama4.serve.engine import EngineConfig
+    from llama4.serve.app import create_engine_app
+    from llama4.serve.engine import Engine, EngineConfig
+    from llama4.serve.engine_process import EngineProcess
 
     config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                           prefill_chunk=args.prefill_chunk, batch_invariant=not args.no_batch_invariant,
                           prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = llama4.load_model(args.model, dtype=dtype)
     tokenizer = llama4.load_tokenizer(args.model)
+    if args.engine == "process":
+        engine = EngineProcess(args.model, args.dtype, config, threads=args.threads)
+        engine.start()
+    else:
+        import torch
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        engine = Engine(llama4.load_model(args.model, dtype=dtype), tokenizer, config)
     model_id = args.model_id or (Path(args.model).resolve().name if args.model else "llama4")
     limits = {} if args.max_body_mb is None else {"max_body_bytes": int(args.max_body_mb * 2**20)}
-    return create_app(model, tokenizer, model_id=model_id, api_key=args.api_key, engine_config=config,
-                      allow_remote_images=args.allow_remote_images, **limits)
+    return create_engine_app(engine, tokenizer, model_id=model_id, api_key=args.api_key,
+                             allow_remote_images=args.allow_remote_images, **limits)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

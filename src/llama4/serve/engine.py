@@ -73,6 +73,25 @@ class EngineConfig:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
 
 
+def admissible(request: GenerationRequest, vocab: int, max_context: int, has_vision: bool) -> int:
+    """The request's budget of new tokens; raises ValueError (bad input) or ContextTooLong."""
+    prompt = request.prompt
+    if not prompt:
+        raise ValueError("the prompt is empty: at least one token is needed")
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"token ids must be in [0, {vocab}), got {bad[:5]}")
+    if len(prompt) >= max_context:
+        raise ContextTooLong(len(prompt), max_context)
+    if request.pixel_values is not None and not has_vision:
+        raise ValueError("this model has no vision encoder: it cannot take images")
+    room = max_context - len(prompt)
+    max_new = room if request.max_tokens is None else min(request.max_tokens, room)
+    if max_new < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+    return max_new
+
+
 class _Sequence:
     """A request's state inside the engine."""
 
@@ -140,27 +159,19 @@ class Engine:
         self._kv_bytes = 0
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes else None
         self._thread: threading.Thread | None = None
+        self._after_step: Callable[[], None] | None = None
         self._stopping = False
 
     # -- caller side (any thread) ----------------------------------------------------------------------
 
+    @property
+    def has_vision(self) -> bool:
+        return self.model.vision is not None
+
     def submit(self, request: GenerationRequest, sink: Callable[[Event], None]) -> Handle:
         """Queue a request; raises ValueError (bad input), ContextTooLong or QueueFull at once."""
-        prompt = request.prompt
-        if not prompt:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        bad = [t for t in prompt if not 0 <= t < self.vocab]
-        if bad:
-            raise ValueError(f"token ids must be in [0, {self.vocab}), got {bad[:5]}")
-        if len(prompt) >= self.max_context:
-            raise ContextTooLong(len(prompt), self.max_context)
-        if request.pixel_values is not None and self.model.vision is None:
-            raise ValueError("this model has no vision encoder: it cannot take images")
-        room = self.max_context - len(prompt)
-        max_new = room if request.max_tokens is None else min(request.max_tokens, room)
-        if max_new < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        seq = _Sequence(request, sink, Sampler(request.params, self.vocab, prompt), self.tokenizer, max_new)
+        max_new = admissible(request, self.vocab, self.max_context, self.has_vision)
+        seq = _Sequence(request, sink, Sampler(request.params, self.vocab, request.prompt), self.tokenizer, max_new)
         with self._cond:
             if len(self._waiting) >= self.config.max_queue:
                 raise QueueFull(len(self._waiting))
@@ -177,10 +188,13 @@ class Engine:
                 "kv_cache_bytes": self._kv_bytes,
                 "prefix_cache_bytes": self.prefix_cache.bytes if self.prefix_cache is not None else 0}
 
-    def start(self) -> None:
+    def start(self, after_step: Callable[[], None] | None = None) -> None:
+        """Run the loop in a thread of its own; ``after_step`` (if given) is called after every iteration,
+        from that thread (e.g. to send the events of one iteration together)."""
         if self._thread is not None:
             raise RuntimeError("the engine is already running")
         self._stopping = False
+        self._after_step = after_step
         self._thread = threading.Thread(target=self._run, name="llama4-engine", daemon=True)
         self._thread.start()
 
@@ -211,6 +225,8 @@ class Engine:
                         self._finish(seq, "error", error=f"engine failure: {e!r}")
                         self._free(seq)
                     self._prefilling, self._running = [], []
+                if self._after_step is not None:
+                    self._after_step()
                 if not worked:
                     with self._cond:
                         if not self._stopping and not self._waiting:

@@ -1,7 +1,8 @@
 """Counters and latency histograms, rendered in the Prometheus text exposition format (version 0.0.4).
 
 Written by the engine thread and the HTTP handlers, read by ``GET /metrics``: every update takes the
-owner's lock, so a scrape sees consistent sums and counts. No client library: the format is a few
+owner's lock, so a scrape sees consistent sums and counts. An engine in a process of its own sends its
+figures over as :meth:`ServeMetrics.engine_state` snapshots. No client library: the format is a few
 lines of text, and the server should not need one more dependency.
 """
 
@@ -34,6 +35,16 @@ class Histogram:
     @property
     def count(self) -> int:
         return sum(self.counts)
+
+    def state(self) -> dict:
+        with self.lock:
+            return {"counts": list(self.counts), "sum": self.sum}
+
+    def load(self, state: dict) -> None:
+        if len(state["counts"]) != len(self.counts):
+            raise ValueError(f"a histogram state needs {len(self.counts)} counts, got {len(state['counts'])}")
+        with self.lock:
+            self.counts, self.sum = list(state["counts"]), float(state["sum"])
 
     def render(self, name: str, help: str) -> list[str]:
         with self.lock:
@@ -74,6 +85,23 @@ class ServeMetrics:
             self.prompt_tokens += prompt
             self.generated_tokens += generated
             self.cached_tokens += cached
+
+    def engine_state(self) -> dict:
+        """What the engine writes (everything but the HTTP request counts), as plain data."""
+        with self.lock:
+            state = {"finished": dict(self.finished), "prompt_tokens": self.prompt_tokens,
+                     "generated_tokens": self.generated_tokens, "cached_tokens": self.cached_tokens}
+        return {**state, "ttft": self.ttft.state(), "inter_token": self.inter_token.state()}
+
+    def load_engine_state(self, state: dict) -> None:
+        """Take over an engine's figures (an :meth:`engine_state` from the engine process)."""
+        self.ttft.load(state["ttft"])
+        self.inter_token.load(state["inter_token"])
+        with self.lock:
+            for reason, count in state["finished"].items():  # in place: readers may hold the Counter
+                self.finished[reason] = count
+            self.prompt_tokens, self.cached_tokens = state["prompt_tokens"], state["cached_tokens"]
+            self.generated_tokens = state["generated_tokens"]
 
     def render(self, gauges: Iterable[tuple[str, str, float]]) -> str:
         """The exposition text; ``gauges`` are (name, help, value) read from the engine at scrape time."""

@@ -19,8 +19,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 
-from llama4.serve.engine import Engine, Handle
-from llama4.serve.protocol import ContextTooLong, Event, FinishEvent, GenerationRequest, QueueFull
+from llama4.serve.protocol import ContextTooLong, EngineError, Event, FinishEvent, GenerationRequest, QueueFull
 from llama4.serve.errors import APIError, bad_request, queue_full
 
 
@@ -68,10 +67,12 @@ def bridge_for(loop: asyncio.AbstractEventLoop) -> LoopBridge:
 class Choices:
     """Submits a request's choices; iterate :meth:`events` for ``(choice index, event)`` in arrival order."""
 
-    def __init__(self, engine: Engine, requests: list[GenerationRequest]):
+    def __init__(self, engine, requests: list[GenerationRequest]):
+        """``engine``: an :class:`~llama4.serve.engine.Engine` or an
+        :class:`~llama4.serve.engine_process.EngineProcess` (the same caller-side interface)."""
         self.bridge = bridge_for(asyncio.get_running_loop())
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        self.handles: list[Handle] = []
+        self.handles = []
         self.remaining = len(requests)
         try:
             for i, request in enumerate(requests):
@@ -86,6 +87,9 @@ class Choices:
         except ValueError as e:
             self.cancel()
             raise bad_request(str(e)) from None
+        except EngineError as e:  # the engine process has ended or the server is stopping
+            self.cancel()
+            raise APIError(503, str(e), "server_error") from None
 
     def _sink(self, index: int):
         bridge, queue = self.bridge, self.queue

@@ -1,0 +1,314 @@
+"""The engine in a process of its own, so that it never waits for the HTTP side's interpreter lock.
+
+In one process the engine thread and the event loop take turns on one interpreter lock: the HTTP
+work of every streamed token (chunks, SSE, socket writes) delays the next decode step, and a server
+on a small model runs on about one core however many it has. :class:`EngineProcess` has the
+caller-side interface of :class:`~llama4.serve.engine.Engine` (``submit`` -> handle with
+``cancel``, ``stats``, ``metrics``, ``max_context``, ``has_vision``, ``start``/``stop``) and runs the
+real engine in a child, ``python -m llama4.serve.engine_process``, which loads the model itself: the
+HTTP process holds only the tokenizer, never a second copy of the weights.
+
+The two talk over a pair of pipes in the frames of wire.py. Requests go down as they are submitted
+(by a writer thread: submitting never blocks the event loop). The child sends everything one engine
+iteration produced in one frame: its token and finish events, the engine's gauges, how many
+submissions it has taken in, and - with each finish and every quarter second - its metrics. The
+caller checks a request (prompt, context length, images) with the engine's own rules before sending
+it, and counts the queue as the child's last report plus what it has sent since, an upper bound, so
+a refusal (400, 429) is still immediate. If the child dies, every request under way finishes with an
+error and later submissions are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+from llama4.serve.engine import EngineConfig, admissible
+from llama4.serve.metrics import ServeMetrics
+from llama4.serve.protocol import EngineError, Event, FinishEvent, GenerationRequest, QueueFull
+from llama4.serve.wire import decode_event, decode_request, encode_event, encode_request, read_frame, write_frame
+
+METRICS_INTERVAL = 0.25  # seconds between metrics snapshots while nothing finishes
+
+
+class EngineStopped(EngineError):
+    def __init__(self, why: str):
+        super().__init__(f"the engine is not running: {why}")
+
+
+class _Handle:
+    def __init__(self, engine: EngineProcess, key: int):
+        self._engine, self._key = engine, key
+
+    def cancel(self) -> None:
+        """Stop generating for this request; the child frees its cache row at its next iteration."""
+        if not self.finished:
+            self._engine._send({"op": "cancel", "key": self._key})
+
+    @property
+    def finished(self) -> bool:
+        return self._key not in self._engine._sinks
+
+
+class EngineProcess:
+    """An :class:`~llama4.serve.engine.Engine` on ``model`` (a checkpoint directory; None: the embedded
+    model) in a child process; ``threads``: the child's torch threads (None: torch's choice)."""
+
+    def __init__(self, model: str | None, dtype: str = "bf16", config: EngineConfig = EngineConfig(),
+                 threads: int | None = None):
+        if dtype not in ("bf16", "fp32"):
+            raise ValueError(f"dtype must be 'bf16' or 'fp32', got {dtype!r}")
+        self.config, self.metrics = config, ServeMetrics()
+        self._settings = {"model": model, "dtype": dtype, "threads": threads, "config": asdict(config)}
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._sinks: dict[int, Callable[[Event], None]] = {}
+        self._next_key = 0
+        self._seen = 0  # submissions the child has taken in
+        self._stats = {"running": 0, "prefilling": 0, "queued": 0, "kv_cache_bytes": 0, "prefix_cache_bytes": 0}
+        self._down: str | None = "not started"  # why submissions are refused, None while running
+        self._outgoing: queue.Queue[tuple[dict, bytes] | None] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the child and wait until its model is loaded (a no-op when already running)."""
+        if self._process is not None:
+            return
+        to_child, child_reads = os.pipe()[::-1]
+        child_writes, from_child = os.pipe()[::-1]
+        command = [sys.executable, "-m", "llama4.serve.engine_process", "--requests-fd", str(child_reads),
+                   "--events-fd", str(child_writes), "--settings", json.dumps(self._settings)]
+        self._process = subprocess.Popen(command, pass_fds=(child_reads, child_writes))
+        os.close(child_reads)
+        os.close(child_writes)
+        self._to_child, self._from_child = os.fdopen(to_child, "wb"), os.fdopen(from_child, "rb")
+        frame = read_frame(self._from_child)
+        if frame is None or "ready" not in frame[0]:
+            why = frame[0].get("error") if frame is not None else None
+            code = self._process.wait()
+            self._process = None
+            raise RuntimeError(f"the engine process did not start (exit code {code}): {why or 'see its output above'}")
+        ready = frame[0]["ready"]
+        self.vocab, self.max_context, self.has_vision = ready["vocab"], ready["max_context"], ready["has_vision"]
+        self._down = None
+        self._threads = [threading.Thread(target=self._read, name="llama4-engine-events", daemon=True),
+                         threading.Thread(target=self._write, name="llama4-engine-requests", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the child; every unfinished request is finished as cancelled."""
+        if self._process is None:
+            return
+        with self._lock:
+            if self._down is None:
+                self._down = "the server is shutting down"
+        self._outgoing.put(({"op": "stop"}, b""))
+        self._outgoing.put(None)
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._fail_all("cancelled", "the server is shutting down")
+        self._process = None
+
+    # -- caller side (any thread) --------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, sink: Callable[[Event], None]) -> _Handle:
+        """Queue a request; raises ValueError (bad input), ContextTooLong, QueueFull or EngineStopped at once."""
+        if self._down is not None:
+            raise EngineStopped(self._down)
+        admissible(request, self.vocab, self.max_context, self.has_vision)
+        header, payload = encode_request(request)
+        with self._lock:
+            if self._down is not None:
+                raise EngineStopped(self._down)
+            queued = self._stats["queued"] + self._next_key - self._seen
+            if queued >= self.config.max_queue:
+                raise QueueFull(queued)
+            key, self._next_key = self._next_key, self._next_key + 1
+            self._sinks[key] = sink
+        self._send({"op": "submit", "key": key, **header}, payload)
+        return _Handle(self, key)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            stats = dict(self._stats)
+            stats["queued"] += self._next_key - self._seen
+        return stats
+
+    def _send(self, header: dict, payload: bytes = b"") -> None:
+        self._outgoing.put((header, payload))
+
+    # -- the two pipe threads -------------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        try:
+            while (item := self._outgoing.get()) is not None:
+                write_frame(self._to_child, *item)
+        except OSError:  # the child is gone; the reader reports it
+            pass
+        finally:
+            try:
+                self._to_child.close()
+            except OSError:
+                pass
+
+    def _read(self) -> None:
+        why = "the engine process ended"
+        try:
+            while (frame := read_frame(self._from_child)) is not None:
+                self._take(frame[0])
+        except Exception as e:  # a broken frame: the child cannot be trusted to be in step any more
+            why = f"the engine process sent a bad frame: {e}"
+        finally:
+            self._from_child.close()
+        if self._process is not None:
+            try:
+                code = self._process.wait(5)
+                why += f" (exit code {code})"
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+        with self._lock:
+            if self._down is None:
+                self._down = why
+        self._fail_all("error", why)
+
+    def _take(self, header: dict) -> None:
+        """One frame from the child: gauges, metrics, then its events, each to its request's sink."""
+        with self._lock:
+            self._stats, self._seen = header["stats"], header["seen"]
+        if "metrics" in header:
+            self.metrics.load_engine_state(header["metrics"])
+        for item in header.get("events", ()):
+            key, event = decode_event(item)
+            sink = self._sinks.pop(key, None) if isinstance(event, FinishEvent) else self._sinks.get(key)
+            if sink is None:
+                continue
+            try:
+                sink(event)
+            except Exception:  # the consumer is gone (e.g. its event loop closed): stop generating for it
+                if not isinstance(event, FinishEvent):
+                    self._sinks.pop(key, None)
+                    self._send({"op": "cancel", "key": key})
+
+    def _fail_all(self, reason: str, why: str) -> None:
+        with self._lock:
+            sinks, self._sinks = self._sinks, {}
+        for sink in sinks.values():
+            try:
+                sink(FinishEvent(reason, error=why))
+            except Exception:
+                pass
+
+
+# -- the child ---------------------------------------------------------------------------------------------
+
+
+class _Outbox:
+    """The child's events, sent to the parent one frame per engine iteration (see the module docstring)."""
+
+    def __init__(self, engine, out):
+        self.engine, self.out = engine, out
+        self.lock = threading.Lock()
+        self.events: list[list] = []
+        self.finished = False  # a finish event is among ``events``
+        self.seen = 0
+        self.sent: tuple | None = None  # (stats, seen) last sent
+        self.metrics_at = 0.0
+
+    def sink(self, key: int) -> Callable[[Event], None]:
+        def put(event: Event) -> None:
+            with self.lock:
+                self.events.append(encode_event(key, event))
+                self.finished |= isinstance(event, FinishEvent)
+        return put
+
+    def flush(self) -> None:
+        with self.lock:
+            events, self.events = self.events, []
+            finished, self.finished = self.finished, False
+            seen = self.seen  # before the stats: they then count every request up to ``seen``
+        stats = self.engine.stats()
+        now = time.monotonic()
+        send_metrics = finished or (now - self.metrics_at >= METRICS_INTERVAL)
+        if not events and not send_metrics and (stats, seen) == self.sent:
+            return
+        header = {"stats": stats, "seen": seen}
+        if events:
+            header["events"] = events
+        if send_metrics:
+            header["metrics"], self.metrics_at = self.engine.metrics.engine_state(), now
+        self.sent = (stats, seen)
+        write_frame(self.out, header)
+
+
+def child_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the engine process of llama4 serve (started by the server)")
+    parser.add_argument("--requests-fd", type=int, required=True)
+    parser.add_argument("--events-fd", type=int, required=True)
+    parser.add_argument("--settings", required=True, help="JSON: model, dtype, threads, config")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    requests, events = os.fdopen(args.requests_fd, "rb"), os.fdopen(args.events_fd, "wb")
+    try:
+        import torch
+
+        import llama4
+        from llama4.serve.engine import Engine
+
+        settings = json.loads(args.settings)
+        if settings["threads"]:
+            torch.set_num_threads(settings["threads"])
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[settings["dtype"]]
+        tokenizer = llama4.load_tokenizer(settings["model"])
+        engine = Engine(llama4.load_model(settings["model"], dtype=dtype), tokenizer,
+                        EngineConfig(**settings["config"]))
+    except Exception as e:
+        write_frame(events, {"error": f"{type(e).__name__}: {e}"})
+        return 1
+    write_frame(events, {"ready": {"vocab": engine.vocab, "max_context": engine.max_context,
+                                   "has_vision": engine.has_vision}})
+    outbox = _Outbox(engine, events)
+    engine.start(after_step=outbox.flush)
+    handles = {}
+    while (frame := read_frame(requests)) is not None:
+        header, payload = frame
+        if header["op"] == "stop":
+            break
+        key = header["key"]
+        if header["op"] == "cancel":
+            handle = handles.pop(key, None)
+            if handle is not None:
+                handle.cancel()
+            continue
+        try:
+            handles[key] = engine.submit(decode_request(header, payload, tokenizer), outbox.sink(key))
+        except Exception as e:  # the parent checked it already; answer rather than lose it
+            outbox.sink(key)(FinishEvent("error", error=f"the engine refused the request: {e}"))
+        with outbox.lock:
+            outbox.seen = key + 1
+        if len(handles) > 4 * engine.config.max_batch + engine.config.max_queue:
+            handles = {k: h for k, h in handles.items() if not h.finished}
+        engine.wake()
+    engine.stop()
+    outbox.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())

@@ -1,0 +1,147 @@
+"""The engine in a child process: the same replies as the engine thread, the same refusals, cancels and
+metrics across the pipe, and a clean failure when the child dies or cannot load its model.
+
+(The live-server tests run through it too: ``llama4 serve``'s ``build_app`` uses it by default.)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from llama4.inference.sampling import SamplingParams
+from llama4.serve.engine import Engine, EngineConfig
+from llama4.serve.engine_process import EngineProcess, EngineStopped
+from llama4.serve.protocol import ContextTooLong, FinishEvent, GenerationRequest, QueueFull, TokenEvent
+
+CONFIG = EngineConfig(max_batch=2, max_queue=2, max_context=512, prefill_chunk=16)
+
+
+class Reply:
+    """Collects one request's events (called from another thread)."""
+
+    def __init__(self):
+        self.tokens, self.text, self.finish, self.done = [], "", None, threading.Event()
+
+    def __call__(self, event):
+        if isinstance(event, TokenEvent):
+            self.tokens.append(event.token)
+            self.text += event.text
+        else:
+            self.finish, self.text = event, self.text + event.text
+            self.done.set()
+
+    def wait(self, timeout=60.0) -> FinishEvent:
+        assert self.done.wait(timeout), "no finish event"
+        return self.finish
+
+
+def wait_for(condition, timeout=20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    process = EngineProcess(str(checkpoint), "fp32", CONFIG, threads=1)
+    process.start()
+    yield process
+    process.stop()
+
+
+def prompts(tok) -> list[list[int]]:
+    return [tok.encode(text, bos=True) for text in ("Once upon a time", "The weather in Paris was", "Max liked")]
+
+
+def test_replies_equal_the_engine_threads(engine, model, tok):
+    requests = [GenerationRequest(p, max_tokens=24, stop_tokens=[]) for p in prompts(tok)]
+    requests.append(GenerationRequest(prompts(tok)[0], params=SamplingParams(temperature=0.9, seed=7, logprobs=2),
+                                      max_tokens=24, stop=["park"]))
+    local = Engine(model, tok, EngineConfig(max_batch=2, max_queue=4, max_context=512, prefill_chunk=16))
+    local.start()
+    try:
+        expected = [Reply() for _ in requests]
+        for request, reply in zip(requests, expected):
+            local.submit(request, reply)
+            reply.wait()  # one at a time: the queue holds 2
+    finally:
+        local.stop()
+    got = [Reply() for _ in requests]
+    for request, reply in zip(requests, got):
+        engine.submit(request, reply)
+        reply.wait()
+    for a, b in zip(expected, got):
+        assert (b.tokens, b.text, b.finish) == (a.tokens, a.text, a.finish)
+    assert got[0].finish.reason == "length" and got[0].finish.completion_tokens == 24
+
+
+def test_bad_requests_are_refused_before_they_are_sent(engine, tok):
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        engine.submit(GenerationRequest([]), Reply())
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, "):
+        engine.submit(GenerationRequest([1, engine.vocab]), Reply())
+    with pytest.raises(ContextTooLong, match="the prompt has 512 tokens but the context holds 512"):
+        engine.submit(GenerationRequest([1] * 512), Reply())
+    assert engine.has_vision and engine.max_context == 512
+
+
+def test_a_full_queue_is_refused_and_cancelled_requests_free_their_rows(engine, tok):
+    replies = [Reply() for _ in range(4)]
+    handles = [engine.submit(GenerationRequest(prompts(tok)[0], max_tokens=400, stop_tokens=[]), r)
+               for r in replies[:2]]
+    assert wait_for(lambda: engine.stats()["running"] == 2), engine.stats()
+    handles += [engine.submit(GenerationRequest(prompts(tok)[1], max_tokens=400, stop_tokens=[]), r)
+                for r in replies[2:]]
+    assert engine.stats()["queued"] == 2
+    with pytest.raises(QueueFull, match=r"the request queue is full \(2 waiting\)"):
+        engine.submit(GenerationRequest(prompts(tok)[2]), Reply())
+    for handle in handles:
+        handle.cancel()
+    assert [r.wait().reason for r in replies] == ["cancelled"] * 4
+    assert all(h.finished for h in handles)
+    assert wait_for(lambda: engine.stats() == {**engine.stats(), "running": 0, "queued": 0, "kv_cache_bytes": 0})
+    assert wait_for(lambda: engine.metrics.finished["cancelled"] >= 4)
+
+
+def test_the_childs_metrics_reach_this_process(engine, tok):
+    before = engine.metrics.engine_state()
+    reply = Reply()
+    engine.submit(GenerationRequest(prompts(tok)[2] + [7, 8], max_tokens=5, stop_tokens=[]), reply)
+    assert reply.wait().reason == "length"
+    after = engine.metrics.engine_state()  # sent with the finish, before it
+    assert after["generated_tokens"] - before["generated_tokens"] == 5
+    assert after["finished"].get("length", 0) == before["finished"].get("length", 0) + 1
+    assert sum(after["ttft"]["counts"]) == sum(before["ttft"]["counts"]) + 1
+    assert sum(after["inter_token"]["counts"]) == sum(before["inter_token"]["counts"]) + 4
+
+
+def test_a_dead_child_fails_what_runs_and_refuses_what_comes(checkpoint, tok):
+    process = EngineProcess(str(checkpoint), "fp32", CONFIG, threads=1)
+    process.start()
+    try:
+        reply = Reply()
+        process.submit(GenerationRequest(prompts(tok)[0], max_tokens=400, stop_tokens=[]), reply)
+        assert wait_for(lambda: reply.tokens)
+        process._process.kill()
+        finish = reply.wait()
+        assert finish.reason == "error" and "the engine process ended (exit code -9)" in finish.error
+        with pytest.raises(EngineStopped, match="the engine is not running: the engine process ended"):
+            process.submit(GenerationRequest(prompts(tok)[0]), Reply())
+    finally:
+        process.stop()
+
+
+def test_a_model_that_does_not_load_fails_the_start(tmp_path):
+    process = EngineProcess(str(tmp_path / "missing"), "fp32", CONFIG)
+    with pytest.raises(RuntimeError, match="the engine process did not start .*missing"):
+        process.start()
+    with pytest.raises(EngineStopped, match="not started"):
+        process.submit(GenerationRequest([1]), Reply())
+    with pytest.raises(ValueError, match="dtype must be"):
+        EngineProcess(None, "fp16")
