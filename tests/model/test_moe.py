@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import llama4.model.moe as moe_module
 from llama4.model.moe import Experts, MoE, dense_moe_reference, route, sparse_experts
+from llama4.model.ops import set_batch_invariant
 
 DIM, HIDDEN = 16, 24
 
@@ -216,3 +218,32 @@ def test_bf16_moe_close_to_float64():
     assert same.float().mean() >= 0.9
     assert rel_err(got[same], truth[same]) <= 2e-2  # bf16: ~3 roundings of 2^-8 through matmul chains
     assert rel_err(got, dense) <= 2e-2  # sparse vs dense in bf16 (summation order differs)
+
+
+@pytest.mark.parametrize("n", [2, 9, 16])
+def test_a_one_tile_decode_batch_equals_the_grouped_path_bit_for_bit(n, monkeypatch):
+    """Top-1 batches of up to one row tile run each chosen expert once over all rows and keep each row's own
+    expert's result; with batch invariance on, that is the grouped path's result exactly."""
+    moe = make_moe(num_experts=6, top_k=1, seed=21).to(torch.bfloat16)
+    x = tokens(n, seed=22, dtype=torch.bfloat16)
+    rows_seen: list[int] = []
+    original = Experts.expert
+
+    def spying(self, e, xe):
+        rows_seen.append(xe.shape[0])
+        return original(self, e, xe)
+
+    monkeypatch.setattr(Experts, "expert", spying)
+    previous = set_batch_invariant(True)
+    try:
+        with torch.no_grad():
+            ids, scores = route(moe.router(x), 1, x.dtype)
+            one_tile = sparse_experts(x, ids, scores, moe.experts)
+            whole_batch_calls, rows_seen[:] = list(rows_seen), []
+            monkeypatch.setattr(moe_module, "ROW_TILE", 0)  # too small for any batch: the grouped path
+            grouped = sparse_experts(x, ids, scores, moe.experts)
+    finally:
+        set_batch_invariant(previous)
+    chosen = len(set(ids.flatten().tolist()))
+    assert chosen > 1 and whole_batch_calls == [n] * chosen and sum(rows_seen) == n
+    assert torch.equal(one_tile, grouped)

@@ -1,7 +1,8 @@
 """Mixture of experts: sigmoid top-k router, routed SwiGLU experts (fused weights), shared expert.
 
 The routed experts are sparse: tokens are grouped by expert and each expert multiplies only its own
-tokens. :func:`dense_moe_reference` evaluates every expert on every token (as transformers does) and
+tokens (a top-1 decode batch of at most one row tile instead runs each chosen expert once over the
+tile, the same cost per product, without the grouping). :func:`dense_moe_reference` evaluates every expert on every token (as transformers does) and
 is the oracle the sparse path is tested against.
 """
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama4.model.ops import row_tiled
+from llama4.model.ops import ROW_TILE, row_tiled
 
 
 class SwiGLU(nn.Module):
@@ -81,6 +82,8 @@ def sparse_experts(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tens
     flat_ids = expert_ids.reshape(-1)
     if n * k == 1:  # one token, one expert (decode): no grouping needed
         return experts.expert(int(flat_ids), x * scores)
+    if k == 1 and n <= ROW_TILE:
+        return _one_tile_experts(x, flat_ids, scores, experts)
     order = flat_ids.argsort(stable=True)  # assignments grouped by expert, token order kept within one
     token_of = order // k
     scaled = x[token_of] * scores.reshape(-1)[order, None]  # the score scales the expert's *input*
@@ -94,6 +97,19 @@ def sparse_experts(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tens
     if k == 1:
         return torch.empty_like(x).index_copy_(0, token_of, routed)
     return torch.zeros_like(x).index_add_(0, token_of, routed)
+
+
+def _one_tile_experts(x: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+    """Top-1 routing of a batch that fits one row tile (a decode step): a product costs one tile however
+    many of its rows are used, so each chosen expert runs once over the whole batch and every row keeps
+    its own expert's result - no sorting, gathering, padding per expert or scattering back. Each row is
+    computed as in the grouped path (its own score-scaled input, in a fixed tile), bit for bit."""
+    scaled = x * scores
+    out = None
+    for e in torch.unique(ids).tolist():
+        y = experts.expert(e, scaled)
+        out = y if out is None else torch.where((ids == e)[:, None], y, out)
+    return out
 
 
 class MoE(nn.Module):
