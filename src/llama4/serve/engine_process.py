@@ -254,7 +254,16 @@ class _Outbox:
         if send_metrics:
             header["metrics"], self.metrics_at = self.engine.metrics.engine_state(), now
         self.sent = (stats, seen)
-        write_frame(self.out, header)
+        if self.out is None:
+            return
+        try:
+            write_frame(self.out, header)
+        except OSError:  # the parent is gone: nobody to tell; the main thread sees the end of its requests
+            try:
+                self.out.close()
+            except OSError:
+                pass
+            self.out = None
 
 
 def child_main(argv: list[str] | None = None) -> int:
