@@ -247,3 +247,8 @@ def test_a_one_tile_decode_batch_equals_the_grouped_path_bit_for_bit(n, monkeypa
     chosen = len(set(ids.flatten().tolist()))
     assert chosen > 1 and whole_batch_calls == [n] * chosen and sum(rows_seen) == n
     assert torch.equal(one_tile, grouped)
+    monkeypatch.setattr(moe_module, "ROW_TILE", 16)
+    rows_seen[:] = []
+    with torch.no_grad():
+        sparse_experts(x, ids, scores, moe.experts)  # without row tiles a product's cost grows with its rows
+    assert sum(rows_seen) == n, "without batch invariance the experts must see only their own rows"

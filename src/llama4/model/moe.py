@@ -1,8 +1,8 @@
 """Mixture of experts: sigmoid top-k router, routed SwiGLU experts (fused weights), shared expert.
 
 The routed experts are sparse: tokens are grouped by expert and each expert multiplies only its own
-tokens (a top-1 decode batch of at most one row tile instead runs each chosen expert once over the
-tile, the same cost per product, without the grouping). :func:`dense_moe_reference` evaluates every expert on every token (as transformers does) and
+tokens (with batch invariance, where every product costs a fixed row tile, a top-1 decode batch of at
+most one tile instead runs each chosen expert once over the tile: the same cost, without the grouping). :func:`dense_moe_reference` evaluates every expert on every token (as transformers does) and
 is the oracle the sparse path is tested against.
 """
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama4.model.ops import ROW_TILE, row_tiled
+from llama4.model.ops import ROW_TILE, batch_invariant, row_tiled
 
 
 class SwiGLU(nn.Module):
@@ -82,7 +82,7 @@ def sparse_experts(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tens
     flat_ids = expert_ids.reshape(-1)
     if n * k == 1:  # one token, one expert (decode): no grouping needed
         return experts.expert(int(flat_ids), x * scores)
-    if k == 1 and n <= ROW_TILE:
+    if k == 1 and n <= ROW_TILE and batch_invariant() and x.is_cpu:
         return _one_tile_experts(x, flat_ids, scores, experts)
     order = flat_ids.argsort(stable=True)  # assignments grouped by expert, token order kept within one
     token_of = order // k
@@ -100,10 +100,11 @@ def sparse_experts(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tens
 
 
 def _one_tile_experts(x: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, experts: nn.Module) -> torch.Tensor:
-    """Top-1 routing of a batch that fits one row tile (a decode step): a product costs one tile however
-    many of its rows are used, so each chosen expert runs once over the whole batch and every row keeps
-    its own expert's result - no sorting, gathering, padding per expert or scattering back. Each row is
-    computed as in the grouped path (its own score-scaled input, in a fixed tile), bit for bit."""
+    """Top-1 routing of a batch that fits one row tile (a decode step) with batch invariance on: a
+    product then costs one tile however many of its rows are used, so each chosen expert runs once over
+    the whole batch and every row keeps its own expert's result - no sorting, gathering, padding per
+    expert or scattering back. Each row is computed as in the grouped path (its own score-scaled input,
+    in a fixed tile), bit for bit. Without tiles, products over more rows cost more: grouped then."""
     scaled = x * scores
     out = None
     for e in torch.unique(ids).tolist():
