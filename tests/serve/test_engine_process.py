@@ -121,6 +121,27 @@ def test_the_childs_metrics_reach_this_process(engine, tok):
     assert sum(after["inter_token"]["counts"]) == sum(before["inter_token"]["counts"]) + 4
 
 
+def test_the_choices_of_an_image_request_send_its_tiles_once_and_share_one_prefill(engine, tok):
+    from PIL import Image
+
+    from llama4.inference.text import prepare_messages
+
+    messages, pixels = prepare_messages([{"role": "user", "content": [
+        {"type": "image", "image": Image.new("RGB", (300, 200), (200, 40, 40))},
+        {"type": "text", "text": "What colour is this?"}]}])
+    prompt = list(tok.apply_chat_template(messages, add_generation_prompt=True))
+    before = engine.metrics.engine_state()
+    replies = [Reply() for _ in range(2)]
+    for seed, reply in enumerate(replies):  # two choices: one request object each, the same tiles
+        engine.submit(GenerationRequest(prompt, pixels, SamplingParams(temperature=1.0, seed=seed), max_tokens=4,
+                                        stop_tokens=[]), reply)
+    assert [r.wait().reason for r in replies] == ["length", "length"]
+    after = engine.metrics.engine_state()
+    assert after["prompt_tokens"] - before["prompt_tokens"] == len(prompt)  # prefilled once ...
+    assert after["cached_tokens"] - before["cached_tokens"] == len(prompt)  # ... and copied to the twin
+    assert [r.finish.cached_tokens for r in replies] == [0, len(prompt)]
+
+
 def test_a_dead_child_fails_what_runs_and_refuses_what_comes(checkpoint, tok):
     process = EngineProcess(str(checkpoint), "fp32", CONFIG, threads=1)
     process.start()

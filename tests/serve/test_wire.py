@@ -49,6 +49,16 @@ def test_any_object_constraint_has_no_schema(tok):
     assert isinstance(got.constraint, JsonConstraint) and got.constraint.schema is None
 
 
+def test_a_request_can_share_the_tiles_of_an_earlier_one(tok):
+    pixels = torch.randn(1, 3, 4, 4).to(torch.bfloat16)
+    header, payload = round_trip(*encode_request(GenerationRequest([1, 2], pixel_values=pixels), pixels_from=5))
+    assert payload == b"" and header["pixels_from"] == 5
+    earlier = torch.ones(1, 3, 4, 4)
+    assert decode_request(header, payload, tok, {5: earlier}.get).pixel_values is earlier
+    with pytest.raises(WireError, match="image tiles of request 5, which are not at hand"):
+        decode_request(header, payload, tok, {4: earlier}.get)
+
+
 def test_only_json_constraints_and_known_dtypes_can_cross():
     class Custom:
         def restrict(self, logits):

@@ -9,7 +9,8 @@ real engine in a child, ``python -m llama4.serve.engine_process``, which loads t
 HTTP process holds only the tokenizer, never a second copy of the weights.
 
 The two talk over a pair of pipes in the frames of wire.py. Requests go down as they are submitted
-(by a writer thread: submitting never blocks the event loop). The child sends everything one engine
+(by a writer thread: submitting never blocks the event loop); the choices of ``n`` that share one image
+send its tiles once and get one tensor on the other side, so the engine still prefills them once. The child sends everything one engine
 iteration produced in one frame: its token and finish events, the engine's gauges, how many
 submissions it has taken in, and - with each finish and every quarter second - its metrics. The
 caller checks a request (prompt, context length, images) with the engine's own rules before sending
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -77,6 +79,7 @@ class EngineProcess:
         self._stats = {"running": 0, "prefilling": 0, "queued": 0, "kv_cache_bytes": 0, "prefix_cache_bytes": 0}
         self._down: str | None = "not started"  # why submissions are refused, None while running
         self._outgoing: queue.Queue[tuple[dict, bytes] | None] = queue.Queue()
+        self._last_pixels: tuple[int | None, weakref.ref | None] = (None, None)  # the last submission's tiles
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -133,16 +136,20 @@ class EngineProcess:
         if self._down is not None:
             raise EngineStopped(self._down)
         admissible(request, self.vocab, self.max_context, self.has_vision)
-        header, payload = encode_request(request)
+        pixels = request.pixel_values
         with self._lock:
             if self._down is not None:
                 raise EngineStopped(self._down)
             queued = self._stats["queued"] + self._next_key - self._seen
             if queued >= self.config.max_queue:
                 raise QueueFull(queued)
+            previous, tiles = self._last_pixels
+            shared = pixels is not None and tiles is not None and tiles() is pixels
+            header, payload = encode_request(request, previous if shared else None)
             key, self._next_key = self._next_key, self._next_key + 1
+            self._last_pixels = (key, None if pixels is None else weakref.ref(pixels))
             self._sinks[key] = sink
-        self._send({"op": "submit", "key": key, **header}, payload)
+            self._send({"op": "submit", "key": key, **header}, payload)  # in key order: the child counts on it
         return _Handle(self, key)
 
     def stats(self) -> dict[str, int]:
@@ -295,6 +302,7 @@ def child_main(argv: list[str] | None = None) -> int:
     outbox = _Outbox(engine, events)
     engine.start(after_step=outbox.flush)
     handles = {}
+    last_pixels = (None, None)  # (key, tiles) of the last submission: the next may share them
     while (frame := read_frame(requests)) is not None:
         header, payload = frame
         if header["op"] == "stop":
@@ -306,7 +314,10 @@ def child_main(argv: list[str] | None = None) -> int:
                 handle.cancel()
             continue
         try:
-            handles[key] = engine.submit(decode_request(header, payload, tokenizer), outbox.sink(key))
+            request = decode_request(header, payload, tokenizer,
+                                     lambda k: last_pixels[1] if last_pixels[0] == k else None)
+            last_pixels = (key, request.pixel_values)
+            handles[key] = engine.submit(request, outbox.sink(key))
         except Exception as e:  # the parent checked it already; answer rather than lose it
             outbox.sink(key)(FinishEvent("error", error=f"the engine refused the request: {e}"))
         with outbox.lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import BinaryIO
 
@@ -54,8 +55,12 @@ def read_frame(source: BinaryIO) -> tuple[dict, bytes] | None:
     return header, payload
 
 
-def encode_request(request: GenerationRequest) -> tuple[dict, bytes]:
-    """A request as (header fields, payload); its constraint must be a :class:`JsonConstraint`."""
+def encode_request(request: GenerationRequest, pixels_from: int | None = None) -> tuple[dict, bytes]:
+    """A request as (header fields, payload); its constraint must be a :class:`JsonConstraint`.
+
+    ``pixels_from``: the key of an earlier request with the very same image tiles (e.g. another choice
+    of ``n``); they are then not sent again, and the receiver gives both requests one tensor (which
+    lets the engine prefill the prompt once for all of them)."""
     header = {"prompt": list(request.prompt), "params": asdict(request.params), "max_tokens": request.max_tokens,
               "stop": list(request.stop),
               "stop_tokens": None if request.stop_tokens is None else list(request.stop_tokens)}
@@ -66,7 +71,9 @@ def encode_request(request: GenerationRequest) -> tuple[dict, bytes]:
         header["json_schema"] = {"schema": constraint.schema}
     payload = b""
     pixels = request.pixel_values
-    if pixels is not None:
+    if pixels is not None and pixels_from is not None:
+        header["pixels_from"] = pixels_from
+    elif pixels is not None:
         name = str(pixels.dtype).removeprefix("torch.")
         if name not in _DTYPES:
             raise TypeError(f"image tiles must be one of {sorted(_DTYPES)}, got {name}")
@@ -76,10 +83,17 @@ def encode_request(request: GenerationRequest) -> tuple[dict, bytes]:
     return header, payload
 
 
-def decode_request(header: dict, payload: bytes, tokenizer) -> GenerationRequest:
-    """The request :func:`encode_request` wrote; its JSON constraint is compiled against ``tokenizer``."""
+def decode_request(header: dict, payload: bytes, tokenizer,
+                   earlier_pixels: Callable[[int], torch.Tensor | None] = lambda key: None) -> GenerationRequest:
+    """The request :func:`encode_request` wrote; its JSON constraint is compiled against ``tokenizer``;
+    ``earlier_pixels(key)``: the tiles of an earlier request, for a header that refers to them."""
     pixels = None
-    if "pixels" in header:
+    if "pixels_from" in header:
+        pixels = earlier_pixels(header["pixels_from"])
+        if pixels is None:
+            raise WireError(f"the request refers to the image tiles of request {header['pixels_from']}, "
+                            "which are not at hand")
+    elif "pixels" in header:
         spec = header["pixels"]
         dtype = _DTYPES[spec["dtype"]]
         pixels = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(spec["shape"])
