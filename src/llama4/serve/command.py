@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,9 +30,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         "the same request sent alone, e.g. after a prefix-cache hit)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--engine", choices=("process", "thread"), default="process",
-                   help="run the model in a process of its own (default: decoding never waits for the HTTP "
-                        "side's interpreter lock) or in a thread of the server process")
+    p.add_argument("--engine", choices=("process", "thread"), default="process" if os.name == "posix" else "thread",
+                   help="run the model in a process of its own (the default where pipes can be handed to a child, "
+                        "i.e. POSIX: decoding never waits for the HTTP side's interpreter lock) or in a thread of "
+                        "the server process")
     p.set_defaults(func=cmd_serve)
     return p
 
