@@ -68,6 +68,16 @@ def checkpoint(tmp_path_factory, tok):
     return path
 
 
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    """Poll ``condition()`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
 class LiveServer:
     """uvicorn in a thread on a free loopback port (bound before the thread starts: no race)."""
 

@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 
-from tests.serve.conftest import MODEL_ID
+from tests.serve.conftest import MODEL_ID, wait_for
 
 STORY = [{"role": "user", "content": "Tell me a long story about Max."}]
 OTHER = [{"role": "user", "content": "And the weather in Paris?"}]
-
-
-def wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
 
 
 def test_disconnecting_mid_stream_frees_the_row_and_others_continue(server, client):

@@ -7,7 +7,6 @@ metrics across the pipe, and a clean failure when the child dies or cannot load 
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -15,6 +14,7 @@ from llama4.inference.sampling import SamplingParams
 from llama4.serve.engine import Engine, EngineConfig
 from llama4.serve.engine_process import EngineProcess, EngineStopped
 from llama4.serve.protocol import ContextTooLong, FinishEvent, GenerationRequest, QueueFull, TokenEvent
+from tests.serve.conftest import wait_for
 
 CONFIG = EngineConfig(max_batch=2, max_queue=2, max_context=512, prefill_chunk=16)
 
@@ -36,15 +36,6 @@ class Reply:
     def wait(self, timeout=60.0) -> FinishEvent:
         assert self.done.wait(timeout), "no finish event"
         return self.finish
-
-
-def wait_for(condition, timeout=20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.fixture(scope="module")
