@@ -258,3 +258,14 @@ def test_the_engine_turns_on_batch_invariant_products_unless_told_not_to(model, 
         assert ops.batch_invariant()
     finally:
         ops.set_batch_invariant(previous)
+
+
+def test_the_engine_says_when_it_cannot_serve(model, tok):
+    engine = Engine(model, tok, EngineConfig())
+    assert engine.down == "not started"
+    engine.start()
+    try:
+        assert engine.down is None
+    finally:
+        engine.stop()
+    assert engine.down == "not started"

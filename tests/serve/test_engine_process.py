@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import threading
 
+import httpx
 import pytest
 
 from llama4.inference.sampling import SamplingParams
+from llama4.serve.app import create_engine_app
 from llama4.serve.engine import Engine, EngineConfig
 from llama4.serve.engine_process import EngineProcess, EngineStopped
 from llama4.serve.protocol import ContextTooLong, FinishEvent, GenerationRequest, QueueFull, TokenEvent
-from tests.serve.conftest import wait_for
+from tests.serve.conftest import MODEL_ID, LiveServer, wait_for
 
 CONFIG = EngineConfig(max_batch=2, max_queue=2, max_context=512, prefill_chunk=16)
 
@@ -133,10 +135,12 @@ def test_the_choices_of_an_image_request_send_its_tiles_once_and_share_one_prefi
     assert [r.finish.cached_tokens for r in replies] == [0, len(prompt)]
 
 
-def test_a_dead_child_fails_what_runs_and_refuses_what_comes(checkpoint, tok):
+def test_a_dead_child_fails_what_runs_and_the_server_says_so(checkpoint, tok):
     process = EngineProcess(str(checkpoint), "fp32", CONFIG, threads=1)
     process.start()
+    live = LiveServer(create_engine_app(process, tok, model_id=MODEL_ID))
     try:
+        assert httpx.get(live.url + "/health").json()["status"] == "ok" and process.down is None
         reply = Reply()
         process.submit(GenerationRequest(prompts(tok)[0], max_tokens=400, stop_tokens=[]), reply)
         assert wait_for(lambda: reply.tokens)
@@ -145,7 +149,12 @@ def test_a_dead_child_fails_what_runs_and_refuses_what_comes(checkpoint, tok):
         assert finish.reason == "error" and "the engine process ended (exit code -9)" in finish.error
         with pytest.raises(EngineStopped, match="the engine is not running: the engine process ended"):
             process.submit(GenerationRequest(prompts(tok)[0]), Reply())
+        health = httpx.get(live.url + "/health")
+        assert health.status_code == 503 and "the engine process ended" in health.json()["reason"]
+        refused = httpx.post(live.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+        assert refused.status_code == 503 and "the engine is not running" in refused.json()["error"]["message"]
     finally:
+        live.close()
         process.stop()
 
 

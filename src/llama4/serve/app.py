@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 
@@ -134,6 +134,9 @@ def create_engine_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, *, m
 
     @app.get("/health")
     async def health():
+        down = engine.down
+        if down is not None:  # e.g. the engine process died: 503, so that a supervisor restarts the server
+            return JSONResponse({"status": "unavailable", "reason": down}, status_code=503)
         return {"status": "ok", **engine.stats()}
 
     @app.get("/v1/models")

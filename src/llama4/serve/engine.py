@@ -179,6 +179,13 @@ class Engine:
             self._cond.notify()
         return Handle(self, seq)
 
+    @property
+    def down(self) -> str | None:
+        """Why the engine cannot serve (None while it runs)."""
+        if self._thread is None:
+            return "not started"
+        return None if self._thread.is_alive() else "the engine thread has ended"
+
     def wake(self) -> None:
         with self._cond:
             self._cond.notify()

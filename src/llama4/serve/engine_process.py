@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict
@@ -152,6 +153,11 @@ class EngineProcess:
             self._send({"op": "submit", "key": key, **header}, payload)  # in key order: the child counts on it
         return _Handle(self, key)
 
+    @property
+    def down(self) -> str | None:
+        """Why the engine cannot serve (None while it runs)."""
+        return self._down
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             stats = dict(self._stats)
@@ -271,6 +277,9 @@ class _Outbox:
             except OSError:
                 pass
             self.out = None
+        except Exception:  # events lost by a bug: end loudly, so the parent fails every request (no hang)
+            traceback.print_exc()
+            os._exit(1)
 
 
 def child_main(argv: list[str] | None = None) -> int:
