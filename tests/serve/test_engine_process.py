@@ -136,7 +136,7 @@ def test_the_choices_of_an_image_request_send_its_tiles_once_and_share_one_prefi
 
 
 def test_a_dead_child_fails_what_runs_and_the_server_says_so(checkpoint, tok):
-    process = EngineProcess(str(checkpoint), "fp32", CONFIG, threads=1)
+    process = EngineProcess(str(checkpoint), "fp32", CONFIG, threads=1, restart=False)
     process.start()
     live = LiveServer(create_engine_app(process, tok, model_id=MODEL_ID))
     try:
@@ -144,7 +144,7 @@ def test_a_dead_child_fails_what_runs_and_the_server_says_so(checkpoint, tok):
         reply = Reply()
         process.submit(GenerationRequest(prompts(tok)[0], max_tokens=400, stop_tokens=[]), reply)
         assert wait_for(lambda: reply.tokens)
-        process._process.kill()
+        process._child.process.kill()
         finish = reply.wait()
         assert finish.reason == "error" and "the engine process ended (exit code -9)" in finish.error
         with pytest.raises(EngineStopped, match="the engine is not running: the engine process ended"):
@@ -155,6 +155,36 @@ def test_a_dead_child_fails_what_runs_and_the_server_says_so(checkpoint, tok):
         assert refused.status_code == 503 and "the engine is not running" in refused.json()["error"]["message"]
     finally:
         live.close()
+        process.stop()
+
+
+def test_a_dead_child_is_replaced_and_the_next_requests_are_served(checkpoint, tok):
+    process = EngineProcess(str(checkpoint), "fp32", CONFIG, threads=1)
+    process.start()
+    try:
+        solo = Reply()
+        process.submit(GenerationRequest(prompts(tok)[1], max_tokens=6, stop_tokens=[]), solo)
+        solo.wait()
+        running = Reply()
+        process.submit(GenerationRequest(prompts(tok)[0], max_tokens=400, stop_tokens=[]), running)
+        assert wait_for(lambda: running.tokens)
+        first = process._child.process
+        first.kill()
+        finish = running.wait()
+        assert finish.reason == "error" and "the engine process ended (exit code -9)" in finish.error
+        assert wait_for(lambda: process.down is None, timeout=60), process.down
+        assert process._child.process.pid != first.pid
+        again = Reply()
+        process.submit(GenerationRequest(prompts(tok)[1], max_tokens=6, stop_tokens=[]), again)
+        assert again.wait().reason == "length" and again.tokens == solo.tokens
+        assert process.stats()["queued"] == 0
+        for _ in range(EngineProcess.MAX_RESTARTS):  # children that keep dying are not replaced for ever
+            assert wait_for(lambda: process.down is None, timeout=60), process.down
+            process._child.process.kill()
+            assert wait_for(lambda: process.down is not None)
+        assert wait_for(lambda: process.down is not None and "restarting" not in process.down)
+        assert process.down.startswith("the engine process ended")
+    finally:
         process.stop()
 
 

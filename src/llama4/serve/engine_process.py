@@ -15,8 +15,9 @@ iteration produced in one frame: its token and finish events, the engine's gauge
 submissions it has taken in, and - with each finish and every quarter second - its metrics. The
 caller checks a request (prompt, context length, images) with the engine's own rules before sending
 it, and counts the queue as the child's last report plus what it has sent since, an upper bound, so
-a refusal (400, 429) is still immediate. If the child dies, every request under way finishes with an
-error and later submissions are refused.
+a refusal (400, 429) is still immediate. If the child dies (the kernel's out-of-memory killer picks
+the biggest process: this one), every request under way finishes with an error, a new child is
+started, and submissions are refused (503) until it is ready - unless children keep dying.
 """
 
 from __future__ import annotations
@@ -62,73 +63,117 @@ class _Handle:
         return self._key not in self._engine._sinks
 
 
+class _Child:
+    """One run of the child process: its process, its two pipes, and the queue its writer thread drains."""
+
+    def __init__(self, settings: dict):
+        to_child, child_reads = os.pipe()[::-1]
+        child_writes, from_child = os.pipe()[::-1]
+        command = [sys.executable, "-m", "llama4.serve.engine_process", "--requests-fd", str(child_reads),
+                   "--events-fd", str(child_writes), "--settings", json.dumps(settings)]
+        self.process = subprocess.Popen(command, pass_fds=(child_reads, child_writes))
+        os.close(child_reads)
+        os.close(child_writes)
+        self.to_child, self.from_child = os.fdopen(to_child, "wb"), os.fdopen(from_child, "rb")
+        self.outgoing: queue.Queue[tuple[dict, bytes] | None] = queue.Queue()
+        self.threads: list[threading.Thread] = []
+
+    def wait_ready(self) -> dict:
+        """The child's ready frame, once its model is loaded; raises RuntimeError if it fails instead."""
+        frame = read_frame(self.from_child)
+        if frame is None or "ready" not in frame[0]:
+            why = frame[0].get("error") if frame is not None else None
+            code = self.process.wait()
+            self.from_child.close()
+            self.to_child.close()
+            raise RuntimeError(f"the engine process did not start (exit code {code}): {why or 'see its output above'}")
+        return frame[0]["ready"]
+
+    def write(self) -> None:
+        try:
+            while (item := self.outgoing.get()) is not None:
+                write_frame(self.to_child, *item)
+        except OSError:  # the child is gone; the reader reports it
+            pass
+        finally:
+            try:
+                self.to_child.close()
+            except OSError:
+                pass
+
+
 class EngineProcess:
     """An :class:`~llama4.serve.engine.Engine` on ``model`` (a checkpoint directory; None: the embedded
-    model) in a child process; ``threads``: the child's torch threads (None: torch's choice)."""
+    model) in a child process; ``threads``: the child's torch threads (None: torch's choice).
+
+    A child that dies (killed for memory, say) fails the requests it was running; with ``restart``
+    (the default) a new one is started at once and serves the requests that come after it is ready,
+    unless ``MAX_RESTARTS`` children have died within ``RESTART_WINDOW`` seconds."""
+
+    MAX_RESTARTS = 3
+    RESTART_WINDOW = 300.0
 
     def __init__(self, model: str | None, dtype: str = "bf16", config: EngineConfig = EngineConfig(),
-                 threads: int | None = None):
+                 threads: int | None = None, restart: bool = True):
         if dtype not in ("bf16", "fp32"):
             raise ValueError(f"dtype must be 'bf16' or 'fp32', got {dtype!r}")
-        self.config, self.metrics = config, ServeMetrics()
+        self.config, self.metrics, self.restart = config, ServeMetrics(), restart
         self._settings = {"model": model, "dtype": dtype, "threads": threads, "config": asdict(config)}
-        self._process: subprocess.Popen | None = None
+        self._child: _Child | None = None
         self._lock = threading.Lock()
         self._sinks: dict[int, Callable[[Event], None]] = {}
         self._next_key = 0
         self._seen = 0  # submissions the child has taken in
         self._stats = {"running": 0, "prefilling": 0, "queued": 0, "kv_cache_bytes": 0, "prefix_cache_bytes": 0}
         self._down: str | None = "not started"  # why submissions are refused, None while running
-        self._outgoing: queue.Queue[tuple[dict, bytes] | None] = queue.Queue()
+        self._stopping = False
+        self._deaths: list[float] = []  # when children died (monotonic), for the restart limit
         self._last_pixels: tuple[int | None, weakref.ref | None] = (None, None)  # the last submission's tiles
-        self._threads: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the child and wait until its model is loaded (a no-op when already running)."""
-        if self._process is not None:
-            return
-        to_child, child_reads = os.pipe()[::-1]
-        child_writes, from_child = os.pipe()[::-1]
-        command = [sys.executable, "-m", "llama4.serve.engine_process", "--requests-fd", str(child_reads),
-                   "--events-fd", str(child_writes), "--settings", json.dumps(self._settings)]
-        self._process = subprocess.Popen(command, pass_fds=(child_reads, child_writes))
-        os.close(child_reads)
-        os.close(child_writes)
-        self._to_child, self._from_child = os.fdopen(to_child, "wb"), os.fdopen(from_child, "rb")
-        frame = read_frame(self._from_child)
-        if frame is None or "ready" not in frame[0]:
-            why = frame[0].get("error") if frame is not None else None
-            code = self._process.wait()
-            self._process = None
-            raise RuntimeError(f"the engine process did not start (exit code {code}): {why or 'see its output above'}")
-        ready = frame[0]["ready"]
-        self.vocab, self.max_context, self.has_vision = ready["vocab"], ready["max_context"], ready["has_vision"]
-        self._down = None
-        self._threads = [threading.Thread(target=self._read, name="llama4-engine-events", daemon=True),
-                         threading.Thread(target=self._write, name="llama4-engine-requests", daemon=True)]
-        for thread in self._threads:
+        if self._child is None:
+            self._stopping = False
+            self._launch()
+
+    def _launch(self) -> None:
+        child = _Child(self._settings)
+        ready = child.wait_ready()
+        with self._lock:
+            if self._stopping:  # stopped while this child loaded its model
+                child.process.kill()
+                child.process.wait()
+                return
+            self.vocab, self.max_context, self.has_vision = ready["vocab"], ready["max_context"], ready["has_vision"]
+            self._child, self._seen = child, self._next_key
+            self._stats = dict.fromkeys(self._stats, 0)
+            self._down = None
+        child.threads = [threading.Thread(target=self._read, args=(child,), name="llama4-engine-events", daemon=True),
+                         threading.Thread(target=child.write, name="llama4-engine-requests", daemon=True)]
+        for thread in child.threads:
             thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the child; every unfinished request is finished as cancelled."""
-        if self._process is None:
-            return
         with self._lock:
-            if self._down is None:
-                self._down = "the server is shutting down"
-        self._outgoing.put(({"op": "stop"}, b""))
-        self._outgoing.put(None)
+            self._stopping = True
+            self._down = "the server is shutting down"
+            child = self._child
+        if child is None:
+            return
+        child.outgoing.put(({"op": "stop"}, b""))
+        child.outgoing.put(None)
         try:
-            self._process.wait(timeout)
+            child.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        for thread in self._threads:
+            child.process.kill()
+            child.process.wait()
+        for thread in child.threads:
             thread.join(timeout)
         self._fail_all("cancelled", "the server is shutting down")
-        self._process = None
+        self._child = None
 
     # -- caller side (any thread) --------------------------------------------------------------------------
 
@@ -150,7 +195,7 @@ class EngineProcess:
             key, self._next_key = self._next_key, self._next_key + 1
             self._last_pixels = (key, None if pixels is None else weakref.ref(pixels))
             self._sinks[key] = sink
-            self._send({"op": "submit", "key": key, **header}, payload)  # in key order: the child counts on it
+            self._child.outgoing.put(({"op": "submit", "key": key, **header}, payload))  # in key order
         return _Handle(self, key)
 
     @property
@@ -165,46 +210,47 @@ class EngineProcess:
         return stats
 
     def _send(self, header: dict, payload: bytes = b"") -> None:
-        self._outgoing.put((header, payload))
+        child = self._child
+        if child is not None:
+            child.outgoing.put((header, payload))
 
-    # -- the two pipe threads -------------------------------------------------------------------------------
+    # -- the child's events --------------------------------------------------------------------------------
 
-    def _write(self) -> None:
-        try:
-            while (item := self._outgoing.get()) is not None:
-                write_frame(self._to_child, *item)
-        except OSError:  # the child is gone; the reader reports it
-            pass
-        finally:
-            try:
-                self._to_child.close()
-            except OSError:
-                pass
-
-    def _read(self) -> None:
+    def _read(self, child: _Child) -> None:
         why = "the engine process ended"
         try:
-            while (frame := read_frame(self._from_child)) is not None:
+            while (frame := read_frame(child.from_child)) is not None:
                 self._take(frame[0])
         except Exception as e:  # a broken frame: the child cannot be trusted to be in step any more
             why = f"the engine process sent a bad frame: {e}"
         finally:
-            self._from_child.close()
-        if self._process is not None:
-            try:
-                code = self._process.wait(5)
-                why += f" (exit code {code})"
-            except subprocess.TimeoutExpired:
-                self._process.kill()
+            child.from_child.close()
+        try:
+            why += f" (exit code {child.process.wait(5)})"
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+        child.outgoing.put(None)  # ends its writer
+        now = time.monotonic()
         with self._lock:
-            if self._down is None:
-                self._down = why
+            if self._stopping:
+                return
+            self._deaths = [t for t in self._deaths if now - t < self.RESTART_WINDOW] + [now]
+            again = self.restart and len(self._deaths) <= self.MAX_RESTARTS
+            self._down = why + ("; restarting it" if again else "")
         self._fail_all("error", why)
+        if not again:
+            return
+        try:
+            self._launch()
+        except Exception as e:
+            with self._lock:
+                if not self._stopping:
+                    self._down = f"{why}; its restart failed: {e}"
 
     def _take(self, header: dict) -> None:
         """One frame from the child: gauges, metrics, then its events, each to its request's sink."""
         with self._lock:
-            self._stats, self._seen = header["stats"], header["seen"]
+            self._stats, self._seen = header["stats"], max(self._seen, header["seen"])  # a new child starts at 0
         if "metrics" in header:
             self.metrics.load_engine_state(header["metrics"])
         for item in header.get("events", ()):
