@@ -288,7 +288,8 @@ class _Outbox:
         self.finished = False  # a finish event is among ``events``
         self.seen = 0
         self.sent: tuple | None = None  # (stats, seen) last sent
-        self.metrics_at = 0.0
+        self.sent_metrics: dict | None = None
+        self.metrics_at = 0.0  # when the metrics were last looked at
 
     def sink(self, key: int) -> Callable[[Event], None]:
         def put(event: Event) -> None:
@@ -304,14 +305,18 @@ class _Outbox:
             seen = self.seen  # before the stats: they then count every request up to ``seen``
         stats = self.engine.stats()
         now = time.monotonic()
-        send_metrics = finished or (now - self.metrics_at >= METRICS_INTERVAL)
-        if not events and not send_metrics and (stats, seen) == self.sent:
+        metrics = None
+        if finished or now - self.metrics_at >= METRICS_INTERVAL:
+            metrics, self.metrics_at = self.engine.metrics.engine_state(), now
+            if metrics == self.sent_metrics:  # nothing new (e.g. idle)
+                metrics = None
+        if not events and metrics is None and (stats, seen) == self.sent:
             return
         header = {"stats": stats, "seen": seen}
         if events:
             header["events"] = events
-        if send_metrics:
-            header["metrics"], self.metrics_at = self.engine.metrics.engine_state(), now
+        if metrics is not None:
+            header["metrics"] = self.sent_metrics = metrics
         self.sent = (stats, seen)
         if self.out is None:
             return
