@@ -8,16 +8,17 @@ caller-side interface of :class:`~llama4.serve.engine.Engine` (``submit`` -> han
 real engine in a child, ``python -m llama4.serve.engine_process``, which loads the model itself: the
 HTTP process holds only the tokenizer, never a second copy of the weights.
 
-The two talk over a pair of pipes in the frames of wire.py. Requests go down as they are submitted
-(by a writer thread: submitting never blocks the event loop); the choices of ``n`` that share one
-image send its tiles once and get one tensor on the other side, so the engine still prefills them
-once. The child sends everything one engine iteration produced in one frame: its token and finish
-events, the engine's gauges, how many submissions it has taken in, and - with each finish, and every
-quarter second while they change - its metrics. The caller checks a request (prompt, context length, images) with the engine's own rules before sending
-it, and counts the queue as the child's last report plus what it has sent since, an upper bound, so
-a refusal (400, 429) is still immediate. If the child dies (the kernel's out-of-memory killer picks
-the biggest process: this one), every request under way finishes with an error, a new child is
-started, and submissions are refused (503) until it is ready - unless children keep dying.
+The two talk over a pair of pipes in the frames of wire.py. Requests go down as they are submitted (by
+a writer thread: submitting never blocks the event loop); the choices of ``n`` that share one image
+send its tiles once and get one tensor on the other side, so the engine still prefills them once. The
+child sends everything one engine iteration produced in one frame: its token and finish events, the
+engine's gauges, how many submissions it has taken in, and - with each finish, and every quarter second
+while they change - its metrics. The caller checks a request (prompt, context length, images) with the
+engine's own rules before sending it, and counts the queue as the child's last report plus what it has
+sent since, an upper bound, so a refusal (400, 429) is still immediate. If the child dies (the kernel's
+out-of-memory killer picks the biggest process: the child), every request under way finishes with an
+error, a new child is started, and submissions are refused (503) until it is ready - unless children
+keep dying.
 """
 
 from __future__ import annotations
