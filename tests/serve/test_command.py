@@ -73,3 +73,17 @@ def test_build_app_runs_the_engine_in_a_process_or_a_thread(checkpoint):
     missing = checkpoint.parent / "nothing-here"
     with pytest.raises(Exception, match="nothing-here"):  # the tokenizer is read before any process starts
         build_app(build_parser().parse_args(["serve", "--model", str(missing)]))
+
+
+def test_serve_exits_with_a_message_when_the_engine_cannot_load_the_weights(checkpoint, tmp_path, capsys):
+    import shutil
+
+    from llama4.cli import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    assert main(["serve", "--model", str(broken), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "llama4: error: the engine process did not start (exit code 1)" in err

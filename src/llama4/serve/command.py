@@ -70,7 +70,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    app = build_app(args)
+    try:
+        app = build_app(args)
+    except RuntimeError as e:  # the engine process did not start (its own output says more)
+        print(f"llama4: error: {e}", file=sys.stderr)
+        return 2
     where = "all interfaces" if args.host in ("0.0.0.0", "::") else args.host
     print(f"llama4 serve: http://{args.host}:{args.port}/ ({where}); OpenAI base URL "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
