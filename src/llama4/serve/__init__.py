@@ -1,14 +1,15 @@
 """OpenAI-compatible HTTP serving: a continuous-batching engine behind FastAPI routes."""
 
 from llama4.serve.engine import Engine, EngineConfig
+from llama4.serve.engine_process import EngineProcess
 from llama4.serve.protocol import GenerationRequest
 
-__all__ = ["Engine", "EngineConfig", "GenerationRequest", "create_app"]
+__all__ = ["Engine", "EngineConfig", "EngineProcess", "GenerationRequest", "create_app", "create_engine_app"]
 
 
 def __getattr__(name):
-    if name == "create_app":  # FastAPI is an optional dependency: import it only when the app is wanted
-        from llama4.serve.app import create_app
+    if name in ("create_app", "create_engine_app"):  # FastAPI is an optional dependency: import it only when wanted
+        from llama4.serve import app
 
-        return create_app
+        return getattr(app, name)
     raise AttributeError(f"module 'llama4.serve' has no attribute {name!r}")
