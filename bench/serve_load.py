@@ -295,7 +295,8 @@ def main() -> None:
     table = markdown_table(["phase", "5xx", "lost", "mismatched", "tokens/s", "TTFT p50 ms", "TTFT p99 ms"], rows)
     ratio = eight.tokens_per_second / one.tokens_per_second if one.tokens_per_second else float("nan")
     setup = (f"`bench/serve_load.py`: `llama4 serve` in its own process (engine: {args.engine}), model "
-             f"{args.model or 'embedded'}, {args.dtype}, {args.threads} threads, max batch {args.max_batch}, {args.max_tokens} new tokens per request, greedy; every reply compared with the same "
+             f"{args.model or 'embedded'}, {args.dtype}, {args.threads} threads, max batch {args.max_batch}, "
+             f"{args.max_tokens} new tokens per request, greedy; every reply compared with the same "
              f"prompt sent alone. 8 clients / 1 client aggregate tokens/s: {ratio:.2f}x. "
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}; 1-minute load average "
              f"{load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores.")

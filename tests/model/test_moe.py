@@ -249,6 +249,10 @@ def test_a_one_tile_decode_batch_equals_the_grouped_path_bit_for_bit(n, monkeypa
     assert torch.equal(one_tile, grouped)
     monkeypatch.setattr(moe_module, "ROW_TILE", 16)
     rows_seen[:] = []
-    with torch.no_grad():
-        sparse_experts(x, ids, scores, moe.experts)  # without row tiles a product's cost grows with its rows
+    previous = set_batch_invariant(False)  # (an Engine built by an earlier test turns it on process-wide)
+    try:
+        with torch.no_grad():
+            sparse_experts(x, ids, scores, moe.experts)  # without row tiles a product's cost grows with its rows
+    finally:
+        set_batch_invariant(previous)
     assert sum(rows_seen) == n, "without batch invariance the experts must see only their own rows"

@@ -64,9 +64,12 @@ def test_llama4_serve_runs_a_checkpoint(checkpoint):
     assert f"http://127.0.0.1:{port}/v1" in err
 
 
-def test_build_app_runs_the_engine_in_a_process_or_a_thread(checkpoint):
+def test_build_app_runs_the_engine_in_a_process_or_a_thread(checkpoint, server):
     from llama4.serve.command import build_app
     from llama4.serve.engine import Engine
+    from llama4.serve.engine_process import EngineProcess
+
+    assert isinstance(server.engine, EngineProcess)  # the default: the live-server tests run through it
 
     args = build_parser().parse_args(["serve", "--model", str(checkpoint), "--dtype", "fp32", "--engine", "thread"])
     assert isinstance(build_app(args).state.engine, Engine)

@@ -2,8 +2,9 @@
 
 The routed experts are sparse: tokens are grouped by expert and each expert multiplies only its own
 tokens (with batch invariance, where every product costs a fixed row tile, a top-1 decode batch of at
-most one tile instead runs each chosen expert once over the tile: the same cost, without the grouping). :func:`dense_moe_reference` evaluates every expert on every token (as transformers does) and
-is the oracle the sparse path is tested against.
+most one tile instead runs each chosen expert once over the tile: the same cost, without the
+grouping). :func:`dense_moe_reference` evaluates every expert on every token (as transformers does)
+and is the oracle the sparse path is tested against.
 """
 
 from __future__ import annotations

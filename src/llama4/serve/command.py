@@ -28,7 +28,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="let products pick kernels by row count and prefill attend all of a piece's queries "
                         "in one call (faster decode and prefill; a reply at temperature 0 may then differ from "
                         "the same request sent alone, e.g. after a prefix-cache hit)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--engine", choices=("process", "thread"), default="process" if os.name == "posix" else "thread",
                    help="run the model in a process of its own (the default where pipes can be handed to a child, "
@@ -44,7 +44,7 @@ def build_app(args: argparse.Namespace):
     import llama4
     from llama4.serve.app import create_engine_app
     from llama4.serve.engine import Engine, EngineConfig
-    from llama4.serve.engine_process import EngineProcess
+    from llama4.serve.engine_process import DTYPES, EngineProcess
 
     config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                           prefill_chunk=args.prefill_chunk, batch_invariant=not args.no_batch_invariant,
@@ -54,10 +54,7 @@ def build_app(args: argparse.Namespace):
         engine = EngineProcess(args.model, args.dtype, config, threads=args.threads)
         engine.start()
     else:
-        import torch
-
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-        engine = Engine(llama4.load_model(args.model, dtype=dtype), tokenizer, config)
+        engine = Engine(llama4.load_model(args.model, dtype=DTYPES[args.dtype]), tokenizer, config)
     model_id = args.model_id or (Path(args.model).resolve().name if args.model else "llama4")
     limits = {} if args.max_body_mb is None else {"max_body_bytes": int(args.max_body_mb * 2**20)}
     return create_engine_app(engine, tokenizer, model_id=model_id, api_key=args.api_key,
@@ -70,9 +67,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from llama4.serve.engine_process import EngineStartError
+
     try:
         app = build_app(args)
-    except RuntimeError as e:  # the engine process did not start (its own output says more)
+    except EngineStartError as e:
         print(f"llama4: error: {e}", file=sys.stderr)
         return 2
     where = "all interfaces" if args.host in ("0.0.0.0", "::") else args.host

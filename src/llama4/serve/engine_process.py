@@ -37,12 +37,19 @@ import weakref
 from collections.abc import Callable
 from dataclasses import asdict
 
+import torch
+
 from llama4.serve.engine import EngineConfig, admissible
 from llama4.serve.metrics import ServeMetrics
 from llama4.serve.protocol import EngineError, Event, FinishEvent, GenerationRequest, QueueFull
 from llama4.serve.wire import decode_event, decode_request, encode_event, encode_request, read_frame, write_frame
 
 METRICS_INTERVAL = 0.25  # seconds between metrics snapshots while nothing finishes
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the --dtype names of llama4 serve
+
+
+class EngineStartError(RuntimeError):
+    """The engine process ended before its model was loaded (its own output says more)."""
 
 
 class EngineStopped(EngineError):
@@ -80,14 +87,14 @@ class _Child:
         self.threads: list[threading.Thread] = []
 
     def wait_ready(self) -> dict:
-        """The child's ready frame, once its model is loaded; raises RuntimeError if it fails instead."""
+        """The child's ready frame, once its model is loaded; raises EngineStartError if it fails instead."""
         frame = read_frame(self.from_child)
         if frame is None or "ready" not in frame[0]:
             why = frame[0].get("error") if frame is not None else None
             code = self.process.wait()
             self.from_child.close()
             self.to_child.close()
-            raise RuntimeError(f"the engine process did not start (exit code {code}): {why or 'see its output above'}")
+            raise EngineStartError(f"the engine process did not start (exit code {code}): {why or 'see its output above'}")
         return frame[0]["ready"]
 
     def write(self) -> None:
@@ -116,8 +123,8 @@ class EngineProcess:
 
     def __init__(self, model: str | None, dtype: str = "bf16", config: EngineConfig = EngineConfig(),
                  threads: int | None = None, restart: bool = True):
-        if dtype not in ("bf16", "fp32"):
-            raise ValueError(f"dtype must be 'bf16' or 'fp32', got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.config, self.metrics, self.restart = config, ServeMetrics(), restart
         self._settings = {"model": model, "dtype": dtype, "threads": threads, "config": asdict(config)}
         self._child: _Child | None = None
@@ -343,17 +350,14 @@ def child_main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
     requests, events = os.fdopen(args.requests_fd, "rb"), os.fdopen(args.events_fd, "wb")
     try:
-        import torch
-
         import llama4
         from llama4.serve.engine import Engine
 
         settings = json.loads(args.settings)
         if settings["threads"]:
             torch.set_num_threads(settings["threads"])
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[settings["dtype"]]
         tokenizer = llama4.load_tokenizer(settings["model"])
-        engine = Engine(llama4.load_model(settings["model"], dtype=dtype), tokenizer,
+        engine = Engine(llama4.load_model(settings["model"], dtype=DTYPES[settings["dtype"]]), tokenizer,
                         EngineConfig(**settings["config"]))
     except Exception as e:
         write_frame(events, {"error": f"{type(e).__name__}: {e}"})
@@ -381,11 +385,11 @@ def child_main(argv: list[str] | None = None) -> int:
             handles[key] = engine.submit(request, outbox.sink(key))
         except Exception as e:  # the parent checked it already; answer rather than lose it
             outbox.sink(key)(FinishEvent("error", error=f"the engine refused the request: {e}"))
+            engine.wake()  # an iteration sends the answer
         with outbox.lock:
             outbox.seen = key + 1
         if len(handles) > 4 * engine.config.max_batch + engine.config.max_queue:
             handles = {k: h for k, h in handles.items() if not h.finished}
-        engine.wake()
     engine.stop()
     outbox.flush()
     return 0
