@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llama4 import amx_linear
 from llama4.model.moe import Experts, SwiGLU
 from llama4.model.ops import ROW_TILE, batch_invariant, row_tiled
 from llama4.model.transformer import QKVProjection
@@ -35,14 +36,34 @@ def packing_supported(dtype: torch.dtype, device: torch.device | str) -> bool:
     return True
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] plain weight -> the same matrix in oneDNN's layout (an opaque mkldnn tensor)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+class PackedWeight:
+    """One [out, in] weight in oneDNN's blocked layout (an opaque mkldnn tensor), and where the AMX
+    kernel for decode-sized products (amx_linear) reads it from, if it can."""
+
+    __slots__ = ("tensor", "shape", "address")
+
+    def __init__(self, weight: torch.Tensor):
+        weight = weight.detach().contiguous()
+        self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        self.shape = weight.shape
+        self.address = torch.ops.mkldnn.data_ptr(self.tensor) if amx_linear.readable(weight, self.tensor) else None
+
+    def to_dense(self) -> torch.Tensor:
+        return self.tensor.to_dense()
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _pack(weight: torch.Tensor) -> PackedWeight:
+    return PackedWeight(weight)
+
+
+def _linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    # Up to one tile of rows (a decode step; with batch invariance, every product) on the AMX kernel:
+    # each row as oneDNN computes a one-row product, whatever the row count.
+    if (weight.address is not None and bias is None and 0 < x.numel() <= amx_linear.MAX_ROWS * x.shape[-1]
+            and x.dtype == torch.bfloat16):
+        return amx_linear.linear(x, weight.address, weight.shape[0])
     # the resolved overload: calling the op packet looks the overload up in Python on every call
-    return torch.ops.mkldnn._linear_pointwise.default(x, packed, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.default(x, weight.tensor, bias, "none", [], "")
 
 
 # Batch invariance (ops.row_tiled): like the model's own modules, the packed stand-ins for a composite
@@ -61,7 +82,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.has_bias = linear.bias is not None
-        self.packed: torch.Tensor | None = None
+        self.packed: PackedWeight | None = None
         self.bias = None
 
     def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
@@ -97,8 +118,8 @@ class PackedExperts(nn.Module):
     def __init__(self, experts: Experts):
         super().__init__()
         self.num_experts = experts.num_experts
-        self.gate_up: list[torch.Tensor] = []  # [2I, D] per expert, packed
-        self.down: list[torch.Tensor] = []  # [D, I] per expert, packed
+        self.gate_up: list[PackedWeight] = []  # [2I, D] per expert
+        self.down: list[PackedWeight] = []  # [D, I] per expert
 
     def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """``gate_up`` [E, D, 2I] or ``down`` [E, I, D], in the checkpoint's x @ W layout."""
@@ -136,7 +157,7 @@ class _FusedLinears(nn.Module):
         self.sizes = {name: linear.out_features for name, linear in parts.items()}
         self.in_features = next(iter(parts.values())).in_features
         self.pending: dict[str, torch.Tensor] = {}
-        self.packed: torch.Tensor | None = None
+        self.packed: PackedWeight | None = None
 
     def load_part(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.sizes:

@@ -9,6 +9,8 @@ per the config's schedule.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,6 +32,19 @@ from llama4.model.ops import (
     rope_inv_freq,
     temperature_scale,
 )
+
+
+@dataclass(frozen=True)
+class PositionTables:
+    """What every layer needs about the positions of one forward, computed once for all layers.
+
+    ``rope`` [B or 1, T, head_dim/2]: RoPE layers' rotations; ``q_scale`` [B, T, 1, 1] float32 or None: NoPE
+    layers' query temperature (None when no layer tunes it); ``starts``: row b's first sequence index.
+    """
+
+    rope: torch.Tensor
+    q_scale: torch.Tensor | None
+    starts: list[int]
 
 
 class RMSNorm(nn.Module):
@@ -62,28 +77,29 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.chunk = config.attention_chunk_size
         self.eps = config.rms_norm_eps
-        self.floor_scale, self.attn_scale = config.floor_scale, config.attn_scale
         self.qkv = QKVProjection(config.hidden_size, config.num_heads * config.head_dim,
                                  config.num_kv_heads * config.head_dim)
         self.wo = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, starts: list[int], cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tables: PositionTables, cache: KVCache | None) -> torch.Tensor:
         """x [B, T, D]; row b holds sequence indices starts[b]..starts[b]+T-1 -> [B, T, D]."""
         b, t, _ = x.shape
         q, k, v = self.qkv(x)
-        q = q.view(b, t, self.num_heads, self.head_dim)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
-        if self.spec.use_rope:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if self.spec.qk_norm:
-            q, k = rms_norm(q, None, self.eps), rms_norm(k, None, self.eps)
+        if self.spec.use_rope or self.spec.qk_norm:  # per head and position: q and k heads in one pass
+            qk = torch.cat((q, k), dim=-1).view(b, t, self.num_heads + self.num_kv_heads, self.head_dim)
+            if self.spec.use_rope:
+                qk = apply_rope(qk, tables.rope)
+            if self.spec.qk_norm:
+                qk = rms_norm(qk, None, self.eps)
+            q, k = qk.split((self.num_heads, self.num_kv_heads), dim=2)
+        else:
+            q = q.view(b, t, self.num_heads, self.head_dim)
+            k = k.view(b, t, self.num_kv_heads, self.head_dim)
         if self.spec.temperature_tuning:
-            index = torch.tensor(starts, device=x.device)[:, None] + torch.arange(t, device=x.device)
-            scale = temperature_scale(index, self.floor_scale, self.attn_scale)  # [B, T]
-            q = (q * scale[:, :, None, None]).to(q.dtype)
+            q = (q * tables.q_scale).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
-        k_start, valid = starts[0], None
+        k_start, valid = tables.starts[0], None
         if cache is not None:
             k, v, k_start, valid = cache.update(self.spec.index, k, v)
         invariant = batch_invariant() and x.is_cpu
@@ -92,9 +108,9 @@ class Attention(nn.Module):
         elif valid is not None:  # each row exactly as its solo step, one call per length
             out = ragged_decode_attention(q, k, v, valid)
         elif invariant:  # each token exactly as its own decode step (bucketed)
-            out = rowwise_causal_attention(q, k, v, starts[0], k_start, self.chunk if self.spec.chunked else None)
+            out = rowwise_causal_attention(q, k, v, tables.starts[0], k_start, self.chunk if self.spec.chunked else None)
         elif self.spec.chunked:
-            out = chunked_causal_attention(q, k, v, starts[0], k_start, self.chunk)
+            out = chunked_causal_attention(q, k, v, tables.starts[0], k_start, self.chunk)
         else:
             out = causal_attention(q, k, v)
         return row_tiled(self.wo, out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
@@ -112,8 +128,8 @@ class DecoderLayer(nn.Module):
         else:
             self.ffn = SwiGLU(config.hidden_size, config.intermediate_size_mlp)
 
-    def forward(self, h: torch.Tensor, rope: torch.Tensor, starts: list[int], cache: KVCache | None) -> torch.Tensor:
-        h = h + self.attn(self.attn_norm(h), rope, starts, cache)
+    def forward(self, h: torch.Tensor, tables: PositionTables, cache: KVCache | None) -> torch.Tensor:
+        h = h + self.attn(self.attn_norm(h), tables, cache)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -138,10 +154,9 @@ class TextModel(nn.Module):
         Row b continues its sequence at ``cache.lengths[b]`` (0 without a cache). ``num_logits`` keeps
         only the last that many positions for the output projection (None: all).
         """
-        starts = cache.starts(h.shape[0]) if cache is not None else [0] * h.shape[0]
-        rope = rope_table(positions.to(h.device), self.inv_freq.to(h.device))
+        tables = self.position_tables(h, positions, cache)
         for layer in self.layers:
-            h = layer(h, rope, starts, cache)
+            h = layer(h, tables, cache)
         if cache is not None:
             cache.advance(h.shape[1])
         if num_logits is not None:
@@ -150,6 +165,16 @@ class TextModel(nn.Module):
         head = (lambda rows: F.linear(rows, self.embed.weight)) if self.output is None else self.output
         logits = row_tiled(head, h)
         return logits.float()
+
+    def position_tables(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> PositionTables:
+        b, t = h.shape[:2]
+        starts = cache.starts(b) if cache is not None else [0] * b
+        rope = rope_table(positions.to(h.device), self.inv_freq.to(h.device))
+        q_scale = None
+        if any(spec.temperature_tuning for spec in self.config.layers):
+            index = torch.tensor(starts, device=h.device)[:, None] + torch.arange(t, device=h.device)
+            q_scale = temperature_scale(index, self.config.floor_scale, self.config.attn_scale)[:, :, None, None]
+        return PositionTables(rope, q_scale, starts)
 
 
 class Llama4Model(nn.Module):

@@ -1,0 +1,158 @@
+"""The AMX kernel for decode-sized products on oneDNN-packed bf16 weights (llama4.amx_linear).
+
+References: a float64 product (tolerance: one bf16 rounding), oneDNN's own one-row product on the same
+packed weight (bit for bit), and a full re-derivation of the packed layout.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import llama4
+from llama4 import amx_linear, cpu_packing
+from llama4.cpu_packing import PackedWeight, packing_supported
+
+needs_kernel = pytest.mark.skipif(
+    not packing_supported(torch.bfloat16, "cpu") or amx_linear.library() is None,
+    reason="the AMX kernel does not run on this machine (no AMX-BF16, no C compiler or no oneDNN packing)")
+
+SHAPES = [(100, 256), (512, 256), (256, 384), (1536, 1024), (8192, 256), (300, 5120)]
+
+
+def _onednn(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise.default(x, weight.tensor, None, "none", [], "")
+
+
+def _weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(out_features, in_features, generator=g) * in_features ** -0.5).bfloat16()
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_features,in_features", SHAPES)
+def test_onednn_packs_bf16_weights_in_the_layout_the_kernel_reads(out_features, in_features):
+    """Every entry, not a sample: [O, I] zero-padded to 64 x 32 blocks, [O/64, I/32, 16 pairs, 64, 2]."""
+    weight = _weight(out_features, in_features)
+    packed = PackedWeight(weight)
+    padded = torch.zeros(-(-out_features // 64) * 64, in_features, dtype=torch.bfloat16)
+    padded[:out_features] = weight
+    expected = padded.view(-1, 64, in_features // 32, 16, 2).permute(0, 2, 3, 1, 4).flatten()
+    assert torch.equal(amx_linear.packed_view(packed.tensor), expected)
+    o, i = torch.meshgrid(torch.arange(out_features), torch.arange(in_features), indexing="ij")
+    assert torch.equal(expected[amx_linear.blocked_index(o.flatten(), i.flatten(), in_features)], weight.flatten())
+    assert packed.address is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_features,in_features", SHAPES)
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 16])
+def test_kernel_is_oneDNNs_one_row_product_bit_for_bit_and_within_a_rounding_of_float64(out_features, in_features,
+                                                                                        rows):
+    weight = _weight(out_features, in_features, seed=rows)
+    packed = PackedWeight(weight)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).bfloat16()
+    got = amx_linear.linear(x, packed.address, out_features)
+    assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16
+    exact = x.double() @ weight.double().t()
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()  # one bf16 rounding
+    for r in range(rows):
+        assert torch.equal(got[r:r + 1], _onednn(x[r:r + 1], packed)), f"row {r}"
+
+
+@needs_kernel
+def test_a_rows_result_does_not_depend_on_its_companions_or_the_thread_count():
+    weight = _weight(1000, 1024)
+    packed = PackedWeight(weight)
+    x = torch.randn(16, 1024, generator=torch.Generator().manual_seed(2)).bfloat16()
+    together = amx_linear.linear(x, packed.address, 1000)
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for start, stop in ((0, 1), (3, 7), (5, 16), (15, 16)):
+                assert torch.equal(amx_linear.linear(x[start:stop], packed.address, 1000), together[start:stop])
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_kernel
+def test_the_kernel_writes_exactly_its_output_rows_and_columns():
+    """Outputs that end inside a 64-wide block are stored under a mask: nothing past row x column."""
+    out_features, rows = 70, 3
+    packed = PackedWeight(_weight(out_features, 256))
+    x = torch.randn(rows, 256).bfloat16()
+    guard = torch.full((rows * out_features + 64,), 7.0, dtype=torch.bfloat16)
+    amx_linear.library().llama4_amx_linear(packed.address, out_features, 256, x.data_ptr(), rows, guard.data_ptr(), 2)
+    assert torch.equal(guard[:rows * out_features].view(rows, out_features), _onednn(x, packed))
+    assert (guard[rows * out_features:] == 7.0).all()
+
+
+@needs_kernel
+def test_weights_the_kernel_cannot_read_stay_on_onednn():
+    assert PackedWeight(_weight(64, 200)).address is None  # inputs not a whole number of 32-wide blocks
+    assert PackedWeight(_weight(64, 256).float()).address is None  # float32
+    other = PackedWeight(_weight(128, 256, seed=1))
+    assert not amx_linear.readable(_weight(128, 256, seed=2), other.tensor)  # not this weight's packing
+    assert not amx_linear.readable(_weight(64, 256), other.tensor)  # another size
+
+
+@needs_kernel
+def test_decode_products_take_the_kernel_and_longer_ones_onednn(monkeypatch):
+    calls = []
+    monkeypatch.setattr(amx_linear, "linear", lambda x, *a: calls.append(x.shape) or torch.zeros(1))
+    packed = PackedWeight(_weight(64, 256))
+    cpu_packing._linear(torch.randn(1, 1, 256).bfloat16(), packed)
+    cpu_packing._linear(torch.randn(16, 256).bfloat16(), packed)
+    assert calls == [(1, 1, 256), (16, 256)]
+    assert cpu_packing._linear(torch.randn(17, 256).bfloat16(), packed).shape == (17, 64)
+    assert cpu_packing._linear(torch.randn(0, 256).bfloat16(), packed).shape == (0, 64)
+    assert len(calls) == 2
+
+
+def test_without_the_kernel_the_model_decodes_the_same_tokens(monkeypatch):
+    """The fallback (oneDNN for every product) and the kernel give one model the same greedy tokens and
+    decode logits bit for bit (the kernel is oneDNN's one-row product)."""
+    ids = torch.randint(3, 8000, (2, 9), generator=torch.Generator().manual_seed(3))
+
+    def decode():
+        model = llama4.load_model(dtype=torch.bfloat16)
+        with torch.inference_mode():
+            return llama4.generate(model, ids, max_new_tokens=6, stop_tokens=[])
+
+    with_kernel = decode()
+    monkeypatch.setattr(amx_linear, "_library", None)
+    assert all(w.address is None for w in _packed_weights(llama4.load_model(dtype=torch.bfloat16)))
+    assert torch.equal(decode(), with_kernel)
+
+
+def _packed_weights(model) -> list[PackedWeight]:
+    found = []
+    for module in model.modules():
+        for value in vars(module).values():
+            items = value if isinstance(value, list) else [value]
+            found += [item for item in items if isinstance(item, PackedWeight)]
+    return found
+
+
+def test_a_compiler_that_fails_leaves_the_kernel_off_with_one_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(amx_linear, "_library", None)
+    monkeypatch.setattr(amx_linear, "_load_attempted", False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(amx_linear.platform, "machine", lambda: "x86_64")
+    with caplog.at_level(logging.WARNING, logger="llama4.amx_linear"):
+        assert amx_linear.library() is None
+        assert amx_linear.library() is None
+    assert len(caplog.records) == 1 and "stay on oneDNN" in caplog.records[0].getMessage()
+    assert PackedWeight(_weight(64, 256)).address is None
+    assert list(tmp_path.rglob("*.so")) == []
+
+
+def test_the_switch_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setattr(amx_linear, "_library", None)
+    monkeypatch.setattr(amx_linear, "_load_attempted", False)
+    monkeypatch.setenv("LLAMA4_AMX_LINEAR", "0")
+    assert amx_linear.library() is None
