@@ -156,3 +156,70 @@ def test_the_switch_turns_the_kernel_off(monkeypatch):
     monkeypatch.setattr(amx_linear, "_load_attempted", False)
     monkeypatch.setenv("LLAMA4_AMX_LINEAR", "0")
     assert amx_linear.library() is None
+
+
+@needs_kernel
+def test_groups_in_one_call_equal_each_group_alone_bit_for_bit():
+    weights = [PackedWeight(_weight(200, 256, seed=s)) for s in range(5)]
+    counts = [3, 0, 16, 1, 2]
+    x = torch.randn(sum(counts), 256, generator=torch.Generator().manual_seed(4)).bfloat16()
+    got = amx_linear.linear_groups(x, [w.address for w in weights], counts, 200)
+    at = 0
+    for w, count in zip(weights, counts):
+        if count:
+            assert torch.equal(got[at:at + count], amx_linear.linear(x[at:at + count], w.address, 200))
+        at += count
+    assert at == got.shape[0]
+
+
+def _packed_experts(num_experts: int = 6, dim: int = 256, hidden: int = 128):
+    from llama4.model.moe import Experts
+
+    experts = Experts(num_experts, dim, hidden)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        experts.gate_up.copy_(torch.randn(experts.gate_up.shape, generator=g) * dim ** -0.5)
+        experts.down.copy_(torch.randn(experts.down.shape, generator=g) * hidden ** -0.5)
+    packed = cpu_packing.PackedExperts(experts.bfloat16())
+    packed.load_tensor("gate_up", experts.gate_up.detach())
+    packed.load_tensor("down", experts.down.detach())
+    return packed
+
+
+@needs_kernel
+@pytest.mark.parametrize("counts", [[2, 0, 1, 5, 0, 0], [1, 1, 1, 1, 1, 3], [0, 17, 0, 0, 2, 0]])
+def test_packed_experts_run_sorted_rows_as_each_expert_would_bit_for_bit(counts):
+    from llama4.model.moe import each_expert_on_its_rows
+
+    experts = _packed_experts()
+    assert experts.groups_in_one_call
+    x = torch.randn(sum(counts), 256, generator=torch.Generator().manual_seed(6)).bfloat16()
+    calls = []
+    real = amx_linear.linear_groups
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(amx_linear, "linear_groups", lambda *a: calls.append(a[2]) or real(*a))
+        got = experts.grouped(x, counts)
+    assert torch.equal(got, each_expert_on_its_rows(experts, x, counts))
+    one_call = max(counts) <= amx_linear.MAX_ROWS  # a group longer than a tile: expert by expert instead
+    assert calls == ([[c for c in counts if c]] * 2 if one_call else [])
+
+
+@needs_kernel
+def test_with_batch_invariance_packed_experts_take_the_grouped_path_and_match_the_one_tile_path():
+    from llama4.model import moe, ops
+
+    experts = _packed_experts()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(7, 256, generator=g).bfloat16()
+    ids = torch.tensor([[0], [3], [3], [5], [0], [1], [3]])
+    scores = torch.rand(7, 1, generator=g).bfloat16()
+    one_tile_path = moe._one_tile_experts
+    previous = ops.set_batch_invariant(True)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(moe, "_one_tile_experts", lambda *a: pytest.fail("took the one-tile path"))
+            grouped = moe.sparse_experts(x, ids, scores, experts)
+        one_tile = one_tile_path(x, ids.flatten(), scores, experts)
+    finally:
+        ops.set_batch_invariant(previous)
+    assert torch.equal(grouped, one_tile)

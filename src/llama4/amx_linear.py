@@ -83,6 +83,10 @@ def library() -> ctypes.CDLL | None:
     lib.llama4_amx_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.llama4_amx_linear.restype = None
+    lib.llama4_amx_linear_groups.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_int64),
+                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                             ctypes.c_void_p, ctypes.c_int]
+    lib.llama4_amx_linear_groups.restype = None
     _library = lib
     return lib
 
@@ -133,4 +137,17 @@ def linear(x: torch.Tensor, address: int, out_features: int) -> torch.Tensor:
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
     _library.llama4_amx_linear(address, out_features, x.shape[-1], x.data_ptr(), x.numel() // x.shape[-1],
                                y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def linear_groups(x: torch.Tensor, addresses: list[int], counts: list[int], out_features: int) -> torch.Tensor:
+    """Rows of x [N, I] bf16 in consecutive groups (``counts[g]`` rows each, 0 to MAX_ROWS), each group times
+    its own packed [O, I] weight at ``addresses[g]``, in one call -> [N, O]: each row exactly as
+    :func:`linear` computes it alone (the routed experts of a decode batch, rows sorted by expert)."""
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
+    groups = len(counts)
+    _library.llama4_amx_linear_groups((ctypes.c_uint64 * groups)(*addresses), (ctypes.c_int64 * groups)(*counts),
+                                      groups, out_features, x.shape[-1], x.data_ptr(), y.data_ptr(),
+                                      torch.get_num_threads())
     return y

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llama4 import amx_linear
-from llama4.model.moe import Experts, SwiGLU
+from llama4.model.moe import Experts, SwiGLU, each_expert_on_its_rows
 from llama4.model.ops import ROW_TILE, batch_invariant, row_tiled
 from llama4.model.transformer import QKVProjection
 
@@ -120,12 +120,14 @@ class PackedExperts(nn.Module):
         self.num_experts = experts.num_experts
         self.gate_up: list[PackedWeight] = []  # [2I, D] per expert
         self.down: list[PackedWeight] = []  # [D, I] per expert
+        self._on_kernel: bool | None = None
 
     def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """``gate_up`` [E, D, 2I] or ``down`` [E, I, D], in the checkpoint's x @ W layout."""
         if name not in ("gate_up", "down"):
             raise KeyError(f"PackedExperts has no tensor {name!r}")
         setattr(self, name, [_pack(tensor[e].t()) for e in range(self.num_experts)])
+        self._on_kernel = None
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
@@ -139,6 +141,26 @@ class PackedExperts(nn.Module):
     def _swiglu(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = _linear(x, self.gate_up[e]).chunk(2, dim=-1)
         return _linear(F.silu(gate) * up, self.down[e])
+
+    @property
+    def groups_in_one_call(self) -> bool:
+        """Whether every expert's weights are on the AMX kernel, which then runs all chosen experts of a
+        decode batch in one call per matrix (moe.sparse_experts groups the rows for it)."""
+        if self._on_kernel is None:
+            self._on_kernel = all(w.address is not None for w in (*self.gate_up, *self.down))
+        return self._on_kernel
+
+    def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Experts.grouped: rows sorted by expert. Up to a tile of rows per expert, one kernel call per
+        matrix for all chosen experts (each row as its own one-row product, as expert() computes it)."""
+        if not (self.groups_in_one_call and x.dtype == torch.bfloat16 and max(counts) <= amx_linear.MAX_ROWS):
+            return each_expert_on_its_rows(self, x, counts)
+        chosen = [e for e, count in enumerate(counts) if count]
+        rows = [counts[e] for e in chosen]
+        gate_up = amx_linear.linear_groups(x, [self.gate_up[e].address for e in chosen], rows, self.gate_up[0].shape[0])
+        gate, up = gate_up.chunk(2, dim=-1)
+        return amx_linear.linear_groups(F.silu(gate) * up, [self.down[e].address for e in chosen], rows,
+                                        self.down[0].shape[0])
 
     def unpack(self) -> Experts:
         first = self.gate_up[0]

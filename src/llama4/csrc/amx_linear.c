@@ -46,54 +46,80 @@ static void configure_tiles(int rows) {
     _tile_loadconfig(&cfg);
 }
 
-/* y [rows, O] bf16 (row stride O) = x [rows, I] bf16 (row stride I; I a multiple of 32; 1 <= rows <= 16)
- * times the packed weight w of an [O, I] linear, on up to `threads` threads of the OpenMP pool. */
-void llama4_amx_linear(const uint16_t *w, int64_t out_features, int64_t in_features, const uint16_t *x,
-                       int64_t rows, uint16_t *y, int threads) {
+/* One block of 64 outputs for `rows` rows of x: y[m, first:first+64] for m < rows (tiles configured for
+ * `rows` rows). */
+static void block_product(const uint16_t *block, int64_t in_blocks, int64_t in_features, const uint16_t *x,
+                          int64_t rows, uint16_t *y, int64_t out_features, int64_t first, float *out) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t b = 0; b < in_blocks; b++) {
+        const uint16_t *part = block + b * (OUT_BLOCK * IN_BLOCK);
+        const char *ahead = (const char *)part + PREFETCH_BYTES;
+        for (int line = 0; line < OUT_BLOCK * IN_BLOCK * 2 / 64; line++)
+            _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+        _tile_loadd(4, x + b * IN_BLOCK, in_features * 2);
+        _tile_loadd(5, part, OUT_BLOCK * 4);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, part + 32, OUT_BLOCK * 4);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(5, part + 64, OUT_BLOCK * 4);
+        _tile_dpbf16ps(2, 4, 5);
+        _tile_loadd(6, part + 96, OUT_BLOCK * 4);
+        _tile_dpbf16ps(3, 4, 6);
+    }
+    _tile_stored(0, out, OUT_BLOCK * 4);
+    _tile_stored(1, out + 16, OUT_BLOCK * 4);
+    _tile_stored(2, out + 32, OUT_BLOCK * 4);
+    _tile_stored(3, out + 48, OUT_BLOCK * 4);
+    const int64_t count = out_features - first < OUT_BLOCK ? out_features - first : OUT_BLOCK;
+    for (int64_t m = 0; m < rows; m++)
+        for (int j = 0; j < 4 && count > 16 * j; j++) {
+            const int64_t n = count - 16 * j;
+            const __mmask16 mask = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+            const __m256bh v = _mm512_cvtneps_pbh(_mm512_load_ps(out + m * OUT_BLOCK + 16 * j));
+            _mm256_mask_storeu_epi16(y + m * out_features + first + 16 * j, mask, (__m256i)v);
+        }
+}
+
+/* Groups of rows of x, each times its own packed [O, I] weight (the chosen experts of a decode batch, rows
+ * sorted by expert): rows [offset_g, offset_g + rows[g]) of x [sum(rows), I] times weights[g] -> the same
+ * rows of y [sum(rows), O]. 0 <= rows[g] <= 16; I a multiple of 32. One parallel pass over every group's
+ * output blocks, on up to `threads` threads of the OpenMP pool. */
+void llama4_amx_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t groups, int64_t out_features,
+                              int64_t in_features, const uint16_t *x, uint16_t *y, int threads) {
     const int64_t out_blocks = (out_features + OUT_BLOCK - 1) / OUT_BLOCK;
     const int64_t in_blocks = in_features / IN_BLOCK;
-    if (threads > out_blocks) threads = (int)out_blocks;
+    int64_t offsets[groups > 0 ? groups : 1];
+    for (int64_t g = 0, at = 0; g < groups; at += rows[g], g++) offsets[g] = at;
+    const int64_t items = groups * out_blocks;
+    if (threads > items) threads = (int)items;
     if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads)
     {
         float out[MAX_ROWS * OUT_BLOCK] __attribute__((aligned(64)));
-        configure_tiles((int)rows);
+        int64_t configured = 0;
 #pragma omp for schedule(static)
-        for (int64_t ob = 0; ob < out_blocks; ob++) {
-            const uint16_t *block = w + ob * in_blocks * (OUT_BLOCK * IN_BLOCK);
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int64_t b = 0; b < in_blocks; b++) {
-                const uint16_t *part = block + b * (OUT_BLOCK * IN_BLOCK);
-                const char *ahead = (const char *)part + PREFETCH_BYTES;
-                for (int line = 0; line < OUT_BLOCK * IN_BLOCK * 2 / 64; line++)
-                    _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
-                _tile_loadd(4, x + b * IN_BLOCK, in_features * 2);
-                _tile_loadd(5, part, OUT_BLOCK * 4);
-                _tile_dpbf16ps(0, 4, 5);
-                _tile_loadd(6, part + 32, OUT_BLOCK * 4);
-                _tile_dpbf16ps(1, 4, 6);
-                _tile_loadd(5, part + 64, OUT_BLOCK * 4);
-                _tile_dpbf16ps(2, 4, 5);
-                _tile_loadd(6, part + 96, OUT_BLOCK * 4);
-                _tile_dpbf16ps(3, 4, 6);
+        for (int64_t item = 0; item < items; item++) {
+            const int64_t g = item / out_blocks, ob = item % out_blocks;
+            if (rows[g] == 0) continue;
+            if (rows[g] != configured) {
+                configure_tiles((int)rows[g]);
+                configured = rows[g];
             }
-            _tile_stored(0, out, OUT_BLOCK * 4);
-            _tile_stored(1, out + 16, OUT_BLOCK * 4);
-            _tile_stored(2, out + 32, OUT_BLOCK * 4);
-            _tile_stored(3, out + 48, OUT_BLOCK * 4);
-            const int64_t first = ob * OUT_BLOCK;
-            const int64_t count = out_features - first < OUT_BLOCK ? out_features - first : OUT_BLOCK;
-            for (int64_t m = 0; m < rows; m++)
-                for (int j = 0; j < 4 && count > 16 * j; j++) {
-                    const int64_t n = count - 16 * j;
-                    const __mmask16 mask = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
-                    const __m256bh v = _mm512_cvtneps_pbh(_mm512_load_ps(out + m * OUT_BLOCK + 16 * j));
-                    _mm256_mask_storeu_epi16(y + m * out_features + first + 16 * j, mask, (__m256i)v);
-                }
+            const uint16_t *block = (const uint16_t *)(uintptr_t)weights[g] + ob * in_blocks * (OUT_BLOCK * IN_BLOCK);
+            block_product(block, in_blocks, in_features, x + offsets[g] * in_features, rows[g],
+                          y + offsets[g] * out_features, out_features, ob * OUT_BLOCK, out);
         }
-        _tile_release(); /* no tile state left for the OS to save, nor for oneDNN to find */
+        if (configured) _tile_release(); /* no tile state left for the OS to save, nor for oneDNN to find */
     }
+}
+
+/* y [rows, O] bf16 (row stride O) = x [rows, I] bf16 (row stride I; I a multiple of 32; 1 <= rows <= 16)
+ * times the packed weight w of an [O, I] linear: one group. */
+void llama4_amx_linear(const uint16_t *w, int64_t out_features, int64_t in_features, const uint16_t *x,
+                       int64_t rows, uint16_t *y, int threads) {
+    const uint64_t weight = (uint64_t)(uintptr_t)w;
+    llama4_amx_linear_groups(&weight, &rows, 1, out_features, in_features, x, y, threads);
 }

@@ -48,6 +48,11 @@ class Experts(nn.Module):
         """Expert e on its tokens x [n, D] -> [n, D] (a few tokens in fixed row tiles: batch-invariant)."""
         return row_tiled(lambda rows: self._swiglu(e, rows), x)
 
+    def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Tokens sorted by expert, x [sum(counts), D] (``counts[e]`` rows for expert e) -> each row's expert
+        output [sum(counts), D]."""
+        return each_expert_on_its_rows(self, x, counts)
+
     def _swiglu(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = (x @ self.gate_up[e]).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.down[e]
@@ -74,8 +79,8 @@ def route(router_logits: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[
 def sparse_experts(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor, experts: nn.Module) -> torch.Tensor:
     """Routed output for x [N, D]: sum over the chosen experts of expert(score * x). Only chosen experts run.
 
-    Assignments are sorted by expert so each expert multiplies one contiguous block of its tokens; the
-    results are written in place into one buffer and scattered back to token order once.
+    Assignments are sorted by expert so each expert multiplies one contiguous block of its tokens
+    (``experts.grouped``); the results are scattered back to token order once.
     """
     n, k = expert_ids.shape
     if n == 0:
@@ -83,21 +88,27 @@ def sparse_experts(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tens
     flat_ids = expert_ids.reshape(-1)
     if n * k == 1:  # one token, one expert (decode): no grouping needed
         return experts.expert(int(flat_ids), x * scores)
-    if k == 1 and n <= ROW_TILE and batch_invariant() and x.is_cpu:
+    if k == 1 and n <= ROW_TILE and batch_invariant() and x.is_cpu and not getattr(experts, "groups_in_one_call", False):
         return _one_tile_experts(x, flat_ids, scores, experts)
     order = flat_ids.argsort(stable=True)  # assignments grouped by expert, token order kept within one
     token_of = order // k
     scaled = x[token_of] * scores.reshape(-1)[order, None]  # the score scales the expert's *input*
     counts = torch.bincount(flat_ids, minlength=experts.num_experts).tolist()
-    routed = torch.empty_like(scaled)
-    offset = 0
-    for e, count in enumerate(counts):
-        if count:
-            routed[offset:offset + count] = experts.expert(e, scaled[offset:offset + count])
-            offset += count
+    routed = experts.grouped(scaled, counts)
     if k == 1:
         return torch.empty_like(x).index_copy_(0, token_of, routed)
     return torch.zeros_like(x).index_add_(0, token_of, routed)
+
+
+def each_expert_on_its_rows(experts: nn.Module, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Experts.grouped by the definition: each expert multiplies its own block of rows."""
+    out = torch.empty_like(x)
+    offset = 0
+    for e, count in enumerate(counts):
+        if count:
+            out[offset:offset + count] = experts.expert(e, x[offset:offset + count])
+            offset += count
+    return out
 
 
 def _one_tile_experts(x: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, experts: nn.Module) -> torch.Tensor:
