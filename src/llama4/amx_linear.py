@@ -5,8 +5,8 @@ A decode step multiplies one to a few rows by every weight matrix once, so it is
 weights stream from memory and by the fixed cost of each call. Through torch, oneDNN's packed linear
 costs ~20-30 us a call whatever the size (tens of calls per token) and streams the weights at 8-24 GB/s
 here, falling into a slow mode for seconds at a time; the kernel reads the same packed buffer (oneDNN's
-AB16b64a2b layout, which is AMX's operand layout) front to back with software prefetch, at ~10 us a call
-and 16-26 GB/s without the slow mode (docs/PERFORMANCE.md). It computes what oneDNN's one-row product
+AB16b64a2b layout, which is AMX's operand layout) front to back with software prefetch, at ~7-10 us a
+call and ~20-25 GB/s, without the slow mode (bench/linear.py). It computes what oneDNN's one-row product
 computes, bit for bit, and a row's result does not depend on the other rows. No second copy of the
 weights: it reads oneDNN's buffer.
 

@@ -3,7 +3,8 @@
 On CPUs, ``F.linear`` on plain row-major weights reaches about 20-25 GB/s for one-token decode and
 ~450 GFLOP/s for bf16 prefill here; the same weights reordered once into oneDNN's blocked layout run
 the same products at ~55 GB/s and ~900 GFLOP/s (bench/forward.py, bench/generate.py), with identical
-bf16 results. Packing replaces modules of a finished model (the model code is unchanged and stays the
+bf16 results. Products of up to 16 rows (decode) run on the AMX kernel of amx_linear, which reads the
+same packed buffers. Packing replaces modules of a finished model (the model code is unchanged and stays the
 reference); :func:`unpacked` restores plain weights, e.g. for saving. The router stays unpacked so that
 expert choice is computed exactly as the reference computes it.
 """
@@ -52,10 +53,6 @@ class PackedWeight:
         return self.tensor.to_dense()
 
 
-def _pack(weight: torch.Tensor) -> PackedWeight:
-    return PackedWeight(weight)
-
-
 def _linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     # Up to one tile of rows (a decode step; with batch invariance, every product) on the AMX kernel:
     # each row as oneDNN computes a one-row product, whatever the row count.
@@ -87,7 +84,7 @@ class PackedLinear(nn.Module):
 
     def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
         if name == "weight":
-            self.packed = _pack(tensor)
+            self.packed = PackedWeight(tensor)
         elif name == "bias" and self.has_bias:
             self.bias = nn.Parameter(tensor.detach(), requires_grad=False)
         else:
@@ -126,7 +123,7 @@ class PackedExperts(nn.Module):
         """``gate_up`` [E, D, 2I] or ``down`` [E, I, D], in the checkpoint's x @ W layout."""
         if name not in ("gate_up", "down"):
             raise KeyError(f"PackedExperts has no tensor {name!r}")
-        setattr(self, name, [_pack(tensor[e].t()) for e in range(self.num_experts)])
+        setattr(self, name, [PackedWeight(tensor[e].t()) for e in range(self.num_experts)])
         self._on_kernel = None
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -157,8 +154,8 @@ class PackedExperts(nn.Module):
             return each_expert_on_its_rows(self, x, counts)
         chosen = [e for e, count in enumerate(counts) if count]
         rows = [counts[e] for e in chosen]
-        gate_up = amx_linear.linear_groups(x, [self.gate_up[e].address for e in chosen], rows, self.gate_up[0].shape[0])
-        gate, up = gate_up.chunk(2, dim=-1)
+        gate, up = amx_linear.linear_groups(x, [self.gate_up[e].address for e in chosen], rows,
+                                            self.gate_up[0].shape[0]).chunk(2, dim=-1)
         return amx_linear.linear_groups(F.silu(gate) * up, [self.down[e].address for e in chosen], rows,
                                         self.down[0].shape[0])
 
@@ -186,7 +183,7 @@ class _FusedLinears(nn.Module):
             raise KeyError(f"no fused part {name!r}; parts: {list(self.sizes)}")
         self.pending[name] = tensor.detach()
         if len(self.pending) == len(self.sizes):  # all parts read: pack them as one [sum(out), in] matrix
-            self.packed = _pack(torch.cat([self.pending[n] for n in self.sizes]))
+            self.packed = PackedWeight(torch.cat([self.pending[n] for n in self.sizes]))
             self.pending = {}
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -35,6 +35,8 @@ class Experts(nn.Module):
     gate_up [E, D, 2I]: columns [:I] feed silu (gate), [I:] are the up projection; down [E, I, D].
     """
 
+    groups_in_one_call = False  # grouped() multiplies expert by expert (a stand-in may do all at once)
+
     def __init__(self, num_experts: int, dim: int, hidden: int):
         super().__init__()
         self.gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
@@ -88,7 +90,7 @@ def sparse_experts(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tens
     flat_ids = expert_ids.reshape(-1)
     if n * k == 1:  # one token, one expert (decode): no grouping needed
         return experts.expert(int(flat_ids), x * scores)
-    if k == 1 and n <= ROW_TILE and batch_invariant() and x.is_cpu and not getattr(experts, "groups_in_one_call", False):
+    if k == 1 and n <= ROW_TILE and batch_invariant() and x.is_cpu and not experts.groups_in_one_call:
         return _one_tile_experts(x, flat_ids, scores, experts)
     order = flat_ids.argsort(stable=True)  # assignments grouped by expert, token order kept within one
     token_of = order // k

@@ -108,7 +108,8 @@ class Attention(nn.Module):
         elif valid is not None:  # each row exactly as its solo step, one call per length
             out = ragged_decode_attention(q, k, v, valid)
         elif invariant:  # each token exactly as its own decode step (bucketed)
-            out = rowwise_causal_attention(q, k, v, tables.starts[0], k_start, self.chunk if self.spec.chunked else None)
+            window = self.chunk if self.spec.chunked else None
+            out = rowwise_causal_attention(q, k, v, tables.starts[0], k_start, window)
         elif self.spec.chunked:
             out = chunked_causal_attention(q, k, v, tables.starts[0], k_start, self.chunk)
         else:
