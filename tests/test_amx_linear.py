@@ -223,3 +223,52 @@ def test_with_batch_invariance_packed_experts_take_the_grouped_path_and_match_th
     finally:
         ops.set_batch_invariant(previous)
     assert torch.equal(grouped, one_tile)
+
+
+def _packed_shared(dim: int = 256, hidden: int = 128):
+    from llama4.model.moe import SwiGLU
+
+    mlp = SwiGLU(dim, hidden)
+    g = torch.Generator().manual_seed(8)
+    packed = cpu_packing.PackedSwiGLU(mlp)
+    for name, tensor in mlp.named_parameters():
+        packed.load_tensor(name, (torch.randn(tensor.shape, generator=g) * tensor.shape[1] ** -0.5).bfloat16())
+    return packed
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+@pytest.mark.parametrize("invariant", [False, True])
+def test_shared_and_routed_experts_in_one_call_per_matrix_give_the_same_bits(rows, invariant):
+    from llama4.model import ops
+    from llama4.model.moe import shared_plus_routed
+
+    experts, shared = _packed_experts(), _packed_shared()
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(rows, 256, generator=g).bfloat16()
+    ids = torch.randint(6, (rows, 1), generator=g)
+    scores = torch.rand(rows, 1, generator=g).bfloat16()
+    calls = []
+    real = amx_linear.linear_groups
+    previous = ops.set_batch_invariant(invariant)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(amx_linear, "linear_groups", lambda *a: calls.append(a[2]) or real(*a))
+            got = experts.with_shared(shared, x, ids, scores)
+        reference = shared_plus_routed(experts, shared, x, ids, scores)
+    finally:
+        ops.set_batch_invariant(previous)
+    assert torch.equal(got, reference)
+    if rows <= amx_linear.MAX_ROWS:  # fused: the shared expert's rows first, then each chosen expert's
+        counts = torch.bincount(ids.flatten(), minlength=6).tolist()
+        assert calls[:2] == [[rows] + [c for c in counts if c]] * 2
+
+
+@needs_kernel
+def test_top2_routing_keeps_the_shared_expert_apart():
+    experts, shared = _packed_experts(), _packed_shared()
+    x = torch.randn(4, 256).bfloat16()
+    ids, scores = torch.tensor([[0, 1], [2, 3], [1, 4], [5, 0]]), torch.rand(4, 2).bfloat16()
+    from llama4.model.moe import shared_plus_routed
+
+    assert torch.equal(experts.with_shared(shared, x, ids, scores), shared_plus_routed(experts, shared, x, ids, scores))

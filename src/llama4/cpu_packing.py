@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llama4 import amx_linear
-from llama4.model.moe import Experts, SwiGLU, each_expert_on_its_rows
+from llama4.model.moe import Experts, SwiGLU, each_expert_on_its_rows, shared_plus_routed
 from llama4.model.ops import ROW_TILE, batch_invariant, row_tiled
 from llama4.model.transformer import QKVProjection
 
@@ -158,6 +158,32 @@ class PackedExperts(nn.Module):
                                             self.gate_up[0].shape[0]).chunk(2, dim=-1)
         return amx_linear.linear_groups(F.silu(gate) * up, [self.down[e].address for e in chosen], rows,
                                         self.down[0].shape[0])
+
+    def with_shared(self, shared: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor,
+                    scores: torch.Tensor) -> torch.Tensor:
+        """Experts.with_shared. A top-1 decode batch (up to a tile of rows) with the shared expert on the
+        kernel too and of the experts' width: the shared expert's rows and the chosen experts' rows go
+        through one kernel call per matrix (each row as its own one-row product: the same bits)."""
+        n = x.shape[0]
+        fused = (isinstance(shared, PackedSwiGLU) and shared.packed is not None and expert_ids.shape[1] == 1
+                 and 0 < n <= amx_linear.MAX_ROWS and x.dtype == torch.bfloat16 and self.groups_in_one_call
+                 and shared.packed.address is not None and shared.down.packed.address is not None
+                 and shared.packed.shape == self.gate_up[0].shape)
+        if not fused:
+            return shared_plus_routed(self, shared, x, expert_ids, scores)
+        flat_ids = expert_ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)  # rows grouped by expert, token order kept within one
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        chosen = [e for e, count in enumerate(counts) if count]
+        rows = [n] + [counts[e] for e in chosen]
+        inputs = torch.cat((x, x[order] * scores.reshape(-1)[order, None]))  # the score scales the input
+        gate, up = amx_linear.linear_groups(inputs, [shared.packed.address] + [self.gate_up[e].address for e in chosen],
+                                            rows, self.gate_up[0].shape[0]).chunk(2, dim=-1)
+        both = amx_linear.linear_groups(F.silu(gate) * up, [shared.down.packed.address] +
+                                        [self.down[e].address for e in chosen], rows, self.down[0].shape[0])
+        out = both[:n]
+        out += torch.empty_like(x).index_copy_(0, order, both[n:])
+        return out
 
     def unpack(self) -> Experts:
         first = self.gate_up[0]

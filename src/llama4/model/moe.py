@@ -55,6 +55,11 @@ class Experts(nn.Module):
         output [sum(counts), D]."""
         return each_expert_on_its_rows(self, x, counts)
 
+    def with_shared(self, shared: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor,
+                    scores: torch.Tensor) -> torch.Tensor:
+        """The MoE output for x [N, D]: the shared expert on x plus the chosen experts on score-scaled x."""
+        return shared_plus_routed(self, shared, x, expert_ids, scores)
+
     def _swiglu(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = (x @ self.gate_up[e]).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.down[e]
@@ -102,6 +107,14 @@ def sparse_experts(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tens
     return torch.zeros_like(x).index_add_(0, token_of, routed)
 
 
+def shared_plus_routed(experts: nn.Module, shared: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor,
+                       scores: torch.Tensor) -> torch.Tensor:
+    """Experts.with_shared by the definition: shared(x) + sparse_experts(...), added in place."""
+    out = shared(x)
+    out += sparse_experts(x, expert_ids, scores, experts)
+    return out
+
+
 def each_expert_on_its_rows(experts: nn.Module, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Experts.grouped by the definition: each expert multiplies its own block of rows."""
     out = torch.empty_like(x)
@@ -141,9 +154,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         expert_ids, scores = route(self.router(flat), self.top_k, flat.dtype)
-        out = self.shared(flat)
-        out += sparse_experts(flat, expert_ids, scores, self.experts)
-        return out.reshape(shape)
+        return self.experts.with_shared(self.shared, flat, expert_ids, scores).reshape(shape)
 
 
 def dense_moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
