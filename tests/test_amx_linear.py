@@ -272,3 +272,34 @@ def test_top2_routing_keeps_the_shared_expert_apart():
     from llama4.model.moe import shared_plus_routed
 
     assert torch.equal(experts.with_shared(shared, x, ids, scores), shared_plus_routed(experts, shared, x, ids, scores))
+
+
+@needs_kernel
+@pytest.mark.parametrize("experts,dim", [(16, 1024), (128, 5120), (4, 256)])
+def test_the_packed_router_gives_the_plain_routers_bits(experts, dim):
+    """Up to a tile of rows: each row's one-row plain product (the kernel); longer inputs: the plain product."""
+    from llama4.model.moe import Router
+
+    router = Router(dim, experts, bias=False)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(experts, dim, generator=torch.Generator().manual_seed(10)) * 0.02)
+    router = router.bfloat16()
+    packed = cpu_packing.PackedRouter(router)
+    packed.load_tensor("weight", router.weight.detach())
+    assert packed.packed.address is not None
+    x = torch.randn(40, dim, generator=torch.Generator().manual_seed(11)).bfloat16()
+    with torch.no_grad():
+        for rows in (1, 5, 16):
+            got = packed(x[:rows])
+            assert torch.equal(got, torch.cat([router(x[r:r + 1]) for r in range(rows)]))
+        assert torch.equal(packed(x), router(x))
+    assert torch.equal(packed.unpack().weight, router.weight)
+
+
+def test_a_packed_models_routers_keep_their_plain_weight(tmp_path):
+    model = llama4.load_model(dtype=torch.bfloat16)
+    routers = [m for m in model.modules() if isinstance(m, cpu_packing.PackedRouter)]
+    assert routers and all(r.weight.dtype == torch.bfloat16 and r.weight.device.type == "cpu" for r in routers)
+    llama4.save_model(model, tmp_path)
+    reloaded = llama4.load_model(tmp_path, dtype=torch.bfloat16, pack=False)
+    assert torch.equal(reloaded.text.layers[0].ffn.router.weight, routers[0].weight)

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import llama4
-from llama4.cpu_packing import (PackedExperts, PackedLinear, PackedQKV, PackedSwiGLU, ROW_BUCKET, pack_model,
-                                packing_supported, unpack_model)
+from llama4.cpu_packing import (PackedExperts, PackedLinear, PackedQKV, PackedRouter, PackedSwiGLU, ROW_BUCKET,
+                                pack_model, packing_supported, unpack_model)
 from llama4.model.moe import Experts
 from llama4.presets import text_config
 
@@ -29,11 +29,14 @@ def plain():
     return llama4.random_model(llama4.ModelConfig(text=cfg), std=0.2, seed=4)
 
 
-def test_every_target_is_swapped_and_routers_stay_plain(plain):
+def test_every_target_is_swapped_and_routers_keep_their_plain_weight(plain):
     packed = pack_model(copy.deepcopy(plain))
     kinds = {type(m) for m in packed.modules()}
-    assert {PackedQKV, PackedSwiGLU, PackedExperts, PackedLinear} <= kinds
-    assert all(isinstance(layer.ffn.router, torch.nn.Linear) for layer in packed.text.layers if hasattr(layer.ffn, "router"))
+    assert {PackedQKV, PackedSwiGLU, PackedExperts, PackedLinear, PackedRouter} <= kinds
+    for layer, reference in zip(packed.text.layers, plain.text.layers):
+        if hasattr(layer.ffn, "router"):
+            assert isinstance(layer.ffn.router, PackedRouter)
+            assert torch.equal(layer.ffn.router.weight, reference.ffn.router.weight)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])

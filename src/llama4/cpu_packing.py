@@ -5,8 +5,9 @@ On CPUs, ``F.linear`` on plain row-major weights reaches about 20-25 GB/s for on
 the same products at ~55 GB/s and ~900 GFLOP/s (bench/forward.py, bench/generate.py), with identical
 bf16 results. Products of up to 16 rows (decode) run on the AMX kernel of amx_linear, which reads the
 same packed buffers. Packing replaces modules of a finished model (the model code is unchanged and stays the
-reference); :func:`unpacked` restores plain weights, e.g. for saving. The router stays unpacked so that
-expert choice is computed exactly as the reference computes it.
+reference); :func:`unpacked` restores plain weights, e.g. for saving. The routers keep their plain weight,
+so that expert choice is computed exactly as the reference computes it, and add a packed copy whose
+one-row products (decode) are the same bits.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llama4 import amx_linear
-from llama4.model.moe import Experts, SwiGLU, each_expert_on_its_rows, shared_plus_routed
+from llama4.model.moe import Experts, Router, SwiGLU, each_expert_on_its_rows, shared_plus_routed
 from llama4.model.ops import ROW_TILE, batch_invariant, row_tiled
 from llama4.model.transformer import QKVProjection
 
@@ -272,6 +273,37 @@ class PackedSwiGLU(_FusedLinears):
         return mlp
 
 
+class PackedRouter(Router):
+    """The MoE router, keeping its plain weight (the reference product, as transformers computes it) and,
+    beside it, a packed copy for the AMX kernel (128 KB a layer for Scout): inputs of up to a tile of rows
+    (a decode step; with batch invariance every tile) get each row's one-row product, which is what the
+    plain product computes for one row, bit for bit (tested); longer inputs keep the plain product."""
+
+    def __init__(self, router: Router):
+        super().__init__(router.in_features, router.out_features, bias=False, device="meta")
+        self.packed: PackedWeight | None = None
+
+    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        if name != "weight":
+            raise KeyError(f"PackedRouter has no tensor {name!r}")
+        self.weight = nn.Parameter(tensor.detach(), requires_grad=False)
+        self.packed = PackedWeight(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return row_tiled(self._product, x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.packed is not None and self.packed.address is not None and x.dtype == torch.bfloat16
+                and 0 < x.numel() <= amx_linear.MAX_ROWS * x.shape[-1]):
+            return amx_linear.linear(x, self.packed.address, self.out_features)
+        return F.linear(x, self.weight)
+
+    def unpack(self) -> Router:
+        router = Router(self.in_features, self.out_features, bias=False, device="meta")
+        router.weight = self.weight
+        return router
+
+
 COMPOSITES = (QKVProjection, SwiGLU, Experts)
 
 
@@ -283,7 +315,7 @@ def _swap_targets(model: nn.Module) -> list[tuple[str, str]]:
         if isinstance(module, COMPOSITES):
             continue
         for name, child in module.named_children():
-            if isinstance(child, COMPOSITES) or (isinstance(child, nn.Linear) and name != "router"):
+            if isinstance(child, COMPOSITES) or isinstance(child, nn.Linear):
                 targets.append((parent, name))
     return targets
 
@@ -295,6 +327,8 @@ def _packed_shell(child: nn.Module) -> nn.Module:
         return PackedQKV(child)
     if isinstance(child, SwiGLU):
         return PackedSwiGLU(child)
+    if isinstance(child, Router):
+        return PackedRouter(child)
     return PackedLinear(child)
 
 
@@ -308,7 +342,8 @@ def pack_shells(model: nn.Module) -> nn.Module:
 
 
 def pack_model(model: nn.Module) -> nn.Module:
-    """Pack every linear (but the MoE routers) and the expert weights of a loaded model in place."""
+    """Pack every linear and the expert weights of a loaded model in place (the MoE routers keep their plain
+    weight beside the packed one)."""
     for parent_name, name in _swap_targets(model):
         parent = model.get_submodule(parent_name)
         child = getattr(parent, name)
@@ -324,7 +359,7 @@ def pack_model(model: nn.Module) -> nn.Module:
 def unpack_model(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, (PackedLinear, PackedExperts, PackedQKV, PackedSwiGLU)):
+            if isinstance(child, (PackedLinear, PackedExperts, PackedQKV, PackedSwiGLU, PackedRouter)):
                 setattr(module, name, child.unpack())
     model.packed = False
     return model
