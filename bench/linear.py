@@ -36,7 +36,7 @@ def onednn(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
 
 
 def kernel(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
-    return amx_linear.linear(x, weight.address, weight.shape[0])
+    return amx_linear.linear(x, weight.address, weight.shape)
 
 
 def call_cost(fn, x: torch.Tensor, weight: PackedWeight, calls: int = 3000) -> float:

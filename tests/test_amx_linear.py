@@ -54,7 +54,7 @@ def test_kernel_is_oneDNNs_one_row_product_bit_for_bit_and_within_a_rounding_of_
     weight = _weight(out_features, in_features, seed=rows)
     packed = PackedWeight(weight)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).bfloat16()
-    got = amx_linear.linear(x, packed.address, out_features)
+    got = amx_linear.linear(x, packed.address, packed.shape)
     assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16
     exact = x.double() @ weight.double().t()
     assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()  # one bf16 rounding
@@ -67,13 +67,13 @@ def test_a_rows_result_does_not_depend_on_its_companions_or_the_thread_count():
     weight = _weight(1000, 1024)
     packed = PackedWeight(weight)
     x = torch.randn(16, 1024, generator=torch.Generator().manual_seed(2)).bfloat16()
-    together = amx_linear.linear(x, packed.address, 1000)
+    together = amx_linear.linear(x, packed.address, packed.shape)
     previous = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             for start, stop in ((0, 1), (3, 7), (5, 16), (15, 16)):
-                assert torch.equal(amx_linear.linear(x[start:stop], packed.address, 1000), together[start:stop])
+                assert torch.equal(amx_linear.linear(x[start:stop], packed.address, packed.shape), together[start:stop])
     finally:
         torch.set_num_threads(previous)
 
@@ -163,11 +163,11 @@ def test_groups_in_one_call_equal_each_group_alone_bit_for_bit():
     weights = [PackedWeight(_weight(200, 256, seed=s)) for s in range(5)]
     counts = [3, 0, 16, 1, 2]
     x = torch.randn(sum(counts), 256, generator=torch.Generator().manual_seed(4)).bfloat16()
-    got = amx_linear.linear_groups(x, [w.address for w in weights], counts, 200)
+    got = amx_linear.linear_groups(x, [w.address for w in weights], counts, (200, 256))
     at = 0
     for w, count in zip(weights, counts):
         if count:
-            assert torch.equal(got[at:at + count], amx_linear.linear(x[at:at + count], w.address, 200))
+            assert torch.equal(got[at:at + count], amx_linear.linear(x[at:at + count], w.address, w.shape))
         at += count
     assert at == got.shape[0]
 
@@ -303,3 +303,19 @@ def test_a_packed_models_routers_keep_their_plain_weight(tmp_path):
     llama4.save_model(model, tmp_path)
     reloaded = llama4.load_model(tmp_path, dtype=torch.bfloat16, pack=False)
     assert torch.equal(reloaded.text.layers[0].ffn.router.weight, routers[0].weight)
+
+
+@needs_kernel
+def test_inputs_the_kernel_cannot_take_are_refused_before_it_runs():
+    packed = PackedWeight(_weight(64, 256))
+    for bad in (torch.randn(1, 128).bfloat16(), torch.randn(17, 256).bfloat16(), torch.randn(0, 256).bfloat16(),
+                torch.randn(2, 256)):
+        with pytest.raises(ValueError, match="amx_linear takes 1 to 16 bf16 rows of 256 inputs"):
+            amx_linear.linear(bad, packed.address, packed.shape)
+    address = packed.address
+    cases = [(torch.randn(3, 256).bfloat16(), [address] * 2, [2, 2]),  # rows do not add up to the input
+             (torch.randn(3, 256).bfloat16(), [address] * 2, [3]),  # one weight per group
+             (torch.randn(17, 256).bfloat16(), [address], [17])]  # more than a tile in a group
+    for rows, addresses, counts in cases:
+        with pytest.raises(ValueError, match="amx_linear groups take"):
+            amx_linear.linear_groups(rows, addresses, counts, packed.shape)

@@ -131,23 +131,35 @@ def readable(weight: torch.Tensor, packed: torch.Tensor) -> bool:
     return torch.equal(flat[blocked_index(out_index, in_index, in_features)], weight[out_index, in_index])
 
 
-def linear(x: torch.Tensor, address: int, out_features: int) -> torch.Tensor:
-    """x [..., I] bf16 (1 to MAX_ROWS rows) times the packed [O, I] weight at ``address`` -> [..., O]."""
+def linear(x: torch.Tensor, address: int, shape: tuple[int, int]) -> torch.Tensor:
+    """x [..., I] bf16 (1 to MAX_ROWS rows) times the packed weight of ``shape`` [O, I] at ``address`` ->
+    [..., O]. Inputs the kernel cannot take are refused (the kernel itself checks nothing)."""
+    out_features, in_features = shape
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.dtype != torch.bfloat16 or x.shape[-1] != in_features or not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"amx_linear takes 1 to {MAX_ROWS} bf16 rows of {in_features} inputs, got {x.dtype} "
+                         f"{tuple(x.shape)}")
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
-    _library.llama4_amx_linear(address, out_features, x.shape[-1], x.data_ptr(), x.numel() // x.shape[-1],
-                               y.data_ptr(), torch.get_num_threads())
+    _library.llama4_amx_linear(address, out_features, in_features, x.data_ptr(), rows, y.data_ptr(),
+                               torch.get_num_threads())
     return y
 
 
-def linear_groups(x: torch.Tensor, addresses: list[int], counts: list[int], out_features: int) -> torch.Tensor:
+def linear_groups(x: torch.Tensor, addresses: list[int], counts: list[int], shape: tuple[int, int]) -> torch.Tensor:
     """Rows of x [N, I] bf16 in consecutive groups (``counts[g]`` rows each, 0 to MAX_ROWS), each group times
-    its own packed [O, I] weight at ``addresses[g]``, in one call -> [N, O]: each row exactly as
+    its own packed weight of ``shape`` [O, I] at ``addresses[g]``, in one call -> [N, O]: each row exactly as
     :func:`linear` computes it alone (the routed experts of a decode batch, rows sorted by expert)."""
+    out_features, in_features = shape
+    if (x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != in_features or len(addresses) != len(counts)
+            or sum(counts) != x.shape[0] or not all(0 <= c <= MAX_ROWS for c in counts)):
+        raise ValueError(f"amx_linear groups take bf16 rows of {in_features} inputs, 0 to {MAX_ROWS} per group and "
+                         f"one weight per group; got {x.dtype} {tuple(x.shape)}, counts {counts}, "
+                         f"{len(addresses)} weights")
     x = x.contiguous()
     y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
     groups = len(counts)
     _library.llama4_amx_linear_groups((ctypes.c_uint64 * groups)(*addresses), (ctypes.c_int64 * groups)(*counts),
-                                      groups, out_features, x.shape[-1], x.data_ptr(), y.data_ptr(),
+                                      groups, out_features, in_features, x.data_ptr(), y.data_ptr(),
                                       torch.get_num_threads())
     return y

@@ -59,7 +59,7 @@ def _linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = N
     # each row as oneDNN computes a one-row product, whatever the row count.
     if (weight.address is not None and bias is None and 0 < x.numel() <= amx_linear.MAX_ROWS * x.shape[-1]
             and x.dtype == torch.bfloat16):
-        return amx_linear.linear(x, weight.address, weight.shape[0])
+        return amx_linear.linear(x, weight.address, weight.shape)
     # the resolved overload: calling the op packet looks the overload up in Python on every call
     return torch.ops.mkldnn._linear_pointwise.default(x, weight.tensor, bias, "none", [], "")
 
@@ -156,9 +156,9 @@ class PackedExperts(nn.Module):
         chosen = [e for e, count in enumerate(counts) if count]
         rows = [counts[e] for e in chosen]
         gate, up = amx_linear.linear_groups(x, [self.gate_up[e].address for e in chosen], rows,
-                                            self.gate_up[0].shape[0]).chunk(2, dim=-1)
+                                            self.gate_up[0].shape).chunk(2, dim=-1)
         return amx_linear.linear_groups(F.silu(gate) * up, [self.down[e].address for e in chosen], rows,
-                                        self.down[0].shape[0])
+                                        self.down[0].shape)
 
     def with_shared(self, shared: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor,
                     scores: torch.Tensor) -> torch.Tensor:
@@ -179,9 +179,9 @@ class PackedExperts(nn.Module):
         rows = [n] + [counts[e] for e in chosen]
         inputs = torch.cat((x, x[order] * scores.reshape(-1)[order, None]))  # the score scales the input
         gate, up = amx_linear.linear_groups(inputs, [shared.packed.address] + [self.gate_up[e].address for e in chosen],
-                                            rows, self.gate_up[0].shape[0]).chunk(2, dim=-1)
+                                            rows, self.gate_up[0].shape).chunk(2, dim=-1)
         both = amx_linear.linear_groups(F.silu(gate) * up, [shared.down.packed.address] +
-                                        [self.down[e].address for e in chosen], rows, self.down[0].shape[0])
+                                        [self.down[e].address for e in chosen], rows, self.down[0].shape)
         out = both[:n]
         out += torch.empty_like(x).index_copy_(0, order, both[n:])
         return out
@@ -295,7 +295,7 @@ class PackedRouter(Router):
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if (self.packed is not None and self.packed.address is not None and x.dtype == torch.bfloat16
                 and 0 < x.numel() <= amx_linear.MAX_ROWS * x.shape[-1]):
-            return amx_linear.linear(x, self.packed.address, self.out_features)
+            return amx_linear.linear(x, self.packed.address, self.packed.shape)
         return F.linear(x, self.weight)
 
     def unpack(self) -> Router:
