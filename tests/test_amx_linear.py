@@ -278,6 +278,7 @@ def test_top2_routing_keeps_the_shared_expert_apart():
 @pytest.mark.parametrize("experts,dim", [(16, 1024), (128, 5120), (4, 256)])
 def test_the_packed_router_gives_the_plain_routers_bits(experts, dim):
     """Up to a tile of rows: each row's one-row plain product (the kernel); longer inputs: the plain product."""
+    from llama4.model import ops
     from llama4.model.moe import Router
 
     router = Router(dim, experts, bias=False)
@@ -288,11 +289,17 @@ def test_the_packed_router_gives_the_plain_routers_bits(experts, dim):
     packed.load_tensor("weight", router.weight.detach())
     assert packed.packed.address is not None
     x = torch.randn(40, dim, generator=torch.Generator().manual_seed(11)).bfloat16()
-    with torch.no_grad():
+    calls = []
+    real = amx_linear.linear
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(amx_linear, "linear", lambda rows, *a: calls.append(rows.shape[0]) or real(rows, *a))
+        mp.setattr(ops, "_batch_invariant", False)  # (an Engine built by an earlier test turns it on process-wide)
         for rows in (1, 5, 16):
             got = packed(x[:rows])
             assert torch.equal(got, torch.cat([router(x[r:r + 1]) for r in range(rows)]))
+        assert calls == [1, 5, 16]  # decode-sized inputs on the kernel
         assert torch.equal(packed(x), router(x))
+        assert calls == [1, 5, 16]  # a longer input: the plain product
     assert torch.equal(packed.unpack().weight, router.weight)
 
 

@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llama4 import amx_linear
-from llama4.model.moe import Experts, Router, SwiGLU, each_expert_on_its_rows, shared_plus_routed
+from llama4.model.moe import (Experts, Router, SwiGLU, each_expert_on_its_rows, shared_plus_routed,
+                              sort_by_expert)
 from llama4.model.ops import ROW_TILE, batch_invariant, row_tiled
 from llama4.model.transformer import QKVProjection
 
@@ -54,11 +55,15 @@ class PackedWeight:
         return self.tensor.to_dense()
 
 
+def _on_kernel(x: torch.Tensor, weight: PackedWeight | None) -> bool:
+    """Up to one tile of bf16 rows (a decode step; with batch invariance, every product) and a weight the AMX
+    kernel reads: each row then gets oneDNN's one-row product, whatever the row count."""
+    return (weight is not None and weight.address is not None and x.dtype == torch.bfloat16
+            and 0 < x.numel() <= amx_linear.MAX_ROWS * x.shape[-1])
+
+
 def _linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    # Up to one tile of rows (a decode step; with batch invariance, every product) on the AMX kernel:
-    # each row as oneDNN computes a one-row product, whatever the row count.
-    if (weight.address is not None and bias is None and 0 < x.numel() <= amx_linear.MAX_ROWS * x.shape[-1]
-            and x.dtype == torch.bfloat16):
+    if bias is None and _on_kernel(x, weight):
         return amx_linear.linear(x, weight.address, weight.shape)
     # the resolved overload: calling the op packet looks the overload up in Python on every call
     return torch.ops.mkldnn._linear_pointwise.default(x, weight.tensor, bias, "none", [], "")
@@ -118,14 +123,17 @@ class PackedExperts(nn.Module):
         self.num_experts = experts.num_experts
         self.gate_up: list[PackedWeight] = []  # [2I, D] per expert
         self.down: list[PackedWeight] = []  # [D, I] per expert
-        self._on_kernel: bool | None = None
+        # every expert's weights on the AMX kernel, which then runs all chosen experts of a decode batch in
+        # one call per matrix (moe.sparse_experts then groups the rows for it)
+        self.groups_in_one_call = False
 
     def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """``gate_up`` [E, D, 2I] or ``down`` [E, I, D], in the checkpoint's x @ W layout."""
         if name not in ("gate_up", "down"):
             raise KeyError(f"PackedExperts has no tensor {name!r}")
         setattr(self, name, [PackedWeight(tensor[e].t()) for e in range(self.num_experts)])
-        self._on_kernel = None
+        weights = [*self.gate_up, *self.down]
+        self.groups_in_one_call = len(weights) == 2 * self.num_experts and all(w.address is not None for w in weights)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
@@ -140,25 +148,20 @@ class PackedExperts(nn.Module):
         gate, up = _linear(x, self.gate_up[e]).chunk(2, dim=-1)
         return _linear(F.silu(gate) * up, self.down[e])
 
-    @property
-    def groups_in_one_call(self) -> bool:
-        """Whether every expert's weights are on the AMX kernel, which then runs all chosen experts of a
-        decode batch in one call per matrix (moe.sparse_experts groups the rows for it)."""
-        if self._on_kernel is None:
-            self._on_kernel = all(w.address is not None for w in (*self.gate_up, *self.down))
-        return self._on_kernel
-
     def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Experts.grouped: rows sorted by expert. Up to a tile of rows per expert, one kernel call per
         matrix for all chosen experts (each row as its own one-row product, as expert() computes it)."""
         if not (self.groups_in_one_call and x.dtype == torch.bfloat16 and max(counts) <= amx_linear.MAX_ROWS):
             return each_expert_on_its_rows(self, x, counts)
         chosen = [e for e, count in enumerate(counts) if count]
-        rows = [counts[e] for e in chosen]
-        gate, up = amx_linear.linear_groups(x, [self.gate_up[e].address for e in chosen], rows,
-                                            self.gate_up[0].shape).chunk(2, dim=-1)
-        return amx_linear.linear_groups(F.silu(gate) * up, [self.down[e].address for e in chosen], rows,
-                                        self.down[0].shape)
+        return self._swiglu_groups(x, [counts[e] for e in chosen], [self.gate_up[e] for e in chosen],
+                                   [self.down[e] for e in chosen])
+
+    def _swiglu_groups(self, x: torch.Tensor, rows: list[int], gate_up: list[PackedWeight],
+                       down: list[PackedWeight]) -> torch.Tensor:
+        """SwiGLU of consecutive groups of rows, group g through gate_up[g] and down[g], on the kernel."""
+        gate, up = amx_linear.linear_groups(x, [w.address for w in gate_up], rows, gate_up[0].shape).chunk(2, dim=-1)
+        return amx_linear.linear_groups(F.silu(gate) * up, [w.address for w in down], rows, down[0].shape)
 
     def with_shared(self, shared: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor,
                     scores: torch.Tensor) -> torch.Tensor:
@@ -166,24 +169,18 @@ class PackedExperts(nn.Module):
         kernel too and of the experts' width: the shared expert's rows and the chosen experts' rows go
         through one kernel call per matrix (each row as its own one-row product: the same bits)."""
         n = x.shape[0]
-        fused = (isinstance(shared, PackedSwiGLU) and shared.packed is not None and expert_ids.shape[1] == 1
-                 and 0 < n <= amx_linear.MAX_ROWS and x.dtype == torch.bfloat16 and self.groups_in_one_call
-                 and shared.packed.address is not None and shared.down.packed.address is not None
+        fused = (isinstance(shared, PackedSwiGLU) and expert_ids.shape[1] == 1 and self.groups_in_one_call
+                 and _on_kernel(x, shared.packed) and _on_kernel(x, shared.down.packed)
                  and shared.packed.shape == self.gate_up[0].shape)
         if not fused:
             return shared_plus_routed(self, shared, x, expert_ids, scores)
-        flat_ids = expert_ids.reshape(-1)
-        order = flat_ids.argsort(stable=True)  # rows grouped by expert, token order kept within one
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_of, scaled, counts = sort_by_expert(x, expert_ids, scores, self.num_experts)
         chosen = [e for e, count in enumerate(counts) if count]
-        rows = [n] + [counts[e] for e in chosen]
-        inputs = torch.cat((x, x[order] * scores.reshape(-1)[order, None]))  # the score scales the input
-        gate, up = amx_linear.linear_groups(inputs, [shared.packed.address] + [self.gate_up[e].address for e in chosen],
-                                            rows, self.gate_up[0].shape).chunk(2, dim=-1)
-        both = amx_linear.linear_groups(F.silu(gate) * up, [shared.down.packed.address] +
-                                        [self.down[e].address for e in chosen], rows, self.down[0].shape)
+        both = self._swiglu_groups(torch.cat((x, scaled)), [n] + [counts[e] for e in chosen],
+                                   [shared.packed] + [self.gate_up[e] for e in chosen],
+                                   [shared.down.packed] + [self.down[e] for e in chosen])
         out = both[:n]
-        out += torch.empty_like(x).index_copy_(0, order, both[n:])
+        out += torch.empty_like(x).index_copy_(0, token_of, both[n:])
         return out
 
     def unpack(self) -> Experts:
@@ -275,9 +272,10 @@ class PackedSwiGLU(_FusedLinears):
 
 class PackedRouter(Router):
     """The MoE router, keeping its plain weight (the reference product, as transformers computes it) and,
-    beside it, a packed copy for the AMX kernel (128 KB a layer for Scout): inputs of up to a tile of rows
-    (a decode step; with batch invariance every tile) get each row's one-row product, which is what the
-    plain product computes for one row, bit for bit (tested); longer inputs keep the plain product."""
+    beside it, a packed copy for the AMX kernel (Scout: 16 x 5120 padded to 64 rows, 640 KB a layer):
+    inputs of up to a tile of rows (a decode step; with batch invariance every tile) get each row's one-row
+    product, which is what the plain product computes for one row, bit for bit (tested); longer inputs keep
+    the plain product."""
 
     def __init__(self, router: Router):
         super().__init__(router.in_features, router.out_features, bias=False, device="meta")
@@ -293,8 +291,7 @@ class PackedRouter(Router):
         return row_tiled(self._product, x)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.packed is not None and self.packed.address is not None and x.dtype == torch.bfloat16
-                and 0 < x.numel() <= amx_linear.MAX_ROWS * x.shape[-1]):
+        if _on_kernel(x, self.packed):
             return amx_linear.linear(x, self.packed.address, self.packed.shape)
         return F.linear(x, self.weight)
 
@@ -315,7 +312,7 @@ def _swap_targets(model: nn.Module) -> list[tuple[str, str]]:
         if isinstance(module, COMPOSITES):
             continue
         for name, child in module.named_children():
-            if isinstance(child, COMPOSITES) or isinstance(child, nn.Linear):
+            if isinstance(child, (*COMPOSITES, nn.Linear)):
                 targets.append((parent, name))
     return targets
 

@@ -97,14 +97,22 @@ def sparse_experts(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tens
         return experts.expert(int(flat_ids), x * scores)
     if k == 1 and n <= ROW_TILE and batch_invariant() and x.is_cpu and not experts.groups_in_one_call:
         return _one_tile_experts(x, flat_ids, scores, experts)
-    order = flat_ids.argsort(stable=True)  # assignments grouped by expert, token order kept within one
-    token_of = order // k
-    scaled = x[token_of] * scores.reshape(-1)[order, None]  # the score scales the expert's *input*
-    counts = torch.bincount(flat_ids, minlength=experts.num_experts).tolist()
+    token_of, scaled, counts = sort_by_expert(x, expert_ids, scores, experts.num_experts)
     routed = experts.grouped(scaled, counts)
     if k == 1:
         return torch.empty_like(x).index_copy_(0, token_of, routed)
     return torch.zeros_like(x).index_add_(0, token_of, routed)
+
+
+def sort_by_expert(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor, num_experts: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Assignments grouped by expert, token order kept within one: each assignment's token [N*k], its
+    score-scaled input [N*k, D] (the score scales the expert's *input*), and the count per expert [E]."""
+    flat_ids = expert_ids.reshape(-1)
+    order = flat_ids.argsort(stable=True)
+    token_of = order // expert_ids.shape[1]
+    scaled = x[token_of] * scores.reshape(-1)[order, None]
+    return token_of, scaled, torch.bincount(flat_ids, minlength=num_experts).tolist()
 
 
 def shared_plus_routed(experts: nn.Module, shared: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor,

@@ -147,6 +147,7 @@ class TextModel(nn.Module):
         with torch.device("cpu"):  # a small table, exact in float32 even when the model is built on "meta"
             inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.tunes_temperature = any(spec.temperature_tuning for spec in config.layers)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                 num_logits: int | None = None) -> torch.Tensor:
@@ -172,7 +173,7 @@ class TextModel(nn.Module):
         starts = cache.starts(b) if cache is not None else [0] * b
         rope = rope_table(positions.to(h.device), self.inv_freq.to(h.device))
         q_scale = None
-        if any(spec.temperature_tuning for spec in self.config.layers):
+        if self.tunes_temperature:
             index = torch.tensor(starts, device=h.device)[:, None] + torch.arange(t, device=h.device)
             q_scale = temperature_scale(index, self.config.floor_scale, self.config.attn_scale)[:, :, None, None]
         return PositionTables(rope, q_scale, starts)
