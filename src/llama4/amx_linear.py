@@ -33,7 +33,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "amx_linear.c"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("amx_linear.c", "decode_layer.c")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp",
          "-fPIC", "-shared"]
 OUT_BLOCK, IN_BLOCK = 64, 32  # the packed layout's block: 64 outputs x 32 inputs
@@ -55,7 +55,7 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # build aside, then move in atomically
         built = Path(scratch) / target.name
-        done = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+        done = subprocess.run([compiler, *FLAGS, "-o", str(built), *map(str, SOURCES)], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
         os.replace(built, target)
@@ -70,7 +70,7 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("LLAMA4_AMX_LINEAR", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     try:
-        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
         target = cache_dir() / f"amx_linear-{digest}.so"
         if not target.is_file():
             _build(target)

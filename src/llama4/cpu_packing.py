@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama4 import amx_linear
+from llama4 import amx_linear, fused_decode
 from llama4.model.moe import (Experts, Router, SwiGLU, each_expert_on_its_rows, shared_plus_routed,
                               sort_by_expert)
 from llama4.model.ops import ROW_TILE, batch_invariant, row_tiled
@@ -335,6 +335,7 @@ def pack_shells(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name)
         setattr(parent, name, _packed_shell(getattr(parent, name)))
     model.packed = True
+    fused_decode.install(model)
     return model
 
 
@@ -350,6 +351,7 @@ def pack_model(model: nn.Module) -> nn.Module:
         setattr(parent, name, shell)
         del child
     model.packed = True
+    fused_decode.install(model)
     return model
 
 
@@ -359,6 +361,7 @@ def unpack_model(model: nn.Module) -> nn.Module:
             if isinstance(child, (PackedLinear, PackedExperts, PackedQKV, PackedSwiGLU, PackedRouter)):
                 setattr(module, name, child.unpack())
     model.packed = False
+    fused_decode.uninstall(model)
     return model
 
 

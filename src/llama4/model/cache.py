@@ -9,9 +9,30 @@ decoded together (:meth:`KVCache.stack`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from llama4.config import TextConfig
+
+
+@dataclass(frozen=True)
+class DecodeSlots:
+    """Where one layer's keys and values live for a decode step (one new token per row), for code that
+    reads and writes a cache's storage itself (llama4.fused_decode) instead of calling ``update``.
+
+    The entry in slot s of KV head g starts at element g * head_stride + s * head_dim of ``keys`` (and of
+    ``values``). Row r writes its new key/value to slot write[r] and sees count[r] entries (the new one
+    included): slots first[r] + j when ``first`` is given, else gather[r, j]. Int64 tensors [B] / [B, W].
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    head_stride: int
+    write: torch.Tensor
+    count: torch.Tensor
+    first: torch.Tensor | None
+    gather: torch.Tensor | None
 
 
 class KVCache:
@@ -113,38 +134,65 @@ class KVCache:
     def _update_ragged(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: list[int]
                        ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
         """One new token per row, rows at different sequence indices."""
+        buf_k, buf_v, at = self._decode_entries(layer, k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device)
+        index = torch.tensor(at, device=k.device)
+        rows = torch.arange(k.shape[0], device=k.device)
+        buf_k[rows, :, index] = k[:, :, 0]
+        buf_v[rows, :, index] = v[:, :, 0]
+        valid = index + 1
+        need = max(at) + 1
+        return buf_k[:, :, :need], buf_v[:, :, :need], 0, valid
+
+    def decode_slots(self, layer: int, rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                     device: torch.device) -> DecodeSlots:
+        """Room for one new token per row in ``layer``, as :class:`DecodeSlots` (the caller writes it)."""
+        keys, values, at = self._decode_entries(layer, rows, kv_heads, head_dim, dtype, device)
+        capacity = keys.shape[2]
+        first = torch.arange(rows, dtype=torch.long) * (kv_heads * capacity)
+        at = torch.tensor(at, dtype=torch.long)
+        return DecodeSlots(keys, values, capacity * head_dim, first + at, at + 1, first, None)
+
+    def _decode_entries(self, layer: int, rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Room for one new token per row in ``layer`` (a decode step): the layer's key/value buffers
+        [B, Hkv, capacity, d] and, per row, the entry its new key/value goes to; the row's query then sees
+        its entries 0..at[row]. Rows that entered a new chunk start their chunk-local layers over."""
+        if not self.lengths:
+            self.lengths = [0] * rows
+        starts = self.starts(rows)
+        if not self._len[layer]:
+            self._len[layer], self._start[layer] = [0] * rows, [0] * rows
         lens, firsts = self._len[layer], self._start[layer]
         for row, seq in enumerate(starts):
             if self.chunked[layer] and firsts[row] != (seq // self.chunk) * self.chunk:
                 lens[row], firsts[row] = 0, (seq // self.chunk) * self.chunk  # this row entered a new chunk
-        need = max(lens) + 1
-        self._reserve(layer, k, need, limit=self.chunk if self.chunked[layer] else None)
-        at = torch.tensor(lens, device=k.device)
-        rows = torch.arange(k.shape[0], device=k.device)
-        self._k[layer][rows, :, at] = k[:, :, 0]
-        self._v[layer][rows, :, at] = v[:, :, 0]
+        at = list(lens)
+        self._reserve(layer, (rows, kv_heads, head_dim), dtype, device, max(at) + 1,
+                      limit=self.chunk if self.chunked[layer] else None)
         for row in range(len(lens)):
             lens[row] += 1
-        valid = torch.tensor(lens, device=k.device)
-        return self._k[layer][:, :, :need], self._v[layer][:, :, :need], 0, valid
+        return self._k[layer], self._v[layer], at
 
     def _set(self, layer: int, length: int, start: int) -> None:
         self._len[layer] = [length] * len(self._len[layer])
         self._start[layer] = [start] * len(self._start[layer])
 
-    def _reserve(self, layer: int, like: torch.Tensor, need: int, limit: int | None) -> None:
-        """Make the layer's buffers hold at least ``need`` entries, growing in blocks (to at most ``limit``)."""
+    def _reserve(self, layer: int, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device, need: int,
+                 limit: int | None) -> None:
+        """Make the layer's buffers, [B, Hkv, capacity, d] for ``shape`` (B, Hkv, d), hold at least ``need``
+        entries, growing in blocks (to at most ``limit``)."""
         buf_k = self._k[layer]
-        if buf_k is not None and buf_k.shape[2] >= need and buf_k.shape[:2] == like.shape[:2]:
+        if buf_k is not None and buf_k.shape[2] >= need and buf_k.shape[:2] == shape[:2]:
             return
         capacity = -(-need // self.block_size) * self.block_size
         if limit is not None:
             capacity = min(capacity, max(limit, need))
-        shape = (*like.shape[:2], capacity, like.shape[3])
+        full = (shape[0], shape[1], capacity, shape[2])
         # Zeros, not empty: a masked decode step still multiplies unused slots by zero weights, and
         # uninitialised memory may hold NaN.
-        grown_k, grown_v = like.new_zeros(shape), like.new_zeros(shape)
-        if buf_k is not None and buf_k.shape[:2] == like.shape[:2]:
+        grown_k = torch.zeros(full, dtype=dtype, device=device)
+        grown_v = torch.zeros(full, dtype=dtype, device=device)
+        if buf_k is not None and buf_k.shape[:2] == shape[:2]:
             used = min(buf_k.shape[2], capacity)
             grown_k[:, :, :used] = buf_k[:, :, :used]
             grown_v[:, :, :used] = self._v[layer][:, :, :used]
@@ -152,7 +200,7 @@ class KVCache:
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: int, limit: int | None) -> None:
         need = at + k.shape[2]
-        self._reserve(layer, k, need, limit)
+        self._reserve(layer, (k.shape[0], k.shape[1], k.shape[3]), k.dtype, k.device, need, limit)
         self._k[layer][:, :, at:need] = k
         self._v[layer][:, :, at:need] = v
 

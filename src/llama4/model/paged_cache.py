@@ -43,6 +43,7 @@ import math
 import torch
 
 from llama4.config import TextConfig
+from llama4.model.cache import DecodeSlots
 from llama4.model.ops import attention_bucket, batch_invariant
 
 GLOBAL, LOCAL = 0, 1
@@ -428,6 +429,29 @@ class PagedBatch:
         if plan is None:
             plan = self._plans[kind] = self._plan(kind, k.shape[0], k.shape[2])
         return plan.apply(pool._k[layer], pool._v[layer], k, v)
+
+    def decode_slots(self, layer: int, rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                     device: torch.device) -> DecodeSlots | None:
+        """KVCache.decode_slots over the pool (None before the pool holds anything: update() sets it up)."""
+        pool = self.pool
+        if pool.dtype is None:
+            return None
+        if pool.dtype != dtype or (kv_heads, head_dim) != (pool.kv_heads, pool.head_dim):
+            raise ValueError(f"the pool holds {pool.dtype} entries of {pool.kv_heads} x {pool.head_dim}, "
+                             f"asked for {dtype} of {kv_heads} x {head_dim}")
+        kind = pool._kind_of[layer]
+        plan = self._plans[kind]
+        if plan is None:
+            plan = self._plans[kind] = self._plan(kind, rows, 1)
+        keys, values = pool._k[layer], pool._v[layer]
+        stride = keys.shape[1] * head_dim
+        if isinstance(plan, _RaggedPlan):
+            return DecodeSlots(keys, values, stride, plan.write, plan.valid, None, plan.gather.view(rows, plan.width))
+        write = torch.tensor([plan.write]) if isinstance(plan.write, int) else plan.write.cpu()
+        count = torch.tensor([plan.read_count])
+        if isinstance(plan.read, int):
+            return DecodeSlots(keys, values, stride, write, count, torch.tensor([plan.read]), None)
+        return DecodeSlots(keys, values, stride, write, count, None, plan.read[None])
 
     def advance(self, num_tokens: int) -> None:
         for s in self.sequences:

@@ -9,6 +9,7 @@ per the config's schedule.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +149,10 @@ class TextModel(nn.Module):
             inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.tunes_temperature = any(spec.temperature_tuning for spec in config.layers)
+        # An optional specialised implementation of a decode step's layers (one new token per row, with a
+        # cache), installed from outside the model (cpu_packing); it returns None for inputs it does not take.
+        # The layers are the reference it is tested against.
+        self.fast_decode: Callable[[torch.Tensor, PositionTables, KVCache], torch.Tensor | None] | None = None
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                 num_logits: int | None = None) -> torch.Tensor:
@@ -157,8 +162,14 @@ class TextModel(nn.Module):
         only the last that many positions for the output projection (None: all).
         """
         tables = self.position_tables(h, positions, cache)
-        for layer in self.layers:
-            h = layer(h, tables, cache)
+        fast = None
+        if self.fast_decode is not None and cache is not None and h.shape[1] == 1:
+            fast = self.fast_decode(h, tables, cache)
+        if fast is not None:
+            h = fast
+        else:
+            for layer in self.layers:
+                h = layer(h, tables, cache)
         if cache is not None:
             cache.advance(h.shape[1])
         if num_logits is not None:

@@ -1,0 +1,287 @@
+/* One decoder layer of a decode step (one new token per row, bf16), in one call: what the layer's torch
+ * modules compute, without the per-op cost of torch's dispatch and of Python between the products.
+ *
+ * h += attention(rms_norm(h)); h += ffn(rms_norm(h)), for each row independently. The products run on the
+ * AMX kernel of amx_linear.c (each row its one-row product, bit for bit as the torch path computes it);
+ * the rest (norms, RoPE, QK-norm, attention temperature, the KV-cache write, attention over the cached
+ * keys, top-1 sigmoid routing, SwiGLU) is plain C that follows the torch path's float32 arithmetic and
+ * rounds to bf16 where it rounds, up to summation order and libm's exp: results agree with the torch
+ * path to bf16 rounding, not bit for bit (fused_decode.py states the tolerance its tests hold).
+ * A row's result never depends on the other rows.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_ROWS 16
+
+void llama4_amx_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t groups, int64_t out_features,
+                              int64_t in_features, const uint16_t *x, uint16_t *y, int threads);
+
+/* What one layer holds (set once, when the weights are packed). Weights are oneDNN-packed [O, I] bf16
+ * buffers the AMX kernel reads; norm weights plain bf16 [dim]. */
+struct llama4_layer {
+    int64_t dim, heads, kv_heads, head_dim;
+    int64_t use_rope, qk_norm, tune_temperature;
+    int64_t num_experts;   /* 0: a dense SwiGLU feed-forward (shared_* hold it) */
+    int64_t hidden;        /* the routed experts' width, which is also the shared expert's */
+    int64_t shared_hidden; /* the dense feed-forward's width (num_experts == 0) */
+    double eps;
+    const uint16_t *attn_norm, *ffn_norm;
+    uint64_t qkv, wo, router;                 /* [(H + 2 Hkv) d, D], [D, H d], [E, D] */
+    const uint64_t *gate_up, *down;           /* per expert: [2 hidden, D] (gate rows first), [D, hidden] */
+    uint64_t shared_gate_up, shared_down;     /* [2 shared_hidden, D], [D, shared_hidden] */
+};
+
+/* One call: `rows` rows of the residual stream h [rows, D] (updated in place). Keys and values live in
+ * stores where the entry in slot s of KV head g starts at store + g * head_stride + s * d; row r writes its
+ * new key/value to slot write[r] and attends to its count[r] entries (the new one included): slots
+ * first[r], first[r] + 1, ... or, without `first`, the slots gather[r * gather_width + j]. */
+struct llama4_step {
+    int64_t rows;
+    uint16_t *h;
+    uint16_t *k_store, *v_store;
+    int64_t head_stride;
+    const int64_t *write, *count, *first, *gather;
+    int64_t gather_width;
+    const float *rope;       /* complex rotations [rows or 1, d/2] (re, im), or NULL */
+    int64_t rope_row_stride; /* floats between rows' rotations: 0 when all rows share one */
+    const float *q_scale;    /* [rows] attention temperature, or NULL */
+    int64_t threads;
+};
+
+static inline float f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest even, as torch converts float32 to bf16 (NaN stays a quiet NaN). */
+static inline uint16_t bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf16(float f) { return f32(bf16(f)); }
+
+/* torch's rms_norm of a bf16 row (float32 math, one rounding), then times a bf16 weight (another). */
+static void rms_norm(const uint16_t *x, const uint16_t *weight, int64_t n, double eps, uint16_t *y) {
+    double squares = 0;
+    for (int64_t i = 0; i < n; i++) squares += (double)f32(x[i]) * f32(x[i]);
+    const float scale = 1.0f / sqrtf((float)(squares / n) + (float)eps);
+    for (int64_t i = 0; i < n; i++) {
+        const float v = round_bf16(f32(x[i]) * scale);
+        y[i] = weight ? bf16(v * f32(weight[i])) : bf16(v);
+    }
+}
+
+/* Interleaved pairs (2j, 2j+1) times the unit complex rotation[j], in float32, rounded back to bf16. */
+static void rotate(uint16_t *x, const float *rotation, int64_t d) {
+    for (int64_t j = 0; j < d / 2; j++) {
+        const float a = f32(x[2 * j]), b = f32(x[2 * j + 1]), c = rotation[2 * j], s = rotation[2 * j + 1];
+        const float ac = a * c, bs = b * s, as = a * s, bc = b * c;
+        x[2 * j] = bf16(ac - bs);
+        x[2 * j + 1] = bf16(as + bc);
+    }
+}
+
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* One row's query heads of one KV group (`group` heads, q [group, d]) against its n cached keys/values
+ * (entry j in slot slots[j], or first + j without slots, of the group's stores k/v): softmax(q k^T / sqrt(d)) v in float32, the probabilities rounded to bf16 before they weight the
+ * values (as torch's CPU flash attention does for bf16), each head's result rounded once -> out [group, d].
+ * Each key and value is read once for the whole group. d is a multiple of 16; scores holds group x n
+ * floats, acc group x d. */
+static void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *slots, int64_t first,
+                   int64_t n, int64_t group, int64_t d, float *scores, float *acc, uint16_t *out) {
+    const float scale = 1.0f / sqrtf((float)d);
+    const int64_t lanes = d / 16;
+    float top[group], total[group];
+    for (int64_t g = 0; g < group; g++) top[g] = -INFINITY, total[g] = 0;
+    for (int64_t j = 0; j < n; j++) {
+        __m512 key[lanes];
+        const uint16_t *kj = k + (slots ? slots[j] : first + j) * d;
+        for (int64_t l = 0; l < lanes; l++) key[l] = load_bf16x16(kj + 16 * l);
+        for (int64_t g = 0; g < group; g++) {
+            __m512 dot = _mm512_setzero_ps();
+            for (int64_t l = 0; l < lanes; l++) dot = _mm512_fmadd_ps(load_bf16x16(q + g * d + 16 * l), key[l], dot);
+            const float s = _mm512_reduce_add_ps(dot) * scale;
+            scores[g * n + j] = s;
+            if (s > top[g]) top[g] = s;
+        }
+    }
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t j = 0; j < n; j++) {
+            const float p = expf(scores[g * n + j] - top[g]);
+            total[g] += p;
+            scores[g * n + j] = round_bf16(p);
+        }
+    for (int64_t i = 0; i < group * d; i++) acc[i] = 0;
+    for (int64_t j = 0; j < n; j++) {
+        __m512 value[lanes];
+        const uint16_t *vj = v + (slots ? slots[j] : first + j) * d;
+        for (int64_t l = 0; l < lanes; l++) value[l] = load_bf16x16(vj + 16 * l);
+        for (int64_t g = 0; g < group; g++) {
+            const __m512 p = _mm512_set1_ps(scores[g * n + j]);
+            float *a = acc + g * d;
+            for (int64_t l = 0; l < lanes; l++)
+                _mm512_storeu_ps(a + 16 * l, _mm512_fmadd_ps(p, value[l], _mm512_loadu_ps(a + 16 * l)));
+        }
+    }
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t i = 0; i < d; i++) out[g * d + i] = bf16(acc[g * d + i] / total[g]);
+}
+
+static void product(uint64_t weight, int64_t out_features, int64_t in_features, const uint16_t *x, int64_t rows,
+                    uint16_t *y, int threads) {
+    llama4_amx_linear_groups(&weight, &rows, 1, out_features, in_features, x, y, threads);
+}
+
+/* silu(gate) * up per row of gu [rows, 2w] (gate first), each op rounded to bf16 as torch's -> act [rows, w]. */
+static void swiglu_activation(const uint16_t *gu, int64_t rows, int64_t w, uint16_t *act) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < w; i++) {
+            const float g = f32(gu[r * 2 * w + i]);
+            const float silu = round_bf16(g / (1.0f + expf(-g)));
+            act[r * w + i] = bf16(silu * f32(gu[r * 2 * w + w + i]));
+        }
+}
+
+static int64_t largest_count(const struct llama4_step *s) {
+    int64_t most = 0;
+    for (int64_t r = 0; r < s->rows; r++)
+        if (s->count[r] > most) most = s->count[r];
+    return most;
+}
+
+/* The attention half for rows [first, first + rows) (at most MAX_ROWS): h += wo(attention(rms_norm(h))). */
+static int attention_half(const struct llama4_layer *L, const struct llama4_step *S, int64_t first, int64_t rows,
+                          int threads) {
+    const int64_t D = L->dim, H = L->heads, Hkv = L->kv_heads, d = L->head_dim, group = H / Hkv;
+    const int64_t width = (H + 2 * Hkv) * d;
+    uint16_t *x = aligned_alloc(64, (size_t)(rows * (D + width + H * d + D)) * 2 + 64 * 4);
+    const int64_t most = largest_count(S), per_thread = group * (most + d);
+    float *scores = malloc((size_t)(threads * per_thread) * sizeof(float) + 64);
+    if (!x || !scores) {
+        free(x);
+        free(scores);
+        return 1;
+    }
+    uint16_t *qkv = x + rows * D, *attended = qkv + rows * width, *o = attended + rows * H * d;
+    for (int64_t r = 0; r < rows; r++) rms_norm(S->h + (first + r) * D, L->attn_norm, D, L->eps, x + r * D);
+    product(L->qkv, width, D, x, rows, qkv, threads);
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t row = first + r;
+        uint16_t *heads = qkv + r * width; /* q heads, then k heads, then v heads */
+        for (int64_t i = 0; i < H + Hkv; i++) {
+            uint16_t *head = heads + i * d;
+            if (L->use_rope) rotate(head, S->rope + row * S->rope_row_stride, d);
+            if (L->qk_norm) rms_norm(head, NULL, d, L->eps, head);
+        }
+        if (L->tune_temperature)
+            for (int64_t i = 0; i < H * d; i++) heads[i] = bf16(f32(heads[i]) * S->q_scale[row]);
+        for (int64_t g = 0; g < Hkv; g++) {
+            const int64_t at = g * S->head_stride + S->write[row] * d;
+            memcpy(S->k_store + at, heads + (H + g) * d, (size_t)d * 2);
+            memcpy(S->v_store + at, heads + (H + Hkv + g) * d, (size_t)d * 2);
+        }
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * Hkv > 1 && most >= 256)
+    for (int64_t task = 0; task < rows * Hkv; task++) {
+        const int64_t r = task / Hkv, g = task % Hkv, row = first + r;
+        float *mine = scores + (int64_t)omp_get_thread_num() * per_thread;
+        attend(qkv + r * width + g * group * d, S->k_store + g * S->head_stride, S->v_store + g * S->head_stride,
+               S->first ? NULL : S->gather + row * S->gather_width, S->first ? S->first[row] : 0, S->count[row],
+               group, d, mine, mine + group * most, attended + r * H * d + g * group * d);
+    }
+    product(L->wo, D, H * d, attended, rows, o, threads);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < D; i++) S->h[(first + r) * D + i] = bf16(f32(S->h[(first + r) * D + i]) + f32(o[r * D + i]));
+    free(x);
+    free(scores);
+    return 0;
+}
+
+/* The feed-forward half for rows [first, first + rows) (at most MAX_ROWS): h += ffn(rms_norm(h)). MoE: the
+ * shared expert on x plus the top-1 expert (by raw router logit; ties to the lowest index) on x times the
+ * expert's sigmoid score; the shared expert's rows and the chosen experts' rows, sorted by expert, go
+ * through one kernel call per matrix (Llama 4's shared expert has the routed experts' width). */
+static int ffn_half(const struct llama4_layer *L, const struct llama4_step *S, int64_t first, int64_t rows,
+                    int threads) {
+    const int64_t D = L->dim, E = L->num_experts, w = L->hidden, ws = L->shared_hidden;
+    const int64_t wide = E > 0 ? w : ws;
+    uint16_t *x = aligned_alloc(64, (size_t)(2 * rows * (2 * D + 3 * wide) + rows * (E > 0 ? E : 1)) * 2 + 64 * 8);
+    if (!x) return 1;
+    uint16_t *scaled = x + rows * D, *gu = scaled + rows * D, *act = gu + 2 * rows * 2 * wide,
+             *y = act + 2 * rows * wide, *logits = y + 2 * rows * D;
+    for (int64_t r = 0; r < rows; r++) rms_norm(S->h + (first + r) * D, L->ffn_norm, D, L->eps, x + r * D);
+    if (E == 0) {
+        product(L->shared_gate_up, 2 * ws, D, x, rows, gu, threads);
+        swiglu_activation(gu, rows, ws, act);
+        product(L->shared_down, D, ws, act, rows, y, threads);
+    } else {
+        product(L->router, E, D, x, rows, logits, threads);
+        int64_t expert_of[MAX_ROWS], counts_all[E], slot_of[MAX_ROWS];
+        memset(counts_all, 0, sizeof counts_all);
+        float score[MAX_ROWS];
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t best = 0;
+            for (int64_t e = 1; e < E; e++)
+                if (f32(logits[r * E + e]) > f32(logits[r * E + best])) best = e;
+            expert_of[r] = best;
+            counts_all[best]++;
+            const float z = f32(logits[r * E + best]);
+            score[r] = round_bf16(1.0f / (1.0f + expf(-z)));
+        }
+        /* groups: the shared expert's rows (x), then each chosen expert's rows (score * x), token order kept */
+        uint64_t gate_up[MAX_ROWS + 1], down[MAX_ROWS + 1];
+        int64_t counts[MAX_ROWS + 1], groups = 0, placed = 0;
+        for (int64_t e = 0; e < E; e++) {
+            if (!counts_all[e]) continue;
+            gate_up[1 + groups] = L->gate_up[e];
+            down[1 + groups] = L->down[e];
+            counts[1 + groups] = counts_all[e];
+            groups++;
+            for (int64_t r = 0; r < rows; r++) {
+                if (expert_of[r] != e) continue;
+                for (int64_t i = 0; i < D; i++) scaled[placed * D + i] = bf16(f32(x[r * D + i]) * score[r]);
+                slot_of[r] = placed++;
+            }
+        }
+        /* x and the sorted scaled rows are contiguous: one call per matrix for all groups */
+        gate_up[0] = L->shared_gate_up;
+        down[0] = L->shared_down;
+        counts[0] = rows;
+        llama4_amx_linear_groups(gate_up, counts, groups + 1, 2 * w, D, x, gu, threads);
+        swiglu_activation(gu, 2 * rows, w, act);
+        llama4_amx_linear_groups(down, counts, groups + 1, D, w, act, y, threads);
+        const uint16_t *routed_y = y + rows * D;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t i = 0; i < D; i++)
+                y[r * D + i] = bf16(f32(y[r * D + i]) + f32(routed_y[slot_of[r] * D + i]));
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < D; i++) S->h[(first + r) * D + i] = bf16(f32(S->h[(first + r) * D + i]) + f32(y[r * D + i]));
+    free(x);
+    return 0;
+}
+
+/* The whole layer for every row of the step, MAX_ROWS rows at a time; 0 on success, 1 if memory ran out
+ * (h may then hold the attention half of some rows: the caller discards the step). */
+int llama4_decode_layer(const struct llama4_layer *layer, const struct llama4_step *step) {
+    const int threads = step->threads > 0 ? (int)step->threads : 1;
+    for (int64_t first = 0; first < step->rows; first += MAX_ROWS) {
+        const int64_t rows = step->rows - first < MAX_ROWS ? step->rows - first : MAX_ROWS;
+        if (attention_half(layer, step, first, rows, threads) || ffn_half(layer, step, first, rows, threads)) return 1;
+    }
+    return 0;
+}

@@ -1,0 +1,183 @@
+"""A decode step's layers in C, one call per layer (csrc/decode_layer.c), for packed bf16 models on AMX CPUs.
+
+At decode, streaming the weights takes about 10 ms a token on the ``small`` bench shape here; the torch
+glue between the products (norms, RoPE, cache writes, attention, routing: ~70 small ops a layer, each paying
+torch's dispatch and a cold cache after every weight stream) took another ~6 ms. The C layer does that glue
+in plain loops between the same AMX products (``amx_linear``), so a step costs little more than its weight
+stream.
+
+It is a specialisation of the model's layers, which stay the reference: it follows their float32 arithmetic
+and rounds to bf16 where they round, so it agrees with them to bf16 rounding (summation order, libm's exp;
+top-1 ties go to the lowest expert index), not bit for bit; tests/test_fused_decode.py holds it to that.
+A row's result never depends on the other rows, so batched decode still equals each row's solo run. It
+takes a step only when everything it assumes holds (bf16, one token per row, a cache that hands out
+decode slots - KVCache or a paged batch -, every layer's weights on the kernel, top-1 routing, no batch
+invariance: the server's default, whose prefill must compute what its decode steps compute); otherwise the
+layers run. ``LLAMA4_FUSED_DECODE=0`` switches it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from llama4 import amx_linear
+from llama4.model.moe import MoE
+from llama4.model.ops import batch_invariant
+from llama4.model.transformer import PositionTables, TextModel
+
+_u16p = ctypes.POINTER(ctypes.c_uint16)
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("dim", ctypes.c_int64), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
+        ("use_rope", ctypes.c_int64), ("qk_norm", ctypes.c_int64), ("tune_temperature", ctypes.c_int64),
+        ("num_experts", ctypes.c_int64), ("hidden", ctypes.c_int64), ("shared_hidden", ctypes.c_int64),
+        ("eps", ctypes.c_double),
+        ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+        ("qkv", ctypes.c_uint64), ("wo", ctypes.c_uint64), ("router", ctypes.c_uint64),
+        ("gate_up", ctypes.POINTER(ctypes.c_uint64)), ("down", ctypes.POINTER(ctypes.c_uint64)),
+        ("shared_gate_up", ctypes.c_uint64), ("shared_down", ctypes.c_uint64),
+    ]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [
+        ("rows", ctypes.c_int64), ("h", ctypes.c_void_p), ("k_store", ctypes.c_void_p), ("v_store", ctypes.c_void_p),
+        ("head_stride", ctypes.c_int64), ("write", ctypes.c_void_p), ("count", ctypes.c_void_p),
+        ("first", ctypes.c_void_p), ("gather", ctypes.c_void_p), ("gather_width", ctypes.c_int64),
+        ("rope", ctypes.c_void_p), ("rope_row_stride", ctypes.c_int64), ("q_scale", ctypes.c_void_p),
+        ("threads", ctypes.c_int64),
+    ]
+
+
+def enabled() -> bool:
+    return os.environ.get("LLAMA4_FUSED_DECODE", "1") != "0"
+
+
+def _address(weight) -> int | None:
+    """The kernel address of a packed weight (cpu_packing.PackedWeight), None if the kernel cannot read it."""
+    return getattr(weight, "address", None) if weight is not None else None
+
+
+class FusedDecode:
+    """TextModel.fast_decode for a packed bf16 model. Binds to the layers' weights on first use (a loader
+    fills packed modules after they are installed) and declines every step if any layer cannot run in C."""
+
+    def __init__(self, model: TextModel):
+        self.model = model
+        self.layers: list[_Layer] | None = None
+        self._keep: list = []  # ctypes arrays the layer structs point into
+        self._bound_to: list = []  # the weights they were built from: new ones (a reload) mean a rebind
+
+    def __call__(self, h: torch.Tensor, tables: PositionTables, cache) -> torch.Tensor | None:
+        """The decode step's layers for h [B, 1, D] -> [B, 1, D], or None to let the layers run. ``cache``: a
+        KVCache or a paged batch (anything with ``decode_slots``)."""
+        if (h.dtype != torch.bfloat16 or not h.is_cpu or h.shape[1] != 1 or not hasattr(cache, "decode_slots")
+                or batch_invariant() or h.shape[0] == 0):
+            return None
+        weights = self._weights()
+        if self.layers is None or any(a is not b for a, b in zip(weights, self._bound_to)):
+            self._keep = []
+            self.layers = self._bind() or []
+            self._bound_to = weights
+        if not self.layers:
+            return None
+        config = self.model.config
+        rows = h.shape[0]
+        out = h.reshape(rows, -1).clone()
+        rope = torch.view_as_real(tables.rope.reshape(tables.rope.shape[0], -1)).contiguous()
+        q_scale = tables.q_scale.reshape(rows).contiguous() if tables.q_scale is not None else None
+        step = _Step(rows=rows, h=out.data_ptr(), rope=rope.data_ptr(),
+                     rope_row_stride=0 if rope.shape[0] == 1 else config.head_dim,
+                     q_scale=q_scale.data_ptr() if q_scale is not None else None, threads=torch.get_num_threads())
+        decode_layer = amx_linear.library().llama4_decode_layer
+        for index, layer in enumerate(self.layers):
+            slots = cache.decode_slots(index, rows, config.num_kv_heads, config.head_dim, h.dtype, h.device)
+            if slots is None:
+                if index == 0:
+                    return None
+                raise RuntimeError(f"the cache gave no decode slots for layer {index} after layer 0 took some")
+            if not (slots.keys.is_contiguous() and slots.keys.dtype == torch.bfloat16):
+                raise ValueError("fused decode needs contiguous bf16 key/value storage")
+            write, count = slots.write.contiguous(), slots.count.contiguous()
+            first = slots.first.contiguous() if slots.first is not None else None
+            gather = slots.gather.contiguous() if slots.gather is not None else None
+            step.k_store, step.v_store, step.head_stride = slots.keys.data_ptr(), slots.values.data_ptr(), slots.head_stride
+            step.write, step.count = write.data_ptr(), count.data_ptr()
+            step.first = first.data_ptr() if first is not None else None
+            step.gather = gather.data_ptr() if gather is not None else None
+            step.gather_width = gather.shape[1] if gather is not None else 0
+            if decode_layer(ctypes.byref(layer), ctypes.byref(step)) != 0:
+                raise MemoryError("the fused decode layer could not allocate its scratch memory")
+        return out.reshape(h.shape)
+
+    def _weights(self) -> list:
+        """Every object a layer struct takes an address from (norm weights, packed modules' weights)."""
+        found = []
+        for block in self.model.layers:
+            found += [block.attn_norm.weight, block.ffn_norm.weight, getattr(block.attn.qkv, "packed", None),
+                      getattr(block.attn.wo, "packed", None)]
+            ffn = block.ffn
+            for part in (getattr(ffn, "shared", ffn), getattr(ffn, "router", None)):
+                found += [getattr(part, "packed", None), getattr(getattr(part, "down", None), "packed", None)]
+            for matrices in (getattr(getattr(ffn, "experts", None), name, None) for name in ("gate_up", "down")):
+                found += matrices if isinstance(matrices, list) else [matrices]
+        return found
+
+    def _bind(self) -> list[_Layer] | None:
+        """One struct per layer, or None if some layer cannot run in C."""
+        lib = amx_linear.library()
+        if lib is None or not hasattr(lib, "llama4_decode_layer"):
+            return None
+        lib.llama4_decode_layer.argtypes = [ctypes.POINTER(_Layer), ctypes.POINTER(_Step)]
+        lib.llama4_decode_layer.restype = ctypes.c_int
+        config = self.model.config
+        if config.head_dim % 32 or config.num_heads % config.num_kv_heads:
+            return None
+        layers = []
+        for spec, block in zip(config.layers, self.model.layers):
+            attn, ffn = block.attn, block.ffn
+            norms = (block.attn_norm.weight, block.ffn_norm.weight)
+            if any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in norms):
+                return None
+            qkv, wo = _address(getattr(attn.qkv, "packed", None)), _address(getattr(attn.wo, "packed", None))
+            layer = _Layer(dim=config.hidden_size, heads=config.num_heads, kv_heads=config.num_kv_heads,
+                           head_dim=config.head_dim, use_rope=spec.use_rope, qk_norm=spec.qk_norm,
+                           tune_temperature=spec.temperature_tuning, eps=config.rms_norm_eps,
+                           attn_norm=norms[0].data_ptr(), ffn_norm=norms[1].data_ptr(), qkv=qkv or 0, wo=wo or 0)
+            shared = ffn.shared if isinstance(ffn, MoE) else ffn
+            shared_gate_up = _address(getattr(shared, "packed", None))
+            shared_down = _address(getattr(getattr(shared, "down", None), "packed", None))
+            if None in (qkv, wo, shared_gate_up, shared_down):
+                return None
+            layer.shared_gate_up, layer.shared_down = shared_gate_up, shared_down
+            layer.shared_hidden = shared.packed.shape[0] // 2
+            if isinstance(ffn, MoE):
+                experts, router = ffn.experts, _address(getattr(ffn.router, "packed", None))
+                if (ffn.top_k != 1 or router is None or not getattr(experts, "groups_in_one_call", False)
+                        or experts.gate_up[0].shape != shared.packed.shape):
+                    return None
+                gate_up = (ctypes.c_uint64 * experts.num_experts)(*[w.address for w in experts.gate_up])
+                down = (ctypes.c_uint64 * experts.num_experts)(*[w.address for w in experts.down])
+                self._keep += [gate_up, down]
+                layer.num_experts, layer.hidden, layer.router = experts.num_experts, experts.gate_up[0].shape[0] // 2, router
+                layer.gate_up, layer.down = gate_up, down
+            layers.append(layer)
+        return layers
+
+
+def install(model: torch.nn.Module) -> None:
+    """Give a packed model's text decoder the fused decode step (where it is switched on)."""
+    text = getattr(model, "text", model)
+    if isinstance(text, TextModel):
+        text.fast_decode = FusedDecode(text) if enabled() else None
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    text = getattr(model, "text", model)
+    if isinstance(text, TextModel):
+        text.fast_decode = None
