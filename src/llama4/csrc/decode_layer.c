@@ -92,6 +92,26 @@ static void rotate(uint16_t *x, const float *rotation, int64_t d) {
     }
 }
 
+/* e^x in float32 for 16 lanes, to ~1 ulp: x = n ln2 + f (|f| <= ln2/2, ln2 in two parts), e^f by its
+ * degree-7 Taylor polynomial, times 2^n. Inputs are clamped to [-104, 88.7] (0 and ~3.4e38 beyond). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), f);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    const float coefficients[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    for (int i = 0; i < 7; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(coefficients[i]));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Round 16 float32 lanes to bf16 (nearest even) and back. */
+static inline __m512 round_bf16x16(__m512 x) {
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 static inline __m512 load_bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
@@ -119,12 +139,24 @@ static void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
             if (s > top[g]) top[g] = s;
         }
     }
-    for (int64_t g = 0; g < group; g++)
-        for (int64_t j = 0; j < n; j++) {
-            const float p = expf(scores[g * n + j] - top[g]);
-            total[g] += p;
-            scores[g * n + j] = round_bf16(p);
+    for (int64_t g = 0; g < group; g++) {
+        float *row = scores + g * n;
+        const __m512 shift = _mm512_set1_ps(top[g]);
+        __m512 sum = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16) {
+            const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift));
+            sum = _mm512_add_ps(sum, p);
+            _mm512_storeu_ps(row + j, round_bf16x16(p));
         }
+        if (j < n) {
+            const __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
+            const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + j), shift));
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, p));
+            _mm512_mask_storeu_ps(row + j, tail, round_bf16x16(p));
+        }
+        total[g] = _mm512_reduce_add_ps(sum);
+    }
     for (int64_t i = 0; i < group * d; i++) acc[i] = 0;
     for (int64_t j = 0; j < n; j++) {
         __m512 value[lanes];
@@ -146,13 +178,17 @@ static void product(uint64_t weight, int64_t out_features, int64_t in_features, 
     llama4_amx_linear_groups(&weight, &rows, 1, out_features, in_features, x, y, threads);
 }
 
-/* silu(gate) * up per row of gu [rows, 2w] (gate first), each op rounded to bf16 as torch's -> act [rows, w]. */
+/* silu(gate) * up per row of gu [rows, 2w] (gate first), each op rounded to bf16 as torch's -> act [rows, w].
+ * w is a multiple of 16 (the kernel's input widths are multiples of 32). */
 static void swiglu_activation(const uint16_t *gu, int64_t rows, int64_t w, uint16_t *act) {
+    const __m512 one = _mm512_set1_ps(1.0f);
     for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < w; i++) {
-            const float g = f32(gu[r * 2 * w + i]);
-            const float silu = round_bf16(g / (1.0f + expf(-g)));
-            act[r * w + i] = bf16(silu * f32(gu[r * 2 * w + w + i]));
+        for (int64_t i = 0; i < w; i += 16) {
+            const __m512 g = load_bf16x16(gu + r * 2 * w + i);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            const __m512 silu = round_bf16x16(_mm512_div_ps(g, _mm512_add_ps(one, e)));
+            const __m512 y = _mm512_mul_ps(silu, load_bf16x16(gu + r * 2 * w + w + i));
+            _mm256_storeu_si256((__m256i *)(act + r * w + i), (__m256i)_mm512_cvtneps_pbh(y));
         }
 }
 
