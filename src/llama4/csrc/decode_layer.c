@@ -116,32 +116,61 @@ static inline __m512 load_bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* One row's query heads of one KV group (`group` heads, q [group, d]) against its n cached keys/values
- * (entry j in slot slots[j], or first + j without slots, of the group's stores k/v): softmax(q k^T / sqrt(d)) v in float32, the probabilities rounded to bf16 before they weight the
- * values (as torch's CPU flash attention does for bf16), each head's result rounded once -> out [group, d].
- * Each key and value is read once for the whole group. d is a multiple of 16; scores holds group x n
- * floats, acc group x d. */
+/* Sums of 4 vectors' lanes: {sum a, sum b, sum c, sum d}. */
+static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+#define HALVES(x) _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)))
+#define QUARTERS(y) _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1))
+    const __m128 a4 = QUARTERS(HALVES(a)), b4 = QUARTERS(HALVES(b)), c4 = QUARTERS(HALVES(c)), d4 = QUARTERS(HALVES(d));
+#undef HALVES
+#undef QUARTERS
+    return _mm_hadd_ps(_mm_hadd_ps(a4, b4), _mm_hadd_ps(c4, d4));
+}
+
+#define KEY_BLOCK 128 /* keys (and values) per pass over a group's heads: they stay in L1/L2 meanwhile */
+#define MAX_GROUP 8
+
+/* One row's query heads of one KV group (`group` <= MAX_GROUP heads, q [group, d]) against its n cached
+ * keys/values (entry j in slot slots[j], or first + j without slots, of the group's stores k/v):
+ * softmax(q k^T / sqrt(d)) v in float32, the probabilities rounded to bf16 before they weight the values
+ * (as torch's CPU flash attention does for bf16), each head's result rounded once -> out [group, d].
+ * Keys and values are read in blocks, each block once from memory for all the group's heads. d is a
+ * multiple of 16; scores holds group x n floats, qf group x d (scratch). */
 static void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *slots, int64_t first,
-                   int64_t n, int64_t group, int64_t d, float *scores, float *acc, uint16_t *out) {
+                   int64_t n, int64_t group, int64_t d, float *scores, float *qf, uint16_t *out) {
     const float scale = 1.0f / sqrtf((float)d);
     const int64_t lanes = d / 16;
-    float top[group], total[group];
-    for (int64_t g = 0; g < group; g++) top[g] = -INFINITY, total[g] = 0;
-    for (int64_t j = 0; j < n; j++) {
-        __m512 key[lanes];
-        const uint16_t *kj = k + (slots ? slots[j] : first + j) * d;
-        for (int64_t l = 0; l < lanes; l++) key[l] = load_bf16x16(kj + 16 * l);
+    for (int64_t i = 0; i < group * d; i++) qf[i] = f32(q[i]);
+#define ENTRY(base, j) ((base) + (slots ? slots[j] : first + (j)) * d)
+    for (int64_t block = 0; block < n; block += KEY_BLOCK) {
+        const int64_t end = block + KEY_BLOCK < n ? block + KEY_BLOCK : n;
         for (int64_t g = 0; g < group; g++) {
-            __m512 dot = _mm512_setzero_ps();
-            for (int64_t l = 0; l < lanes; l++) dot = _mm512_fmadd_ps(load_bf16x16(q + g * d + 16 * l), key[l], dot);
-            const float s = _mm512_reduce_add_ps(dot) * scale;
-            scores[g * n + j] = s;
-            if (s > top[g]) top[g] = s;
+            const float *qg = qf + g * d;
+            int64_t j = block;
+            for (; j + 4 <= end; j += 4) {
+                const uint16_t *k0 = ENTRY(k, j), *k1 = ENTRY(k, j + 1), *k2 = ENTRY(k, j + 2), *k3 = ENTRY(k, j + 3);
+                __m512 a = _mm512_setzero_ps(), b = a, c = a, e = a;
+                for (int64_t l = 0; l < lanes; l++) {
+                    const __m512 ql = _mm512_loadu_ps(qg + 16 * l);
+                    a = _mm512_fmadd_ps(ql, load_bf16x16(k0 + 16 * l), a);
+                    b = _mm512_fmadd_ps(ql, load_bf16x16(k1 + 16 * l), b);
+                    c = _mm512_fmadd_ps(ql, load_bf16x16(k2 + 16 * l), c);
+                    e = _mm512_fmadd_ps(ql, load_bf16x16(k3 + 16 * l), e);
+                }
+                _mm_storeu_ps(scores + g * n + j, _mm_mul_ps(sum4(a, b, c, e), _mm_set1_ps(scale)));
+            }
+            for (; j < end; j++) {
+                const uint16_t *kj = ENTRY(k, j);
+                __m512 a = _mm512_setzero_ps();
+                for (int64_t l = 0; l < lanes; l++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * l), load_bf16x16(kj + 16 * l), a);
+                scores[g * n + j] = _mm512_reduce_add_ps(a) * scale;
+            }
         }
     }
+    float total[MAX_GROUP];
     for (int64_t g = 0; g < group; g++) {
-        float *row = scores + g * n;
-        const __m512 shift = _mm512_set1_ps(top[g]);
+        float *row = scores + g * n, top = -INFINITY;
+        for (int64_t j = 0; j < n; j++) top = row[j] > top ? row[j] : top;
+        const __m512 shift = _mm512_set1_ps(top);
         __m512 sum = _mm512_setzero_ps();
         int64_t j = 0;
         for (; j + 16 <= n; j += 16) {
@@ -157,20 +186,23 @@ static void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
         }
         total[g] = _mm512_reduce_add_ps(sum);
     }
+    float *acc = qf; /* q is no longer needed: the group's float32 sums, group x d */
     for (int64_t i = 0; i < group * d; i++) acc[i] = 0;
-    for (int64_t j = 0; j < n; j++) {
-        __m512 value[lanes];
-        const uint16_t *vj = v + (slots ? slots[j] : first + j) * d;
-        for (int64_t l = 0; l < lanes; l++) value[l] = load_bf16x16(vj + 16 * l);
-        for (int64_t g = 0; g < group; g++) {
-            const __m512 p = _mm512_set1_ps(scores[g * n + j]);
-            float *a = acc + g * d;
-            for (int64_t l = 0; l < lanes; l++)
-                _mm512_storeu_ps(a + 16 * l, _mm512_fmadd_ps(p, value[l], _mm512_loadu_ps(a + 16 * l)));
+    for (int64_t block = 0; block < n; block += KEY_BLOCK) {
+        const int64_t end = block + KEY_BLOCK < n ? block + KEY_BLOCK : n;
+        for (int64_t l = 0; l < lanes; l++) {
+            __m512 sums[MAX_GROUP];
+            for (int64_t g = 0; g < group; g++) sums[g] = _mm512_loadu_ps(acc + g * d + 16 * l);
+            for (int64_t j = block; j < end; j++) {
+                const __m512 value = load_bf16x16(ENTRY(v, j) + 16 * l);
+                for (int64_t g = 0; g < group; g++) sums[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + j]), value, sums[g]);
+            }
+            for (int64_t g = 0; g < group; g++) _mm512_storeu_ps(acc + g * d + 16 * l, sums[g]);
         }
     }
     for (int64_t g = 0; g < group; g++)
         for (int64_t i = 0; i < d; i++) out[g * d + i] = bf16(acc[g * d + i] / total[g]);
+#undef ENTRY
 }
 
 static void product(uint64_t weight, int64_t out_features, int64_t in_features, const uint16_t *x, int64_t rows,
@@ -231,7 +263,7 @@ static int attention_half(const struct llama4_layer *L, const struct llama4_step
             memcpy(S->v_store + at, heads + (H + Hkv + g) * d, (size_t)d * 2);
         }
     }
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * Hkv > 1 && most >= 256)
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * Hkv > 1)
     for (int64_t task = 0; task < rows * Hkv; task++) {
         const int64_t r = task / Hkv, g = task % Hkv, row = first + r;
         float *mine = scores + (int64_t)omp_get_thread_num() * per_thread;
