@@ -58,17 +58,17 @@ def packed(plain):
 
 
 class Counting:
-    """Wraps a model's fast_decode, counting the steps it took and those it declined."""
+    """Wraps a model's fast_decode, counting the passes it took and the one-token passes it declined."""
 
     def __init__(self, model):
         self.inner, self.taken, self.declined = model.text.fast_decode, 0, 0
 
-    def __call__(self, *args):
-        out = self.inner(*args)
-        if out is None:
-            self.declined += 1
-        else:
+    def __call__(self, h, *args):
+        out = self.inner(h, *args)
+        if out is not None:
             self.taken += 1
+        elif h.shape[1] == 1:
+            self.declined += 1
         return out
 
 
@@ -153,12 +153,9 @@ def test_steps_it_does_not_take_run_the_layers(plain, packed, monkeypatch):
         assert fast(h.float(), tables, cache) is None  # not bf16
         assert fast(torch.zeros(2, 2, config.hidden_size, dtype=torch.bfloat16), tables, cache) is None  # 2 tokens
         assert fast(h, tables, object()) is None  # a cache without decode slots
-        assert fast(h, tables, PagedKVCache(config).batch([])) is None  # a pool that holds nothing yet
-        before = set_batch_invariant(True)
-        try:
-            assert fast(h, tables, cache) is None
-        finally:
-            set_batch_invariant(before)
+        two = torch.zeros(2, 2, config.hidden_size, dtype=torch.bfloat16)
+        set_batch_invariant(True)  # prefill pieces of one row are taken then, of several rows not
+        assert fast(two, packed.text.position_tables(two, torch.tensor([[3, 4]]), cache), cache) is None
     float_model = cpu_packing.pack_model(copy.deepcopy(plain))
     counting = float_model.text.fast_decode = Counting(float_model)
     with torch.inference_mode():
@@ -220,3 +217,48 @@ def test_the_servers_paged_cache_decodes_rows_as_their_solo_runs_bit_for_bit(pac
     finally:
         packed.text.fast_decode = counting.inner
     assert counting.taken == steps
+
+
+@pytest.mark.parametrize("pieces", [[23], [5, 18], [3, 7, 13], [1] * 23])
+def test_with_batch_invariance_prefill_pieces_compute_what_decode_steps_compute(packed, pieces):
+    """With batch invariance a prompt may be prefilled in any pieces (crossing chunk boundaries) or fed
+    token by token: the fused layers take every pass and give the same logits and cache, bit for bit."""
+    ids = torch.randint(0, 211, (1, sum(pieces) + 3), generator=torch.Generator().manual_seed(11))
+    counting = packed.text.fast_decode = Counting(packed)
+    set_batch_invariant(True)
+    try:
+        cache = KVCache(packed.config.text)
+        with torch.inference_mode():
+            at = 0
+            for n in pieces:
+                last = packed(ids[:, at:at + n], cache=cache)[:, -1]
+                at += n
+            steps = [packed(ids[:, t:t + 1], cache=cache)[:, -1] for t in range(at, ids.shape[1])]
+    finally:
+        packed.text.fast_decode = counting.inner
+    assert counting.taken == len(pieces) + 3 and counting.declined == 0
+    reference = _token_by_token(packed, ids)
+    assert torch.equal(last, reference[sum(pieces) - 1])
+    for step, expected in zip(steps, reference[sum(pieces):]):
+        assert torch.equal(step, expected)
+
+
+def _token_by_token(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Every position's logits, one decode step per token (batch invariance on, the fused layers)."""
+    set_batch_invariant(True)
+    cache = KVCache(model.config.text)
+    with torch.inference_mode():
+        return [model(ids[:, t:t + 1], cache=cache)[:, -1] for t in range(ids.shape[1])]
+
+
+def test_with_batch_invariance_the_paged_cache_prefills_as_the_kv_cache(packed):
+    ids = torch.randint(0, 211, (1, 2 * CHUNK + 5), generator=torch.Generator().manual_seed(12))
+    reference = _token_by_token(packed, ids)
+    pool = PagedKVCache(packed.config.text, block_size=3, initial_blocks=2)
+    seq = pool.sequence()
+    with torch.inference_mode():
+        first = packed(ids[:, :CHUNK + 3], cache=pool.batch([seq]))[:, -1]  # a piece over a chunk boundary
+        rest = [packed(ids[:, t:t + 1], cache=pool.batch([seq]))[:, -1] for t in range(CHUNK + 3, ids.shape[1])]
+    assert torch.equal(first, reference[CHUNK + 2])
+    for t, got in zip(range(CHUNK + 3, ids.shape[1]), rest):
+        assert torch.equal(got, reference[t]), t

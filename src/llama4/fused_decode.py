@@ -54,6 +54,16 @@ class _Step(ctypes.Structure):
     ]
 
 
+def _parts_within_chunks(start: int, tokens: int, chunk: int) -> list[tuple[int, int]]:
+    """(offset, count) parts of a pass over sequence indices start..start+tokens-1, cut where a chunk begins."""
+    parts, offset = [], 0
+    while offset < tokens:
+        count = min(tokens - offset, chunk - (start + offset) % chunk)
+        parts.append((offset, count))
+        offset += count
+    return parts
+
+
 def enabled() -> bool:
     return os.environ.get("LLAMA4_FUSED_DECODE", "1") != "0"
 
@@ -74,10 +84,13 @@ class FusedDecode:
         self._bound_to: list = []  # the weights they were built from: new ones (a reload) mean a rebind
 
     def __call__(self, h: torch.Tensor, tables: PositionTables, cache) -> torch.Tensor | None:
-        """The decode step's layers for h [B, 1, D] -> [B, 1, D], or None to let the layers run. ``cache``: a
-        KVCache or a paged batch (anything with ``decode_slots``)."""
-        if (h.dtype != torch.bfloat16 or not h.is_cpu or h.shape[1] != 1 or not hasattr(cache, "decode_slots")
-                or batch_invariant() or h.shape[0] == 0):
+        """The layers for h [B, T, D] -> [B, T, D], or None to let the torch layers run. ``cache``: a KVCache or
+        a paged batch (anything with ``decode_slots``). Takes decode steps (T = 1) and, with batch invariance,
+        one sequence's prefill pieces too: each token then computes what its decode step would, bit for bit
+        (a piece is run in parts that each stay within one attention chunk)."""
+        rows, tokens = h.shape[:2]
+        if (h.dtype != torch.bfloat16 or not h.is_cpu or not hasattr(cache, "decode_slots") or rows == 0
+                or (tokens != 1 and not (rows == 1 and batch_invariant()))):
             return None
         weights = self._weights()
         if self.layers is None or any(a is not b for a, b in zip(weights, self._bound_to)):
@@ -87,32 +100,31 @@ class FusedDecode:
         if not self.layers:
             return None
         config = self.model.config
-        rows = h.shape[0]
-        out = h.reshape(rows, -1).clone()
-        rope = torch.view_as_real(tables.rope.reshape(tables.rope.shape[0], -1)).contiguous()
-        q_scale = tables.q_scale.reshape(rows).contiguous() if tables.q_scale is not None else None
-        step = _Step(rows=rows, h=out.data_ptr(), rope=rope.data_ptr(),
-                     rope_row_stride=0 if rope.shape[0] == 1 else config.head_dim,
-                     q_scale=q_scale.data_ptr() if q_scale is not None else None, threads=torch.get_num_threads())
+        out = h.reshape(rows * tokens, -1).clone()
+        half = config.head_dim // 2
+        rope = torch.view_as_real(tables.rope.expand(rows, tokens, half).reshape(rows * tokens, half)).contiguous()
+        q_scale = tables.q_scale.reshape(rows * tokens).contiguous() if tables.q_scale is not None else None
         decode_layer = amx_linear.library().llama4_decode_layer
-        for index, layer in enumerate(self.layers):
-            slots = cache.decode_slots(index, rows, config.num_kv_heads, config.head_dim, h.dtype, h.device)
-            if slots is None:
-                if index == 0:
-                    return None
-                raise RuntimeError(f"the cache gave no decode slots for layer {index} after layer 0 took some")
-            if not (slots.keys.is_contiguous() and slots.keys.dtype == torch.bfloat16):
-                raise ValueError("fused decode needs contiguous bf16 key/value storage")
-            write, count = slots.write.contiguous(), slots.count.contiguous()
-            first = slots.first.contiguous() if slots.first is not None else None
-            gather = slots.gather.contiguous() if slots.gather is not None else None
-            step.k_store, step.v_store, step.head_stride = slots.keys.data_ptr(), slots.values.data_ptr(), slots.head_stride
-            step.write, step.count = write.data_ptr(), count.data_ptr()
-            step.first = first.data_ptr() if first is not None else None
-            step.gather = gather.data_ptr() if gather is not None else None
-            step.gather_width = gather.shape[1] if gather is not None else 0
-            if decode_layer(ctypes.byref(layer), ctypes.byref(step)) != 0:
-                raise MemoryError("the fused decode layer could not allocate its scratch memory")
+        start, chunk = tables.starts[0], config.attention_chunk_size
+        for offset, count in _parts_within_chunks(start, tokens, chunk) if tokens > 1 else [(0, 1)]:
+            step = _Step(rows=rows * count, h=out[offset:].data_ptr(), rope=rope[offset:].data_ptr(),
+                         rope_row_stride=config.head_dim, threads=torch.get_num_threads(),
+                         q_scale=q_scale[offset:].data_ptr() if q_scale is not None else None)
+            for index, layer in enumerate(self.layers):
+                slots = cache.decode_slots(index, rows, config.num_kv_heads, config.head_dim, h.dtype, h.device,
+                                           tokens=count, offset=offset)
+                if not (slots.keys.is_contiguous() and slots.keys.dtype == torch.bfloat16):
+                    raise ValueError("fused decode needs contiguous bf16 key/value storage")
+                write, counts = slots.write.contiguous(), slots.count.contiguous()
+                first = slots.first.contiguous() if slots.first is not None else None
+                gather = slots.gather.contiguous() if slots.gather is not None else None
+                step.k_store, step.v_store = slots.keys.data_ptr(), slots.values.data_ptr()
+                step.head_stride, step.write, step.count = slots.head_stride, write.data_ptr(), counts.data_ptr()
+                step.first = first.data_ptr() if first is not None else None
+                step.gather = gather.data_ptr() if gather is not None else None
+                step.gather_width = gather.shape[1] if gather is not None and gather.shape[0] > 1 else 0
+                if decode_layer(ctypes.byref(layer), ctypes.byref(step)) != 0:
+                    raise MemoryError("the fused decode layer could not allocate its scratch memory")
         return out.reshape(h.shape)
 
     def _weights(self) -> list:

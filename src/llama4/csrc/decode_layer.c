@@ -205,9 +205,33 @@ static void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
 #undef ENTRY
 }
 
-static void product(uint64_t weight, int64_t out_features, int64_t in_features, const uint16_t *x, int64_t rows,
-                    uint16_t *y, int threads) {
-    llama4_amx_linear_groups(&weight, &rows, 1, out_features, in_features, x, y, threads);
+/* Groups of at most MAX_ROWS rows for `count` rows of one weight pair, appended at `groups`; the new count. */
+static int64_t add_groups(uint64_t *first_weights, uint64_t *second_weights, int64_t *counts, int64_t groups,
+                          uint64_t first_weight, uint64_t second_weight, int64_t count) {
+    for (; count > 0; count -= MAX_ROWS, groups++) {
+        first_weights[groups] = first_weight;
+        if (second_weights) second_weights[groups] = second_weight;
+        counts[groups] = count < MAX_ROWS ? count : MAX_ROWS;
+    }
+    return groups;
+}
+
+/* y [rows, O] = x [rows, I] times one packed weight, any number of rows (in groups of MAX_ROWS, one call). */
+static int product(uint64_t weight, int64_t out_features, int64_t in_features, const uint16_t *x, int64_t rows,
+                   uint16_t *y, int threads) {
+    const int64_t most = (rows + MAX_ROWS - 1) / MAX_ROWS;
+    uint64_t *weights = malloc((size_t)most * sizeof *weights);
+    int64_t *counts = malloc((size_t)most * sizeof *counts);
+    if (!weights || !counts) {
+        free(weights);
+        free(counts);
+        return 1;
+    }
+    const int64_t groups = add_groups(weights, NULL, counts, 0, weight, 0, rows);
+    llama4_amx_linear_groups(weights, counts, groups, out_features, in_features, x, y, threads);
+    free(weights);
+    free(counts);
+    return 0;
 }
 
 /* silu(gate) * up per row of gu [rows, 2w] (gate first), each op rounded to bf16 as torch's -> act [rows, w].
@@ -231,125 +255,121 @@ static int64_t largest_count(const struct llama4_step *s) {
     return most;
 }
 
-/* The attention half for rows [first, first + rows) (at most MAX_ROWS): h += wo(attention(rms_norm(h))). */
-static int attention_half(const struct llama4_layer *L, const struct llama4_step *S, int64_t first, int64_t rows,
-                          int threads) {
-    const int64_t D = L->dim, H = L->heads, Hkv = L->kv_heads, d = L->head_dim, group = H / Hkv;
+/* The attention half for every row: h += wo(attention(rms_norm(h))). All rows' keys and values are written
+ * before any row attends; a row sees only its count[r] entries. */
+static int attention_half(const struct llama4_layer *L, const struct llama4_step *S, int threads) {
+    const int64_t rows = S->rows, D = L->dim, H = L->heads, Hkv = L->kv_heads, d = L->head_dim, group = H / Hkv;
     const int64_t width = (H + 2 * Hkv) * d;
-    uint16_t *x = aligned_alloc(64, (size_t)(rows * (D + width + H * d + D)) * 2 + 64 * 4);
     const int64_t most = largest_count(S), per_thread = group * (most + d);
+    uint16_t *x = aligned_alloc(64, (size_t)(rows * (D + width + H * d + D)) * 2 + 64 * 4);
     float *scores = malloc((size_t)(threads * per_thread) * sizeof(float) + 64);
-    if (!x || !scores) {
-        free(x);
-        free(scores);
-        return 1;
-    }
-    uint16_t *qkv = x + rows * D, *attended = qkv + rows * width, *o = attended + rows * H * d;
-    for (int64_t r = 0; r < rows; r++) rms_norm(S->h + (first + r) * D, L->attn_norm, D, L->eps, x + r * D);
-    product(L->qkv, width, D, x, rows, qkv, threads);
-    for (int64_t r = 0; r < rows; r++) {
-        const int64_t row = first + r;
-        uint16_t *heads = qkv + r * width; /* q heads, then k heads, then v heads */
-        for (int64_t i = 0; i < H + Hkv; i++) {
-            uint16_t *head = heads + i * d;
-            if (L->use_rope) rotate(head, S->rope + row * S->rope_row_stride, d);
-            if (L->qk_norm) rms_norm(head, NULL, d, L->eps, head);
+    int failed = !x || !scores;
+    if (!failed) {
+        uint16_t *qkv = x + rows * D, *attended = qkv + rows * width, *o = attended + rows * H * d;
+        for (int64_t r = 0; r < rows; r++) rms_norm(S->h + r * D, L->attn_norm, D, L->eps, x + r * D);
+        failed = product(L->qkv, width, D, x, rows, qkv, threads);
+        for (int64_t r = 0; r < rows && !failed; r++) {
+            uint16_t *heads = qkv + r * width; /* q heads, then k heads, then v heads */
+            for (int64_t i = 0; i < H + Hkv; i++) {
+                uint16_t *head = heads + i * d;
+                if (L->use_rope) rotate(head, S->rope + r * S->rope_row_stride, d);
+                if (L->qk_norm) rms_norm(head, NULL, d, L->eps, head);
+            }
+            if (L->tune_temperature)
+                for (int64_t i = 0; i < H * d; i++) heads[i] = bf16(f32(heads[i]) * S->q_scale[r]);
+            for (int64_t g = 0; g < Hkv; g++) {
+                const int64_t at = g * S->head_stride + S->write[r] * d;
+                memcpy(S->k_store + at, heads + (H + g) * d, (size_t)d * 2);
+                memcpy(S->v_store + at, heads + (H + Hkv + g) * d, (size_t)d * 2);
+            }
         }
-        if (L->tune_temperature)
-            for (int64_t i = 0; i < H * d; i++) heads[i] = bf16(f32(heads[i]) * S->q_scale[row]);
-        for (int64_t g = 0; g < Hkv; g++) {
-            const int64_t at = g * S->head_stride + S->write[row] * d;
-            memcpy(S->k_store + at, heads + (H + g) * d, (size_t)d * 2);
-            memcpy(S->v_store + at, heads + (H + Hkv + g) * d, (size_t)d * 2);
-        }
-    }
+        if (!failed) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * Hkv > 1)
-    for (int64_t task = 0; task < rows * Hkv; task++) {
-        const int64_t r = task / Hkv, g = task % Hkv, row = first + r;
-        float *mine = scores + (int64_t)omp_get_thread_num() * per_thread;
-        attend(qkv + r * width + g * group * d, S->k_store + g * S->head_stride, S->v_store + g * S->head_stride,
-               S->first ? NULL : S->gather + row * S->gather_width, S->first ? S->first[row] : 0, S->count[row],
-               group, d, mine, mine + group * most, attended + r * H * d + g * group * d);
+            for (int64_t task = 0; task < rows * Hkv; task++) {
+                const int64_t r = task / Hkv, g = task % Hkv;
+                float *mine = scores + (int64_t)omp_get_thread_num() * per_thread;
+                attend(qkv + r * width + g * group * d, S->k_store + g * S->head_stride, S->v_store + g * S->head_stride,
+                       S->first ? NULL : S->gather + r * S->gather_width, S->first ? S->first[r] : 0, S->count[r],
+                       group, d, mine, mine + group * most, attended + r * H * d + g * group * d);
+            }
+            failed = product(L->wo, D, H * d, attended, rows, o, threads);
+        }
+        for (int64_t r = 0; r < rows && !failed; r++)
+            for (int64_t i = 0; i < D; i++) S->h[r * D + i] = bf16(f32(S->h[r * D + i]) + f32(o[r * D + i]));
     }
-    product(L->wo, D, H * d, attended, rows, o, threads);
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < D; i++) S->h[(first + r) * D + i] = bf16(f32(S->h[(first + r) * D + i]) + f32(o[r * D + i]));
     free(x);
     free(scores);
-    return 0;
+    return failed;
 }
 
-/* The feed-forward half for rows [first, first + rows) (at most MAX_ROWS): h += ffn(rms_norm(h)). MoE: the
- * shared expert on x plus the top-1 expert (by raw router logit; ties to the lowest index) on x times the
- * expert's sigmoid score; the shared expert's rows and the chosen experts' rows, sorted by expert, go
- * through one kernel call per matrix (Llama 4's shared expert has the routed experts' width). */
-static int ffn_half(const struct llama4_layer *L, const struct llama4_step *S, int64_t first, int64_t rows,
-                    int threads) {
-    const int64_t D = L->dim, E = L->num_experts, w = L->hidden, ws = L->shared_hidden;
-    const int64_t wide = E > 0 ? w : ws;
-    uint16_t *x = aligned_alloc(64, (size_t)(2 * rows * (2 * D + 3 * wide) + rows * (E > 0 ? E : 1)) * 2 + 64 * 8);
-    if (!x) return 1;
-    uint16_t *scaled = x + rows * D, *gu = scaled + rows * D, *act = gu + 2 * rows * 2 * wide,
-             *y = act + 2 * rows * wide, *logits = y + 2 * rows * D;
-    for (int64_t r = 0; r < rows; r++) rms_norm(S->h + (first + r) * D, L->ffn_norm, D, L->eps, x + r * D);
-    if (E == 0) {
-        product(L->shared_gate_up, 2 * ws, D, x, rows, gu, threads);
-        swiglu_activation(gu, rows, ws, act);
-        product(L->shared_down, D, ws, act, rows, y, threads);
-    } else {
-        product(L->router, E, D, x, rows, logits, threads);
-        int64_t expert_of[MAX_ROWS], counts_all[E], slot_of[MAX_ROWS];
-        memset(counts_all, 0, sizeof counts_all);
-        float score[MAX_ROWS];
-        for (int64_t r = 0; r < rows; r++) {
+/* The feed-forward half for every row: h += ffn(rms_norm(h)). MoE: the shared expert on x plus the top-1
+ * expert (by raw router logit; ties to the lowest index) on x times the expert's sigmoid score. The shared
+ * expert's rows and the chosen experts' rows, sorted by expert (token order kept), go through one kernel
+ * call per matrix, in groups of at most MAX_ROWS rows per weight (Llama 4's shared expert has the routed
+ * experts' width). */
+static int ffn_half(const struct llama4_layer *L, const struct llama4_step *S, int threads) {
+    const int64_t rows = S->rows, D = L->dim, E = L->num_experts, w = E > 0 ? L->hidden : L->shared_hidden;
+    const int64_t most_groups = 2 * ((rows + MAX_ROWS - 1) / MAX_ROWS) + E;
+    uint16_t *x = aligned_alloc(64, (size_t)(2 * rows * (2 * D + 3 * w) + rows * (E > 0 ? E : 1)) * 2 + 64 * 8);
+    int64_t *ints = malloc((size_t)(3 * rows + 2 * E + 3 * most_groups) * sizeof(int64_t));
+    float *score = malloc((size_t)rows * sizeof(float));
+    if (!x || !ints || !score) {
+        free(x);
+        free(ints);
+        free(score);
+        return 1;
+    }
+    uint16_t *scaled = x + rows * D, *gu = scaled + rows * D, *act = gu + 2 * rows * 2 * w, *y = act + 2 * rows * w,
+             *logits = y + 2 * rows * D;
+    int64_t *expert_of = ints, *slot_of = expert_of + rows, *counts = slot_of + rows, *per_expert = counts + most_groups,
+            *next = per_expert + E;
+    uint64_t *gate_up = (uint64_t *)(next + E), *down = gate_up + most_groups;
+    for (int64_t r = 0; r < rows; r++) rms_norm(S->h + r * D, L->ffn_norm, D, L->eps, x + r * D);
+    int64_t groups = add_groups(gate_up, down, counts, 0, L->shared_gate_up, L->shared_down, rows);
+    int64_t routed = 0; /* rows after x (score-scaled, sorted by expert) */
+    int failed = 0;
+    if (E > 0) {
+        failed = product(L->router, E, D, x, rows, logits, threads);
+        memset(per_expert, 0, (size_t)E * sizeof(int64_t));
+        for (int64_t r = 0; r < rows && !failed; r++) {
             int64_t best = 0;
             for (int64_t e = 1; e < E; e++)
                 if (f32(logits[r * E + e]) > f32(logits[r * E + best])) best = e;
             expert_of[r] = best;
-            counts_all[best]++;
-            const float z = f32(logits[r * E + best]);
-            score[r] = round_bf16(1.0f / (1.0f + expf(-z)));
+            per_expert[best]++;
+            score[r] = round_bf16(1.0f / (1.0f + expf(-f32(logits[r * E + best]))));
         }
-        /* groups: the shared expert's rows (x), then each chosen expert's rows (score * x), token order kept */
-        uint64_t gate_up[MAX_ROWS + 1], down[MAX_ROWS + 1];
-        int64_t counts[MAX_ROWS + 1], groups = 0, placed = 0;
         for (int64_t e = 0; e < E; e++) {
-            if (!counts_all[e]) continue;
-            gate_up[1 + groups] = L->gate_up[e];
-            down[1 + groups] = L->down[e];
-            counts[1 + groups] = counts_all[e];
-            groups++;
-            for (int64_t r = 0; r < rows; r++) {
-                if (expert_of[r] != e) continue;
-                for (int64_t i = 0; i < D; i++) scaled[placed * D + i] = bf16(f32(x[r * D + i]) * score[r]);
-                slot_of[r] = placed++;
-            }
+            next[e] = routed;
+            routed += per_expert[e];
+            groups = add_groups(gate_up, down, counts, groups, L->gate_up[e], L->down[e], per_expert[e]);
         }
-        /* x and the sorted scaled rows are contiguous: one call per matrix for all groups */
-        gate_up[0] = L->shared_gate_up;
-        down[0] = L->shared_down;
-        counts[0] = rows;
-        llama4_amx_linear_groups(gate_up, counts, groups + 1, 2 * w, D, x, gu, threads);
-        swiglu_activation(gu, 2 * rows, w, act);
-        llama4_amx_linear_groups(down, counts, groups + 1, D, w, act, y, threads);
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t slot = slot_of[r] = next[expert_of[r]]++;
+            for (int64_t i = 0; i < D; i++) scaled[slot * D + i] = bf16(f32(x[r * D + i]) * score[r]);
+        }
+    }
+    if (!failed) { /* x and the sorted scaled rows are contiguous: one call per matrix for all groups */
+        llama4_amx_linear_groups(gate_up, counts, groups, 2 * w, D, x, gu, threads);
+        swiglu_activation(gu, rows + routed, w, act);
+        llama4_amx_linear_groups(down, counts, groups, D, w, act, y, threads);
         const uint16_t *routed_y = y + rows * D;
         for (int64_t r = 0; r < rows; r++)
-            for (int64_t i = 0; i < D; i++)
-                y[r * D + i] = bf16(f32(y[r * D + i]) + f32(routed_y[slot_of[r] * D + i]));
+            for (int64_t i = 0; i < D; i++) {
+                float out = f32(y[r * D + i]);
+                if (E > 0) out = round_bf16(out + f32(routed_y[slot_of[r] * D + i]));
+                S->h[r * D + i] = bf16(f32(S->h[r * D + i]) + out);
+            }
     }
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < D; i++) S->h[(first + r) * D + i] = bf16(f32(S->h[(first + r) * D + i]) + f32(y[r * D + i]));
     free(x);
-    return 0;
+    free(ints);
+    free(score);
+    return failed;
 }
 
-/* The whole layer for every row of the step, MAX_ROWS rows at a time; 0 on success, 1 if memory ran out
- * (h may then hold the attention half of some rows: the caller discards the step). */
+/* One decoder layer for every row of the call; 0 on success, 1 if memory ran out (h may then hold the
+ * attention half: the caller discards the pass). */
 int llama4_decode_layer(const struct llama4_layer *layer, const struct llama4_step *step) {
     const int threads = step->threads > 0 ? (int)step->threads : 1;
-    for (int64_t first = 0; first < step->rows; first += MAX_ROWS) {
-        const int64_t rows = step->rows - first < MAX_ROWS ? step->rows - first : MAX_ROWS;
-        if (attention_half(layer, step, first, rows, threads) || ffn_half(layer, step, first, rows, threads)) return 1;
-    }
-    return 0;
+    return attention_half(layer, step, threads) || ffn_half(layer, step, threads);
 }

@@ -23,7 +23,8 @@ class DecodeSlots:
 
     The entry in slot s of KV head g starts at element g * head_stride + s * head_dim of ``keys`` (and of
     ``values``). Row r writes its new key/value to slot write[r] and sees count[r] entries (the new one
-    included): slots first[r] + j when ``first`` is given, else gather[r, j]. Int64 tensors [B] / [B, W].
+    included): slots first[r] + j when ``first`` is given, else gather[r, j] (a gather of one row: every
+    row's). Int64 tensors [B] / [B or 1, W].
     """
 
     keys: torch.Tensor
@@ -144,33 +145,43 @@ class KVCache:
         return buf_k[:, :, :need], buf_v[:, :, :need], 0, valid
 
     def decode_slots(self, layer: int, rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                     device: torch.device) -> DecodeSlots:
-        """Room for one new token per row in ``layer``, as :class:`DecodeSlots` (the caller writes it)."""
-        keys, values, at = self._decode_entries(layer, rows, kv_heads, head_dim, dtype, device)
+                     device: torch.device, tokens: int = 1, offset: int = 0) -> DecodeSlots:
+        """Room in ``layer`` for ``tokens`` new tokens per row (more than one: a single row), starting
+        ``offset`` tokens past each row's length (a pass cut into parts), as :class:`DecodeSlots` (the
+        caller writes them; token t of row r is entry r * tokens + t and sees the entries before it)."""
+        keys, values, at = self._decode_entries(layer, rows, kv_heads, head_dim, dtype, device, tokens, offset)
         capacity = keys.shape[2]
-        first = torch.arange(rows, dtype=torch.long) * (kv_heads * capacity)
-        at = torch.tensor(at, dtype=torch.long)
-        return DecodeSlots(keys, values, capacity * head_dim, first + at, at + 1, first, None)
+        first = (torch.arange(rows, dtype=torch.long) * (kv_heads * capacity)).repeat_interleave(tokens)
+        entry = (torch.tensor(at, dtype=torch.long)[:, None] + torch.arange(tokens)).reshape(-1)
+        return DecodeSlots(keys, values, capacity * head_dim, first + entry, entry + 1, first, None)
 
     def _decode_entries(self, layer: int, rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Room for one new token per row in ``layer`` (a decode step): the layer's key/value buffers
-        [B, Hkv, capacity, d] and, per row, the entry its new key/value goes to; the row's query then sees
-        its entries 0..at[row]. Rows that entered a new chunk start their chunk-local layers over."""
+                        device: torch.device, tokens: int = 1, offset: int = 0
+                        ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Room for ``tokens`` new tokens per row in ``layer``, ``offset`` tokens past each row's length:
+        the layer's key/value buffers [B, Hkv, capacity, d] and, per row, the entry its first new token
+        goes to (the others follow). Rows that entered a new chunk start their chunk-local layers over; the
+        new tokens of a chunk-local layer must lie in one chunk."""
+        if tokens > 1 and rows != 1:
+            raise ValueError(f"a {tokens}-token pass takes one row, got {rows}")
         if not self.lengths:
             self.lengths = [0] * rows
-        starts = self.starts(rows)
+        starts = [seq + offset for seq in self.starts(rows)]
         if not self._len[layer]:
             self._len[layer], self._start[layer] = [0] * rows, [0] * rows
         lens, firsts = self._len[layer], self._start[layer]
         for row, seq in enumerate(starts):
-            if self.chunked[layer] and firsts[row] != (seq // self.chunk) * self.chunk:
+            if not self.chunked[layer]:
+                continue
+            if (seq + tokens - 1) // self.chunk != seq // self.chunk:
+                raise ValueError(f"tokens {seq}..{seq + tokens - 1} cross a chunk boundary (chunk {self.chunk})")
+            if firsts[row] != (seq // self.chunk) * self.chunk:
                 lens[row], firsts[row] = 0, (seq // self.chunk) * self.chunk  # this row entered a new chunk
         at = list(lens)
-        self._reserve(layer, (rows, kv_heads, head_dim), dtype, device, max(at) + 1,
+        self._reserve(layer, (rows, kv_heads, head_dim), dtype, device, max(at) + tokens,
                       limit=self.chunk if self.chunked[layer] else None)
         for row in range(len(lens)):
-            lens[row] += 1
+            lens[row] += tokens
         return self._k[layer], self._v[layer], at
 
     def _set(self, layer: int, length: int, start: int) -> None:

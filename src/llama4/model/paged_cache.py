@@ -408,6 +408,7 @@ class PagedBatch:
         self.pool, self.sequences = pool, sequences
         self.lengths = [s.length for s in sequences]
         self._plans: list[_SinglePlan | _RaggedPlan | None] = [None, None]
+        self._fused_plans: dict[tuple[int, int], _SinglePlan] = {}  # decode_slots' one-sequence plans by (kind, offset)
 
     @property
     def batch_size(self) -> int:
@@ -431,26 +432,40 @@ class PagedBatch:
         return plan.apply(pool._k[layer], pool._v[layer], k, v)
 
     def decode_slots(self, layer: int, rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                     device: torch.device) -> DecodeSlots | None:
-        """KVCache.decode_slots over the pool (None before the pool holds anything: update() sets it up)."""
+                     device: torch.device, tokens: int = 1, offset: int = 0) -> DecodeSlots:
+        """KVCache.decode_slots over the pool: block tables become gathered slots (one-token rows of a
+        ragged batch), or one sequence's entries are read where they lie."""
         pool = self.pool
         if pool.dtype is None:
-            return None
+            pool._init_storage(torch.empty(0, dtype=dtype, device=device))
         if pool.dtype != dtype or (kv_heads, head_dim) != (pool.kv_heads, pool.head_dim):
             raise ValueError(f"the pool holds {pool.dtype} entries of {pool.kv_heads} x {pool.head_dim}, "
                              f"asked for {dtype} of {kv_heads} x {head_dim}")
+        if rows != len(self.sequences) or (rows > 1 and (tokens, offset) != (1, 0)):
+            raise ValueError(f"decode slots for {rows} rows x {tokens} tokens at +{offset} over a batch of "
+                             f"{len(self.sequences)} sequences: several rows take one token each")
         kind = pool._kind_of[layer]
-        plan = self._plans[kind]
-        if plan is None:
-            plan = self._plans[kind] = self._plan(kind, rows, 1)
-        keys, values = pool._k[layer], pool._v[layer]
+        if rows > 1:
+            plan = self._plans[kind]
+            if plan is None:
+                plan = self._plans[kind] = self._ragged(kind)
+        else:
+            plan = self._fused_plans.get((kind, offset))
+            if plan is None:
+                start = self.sequences[0].length + offset
+                plan = self._fused_plans[(kind, offset)] = self._single(kind, self.sequences[0], tokens, start)
+                if plan.old is not None:
+                    raise ValueError(f"tokens {start}..{start + tokens - 1} cross a chunk boundary (chunk {pool.chunk})")
+        keys, values = pool._k[layer], pool._v[layer]  # after planning, which may grow the pool
         stride = keys.shape[1] * head_dim
-        if isinstance(plan, _RaggedPlan):
+        if rows > 1:
             return DecodeSlots(keys, values, stride, plan.write, plan.valid, None, plan.gather.view(rows, plan.width))
-        write = torch.tensor([plan.write]) if isinstance(plan.write, int) else plan.write.cpu()
-        count = torch.tensor([plan.read_count])
+        held = self.sequences[0].held[kind]
+        seen = self.sequences[0].length + offset - held.first  # entries before the first new token
+        write = plan.write + torch.arange(tokens) if isinstance(plan.write, int) else plan.write.cpu()
+        count = seen + 1 + torch.arange(tokens)
         if isinstance(plan.read, int):
-            return DecodeSlots(keys, values, stride, write, count, torch.tensor([plan.read]), None)
+            return DecodeSlots(keys, values, stride, write, count, torch.full((tokens,), plan.read), None)
         return DecodeSlots(keys, values, stride, write, count, None, plan.read[None])
 
     def advance(self, num_tokens: int) -> None:
@@ -458,6 +473,7 @@ class PagedBatch:
             s.length += num_tokens
         self.lengths = [s.length for s in self.sequences]
         self._plans = [None, None]
+        self._fused_plans = {}
 
     def _plan(self, kind: int, batch: int, tokens: int):
         if batch != len(self.sequences):
@@ -476,8 +492,8 @@ class PagedBatch:
                 self.pool._drop(kind, held)
                 held.first = start
 
-    def _single(self, kind: int, seq: PagedSequence, tokens: int) -> _SinglePlan:
-        pool, held, s = self.pool, seq.held[kind], seq.length
+    def _single(self, kind: int, seq: PagedSequence, tokens: int, start: int | None = None) -> _SinglePlan:
+        pool, held, s = self.pool, seq.held[kind], seq.length if start is None else start
         end = s + tokens
         plan = _SinglePlan()
         plan.old = None

@@ -149,9 +149,9 @@ class TextModel(nn.Module):
             inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.tunes_temperature = any(spec.temperature_tuning for spec in config.layers)
-        # An optional specialised implementation of a decode step's layers (one new token per row, with a
-        # cache), installed from outside the model (cpu_packing); it returns None for inputs it does not take.
-        # The layers are the reference it is tested against.
+        # An optional specialised implementation of the layers for passes with a cache (decode steps, and
+        # prefill pieces where they must compute what decode steps compute), installed from outside the model
+        # (cpu_packing); it returns None for inputs it does not take. The layers are its reference.
         self.fast_decode: Callable[[torch.Tensor, PositionTables, KVCache], torch.Tensor | None] | None = None
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
@@ -163,7 +163,7 @@ class TextModel(nn.Module):
         """
         tables = self.position_tables(h, positions, cache)
         fast = None
-        if self.fast_decode is not None and cache is not None and h.shape[1] == 1:
+        if self.fast_decode is not None and cache is not None:
             fast = self.fast_decode(h, tables, cache)
         if fast is not None:
             h = fast
