@@ -186,6 +186,8 @@ def test_weights_loaded_after_the_first_step_are_the_ones_used(plain):
     wo.load_tensor("weight", wo.packed.to_dense() * 3)
     with torch.no_grad():
         model.text.layers[2].ffn_norm.weight.mul_(2)  # in place: read where it lies
+    norm = model.text.layers[3].attn_norm
+    norm.weight = torch.nn.Parameter(norm.weight.detach() * 0.5, requires_grad=False)  # a new tensor
     fused = _teacher_forced_logits(model, ids, 9, fused=True)
     layers = _teacher_forced_logits(model, ids, 9, fused=False)
     for f, lay in zip(fused, layers):

@@ -44,8 +44,10 @@ class PackedWeight:
     kernel for decode-sized products (amx_linear) reads it from, if it can."""
 
     __slots__ = ("tensor", "shape", "address")
+    made = 0  # weights packed so far in this process (code that keeps addresses checks it for reloads)
 
     def __init__(self, weight: torch.Tensor):
+        PackedWeight.made += 1
         weight = weight.detach().contiguous()
         self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         self.shape = weight.shape

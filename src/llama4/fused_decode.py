@@ -81,7 +81,8 @@ class FusedDecode:
         self.model = model
         self.layers: list[_Layer] | None = None
         self._keep: list = []  # ctypes arrays the layer structs point into
-        self._bound_to: list = []  # the weights they were built from: new ones (a reload) mean a rebind
+        self._bound_at = -1  # PackedWeight.made when bound: weights packed since (a reload) mean a rebind
+        self._norms: list[tuple[dict, torch.Tensor]] = []  # (a norm's parameters, the weight bound)
 
     def __call__(self, h: torch.Tensor, tables: PositionTables, cache) -> torch.Tensor | None:
         """The layers for h [B, T, D] -> [B, T, D], or None to let the torch layers run. ``cache``: a KVCache or
@@ -92,11 +93,9 @@ class FusedDecode:
         if (h.dtype != torch.bfloat16 or not h.is_cpu or not hasattr(cache, "decode_slots") or rows == 0
                 or (tokens != 1 and not (rows == 1 and batch_invariant()))):
             return None
-        weights = self._weights()
-        if self.layers is None or any(a is not b for a, b in zip(weights, self._bound_to)):
+        if self.layers is None or self._stale():
             self._keep = []
             self.layers = self._bind() or []
-            self._bound_to = weights
         if not self.layers:
             return None
         config = self.model.config
@@ -127,21 +126,20 @@ class FusedDecode:
                     raise MemoryError("the fused decode layer could not allocate its scratch memory")
         return out.reshape(h.shape)
 
-    def _weights(self) -> list:
-        """Every object a layer struct takes an address from (norm weights, packed modules' weights)."""
-        found = []
-        for block in self.model.layers:
-            found += [block.attn_norm.weight, block.ffn_norm.weight, getattr(block.attn.qkv, "packed", None),
-                      getattr(block.attn.wo, "packed", None)]
-            ffn = block.ffn
-            for part in (getattr(ffn, "shared", ffn), getattr(ffn, "router", None)):
-                found += [getattr(part, "packed", None), getattr(getattr(part, "down", None), "packed", None)]
-            for matrices in (getattr(getattr(ffn, "experts", None), name, None) for name in ("gate_up", "down")):
-                found += matrices if isinstance(matrices, list) else [matrices]
-        return found
+    def _stale(self) -> bool:
+        """Whether a weight the layer structs point into was replaced since they were built: a packed
+        weight made since (a reload packs anew) or a norm weight that is no longer the module's."""
+        from llama4.cpu_packing import PackedWeight  # cpu_packing installs this module
+
+        return PackedWeight.made != self._bound_at or any(params["weight"] is not w for params, w in self._norms)
 
     def _bind(self) -> list[_Layer] | None:
         """One struct per layer, or None if some layer cannot run in C."""
+        from llama4.cpu_packing import PackedWeight
+
+        self._bound_at = PackedWeight.made
+        self._norms = [(norm._parameters, norm.weight) for block in self.model.layers
+                       for norm in (block.attn_norm, block.ffn_norm)]
         lib = amx_linear.library()
         if lib is None or not hasattr(lib, "llama4_decode_layer"):
             return None

@@ -205,6 +205,30 @@ def _sse(chunks: AsyncIterator[BaseModel | dict | str | list]) -> StreamingRespo
     return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+def _coalesced(batch: list[tuple[int, TokenEvent | FinishEvent]], chunks_of, run_chunk, plain) -> list:
+    """The chunks of events that arrived together: consecutive token events of one choice (when ``plain(i)``)
+    become one chunk (``run_chunk``), others their own (``chunks_of``). A client that keeps up gets a chunk
+    per token; one that falls behind (many streams, a slow reader) gets fewer, larger ones instead of a
+    backlog of tiny ones. Each choice's events keep their order."""
+    by_choice: dict[int, list] = {}
+    for i, event in batch:
+        by_choice.setdefault(i, []).append(event)
+    out = []
+    for i, events in by_choice.items():
+        run = []
+        for event in events:
+            if isinstance(event, TokenEvent) and plain(i):
+                run.append(event)
+                continue
+            if run:
+                out += run_chunk(i, run)
+                run = []
+            out += chunks_of(i, event)
+        if run:
+            out += run_chunk(i, run)
+    return out
+
+
 async def _unless_disconnected(request: Request, choices: Choices, reply):
     """Await a non-streamed reply while watching for the client going away (which cancels it)."""
     watcher = asyncio.create_task(cancel_on_disconnect(request.receive, choices))
@@ -285,27 +309,32 @@ class _ChatReply:
             for i in range(self.n):
                 yield self._chunk(i, Delta(role="assistant", content=""))
             async for batch in self.choices.batches():
-                yield [chunk for i, event in batch for chunk in self._chunks_of(i, event)]
+                yield _coalesced(batch, self._chunks_of, self._run_chunk, lambda i: not self.holding[i])
             if self.req.stream_options is not None and self.req.stream_options.include_usage:
                 yield ChatCompletionChunk(id=self.id, model=self.model_id, choices=[], usage=self.usage())
             yield "[DONE]"
         finally:
             self.choices.cancel()
 
+    def _run_chunk(self, i: int, run: list[TokenEvent]) -> list[BaseModel | dict]:
+        """One content chunk for consecutive token events of choice i (not held for a tool call)."""
+        text = "".join(event.text for event in run)
+        self.texts[i] += text
+        self.events[i] += run
+        return [self._chunk(i, Delta(content=text), self._logprobs(run))] if text or self.req.logprobs else []
+
     def _chunks_of(self, i: int, event: TokenEvent | FinishEvent) -> list[BaseModel | dict]:
         """The chunks one event of choice i produces (none while a possible tool call is held)."""
         if isinstance(event, TokenEvent):
+            if not self.holding[i]:
+                return self._run_chunk(i, [event])
             self.texts[i] += event.text
             self.events[i].append(event)
-            if self.holding[i]:
-                calls = self.calls[i]
-                if not calls.started and translate.may_be_tool_call(self.texts[i]) is False:  # prose: release
-                    self.holding[i] = False
-                    return [self._chunk(i, Delta(content=self.texts[i]), self._logprobs(self.events[i]))]
-                return [self._chunk(i, Delta(tool_calls=[delta])) for delta in calls.feed(self.texts[i])]
-            elif event.text or self.req.logprobs:
-                return [self._chunk(i, Delta(content=event.text), self._logprobs([event]))]
-            return []
+            calls = self.calls[i]
+            if not calls.started and translate.may_be_tool_call(self.texts[i]) is False:  # prose: release
+                self.holding[i] = False
+                return [self._chunk(i, Delta(content=self.texts[i]), self._logprobs(self.events[i]))]
+            return [self._chunk(i, Delta(tool_calls=[delta])) for delta in calls.feed(self.texts[i])]
         self.finishes[i] = event
         if event.reason == "error":
             return [_error_chunk(event)]
@@ -362,11 +391,13 @@ class _CompletionReply:
         return TextCompletion(id=self.id, model=self.model_id, choices=[
             CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=finish_reason)])
 
+    def _run_chunk(self, i: int, run: list[TokenEvent]) -> list[BaseModel | dict]:
+        text = "".join(event.text for event in run)
+        return [self._chunk(i, text, self._logprobs(i, run))] if text or self.req.logprobs is not None else []
+
     def _chunks_of(self, i: int, event: TokenEvent | FinishEvent) -> list[BaseModel | dict]:
         if isinstance(event, TokenEvent):
-            if event.text or self.req.logprobs is not None:
-                return [self._chunk(i, event.text, self._logprobs(i, [event]))]
-            return []
+            return self._run_chunk(i, [event])
         self.finishes[i] = event
         if event.reason == "error":
             return [_error_chunk(event)]
@@ -378,7 +409,7 @@ class _CompletionReply:
                 if echo:
                     yield self._chunk(i, echo)
             async for batch in self.choices.batches():
-                yield [chunk for i, event in batch for chunk in self._chunks_of(i, event)]
+                yield _coalesced(batch, self._chunks_of, self._run_chunk, lambda i: True)
             if self.req.stream_options is not None and self.req.stream_options.include_usage:
                 yield TextCompletion(id=self.id, model=self.model_id, choices=[], usage=self.usage())
             yield "[DONE]"
