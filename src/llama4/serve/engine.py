@@ -12,7 +12,8 @@ Each iteration of the loop (:meth:`Engine.step`) does, in order:
    prompt (the other choices of ``n``) join with a copy of its cache, unprefilled;
 4. run one decode step for every running row together (a ragged one-token pass: each row at its own
    length; with ``batch_invariant`` a row computes what its solo run computes bit for bit on CPU:
-   products in fixed 16-row tiles, attention over its own keys in a fixed key bucket) and drop the
+   products in fixed 16-row tiles, attention over its own keys in a fixed key bucket - or, for packed
+   bf16 models on AMX, the fused C layers, which compute every token as a row of its own) and drop the
    rows that finished.
 
 With ``batch_invariant`` (the default) prefill is split-invariant too (each prompt token computed as a
