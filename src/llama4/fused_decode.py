@@ -146,8 +146,9 @@ class FusedDecode:
         lib.llama4_decode_layer.argtypes = [ctypes.POINTER(_Layer), ctypes.POINTER(_Step)]
         lib.llama4_decode_layer.restype = ctypes.c_int
         config = self.model.config
-        if config.head_dim % 32 or config.num_heads % config.num_kv_heads or config.num_heads > 8 * config.num_kv_heads:
-            return None  # the C attention takes up to 8 query heads per KV head
+        if (config.head_dim % 32 or config.head_dim > 256 or config.num_heads % config.num_kv_heads
+                or config.num_heads > 8 * config.num_kv_heads):
+            return None  # the C attention takes heads of up to 256 and up to 8 query heads per KV head
         layers = []
         for spec, block in zip(config.layers, self.model.layers):
             attn, ffn = block.attn, block.ffn

@@ -126,82 +126,110 @@ static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
     return _mm_hadd_ps(_mm_hadd_ps(a4, b4), _mm_hadd_ps(c4, d4));
 }
 
-#define KEY_BLOCK 128 /* keys (and values) per pass over a group's heads: they stay in L1/L2 meanwhile */
-#define MAX_GROUP 8
+#define KEY_BLOCK 64  /* keys per block: converted to float32 once (16 KB at d = 64, 32 KB at d = 128) */
+#define MAX_GROUP 8   /* query heads per KV head */
+#define MAX_LANES 16  /* head_dim up to 256 */
+#define SHARED_ROWS 4 /* rows over the same keys (one sequence's prefill tokens) attended together */
 
-/* One row's query heads of one KV group (`group` <= MAX_GROUP heads, q [group, d]) against its n cached
- * keys/values (entry j in slot slots[j], or first + j without slots, of the group's stores k/v):
- * softmax(q k^T / sqrt(d)) v in float32, the probabilities rounded to bf16 before they weight the values
- * (as torch's CPU flash attention does for bf16), each head's result rounded once -> out [group, d].
- * Keys and values are read in blocks, each block once from memory for all the group's heads. d is a
- * multiple of 16; scores holds group x n floats, qf group x d (scratch). */
-static void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *slots, int64_t first,
-                   int64_t n, int64_t group, int64_t d, float *scores, float *qf, uint16_t *out) {
+/* Rows that attend over the same entries (tokens of one sequence in a prefill piece), each with its own
+ * query heads of one KV group (q[r]: `group` <= MAX_GROUP heads x d) and entry count n[r]: entry j in slot
+ * slots[j], or first + j without slots, of the group's stores k/v. softmax(q k^T / sqrt(d)) v in float32,
+ * the probabilities rounded to bf16 before they weight the values (as torch's CPU flash attention does
+ * for bf16), each head's result rounded once -> out[r] [group, d].
+ *
+ * A row's arithmetic does not depend on the rows beside it: each score is the same lane sum (sum4, a
+ * missing partner key counted as zeros), each softmax runs over the row's own scores, and each output
+ * accumulates the row's entries in order. So a prefill token computes exactly what its decode step
+ * (one row) computes, while the rows share each key block's conversion to float32 and each value load.
+ * d is a multiple of 16, at most 16 * MAX_LANES. Scratch: scores rows x group x max(n), keys KEY_BLOCK x
+ * d, acc rows x group x d floats. */
+static void attend(const uint16_t *const *q, const int64_t *n, int64_t rows, const uint16_t *k, const uint16_t *v,
+                   const int64_t *slots, int64_t first, int64_t group, int64_t d, float *scores, float *keys,
+                   float *acc, uint16_t *const *out) {
     const float scale = 1.0f / sqrtf((float)d);
-    const int64_t lanes = d / 16;
-    for (int64_t i = 0; i < group * d; i++) qf[i] = f32(q[i]);
+    const int64_t lanes = d / 16, heads = rows * group;
+    int64_t most = 0;
+    for (int64_t r = 0; r < rows; r++) most = n[r] > most ? n[r] : most;
 #define ENTRY(base, j) ((base) + (slots ? slots[j] : first + (j)) * d)
-    for (int64_t block = 0; block < n; block += KEY_BLOCK) {
-        const int64_t end = block + KEY_BLOCK < n ? block + KEY_BLOCK : n;
-        for (int64_t g = 0; g < group; g++) {
-            const float *qg = qf + g * d;
-            int64_t j = block;
-            for (; j + 4 <= end; j += 4) {
-                const uint16_t *k0 = ENTRY(k, j), *k1 = ENTRY(k, j + 1), *k2 = ENTRY(k, j + 2), *k3 = ENTRY(k, j + 3);
-                __m512 a = _mm512_setzero_ps(), b = a, c = a, e = a;
-                for (int64_t l = 0; l < lanes; l++) {
-                    const __m512 ql = _mm512_loadu_ps(qg + 16 * l);
-                    a = _mm512_fmadd_ps(ql, load_bf16x16(k0 + 16 * l), a);
-                    b = _mm512_fmadd_ps(ql, load_bf16x16(k1 + 16 * l), b);
-                    c = _mm512_fmadd_ps(ql, load_bf16x16(k2 + 16 * l), c);
-                    e = _mm512_fmadd_ps(ql, load_bf16x16(k3 + 16 * l), e);
+#define SCORES(r, g) (scores + ((r) * group + (g)) * most)
+    for (int64_t block = 0; block < most; block += KEY_BLOCK) {
+        const int64_t end = block + KEY_BLOCK < most ? block + KEY_BLOCK : most;
+        for (int64_t j = block; j < end; j++) {
+            const uint16_t *kj = ENTRY(k, j);
+            for (int64_t l = 0; l < lanes; l++) _mm512_storeu_ps(keys + (j - block) * d + 16 * l, load_bf16x16(kj + 16 * l));
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t stop = end < n[r] ? end : n[r];
+            for (int64_t g = 0; g < group; g++) {
+                __m512 qv[MAX_LANES];
+                for (int64_t l = 0; l < lanes; l++) qv[l] = load_bf16x16(q[r] + g * d + 16 * l);
+                float *row = SCORES(r, g);
+                int64_t j = block;
+                for (; j + 4 <= stop; j += 4) {
+                    const float *k0 = keys + (j - block) * d;
+                    __m512 a = _mm512_setzero_ps(), b = a, c = a, e = a;
+                    for (int64_t l = 0; l < lanes; l++) {
+                        a = _mm512_fmadd_ps(qv[l], _mm512_loadu_ps(k0 + 16 * l), a);
+                        b = _mm512_fmadd_ps(qv[l], _mm512_loadu_ps(k0 + d + 16 * l), b);
+                        c = _mm512_fmadd_ps(qv[l], _mm512_loadu_ps(k0 + 2 * d + 16 * l), c);
+                        e = _mm512_fmadd_ps(qv[l], _mm512_loadu_ps(k0 + 3 * d + 16 * l), e);
+                    }
+                    _mm_storeu_ps(row + j, _mm_mul_ps(sum4(a, b, c, e), _mm_set1_ps(scale)));
                 }
-                _mm_storeu_ps(scores + g * n + j, _mm_mul_ps(sum4(a, b, c, e), _mm_set1_ps(scale)));
-            }
-            for (; j < end; j++) {
-                const uint16_t *kj = ENTRY(k, j);
-                __m512 a = _mm512_setzero_ps();
-                for (int64_t l = 0; l < lanes; l++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * l), load_bf16x16(kj + 16 * l), a);
-                scores[g * n + j] = _mm512_reduce_add_ps(a) * scale;
+                if (j < stop) { /* the last 1-3 keys, their missing partners zeros: the same lane sums */
+                    __m512 dot[4];
+                    for (int i = 0; i < 4; i++) {
+                        dot[i] = _mm512_setzero_ps();
+                        if (j + i >= stop) continue;
+                        const float *kj = keys + (j + i - block) * d;
+                        for (int64_t l = 0; l < lanes; l++) dot[i] = _mm512_fmadd_ps(qv[l], _mm512_loadu_ps(kj + 16 * l), dot[i]);
+                    }
+                    float four[4];
+                    _mm_storeu_ps(four, _mm_mul_ps(sum4(dot[0], dot[1], dot[2], dot[3]), _mm_set1_ps(scale)));
+                    for (int i = 0; j + i < stop; i++) row[j + i] = four[i];
+                }
             }
         }
     }
-    float total[MAX_GROUP];
-    for (int64_t g = 0; g < group; g++) {
-        float *row = scores + g * n, top = -INFINITY;
-        for (int64_t j = 0; j < n; j++) top = row[j] > top ? row[j] : top;
+    float total[SHARED_ROWS * MAX_GROUP], *head_scores[SHARED_ROWS * MAX_GROUP];
+    int64_t count[SHARED_ROWS * MAX_GROUP];
+    for (int64_t h = 0; h < heads; h++) head_scores[h] = SCORES(h / group, h % group), count[h] = n[h / group];
+    for (int64_t h = 0; h < heads; h++) {
+        float *row = head_scores[h], top = -INFINITY;
+        for (int64_t j = 0; j < count[h]; j++) top = row[j] > top ? row[j] : top;
         const __m512 shift = _mm512_set1_ps(top);
         __m512 sum = _mm512_setzero_ps();
         int64_t j = 0;
-        for (; j + 16 <= n; j += 16) {
+        for (; j + 16 <= count[h]; j += 16) {
             const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift));
             sum = _mm512_add_ps(sum, p);
             _mm512_storeu_ps(row + j, round_bf16x16(p));
         }
-        if (j < n) {
-            const __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
+        if (j < count[h]) {
+            const __mmask16 tail = (__mmask16)((1u << (count[h] - j)) - 1);
             const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + j), shift));
             sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, p));
             _mm512_mask_storeu_ps(row + j, tail, round_bf16x16(p));
         }
-        total[g] = _mm512_reduce_add_ps(sum);
+        total[h] = _mm512_reduce_add_ps(sum);
     }
-    float *acc = qf; /* q is no longer needed: the group's float32 sums, group x d */
-    for (int64_t i = 0; i < group * d; i++) acc[i] = 0;
-    for (int64_t block = 0; block < n; block += KEY_BLOCK) {
-        const int64_t end = block + KEY_BLOCK < n ? block + KEY_BLOCK : n;
+    for (int64_t i = 0; i < heads * d; i++) acc[i] = 0;
+    for (int64_t block = 0; block < most; block += KEY_BLOCK) {
+        const int64_t end = block + KEY_BLOCK < most ? block + KEY_BLOCK : most;
         for (int64_t l = 0; l < lanes; l++) {
-            __m512 sums[MAX_GROUP];
-            for (int64_t g = 0; g < group; g++) sums[g] = _mm512_loadu_ps(acc + g * d + 16 * l);
+            __m512 sums[SHARED_ROWS * MAX_GROUP];
+            for (int64_t h = 0; h < heads; h++) sums[h] = _mm512_loadu_ps(acc + h * d + 16 * l);
             for (int64_t j = block; j < end; j++) {
                 const __m512 value = load_bf16x16(ENTRY(v, j) + 16 * l);
-                for (int64_t g = 0; g < group; g++) sums[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + j]), value, sums[g]);
+                for (int64_t h = 0; h < heads; h++)
+                    if (j < count[h]) sums[h] = _mm512_fmadd_ps(_mm512_set1_ps(head_scores[h][j]), value, sums[h]);
             }
-            for (int64_t g = 0; g < group; g++) _mm512_storeu_ps(acc + g * d + 16 * l, sums[g]);
+            for (int64_t h = 0; h < heads; h++) _mm512_storeu_ps(acc + h * d + 16 * l, sums[h]);
         }
     }
-    for (int64_t g = 0; g < group; g++)
-        for (int64_t i = 0; i < d; i++) out[g * d + i] = bf16(acc[g * d + i] / total[g]);
+    for (int64_t h = 0; h < heads; h++)
+        for (int64_t i = 0; i < d; i++) out[h / group][(h % group) * d + i] = bf16(acc[h * d + i] / total[h]);
+#undef SCORES
 #undef ENTRY
 }
 
@@ -260,10 +288,12 @@ static int64_t largest_count(const struct llama4_step *s) {
 static int attention_half(const struct llama4_layer *L, const struct llama4_step *S, int threads) {
     const int64_t rows = S->rows, D = L->dim, H = L->heads, Hkv = L->kv_heads, d = L->head_dim, group = H / Hkv;
     const int64_t width = (H + 2 * Hkv) * d;
-    const int64_t most = largest_count(S), per_thread = group * (most + d);
+    const int64_t most = largest_count(S);
+    const int64_t per_thread = SHARED_ROWS * group * (most + d) + KEY_BLOCK * d;
     uint16_t *x = aligned_alloc(64, (size_t)(rows * (D + width + H * d + D)) * 2 + 64 * 4);
     float *scores = malloc((size_t)(threads * per_thread) * sizeof(float) + 64);
-    int failed = !x || !scores;
+    int64_t *block_start = malloc((size_t)(rows + 1) * sizeof(int64_t));
+    int failed = !x || !scores || !block_start;
     if (!failed) {
         uint16_t *qkv = x + rows * D, *attended = qkv + rows * width, *o = attended + rows * H * d;
         for (int64_t r = 0; r < rows; r++) rms_norm(S->h + r * D, L->attn_norm, D, L->eps, x + r * D);
@@ -284,13 +314,28 @@ static int attention_half(const struct llama4_layer *L, const struct llama4_step
             }
         }
         if (!failed) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * Hkv > 1)
-            for (int64_t task = 0; task < rows * Hkv; task++) {
-                const int64_t r = task / Hkv, g = task % Hkv;
+            /* row blocks: up to SHARED_ROWS consecutive rows over the same entries (one sequence's tokens) */
+            int64_t blocks = 0;
+            for (int64_t r = 0; r < rows; r++) {
+                const int shares = r > 0 && r - block_start[blocks - 1] < SHARED_ROWS
+                                   && (S->first ? S->first[r] == S->first[r - 1] : S->gather_width == 0);
+                if (!shares) block_start[blocks++] = r;
+            }
+            block_start[blocks] = rows;
+#pragma omp parallel for num_threads(threads) schedule(dynamic) if (blocks * Hkv > 1)
+            for (int64_t task = 0; task < blocks * Hkv; task++) {
+                const int64_t b = task / Hkv, g = task % Hkv, r0 = block_start[b], count = block_start[b + 1] - r0;
                 float *mine = scores + (int64_t)omp_get_thread_num() * per_thread;
-                attend(qkv + r * width + g * group * d, S->k_store + g * S->head_stride, S->v_store + g * S->head_stride,
-                       S->first ? NULL : S->gather + r * S->gather_width, S->first ? S->first[r] : 0, S->count[r],
-                       group, d, mine, mine + group * most, attended + r * H * d + g * group * d);
+                const uint16_t *q[SHARED_ROWS];
+                uint16_t *out[SHARED_ROWS];
+                for (int64_t i = 0; i < count; i++) {
+                    q[i] = qkv + (r0 + i) * width + g * group * d;
+                    out[i] = attended + (r0 + i) * H * d + g * group * d;
+                }
+                const int64_t *entries = S->first ? NULL : S->gather + r0 * S->gather_width;
+                attend(q, S->count + r0, count, S->k_store + g * S->head_stride, S->v_store + g * S->head_stride,
+                       entries, S->first ? S->first[r0] : 0, group, d, mine, mine + SHARED_ROWS * group * most,
+                       mine + SHARED_ROWS * group * most + KEY_BLOCK * d, out);
             }
             failed = product(L->wo, D, H * d, attended, rows, o, threads);
         }
@@ -299,6 +344,7 @@ static int attention_half(const struct llama4_layer *L, const struct llama4_step
     }
     free(x);
     free(scores);
+    free(block_start);
     return failed;
 }
 
