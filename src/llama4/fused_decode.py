@@ -1,4 +1,5 @@
-"""A decode step's layers in C, one call per layer (csrc/decode_layer.c), for packed bf16 models on AMX CPUs.
+"""The layers of a pass with a cache in C, one call per layer (csrc/decode_layer.c), for packed bf16 models
+on AMX CPUs.
 
 At decode, streaming the weights takes about 10 ms a token on the ``small`` bench shape here; the torch
 glue between the products (norms, RoPE, cache writes, attention, routing: ~70 small ops a layer, each paying
@@ -7,13 +8,14 @@ in plain loops between the same AMX products (``amx_linear``), so a step costs l
 stream.
 
 It is a specialisation of the model's layers, which stay the reference: it follows their float32 arithmetic
-and rounds to bf16 where they round, so it agrees with them to bf16 rounding (summation order, libm's exp;
-top-1 ties go to the lowest expert index), not bit for bit; tests/test_fused_decode.py holds it to that.
-A row's result never depends on the other rows, so batched decode still equals each row's solo run. It
-takes a step only when everything it assumes holds (bf16, one token per row, a cache that hands out
-decode slots - KVCache or a paged batch -, every layer's weights on the kernel, top-1 routing, no batch
-invariance: the server's default, whose prefill must compute what its decode steps compute); otherwise the
-layers run. ``LLAMA4_FUSED_DECODE=0`` switches it off.
+and rounds to bf16 where they round, so it agrees with them to bf16 rounding (summation order, exp; top-1
+ties go to the lowest expert index), not bit for bit; tests/test_fused_decode.py holds it to that. A row's
+result never depends on the other rows, so batched decode still equals each row's solo run, and with batch
+invariance (the server's default) it also takes one sequence's prefill pieces, every token as a row of its
+own, so that a prefilled token is bit for bit its decode step. It takes a pass only when everything it
+assumes holds (bf16, a cache that hands out decode slots - KVCache or a paged batch -, every layer's
+weights on the kernel, top-1 routing; several tokens per row only with batch invariance, one row);
+otherwise the layers run. ``LLAMA4_FUSED_DECODE=0`` switches it off.
 """
 
 from __future__ import annotations
@@ -27,9 +29,6 @@ from llama4 import amx_linear
 from llama4.model.moe import MoE
 from llama4.model.ops import batch_invariant
 from llama4.model.transformer import PositionTables, TextModel
-
-_u16p = ctypes.POINTER(ctypes.c_uint16)
-
 
 class _Layer(ctypes.Structure):
     _fields_ = [
@@ -49,7 +48,7 @@ class _Step(ctypes.Structure):
         ("rows", ctypes.c_int64), ("h", ctypes.c_void_p), ("k_store", ctypes.c_void_p), ("v_store", ctypes.c_void_p),
         ("head_stride", ctypes.c_int64), ("write", ctypes.c_void_p), ("count", ctypes.c_void_p),
         ("first", ctypes.c_void_p), ("gather", ctypes.c_void_p), ("gather_width", ctypes.c_int64),
-        ("rope", ctypes.c_void_p), ("rope_row_stride", ctypes.c_int64), ("q_scale", ctypes.c_void_p),
+        ("rope", ctypes.c_void_p), ("q_scale", ctypes.c_void_p),
         ("threads", ctypes.c_int64),
     ]
 
@@ -107,7 +106,7 @@ class FusedDecode:
         start, chunk = tables.starts[0], config.attention_chunk_size
         for offset, count in _parts_within_chunks(start, tokens, chunk) if tokens > 1 else [(0, 1)]:
             step = _Step(rows=rows * count, h=out[offset:].data_ptr(), rope=rope[offset:].data_ptr(),
-                         rope_row_stride=config.head_dim, threads=torch.get_num_threads(),
+                         threads=torch.get_num_threads(),
                          q_scale=q_scale[offset:].data_ptr() if q_scale is not None else None)
             for index, layer in enumerate(self.layers):
                 slots = cache.decode_slots(index, rows, config.num_kv_heads, config.head_dim, h.dtype, h.device,

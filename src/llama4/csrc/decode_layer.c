@@ -1,13 +1,14 @@
-/* One decoder layer of a decode step (one new token per row, bf16), in one call: what the layer's torch
- * modules compute, without the per-op cost of torch's dispatch and of Python between the products.
+/* One decoder layer for rows that each carry one new token (a decode step's rows, or the tokens of one
+ * sequence's prefill piece), bf16, in one call: what the layer's torch modules compute, without the per-op
+ * cost of torch's dispatch and of Python between the products.
  *
  * h += attention(rms_norm(h)); h += ffn(rms_norm(h)), for each row independently. The products run on the
  * AMX kernel of amx_linear.c (each row its one-row product, bit for bit as the torch path computes it);
  * the rest (norms, RoPE, QK-norm, attention temperature, the KV-cache write, attention over the cached
  * keys, top-1 sigmoid routing, SwiGLU) is plain C that follows the torch path's float32 arithmetic and
- * rounds to bf16 where it rounds, up to summation order and libm's exp: results agree with the torch
- * path to bf16 rounding, not bit for bit (fused_decode.py states the tolerance its tests hold).
- * A row's result never depends on the other rows.
+ * rounds to bf16 where it rounds, up to summation order and exp: results agree with the torch path to
+ * bf16 rounding, not bit for bit (tests/test_fused_decode.py states the tolerance). A row's result never
+ * depends on the other rows of the call, so a prefill token equals its decode step bit for bit.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -47,9 +48,8 @@ struct llama4_step {
     int64_t head_stride;
     const int64_t *write, *count, *first, *gather;
     int64_t gather_width;
-    const float *rope;       /* complex rotations [rows or 1, d/2] (re, im), or NULL */
-    int64_t rope_row_stride; /* floats between rows' rotations: 0 when all rows share one */
-    const float *q_scale;    /* [rows] attention temperature, or NULL */
+    const float *rope;    /* complex rotations [rows, d/2] (re, im) */
+    const float *q_scale; /* [rows] attention temperature, or NULL */
     int64_t threads;
 };
 
@@ -302,7 +302,7 @@ static int attention_half(const struct llama4_layer *L, const struct llama4_step
             uint16_t *heads = qkv + r * width; /* q heads, then k heads, then v heads */
             for (int64_t i = 0; i < H + Hkv; i++) {
                 uint16_t *head = heads + i * d;
-                if (L->use_rope) rotate(head, S->rope + r * S->rope_row_stride, d);
+                if (L->use_rope) rotate(head, S->rope + r * d, d);
                 if (L->qk_norm) rms_norm(head, NULL, d, L->eps, head);
             }
             if (L->tune_temperature)
