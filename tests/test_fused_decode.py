@@ -264,3 +264,14 @@ def test_with_batch_invariance_the_paged_cache_prefills_as_the_kv_cache(packed):
     assert torch.equal(first, reference[CHUNK + 2])
     for t, got in zip(range(CHUNK + 3, ids.shape[1]), rest):
         assert torch.equal(got, reference[t]), t
+
+
+def test_without_the_kernel_library_the_layers_decode(plain, monkeypatch):
+    """No compiled library (no compiler, no AMX, LLAMA4_AMX_LINEAR=0): the fused layer declines every
+    step and the packed model decodes on the torch layers."""
+    monkeypatch.setattr(amx_linear, "_library", None)
+    model = cpu_packing.pack_model(copy.deepcopy(plain).to(torch.bfloat16))
+    counting = model.text.fast_decode = Counting(model)
+    with torch.inference_mode():
+        out = llama4.generate(model, torch.randint(0, 211, (2, 5)), max_new_tokens=4, stop_tokens=[])
+    assert out.shape == (2, 9) and counting.taken == 0 and counting.declined == 3
