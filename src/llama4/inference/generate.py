@@ -114,8 +114,10 @@ def generate_tokens(model: Llama4Model, requests: Sequence[Request], max_new_tok
         for step in range(max_new_tokens):
             logits = logits.float().cpu()
             next_tokens, keep = [], []
+            greedy = logits.argmax(-1).tolist() if any(samplers[row].plain_greedy for row in live) else None
             for i, row in enumerate(live):
-                choice = samplers[row].choose(logits[i])
+                plain = greedy is not None and samplers[row].plain_greedy
+                choice = TokenChoice(greedy[i]) if plain else samplers[row].choose(logits[i])
                 stopped = choice.token in stops
                 done = stopped or step == max_new_tokens - 1
                 yield StepEvent(row, choice, done, choice.token if stopped else None)

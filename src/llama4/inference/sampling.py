@@ -90,6 +90,8 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt: list[int] | None = None):
         self.params = params
+        # greedy without history or logprobs: the token is the row's argmax (a batch's taken at once)
+        self.plain_greedy = params.greedy and not params.uses_history and params.logprobs is None
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)

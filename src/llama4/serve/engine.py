@@ -114,11 +114,7 @@ class _Sequence:
         self.reused = 0  # prompt tokens that came from the prefix cache
         self.started = False  # the prefix cache has been consulted (prefilled / reused are set)
         self.pieces = 0  # prefill pieces run
-        params = request.params
-        # greedy without history, logprobs or constraint: the token is the row's argmax, taken for the
-        # whole batch at once
-        self.plain_greedy = (params.greedy and not params.uses_history and params.logprobs is None
-                             and request.constraint is None)
+        self.plain_greedy = sampler.plain_greedy and request.constraint is None
         self.arrived = time.perf_counter()
         self.last_time: float | None = None
 
