@@ -151,9 +151,11 @@ class KVCache:
         caller writes them; token t of row r is entry r * tokens + t and sees the entries before it)."""
         keys, values, at = self._decode_entries(layer, rows, kv_heads, head_dim, dtype, device, tokens, offset)
         capacity = keys.shape[2]
-        first = (torch.arange(rows, dtype=torch.long) * (kv_heads * capacity)).repeat_interleave(tokens)
-        entry = (torch.tensor(at, dtype=torch.long)[:, None] + torch.arange(tokens)).reshape(-1)
-        return DecodeSlots(keys, values, capacity * head_dim, first + entry, entry + 1, first, None)
+        first = [r * kv_heads * capacity for r in range(rows) for _ in range(tokens)]
+        entry = [a + t for a in at for t in range(tokens)]
+        n = len(entry)  # one small tensor for all three: a decode step makes this call for every layer
+        ints = torch.tensor([f + e for f, e in zip(first, entry)] + [e + 1 for e in entry] + first, dtype=torch.long)
+        return DecodeSlots(keys, values, capacity * head_dim, ints[:n], ints[n:2 * n], ints[2 * n:], None)
 
     def _decode_entries(self, layer: int, rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                         device: torch.device, tokens: int = 1, offset: int = 0
