@@ -153,6 +153,7 @@ def test_steps_it_does_not_take_run_the_layers(plain, packed, monkeypatch):
         assert fast(h.float(), tables, cache) is None  # not bf16
         assert fast(torch.zeros(2, 2, config.hidden_size, dtype=torch.bfloat16), tables, cache) is None  # 2 tokens
         assert fast(h, tables, object()) is None  # a cache without decode slots
+        assert fast(h.clone().requires_grad_(), tables, cache) is None  # autograd cannot see into C
         two = torch.zeros(2, 2, config.hidden_size, dtype=torch.bfloat16)
         set_batch_invariant(True)  # prefill pieces of one row are taken then, of several rows not
         assert fast(two, packed.text.position_tables(two, torch.tensor([[3, 4]]), cache), cache) is None

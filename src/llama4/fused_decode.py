@@ -90,8 +90,8 @@ class FusedDecode:
         (a piece is run in parts that each stay within one attention chunk)."""
         rows, tokens = h.shape[:2]
         if (h.dtype != torch.bfloat16 or not h.is_cpu or not hasattr(cache, "decode_slots") or rows == 0
-                or (tokens != 1 and not (rows == 1 and batch_invariant()))):
-            return None
+                or h.requires_grad or (tokens != 1 and not (rows == 1 and batch_invariant()))):
+            return None  # (autograd cannot see into C)
         if self.layers is None or self._stale():
             self._keep = []
             self.layers = self._bind() or []
