@@ -276,3 +276,20 @@ def test_without_the_kernel_library_the_layers_decode(plain, monkeypatch):
     with torch.inference_mode():
         out = llama4.generate(model, torch.randint(0, 211, (2, 5)), max_new_tokens=4, stop_tokens=[])
     assert out.shape == (2, 9) and counting.taken == 0 and counting.declined == 3
+
+
+def test_slots_over_a_chunk_boundary_are_refused_before_the_cache_changes(packed):
+    config = packed.config.text
+    local = next(i for i, spec in enumerate(config.layers) if spec.chunked)
+    pool = PagedKVCache(config, block_size=3, initial_blocks=2)
+    seq = pool.sequence()
+    cache = KVCache(config)
+    with torch.inference_mode():
+        packed(torch.zeros(1, CHUNK - 2, dtype=torch.long), cache=pool.batch([seq]))
+        packed(torch.zeros(1, CHUNK - 2, dtype=torch.long), cache=cache)
+    blocks = [list(held.blocks) for held in seq.held]
+    lens = [list(n) for n in cache._len]
+    for slots_of in (pool.batch([seq]).decode_slots, cache.decode_slots):
+        with pytest.raises(ValueError, match="cross a chunk boundary"):
+            slots_of(local, 1, config.num_kv_heads, config.head_dim, torch.bfloat16, torch.device("cpu"), tokens=4)
+    assert [list(held.blocks) for held in seq.held] == blocks and [list(n) for n in cache._len] == lens

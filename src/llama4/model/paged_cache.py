@@ -31,7 +31,8 @@ in exchange rows join and leave without copies. Slots are worked out once per pa
 last one (the one both sequences could write), so taking a cached prefix costs one block copy per kind.
 
 A forward pass runs over a :meth:`PagedKVCache.batch` of sequences, which speaks the model's cache
-protocol (``starts``, ``update``, ``advance``) as KVCache does: a multi-token pass (prefill) over one
+protocol (``starts``, ``update``, ``advance``, and ``decode_slots`` for code that writes the pool itself)
+as KVCache does: a multi-token pass (prefill) over one
 sequence, or a one-token pass (decode) over any number of sequences at different lengths.
 """
 
@@ -453,9 +454,9 @@ class PagedBatch:
             plan = self._fused_plans.get((kind, offset))
             if plan is None:
                 start = self.sequences[0].length + offset
-                plan = self._fused_plans[(kind, offset)] = self._single(kind, self.sequences[0], tokens, start)
-                if plan.old is not None:
+                if kind == LOCAL and start // pool.chunk != (start + tokens - 1) // pool.chunk:
                     raise ValueError(f"tokens {start}..{start + tokens - 1} cross a chunk boundary (chunk {pool.chunk})")
+                plan = self._fused_plans[(kind, offset)] = self._single(kind, self.sequences[0], tokens, start)
         keys, values = pool._k[layer], pool._v[layer]  # after planning, which may grow the pool
         stride = keys.shape[1] * head_dim
         if rows > 1:
