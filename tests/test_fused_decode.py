@@ -119,7 +119,7 @@ def test_the_cache_ends_as_the_layers_leave_it(packed):
         n = a._len[layer][0]
         assert a._k[layer].shape == b._k[layer].shape
         assert rel_err(a._k[layer][:, :, :n], b._k[layer][:, :, :n]) <= 3e-2
-        assert torch.equal(a._v[layer][:, :, :n], b._v[layer][:, :, :n]) or rel_err(a._v[layer][:, :, :n], b._v[layer][:, :, :n]) <= 3e-2
+        assert rel_err(a._v[layer][:, :, :n], b._v[layer][:, :, :n]) <= 3e-2
         assert not a._k[layer][:, :, n:].any()  # nothing written past the valid entries
 
 

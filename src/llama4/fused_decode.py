@@ -34,7 +34,7 @@ class _Layer(ctypes.Structure):
     _fields_ = [
         ("dim", ctypes.c_int64), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
         ("use_rope", ctypes.c_int64), ("qk_norm", ctypes.c_int64), ("tune_temperature", ctypes.c_int64),
-        ("num_experts", ctypes.c_int64), ("hidden", ctypes.c_int64), ("shared_hidden", ctypes.c_int64),
+        ("num_experts", ctypes.c_int64), ("hidden", ctypes.c_int64),
         ("eps", ctypes.c_double),
         ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
         ("qkv", ctypes.c_uint64), ("wo", ctypes.c_uint64), ("router", ctypes.c_uint64),
@@ -69,7 +69,7 @@ def enabled() -> bool:
 
 def _address(weight) -> int | None:
     """The kernel address of a packed weight (cpu_packing.PackedWeight), None if the kernel cannot read it."""
-    return getattr(weight, "address", None) if weight is not None else None
+    return getattr(weight, "address", None)
 
 
 class FusedDecode:
@@ -165,7 +165,7 @@ class FusedDecode:
             if None in (qkv, wo, shared_gate_up, shared_down):
                 return None
             layer.shared_gate_up, layer.shared_down = shared_gate_up, shared_down
-            layer.shared_hidden = shared.packed.shape[0] // 2
+            layer.hidden = shared.packed.shape[0] // 2
             if isinstance(ffn, MoE):
                 experts, router = ffn.experts, _address(getattr(ffn.router, "packed", None))
                 if (ffn.top_k != 1 or router is None or not getattr(experts, "groups_in_one_call", False)
@@ -174,7 +174,7 @@ class FusedDecode:
                 gate_up = (ctypes.c_uint64 * experts.num_experts)(*[w.address for w in experts.gate_up])
                 down = (ctypes.c_uint64 * experts.num_experts)(*[w.address for w in experts.down])
                 self._keep += [gate_up, down]
-                layer.num_experts, layer.hidden, layer.router = experts.num_experts, experts.gate_up[0].shape[0] // 2, router
+                layer.num_experts, layer.router = experts.num_experts, router
                 layer.gate_up, layer.down = gate_up, down
             layers.append(layer)
         return layers

@@ -27,14 +27,13 @@ void llama4_amx_linear_groups(const uint64_t *weights, const int64_t *rows, int6
 struct llama4_layer {
     int64_t dim, heads, kv_heads, head_dim;
     int64_t use_rope, qk_norm, tune_temperature;
-    int64_t num_experts;   /* 0: a dense SwiGLU feed-forward (shared_* hold it) */
-    int64_t hidden;        /* the routed experts' width, which is also the shared expert's */
-    int64_t shared_hidden; /* the dense feed-forward's width (num_experts == 0) */
+    int64_t num_experts; /* 0: a dense SwiGLU feed-forward (shared_* hold it) */
+    int64_t hidden;      /* the feed-forward's width: every expert's, shared included (Llama 4), or the dense one's */
     double eps;
     const uint16_t *attn_norm, *ffn_norm;
     uint64_t qkv, wo, router;                 /* [(H + 2 Hkv) d, D], [D, H d], [E, D] */
     const uint64_t *gate_up, *down;           /* per expert: [2 hidden, D] (gate rows first), [D, hidden] */
-    uint64_t shared_gate_up, shared_down;     /* [2 shared_hidden, D], [D, shared_hidden] */
+    uint64_t shared_gate_up, shared_down;     /* the same shapes */
 };
 
 /* One call: `rows` rows of the residual stream h [rows, D] (updated in place). Keys and values live in
@@ -245,21 +244,12 @@ static int64_t add_groups(uint64_t *first_weights, uint64_t *second_weights, int
 }
 
 /* y [rows, O] = x [rows, I] times one packed weight, any number of rows (in groups of MAX_ROWS, one call). */
-static int product(uint64_t weight, int64_t out_features, int64_t in_features, const uint16_t *x, int64_t rows,
-                   uint16_t *y, int threads) {
-    const int64_t most = (rows + MAX_ROWS - 1) / MAX_ROWS;
-    uint64_t *weights = malloc((size_t)most * sizeof *weights);
-    int64_t *counts = malloc((size_t)most * sizeof *counts);
-    if (!weights || !counts) {
-        free(weights);
-        free(counts);
-        return 1;
-    }
+static void product(uint64_t weight, int64_t out_features, int64_t in_features, const uint16_t *x, int64_t rows,
+                    uint16_t *y, int threads) {
+    uint64_t weights[(rows + MAX_ROWS - 1) / MAX_ROWS];
+    int64_t counts[(rows + MAX_ROWS - 1) / MAX_ROWS];
     const int64_t groups = add_groups(weights, NULL, counts, 0, weight, 0, rows);
     llama4_amx_linear_groups(weights, counts, groups, out_features, in_features, x, y, threads);
-    free(weights);
-    free(counts);
-    return 0;
 }
 
 /* silu(gate) * up per row of gu [rows, 2w] (gate first), each op rounded to bf16 as torch's -> act [rows, w].
@@ -293,59 +283,60 @@ static int attention_half(const struct llama4_layer *L, const struct llama4_step
     uint16_t *x = aligned_alloc(64, (size_t)(rows * (D + width + H * d + D)) * 2 + 64 * 4);
     float *scores = malloc((size_t)(threads * per_thread) * sizeof(float) + 64);
     int64_t *block_start = malloc((size_t)(rows + 1) * sizeof(int64_t));
-    int failed = !x || !scores || !block_start;
-    if (!failed) {
-        uint16_t *qkv = x + rows * D, *attended = qkv + rows * width, *o = attended + rows * H * d;
-        for (int64_t r = 0; r < rows; r++) rms_norm(S->h + r * D, L->attn_norm, D, L->eps, x + r * D);
-        failed = product(L->qkv, width, D, x, rows, qkv, threads);
-        for (int64_t r = 0; r < rows && !failed; r++) {
-            uint16_t *heads = qkv + r * width; /* q heads, then k heads, then v heads */
-            for (int64_t i = 0; i < H + Hkv; i++) {
-                uint16_t *head = heads + i * d;
-                if (L->use_rope) rotate(head, S->rope + r * d, d);
-                if (L->qk_norm) rms_norm(head, NULL, d, L->eps, head);
-            }
-            if (L->tune_temperature)
-                for (int64_t i = 0; i < H * d; i++) heads[i] = bf16(f32(heads[i]) * S->q_scale[r]);
-            for (int64_t g = 0; g < Hkv; g++) {
-                const int64_t at = g * S->head_stride + S->write[r] * d;
-                memcpy(S->k_store + at, heads + (H + g) * d, (size_t)d * 2);
-                memcpy(S->v_store + at, heads + (H + Hkv + g) * d, (size_t)d * 2);
-            }
-        }
-        if (!failed) {
-            /* row blocks: up to SHARED_ROWS consecutive rows over the same entries (one sequence's tokens) */
-            int64_t blocks = 0;
-            for (int64_t r = 0; r < rows; r++) {
-                const int shares = r > 0 && r - block_start[blocks - 1] < SHARED_ROWS
-                                   && (S->first ? S->first[r] == S->first[r - 1] : S->gather_width == 0);
-                if (!shares) block_start[blocks++] = r;
-            }
-            block_start[blocks] = rows;
-#pragma omp parallel for num_threads(threads) schedule(dynamic) if (blocks * Hkv > 1)
-            for (int64_t task = 0; task < blocks * Hkv; task++) {
-                const int64_t b = task / Hkv, g = task % Hkv, r0 = block_start[b], count = block_start[b + 1] - r0;
-                float *mine = scores + (int64_t)omp_get_thread_num() * per_thread;
-                const uint16_t *q[SHARED_ROWS];
-                uint16_t *out[SHARED_ROWS];
-                for (int64_t i = 0; i < count; i++) {
-                    q[i] = qkv + (r0 + i) * width + g * group * d;
-                    out[i] = attended + (r0 + i) * H * d + g * group * d;
-                }
-                const int64_t *entries = S->first ? NULL : S->gather + r0 * S->gather_width;
-                attend(q, S->count + r0, count, S->k_store + g * S->head_stride, S->v_store + g * S->head_stride,
-                       entries, S->first ? S->first[r0] : 0, group, d, mine, mine + SHARED_ROWS * group * most,
-                       mine + SHARED_ROWS * group * most + KEY_BLOCK * d, out);
-            }
-            failed = product(L->wo, D, H * d, attended, rows, o, threads);
-        }
-        for (int64_t r = 0; r < rows && !failed; r++)
-            for (int64_t i = 0; i < D; i++) S->h[r * D + i] = bf16(f32(S->h[r * D + i]) + f32(o[r * D + i]));
+    if (!x || !scores || !block_start) {
+        free(x);
+        free(scores);
+        free(block_start);
+        return 1;
     }
+    uint16_t *qkv = x + rows * D, *attended = qkv + rows * width, *o = attended + rows * H * d;
+    for (int64_t r = 0; r < rows; r++) rms_norm(S->h + r * D, L->attn_norm, D, L->eps, x + r * D);
+    product(L->qkv, width, D, x, rows, qkv, threads);
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *heads = qkv + r * width; /* q heads, then k heads, then v heads */
+        for (int64_t i = 0; i < H + Hkv; i++) {
+            uint16_t *head = heads + i * d;
+            if (L->use_rope) rotate(head, S->rope + r * d, d);
+            if (L->qk_norm) rms_norm(head, NULL, d, L->eps, head);
+        }
+        if (L->tune_temperature)
+            for (int64_t i = 0; i < H * d; i++) heads[i] = bf16(f32(heads[i]) * S->q_scale[r]);
+        for (int64_t g = 0; g < Hkv; g++) {
+            const int64_t at = g * S->head_stride + S->write[r] * d;
+            memcpy(S->k_store + at, heads + (H + g) * d, (size_t)d * 2);
+            memcpy(S->v_store + at, heads + (H + Hkv + g) * d, (size_t)d * 2);
+        }
+    }
+    /* row blocks: up to SHARED_ROWS consecutive rows over the same entries (one sequence's tokens) */
+    int64_t blocks = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const int shares = r > 0 && r - block_start[blocks - 1] < SHARED_ROWS
+                           && (S->first ? S->first[r] == S->first[r - 1] : S->gather_width == 0);
+        if (!shares) block_start[blocks++] = r;
+    }
+    block_start[blocks] = rows;
+#pragma omp parallel for num_threads(threads) schedule(dynamic) if (blocks * Hkv > 1)
+    for (int64_t task = 0; task < blocks * Hkv; task++) {
+        const int64_t b = task / Hkv, g = task % Hkv, r0 = block_start[b], count = block_start[b + 1] - r0;
+        float *mine = scores + (int64_t)omp_get_thread_num() * per_thread;
+        const uint16_t *q[SHARED_ROWS];
+        uint16_t *out[SHARED_ROWS];
+        for (int64_t i = 0; i < count; i++) {
+            q[i] = qkv + (r0 + i) * width + g * group * d;
+            out[i] = attended + (r0 + i) * H * d + g * group * d;
+        }
+        const int64_t *entries = S->first ? NULL : S->gather + r0 * S->gather_width;
+        attend(q, S->count + r0, count, S->k_store + g * S->head_stride, S->v_store + g * S->head_stride,
+               entries, S->first ? S->first[r0] : 0, group, d, mine, mine + SHARED_ROWS * group * most,
+               mine + SHARED_ROWS * group * most + KEY_BLOCK * d, out);
+    }
+    product(L->wo, D, H * d, attended, rows, o, threads);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < D; i++) S->h[r * D + i] = bf16(f32(S->h[r * D + i]) + f32(o[r * D + i]));
     free(x);
     free(scores);
     free(block_start);
-    return failed;
+    return 0;
 }
 
 /* The feed-forward half for every row: h += ffn(rms_norm(h)). MoE: the shared expert on x plus the top-1
@@ -354,7 +345,7 @@ static int attention_half(const struct llama4_layer *L, const struct llama4_step
  * call per matrix, in groups of at most MAX_ROWS rows per weight (Llama 4's shared expert has the routed
  * experts' width). */
 static int ffn_half(const struct llama4_layer *L, const struct llama4_step *S, int threads) {
-    const int64_t rows = S->rows, D = L->dim, E = L->num_experts, w = E > 0 ? L->hidden : L->shared_hidden;
+    const int64_t rows = S->rows, D = L->dim, E = L->num_experts, w = L->hidden;
     const int64_t most_groups = 2 * ((rows + MAX_ROWS - 1) / MAX_ROWS) + E;
     uint16_t *x = aligned_alloc(64, (size_t)(2 * rows * (2 * D + 3 * w) + rows * (E > 0 ? E : 1)) * 2 + 64 * 8);
     int64_t *ints = malloc((size_t)(3 * rows + 2 * E + 3 * most_groups) * sizeof(int64_t));
@@ -373,11 +364,10 @@ static int ffn_half(const struct llama4_layer *L, const struct llama4_step *S, i
     for (int64_t r = 0; r < rows; r++) rms_norm(S->h + r * D, L->ffn_norm, D, L->eps, x + r * D);
     int64_t groups = add_groups(gate_up, down, counts, 0, L->shared_gate_up, L->shared_down, rows);
     int64_t routed = 0; /* rows after x (score-scaled, sorted by expert) */
-    int failed = 0;
     if (E > 0) {
-        failed = product(L->router, E, D, x, rows, logits, threads);
+        product(L->router, E, D, x, rows, logits, threads);
         memset(per_expert, 0, (size_t)E * sizeof(int64_t));
-        for (int64_t r = 0; r < rows && !failed; r++) {
+        for (int64_t r = 0; r < rows; r++) {
             int64_t best = 0;
             for (int64_t e = 1; e < E; e++)
                 if (f32(logits[r * E + e]) > f32(logits[r * E + best])) best = e;
@@ -395,22 +385,21 @@ static int ffn_half(const struct llama4_layer *L, const struct llama4_step *S, i
             for (int64_t i = 0; i < D; i++) scaled[slot * D + i] = bf16(f32(x[r * D + i]) * score[r]);
         }
     }
-    if (!failed) { /* x and the sorted scaled rows are contiguous: one call per matrix for all groups */
-        llama4_amx_linear_groups(gate_up, counts, groups, 2 * w, D, x, gu, threads);
-        swiglu_activation(gu, rows + routed, w, act);
-        llama4_amx_linear_groups(down, counts, groups, D, w, act, y, threads);
-        const uint16_t *routed_y = y + rows * D;
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t i = 0; i < D; i++) {
-                float out = f32(y[r * D + i]);
-                if (E > 0) out = round_bf16(out + f32(routed_y[slot_of[r] * D + i]));
-                S->h[r * D + i] = bf16(f32(S->h[r * D + i]) + out);
-            }
-    }
+    /* x and the sorted scaled rows are contiguous: one call per matrix for all groups */
+    llama4_amx_linear_groups(gate_up, counts, groups, 2 * w, D, x, gu, threads);
+    swiglu_activation(gu, rows + routed, w, act);
+    llama4_amx_linear_groups(down, counts, groups, D, w, act, y, threads);
+    const uint16_t *routed_y = y + rows * D;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < D; i++) {
+            float out = f32(y[r * D + i]);
+            if (E > 0) out = round_bf16(out + f32(routed_y[slot_of[r] * D + i]));
+            S->h[r * D + i] = bf16(f32(S->h[r * D + i]) + out);
+        }
     free(x);
     free(ints);
     free(score);
-    return failed;
+    return 0;
 }
 
 /* One decoder layer for every row of the call; 0 on success, 1 if memory ran out (h may then hold the
