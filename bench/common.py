@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -44,6 +45,24 @@ def ensure_checkpoint(shape: str, cache_dir: Path, seed: int = 0) -> Path:
     model = transformers.Llama4ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path)
     return path
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it has AMX / AVX-512 BF16 (what the decode kernels depend on)."""
+    name, flags = platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == platform.machine():
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else \
+        "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} ({isa})"
 
 
 def peak_rss_bytes() -> int:

@@ -1,4 +1,5 @@
-"""Decode-sized products: the AMX kernel (llama4.amx_linear) against oneDNN's packed linear, same weights.
+"""Decode-sized products: every CPU kernel variant this machine runs (llama4.cpu_kernel: AMX, AVX-512 BF16,
+AVX-512, AVX2) against oneDNN's packed linear, on the same packed weights.
 
     python bench/linear.py            # writes its table into docs/PERFORMANCE.md
     python bench/linear.py --no-write
@@ -13,7 +14,6 @@ the range of GB/s over the rounds, and the cost of one call on a small (256 x 25
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, markdown_table, write_section  # noqa: E402
+from common import ROOT, cpu_name, markdown_table, write_section  # noqa: E402
 
-from llama4 import amx_linear  # noqa: E402
+from llama4 import cpu_kernel  # noqa: E402
 from llama4.cpu_packing import PackedWeight  # noqa: E402
 
 LAYER = [(1536, 1024), (1024, 1024), (2048, 1024), (1024, 1024), (2048, 1024), (1024, 1024)]
@@ -35,8 +35,9 @@ def onednn(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise.default(x, weight.tensor, None, "none", [], "")
 
 
-def kernel(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
-    return amx_linear.linear(x, weight.address, weight.shape)
+def kernel(variant: str):
+    lib = cpu_kernel.load_variant(variant)
+    return lambda x, weight: cpu_kernel.linear(x, weight.address, weight.shape, lib)
 
 
 def call_cost(fn, x: torch.Tensor, weight: PackedWeight, calls: int = 3000) -> float:
@@ -55,14 +56,16 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if amx_linear.library() is None:
-        sys.exit("the AMX kernel does not run on this machine: nothing to compare")
+    if cpu_kernel.library() is None:
+        sys.exit("no CPU kernel runs on this machine: nothing to compare")
     g = torch.Generator().manual_seed(0)
     weights = [PackedWeight((torch.randn(o, i, generator=g) * i ** -0.5).bfloat16()) for o, i in SHAPES]
     if any(w.address is None for w in weights):
         sys.exit("oneDNN packed some weights in a layout the kernel does not read")
     nbytes = sum(o * i * 2 for o, i in SHAPES)
-    sides = {"oneDNN packed linear": onednn, "amx_linear": kernel}
+    sides = {"oneDNN packed linear": onednn}
+    for variant in cpu_kernel.candidates("auto", cpu_kernel.cpu_flags()):
+        sides[f"kernel {variant}"] = kernel(variant)
     rows_table = []
     for rows in (1, 8, 16):
         x = torch.randn(rows, 1024, generator=g).bfloat16()
@@ -82,9 +85,9 @@ def main() -> None:
     body = ("## Decode-sized products (`python bench/linear.py`)\n\n" + markdown_table(
         ["rows", "kernel", "GB/s median", "GB/s range"], rows_table) + "\n\n"
         f"One pass: {len(SHAPES)} packed bf16 weights, {nbytes / 1e6:.0f} MB (every matrix one decoded token of "
-        f"the `small` shape reads), the two sides in turn for {args.rounds} rounds. One call on a 256 x 256 "
+        f"the `small` shape reads), the sides in turn for {args.rounds} rounds. One call on a 256 x 256 "
         "weight, one row: " + ", ".join(f"{name} {cost * 1e6:.1f} us" for name, cost in costs.items()) +
-        f". {args.threads} threads, {platform.machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.")
+        f". {args.threads} threads, {cpu_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.")
     print("\n" + body)
     if not args.no_write:
         write_section(ROOT / "docs" / "PERFORMANCE.md", "bench-linear", body)

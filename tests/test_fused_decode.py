@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import llama4
-from llama4 import amx_linear, cpu_packing, fused_decode
+from llama4 import cpu_kernel, cpu_packing, fused_decode
 from llama4.cpu_packing import packing_supported
 from llama4.model.cache import KVCache
 from llama4.model.ops import set_batch_invariant
@@ -22,8 +22,8 @@ from llama4.model.paged_cache import PagedKVCache
 from llama4.presets import text_config
 
 pytestmark = pytest.mark.skipif(
-    not packing_supported(torch.bfloat16, "cpu") or amx_linear.library() is None,
-    reason="the AMX kernel does not run on this machine (no AMX-BF16, no C compiler or no oneDNN packing)")
+    not packing_supported(torch.bfloat16, "cpu") or cpu_kernel.library() is None,
+    reason="no CPU kernel runs on this machine (no AVX2/AVX-512, no C compiler or no oneDNN bf16 packing)")
 
 CHUNK = 8
 
@@ -268,9 +268,9 @@ def test_with_batch_invariance_the_paged_cache_prefills_as_the_kv_cache(packed):
 
 
 def test_without_the_kernel_library_the_layers_decode(plain, monkeypatch):
-    """No compiled library (no compiler, no AMX, LLAMA4_AMX_LINEAR=0): the fused layer declines every
+    """No compiled library (no compiler, no AVX2, LLAMA4_CPU_KERNEL=off): the fused layer declines every
     step and the packed model decodes on the torch layers."""
-    monkeypatch.setattr(amx_linear, "_library", None)
+    monkeypatch.setattr(cpu_kernel, "_library", None)
     model = cpu_packing.pack_model(copy.deepcopy(plain).to(torch.bfloat16))
     counting = model.text.fast_decode = Counting(model)
     with torch.inference_mode():

@@ -3,8 +3,9 @@
 On CPUs, ``F.linear`` on plain row-major weights reaches about 20-25 GB/s for one-token decode and
 ~450 GFLOP/s for bf16 prefill here; the same weights reordered once into oneDNN's blocked layout run
 the same products at ~55 GB/s and ~900 GFLOP/s (bench/forward.py, bench/generate.py), with identical
-bf16 results. Products of up to 16 rows (decode) run on the AMX kernel of amx_linear, which reads the
-same packed buffers. Packing replaces modules of a finished model (the model code is unchanged and stays the
+bf16 results. Products of up to 16 rows (decode) run on the C kernel of cpu_kernel, which reads the
+same packed buffers (or, on CPUs where oneDNN packs bf16 differently or not at all, its own copy in that
+layout). Packing replaces modules of a finished model (the model code is unchanged and stays the
 reference); :func:`unpacked` restores plain weights, e.g. for saving. The routers keep their plain weight,
 so that expert choice is computed exactly as the reference computes it, and add a packed copy whose
 one-row products (decode) are the same bits.
@@ -19,16 +20,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama4 import amx_linear, fused_decode
+from llama4 import cpu_kernel, fused_decode
 from llama4.model.moe import (Experts, Router, SwiGLU, each_expert_on_its_rows, shared_plus_routed,
                               sort_by_expert)
 from llama4.model.ops import ROW_TILE, batch_invariant, row_tiled
 from llama4.model.transformer import QKVProjection
 
 
-def packing_supported(dtype: torch.dtype, device: torch.device | str) -> bool:
-    if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-        return False
+def _onednn_packs(dtype: torch.dtype) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -39,34 +38,66 @@ def packing_supported(dtype: torch.dtype, device: torch.device | str) -> bool:
     return True
 
 
-class PackedWeight:
-    """One [out, in] weight in oneDNN's blocked layout (an opaque mkldnn tensor), and where the AMX
-    kernel for decode-sized products (amx_linear) reads it from, if it can."""
+def packing_supported(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether weights of ``dtype`` can be packed here: by oneDNN, or (bf16) in the CPU kernel's own layout
+    where oneDNN cannot pack bf16 (CPUs without AVX-512 BF16 or AMX) but a kernel runs."""
+    if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return _onednn_packs(dtype) or (dtype == torch.bfloat16 and cpu_kernel.library() is not None)
 
-    __slots__ = ("tensor", "shape", "address")
+
+class PackedWeight:
+    """One [out, in] weight packed for CPU products, and where the C kernel for decode-sized products
+    (cpu_kernel) reads it from, if it can.
+
+    Normally oneDNN's blocked layout (an opaque mkldnn tensor; AMX and AVX-512 BF16 CPUs pack bf16 in the
+    layout the kernel reads). Where oneDNN cannot pack bf16 or packs it in another layout (AVX2, AVX-512
+    without BF16) but a kernel runs, the weight is kept in the kernel's layout instead (``blocked``, a plain
+    tensor): decode products then run on the kernel, and longer products on torch's plain-weight path
+    over a plain copy made for the call. A weight neither can take (e.g. inputs not a multiple of 32 there)
+    stays plain (``plain``).
+    """
+
+    __slots__ = ("tensor", "blocked", "plain", "shape", "address")
     made = 0  # weights packed so far in this process (code that keeps addresses checks it for reloads)
 
     def __init__(self, weight: torch.Tensor):
         PackedWeight.made += 1
         weight = weight.detach().contiguous()
-        self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         self.shape = weight.shape
-        self.address = torch.ops.mkldnn.data_ptr(self.tensor) if amx_linear.readable(weight, self.tensor) else None
+        self.tensor = self.blocked = self.plain = self.address = None
+        if _onednn_packs(weight.dtype):
+            self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            if cpu_kernel.readable(weight, self.tensor):
+                self.address = torch.ops.mkldnn.data_ptr(self.tensor)
+                return
+        if (weight.dtype == torch.bfloat16 and weight.shape[1] % cpu_kernel.IN_BLOCK == 0
+                and cpu_kernel.library() is not None):
+            self.tensor, self.blocked = None, cpu_kernel.to_blocked(weight)
+            self.address = self.blocked.data_ptr()
+        elif self.tensor is None:
+            self.plain = weight
 
     def to_dense(self) -> torch.Tensor:
+        if self.plain is not None:
+            return self.plain
+        if self.blocked is not None:
+            return cpu_kernel.from_blocked(self.blocked, self.shape)
         return self.tensor.to_dense()
 
 
 def _on_kernel(x: torch.Tensor, weight: PackedWeight | None) -> bool:
-    """Up to one tile of bf16 rows (a decode step; with batch invariance, every product) and a weight the AMX
-    kernel reads: each row then gets oneDNN's one-row product, whatever the row count."""
+    """Up to one tile of bf16 rows (a decode step; with batch invariance, every product) and a weight the
+    kernel reads: each row then gets its one-row product (on AMX, oneDNN's), whatever the row count."""
     return (weight is not None and weight.address is not None and x.dtype == torch.bfloat16
-            and 0 < x.numel() <= amx_linear.MAX_ROWS * x.shape[-1])
+            and 0 < x.numel() <= cpu_kernel.MAX_ROWS * x.shape[-1])
 
 
 def _linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     if bias is None and _on_kernel(x, weight):
-        return amx_linear.linear(x, weight.address, weight.shape)
+        return cpu_kernel.linear(x, weight.address, weight.shape)
+    if weight.tensor is None:  # the kernel's own layout (longer inputs over a plain copy) or plain
+        return F.linear(x, weight.to_dense(), bias)
     # the resolved overload: calling the op packet looks the overload up in Python on every call
     return torch.ops.mkldnn._linear_pointwise.default(x, weight.tensor, bias, "none", [], "")
 
@@ -125,7 +156,7 @@ class PackedExperts(nn.Module):
         self.num_experts = experts.num_experts
         self.gate_up: list[PackedWeight] = []  # [2I, D] per expert
         self.down: list[PackedWeight] = []  # [D, I] per expert
-        # every expert's weights on the AMX kernel, which then runs all chosen experts of a decode batch in
+        # every expert's weights on the CPU kernel, which then runs all chosen experts of a decode batch in
         # one call per matrix (moe.sparse_experts then groups the rows for it)
         self.groups_in_one_call = False
 
@@ -153,7 +184,7 @@ class PackedExperts(nn.Module):
     def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Experts.grouped: rows sorted by expert. Up to a tile of rows per expert, one kernel call per
         matrix for all chosen experts (each row as its own one-row product, as expert() computes it)."""
-        if not (self.groups_in_one_call and x.dtype == torch.bfloat16 and max(counts) <= amx_linear.MAX_ROWS):
+        if not (self.groups_in_one_call and x.dtype == torch.bfloat16 and max(counts) <= cpu_kernel.MAX_ROWS):
             return each_expert_on_its_rows(self, x, counts)
         chosen = [e for e, count in enumerate(counts) if count]
         return self._swiglu_groups(x, [counts[e] for e in chosen], [self.gate_up[e] for e in chosen],
@@ -162,8 +193,8 @@ class PackedExperts(nn.Module):
     def _swiglu_groups(self, x: torch.Tensor, rows: list[int], gate_up: list[PackedWeight],
                        down: list[PackedWeight]) -> torch.Tensor:
         """SwiGLU of consecutive groups of rows, group g through gate_up[g] and down[g], on the kernel."""
-        gate, up = amx_linear.linear_groups(x, [w.address for w in gate_up], rows, gate_up[0].shape).chunk(2, dim=-1)
-        return amx_linear.linear_groups(F.silu(gate) * up, [w.address for w in down], rows, down[0].shape)
+        gate, up = cpu_kernel.linear_groups(x, [w.address for w in gate_up], rows, gate_up[0].shape).chunk(2, dim=-1)
+        return cpu_kernel.linear_groups(F.silu(gate) * up, [w.address for w in down], rows, down[0].shape)
 
     def with_shared(self, shared: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor,
                     scores: torch.Tensor) -> torch.Tensor:
@@ -274,10 +305,10 @@ class PackedSwiGLU(_FusedLinears):
 
 class PackedRouter(Router):
     """The MoE router, keeping its plain weight (the reference product, as transformers computes it) and,
-    beside it, a packed copy for the AMX kernel (Scout: 16 x 5120 padded to 64 rows, 640 KB a layer):
+    beside it, a packed copy for the CPU kernel (Scout: 16 x 5120 padded to 64 rows, 640 KB a layer):
     inputs of up to a tile of rows (a decode step; with batch invariance every tile) get each row's one-row
-    product, which is what the plain product computes for one row, bit for bit (tested); longer inputs keep
-    the plain product."""
+    product, which on AMX is what the plain product computes for one row, bit for bit (tested; elsewhere
+    within a rounding); longer inputs keep the plain product."""
 
     def __init__(self, router: Router):
         super().__init__(router.in_features, router.out_features, bias=False, device="meta")
@@ -294,7 +325,7 @@ class PackedRouter(Router):
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if _on_kernel(x, self.packed):
-            return amx_linear.linear(x, self.packed.address, self.packed.shape)
+            return cpu_kernel.linear(x, self.packed.address, self.packed.shape)
         return F.linear(x, self.weight)
 
     def unpack(self) -> Router:

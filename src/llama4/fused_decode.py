@@ -1,10 +1,10 @@
 """The layers of a pass with a cache in C, one call per layer (csrc/decode_layer.c), for packed bf16 models
-on AMX CPUs.
+on x86-64 CPUs with AVX2 or better (built with the product kernel of cpu_kernel, for the CPU's instruction set).
 
 At decode, streaming the weights takes about 10 ms a token on the ``small`` bench shape here; the torch
 glue between the products (norms, RoPE, cache writes, attention, routing: ~70 small ops a layer, each paying
 torch's dispatch and a cold cache after every weight stream) took another ~6 ms. The C layer does that glue
-in plain loops between the same AMX products (``amx_linear``), so a step costs little more than its weight
+in plain loops between the same kernel products (``cpu_kernel``), so a step costs little more than its weight
 stream.
 
 It is a specialisation of the model's layers, which stay the reference: it follows their float32 arithmetic
@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from llama4 import amx_linear
+from llama4 import cpu_kernel
 from llama4.model.moe import MoE
 from llama4.model.ops import batch_invariant
 from llama4.model.transformer import PositionTables, TextModel
@@ -92,17 +92,14 @@ class FusedDecode:
         if (h.dtype != torch.bfloat16 or not h.is_cpu or not hasattr(cache, "decode_slots") or rows == 0
                 or h.requires_grad or (tokens != 1 and not (rows == 1 and batch_invariant()))):
             return None  # (autograd cannot see into C)
-        if self.layers is None or self._stale():
-            self._keep = []
-            self.layers = self._bind() or []
-        if not self.layers:
+        if not self.ready():
             return None
         config = self.model.config
         out = h.reshape(rows * tokens, -1).clone()
         half = config.head_dim // 2
         rope = torch.view_as_real(tables.rope.expand(rows, tokens, half).reshape(rows * tokens, half)).contiguous()
         q_scale = tables.q_scale.reshape(rows * tokens).contiguous() if tables.q_scale is not None else None
-        decode_layer = amx_linear.library().llama4_decode_layer
+        decode_layer = cpu_kernel.library().llama4_decode_layer
         start, chunk = tables.starts[0], config.attention_chunk_size
         for offset, count in _parts_within_chunks(start, tokens, chunk) if tokens > 1 else [(0, 1)]:
             step = _Step(rows=rows * count, h=out[offset:].data_ptr(), rope=rope[offset:].data_ptr(),
@@ -125,6 +122,13 @@ class FusedDecode:
                     raise MemoryError("the fused decode layer could not allocate its scratch memory")
         return out.reshape(h.shape)
 
+    def ready(self) -> bool:
+        """Whether every layer can run in C (binding to the current weights first if needed)."""
+        if self.layers is None or self._stale():
+            self._keep = []
+            self.layers = self._bind() or []
+        return bool(self.layers)
+
     def _stale(self) -> bool:
         """Whether a weight the layer structs point into was replaced since they were built: a packed
         weight made since (a reload packs anew) or a norm weight that is no longer the module's."""
@@ -139,7 +143,7 @@ class FusedDecode:
         self._bound_at = PackedWeight.made
         self._norms = [(norm._parameters, norm.weight) for block in self.model.layers
                        for norm in (block.attn_norm, block.ffn_norm)]
-        lib = amx_linear.library()
+        lib = cpu_kernel.library()
         if lib is None or not hasattr(lib, "llama4_decode_layer"):
             return None
         lib.llama4_decode_layer.argtypes = [ctypes.POINTER(_Layer), ctypes.POINTER(_Step)]

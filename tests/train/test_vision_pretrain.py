@@ -62,12 +62,16 @@ def test_probe_masks_the_classes_an_attribute_lacks():
 
 
 def test_training_the_probe_trains_the_shared_tower_and_learns(tmp_path):
-    """A few steps on repeated pictures: the model's own tower changes and the head fits the labels."""
-    model = random_model(small_config(), seed=0)
+    """A few steps on repeated pictures: the model's own tower changes and the heads fit the labels.
+
+    The seeds are ones with a wide margin on every arithmetic path measured (oneDNN on AMX, AVX-512 BF16
+    and AVX2; MKL on AVX-512 and AVX2): eval loss 0.000-0.006 after 200 steps, every fact right. (Model
+    seed 0 with pictures of seed 1 ended at 0.19-0.21 and fit 7 of 8 shapes on an AMD EPYC.)"""
+    model = random_model(small_config(), seed=2)
     model.vision.requires_grad_(True)
     before = model.vision.patch_embed.weight.detach().clone()
     probe = AttributeProbe(model.vision, 32)
-    batch = next(AttributeBatches(8, seed=1))
+    batch = next(AttributeBatches(8, seed=3))
 
     class Repeat(AttributeBatches):
         def __next__(self):
@@ -76,11 +80,11 @@ def test_training_the_probe_trains_the_shared_tower_and_learns(tmp_path):
 
     cfg = TrainConfig(steps=200, batch_size=8, seq_len=len(HEADS) * len(ROWS), lr=3e-3, min_lr=3e-3, warmup=1,
                       weight_decay=0.0, eval_every=200, eval_batches=1, checkpoint_every=200, aux_coef=0.0)
-    result = train(probe, cfg, Repeat(8, seed=1), [batch], tmp_path)
+    result = train(probe, cfg, Repeat(8, seed=3), [batch], tmp_path)
     assert not torch.equal(before, model.vision.patch_embed.weight)
-    assert result.eval_history[-1]["eval_loss"] < 0.75  # chance is ~ln 4.4 = 1.5 nats per fact
+    assert result.eval_history[-1]["eval_loss"] < 0.1  # chance is ~ln 4.4 = 1.5 nats per fact
     accuracy = attribute_accuracy(probe, [batch])
-    assert set(accuracy) == set(HEADS) and min(accuracy["pooled"].values()) == 1.0  # the mean head is slower
+    assert set(accuracy) == set(HEADS) and all(min(head.values()) == 1.0 for head in accuracy.values())
 
 
 def test_vision_lr_scale_gives_the_tower_its_own_groups():

@@ -29,7 +29,7 @@ struct tile_config {
 };
 
 /* 1 if this CPU and kernel let the process use AMX-BF16 (asking the kernel for the tile state). */
-int llama4_amx_linear_supported(void) {
+int llama4_kernel_supported(void) {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     if (!(d & (1u << 24)) || !(d & (1u << 22)) || !(b & (1u << 16))) return 0; /* AMX-TILE, AMX-BF16, AVX512F */
@@ -87,7 +87,7 @@ static void block_product(const uint16_t *block, int64_t in_blocks, int64_t in_f
  * sorted by expert): rows [offset_g, offset_g + rows[g]) of x [sum(rows), I] times weights[g] -> the same
  * rows of y [sum(rows), O]. 0 <= rows[g] <= 16; I a multiple of 32. One parallel pass over every group's
  * output blocks, on up to `threads` threads of the OpenMP pool. */
-void llama4_amx_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t groups, int64_t out_features,
+void llama4_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t groups, int64_t out_features,
                               int64_t in_features, const uint16_t *x, uint16_t *y, int threads) {
     const int64_t out_blocks = (out_features + OUT_BLOCK - 1) / OUT_BLOCK;
     const int64_t in_blocks = in_features / IN_BLOCK;
@@ -118,8 +118,8 @@ void llama4_amx_linear_groups(const uint64_t *weights, const int64_t *rows, int6
 
 /* y [rows, O] bf16 (row stride O) = x [rows, I] bf16 (row stride I; I a multiple of 32; 1 <= rows <= 16)
  * times the packed weight w of an [O, I] linear: one group. */
-void llama4_amx_linear(const uint16_t *w, int64_t out_features, int64_t in_features, const uint16_t *x,
+void llama4_linear(const uint16_t *w, int64_t out_features, int64_t in_features, const uint16_t *x,
                        int64_t rows, uint16_t *y, int threads) {
     const uint64_t weight = (uint64_t)(uintptr_t)w;
-    llama4_amx_linear_groups(&weight, &rows, 1, out_features, in_features, x, y, threads);
+    llama4_linear_groups(&weight, &rows, 1, out_features, in_features, x, y, threads);
 }

@@ -3,27 +3,29 @@
  * cost of torch's dispatch and of Python between the products.
  *
  * h += attention(rms_norm(h)); h += ffn(rms_norm(h)), for each row independently. The products run on the
- * AMX kernel of amx_linear.c (each row its one-row product, bit for bit as the torch path computes it);
+ * kernel this library is built with (amx_linear.c, or vec_linear.c for AVX-512 / AVX2: each row its own
+ * one-row product; on AMX bit for bit as the torch path computes it), the vector glue on simd.h's lanes;
  * the rest (norms, RoPE, QK-norm, attention temperature, the KV-cache write, attention over the cached
  * keys, top-1 sigmoid routing, SwiGLU) is plain C that follows the torch path's float32 arithmetic and
  * rounds to bf16 where it rounds, up to summation order and exp: results agree with the torch path to
  * bf16 rounding, not bit for bit (tests/test_fused_decode.py states the tolerance). A row's result never
  * depends on the other rows of the call, so a prefill token equals its decode step bit for bit.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h"
+
 #define MAX_ROWS 16
 
-void llama4_amx_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t groups, int64_t out_features,
-                              int64_t in_features, const uint16_t *x, uint16_t *y, int threads);
+void llama4_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t groups, int64_t out_features,
+                          int64_t in_features, const uint16_t *x, uint16_t *y, int threads);
 
-/* What one layer holds (set once, when the weights are packed). Weights are oneDNN-packed [O, I] bf16
- * buffers the AMX kernel reads; norm weights plain bf16 [dim]. */
+/* What one layer holds (set once, when the weights are packed). Weights are packed [O, I] bf16 buffers
+ * the product kernel reads; norm weights plain bf16 [dim]. */
 struct llama4_layer {
     int64_t dim, heads, kv_heads, head_dim;
     int64_t use_rope, qk_norm, tune_temperature;
@@ -52,24 +54,6 @@ struct llama4_step {
     int64_t threads;
 };
 
-static inline float f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* Round to nearest even, as torch converts float32 to bf16 (NaN stays a quiet NaN). */
-static inline uint16_t bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float round_bf16(float f) { return f32(bf16(f)); }
-
 /* torch's rms_norm of a bf16 row (float32 math, one rounding), then times a bf16 weight (another). */
 static void rms_norm(const uint16_t *x, const uint16_t *weight, int64_t n, double eps, uint16_t *y) {
     double squares = 0;
@@ -89,40 +73,6 @@ static void rotate(uint16_t *x, const float *rotation, int64_t d) {
         x[2 * j] = bf16(ac - bs);
         x[2 * j + 1] = bf16(as + bc);
     }
-}
-
-/* e^x in float32 for 16 lanes, to ~1 ulp: x = n ln2 + f (|f| <= ln2/2, ln2 in two parts), e^f by its
- * degree-7 Taylor polynomial, times 2^n. Inputs are clamped to [-104, 88.7] (0 and ~3.4e38 beyond). */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), f);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    const float coefficients[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
-    for (int i = 0; i < 7; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(coefficients[i]));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* Round 16 float32 lanes to bf16 (nearest even) and back. */
-static inline __m512 round_bf16x16(__m512 x) {
-    const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-static inline __m512 load_bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-/* Sums of 4 vectors' lanes: {sum a, sum b, sum c, sum d}. */
-static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-#define HALVES(x) _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)))
-#define QUARTERS(y) _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1))
-    const __m128 a4 = QUARTERS(HALVES(a)), b4 = QUARTERS(HALVES(b)), c4 = QUARTERS(HALVES(c)), d4 = QUARTERS(HALVES(d));
-#undef HALVES
-#undef QUARTERS
-    return _mm_hadd_ps(_mm_hadd_ps(a4, b4), _mm_hadd_ps(c4, d4));
 }
 
 #define KEY_BLOCK 64  /* keys per block: converted to float32 once (16 KB at d = 64, 32 KB at d = 128) */
@@ -155,36 +105,36 @@ static void attend(const uint16_t *const *q, const int64_t *n, int64_t rows, con
         const int64_t end = block + KEY_BLOCK < most ? block + KEY_BLOCK : most;
         for (int64_t j = block; j < end; j++) {
             const uint16_t *kj = ENTRY(k, j);
-            for (int64_t l = 0; l < lanes; l++) _mm512_storeu_ps(keys + (j - block) * d + 16 * l, load_bf16x16(kj + 16 * l));
+            for (int64_t l = 0; l < lanes; l++) v_store(keys + (j - block) * d + 16 * l, v_load_bf16(kj + 16 * l));
         }
         for (int64_t r = 0; r < rows; r++) {
             const int64_t stop = end < n[r] ? end : n[r];
             for (int64_t g = 0; g < group; g++) {
-                __m512 qv[MAX_LANES];
-                for (int64_t l = 0; l < lanes; l++) qv[l] = load_bf16x16(q[r] + g * d + 16 * l);
+                v16 qv[MAX_LANES];
+                for (int64_t l = 0; l < lanes; l++) qv[l] = v_load_bf16(q[r] + g * d + 16 * l);
                 float *row = SCORES(r, g);
                 int64_t j = block;
                 for (; j + 4 <= stop; j += 4) {
                     const float *k0 = keys + (j - block) * d;
-                    __m512 a = _mm512_setzero_ps(), b = a, c = a, e = a;
+                    v16 a = v_zero(), b = a, c = a, e = a;
                     for (int64_t l = 0; l < lanes; l++) {
-                        a = _mm512_fmadd_ps(qv[l], _mm512_loadu_ps(k0 + 16 * l), a);
-                        b = _mm512_fmadd_ps(qv[l], _mm512_loadu_ps(k0 + d + 16 * l), b);
-                        c = _mm512_fmadd_ps(qv[l], _mm512_loadu_ps(k0 + 2 * d + 16 * l), c);
-                        e = _mm512_fmadd_ps(qv[l], _mm512_loadu_ps(k0 + 3 * d + 16 * l), e);
+                        a = v_fmadd(qv[l], v_load(k0 + 16 * l), a);
+                        b = v_fmadd(qv[l], v_load(k0 + d + 16 * l), b);
+                        c = v_fmadd(qv[l], v_load(k0 + 2 * d + 16 * l), c);
+                        e = v_fmadd(qv[l], v_load(k0 + 3 * d + 16 * l), e);
                     }
-                    _mm_storeu_ps(row + j, _mm_mul_ps(sum4(a, b, c, e), _mm_set1_ps(scale)));
+                    _mm_storeu_ps(row + j, _mm_mul_ps(v_sum4(a, b, c, e), _mm_set1_ps(scale)));
                 }
                 if (j < stop) { /* the last 1-3 keys, their missing partners zeros: the same lane sums */
-                    __m512 dot[4];
+                    v16 dot[4];
                     for (int i = 0; i < 4; i++) {
-                        dot[i] = _mm512_setzero_ps();
+                        dot[i] = v_zero();
                         if (j + i >= stop) continue;
                         const float *kj = keys + (j + i - block) * d;
-                        for (int64_t l = 0; l < lanes; l++) dot[i] = _mm512_fmadd_ps(qv[l], _mm512_loadu_ps(kj + 16 * l), dot[i]);
+                        for (int64_t l = 0; l < lanes; l++) dot[i] = v_fmadd(qv[l], v_load(kj + 16 * l), dot[i]);
                     }
                     float four[4];
-                    _mm_storeu_ps(four, _mm_mul_ps(sum4(dot[0], dot[1], dot[2], dot[3]), _mm_set1_ps(scale)));
+                    _mm_storeu_ps(four, _mm_mul_ps(v_sum4(dot[0], dot[1], dot[2], dot[3]), _mm_set1_ps(scale)));
                     for (int i = 0; j + i < stop; i++) row[j + i] = four[i];
                 }
             }
@@ -196,34 +146,39 @@ static void attend(const uint16_t *const *q, const int64_t *n, int64_t rows, con
     for (int64_t h = 0; h < heads; h++) {
         float *row = head_scores[h], top = -INFINITY;
         for (int64_t j = 0; j < count[h]; j++) top = row[j] > top ? row[j] : top;
-        const __m512 shift = _mm512_set1_ps(top);
-        __m512 sum = _mm512_setzero_ps();
+        const v16 shift = v_set1(top);
+        v16 sum = v_zero();
         int64_t j = 0;
         for (; j + 16 <= count[h]; j += 16) {
-            const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift));
-            sum = _mm512_add_ps(sum, p);
-            _mm512_storeu_ps(row + j, round_bf16x16(p));
+            const v16 p = v_exp(v_sub(v_load(row + j), shift));
+            sum = v_add(sum, p);
+            v_store(row + j, v_round_bf16(p));
         }
-        if (j < count[h]) {
-            const __mmask16 tail = (__mmask16)((1u << (count[h] - j)) - 1);
-            const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + j), shift));
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, p));
-            _mm512_mask_storeu_ps(row + j, tail, round_bf16x16(p));
+        if (j < count[h]) { /* the last 1-15 scores, the lanes past them zeros in the sum */
+            float tail[16] = {0};
+            const int64_t left = count[h] - j;
+            memcpy(tail, row + j, (size_t)left * sizeof(float));
+            v_store(tail, v_exp(v_sub(v_load(tail), shift)));
+            for (int64_t i = left; i < 16; i++) tail[i] = 0;
+            const v16 p = v_load(tail);
+            sum = v_add(sum, p);
+            v_store(tail, v_round_bf16(p));
+            memcpy(row + j, tail, (size_t)left * sizeof(float));
         }
-        total[h] = _mm512_reduce_add_ps(sum);
+        total[h] = v_reduce_add(sum);
     }
     for (int64_t i = 0; i < heads * d; i++) acc[i] = 0;
     for (int64_t block = 0; block < most; block += KEY_BLOCK) {
         const int64_t end = block + KEY_BLOCK < most ? block + KEY_BLOCK : most;
         for (int64_t l = 0; l < lanes; l++) {
-            __m512 sums[SHARED_ROWS * MAX_GROUP];
-            for (int64_t h = 0; h < heads; h++) sums[h] = _mm512_loadu_ps(acc + h * d + 16 * l);
+            v16 sums[SHARED_ROWS * MAX_GROUP];
+            for (int64_t h = 0; h < heads; h++) sums[h] = v_load(acc + h * d + 16 * l);
             for (int64_t j = block; j < end; j++) {
-                const __m512 value = load_bf16x16(ENTRY(v, j) + 16 * l);
+                const v16 value = v_load_bf16(ENTRY(v, j) + 16 * l);
                 for (int64_t h = 0; h < heads; h++)
-                    if (j < count[h]) sums[h] = _mm512_fmadd_ps(_mm512_set1_ps(head_scores[h][j]), value, sums[h]);
+                    if (j < count[h]) sums[h] = v_fmadd(v_set1(head_scores[h][j]), value, sums[h]);
             }
-            for (int64_t h = 0; h < heads; h++) _mm512_storeu_ps(acc + h * d + 16 * l, sums[h]);
+            for (int64_t h = 0; h < heads; h++) v_store(acc + h * d + 16 * l, sums[h]);
         }
     }
     for (int64_t h = 0; h < heads; h++)
@@ -249,20 +204,20 @@ static void product(uint64_t weight, int64_t out_features, int64_t in_features, 
     uint64_t weights[(rows + MAX_ROWS - 1) / MAX_ROWS];
     int64_t counts[(rows + MAX_ROWS - 1) / MAX_ROWS];
     const int64_t groups = add_groups(weights, NULL, counts, 0, weight, 0, rows);
-    llama4_amx_linear_groups(weights, counts, groups, out_features, in_features, x, y, threads);
+    llama4_linear_groups(weights, counts, groups, out_features, in_features, x, y, threads);
 }
 
 /* silu(gate) * up per row of gu [rows, 2w] (gate first), each op rounded to bf16 as torch's -> act [rows, w].
  * w is a multiple of 16 (the kernel's input widths are multiples of 32). */
 static void swiglu_activation(const uint16_t *gu, int64_t rows, int64_t w, uint16_t *act) {
-    const __m512 one = _mm512_set1_ps(1.0f);
+    const v16 one = v_set1(1.0f);
     for (int64_t r = 0; r < rows; r++)
         for (int64_t i = 0; i < w; i += 16) {
-            const __m512 g = load_bf16x16(gu + r * 2 * w + i);
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-            const __m512 silu = round_bf16x16(_mm512_div_ps(g, _mm512_add_ps(one, e)));
-            const __m512 y = _mm512_mul_ps(silu, load_bf16x16(gu + r * 2 * w + w + i));
-            _mm256_storeu_si256((__m256i *)(act + r * w + i), (__m256i)_mm512_cvtneps_pbh(y));
+            const v16 g = v_load_bf16(gu + r * 2 * w + i);
+            const v16 e = v_exp(v_sub(v_zero(), g));
+            const v16 silu = v_round_bf16(v_div(g, v_add(one, e)));
+            const v16 y = v_mul(silu, v_load_bf16(gu + r * 2 * w + w + i));
+            v_store_bf16(act + r * w + i, y);
         }
 }
 
@@ -386,9 +341,9 @@ static int ffn_half(const struct llama4_layer *L, const struct llama4_step *S, i
         }
     }
     /* x and the sorted scaled rows are contiguous: one call per matrix for all groups */
-    llama4_amx_linear_groups(gate_up, counts, groups, 2 * w, D, x, gu, threads);
+    llama4_linear_groups(gate_up, counts, groups, 2 * w, D, x, gu, threads);
     swiglu_activation(gu, rows + routed, w, act);
-    llama4_amx_linear_groups(down, counts, groups, D, w, act, y, threads);
+    llama4_linear_groups(down, counts, groups, D, w, act, y, threads);
     const uint16_t *routed_y = y + rows * D;
     for (int64_t r = 0; r < rows; r++)
         for (int64_t i = 0; i < D; i++) {

@@ -1,0 +1,238 @@
+"""Decode-sized bf16 products (up to 16 rows) on packed weights by a small C kernel (csrc/), built for the
+instruction set this CPU runs, and the library that also holds the fused decode layer (fused_decode).
+
+A decode step multiplies one to a few rows by every weight matrix once, so it is bound by how fast the
+weights stream from memory and by the fixed cost of each call. Through torch, oneDNN's packed linear
+costs ~20-30 us a call whatever the size (tens of calls per token); the kernel reads the same packed buffer
+(oneDNN's AB16b64a2b layout: blocks of 64 outputs x 32 inputs, input pairs innermost) front to back with
+software prefetch at a fraction of that cost (bench/linear.py). No second copy of the weights.
+
+One library per instruction set, best first (``VARIANTS``): ``amx`` (AMX tiles; oneDNN's one-row product
+bit for bit), ``avx512bf16`` (VDPBF16PS on the pairs as they lie), ``avx512`` and ``avx2`` (bf16 widened
+by a shift, float32 FMAs). Each is compiled on first use with the system C compiler (well under a second)
+into a per-user cache, only for a set the CPU reports (/proc/cpuinfo), loaded with ctypes and asked again
+whether the CPU runs it; its threads run in torch's own OpenMP pool. In every variant a row's result does
+not depend on the other rows of the call. ``LLAMA4_CPU_KERNEL`` picks one (``auto``, the default; a
+variant's name; ``off``); where none can run (no compiler, another CPU, a layout oneDNN chose differently)
+products stay on oneDNN, which is also the reference the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"]
+# name: (sources, compiler flags, the /proc/cpuinfo flags the CPU must report)
+VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "amx": (("amx_linear.c", "decode_layer.c"), (*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+            ("avx512f", "avx512bw", "avx512vl", "fma", "avx512_bf16", "amx_tile", "amx_bf16")),
+    "avx512bf16": (("vec_linear.c", "decode_layer.c"), (*_AVX512, "-mavx512bf16"),
+                   ("avx512f", "avx512bw", "avx512vl", "fma", "avx512_bf16")),
+    "avx512": (("vec_linear.c", "decode_layer.c"), tuple(_AVX512), ("avx512f", "avx512bw", "avx512vl", "fma")),
+    "avx2": (("vec_linear.c", "decode_layer.c"), ("-mavx2", "-mfma"), ("avx2", "fma")),
+}
+COMMON_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared")
+HEADERS = ("simd.h",)
+OUT_BLOCK, IN_BLOCK = 64, 32  # the packed layout's block: 64 outputs x 32 inputs
+MAX_ROWS = 16  # rows per call; longer inputs (prefill) stay on oneDNN, which blocks them for reuse
+
+_library: ctypes.CDLL | None = None
+_variant: str | None = None
+_load_attempted = False
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llama4" / "kernels"
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags the kernel (Linux) reports for this CPU; empty where it cannot be read."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def candidates(requested: str, flags: set[str]) -> list[str]:
+    """The variants to try, best first: every one the CPU reports (``auto``), the one asked for if the CPU
+    reports it, or none (``off``)."""
+    if requested == "off":
+        return []
+    if requested != "auto" and requested not in VARIANTS:
+        raise ValueError(f"LLAMA4_CPU_KERNEL={requested!r}: expected auto, off or one of {', '.join(VARIANTS)}")
+    names = list(VARIANTS) if requested == "auto" else [requested]
+    runnable = [name for name in names if set(VARIANTS[name][2]) <= flags]
+    if requested != "auto" and not runnable:
+        log.warning("llama4: this CPU lacks %s for LLAMA4_CPU_KERNEL=%s; decode products stay on oneDNN",
+                    ", ".join(sorted(set(VARIANTS[requested][2]) - flags)), requested)
+    return runnable
+
+
+def _build(sources: list[Path], flags: tuple[str, ...], target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # build aside, then move in atomically
+        built = Path(scratch) / target.name
+        done = subprocess.run([compiler, *COMMON_FLAGS, *flags, "-o", str(built), *map(str, sources)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+        os.replace(built, target)
+
+
+def load_variant(name: str) -> ctypes.CDLL | None:
+    files, flags, _ = VARIANTS[name]
+    sources = [CSRC / f for f in files]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*sources, *(CSRC / h for h in HEADERS)])
+                            + " ".join((*COMMON_FLAGS, *flags)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"llama4_{name}-{digest}.so"
+    if not target.is_file():
+        _build(sources, flags, target)
+    lib = ctypes.CDLL(str(target))
+    if not lib.llama4_kernel_supported():
+        return None
+    lib.llama4_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                  ctypes.c_void_p, ctypes.c_int]
+    lib.llama4_linear.restype = None
+    lib.llama4_linear_groups.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_int64),
+                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                         ctypes.c_void_p, ctypes.c_int]
+    lib.llama4_linear_groups.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library (the best variant this CPU runs, building it if needed); None where none can
+    run here (logged once)."""
+    global _library, _variant, _load_attempted
+    if _load_attempted:
+        return _library
+    _load_attempted, _library, _variant = True, None, None
+    for name in candidates(os.environ.get("LLAMA4_CPU_KERNEL", "auto").strip().lower() or "auto", cpu_flags()):
+        try:
+            lib = load_variant(name)
+        except (OSError, RuntimeError) as exc:
+            log.warning("llama4: the %s kernel is not available (%s); decode products stay on oneDNN", name, exc)
+            return None
+        if lib is not None:
+            _library, _variant = lib, name
+            return lib
+    return None
+
+
+def variant() -> str | None:
+    """The name of the loaded variant (``amx``, ``avx512bf16``, ``avx512``, ``avx2``), or None."""
+    library()
+    return _variant
+
+
+def packed_view(packed: torch.Tensor) -> torch.Tensor:
+    """An opaque oneDNN-packed weight's buffer as a flat tensor of its dtype (a view: no copy; valid while
+    ``packed`` lives)."""
+    size = torch.ops.mkldnn._nbytes(packed)
+    buffer = (ctypes.c_uint8 * size).from_address(torch.ops.mkldnn.data_ptr(packed))
+    return torch.frombuffer(buffer, dtype=packed.dtype)
+
+
+def blocked_index(out_index: torch.Tensor, in_index: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Flat position of weight[o, i] in the kernel's layout [O/64, I/32, 16, 64, 2] (zero-padded)."""
+    in_blocks = -(-in_features // IN_BLOCK)
+    block = (out_index // OUT_BLOCK) * in_blocks + in_index // IN_BLOCK
+    inside = (in_index % IN_BLOCK) // 2 * (OUT_BLOCK * 2) + (out_index % OUT_BLOCK) * 2 + in_index % 2
+    return block * (OUT_BLOCK * IN_BLOCK) + inside
+
+
+def to_blocked(weight: torch.Tensor) -> torch.Tensor:
+    """A plain [O, I] weight (I a multiple of 32) in the kernel's layout, flat and zero-padded to 64 outputs."""
+    out_features, in_features = weight.shape
+    padded = torch.zeros(-(-out_features // OUT_BLOCK) * OUT_BLOCK, in_features, dtype=weight.dtype)
+    padded[:out_features] = weight
+    return padded.view(-1, OUT_BLOCK, in_features // IN_BLOCK, IN_BLOCK // 2, 2).permute(0, 2, 3, 1, 4).flatten()
+
+
+def from_blocked(flat: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The plain [O, I] weight back from :func:`to_blocked`'s layout (a copy)."""
+    out_features, in_features = shape
+    blocks = flat.view(-1, in_features // IN_BLOCK, IN_BLOCK // 2, OUT_BLOCK, 2).permute(0, 3, 1, 2, 4)
+    return blocks.reshape(-1, in_features)[:out_features].contiguous()
+
+
+SAMPLES = 4096
+
+
+def readable(weight: torch.Tensor, packed: torch.Tensor) -> bool:
+    """Whether the kernel can read ``packed``, oneDNN's packing of the plain [O, I] ``weight``: bf16, the
+    input width a whole number of blocks, the kernel built, and oneDNN's buffer in the layout the kernel
+    assumes (oneDNN picks layouts by shape and CPU): the buffer's size, and the weight's first and last
+    entries and SAMPLES others (fixed seed) where the layout puts them."""
+    out_features, in_features = weight.shape
+    if weight.dtype != torch.bfloat16 or in_features % IN_BLOCK or library() is None:
+        return False
+    padded_out = -(-out_features // OUT_BLOCK) * OUT_BLOCK
+    try:
+        flat = packed_view(packed)
+    except (RuntimeError, AttributeError):
+        return False
+    if flat.numel() != padded_out * in_features:
+        return False
+    g = torch.Generator().manual_seed(0)
+    out_index = torch.cat((torch.tensor([0, out_features - 1]), torch.randint(out_features, (SAMPLES,), generator=g)))
+    in_index = torch.cat((torch.tensor([0, in_features - 1]), torch.randint(in_features, (SAMPLES,), generator=g)))
+    return torch.equal(flat[blocked_index(out_index, in_index, in_features)], weight[out_index, in_index])
+
+
+def linear(x: torch.Tensor, address: int, shape: tuple[int, int], lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [..., I] bf16 (1 to MAX_ROWS rows) times the packed weight of ``shape`` [O, I] at ``address`` ->
+    [..., O], on the loaded variant or ``lib`` (one from :func:`load_variant`). Inputs the kernel cannot
+    take are refused (the kernel itself checks nothing)."""
+    out_features, in_features = shape
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.dtype != torch.bfloat16 or x.shape[-1] != in_features or not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"the CPU kernel takes 1 to {MAX_ROWS} bf16 rows of {in_features} inputs, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
+    (lib or _library).llama4_linear(address, out_features, in_features, x.data_ptr(), rows, y.data_ptr(),
+                                    torch.get_num_threads())
+    return y
+
+
+def linear_groups(x: torch.Tensor, addresses: list[int], counts: list[int], shape: tuple[int, int]) -> torch.Tensor:
+    """Rows of x [N, I] bf16 in consecutive groups (``counts[g]`` rows each, 0 to MAX_ROWS), each group times
+    its own packed weight of ``shape`` [O, I] at ``addresses[g]``, in one call -> [N, O]: each row exactly as
+    :func:`linear` computes it alone (the routed experts of a decode batch, rows sorted by expert)."""
+    out_features, in_features = shape
+    if (x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != in_features or len(addresses) != len(counts)
+            or sum(counts) != x.shape[0] or not all(0 <= c <= MAX_ROWS for c in counts)):
+        raise ValueError(f"the CPU kernel's groups take bf16 rows of {in_features} inputs, 0 to {MAX_ROWS} per group and "
+                         f"one weight per group; got {x.dtype} {tuple(x.shape)}, counts {counts}, "
+                         f"{len(addresses)} weights")
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
+    groups = len(counts)
+    _library.llama4_linear_groups((ctypes.c_uint64 * groups)(*addresses), (ctypes.c_int64 * groups)(*counts),
+                                  groups, out_features, in_features, x.data_ptr(), y.data_ptr(),
+                                  torch.get_num_threads())
+    return y
