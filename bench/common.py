@@ -73,9 +73,37 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_worker(script: Path, args: list[str], timeout: float = 1800) -> dict:
-    """Run ``script --worker ARGS`` in a fresh interpreter; it prints one JSON line as its last output."""
-    env = dict(os.environ)
+# What each CPU path needs in a worker's environment: the instruction set oneDNN, ATen and our kernel may use
+# (capping them on a CPU that has more runs the path of a CPU that has only that).
+CPU_PATHS = {
+    "avx512bf16": {"LLAMA4_CPU_KERNEL": "avx512bf16", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+    "avx2": {"LLAMA4_CPU_KERNEL": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+}
+
+
+class BusyCores:
+    """``count`` processes that each keep a core busy (a tight loop) while the block runs, bounded in time
+    (they stop themselves after ``limit`` seconds if the block outlives that): other work on the machine."""
+
+    def __init__(self, count: int, limit: float = 3600):
+        self.count, self.limit, self.procs = count, limit, []
+
+    def __enter__(self):
+        loop = f"import time\nend = time.time() + {self.limit}\nwhile time.time() < end: pass"
+        self.procs = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(self.count)]
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+def run_worker(script: Path, args: list[str], timeout: float = 1800, env: dict[str, str] | None = None) -> dict:
+    """Run ``script --worker ARGS`` in a fresh interpreter (``env``: added to the environment); it prints one
+    JSON line as its last output."""
+    env = {**os.environ, **(env or {})}
     out = subprocess.run([sys.executable, str(script), "--worker", *args], capture_output=True, text=True,
                          timeout=timeout, env=env)
     if out.returncode != 0:

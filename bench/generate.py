@@ -10,14 +10,18 @@ Sections (each measurement in a fresh process, so peak RSS belongs to it alone):
 - memory: peak RSS after prefilling 8k and 32k tokens and decoding 8 more;
 - context: the longest prompt of the `tiny` shape we prefill within a memory cap (--context-lengths);
 - roofline: bytes of weights read per decoded token / measured copy bandwidth = the batch-1 bound (with
-  decode: a copy probe per round, the highest kept).
+  decode: a copy probe per round, the highest kept);
+- load: our batch-1 decode alone and with one busy process per core, at the default thread count and at 1.
+
+The decode table also runs our decode on the paths of CPUs other than this one (--cpu-paths: oneDNN, ATen
+and our kernel capped at AVX-512 BF16, as on an AMD EPYC, or at AVX2), on this machine's cores and memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import sys
 import tempfile
 import time
@@ -26,8 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, copy_bandwidth, ensure_checkpoint, markdown_table, peak_rss_bytes,  # noqa: E402
-                    run_worker, write_section)
+from common import (CPU_PATHS, ROOT, BusyCores, copy_bandwidth, cpu_name, ensure_checkpoint,  # noqa: E402
+                    markdown_table, peak_rss_bytes, run_worker, write_section)
 
 
 def _load(impl: str, path: str, dtype: torch.dtype):
@@ -108,7 +112,9 @@ def main() -> None:
     parser.add_argument("--shape", default="small")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sections", nargs="+", default=["roofline", "decode", "prefill", "memory", "context"])
+    parser.add_argument("--sections", nargs="+", default=["roofline", "decode", "prefill", "memory", "context", "load"])
+    parser.add_argument("--cpu-paths", nargs="*", default=list(CPU_PATHS), choices=list(CPU_PATHS),
+                        help="decode: also our decode on these CPU paths (default: all)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="decode: rounds of both sides in turn (best kept)")
     parser.add_argument("--memory-lengths", type=int, nargs="+", default=[8192, 32768])
@@ -135,8 +141,10 @@ def main() -> None:
     script = Path(__file__)
     sections: dict[str, str] = {}  # written to docs/PERFORMANCE.md each under its own marker
 
-    def run(kind, impl, a, b=0, shape_path=path, timeout=3600):
-        return run_worker(script, [kind, impl, str(shape_path), args.dtype, str(a), str(b), str(args.threads)], timeout)
+    def run(kind, impl, a, b=0, shape_path=path, timeout=3600, threads=args.threads):
+        cpu_path = impl.partition("@")[2]  # "llama4@avx2": ours on that CPU path
+        return run_worker(script, [kind, impl.partition("@")[0], str(shape_path), args.dtype, str(a), str(b),
+                                   str(threads)], timeout, env=CPU_PATHS.get(cpu_path))
 
     bound = None
     if "roofline" in args.sections or "decode" in args.sections:
@@ -148,7 +156,8 @@ def main() -> None:
         # fresh process), a copy probe opens every round, and each side keeps its best round.
         rates: dict[tuple[int, str], list[float]] = {}
         errors: dict[tuple[int, str], str] = {}
-        decode_impls = [*impls, "llama4-layers"]  # the last: our decode without the fused C layer
+        # ours without the fused C layer, then ours on other CPUs' paths
+        decode_impls = [*impls, "llama4-layers", *(f"llama4@{p}" for p in args.cpu_paths)]
         for round_ in range(args.rounds):
             if round_:
                 bandwidths.append(copy_bandwidth())
@@ -174,17 +183,23 @@ def main() -> None:
         for batch in (1, 8):
             best = {impl: max(rates[(batch, impl)]) for impl in decode_impls if (batch, impl) in rates}
             ours, ref, layers = best.get("llama4"), best.get("transformers"), best.get("llama4-layers")
+            paths = [best.get(f"llama4@{p}") for p in args.cpu_paths]
             rows.append([batch, f"{ours:.1f}" if ours else errors.get((batch, "llama4")), f"{ref:.1f}" if ref else "-",
                          f"{ours / ref:.1f}x" if ours and ref else "-",
                          f"{ours / bound:.0%}" if ours and batch == 1 else "-",
                          f"{layers:.1f}" if layers else errors.get((batch, "llama4-layers"), "-"),
+                         *(f"{rate:.1f} ({rate / bound:.0%})" if rate and batch == 1 else f"{rate:.1f}" if rate else "-"
+                           for rate in paths),
                          "; ".join(" / ".join(f"{r:.0f}" for r in rates.get((batch, impl), [])) for impl in decode_impls)])
             print(rows[-1], flush=True)
         sections["decode"] = ("### Decode after a 128-token prompt\n\n" + sections.get("roofline", "") + "\n\n" + markdown_table(
             ["batch", "llama4 tok/s", "transformers tok/s", "speed-up", "llama4 / roofline",
-             "llama4 without the fused C layer tok/s", f"each round ({'; '.join(decode_impls)})"], rows)
+             "llama4 without the fused C layer tok/s", *(f"llama4 on the {p} path tok/s" for p in args.cpu_paths),
+             f"each round ({'; '.join(decode_impls)})"], rows)
             + f"\n\nBest of {args.rounds} rounds per side; in each round the sides ran in turn (alternating the "
-            "order), each in a fresh process.")
+            "order), each in a fresh process. The CPU-path columns cap oneDNN, ATen and our kernel at that "
+            "instruction set (" + "; ".join(" ".join(f"{k}={v}" for k, v in CPU_PATHS[p].items())
+                                            for p in args.cpu_paths) + ") on this machine's cores and memory.")
     if "prefill" in args.sections:
         rows = []
         for length in (2048, 8192):
@@ -223,12 +238,33 @@ def main() -> None:
             ["prompt tokens", "llama4 peak RSS GiB", "seconds", "within cap"], rows) + "\n\n"
             f"`llama4.generate` of a random prompt: prefill in {DEFAULT_PREFILL_CHUNK:,}-token pieces, then 8 decoded "
             "tokens; peak RSS of the whole process, weights included; seconds: prefill and decode, wall clock.")
+    if "load" in args.sections:
+        # Other processes on the cores (a desktop, a shared server): one busy process per core. Each figure
+        # is the best of --rounds runs; alone and loaded alternate.
+        cores = len(os.sched_getaffinity(0))
+        settings = [("default", torch.get_num_threads()), ("1 thread", 1)]
+        rows, found = [], {}
+        for round_ in range(args.rounds):
+            for label, threads in settings:
+                for loaded in (False, True):
+                    with BusyCores(cores if loaded else 0):
+                        res = run("decode", "llama4", 1, args.new_tokens, threads=threads)
+                    found.setdefault((label, loaded), []).append(res.get("tok_s", 0.0))
+        for label, threads in settings:
+            alone, loaded = max(found[(label, False)]), max(found[(label, True)])
+            rows.append([f"{label} ({threads})", f"{alone:.1f}", f"{loaded:.1f}", f"{alone / loaded:.2f}x" if loaded else "-",
+                         " / ".join(f"{a:.0f}-{b:.0f}" for a, b in zip(found[(label, False)], found[(label, True)]))])
+            print(rows[-1], flush=True)
+        sections["load"] = (f"### Batch-1 decode with other work on the machine ({cores} cores)\n\n" + markdown_table(
+            ["threads", "alone tok/s", f"with {cores} busy processes tok/s", "slow-down", "each round (alone-loaded)"],
+            rows) + f"\n\nBest of {args.rounds} rounds; a busy process is a Python loop per core, running for the "
+            "whole loaded measurement (load, prefill and decode).")
     if "decode" in sections:
         sections.pop("roofline", None)  # the decode table carries it
     print("\n" + "\n\n".join(sections.values()))
     if not args.no_write:
         setup = (f"`{args.shape}` shape (the context rows: `tiny`), transformers' random init (seed 0) saved as bf16, "
-                 f"run in {args.dtype}, {args.threads} threads, {platform.processor() or platform.machine()}, "
+                 f"run in {args.dtype}, {args.threads} threads, {cpu_name()}, "
                  f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; greedy, no early stop, each figure from its "
                  "own process (`python bench/generate.py`).")
         for name, body in sections.items():

@@ -167,6 +167,24 @@ def test_a_model_packed_in_the_kernels_own_layout_decodes_in_c_and_saves_its_wei
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), plain.state_dict().values()))
 
 
+@pytest.mark.timeout(120)
+def test_a_forked_child_computes_the_same_bits_on_threads_of_its_own(variant):
+    """The kernel's thread pool: a forked child has none of the parent's workers and starts its own."""
+    packed = PackedWeight(_weight(1000, 1024))
+    x = torch.randn(5, 1024, generator=torch.Generator().manual_seed(12)).bfloat16()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = cpu_kernel.linear(x, packed.address, packed.shape)  # the parent's workers are running
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if torch.equal(cpu_kernel.linear(x, packed.address, packed.shape), expected) else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        torch.set_num_threads(previous)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_the_kernel_writes_exactly_its_output_rows_and_columns(variant):
     """Outputs that end inside a 64-wide block are stored under a mask: nothing past row x column."""
     out_features, rows = 70, 3

@@ -11,7 +11,9 @@ One library per instruction set, best first (``VARIANTS``): ``amx`` (AMX tiles; 
 bit for bit), ``avx512bf16`` (VDPBF16PS on the pairs as they lie), ``avx512`` and ``avx2`` (bf16 widened
 by a shift, float32 FMAs). Each is compiled on first use with the system C compiler (well under a second)
 into a per-user cache, only for a set the CPU reports (/proc/cpuinfo), loaded with ctypes and asked again
-whether the CPU runs it; its threads run in torch's own OpenMP pool. In every variant a row's result does
+whether the CPU runs it. Its parallel loops run on a pool of its own (csrc/pool.c: a loop ends when its
+items are done, not when every thread has turned up, so a loaded machine slows it rather than stalls it),
+with as many threads as torch is set to use. In every variant a row's result does
 not depend on the other rows of the call. ``LLAMA4_CPU_KERNEL`` picks one (``auto``, the default; a
 variant's name; ``off``); where none can run (no compiler, another CPU, a layout oneDNN chose differently)
 products stay on oneDNN, which is also the reference the kernels are tested against.
@@ -37,15 +39,15 @@ CSRC = Path(__file__).parent / "csrc"
 _AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"]
 # name: (sources, compiler flags, the /proc/cpuinfo flags the CPU must report)
 VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "amx": (("amx_linear.c", "decode_layer.c"), (*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+    "amx": (("amx_linear.c", "decode_layer.c", "pool.c"), (*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
             ("avx512f", "avx512bw", "avx512vl", "fma", "avx512_bf16", "amx_tile", "amx_bf16")),
-    "avx512bf16": (("vec_linear.c", "decode_layer.c"), (*_AVX512, "-mavx512bf16"),
+    "avx512bf16": (("vec_linear.c", "decode_layer.c", "pool.c"), (*_AVX512, "-mavx512bf16"),
                    ("avx512f", "avx512bw", "avx512vl", "fma", "avx512_bf16")),
-    "avx512": (("vec_linear.c", "decode_layer.c"), tuple(_AVX512), ("avx512f", "avx512bw", "avx512vl", "fma")),
-    "avx2": (("vec_linear.c", "decode_layer.c"), ("-mavx2", "-mfma"), ("avx2", "fma")),
+    "avx512": (("vec_linear.c", "decode_layer.c", "pool.c"), tuple(_AVX512), ("avx512f", "avx512bw", "avx512vl", "fma")),
+    "avx2": (("vec_linear.c", "decode_layer.c", "pool.c"), ("-mavx2", "-mfma"), ("avx2", "fma")),
 }
-COMMON_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared")
-HEADERS = ("simd.h",)
+COMMON_FLAGS = ("-O3", "-pthread", "-fPIC", "-shared")
+HEADERS = ("simd.h", "pool.h")
 OUT_BLOCK, IN_BLOCK = 64, 32  # the packed layout's block: 64 outputs x 32 inputs
 MAX_ROWS = 16  # rows per call; longer inputs (prefill) stay on oneDNN, which blocks them for reuse
 

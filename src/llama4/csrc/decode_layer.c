@@ -12,11 +12,11 @@
  * depends on the other rows of the call, so a prefill token equals its decode step bit for bit.
  */
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "pool.h"
 #include "simd.h"
 
 #define MAX_ROWS 16
@@ -228,6 +228,36 @@ static int64_t largest_count(const struct llama4_step *s) {
     return most;
 }
 
+/* The attention of one row block (rows of block_start[b] .. block_start[b + 1] - 1) over one KV group. */
+struct attention_job {
+    const struct llama4_layer *L;
+    const struct llama4_step *S;
+    const uint16_t *qkv;
+    uint16_t *attended;
+    const int64_t *block_start;
+    float *scores;
+    int64_t per_thread, most, width;
+};
+
+static void attention_item(void *ctx, int64_t task, int thread) {
+    const struct attention_job *J = ctx;
+    const struct llama4_layer *L = J->L;
+    const struct llama4_step *S = J->S;
+    const int64_t Hkv = L->kv_heads, d = L->head_dim, group = L->heads / Hkv, most = J->most;
+    const int64_t b = task / Hkv, g = task % Hkv, r0 = J->block_start[b], count = J->block_start[b + 1] - r0;
+    float *mine = J->scores + (int64_t)thread * J->per_thread;
+    const uint16_t *q[SHARED_ROWS];
+    uint16_t *out[SHARED_ROWS];
+    for (int64_t i = 0; i < count; i++) {
+        q[i] = J->qkv + (r0 + i) * J->width + g * group * d;
+        out[i] = J->attended + (r0 + i) * L->heads * d + g * group * d;
+    }
+    const int64_t *entries = S->first ? NULL : S->gather + r0 * S->gather_width;
+    attend(q, S->count + r0, count, S->k_store + g * S->head_stride, S->v_store + g * S->head_stride, entries,
+           S->first ? S->first[r0] : 0, group, d, mine, mine + SHARED_ROWS * group * most,
+           mine + SHARED_ROWS * group * most + KEY_BLOCK * d, out);
+}
+
 /* The attention half for every row: h += wo(attention(rms_norm(h))). All rows' keys and values are written
  * before any row attends; a row sees only its count[r] entries. */
 static int attention_half(const struct llama4_layer *L, const struct llama4_step *S, int threads) {
@@ -270,21 +300,8 @@ static int attention_half(const struct llama4_layer *L, const struct llama4_step
         if (!shares) block_start[blocks++] = r;
     }
     block_start[blocks] = rows;
-#pragma omp parallel for num_threads(threads) schedule(dynamic) if (blocks * Hkv > 1)
-    for (int64_t task = 0; task < blocks * Hkv; task++) {
-        const int64_t b = task / Hkv, g = task % Hkv, r0 = block_start[b], count = block_start[b + 1] - r0;
-        float *mine = scores + (int64_t)omp_get_thread_num() * per_thread;
-        const uint16_t *q[SHARED_ROWS];
-        uint16_t *out[SHARED_ROWS];
-        for (int64_t i = 0; i < count; i++) {
-            q[i] = qkv + (r0 + i) * width + g * group * d;
-            out[i] = attended + (r0 + i) * H * d + g * group * d;
-        }
-        const int64_t *entries = S->first ? NULL : S->gather + r0 * S->gather_width;
-        attend(q, S->count + r0, count, S->k_store + g * S->head_stride, S->v_store + g * S->head_stride,
-               entries, S->first ? S->first[r0] : 0, group, d, mine, mine + SHARED_ROWS * group * most,
-               mine + SHARED_ROWS * group * most + KEY_BLOCK * d, out);
-    }
+    struct attention_job job = {L, S, qkv, attended, block_start, scores, per_thread, most, width};
+    llama4_pool_parallel(blocks * Hkv, threads, attention_item, &job);
     product(L->wo, D, H * d, attended, rows, o, threads);
     for (int64_t r = 0; r < rows; r++)
         for (int64_t i = 0; i < D; i++) S->h[r * D + i] = bf16(f32(S->h[r * D + i]) + f32(o[r * D + i]));

@@ -8,9 +8,9 @@
  * The operation order of a row does not depend on the other rows of the call (rows go through the block
  * in tiles of a fixed arithmetic), so a row's result is the same whatever rows come with it.
  */
-#include <omp.h>
 #include <stdint.h>
 
+#include "pool.h"
 #include "simd.h"
 
 #define OUT_BLOCK 64
@@ -128,25 +128,33 @@ static void block_product(const uint16_t *block, int64_t in_blocks, int64_t in_f
     }
 }
 
+struct groups_job {
+    const uint64_t *weights;
+    const int64_t *rows, *offsets;
+    int64_t out_blocks, in_blocks, in_features, out_features;
+    const uint16_t *x;
+    uint16_t *y;
+};
+
+static void groups_item(void *ctx, int64_t item, int thread) {
+    (void)thread;
+    const struct groups_job *J = ctx;
+    const int64_t g = item / J->out_blocks, ob = item % J->out_blocks;
+    if (J->rows[g] == 0) return;
+    const uint16_t *block = (const uint16_t *)(uintptr_t)J->weights[g] + ob * J->in_blocks * (OUT_BLOCK * IN_BLOCK);
+    block_product(block, J->in_blocks, J->in_features, J->x + J->offsets[g] * J->in_features, J->rows[g],
+                  J->y + J->offsets[g] * J->out_features, J->out_features, ob * OUT_BLOCK);
+}
+
 /* The same contract as amx_linear.c's: groups of rows of x, each times its own packed [O, I] weight;
  * 0 <= rows[g] <= 16; I a multiple of 32; one parallel pass over every group's output blocks. */
 void llama4_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t groups, int64_t out_features,
                           int64_t in_features, const uint16_t *x, uint16_t *y, int threads) {
-    const int64_t out_blocks = (out_features + OUT_BLOCK - 1) / OUT_BLOCK;
-    const int64_t in_blocks = in_features / IN_BLOCK;
     int64_t offsets[groups > 0 ? groups : 1];
     for (int64_t g = 0, at = 0; g < groups; at += rows[g], g++) offsets[g] = at;
-    const int64_t items = groups * out_blocks;
-    if (threads > items) threads = (int)items;
-    if (threads < 1) threads = 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t item = 0; item < items; item++) {
-        const int64_t g = item / out_blocks, ob = item % out_blocks;
-        if (rows[g] == 0) continue;
-        const uint16_t *block = (const uint16_t *)(uintptr_t)weights[g] + ob * in_blocks * (OUT_BLOCK * IN_BLOCK);
-        block_product(block, in_blocks, in_features, x + offsets[g] * in_features, rows[g],
-                      y + offsets[g] * out_features, out_features, ob * OUT_BLOCK);
-    }
+    struct groups_job job = {weights, rows, offsets, (out_features + OUT_BLOCK - 1) / OUT_BLOCK, in_features / IN_BLOCK,
+                             in_features, out_features, x, y};
+    llama4_pool_parallel(groups * job.out_blocks, threads, groups_item, &job);
 }
 
 void llama4_linear(const uint16_t *w, int64_t out_features, int64_t in_features, const uint16_t *x, int64_t rows,
