@@ -8,7 +8,9 @@
 #include "pool.h"
 
 #define POOL_MAX_THREADS 256
-#define POOL_SPIN_NS 100000 /* how long an idle worker polls for the next loop before it sleeps */
+/* How long an idle worker polls for the next loop before it sleeps: shorter cost unloaded decode, longer
+ * cost decode beside other processes (bench/generate.py --sections load). */
+#define POOL_SPIN_NS 20000
 
 static struct {
     pthread_mutex_t lock;
