@@ -56,7 +56,7 @@ test: setup-test
 CPU_PATH_TESTS := tests/model tests/inference tests/serve tests/test_cpu_kernel.py tests/test_cpu_packing.py \
 	tests/test_fused_decode.py
 test-cpu-paths: setup-test
-	ONEDNN_MAX_CPU_ISA=AVX2 LLAMA4_CPU_KERNEL=avx2 $(PY) -m pytest -q $(CPU_PATH_TESTS)
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 LLAMA4_CPU_KERNEL=avx2 $(PY) -m pytest -q $(CPU_PATH_TESTS)
 	ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 LLAMA4_CPU_KERNEL=off LLAMA4_FUSED_DECODE=0 $(PY) -m pytest -q $(CPU_PATH_TESTS)
 
 clean:

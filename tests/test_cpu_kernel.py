@@ -155,6 +155,7 @@ def test_where_onednn_cannot_pack_bf16_weights_keep_the_kernels_own_layout(varia
 
 def test_a_model_packed_in_the_kernels_own_layout_decodes_in_c_and_saves_its_weights(variant, monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_packing, "_onednn_packs", lambda dtype: False)
+    monkeypatch.setenv("LLAMA4_FUSED_DECODE", "1")
     model = llama4.load_model(dtype=torch.bfloat16)
     assert all(w.blocked is not None for w in _packed_weights(model.text)) and model.text.fast_decode.ready()
     plain = llama4.load_model(dtype=torch.bfloat16, pack=False)
