@@ -216,16 +216,20 @@ def main() -> None:
                                             for p in args.cpu_paths) + ") on this machine's cores and memory.")
     if "prefill" in args.sections:
         rows = []
+        ours_impls = ["llama4", "llama4-invariant", *(f"{impl}@{p}" for p in args.cpu_paths
+                                                        for impl in ("llama4", "llama4-invariant"))]
         for length in (2048, 8192):
-            res = {impl: run("prefill", impl, length) for impl in [*impls, "llama4-invariant"]}
-            ours, ref = res["llama4"].get("tok_s"), res.get("transformers", {}).get("tok_s")
-            exact = res["llama4-invariant"].get("tok_s")
-            rows.append([length, f"{ours:.0f}" if ours else res["llama4"], f"{exact:.0f}" if exact else "-",
-                         f"{ref:.0f}" if ref else "-", f"{ours / ref:.1f}x" if ours and ref else "-"])
+            res = {impl: run("prefill", impl, length) for impl in [*impls, *ours_impls[1:]]}
+            ref = res.get("transformers", {}).get("tok_s")
+            rates = [res[impl].get("tok_s") for impl in ours_impls]
+            rows.append([length, *(f"{r:.0f}" if r else res[impl].get("error", "-") for r, impl in zip(rates, ours_impls)),
+                         f"{ref:.0f}" if ref else "-", f"{rates[0] / ref:.1f}x" if rates[0] and ref else "-"])
             print(rows[-1], flush=True)
+        path_columns = [f"llama4{' batch-invariant' if 'invariant' in impl else ''} on the {impl.partition('@')[2]} "
+                        "path tok/s" for impl in ours_impls[2:]]
         sections["prefill"] = ("### Prefill (whole prompt, then one token)\n\n" + markdown_table(
-            ["prompt tokens", "llama4 tok/s", "llama4 batch-invariant tok/s (server default)", "transformers tok/s",
-             "speed-up"], rows))
+            ["prompt tokens", "llama4 tok/s", "llama4 batch-invariant tok/s (server default)", *path_columns,
+             "transformers tok/s", "speed-up"], rows))
     if "memory" in args.sections:
         rows = []
         for length in args.memory_lengths:

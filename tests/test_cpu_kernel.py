@@ -135,8 +135,7 @@ def test_a_rows_result_does_not_depend_on_its_companions_or_the_thread_count(var
 
 def test_where_onednn_cannot_pack_bf16_weights_keep_the_kernels_own_layout(variant, monkeypatch):
     """AVX2 and AVX-512 CPUs without BF16: oneDNN packs no bf16 (or another layout), so the weight is kept in
-    the kernel's layout; decode-sized products run on the kernel, longer ones on a plain copy; a weight the
-    kernel cannot take stays plain."""
+    the kernel's layout and every product runs on the kernel; a weight the kernel cannot take stays plain."""
     monkeypatch.setattr(cpu_packing, "_onednn_packs", lambda dtype: False)
     assert packing_supported(torch.bfloat16, "cpu")
     weight = _weight(100, 256)
@@ -147,7 +146,10 @@ def test_where_onednn_cannot_pack_bf16_weights_keep_the_kernels_own_layout(varia
     assert torch.equal(packed.to_dense(), weight)
     x = torch.randn(20, 256, generator=torch.Generator().manual_seed(3)).bfloat16()
     assert torch.equal(cpu_packing._linear(x[:3], packed), cpu_kernel.linear(x[:3], packed.address, packed.shape))
-    assert torch.equal(cpu_packing._linear(x, packed), torch.nn.functional.linear(x, weight))
+    longer = cpu_packing._linear(x, packed)  # on the kernel too, 16 rows a group: each row its solo product
+    assert torch.equal(longer, torch.cat([cpu_kernel.linear(x[r:r + 1], packed.address, packed.shape) for r in range(20)]))
+    bias = torch.randn(100).bfloat16()
+    assert torch.equal(cpu_packing._linear(x, packed, bias), longer + bias)
     odd = PackedWeight(_weight(64, 200))
     assert odd.address is None and odd.plain is not None
     assert torch.equal(cpu_packing._linear(x[:, :200], odd), torch.nn.functional.linear(x[:, :200], odd.plain))
@@ -160,7 +162,7 @@ def test_a_model_packed_in_the_kernels_own_layout_decodes_in_c_and_saves_its_wei
     assert all(w.blocked is not None for w in _packed_weights(model.text)) and model.text.fast_decode.ready()
     plain = llama4.load_model(dtype=torch.bfloat16, pack=False)
     ids = torch.randint(3, 8000, (1, 40), generator=torch.Generator().manual_seed(4))
-    with torch.inference_mode():  # (products of up to 16 rows on the kernel, the rest on plain copies)
+    with torch.inference_mode():  # (every product on the kernel)
         got, expected = model(ids), plain(ids)
     assert (got - expected).abs().max() <= expected.abs().max() * 2 ** -4
     llama4.save_model(model, tmp_path)
@@ -321,13 +323,13 @@ def test_packed_experts_run_sorted_rows_as_each_expert_would_bit_for_bit(counts)
     assert experts.groups_in_one_call
     x = torch.randn(sum(counts), 256, generator=torch.Generator().manual_seed(6)).bfloat16()
     calls = []
-    real = cpu_kernel.linear_groups
+    real = experts._swiglu_groups
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu_kernel, "linear_groups", lambda *a: calls.append(a[2]) or real(*a))
+        mp.setattr(experts, "_swiglu_groups", lambda x, rows, *a: calls.append(rows) or real(x, rows, *a))
         got = experts.grouped(x, counts)
     assert torch.equal(got, each_expert_on_its_rows(experts, x, counts))
     one_call = max(counts) <= cpu_kernel.MAX_ROWS  # a group longer than a tile: expert by expert instead
-    assert calls == ([[c for c in counts if c]] * 2 if one_call else [])
+    assert calls == ([[c for c in counts if c]] if one_call else [])
 
 
 @needs_kernel

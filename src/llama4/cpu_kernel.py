@@ -47,7 +47,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
     "avx2": (("vec_linear.c", "decode_layer.c", "pool.c"), ("-mavx2", "-mfma"), ("avx2", "fma")),
 }
 COMMON_FLAGS = ("-O3", "-pthread", "-fPIC", "-shared")
-HEADERS = ("simd.h", "pool.h")
+HEADERS = ("simd.h", "pool.h", "linear_groups.h")
 OUT_BLOCK, IN_BLOCK = 64, 32  # the packed layout's block: 64 outputs x 32 inputs
 MAX_ROWS = 16  # rows per call; longer inputs (prefill) stay on oneDNN, which blocks them for reuse
 

@@ -15,8 +15,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include "pool.h"
-
 #define OUT_BLOCK 64
 #define IN_BLOCK 32
 #define MAX_ROWS 16
@@ -85,46 +83,14 @@ static void block_product(const uint16_t *block, int64_t in_blocks, int64_t in_f
         }
 }
 
-struct groups_job {
-    const uint64_t *weights;
-    const int64_t *rows, *offsets;
-    int64_t out_blocks, in_blocks, in_features, out_features;
-    const uint16_t *x;
-    uint16_t *y;
-};
-
-/* One group's block of 64 outputs. Tiles are configured for the item and released after it: no tile state
- * is left for the OS to save, nor for oneDNN to find. */
-static void groups_item(void *ctx, int64_t item, int thread) {
-    (void)thread;
-    const struct groups_job *J = ctx;
-    const int64_t g = item / J->out_blocks, ob = item % J->out_blocks;
-    if (J->rows[g] == 0) return;
+/* One block of 64 outputs for up to 16 rows. Tiles are configured for the block and released after it: no
+ * tile state is left for the OS to save, nor for oneDNN to find. */
+static void block_column(const uint16_t *block, int64_t in_blocks, int64_t in_features, const uint16_t *x,
+                         int64_t rows, uint16_t *y, int64_t out_features, int64_t first) {
     float out[MAX_ROWS * OUT_BLOCK] __attribute__((aligned(64)));
-    configure_tiles((int)J->rows[g]);
-    const uint16_t *block = (const uint16_t *)(uintptr_t)J->weights[g] + ob * J->in_blocks * (OUT_BLOCK * IN_BLOCK);
-    block_product(block, J->in_blocks, J->in_features, J->x + J->offsets[g] * J->in_features, J->rows[g],
-                  J->y + J->offsets[g] * J->out_features, J->out_features, ob * OUT_BLOCK, out);
+    configure_tiles((int)rows);
+    block_product(block, in_blocks, in_features, x, rows, y, out_features, first, out);
     _tile_release();
 }
 
-/* Groups of rows of x, each times its own packed [O, I] weight (the chosen experts of a decode batch, rows
- * sorted by expert): rows [offset_g, offset_g + rows[g]) of x [sum(rows), I] times weights[g] -> the same
- * rows of y [sum(rows), O]. 0 <= rows[g] <= 16; I a multiple of 32. One parallel pass over every group's
- * output blocks, on up to `threads` threads. */
-void llama4_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t groups, int64_t out_features,
-                          int64_t in_features, const uint16_t *x, uint16_t *y, int threads) {
-    int64_t offsets[groups > 0 ? groups : 1];
-    for (int64_t g = 0, at = 0; g < groups; at += rows[g], g++) offsets[g] = at;
-    struct groups_job job = {weights, rows, offsets, (out_features + OUT_BLOCK - 1) / OUT_BLOCK, in_features / IN_BLOCK,
-                             in_features, out_features, x, y};
-    llama4_pool_parallel(groups * job.out_blocks, threads, groups_item, &job);
-}
-
-/* y [rows, O] bf16 (row stride O) = x [rows, I] bf16 (row stride I; I a multiple of 32; 1 <= rows <= 16)
- * times the packed weight w of an [O, I] linear: one group. */
-void llama4_linear(const uint16_t *w, int64_t out_features, int64_t in_features, const uint16_t *x,
-                       int64_t rows, uint16_t *y, int threads) {
-    const uint64_t weight = (uint64_t)(uintptr_t)w;
-    llama4_linear_groups(&weight, &rows, 1, out_features, in_features, x, y, threads);
-}
+#include "linear_groups.h"

@@ -10,7 +10,6 @@
  */
 #include <stdint.h>
 
-#include "pool.h"
 #include "simd.h"
 
 #define OUT_BLOCK 64
@@ -108,7 +107,7 @@ static inline __attribute__((always_inline)) void block_rows(const uint16_t *blo
 #endif
 
 /* One block column of 64 outputs for `rows` rows of x (row tiles of ROW_TILE), rounded into y. */
-static void block_product(const uint16_t *block, int64_t in_blocks, int64_t in_features, const uint16_t *x,
+static void block_column(const uint16_t *block, int64_t in_blocks, int64_t in_features, const uint16_t *x,
                           int64_t rows, uint16_t *y, int64_t out_features, int64_t first) {
     float out[ROW_TILE * OUT_BLOCK];
     const int64_t count = out_features - first < OUT_BLOCK ? out_features - first : OUT_BLOCK;
@@ -128,37 +127,4 @@ static void block_product(const uint16_t *block, int64_t in_blocks, int64_t in_f
     }
 }
 
-struct groups_job {
-    const uint64_t *weights;
-    const int64_t *rows, *offsets;
-    int64_t out_blocks, in_blocks, in_features, out_features;
-    const uint16_t *x;
-    uint16_t *y;
-};
-
-static void groups_item(void *ctx, int64_t item, int thread) {
-    (void)thread;
-    const struct groups_job *J = ctx;
-    const int64_t g = item / J->out_blocks, ob = item % J->out_blocks;
-    if (J->rows[g] == 0) return;
-    const uint16_t *block = (const uint16_t *)(uintptr_t)J->weights[g] + ob * J->in_blocks * (OUT_BLOCK * IN_BLOCK);
-    block_product(block, J->in_blocks, J->in_features, J->x + J->offsets[g] * J->in_features, J->rows[g],
-                  J->y + J->offsets[g] * J->out_features, J->out_features, ob * OUT_BLOCK);
-}
-
-/* The same contract as amx_linear.c's: groups of rows of x, each times its own packed [O, I] weight;
- * 0 <= rows[g] <= 16; I a multiple of 32; one parallel pass over every group's output blocks. */
-void llama4_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t groups, int64_t out_features,
-                          int64_t in_features, const uint16_t *x, uint16_t *y, int threads) {
-    int64_t offsets[groups > 0 ? groups : 1];
-    for (int64_t g = 0, at = 0; g < groups; at += rows[g], g++) offsets[g] = at;
-    struct groups_job job = {weights, rows, offsets, (out_features + OUT_BLOCK - 1) / OUT_BLOCK, in_features / IN_BLOCK,
-                             in_features, out_features, x, y};
-    llama4_pool_parallel(groups * job.out_blocks, threads, groups_item, &job);
-}
-
-void llama4_linear(const uint16_t *w, int64_t out_features, int64_t in_features, const uint16_t *x, int64_t rows,
-                   uint16_t *y, int threads) {
-    const uint64_t weight = (uint64_t)(uintptr_t)w;
-    llama4_linear_groups(&weight, &rows, 1, out_features, in_features, x, y, threads);
-}
+#include "linear_groups.h"
