@@ -13,7 +13,7 @@ $(PY):
 
 $(STAMP_BASE): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[serve]'
 	touch $@
 
 # torchvision is only the image-preprocessing oracle; --no-deps keeps pip from replacing the CPU torch.

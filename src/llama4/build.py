@@ -19,6 +19,7 @@ from llama4.cpu_packing import pack_shells, packing_supported, unpacked
 from llama4.model.transformer import Llama4Model
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
+EMBEDDED_NAME = "llama4-tiny"  # what the shipped model calls itself (its card, its answers, the server)
 
 
 def build_meta(config: ModelConfig) -> Llama4Model:

@@ -8,10 +8,12 @@ import sys
 import time
 
 import httpx
+import openai
 import pytest
 
 from llama4.cli import build_parser
 from llama4.serve.command import cmd_serve
+from tests.serve.conftest import LiveServer
 
 
 def test_serve_arguments_and_defaults():
@@ -62,6 +64,47 @@ def test_llama4_serve_runs_a_checkpoint(checkpoint):
         process.terminate()
         _, err = process.communicate(timeout=30)
     assert f"http://127.0.0.1:{port}/v1" in err
+
+
+def test_serve_without_its_extra_says_in_one_line_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    assert cmd_serve(build_parser().parse_args(["serve"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "uvicorn not installed" in err and "pip install 'llama4[serve]'" in err
+
+
+def test_served_model_names_default_to_the_checkpoint_or_the_embedded_models_name(checkpoint):
+    from llama4.serve.command import served_names
+
+    def names(*argv):
+        return served_names(build_parser().parse_args(["serve", *argv]))
+
+    assert names() == ["llama4-tiny", "llama4"]  # the embedded model: its own name, and the old default
+    assert names("--model", str(checkpoint)) == [checkpoint.name]
+    assert names("--served-model-name", "a", "b", "--model-id", "c") == ["a", "b", "c"]
+    assert names("--model-id", "a", "--served-model-name", "a") == ["a"]
+
+
+def test_every_served_name_is_listed_retrieved_and_accepted(model, tok):
+    from llama4.serve.app import create_app
+
+    live = LiveServer(create_app(model, tok, model_id=["first", "second"]))
+    try:
+        client = live.client()
+        assert [m.id for m in client.models.list().data] == ["first", "second"]
+        assert client.models.retrieve("second").id == "second"
+        reply = client.chat.completions.create(model="second", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=2)
+        assert reply.model == "first"  # as vLLM: responses carry the first name
+        with pytest.raises(openai.NotFoundError, match="serves 'first', 'second'"):
+            client.models.retrieve("third")
+    finally:
+        live.close()
+    with pytest.raises(ValueError, match="non-empty name"):
+        create_app(model, tok, model_id=[])
 
 
 def test_build_app_runs_the_engine_in_a_process_or_a_thread(checkpoint, server):

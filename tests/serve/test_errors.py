@@ -37,6 +37,9 @@ def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError, match="'gpt-4o' does not exist") as raised:
         client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=2)
     assert raised.value.body["code"] == "model_not_found"
+    assert client.models.retrieve(MODEL_ID).id == MODEL_ID
+    with pytest.raises(openai.NotFoundError, match=f"this server serves '{MODEL_ID}'"):
+        client.models.retrieve("gpt-4o")
 
 
 def test_malformed_json_and_bad_values_are_400(server, client):
@@ -50,8 +53,18 @@ def test_malformed_json_and_bad_values_are_400(server, client):
     assert raised.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model=MODEL_ID, messages=[])
-    with pytest.raises(openai.BadRequestError, match="at most 4 stop"):
-        client.chat.completions.create(model=MODEL_ID, messages=HELLO, stop=["a", "b", "c", "d", "e"])
+    with pytest.raises(openai.BadRequestError, match="at most 64 stop sequences are allowed, got 65"):
+        client.chat.completions.create(model=MODEL_ID, messages=HELLO, stop=[str(i) for i in range(65)])
+    with pytest.raises(openai.BadRequestError, match="at most 1024 characters"):
+        client.chat.completions.create(model=MODEL_ID, messages=HELLO, stop=["x" * 1025])
+
+
+def test_more_stop_sequences_than_openais_four_are_taken(client):
+    """lm-eval sends a task's stops plus the end-of-turn string (vLLM takes any number)."""
+    stops = ["\n\n", "Question:", "Q:", "</s>", "<|eot|>"]
+    reply = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=4, temperature=0,
+                                      stop=stops)
+    assert reply.choices[0].finish_reason in ("stop", "length")
 
 
 def test_prompt_over_the_context_states_both_numbers(client):

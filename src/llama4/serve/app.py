@@ -80,11 +80,16 @@ def create_app(model: Llama4Model, tokenizer: Tokenizer, *, model_id: str = "lla
                              max_body_bytes=max_body_bytes, allow_remote_images=allow_remote_images)
 
 
-def create_engine_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, *, model_id: str = "llama4",
+def create_engine_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, *, model_id: str | list[str] = "llama4",
                       api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                       allow_remote_images: bool = False) -> FastAPI:
     """The app over ``engine`` (a thread in this process, or a process of its own, see
-    engine_process.py), which starts and stops with the app."""
+    engine_process.py), which starts and stops with the app. ``model_id``: the name, or names, that
+    requests may send as ``model``; responses carry the first (as vLLM's --served-model-name)."""
+    names = [model_id] if isinstance(model_id, str) else list(model_id)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"model_id must be a non-empty name or list of names, got {model_id!r}")
+    model_id = names[0]
     metrics = engine.metrics
     created = int(time.time())
 
@@ -128,8 +133,8 @@ def create_engine_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, *, m
             req = schema.model_validate(data)
         except ValidationError as e:
             raise validation_error(e) from None
-        if req.model is not None and req.model != model_id:
-            raise model_not_found(req.model, model_id)
+        if req.model is not None and req.model not in names:
+            raise model_not_found(req.model, names)
         return req
 
     @app.get("/health")
@@ -142,7 +147,14 @@ def create_engine_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, *, m
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return ModelList(data=[ModelCard(id=model_id, created=created, max_context=engine.max_context)])
+        return ModelList(data=[ModelCard(id=name, created=created, max_context=engine.max_context) for name in names])
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):
+        authorize(request)
+        if name not in names:
+            raise model_not_found(name, names)
+        return ModelCard(id=name, created=created, max_context=engine.max_context)
 
     @app.get("/metrics")
     async def prometheus():

@@ -11,7 +11,10 @@ from pathlib import Path
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, web chat page)")
     p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
-    p.add_argument("--model-id", help="the model name clients send (default: the directory name, or 'llama4')")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="the names clients may send as 'model' (responses carry the first; default: the "
+                        "checkpoint directory's name, or 'llama4-tiny' and 'llama4' for the embedded model)")
+    p.add_argument("--model-id", help="one name clients send (the same as --served-model-name NAME)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
@@ -38,6 +41,16 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def served_names(args: argparse.Namespace) -> list[str]:
+    """The model names the server answers to, the first one in its responses."""
+    from llama4.build import EMBEDDED_NAME
+
+    names = [*(args.served_model_name or []), *([args.model_id] if args.model_id else [])]
+    if not names:
+        names = [Path(args.model).resolve().name] if args.model else [EMBEDDED_NAME, "llama4"]
+    return list(dict.fromkeys(names))
+
+
 def build_app(args: argparse.Namespace):
     """The app for parsed ``serve`` arguments. With ``--engine process`` the engine process is started
     (and its model loaded) here, so that a checkpoint that does not load fails before serving."""
@@ -55,13 +68,27 @@ def build_app(args: argparse.Namespace):
         engine.start()
     else:
         engine = Engine(llama4.load_model(args.model, dtype=DTYPES[args.dtype]), tokenizer, config)
-    model_id = args.model_id or (Path(args.model).resolve().name if args.model else "llama4")
+    model_ids = served_names(args)
     limits = {} if args.max_body_mb is None else {"max_body_bytes": int(args.max_body_mb * 2**20)}
-    return create_engine_app(engine, tokenizer, model_id=model_id, api_key=args.api_key,
+    return create_engine_app(engine, tokenizer, model_id=model_ids, api_key=args.api_key,
                              allow_remote_images=args.allow_remote_images, **limits)
 
 
+SERVE_EXTRA = ("fastapi", "uvicorn", "pydantic")
+
+
+def missing_serve_packages() -> list[str]:
+    import importlib.util
+
+    return [name for name in SERVE_EXTRA if importlib.util.find_spec(name) is None]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    missing = missing_serve_packages()
+    if missing:
+        print(f"llama4: error: llama4 serve needs the serve extra ({', '.join(missing)} not installed): "
+              "pip install 'llama4[serve]', or in a checkout: .venv/bin/pip install -e '.[serve]'", file=sys.stderr)
+        return 2
     import torch
     import uvicorn
 

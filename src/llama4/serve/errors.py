@@ -39,9 +39,9 @@ def unauthorized() -> APIError:
                     code="invalid_api_key")
 
 
-def model_not_found(name: str, served: str) -> APIError:
-    return APIError(404, f"the model '{name}' does not exist; this server serves '{served}'", param="model",
-                    code="model_not_found")
+def model_not_found(name: str, served: list[str]) -> APIError:
+    return APIError(404, f"the model '{name}' does not exist; this server serves "
+                         f"{', '.join(repr(n) for n in served)}", param="model", code="model_not_found")
 
 
 def body_too_large(limit: int) -> APIError:

@@ -44,6 +44,9 @@ class ResponseFormat(_Lenient):
     json_schema: JsonSchemaFormat | None = None
 
 
+MAX_STOPS, MAX_STOP_CHARS = 64, 1024
+
+
 class _SamplingFields(_Lenient):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -59,10 +62,14 @@ class _SamplingFields(_Lenient):
 
     @field_validator("stop")
     @classmethod
-    def _at_most_four_stops(cls, value):
+    def _bounded_stops(cls, value):
+        """OpenAI allows 4 stop sequences; clients written for vLLM (no limit) send more, e.g. lm-eval's
+        task stops plus an end-of-turn string. The bound only keeps the per-token stop check cheap."""
         stops = [value] if isinstance(value, str) else value
-        if stops is not None and len(stops) > 4:
-            raise ValueError(f"at most 4 stop sequences are allowed, got {len(stops)}")
+        if stops is not None and len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences are allowed, got {len(stops)}")
+        if stops is not None and any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return value
 
     @property

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from llama4.build import random_model, save_model
+from llama4.build import EMBEDDED_NAME, random_model, save_model
 from llama4.config import ModelConfig
 from llama4.presets import LLAMA4_VISION, text_config
 from llama4.train.data import BatchIterator, eval_batches, pack, pretraining_texts, text_stream, validation_text
@@ -56,7 +56,7 @@ INSTRUCT = TrainConfig(steps=1125, batch_size=4, seq_len=1024, lr=1e-3, min_lr=2
 
 IMAGE_BATCH, IMAGE_ROW = 16, 256  # picture rows: one picture and its questions, inside one attention chunk
 CHAT_BATCH, CHAT_ROW = 16, 256  # chat rows: one chat each, starting at position 0 as at inference
-MODEL_NAME = "llama4-tiny"
+MODEL_NAME = EMBEDDED_NAME
 AUTHOR = "the llama4 project"
 
 
