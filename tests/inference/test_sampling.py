@@ -10,7 +10,9 @@ from llama4.inference.sampling import Sampler, SamplingParams, apply_penalties, 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_k=-1),
                                  dict(top_p=0), dict(top_p=1.5), dict(min_p=2), dict(repetition_penalty=0),
-                                 dict(frequency_penalty=3), dict(presence_penalty=-3), dict(logprobs=21)])
+                                 dict(frequency_penalty=3), dict(presence_penalty=-3), dict(logprobs=21),
+                                 dict(logit_bias=((5, 101.0),)), dict(logit_bias=((-1, 1.0),)),
+                                 dict(logit_bias=(("x", 1.0),))])
 def test_invalid_params_are_rejected_with_the_field_named(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):
@@ -77,3 +79,17 @@ def test_logprobs_are_the_models_log_softmax():
     ref = logits.double().log_softmax(-1)
     assert abs(choice.logprob - ref[choice.token].item()) < 1e-5
     assert [t for t, _ in choice.top] == ref.topk(4).indices.tolist()
+
+
+def test_logit_bias_is_added_to_the_models_logits_before_everything_else():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.0])
+    banned = Sampler(SamplingParams(logit_bias=[[1, -100]]), vocab_size=4)  # pairs as JSON gives them
+    assert banned.params.logit_bias == ((1, -100.0),) and not banned.plain_greedy
+    assert banned.choose(logits).token == 3
+    assert Sampler(SamplingParams(logit_bias=((0, 100),)), vocab_size=4).choose(logits).token == 0
+    nudged = Sampler(SamplingParams(logit_bias=((2, 2.5),), presence_penalty=2.0, logprobs=0), vocab_size=4)
+    first = nudged.choose(logits)
+    assert first.token == 2 and first.logprob == pytest.approx(float(logits.log_softmax(-1)[2]))  # raw logprobs
+    assert nudged.choose(logits).token == 1  # then the penalty: 1 + 2.5 - 2 = 1.5 < 3
+    with pytest.raises(ValueError, match=r"logit_bias token ids must be in \[0, 4\), got \[4\]"):
+        Sampler(SamplingParams(logit_bias=((4, 1.0),)), vocab_size=4)

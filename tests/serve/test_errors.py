@@ -136,3 +136,32 @@ def test_a_full_queue_is_429_with_retry_after(small_server):
     running.close()  # frees the slot: the queued request runs
     waiter.join(30)
     assert queued_reply and queued_reply[0].choices[0].finish_reason in ("length", "stop")
+
+
+def test_logit_bias_bans_and_forces_tokens(client, tok):
+    """Two tokens forced to the top: the model's favourite of the two wins; banned, the other one does."""
+    words = {tok.encode(word, bos=False)[0]: word for word in (" the", " and")}
+    both = {str(t): 100 for t in words}
+    reply = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=3, temperature=0,
+                                      logit_bias=both).choices[0].text
+    winner = next(t for t, word in words.items() if reply == word * 3)
+    banned = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=3, temperature=0,
+                                       logit_bias={**both, str(winner): -100}).choices[0].text
+    assert banned == next(word for t, word in words.items() if t != winner) * 3
+    chat = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=2, temperature=0,
+                                          logit_bias={str(winner): 100})  # chat takes it too
+    assert chat.choices[0].message.content == words[winner] * 2
+
+
+def test_bad_logit_bias_best_of_and_suffix_are_400(client):
+    with pytest.raises(openai.BadRequestError, match=r"logit_bias token ids must be in \[0, \d+\), got \[9999999\]"):
+        client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=1, logit_bias={"9999999": 1})
+    with pytest.raises(openai.BadRequestError, match="logit_bias keys must be token ids"):
+        client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=1, logit_bias={"cat": 1})
+    with pytest.raises(openai.BadRequestError, match=r"logit_bias values must be in \[-100, 100\]"):
+        client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=1, logit_bias={"5": 200})
+    with pytest.raises(openai.BadRequestError, match="best_of other than n is not supported"):
+        client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=1, best_of=3)
+    with pytest.raises(openai.BadRequestError, match="suffix .insertion. is not supported"):
+        client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=1, suffix="end")
+    assert client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=1, best_of=1, suffix="").choices

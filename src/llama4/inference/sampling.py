@@ -1,7 +1,8 @@
 """Per-request sampling parameters and the logits pipeline: penalties, temperature, top-k/p, min-p.
 
-Order (as in transformers and vLLM): repetition penalty, frequency/presence penalties, temperature,
-then the truncations (top-k, top-p, min-p) on the tempered distribution; temperature 0 is greedy.
+Order (as in transformers and vLLM): logit bias (OpenAI's ``logit_bias``, added to the model's logits),
+repetition penalty, frequency/presence penalties, temperature, then the truncations (top-k, top-p, min-p)
+on the tempered distribution; temperature 0 is greedy.
 Reported logprobs are those of the model's own distribution (log-softmax of the raw logits), so they
 do not change with sampling settings.
 """
@@ -25,8 +26,13 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI: minus penalty if the token occurs in the output
     seed: int | None = None  # makes sampling reproducible
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: plus the k most likely
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias in [-100, 100]) added to its logit
 
     def __post_init__(self) -> None:
+        try:  # (pairs from any sequence, e.g. JSON lists, as a hashable tuple)
+            object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias must be (token id, bias) pairs; got {self.logit_bias!r}") from None
         checks = [
             (self.temperature >= 0 and math.isfinite(self.temperature), "temperature must be a finite number >= 0"),
             (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
@@ -36,6 +42,8 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be None or in [0, 20]"),
+            (all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias),
+             "logit_bias must map token ids >= 0 to biases in [-100, 100]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -90,8 +98,16 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt: list[int] | None = None):
         self.params = params
-        # greedy without history or logprobs: the token is the row's argmax (a batch's taken at once)
-        self.plain_greedy = params.greedy and not params.uses_history and params.logprobs is None
+        # greedy without history, logprobs or bias: the token is the row's argmax (a batch's taken at once)
+        self.plain_greedy = (params.greedy and not params.uses_history and params.logprobs is None
+                             and not params.logit_bias)
+        bad = [t for t, _ in params.logit_bias if t >= vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab_size}), got {bad[:5]}")
+        self.bias = None
+        if params.logit_bias:
+            self.bias = (torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long),
+                         torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32))
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
@@ -107,6 +123,8 @@ class Sampler:
     def choose(self, logits: torch.Tensor) -> TokenChoice:
         """logits [V] float32 (CPU) -> the next token (and its logprobs if asked)."""
         raw = logits
+        if self.bias is not None:
+            logits = logits.index_add(0, *self.bias)
         logits = apply_penalties(logits, self.params, self.seen, self.counts)
         if self.params.greedy:
             token = int(torch.argmax(logits))

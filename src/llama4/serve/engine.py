@@ -82,6 +82,9 @@ def admissible(request: GenerationRequest, vocab: int, max_context: int, has_vis
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
         raise ValueError(f"token ids must be in [0, {vocab}), got {bad[:5]}")
+    bad = [t for t, _ in request.params.logit_bias if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {bad[:5]}")
     if len(prompt) >= max_context:
         raise ContextTooLong(len(prompt), max_context)
     if request.pixel_values is not None and not has_vision:

@@ -59,6 +59,24 @@ class _SamplingFields(_Lenient):
     seed: int | None = None
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value):
+        """OpenAI: token ids (as JSON object keys) to a bias in [-100, 100] added to the token's logit."""
+        if value is None:
+            return value
+        for key, bias in value.items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
+        return value
+
+    @property
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
 
     @field_validator("stop")
     @classmethod
@@ -98,6 +116,24 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(default=16, ge=1)  # the OpenAI default for legacy completions
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value:
+            raise ValueError("suffix (insertion) is not supported: this model only continues text")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value, info):
+        n = info.data.get("n", 1)
+        if value is not None and value != n:
+            raise ValueError(f"best_of other than n is not supported (got best_of {value}, n {n}): ask for n "
+                             "choices and pick among them")
+        return value
 
     @property
     def token_budget(self) -> int | None:

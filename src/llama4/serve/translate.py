@@ -42,7 +42,8 @@ class Plan:
             for j in range(req.n):
                 seed = None if req.seed is None else req.seed + j
                 params = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=seed, logprobs=logprobs,
-                                        frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty)
+                                        frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
+                                        logit_bias=req.bias_pairs)
                 out.append(GenerationRequest(prompt, self.pixel_values, params, req.token_budget, req.stop_strings,
                                              constraint=self.constraint() if self.constraint else None))
         return out
