@@ -121,6 +121,20 @@ def test_text_completions_plain_stream_and_echo(client, model, tok):
     assert len(echoed.choices[0].logprobs.tokens) == 10 and echoed.choices[0].logprobs.text_offset[0] == len(prompt)
 
 
+def test_streamed_completion_logprobs_count_text_offsets_on_and_name_the_chosen_token(client):
+    """text_offset continues across chunks (the whole reply's offsets); logprobs 0: the chosen token alone."""
+    whole = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=12, temperature=0,
+                                      logprobs=0).choices[0].logprobs
+    assert [list(top) for top in whole.top_logprobs] == [[token] for token in whole.tokens]
+    assert whole.top_logprobs[0][whole.tokens[0]] == whole.token_logprobs[0]
+    offsets = []
+    for chunk in client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=12,
+                                           temperature=0, logprobs=2, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            offsets += chunk.choices[0].logprobs.text_offset
+    assert offsets == whole.text_offset and offsets == sorted(offsets) and offsets[-1] > 0
+
+
 def test_concurrent_replies_equal_their_solo_replies(server):
     requests = [dict(messages=[{"role": "user", "content": f"Story number {i}: " + "Max runs. " * i}],
                      max_tokens=10 + 7 * i) for i in range(6)]
@@ -151,3 +165,12 @@ def test_metrics_report_requests_tokens_latency_and_cache(server, client):
     assert int(lines['llama4_sequences_finished_total{reason="length"}']) >= 1
     assert {"llama4_running_requests", "llama4_queued_requests", "llama4_kv_cache_bytes",
             "llama4_prefix_cache_bytes", "llama4_prefix_cache_hit_tokens_total"} <= set(lines)
+
+
+def test_replies_carry_a_system_fingerprint(client):
+    chat = ask(client, max_tokens=2)
+    assert chat.system_fingerprint and chat.system_fingerprint.startswith("fp_")
+    chunks = list(ask(client, max_tokens=2, stream=True))
+    assert {c.system_fingerprint for c in chunks} == {chat.system_fingerprint}
+    text = client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=1)
+    assert text.system_fingerprint == chat.system_fingerprint

@@ -63,7 +63,15 @@ def test_llama4_serve_runs_a_checkpoint(checkpoint):
     finally:
         process.terminate()
         _, err = process.communicate(timeout=30)
-    assert f"http://127.0.0.1:{port}/v1" in err
+    assert f"http://127.0.0.1:{port}/v1" in err and "Warning" not in err
+
+
+def test_a_busy_port_is_one_error_line_before_anything_else(capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert cmd_serve(build_parser().parse_args(["serve", "--port", str(port)])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"llama4: error: cannot listen on 127.0.0.1:{port}") and "\n" not in err
 
 
 def test_serve_without_its_extra_says_in_one_line_what_to_install(monkeypatch, capsys):

@@ -380,6 +380,7 @@ class _CompletionReply:
         self.texts = [self._echo(i) for i in range(k)]
         self.events = [[] for _ in range(k)]
         self.finishes: list[FinishEvent | None] = [None] * k
+        self.streamed = [len(text) for text in self.texts]  # characters of each choice sent so far (text_offset)
 
     def _echo(self, i: int) -> str:
         return self.plan.echo_texts[i // self.req.n] if self.plan.echo_texts else ""
@@ -387,10 +388,10 @@ class _CompletionReply:
     def usage(self) -> Usage:
         return _usage([len(p) for p in self.plan.prompts], self.finishes, self.req.n)
 
-    def _logprobs(self, i: int, events):
+    def _logprobs(self, i: int, events, offset: int | None = None):
         if self.req.logprobs is None:
             return None
-        return translate.completion_logprobs(self.tokenizer, events, len(self._echo(i)))
+        return translate.completion_logprobs(self.tokenizer, events, len(self._echo(i)) if offset is None else offset)
 
     async def collect(self) -> TextCompletion:
         await _gather(self)
@@ -404,8 +405,11 @@ class _CompletionReply:
             CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=finish_reason)])
 
     def _run_chunk(self, i: int, run: list[TokenEvent]) -> list[BaseModel | dict]:
+        """One chunk for consecutive token events of choice i; text_offset counts on from the chunks before."""
         text = "".join(event.text for event in run)
-        return [self._chunk(i, text, self._logprobs(i, run))] if text or self.req.logprobs is not None else []
+        logprobs = self._logprobs(i, run, self.streamed[i])
+        self.streamed[i] += len(text)
+        return [self._chunk(i, text, logprobs)] if text or self.req.logprobs is not None else []
 
     def _chunks_of(self, i: int, event: TokenEvent | FinishEvent) -> list[BaseModel | dict]:
         if isinstance(event, TokenEvent):

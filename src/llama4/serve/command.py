@@ -89,9 +89,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"llama4: error: llama4 serve needs the serve extra ({', '.join(missing)} not installed): "
               "pip install 'llama4[serve]', or in a checkout: .venv/bin/pip install -e '.[serve]'", file=sys.stderr)
         return 2
+    import socket
+
     import torch
     import uvicorn
 
+    try:  # a busy port or a bad address fails here, before the banner and before the model loads
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        print(f"llama4: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     from llama4.serve.engine_process import EngineStartError

@@ -5,7 +5,7 @@ work of every streamed token (chunks, SSE, socket writes) delays the next decode
 on a small model runs on about one core however many it has. :class:`EngineProcess` has the
 caller-side interface of :class:`~llama4.serve.engine.Engine` (``submit`` -> handle with
 ``cancel``, ``stats``, ``metrics``, ``max_context``, ``has_vision``, ``start``/``stop``) and runs the
-real engine in a child, ``python -m llama4.serve.engine_process``, which loads the model itself: the
+real engine in a child, ``python -m llama4.serve.engine_child``, which loads the model itself: the
 HTTP process holds only the tokenizer, never a second copy of the weights.
 
 The two talk over a pair of pipes in the frames of wire.py. Requests go down as they are submitted (by
@@ -23,16 +23,13 @@ keep dying.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict
@@ -42,7 +39,7 @@ import torch
 from llama4.serve.engine import EngineConfig, admissible
 from llama4.serve.metrics import ServeMetrics
 from llama4.serve.protocol import EngineError, Event, FinishEvent, GenerationRequest, QueueFull
-from llama4.serve.wire import decode_event, decode_request, encode_event, encode_request, read_frame, write_frame
+from llama4.serve.wire import decode_event, encode_request, read_frame, write_frame
 
 METRICS_INTERVAL = 0.25  # seconds between metrics snapshots while nothing finishes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the --dtype names of llama4 serve
@@ -77,7 +74,7 @@ class _Child:
     def __init__(self, settings: dict):
         to_child, child_reads = os.pipe()[::-1]
         child_writes, from_child = os.pipe()[::-1]
-        command = [sys.executable, "-m", "llama4.serve.engine_process", "--requests-fd", str(child_reads),
+        command = [sys.executable, "-m", "llama4.serve.engine_child", "--requests-fd", str(child_reads),
                    "--events-fd", str(child_writes), "--settings", json.dumps(settings)]
         self.process = subprocess.Popen(command, pass_fds=(child_reads, child_writes))
         os.close(child_reads)
@@ -281,119 +278,3 @@ class EngineProcess:
                 sink(FinishEvent(reason, error=why))
             except Exception:
                 pass
-
-
-# -- the child ---------------------------------------------------------------------------------------------
-
-
-class _Outbox:
-    """The child's events, sent to the parent one frame per engine iteration (see the module docstring)."""
-
-    def __init__(self, engine, out):
-        self.engine, self.out = engine, out
-        self.lock = threading.Lock()
-        self.events: list[list] = []
-        self.finished = False  # a finish event is among ``events``
-        self.seen = 0
-        self.sent: tuple | None = None  # (stats, seen) last sent
-        self.sent_metrics: dict | None = None
-        self.metrics_at = 0.0  # when the metrics were last looked at
-
-    def sink(self, key: int) -> Callable[[Event], None]:
-        def put(event: Event) -> None:
-            with self.lock:
-                self.events.append(encode_event(key, event))
-                self.finished |= isinstance(event, FinishEvent)
-        return put
-
-    def flush(self) -> None:
-        with self.lock:
-            events, self.events = self.events, []
-            finished, self.finished = self.finished, False
-            seen = self.seen  # before the stats: they then count every request up to ``seen``
-        stats = self.engine.stats()
-        now = time.monotonic()
-        metrics = None
-        if finished or now - self.metrics_at >= METRICS_INTERVAL:
-            metrics, self.metrics_at = self.engine.metrics.engine_state(), now
-            if metrics == self.sent_metrics:  # nothing new (e.g. idle)
-                metrics = None
-        if not events and metrics is None and (stats, seen) == self.sent:
-            return
-        header = {"stats": stats, "seen": seen}
-        if events:
-            header["events"] = events
-        if metrics is not None:
-            header["metrics"] = self.sent_metrics = metrics
-        self.sent = (stats, seen)
-        if self.out is None:
-            return
-        try:
-            write_frame(self.out, header)
-        except OSError:  # the parent is gone: nobody to tell; the main thread sees the end of its requests
-            try:
-                self.out.close()
-            except OSError:
-                pass
-            self.out = None
-        except Exception:  # events lost by a bug: end loudly, so the parent fails every request (no hang)
-            traceback.print_exc()
-            os._exit(1)
-
-
-def child_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="the engine process of llama4 serve (started by the server)")
-    parser.add_argument("--requests-fd", type=int, required=True)
-    parser.add_argument("--events-fd", type=int, required=True)
-    parser.add_argument("--settings", required=True, help="JSON: model, dtype, threads, config")
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
-    requests, events = os.fdopen(args.requests_fd, "rb"), os.fdopen(args.events_fd, "wb")
-    try:
-        import llama4
-        from llama4.serve.engine import Engine
-
-        settings = json.loads(args.settings)
-        if settings["threads"]:
-            torch.set_num_threads(settings["threads"])
-        tokenizer = llama4.load_tokenizer(settings["model"])
-        engine = Engine(llama4.load_model(settings["model"], dtype=DTYPES[settings["dtype"]]), tokenizer,
-                        EngineConfig(**settings["config"]))
-    except Exception as e:
-        write_frame(events, {"error": f"{type(e).__name__}: {e}"})
-        return 1
-    write_frame(events, {"ready": {"vocab": engine.vocab, "max_context": engine.max_context,
-                                   "has_vision": engine.has_vision}})
-    outbox = _Outbox(engine, events)
-    engine.start(after_step=outbox.flush)
-    handles = {}
-    last_pixels = (None, None)  # (key, tiles) of the last submission: the next may share them
-    while (frame := read_frame(requests)) is not None:
-        header, payload = frame
-        if header["op"] == "stop":
-            break
-        key = header["key"]
-        if header["op"] == "cancel":
-            handle = handles.pop(key, None)
-            if handle is not None:
-                handle.cancel()
-            continue
-        try:
-            request = decode_request(header, payload, tokenizer,
-                                     lambda k: last_pixels[1] if last_pixels[0] == k else None)
-            last_pixels = (key, request.pixel_values)
-            handles[key] = engine.submit(request, outbox.sink(key))
-        except Exception as e:  # the parent checked it already; answer rather than lose it
-            outbox.sink(key)(FinishEvent("error", error=f"the engine refused the request: {e}"))
-            engine.wake()  # an iteration sends the answer
-        with outbox.lock:
-            outbox.seen = key + 1
-        if len(handles) > 4 * engine.config.max_batch + engine.config.max_queue:
-            handles = {k: h for k, h in handles.items() if not h.finished}
-    engine.stop()
-    outbox.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(child_main())

@@ -8,6 +8,8 @@ Responses are built with these models and dumped with ``exclude_none`` where Ope
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import time
 from typing import Any, Literal
 
@@ -143,6 +145,19 @@ class CompletionRequest(_SamplingFields):
 # -- responses -----------------------------------------------------------------------------------------
 
 
+def _fingerprint() -> str:
+    """OpenAI's system_fingerprint: names the serving code (this package's version), so a client can tell
+    that the backend changed between two replies."""
+    try:
+        version = importlib.metadata.version("llama4")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return "fp_" + hashlib.sha256(f"llama4 {version}".encode()).hexdigest()[:10]
+
+
+SYSTEM_FINGERPRINT = _fingerprint()
+
+
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
@@ -198,6 +213,7 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: str | None = SYSTEM_FINGERPRINT
     choices: list[ChatChoice]
     usage: Usage
 
@@ -220,6 +236,7 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: str | None = SYSTEM_FINGERPRINT
     choices: list[ChunkChoice]
     usage: Usage | None = None
 
@@ -243,6 +260,7 @@ class TextCompletion(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: str | None = SYSTEM_FINGERPRINT
     choices: list[CompletionChoice]
     usage: Usage | None = None
 

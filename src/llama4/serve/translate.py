@@ -207,7 +207,9 @@ def completion_logprobs(tokenizer: Tokenizer, events: Sequence[TokenEvent], offs
             continue
         out.tokens.append(tokenizer.decode([e.token]))
         out.token_logprobs.append(e.logprob)
-        out.top_logprobs.append({tokenizer.decode([t]): lp for t, lp in e.top or []})
+        top = {tokenizer.decode([t]): lp for t, lp in e.top or []}
+        top.setdefault(out.tokens[-1], e.logprob)  # the chosen token too, as vLLM (logprobs 0: it alone)
+        out.top_logprobs.append(top)
         out.text_offset.append(offset)
         offset += len(e.text)
     return out

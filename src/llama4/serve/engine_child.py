@@ -1,0 +1,137 @@
+"""The engine process's side of llama4 serve (see engine_process.py): ``python -m llama4.serve.engine_child``
+loads the model, runs the engine, reads request frames from one pipe and writes each engine iteration's
+events to the other. A module of its own (not imported by the package), so that running it with ``-m``
+does not find it already imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+
+import torch
+
+from llama4.serve.engine import EngineConfig
+from llama4.serve.engine_process import DTYPES, METRICS_INTERVAL
+from llama4.serve.protocol import Event, FinishEvent
+from llama4.serve.wire import decode_request, encode_event, read_frame, write_frame
+
+
+class _Outbox:
+    """The child's events, sent to the parent one frame per engine iteration (see the module docstring)."""
+
+    def __init__(self, engine, out):
+        self.engine, self.out = engine, out
+        self.lock = threading.Lock()
+        self.events: list[list] = []
+        self.finished = False  # a finish event is among ``events``
+        self.seen = 0
+        self.sent: tuple | None = None  # (stats, seen) last sent
+        self.sent_metrics: dict | None = None
+        self.metrics_at = 0.0  # when the metrics were last looked at
+
+    def sink(self, key: int) -> Callable[[Event], None]:
+        def put(event: Event) -> None:
+            with self.lock:
+                self.events.append(encode_event(key, event))
+                self.finished |= isinstance(event, FinishEvent)
+        return put
+
+    def flush(self) -> None:
+        with self.lock:
+            events, self.events = self.events, []
+            finished, self.finished = self.finished, False
+            seen = self.seen  # before the stats: they then count every request up to ``seen``
+        stats = self.engine.stats()
+        now = time.monotonic()
+        metrics = None
+        if finished or now - self.metrics_at >= METRICS_INTERVAL:
+            metrics, self.metrics_at = self.engine.metrics.engine_state(), now
+            if metrics == self.sent_metrics:  # nothing new (e.g. idle)
+                metrics = None
+        if not events and metrics is None and (stats, seen) == self.sent:
+            return
+        header = {"stats": stats, "seen": seen}
+        if events:
+            header["events"] = events
+        if metrics is not None:
+            header["metrics"] = self.sent_metrics = metrics
+        self.sent = (stats, seen)
+        if self.out is None:
+            return
+        try:
+            write_frame(self.out, header)
+        except OSError:  # the parent is gone: nobody to tell; the main thread sees the end of its requests
+            try:
+                self.out.close()
+            except OSError:
+                pass
+            self.out = None
+        except Exception:  # events lost by a bug: end loudly, so the parent fails every request (no hang)
+            traceback.print_exc()
+            os._exit(1)
+
+
+def child_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the engine process of llama4 serve (started by the server)")
+    parser.add_argument("--requests-fd", type=int, required=True)
+    parser.add_argument("--events-fd", type=int, required=True)
+    parser.add_argument("--settings", required=True, help="JSON: model, dtype, threads, config")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    requests, events = os.fdopen(args.requests_fd, "rb"), os.fdopen(args.events_fd, "wb")
+    try:
+        import llama4
+        from llama4.serve.engine import Engine
+
+        settings = json.loads(args.settings)
+        if settings["threads"]:
+            torch.set_num_threads(settings["threads"])
+        tokenizer = llama4.load_tokenizer(settings["model"])
+        engine = Engine(llama4.load_model(settings["model"], dtype=DTYPES[settings["dtype"]]), tokenizer,
+                        EngineConfig(**settings["config"]))
+    except Exception as e:
+        write_frame(events, {"error": f"{type(e).__name__}: {e}"})
+        return 1
+    write_frame(events, {"ready": {"vocab": engine.vocab, "max_context": engine.max_context,
+                                   "has_vision": engine.has_vision}})
+    outbox = _Outbox(engine, events)
+    engine.start(after_step=outbox.flush)
+    handles = {}
+    last_pixels = (None, None)  # (key, tiles) of the last submission: the next may share them
+    while (frame := read_frame(requests)) is not None:
+        header, payload = frame
+        if header["op"] == "stop":
+            break
+        key = header["key"]
+        if header["op"] == "cancel":
+            handle = handles.pop(key, None)
+            if handle is not None:
+                handle.cancel()
+            continue
+        try:
+            request = decode_request(header, payload, tokenizer,
+                                     lambda k: last_pixels[1] if last_pixels[0] == k else None)
+            last_pixels = (key, request.pixel_values)
+            handles[key] = engine.submit(request, outbox.sink(key))
+        except Exception as e:  # the parent checked it already; answer rather than lose it
+            outbox.sink(key)(FinishEvent("error", error=f"the engine refused the request: {e}"))
+            engine.wake()  # an iteration sends the answer
+        with outbox.lock:
+            outbox.seen = key + 1
+        if len(handles) > 4 * engine.config.max_batch + engine.config.max_queue:
+            handles = {k: h for k, h in handles.items() if not h.finished}
+    engine.stop()
+    outbox.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())
