@@ -174,3 +174,25 @@ def test_replies_carry_a_system_fingerprint(client):
     assert {c.system_fingerprint for c in chunks} == {chat.system_fingerprint}
     text = client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=1)
     assert text.system_fingerprint == chat.system_fingerprint
+
+
+def test_vllms_tokenizer_endpoints(server, tok):
+    """/tokenize, /detokenize and /tokenizer_info as vLLM serves them (lm-eval's remote tokenizer)."""
+    post = lambda path, body: httpx.post(server.url + path, json=body, timeout=30)  # noqa: E731
+    info = httpx.get(server.url + "/tokenizer_info", timeout=30).json()
+    assert (info["bos_token"], info["eos_token"]) == ("<|begin_of_text|>", "<|eot|>")
+    assert post("/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"] == [tok.eot_id]
+    text = "Max runs in the park."
+    out = post("/tokenize", {"model": MODEL_ID, "prompt": text, "return_token_strs": True}).json()
+    assert out["tokens"] == tok.encode(text, bos=True) and out["count"] == len(out["tokens"])
+    assert out["max_model_len"] == 2048 and "".join(out["token_strs"]) == "<|begin_of_text|>" + text
+    chat = [{"role": "user", "content": text}]
+    assert post("/tokenize", {"messages": chat}).json()["tokens"] == tok.apply_chat_template(chat)
+    assert post("/detokenize", {"tokens": out["tokens"]}).json() == {"prompt": "<|begin_of_text|>" + text}
+    for body, message in (({"prompt": "a", "messages": chat}, "either prompt or messages"),
+                          ({}, "either prompt or messages"),
+                          ({"model": "gpt-4o", "prompt": "a"}, "does not exist")):
+        reply = post("/tokenize", body)
+        assert reply.status_code in (400, 404) and message in reply.json()["error"]["message"]
+    reply = post("/detokenize", {"tokens": [tok.vocab_size]})
+    assert reply.status_code == 400 and "token ids must be in" in reply.json()["error"]["message"]

@@ -35,14 +35,16 @@ from llama4.serve.errors import (APIError, body_too_large, install_handlers, mod
                                  validation_error)
 from llama4.serve.schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk,
                                   ChatCompletionRequest, ChunkChoice, CompletionChoice, CompletionRequest, Delta,
-                                  ModelCard, ModelList, PromptTokensDetails, TextCompletion, Usage)
+                                  DetokenizeRequest, ModelCard, ModelList, PromptTokensDetails, TextCompletion,
+                                  TokenizeRequest, Usage)
 from llama4.serve.streams import Choices, cancel_on_disconnect
 from llama4.serve.tool_stream import ToolCallStream
 
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20  # room for a few base64 images
 STATIC_DIR = Path(__file__).parent / "static"
 ROUTES = ("/", "/static/index.html", "/static/client.js", "/static/ui.js", "/health", "/metrics", "/v1/models",
-          "/v1/chat/completions", "/v1/completions")  # metric labels; any other path counts as "other"
+          "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize",
+          "/tokenizer_info")  # metric labels; any other path counts as "other"
 
 
 class _CountRequests:
@@ -155,6 +157,47 @@ def create_engine_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, *, m
         if name not in names:
             raise model_not_found(name, names)
         return ModelCard(id=name, created=created, max_context=engine.max_context)
+
+    # vLLM's tokenizer endpoints (at the root, as there): what evaluation harnesses use to count and split
+    # prompts without a copy of the tokenizer (lm-eval's remote tokenizer backend)
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req: TokenizeRequest = await read_request(request, TokenizeRequest)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt", code="invalid_request")
+        if req.prompt is not None:  # special-token strings count as the special tokens, as in vLLM
+            ids = tokenizer.encode(req.prompt, bos=req.add_special_tokens is not False, allow_special=True)
+        else:
+            messages = [m.model_dump(exclude_none=True) for m in req.messages]
+            if any(isinstance(m.get("content"), list) and any(p.get("type") != "text" for p in m["content"])
+                   for m in messages):
+                raise APIError(400, "/tokenize takes text messages only (images need the chat endpoint)",
+                               param="messages", code="invalid_request")
+            try:
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+            except (ValueError, KeyError, TypeError) as e:
+                raise APIError(400, f"cannot render the messages: {e}", param="messages",
+                               code="invalid_request") from None
+        body = {"count": len(ids), "max_model_len": engine.max_context, "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = [tokenizer.decode([t]) for t in ids]
+        return body
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req: DetokenizeRequest = await read_request(request, DetokenizeRequest)
+        bad = [t for t in req.tokens if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids must be in [0, {tokenizer.vocab_size}), got {bad[:5]}", param="tokens",
+                           code="invalid_request")
+        return {"prompt": tokenizer.decode(req.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        authorize(request)
+        return {"tokenizer_class": "llama4.prompt.tokenizer.Tokenizer", "bos_token": tokenizer.decode([tokenizer.bos_id]),
+                "eos_token": tokenizer.decode([tokenizer.eot_id]), "pad_token": tokenizer.decode([tokenizer.pad_id]),
+                "vocab_size": tokenizer.vocab_size, "model_max_length": engine.max_context}
 
     @app.get("/metrics")
     async def prometheus():

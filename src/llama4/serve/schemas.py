@@ -142,6 +142,29 @@ class CompletionRequest(_SamplingFields):
         return self.max_tokens
 
 
+class TokenizeRequest(_Lenient):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # prompt: begin-of-text first (default yes); messages: no effect
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @field_validator("messages")
+    @classmethod
+    def _some_messages(cls, value):
+        if value is not None and not value:
+            raise ValueError("messages must not be empty")
+        return value
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: list[int]
+
+
 # -- responses -----------------------------------------------------------------------------------------
 
 
