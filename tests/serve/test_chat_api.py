@@ -6,6 +6,7 @@ import base64
 import threading
 
 import httpx
+import torch
 import pytest
 
 import llama4
@@ -118,7 +119,8 @@ def test_text_completions_plain_stream_and_echo(client, model, tok):
     echoed = client.completions.create(model=MODEL_ID, prompt=[prompt, "He"], max_tokens=10, temperature=0,
                                        echo=True, logprobs=2)
     assert echoed.choices[0].text == prompt + reply.choices[0].text and len(echoed.choices) == 2
-    assert len(echoed.choices[0].logprobs.tokens) == 10 and echoed.choices[0].logprobs.text_offset[0] == len(prompt)
+    logprobs = echoed.choices[0].logprobs  # with echo: the prompt's tokens first, then the 10 generated
+    assert len(logprobs.tokens) == len(ids) + 10 and logprobs.text_offset[len(ids)] == len(prompt)
 
 
 def test_streamed_completion_logprobs_count_text_offsets_on_and_name_the_chosen_token(client):
@@ -196,3 +198,27 @@ def test_vllms_tokenizer_endpoints(server, tok):
         assert reply.status_code in (400, 404) and message in reply.json()["error"]["message"]
     reply = post("/detokenize", {"tokens": [tok.vocab_size]})
     assert reply.status_code == 400 and "token ids must be in" in reply.json()["error"]["message"]
+
+
+def test_echo_scores_the_prompt_as_lm_eval_reads_it(client, model, tok):
+    """lm-eval's loglikelihood: token ids, echo, max_tokens 0 (or 1), logprobs k -> every prompt token's logprob
+    given the tokens before it (the first null), equal to the model's own forward pass."""
+    ids = tok.encode("Max runs in the park. He sees a red ball and runs after it." * 6, bos=True)[:150]
+    reply = client.completions.create(model=MODEL_ID, prompt=ids, echo=True, max_tokens=0, logprobs=3, temperature=0)
+    got = reply.choices[0].logprobs
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 0
+    assert len(got.token_logprobs) == len(ids) and got.token_logprobs[0] is None and got.top_logprobs[0] is None
+    with torch.inference_mode():
+        expected = model(torch.tensor([ids])).float().log_softmax(-1)[0, :-1].gather(1, torch.tensor(ids[1:])[:, None])
+    assert torch.allclose(torch.tensor(got.token_logprobs[1:]), expected[:, 0], atol=1e-4)
+    assert got.tokens == [tok.decode([t]) for t in ids] and got.text_offset[:2] == [0, 0]  # <|begin_of_text|>: 0 chars
+    assert all(1 <= len(top) <= 4 and got.tokens[j + 1] in top for j, top in enumerate(got.top_logprobs[1:]))
+    one = client.completions.create(model=MODEL_ID, prompt=ids, echo=True, max_tokens=1, logprobs=1, temperature=0)
+    assert one.choices[0].logprobs.token_logprobs[:len(ids)] == got.token_logprobs
+    assert len(one.choices[0].logprobs.token_logprobs) == len(ids) + 1
+    streamed = list(client.completions.create(model=MODEL_ID, prompt=ids, echo=True, max_tokens=0, logprobs=3,
+                                              temperature=0, stream=True))
+    assert streamed[0].choices[0].logprobs.token_logprobs == got.token_logprobs
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == reply.choices[0].text
+    with pytest.raises(Exception, match="max_tokens 0 generates nothing"):
+        client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=0)

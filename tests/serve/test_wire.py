@@ -9,7 +9,7 @@ import torch
 
 from llama4.inference.constrained import JsonConstraint
 from llama4.inference.sampling import SamplingParams
-from llama4.serve.protocol import FinishEvent, GenerationRequest, TokenEvent
+from llama4.serve.protocol import FinishEvent, GenerationRequest, PromptEvent, TokenEvent
 from llama4.serve.wire import (WireError, decode_event, decode_request, encode_event, encode_request, read_frame,
                                write_frame)
 
@@ -27,11 +27,14 @@ def test_a_request_with_images_sampling_stops_and_a_schema_arrives_unchanged(tok
     pixels = torch.randn(2, 3, 8, 8).to(torch.bfloat16)
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
-                            frequency_penalty=0.5, presence_penalty=-0.5, seed=2**40 + 3, logprobs=3)
+                            frequency_penalty=0.5, presence_penalty=-0.5, seed=2**40 + 3, logprobs=3,
+                            logit_bias=((44, -100.0), (7, 2.5)))
     request = GenerationRequest(prompt=[1, 2, 3, 300], pixel_values=pixels, params=params, max_tokens=17,
-                                stop=("\n\n", "END"), stop_tokens=[5, 6], constraint=JsonConstraint(tok, schema))
+                                stop=("\n\n", "END"), stop_tokens=[5, 6], constraint=JsonConstraint(tok, schema),
+                                prompt_logprobs=2)
     got = decode_request(*round_trip(*encode_request(request)), tok)
     assert got.prompt == request.prompt and got.params == params and got.max_tokens == 17
+    assert got.prompt_logprobs == 2
     assert tuple(got.stop) == ("\n\n", "END") and list(got.stop_tokens) == [5, 6]
     assert got.pixel_values.dtype == torch.bfloat16 and torch.equal(got.pixel_values, pixels)
     assert isinstance(got.constraint, JsonConstraint) and got.constraint.schema == schema
@@ -75,7 +78,8 @@ def test_only_json_constraints_and_known_dtypes_can_cross():
 
 @pytest.mark.parametrize("event", [
     TokenEvent("he", 17), TokenEvent("", 3, -0.25, [(3, -0.25), (9, -float("inf"))]),
-    FinishEvent("stop", "tail", 12, 4, 8), FinishEvent("error", error="prefill failed: boom")])
+    FinishEvent("stop", "tail", 12, 4, 8), FinishEvent("error", error="prefill failed: boom"),
+    PromptEvent([None, -1.5, -0.25], [None, [(3, -0.5), (9, -1.5)], []])])
 def test_events_arrive_unchanged(event):
     header, _ = round_trip({"events": [encode_event(41, event)]})
     assert decode_event(header["events"][0]) == (41, event)

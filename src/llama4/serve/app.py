@@ -30,7 +30,7 @@ from llama4.prompt import Tokenizer
 from llama4.serve import translate
 from llama4.serve.engine import Engine, EngineConfig
 from llama4.serve.engine_process import EngineProcess
-from llama4.serve.protocol import FinishEvent, TokenEvent
+from llama4.serve.protocol import FinishEvent, PromptEvent, TokenEvent
 from llama4.serve.errors import (APIError, body_too_large, install_handlers, model_not_found, unauthorized,
                                  validation_error)
 from llama4.serve.schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk,
@@ -312,6 +312,9 @@ async def _gather(reply) -> None:
     """Wait for every choice of a non-streamed reply, filling its texts, token events and finishes;
     a choice that failed fails the whole reply (HTTP 500)."""
     async for i, event in reply.choices.events():
+        if isinstance(event, PromptEvent):  # (completions that score their prompt)
+            reply.scored[i] = event
+            continue
         reply.texts[i] += event.text
         if isinstance(event, TokenEvent):
             reply.events[i].append(event)
@@ -424,6 +427,7 @@ class _CompletionReply:
         self.events = [[] for _ in range(k)]
         self.finishes: list[FinishEvent | None] = [None] * k
         self.streamed = [len(text) for text in self.texts]  # characters of each choice sent so far (text_offset)
+        self.scored: list[PromptEvent | None] = [None] * k  # each choice's prompt logprobs, when asked
 
     def _echo(self, i: int) -> str:
         return self.plan.echo_texts[i // self.req.n] if self.plan.echo_texts else ""
@@ -431,10 +435,13 @@ class _CompletionReply:
     def usage(self) -> Usage:
         return _usage([len(p) for p in self.plan.prompts], self.finishes, self.req.n)
 
-    def _logprobs(self, i: int, events, offset: int | None = None):
+    def _logprobs(self, i: int, events, offset: int | None = None, with_prompt: bool = True):
         if self.req.logprobs is None:
             return None
-        return translate.completion_logprobs(self.tokenizer, events, len(self._echo(i)) if offset is None else offset)
+        scored = self.scored[i] if with_prompt else None
+        prompt = (self.plan.prompts[i // self.req.n], scored) if scored is not None else None
+        return translate.completion_logprobs(self.tokenizer, events, len(self._echo(i)) if offset is None else offset,
+                                             prompt)
 
     async def collect(self) -> TextCompletion:
         await _gather(self)
@@ -450,13 +457,16 @@ class _CompletionReply:
     def _run_chunk(self, i: int, run: list[TokenEvent]) -> list[BaseModel | dict]:
         """One chunk for consecutive token events of choice i; text_offset counts on from the chunks before."""
         text = "".join(event.text for event in run)
-        logprobs = self._logprobs(i, run, self.streamed[i])
+        logprobs = self._logprobs(i, run, self.streamed[i], with_prompt=False)
         self.streamed[i] += len(text)
         return [self._chunk(i, text, logprobs)] if text or self.req.logprobs is not None else []
 
-    def _chunks_of(self, i: int, event: TokenEvent | FinishEvent) -> list[BaseModel | dict]:
+    def _chunks_of(self, i: int, event: TokenEvent | PromptEvent | FinishEvent) -> list[BaseModel | dict]:
         if isinstance(event, TokenEvent):
             return self._run_chunk(i, [event])
+        if isinstance(event, PromptEvent):  # the echoed prompt, scored: its own chunk, before the tokens
+            self.scored[i] = event
+            return [self._chunk(i, self._echo(i), self._logprobs(i, []))]
         self.finishes[i] = event
         if event.reason == "error":
             return [_error_chunk(event)]
@@ -465,7 +475,7 @@ class _CompletionReply:
     async def stream(self) -> AsyncIterator[BaseModel | dict | str | list]:
         try:
             for i, echo in enumerate(self.texts):
-                if echo:
+                if echo and self.req.prompt_logprobs is None:  # (a scored prompt comes with its PromptEvent)
                     yield self._chunk(i, echo)
             async for batch in self.choices.batches():
                 yield _coalesced(batch, self._chunks_of, self._run_chunk, lambda i: True)

@@ -50,7 +50,8 @@ from llama4.model.transformer import Llama4Model
 from llama4.prompt import Tokenizer
 from llama4.serve.metrics import ServeMetrics
 from llama4.serve.prefix_cache import PrefixCache
-from llama4.serve.protocol import ContextTooLong, Event, FinishEvent, GenerationRequest, QueueFull, TokenEvent
+from llama4.serve.protocol import (ContextTooLong, Event, FinishEvent, GenerationRequest, PromptEvent, QueueFull,
+                                   TokenEvent)
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,12 @@ def admissible(request: GenerationRequest, vocab: int, max_context: int, has_vis
         raise ContextTooLong(len(prompt), max_context)
     if request.pixel_values is not None and not has_vision:
         raise ValueError("this model has no vision encoder: it cannot take images")
+    if request.prompt_logprobs is not None and not 0 <= request.prompt_logprobs <= 20:
+        raise ValueError(f"prompt_logprobs must be None or in [0, 20], got {request.prompt_logprobs}")
     room = max_context - len(prompt)
     max_new = room if request.max_tokens is None else min(request.max_tokens, room)
-    if max_new < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+    if max_new < (0 if request.prompt_logprobs is not None else 1):
+        raise ValueError(f"max_tokens must be >= 1 (0 only when scoring the prompt), got {request.max_tokens}")
     return max_new
 
 
@@ -117,6 +120,8 @@ class _Sequence:
         self.reused = 0  # prompt tokens that came from the prefix cache
         self.started = False  # the prefix cache has been consulted (prefilled / reused are set)
         self.pieces = 0  # prefill pieces run
+        self.prompt_logprobs: list[float | None] = [None]  # the prompt's own, when asked (the first has none)
+        self.prompt_top: list[list[tuple[int, float]] | None] = [None]
         self.plain_greedy = sampler.plain_greedy and request.constraint is None
         self.arrived = time.perf_counter()
         self.last_time: float | None = None
@@ -270,7 +275,7 @@ class Engine:
         """Text prompts with one token left to run (the rest came from the prefix cache) join the decode
         batch at once: that token is their decode input, so they need no forward pass of their own."""
         for seq in list(self._prefilling):
-            if seq.request.pixel_values is not None or seq.pieces:
+            if seq.request.pixel_values is not None or seq.pieces or seq.request.prompt_logprobs is not None:
                 continue
             if not seq.started:
                 self._take_prefix(seq)
@@ -295,7 +300,11 @@ class Engine:
             else:  # text: embedded piece by piece, never the whole prompt at once
                 piece = self.model.embed(torch.tensor([prompt[at:at + size]], device=self.device))
             positions = torch.arange(at, at + piece.shape[1], device=self.device)[None]
-            logits = self.model.text(piece, positions, self._pool.batch([seq.cache]), num_logits=1)
+            scored = seq.request.prompt_logprobs is not None
+            logits = self.model.text(piece, positions, self._pool.batch([seq.cache]),
+                                     num_logits=piece.shape[1] if scored else 1)
+            if scored:
+                self._score_prompt(seq, at, logits[0])
             seq.prefilled += piece.shape[1]
         except Exception as e:  # e.g. image tokens that do not match the tiles: this request only
             self._prefilling.remove(seq)
@@ -310,27 +319,52 @@ class Engine:
         last = logits[0, -1].float().cpu()
         # Admitted requests with the same prompt (e.g. the other choices of n) take a copy instead of a prefill.
         twins = [s for s in self._prefilling if not s.pieces and s.request.prompt == prompt
-                 and s.request.pixel_values is seq.request.pixel_values]
+                 and s.request.pixel_values is seq.request.pixel_values
+                 and s.request.prompt_logprobs == seq.request.prompt_logprobs]
         for twin in twins:
             self._prefilling.remove(twin)
             self._free(twin)  # a shorter cached prefix it may have taken
             twin.cache = seq.cache.copy_prefix(len(prompt))
             twin.reused = twin.prefilled = len(prompt)
+            twin.prompt_logprobs, twin.prompt_top = seq.prompt_logprobs, seq.prompt_top
             self.metrics.add_tokens(cached=len(prompt))
             self._admit(twin, last)
         self._admit(seq, last)
 
+    def _score_prompt(self, seq: _Sequence, at: int, logits: torch.Tensor) -> None:
+        """The logprobs of prompt tokens at+1 .. at+len(logits) from a piece's logits [n, V] (position i
+        predicts token i + 1; the prompt's last position predicts the first generated token instead)."""
+        prompt, k = seq.request.prompt, seq.request.prompt_logprobs
+        n = min(len(logits), len(prompt) - at - 1)
+        if n <= 0:
+            return
+        logprobs = logits[:n].float().cpu().log_softmax(-1)
+        targets = torch.tensor(prompt[at + 1:at + 1 + n])
+        seq.prompt_logprobs += logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        if k:
+            values, ids = torch.topk(logprobs, k, dim=-1)
+            seq.prompt_top += [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        else:
+            seq.prompt_top += [[] for _ in range(n)]
+
     def _admit(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """A prefilled sequence: sample its first token and, unless that ends it, join the running batch."""
+        if seq.request.prompt_logprobs is not None:
+            self._emit(seq, PromptEvent(seq.prompt_logprobs, seq.prompt_top))
+            if seq.max_new == 0:  # scoring only
+                self._finish(seq, "length")
+                self._retire(seq, list(seq.request.prompt))
+                return
         if self._accept(seq, logits):
             self._running.append(seq)
         else:  # finished at its first token: the cache holds exactly the prompt
             self._retire(seq, list(seq.request.prompt))
 
     def _take_prefix(self, seq: _Sequence) -> None:
-        """Take the longest cached prefix of a text-only prompt (none for prompts with images)."""
+        """Take the longest cached prefix of a text-only prompt (none for prompts with images, nor for prompts
+        whose own logprobs are asked: every position must be computed)."""
         seq.started = True
-        if self.prefix_cache is not None and seq.request.pixel_values is None:
+        if self.prefix_cache is not None and seq.request.pixel_values is None and seq.request.prompt_logprobs is None:
             seq.reused, seq.cache = self.prefix_cache.take(seq.request.prompt)
             seq.prefilled = seq.reused
 

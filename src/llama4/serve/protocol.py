@@ -28,6 +28,10 @@ class GenerationRequest:
     stop: Sequence[str] = ()
     stop_tokens: Sequence[int] | None = None  # None: the tokenizer's end-of-turn / end-of-text ids
     constraint: Constraint | None = None
+    # the prompt's own logprobs (a PromptEvent before the first token): None, or how many of the most likely
+    # tokens to give beside each prompt token's (0: its own alone). Such a prompt is prefilled in full (no
+    # prefix-cache reuse), and max_tokens may then be 0 (score the prompt, generate nothing).
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -41,6 +45,15 @@ class TokenEvent:
 
 
 @dataclass
+class PromptEvent:
+    """Each prompt token's logprob given the tokens before it (the first token's is None), with the most
+    likely alternatives at that position (``top``: (token, logprob), most likely first)."""
+
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None]
+
+
+@dataclass
 class FinishEvent:
     reason: str  # "stop" (stop token or string), "length", "cancelled" or "error"
     text: str = ""  # text held back until the end (a possible stop-string prefix, a partial character)
@@ -50,7 +63,7 @@ class FinishEvent:
     error: str | None = None
 
 
-Event = TokenEvent | FinishEvent
+Event = TokenEvent | PromptEvent | FinishEvent
 
 
 class EngineError(Exception):

@@ -13,7 +13,7 @@ import importlib.metadata
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Lenient(BaseModel):
@@ -115,11 +115,25 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # the OpenAI default for legacy completions
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    max_tokens: int | None = Field(default=16, ge=0)  # the OpenAI default for legacy completions
+    logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _nothing_to_do(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it needs echo (the prompt back, scored with logprobs)")
+        return self
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """How many alternatives to give beside each prompt token's logprob (echo with logprobs, or scoring
+        with max_tokens 0, as lm-eval's loglikelihood requests do); None: the prompt is not scored."""
+        if self.echo and (self.logprobs is not None or self.max_tokens == 0):
+            return self.logprobs or 0
+        return None
 
     @field_validator("suffix")
     @classmethod
@@ -266,8 +280,8 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None] = []  # an echoed prompt's first token: null
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int] = []
 
 

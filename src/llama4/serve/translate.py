@@ -18,7 +18,7 @@ from llama4.inference.constrained import JsonConstraint, SchemaError
 from llama4.inference.sampling import SamplingParams
 from llama4.inference.text import prepare_messages
 from llama4.prompt import ImageError, Tokenizer, parse_assistant_output
-from llama4.serve.protocol import Constraint, GenerationRequest, TokenEvent
+from llama4.serve.protocol import Constraint, GenerationRequest, PromptEvent, TokenEvent
 from llama4.serve.errors import bad_request
 from llama4.serve.remote_images import inline_remote_images
 from llama4.serve.schemas import (ChatCompletionRequest, ChoiceLogprobs, CompletionLogprobs, CompletionRequest,
@@ -45,7 +45,8 @@ class Plan:
                                         frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
                                         logit_bias=req.bias_pairs)
                 out.append(GenerationRequest(prompt, self.pixel_values, params, req.token_budget, req.stop_strings,
-                                             constraint=self.constraint() if self.constraint else None))
+                                             constraint=self.constraint() if self.constraint else None,
+                                             prompt_logprobs=getattr(req, "prompt_logprobs", None)))
         return out
 
 
@@ -200,8 +201,26 @@ def chat_logprobs(tokenizer: Tokenizer, events: Sequence[TokenEvent]) -> ChoiceL
     ])
 
 
-def completion_logprobs(tokenizer: Tokenizer, events: Sequence[TokenEvent], offset: int) -> CompletionLogprobs:
+def completion_logprobs(tokenizer: Tokenizer, events: Sequence[TokenEvent], offset: int,
+                        prompt: tuple[Sequence[int], PromptEvent] | None = None) -> CompletionLogprobs:
+    """The legacy completions' logprobs of ``events`` whose text starts at character ``offset``; with
+    ``prompt`` (its ids and their PromptEvent) the prompt's tokens first, from offset 0 (echo): the first
+    token's logprob and alternatives are null, as in vLLM; special tokens take no characters of the text."""
     out = CompletionLogprobs(top_logprobs=[])
+    if prompt is not None:
+        ids, scored = prompt
+        at = 0
+        for j, (token, logprob, top) in enumerate(zip(ids, scored.logprobs, scored.top)):
+            out.tokens.append(tokenizer.decode([token]))
+            out.token_logprobs.append(logprob)
+            if j == 0:
+                out.top_logprobs.append(None)
+            else:
+                alternatives = {tokenizer.decode([t]): lp for t, lp in top or []}
+                alternatives.setdefault(out.tokens[-1], logprob)
+                out.top_logprobs.append(alternatives)
+            out.text_offset.append(at)
+            at += len(tokenizer.decode([token], skip_special=True))
     for e in events:
         if e.logprob is None:
             continue

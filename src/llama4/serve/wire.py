@@ -19,7 +19,7 @@ import torch
 
 from llama4.inference.constrained import JsonConstraint
 from llama4.inference.sampling import SamplingParams
-from llama4.serve.protocol import Event, FinishEvent, GenerationRequest, TokenEvent
+from llama4.serve.protocol import Event, FinishEvent, GenerationRequest, PromptEvent, TokenEvent
 
 _LENGTHS = struct.Struct(">II")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -63,7 +63,8 @@ def encode_request(request: GenerationRequest, pixels_from: int | None = None) -
     lets the engine prefill the prompt once for all of them)."""
     header = {"prompt": list(request.prompt), "params": asdict(request.params), "max_tokens": request.max_tokens,
               "stop": list(request.stop),
-              "stop_tokens": None if request.stop_tokens is None else list(request.stop_tokens)}
+              "stop_tokens": None if request.stop_tokens is None else list(request.stop_tokens),
+              "prompt_logprobs": request.prompt_logprobs}
     constraint = request.constraint
     if constraint is not None:
         if not isinstance(constraint, JsonConstraint):
@@ -102,13 +103,16 @@ def decode_request(header: dict, payload: bytes, tokenizer,
         constraint = JsonConstraint(tokenizer, header["json_schema"]["schema"])
     return GenerationRequest(prompt=header["prompt"], pixel_values=pixels, params=SamplingParams(**header["params"]),
                              max_tokens=header["max_tokens"], stop=tuple(header["stop"]),
-                             stop_tokens=header["stop_tokens"], constraint=constraint)
+                             stop_tokens=header["stop_tokens"], constraint=constraint,
+                             prompt_logprobs=header.get("prompt_logprobs"))
 
 
 def encode_event(key: int, event: Event) -> list:
     if isinstance(event, TokenEvent):
         top = None if event.top is None else [list(pair) for pair in event.top]
         return ["t", key, event.text, event.token, event.logprob, top]
+    if isinstance(event, PromptEvent):
+        return ["p", key, event.logprobs, [None if t is None else [list(pair) for pair in t] for t in event.top]]
     return ["f", key, event.reason, event.text, event.prompt_tokens, event.completion_tokens, event.cached_tokens,
             event.error]
 
@@ -117,5 +121,8 @@ def decode_event(item: list) -> tuple[int, Event]:
     if item[0] == "t":
         _, key, text, token, logprob, top = item
         return key, TokenEvent(text, token, logprob, None if top is None else [tuple(pair) for pair in top])
+    if item[0] == "p":
+        _, key, logprobs, top = item
+        return key, PromptEvent(logprobs, [None if t is None else [tuple(pair) for pair in t] for t in top])
     _, key, reason, text, prompt, completion, cached, error = item
     return key, FinishEvent(reason, text, prompt, completion, cached, error)
