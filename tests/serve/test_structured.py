@@ -44,6 +44,25 @@ def test_a_forced_tool_call_comes_back_as_tool_calls(client):
     assert arguments["city"] in ("Paris", "Rome") and isinstance(arguments["celsius"], bool)
 
 
+def test_a_forced_call_cut_by_max_tokens_is_a_tool_call_with_the_arguments_so_far(client):
+    """finish_reason "length", the call with the arguments written before the cut, both modes (not raw text)."""
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    whole = chat(client, tools=[WEATHER], tool_choice=forced)
+    full = json.loads(whole.choices[0].message.tool_calls[0].function.arguments)
+    cut = chat(client, tools=[WEATHER], tool_choice=forced, max_tokens=whole.usage.completion_tokens - 2).choices[0]
+    assert cut.finish_reason == "length" and cut.message.content is None
+    (call,) = cut.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and arguments == {k: full[k] for k in arguments} and arguments != full
+    chunks = list(chat(client, tools=[WEATHER], tool_choice=forced, max_tokens=whole.usage.completion_tokens - 2,
+                       stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].function.name == "get_weather"
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+
+
 def test_required_tool_choice_streams_the_call_as_deltas(client):
     """The name in the first delta (with the id), the arguments in the ones after: concatenated, they
     are the non-streamed reply's arguments."""

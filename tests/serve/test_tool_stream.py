@@ -16,13 +16,13 @@ TOOLS = [WEATHER, {"type": "function", "function": {"name": "get_time", "paramet
     "type": "object", "properties": {"zone": {"type": "string"}}}}}]
 
 
-def stream(text: str, tools=TOOLS, step: int = 1):
+def stream(text: str, tools=TOOLS, step: int = 1, cut_short: bool = False):
     """Feed ``text`` in ``step``-character pieces; returns (deltas with the text length at which each
-    went out, the final content or None)."""
+    went out, the final content or None). ``cut_short``: the reply ended on the token budget."""
     s, out = ToolCallStream(tools), []
     for end in range(step, len(text) + step, step):
         out += [(min(end, len(text)), d) for d in s.feed(text[:end])]
-    deltas, content = s.finish(text)
+    deltas, content = s.finish(text, cut_short)
     return out + [(len(text), d) for d in deltas], content
 
 
@@ -80,6 +80,19 @@ def test_a_reply_that_breaks_off_comes_back_as_content():
     assert assembled(deltas)[0]["name"] == "get_weather" and content == reply
     prose = "It is sunny."
     assert stream(prose) == ([], prose)
+
+
+def test_a_call_cut_by_the_token_budget_ends_with_the_arguments_written_so_far():
+    reply = '{"name": "get_weather", "parameters": {"city": "Paris", "days": 3'
+    deltas, content = stream(reply, cut_short=True)
+    (call,) = assembled(deltas)
+    assert content is None and call["name"] == "get_weather" and json.loads(call["arguments"]) == {"city": "Paris"}
+    _, calls = translate.tool_calls_of(reply, TOOLS, cut_short=True)  # the non-streamed reply: the same call
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    assert translate.tool_calls_of(reply, TOOLS) == (reply, None)  # not cut short: the text stays content
+    prose = "It is sunny and"
+    assert stream(prose, cut_short=True) == ([], prose)
+    assert translate.tool_calls_of(prose, TOOLS, cut_short=True) == (prose, None)
 
 
 def test_call_like_text_inside_an_argument_is_not_a_call():

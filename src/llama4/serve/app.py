@@ -348,8 +348,8 @@ class _ChatReply:
         await _gather(self)
         out = []
         for i, finish in enumerate(self.finishes):
-            content, calls = translate.tool_calls_of(self.texts[i], self.plan.tools)
-            reason = "tool_calls" if calls else ("length" if finish.reason == "length" else "stop")
+            content, calls = translate.tool_calls_of(self.texts[i], self.plan.tools, finish.reason == "length")
+            reason = "length" if finish.reason == "length" else "tool_calls" if calls else "stop"
             out.append(ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=calls),
                                   logprobs=self._logprobs(self.events[i]), finish_reason=reason))
         return ChatCompletion(id=self.id, model=self.model_id, choices=out, usage=self.usage())
@@ -405,9 +405,10 @@ class _ChatReply:
             if event.text:
                 chunks.append(self._chunk(i, Delta(content=event.text)))
         else:
-            deltas, content = self.calls[i].finish(self.texts[i] + event.text)
-            if content is None:
+            deltas, content = self.calls[i].finish(self.texts[i] + event.text, event.reason == "length")
+            if content is None and event.reason != "length":
                 reason = "tool_calls"
+            if content is None:
                 chunks += [self._chunk(i, Delta(tool_calls=[delta])) for delta in deltas]
             elif content:
                 chunks.append(self._chunk(i, Delta(content=content), self._logprobs(self.events[i])))

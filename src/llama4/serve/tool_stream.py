@@ -56,6 +56,13 @@ def _calls(text: str, tools) -> list[tuple[str, dict]] | None:
     return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed.tool_calls]
 
 
+def partial_calls(text: str, tools) -> list[tuple[str, dict]] | None:
+    """The calls of a reply cut short inside them (e.g. by max_tokens): each with the arguments complete
+    before the cut; None when the text up to its last member boundary is not calls."""
+    view = closed_view(text)
+    return _calls(view, tools) if view else None
+
+
 def _member(key: str, value, first: bool) -> str:
     return ("{" if first else ", ") + json.dumps(key, ensure_ascii=False) + ": " + json.dumps(value, ensure_ascii=False)
 
@@ -88,10 +95,13 @@ class ToolCallStream:
         seen = _calls(view, self.tools) if view else None
         return self._advance(seen, complete=len(seen) - 1) if seen else []
 
-    def finish(self, text: str) -> tuple[list[ToolCall], str | None]:
+    def finish(self, text: str, cut_short: bool = False) -> tuple[list[ToolCall], str | None]:
         """At the end of the reply: (the remaining deltas, None), or ([], the text as content) when the
-        reply is not the calls streamed so far."""
+        reply is not the calls streamed so far. ``cut_short`` (the token budget ran out): a reply that
+        stops inside calls ends them with the arguments written so far."""
         whole = _calls(text, self.tools)
+        if whole is None and cut_short:
+            whole = partial_calls(text, self.tools)
         if whole is None or not self._extends(whole):
             return [], text
         return self._advance(whole, complete=len(whole)), None

@@ -8,6 +8,7 @@ image URLs, and only on a server started with ``--allow-remote-images`` (remote_
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,9 +19,11 @@ from llama4.inference.constrained import JsonConstraint, SchemaError
 from llama4.inference.sampling import SamplingParams
 from llama4.inference.text import prepare_messages
 from llama4.prompt import ImageError, Tokenizer, parse_assistant_output
+from llama4.prompt.tool_parsing import new_call_id
 from llama4.serve.protocol import Constraint, GenerationRequest, PromptEvent, TokenEvent
 from llama4.serve.errors import bad_request
 from llama4.serve.remote_images import inline_remote_images
+from llama4.serve.tool_stream import partial_calls
 from llama4.serve.schemas import (ChatCompletionRequest, ChoiceLogprobs, CompletionLogprobs, CompletionRequest,
                                   FunctionCall, TokenLogprob, ToolCall, TopLogprob)
 
@@ -179,11 +182,18 @@ def may_be_tool_call(text: str) -> bool | None:
     return None if not rest else rest[0] == "("
 
 
-def tool_calls_of(text: str, tools: list[dict] | None) -> tuple[str | None, list[ToolCall] | None]:
-    """The reply's prose and its parsed tool calls (None when the reply is not a call)."""
+def tool_calls_of(text: str, tools: list[dict] | None, cut_short: bool = False
+                  ) -> tuple[str | None, list[ToolCall] | None]:
+    """The reply's prose and its parsed tool calls (None when the reply is not a call). ``cut_short`` (the
+    token budget ran out): a reply that stops inside calls gives them with the arguments written so far."""
     if tools is None:
         return text, None
     parsed = parse_assistant_output(text, tools=tools)
+    if not parsed.tool_calls and cut_short:
+        calls = partial_calls(text, tools)
+        if calls:
+            return None, [ToolCall(index=k, id=new_call_id(), function=FunctionCall(
+                name=name, arguments=json.dumps(args, ensure_ascii=False))) for k, (name, args) in enumerate(calls)]
     if not parsed.tool_calls:
         return text, None
     calls = [ToolCall(index=k, id=c["id"], function=FunctionCall(**c["function"]))
