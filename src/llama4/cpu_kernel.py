@@ -49,7 +49,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
 COMMON_FLAGS = ("-O3", "-pthread", "-fPIC", "-shared")
 HEADERS = ("simd.h", "pool.h", "linear_groups.h")
 OUT_BLOCK, IN_BLOCK = 64, 32  # the packed layout's block: 64 outputs x 32 inputs
-MAX_ROWS = 16  # rows per call; longer inputs (prefill) stay on oneDNN, which blocks them for reuse
+MAX_ROWS = 16  # rows per call (group); longer inputs stay on oneDNN where it packed the weight
 
 _library: ctypes.CDLL | None = None
 _variant: str | None = None

@@ -14,6 +14,7 @@ one-row products (decode) are the same bits.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -27,6 +28,7 @@ from llama4.model.ops import ROW_TILE, batch_invariant, row_tiled
 from llama4.model.transformer import QKVProjection
 
 
+@functools.cache
 def _onednn_packs(dtype: torch.dtype) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
@@ -97,10 +99,10 @@ def _linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = N
         return cpu_kernel.linear(x, weight.address, weight.shape)
     if weight.blocked is not None and x.dtype == torch.bfloat16 and x.numel():
         # the kernel's own layout (CPUs where oneDNN's bf16 GEMM is weak or absent): longer inputs on the kernel
-        # too, 16 rows per group of one call (2.5x oneDNN's AVX2 bf16 prefill here; bench/generate.py prefill)
+        # too, 16 rows per group of one call
         rows = x.reshape(-1, x.shape[-1])
-        counts = [cpu_kernel.MAX_ROWS] * (rows.shape[0] // cpu_kernel.MAX_ROWS) + [rows.shape[0] % cpu_kernel.MAX_ROWS]
-        counts = [c for c in counts if c]
+        n, tile = rows.shape[0], cpu_kernel.MAX_ROWS
+        counts = [min(tile, n - start) for start in range(0, n, tile)]
         y = cpu_kernel.linear_groups(rows, [weight.address] * len(counts), counts, weight.shape)
         y = y.reshape(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 from llama4.model.transformer import Llama4Model
 from llama4.prompt import Tokenizer
 from llama4.serve import translate
-from llama4.serve.engine import Engine, EngineConfig
+from llama4.serve.engine import Engine, EngineConfig, check_token_ids
 from llama4.serve.engine_process import EngineProcess
 from llama4.serve.protocol import FinishEvent, PromptEvent, TokenEvent
 from llama4.serve.errors import (APIError, body_too_large, install_handlers, model_not_found, unauthorized,
@@ -186,10 +186,10 @@ def create_engine_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, *, m
     @app.post("/detokenize")
     async def detokenize(request: Request):
         req: DetokenizeRequest = await read_request(request, DetokenizeRequest)
-        bad = [t for t in req.tokens if not 0 <= t < tokenizer.vocab_size]
-        if bad:
-            raise APIError(400, f"token ids must be in [0, {tokenizer.vocab_size}), got {bad[:5]}", param="tokens",
-                           code="invalid_request")
+        try:
+            check_token_ids(req.tokens, tokenizer.vocab_size)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tokens", code="invalid_request") from None
         return {"prompt": tokenizer.decode(req.tokens)}
 
     @app.get("/tokenizer_info")

@@ -75,17 +75,20 @@ class EngineConfig:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
 
 
+def check_token_ids(ids, vocab: int, what: str = "token ids") -> None:
+    """Raises ValueError naming the first few ids outside [0, vocab)."""
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"{what} must be in [0, {vocab}), got {bad[:5]}")
+
+
 def admissible(request: GenerationRequest, vocab: int, max_context: int, has_vision: bool) -> int:
     """The request's budget of new tokens; raises ValueError (bad input) or ContextTooLong."""
     prompt = request.prompt
     if not prompt:
         raise ValueError("the prompt is empty: at least one token is needed")
-    bad = [t for t in prompt if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"token ids must be in [0, {vocab}), got {bad[:5]}")
-    bad = [t for t, _ in request.params.logit_bias if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {bad[:5]}")
+    check_token_ids(prompt, vocab)
+    check_token_ids([t for t, _ in request.params.logit_bias], vocab, "logit_bias token ids")
     if len(prompt) >= max_context:
         raise ContextTooLong(len(prompt), max_context)
     if request.pixel_values is not None and not has_vision:
