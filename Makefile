@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP_BASE := $(VENV)/.installed-base
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: demo test test-cpu-paths setup setup-test bench clean
+.PHONY: demo test lint test-cpu-paths setup setup-test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,14 +47,17 @@ setup-test: $(STAMP_TEST)
 demo: setup
 	$(VENV)/bin/llama4 demo
 
-test: setup-test
+# ruff (config in pyproject.toml) first: a lint error fails the run before the suite starts
+lint: setup-test
+	$(VENV)/bin/ruff check src tests bench
+
+test: lint
 	$(PY) -m pytest -q
 
 # The model, generation, serving and kernel tests again on the paths of CPUs other than this one, whatever
 # this one is: oneDNN capped at AVX2 with the AVX2 kernel (every x86-64 CPU of the last decade), and oneDNN
 # capped at AVX-512 BF16 (AMD EPYC) with no C kernel and no C layer (no compiler, or the kernel switched off).
-CPU_PATH_TESTS := tests/model tests/inference tests/serve tests/test_cpu_kernel.py tests/test_cpu_packing.py \
-	tests/test_fused_decode.py
+CPU_PATH_TESTS := tests/model tests/inference tests/serve tests/kernels
 test-cpu-paths: setup-test
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 LLAMA4_CPU_KERNEL=avx2 $(PY) -m pytest -q $(CPU_PATH_TESTS)
 	ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 LLAMA4_CPU_KERNEL=off LLAMA4_FUSED_DECODE=0 $(PY) -m pytest -q $(CPU_PATH_TESTS)

@@ -154,7 +154,8 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 def write_section(doc: Path, marker: str, body: str) -> None:
     """Replace the text between <!-- marker --> and <!-- /marker --> in ``doc`` (appending if absent)."""
     start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
-    text = doc.read_text() if doc.exists() else "# Performance\n\nMeasured tables, each written by the benchmark named in it.\n"
+    text = (doc.read_text() if doc.exists()
+            else "# Performance\n\nMeasured tables, each written by the benchmark named in it.\n")
     block = f"{start}\n{body.rstrip()}\n{end}"
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]

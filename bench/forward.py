@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, ensure_checkpoint, gemm_rate, markdown_table, peak_rss_bytes,  # noqa: E402
-                    run_worker, write_section)
+from common import ROOT, ensure_checkpoint, gemm_rate, markdown_table, peak_rss_bytes, run_worker, write_section  # noqa: E402
 
 
 def worker(impl: str, dtype_name: str, length: int, path: str, threads: int, repeats: int) -> None:
@@ -123,7 +122,8 @@ def main() -> None:
     table = markdown_table(headers, rows)
     print("\n" + table)
     if not args.no_write:
-        body = (f"## Prefill (`python bench/forward.py`)\n\n`{args.shape}` shape from shared/bench, transformers' random "
+        body = (f"## Prefill (`python bench/forward.py`)\n\n`{args.shape}` shape from shared/bench, "
+                "transformers' random "
                 f"init (seed 0) saved as bf16 and loaded by both, {args.threads} threads, "
                 f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                 f"{time.strftime('%Y-%m-%d')}. Best of {args.repeats} forwards after a warm-up; logits for the last "

@@ -30,17 +30,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CPU_PATHS, ROOT, BusyCores, copy_bandwidth, cpu_name, ensure_checkpoint,  # noqa: E402
-                    markdown_table, peak_rss_bytes, run_worker, write_section)
+from common import (  # noqa: E402
+    CPU_PATHS,
+    ROOT,
+    BusyCores,
+    copy_bandwidth,
+    cpu_name,
+    ensure_checkpoint,
+    markdown_table,
+    peak_rss_bytes,
+    run_worker,
+    write_section,
+)
 
 
 def _load(impl: str, path: str, dtype: torch.dtype):
     if impl.startswith("llama4"):  # "llama4-invariant": as the server runs it (batch/split-invariant)
         import llama4
-        from llama4.model.ops import set_batch_invariant
+        from llama4.kernels.cpu import KernelOptions
 
-        set_batch_invariant(impl == "llama4-invariant")
-        model = llama4.load_model(path, dtype=dtype)
+        model = llama4.load_model(path, dtype=dtype, kernels=KernelOptions.from_environ(os.environ))
+        model.set_batch_invariant(impl == "llama4-invariant")
         if impl == "llama4-layers":  # decode through the model's torch layers, not the fused C layer
             model.text.fast_decode = None
         return model
@@ -143,7 +153,6 @@ def main() -> None:
         print(json.dumps(worker(kind, impl, path, dtype_name, int(a), int(b), int(threads))))
         return
 
-    import llama4
     from llama4.checkpoint.io import read_config
 
     torch.set_num_threads(args.threads)
@@ -204,9 +213,11 @@ def main() -> None:
                          f"{layers:.1f}" if layers else errors.get((batch, "llama4-layers"), "-"),
                          *(f"{rate:.1f} ({rate / bound:.0%})" if rate and batch == 1 else f"{rate:.1f}" if rate else "-"
                            for rate in paths),
-                         "; ".join(" / ".join(f"{r:.0f}" for r in rates.get((batch, impl), [])) for impl in decode_impls)])
+                         "; ".join(" / ".join(f"{r:.0f}" for r in rates.get((batch, impl), []))
+                                   for impl in decode_impls)])
             print(rows[-1], flush=True)
-        sections["decode"] = ("### Decode after a 128-token prompt\n\n" + sections.get("roofline", "") + "\n\n" + markdown_table(
+        sections["decode"] = (
+            "### Decode after a 128-token prompt\n\n" + sections.get("roofline", "") + "\n\n" + markdown_table(
             ["batch", "llama4 tok/s", "transformers tok/s", "speed-up", "llama4 / roofline",
              "llama4 without the fused C layer tok/s", *(f"llama4 on the {p} path tok/s" for p in args.cpu_paths),
              f"each round ({'; '.join(decode_impls)})"], rows)
@@ -222,7 +233,8 @@ def main() -> None:
             res = {impl: run("prefill", impl, length) for impl in [*impls, *ours_impls[1:]]}
             ref = res.get("transformers", {}).get("tok_s")
             rates = [res[impl].get("tok_s") for impl in ours_impls]
-            rows.append([length, *(f"{r:.0f}" if r else res[impl].get("error", "-") for r, impl in zip(rates, ours_impls)),
+            rows.append([length, *(f"{r:.0f}" if r else res[impl].get("error", "-")
+                                   for r, impl in zip(rates, ours_impls)),
                          f"{ref:.0f}" if ref else "-", f"{rates[0] / ref:.1f}x" if rates[0] and ref else "-"])
             print(rows[-1], flush=True)
         path_columns = [f"llama4{' batch-invariant' if 'invariant' in impl else ''} on the {impl.partition('@')[2]} "
@@ -239,7 +251,8 @@ def main() -> None:
                          f"{ref / 2**20:.0f}" if ref else res.get("transformers", "-"),
                          f"{ours / ref:.2f}" if ours and ref else "-"])
             print(rows[-1], flush=True)
-        sections["memory"] = ("### Peak RSS after prefill + 8 decoded tokens (MiB, weights included)\n\n" + markdown_table(
+        sections["memory"] = (
+            "### Peak RSS after prefill + 8 decoded tokens (MiB, weights included)\n\n" + markdown_table(
             ["context", "llama4", "transformers", "ratio"], rows))
     if "context" in args.sections:
         tiny = ensure_checkpoint("tiny", cache_dir)
@@ -252,7 +265,8 @@ def main() -> None:
             print(rows[-1], flush=True)
         from llama4.inference.generate import DEFAULT_PREFILL_CHUNK
 
-        sections["context"] = (f"### Long-context prefill, `tiny` shape (cap {args.context_cap_gib:g} GiB)\n\n" + markdown_table(
+        sections["context"] = (
+            f"### Long-context prefill, `tiny` shape (cap {args.context_cap_gib:g} GiB)\n\n" + markdown_table(
             ["prompt tokens", "llama4 peak RSS GiB", "seconds", "within cap"], rows) + "\n\n"
             f"`llama4.generate` of a random prompt: prefill in {DEFAULT_PREFILL_CHUNK:,}-token pieces, then 8 decoded "
             "tokens; peak RSS of the whole process, weights included; seconds: prefill and decode, wall clock.")
@@ -270,12 +284,14 @@ def main() -> None:
                     found.setdefault((label, loaded), []).append(res.get("tok_s", 0.0))
         for label, threads in settings:
             alone, loaded = max(found[(label, False)]), max(found[(label, True)])
-            rows.append([f"{label} ({threads})", f"{alone:.1f}", f"{loaded:.1f}", f"{alone / loaded:.2f}x" if loaded else "-",
+            rows.append([f"{label} ({threads})", f"{alone:.1f}", f"{loaded:.1f}",
+                         f"{alone / loaded:.2f}x" if loaded else "-",
                          " / ".join(f"{a:.0f}-{b:.0f}" for a, b in zip(found[(label, False)], found[(label, True)]))])
             print(rows[-1], flush=True)
         sections["load"] = (f"### Batch-1 decode with other work on the machine ({cores} cores)\n\n" + markdown_table(
             ["threads", "alone tok/s", f"with {cores} busy processes tok/s", "slow-down", "each round (alone-loaded)"],
-            rows) + f"\n\nBest of {args.rounds} rounds, alone and loaded in turn; in each, {args.new_tokens} greedy decode "
+            rows) + f"\n\nBest of {args.rounds} rounds, alone and loaded in turn; in each, "
+            f"{args.new_tokens} greedy decode "
             "steps after a 128-token prompt, timed directly, best of 3. A busy process is a Python loop per core, "
             "running for the whole loaded measurement (load, prefill and decode).")
     if "decode" in sections:

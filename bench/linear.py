@@ -1,4 +1,4 @@
-"""Decode-sized products: every CPU kernel variant this machine runs (llama4.cpu_kernel: AMX, AVX-512 BF16,
+"""Decode-sized products: every CPU kernel variant this machine runs (llama4.kernels.cpu: AMX, AVX-512 BF16,
 AVX-512, AVX2) against oneDNN's packed linear, on the same packed weights.
 
     python bench/linear.py            # writes its table into docs/PERFORMANCE.md
@@ -23,9 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, cpu_name, markdown_table, write_section  # noqa: E402
-
-from llama4 import cpu_kernel  # noqa: E402
-from llama4.cpu_packing import PackedWeight  # noqa: E402
+from llama4.kernels.cpu import library as cpu_kernel  # noqa: E402
+from llama4.kernels.cpu.packing import PackedWeight  # noqa: E402
 
 LAYER = [(1536, 1024), (1024, 1024), (2048, 1024), (1024, 1024), (2048, 1024), (1024, 1024)]
 SHAPES = LAYER * 8 + [(32000, 1024)]
@@ -36,8 +35,8 @@ def onednn(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
 
 
 def kernel(variant: str):
-    lib = cpu_kernel.load_variant(variant)
-    return lambda x, weight: cpu_kernel.linear(x, weight.address, weight.shape, lib)
+    loaded = cpu_kernel.load_variant(variant)
+    return lambda x, weight: loaded.linear(x, weight.address, weight.shape)
 
 
 def call_cost(fn, x: torch.Tensor, weight: PackedWeight, calls: int = 3000) -> float:
@@ -56,14 +55,16 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if cpu_kernel.library() is None:
+    best = cpu_kernel.load()
+    if best is None:
         sys.exit("no CPU kernel runs on this machine: nothing to compare")
     g = torch.Generator().manual_seed(0)
-    weights = [PackedWeight((torch.randn(o, i, generator=g) * i ** -0.5).bfloat16()) for o, i in SHAPES]
+    weights = [PackedWeight((torch.randn(o, i, generator=g) * i ** -0.5).bfloat16(), best) for o, i in SHAPES]
     if any(w.address is None for w in weights):
         sys.exit("oneDNN packed some weights in a layout the kernel does not read")
     nbytes = sum(o * i * 2 for o, i in SHAPES)
-    sides = {"oneDNN packed linear": onednn}
+    # (where oneDNN cannot pack bf16 - AVX2, AVX-512 without BF16 - the weights are in the kernel's own layout)
+    sides = {"oneDNN packed linear": onednn} if all(w.tensor is not None for w in weights) else {}
     for variant in cpu_kernel.candidates("auto", cpu_kernel.cpu_flags()):
         sides[f"kernel {variant}"] = kernel(variant)
     rows_table = []
@@ -79,7 +80,7 @@ def main() -> None:
         for name, r in rates.items():
             rows_table.append([rows, name, f"{statistics.median(r):.1f}", f"{min(r):.1f}-{max(r):.1f}"])
             print(rows_table[-1], flush=True)
-    small = PackedWeight(torch.randn(256, 256, generator=g).bfloat16())
+    small = PackedWeight(torch.randn(256, 256, generator=g).bfloat16(), best)
     one = torch.randn(1, 256, generator=g).bfloat16()
     costs = {name: call_cost(fn, one, small) for name, fn in sides.items()}
     body = ("## Decode-sized products (`python bench/linear.py`)\n\n" + markdown_table(

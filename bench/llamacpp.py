@@ -82,9 +82,11 @@ def worker(path: str, prompt: int, gen: int, threads: int, reps: int) -> dict:
         _generate("llama4", model, ids, 4)  # warm-up (kernel build/load, packing)
         prefill = times(1, max(reps, 3))
         total = times(gen + 1, 2)
-    from llama4 import cpu_kernel
+    from llama4.kernels.cpu import packed_with
 
-    kernel = cpu_kernel.variant() or "off (oneDNN)"
+    options = packed_with(model)
+    kernel = options.kernel() if options is not None else None
+    kernel = kernel.name if kernel is not None else "off (oneDNN)"
     return {"pp": [prompt / t for t in prefill], "tg": gen / (min(total) - min(prefill)),
             "kernel": kernel, "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability()}
 

@@ -289,8 +289,10 @@ def main() -> None:
 
     rows = [[name, s.server_errors, s.lost, s.mismatched, f"{s.tokens_per_second:.1f}",
              f"{s.ttft_percentile(0.5) * 1000:.0f}", f"{s.ttft_percentile(0.99) * 1000:.0f}"]
-            for name, s in ((f"1 client, {args.scaling_rounds} x {args.scaling_seconds:g} s ({len(one.outcomes)} requests)", one),
-                            (f"8 clients, {args.scaling_rounds} x {args.scaling_seconds:g} s ({len(eight.outcomes)} requests)", eight),
+            for name, s in ((f"1 client, {args.scaling_rounds} x {args.scaling_seconds:g} s "
+                             f"({len(one.outcomes)} requests)", one),
+                            (f"8 clients, {args.scaling_rounds} x {args.scaling_seconds:g} s "
+                             f"({len(eight.outcomes)} requests)", eight),
                             (f"{args.clients} clients, {args.requests} requests", load))]
     table = markdown_table(["phase", "5xx", "lost", "mismatched", "tokens/s", "TTFT p50 ms", "TTFT p99 ms"], rows)
     ratio = eight.tokens_per_second / one.tokens_per_second if one.tokens_per_second else float("nan")

@@ -103,7 +103,8 @@ def main() -> None:
                for impl in ("llama4", "transformers")}
         for tiles in ("1", "4"):
             ours, ref = res["llama4"].get(tiles), res["transformers"].get(tiles)
-            rows.append([dtype_name, tiles, f"{ours:.2f}" if ours else res["llama4"], f"{ref:.2f}" if ref else res["transformers"],
+            rows.append([dtype_name, tiles, f"{ours:.2f}" if ours else res["llama4"],
+                         f"{ref:.2f}" if ref else res["transformers"],
                          f"{ours / ref:.2f}x" if ours and ref else "-"])
             print(rows[-1], flush=True)
     table = markdown_table(["dtype", "tiles per call", "llama4 tiles/s", "transformers tiles/s", "speed-up"], rows)

@@ -23,6 +23,22 @@ settings.load_profile("llama4")
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _kernels_from_the_environment():
+    """Loads in the tests use the CPU fast paths the environment names (LLAMA4_CPU_KERNEL, LLAMA4_FUSED_DECODE),
+    as the command line does: ``make test-cpu-paths`` runs the suite on other CPUs' paths that way. (Engine
+    child processes and CLI subprocesses read the same variables themselves.)"""
+    import os
+
+    from llama4 import build
+    from llama4.kernels.cpu import KernelOptions
+
+    before = build.DEFAULT_KERNELS
+    build.DEFAULT_KERNELS = KernelOptions.from_environ(os.environ)
+    yield
+    build.DEFAULT_KERNELS = before
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _single_thread():
     """Run the suite with one intra-op thread.
 

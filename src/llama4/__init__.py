@@ -17,12 +17,24 @@ from llama4.info import model_info
 from llama4.model.cache import KVCache
 from llama4.model.transformer import Llama4Model
 from llama4.presets import preset
-from llama4.prompt import (ImageError, StreamingDecoder, Tokenizer, load_tokenizer, parse_assistant_output,
-                           parse_tool_calls, preprocess_image, preprocess_images, preprocess_video, train_tokenizer)
+from llama4.prompt import (
+                           ImageError,
+                           StreamingDecoder,
+                           Tokenizer,
+                           load_tokenizer,
+                           parse_assistant_output,
+                           parse_tool_calls,
+                           preprocess_image,
+                           preprocess_images,
+                           preprocess_video,
+                           train_tokenizer,
+)
 
 __all__ = [
-    "CheckpointError", "ConfigError", "ImageError", "KVCache", "Llama4Model", "ModelConfig", "TextConfig", "VisionConfig",
-    "SamplingParams", "StreamingDecoder", "Tokenizer", "generate", "generate_tokens", "load_model", "load_tokenizer", "model_info", "parse_assistant_output", "parse_tool_calls", "preprocess_image", "preprocess_images",
+    "CheckpointError", "ConfigError", "ImageError", "KVCache", "Llama4Model", "ModelConfig", "TextConfig",
+    "VisionConfig",
+    "SamplingParams", "StreamingDecoder", "Tokenizer", "generate", "generate_tokens", "load_model", "load_tokenizer",
+    "model_info", "parse_assistant_output", "parse_tool_calls", "preprocess_image", "preprocess_images",
     "preprocess_video", "preset",
     "random_model", "save_model", "train_tokenizer",
 ]

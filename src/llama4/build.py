@@ -15,11 +15,20 @@ import torch.nn as nn
 
 from llama4.checkpoint.io import CheckpointError, load_weights, read_config, save_checkpoint
 from llama4.config import ModelConfig
-from llama4.cpu_packing import pack_shells, packing_supported, unpacked
+from llama4.kernels import cpu as cpu_kernels
+from llama4.kernels.cpu import KernelOptions
 from llama4.model.transformer import Llama4Model
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 EMBEDDED_NAME = "llama4-tiny"  # what the shipped model calls itself (its card, its answers, the server)
+# the fast paths a load uses unless told otherwise
+# (the CLI reads them from the environment)
+DEFAULT_KERNELS = KernelOptions()
+
+
+def pack(model: Llama4Model, kernels: KernelOptions | None = None) -> Llama4Model:
+    """Pack a loaded model's weights in place for the CPU fast paths (``kernels``: default DEFAULT_KERNELS)."""
+    return cpu_kernels.pack(model, kernels or DEFAULT_KERNELS)
 
 
 def build_meta(config: ModelConfig) -> Llama4Model:
@@ -51,31 +60,35 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
         return Path(path)
     if (EMBEDDED_DIR / "config.json").is_file():
         return EMBEDDED_DIR
-    raise CheckpointError("no model path given and this installation has no embedded model; pass a checkpoint directory")
+    raise CheckpointError("no model path given and this installation has no embedded model; "
+                          "pass a checkpoint directory")
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", pack: bool | None = None,
-               progress: Callable[[int, int], None] | None = None) -> Llama4Model:
+               progress: Callable[[int, int], None] | None = None,
+               kernels: KernelOptions | None = None) -> Llama4Model:
     """Load a Hugging Face Llama 4 checkpoint directory (safetensors) for inference.
 
     Returns the model in eval mode with gradients off. ``pack`` (default: wherever supported, i.e. on
-    CPU in fp32/bf16) reorders the decoder's weights into oneDNN's layout for speed; pass ``False`` for
-    a model to train or to modify in place. ``progress(done, total)`` is called per tensor loaded.
+    CPU in fp32/bf16) reorders the decoder's weights for the CPU fast paths (``kernels``: which may run,
+    default ``DEFAULT_KERNELS``); pass ``False`` for a model to train or to modify in place.
+    ``progress(done, total)`` is called per tensor loaded.
     """
     path = resolve_model_path(path)
     config = read_config(path)
     model = build_meta(config)
     shapes = {name: p.shape for name, p in model.named_parameters()}
-    if pack or (pack is None and packing_supported(dtype, device)):
-        pack_shells(model)  # each weight is packed as it is read: never a plain and a packed copy at once
+    kernels = kernels or DEFAULT_KERNELS
+    if pack or (pack is None and cpu_kernels.supported(dtype, device, kernels)):
+        cpu_kernels.pack(model, kernels, fill=False)  # each weight is packed as it is read
     load_weights(model, path, dtype, device, progress, shapes)
     return model.to(device).eval()
 
 
 def save_model(model: Llama4Model, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
     """Save in the Hugging Face layout (config.json + safetensors) that transformers loads unchanged."""
-    with unpacked(model):
+    with cpu_kernels.unpacked(model):
         if max_shard_bytes is None:
             save_checkpoint(model, path)
         else:

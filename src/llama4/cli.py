@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from llama4.checkpoint.io import CheckpointError
 from llama4.config import ConfigError
+from llama4.dtypes import WEIGHT_DTYPES, torch_dtype
+
+
+def kernel_options():
+    """The CPU fast paths this process may use, from LLAMA4_CPU_KERNEL, LLAMA4_FUSED_DECODE, CC and
+    XDG_CACHE_HOME."""
+    from llama4.kernels.cpu import KernelOptions
+
+    return KernelOptions.from_environ(os.environ)
 
 
 def _human(n: float) -> str:
@@ -80,9 +90,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
-
-
 def _setup_torch(args: argparse.Namespace) -> None:
     import torch
 
@@ -92,7 +99,6 @@ def _setup_torch(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace):
     """Model and tokenizer from --model (default: the embedded model), with a progress bar."""
-    import torch
     from tqdm import tqdm
 
     import llama4
@@ -106,7 +112,8 @@ def _load(args: argparse.Namespace):
         bar.n = done
         bar.refresh()
 
-    model = llama4.load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]), progress=progress)
+    model = llama4.load_model(args.model, dtype=torch_dtype(args.dtype), progress=progress,
+                              kernels=kernel_options())
     bar.close()
     path = args.model if args.model is not None else llama4.build.resolve_model_path(None)
     return model, llama4.load_tokenizer(path)
@@ -144,7 +151,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps({
             "text": completion.text, "tokens": completion.tokens, "prompt_tokens": completion.prompt_tokens,
             "completion_tokens": len(completion.tokens), "finish_reason": completion.finish_reason,
-            "prefill_seconds": round(completion.prefill_seconds, 4), "decode_seconds": round(completion.decode_seconds, 4),
+            "prefill_seconds": round(completion.prefill_seconds, 4),
+            "decode_seconds": round(completion.decode_seconds, 4),
             "decode_tokens_per_second": round(completion.decode_tokens_per_second, 2),
         }))
     else:
@@ -212,6 +220,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(_speed(session.last), file=sys.stderr)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from llama4.train.command import run_recipe, run_train
+
+    if not args.recipe:
+        return run_train(args)
+    from llama4.evaluation import evaluate_and_card
+
+    final = run_recipe(args)
+    report = evaluate_and_card(final, args.data_dir)
+    print(f"model written to {final}: held-out perplexity {report['perplexity']['perplexity']:.2f}, "
+          + ", ".join(f"{k} questions {v['accuracy']:.1%}" for k, v in report["pictures"].items()))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -241,7 +263,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import random
 
     from llama4.inference.text import Completion, stream_chat, stream_tokens_as_text
-    from llama4.shapes import describe, draw_scene
+    from llama4.train.shapes import describe, draw_scene
 
     model, tok = _load(args)
 
@@ -272,7 +294,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), default="bf16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or speed line")
 
@@ -336,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from llama4.train.command import add_train_parser
 
-    add_train_parser(sub)
+    add_train_parser(sub).set_defaults(func=cmd_train)
     from llama4.serve.command import add_serve_parser
     add_serve_parser(sub)
     return parser

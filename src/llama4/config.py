@@ -167,7 +167,8 @@ class VisionConfig:
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.hidden_size % self.num_heads:
-            raise ConfigError(f"vision hidden_size ({self.hidden_size}) must divide by num_attention_heads ({self.num_heads})")
+            raise ConfigError(f"vision hidden_size ({self.hidden_size}) must divide by "
+                              f"num_attention_heads ({self.num_heads})")
         side = self.image_size // self.patch_size
         scaled = side * self.pixel_shuffle_ratio
         if scaled != int(scaled) or int(scaled) == 0:

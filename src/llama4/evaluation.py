@@ -2,7 +2,7 @@
 
 * Perplexity on held-out text (by default the TinyStories validation head), cut into windows of
   ``window`` tokens, beside a unigram baseline fitted on the training text with the same tokenizer.
-* Picture questions on freshly drawn synthetic pictures (:mod:`llama4.shapes`, a seed stream the
+* Picture questions on freshly drawn synthetic pictures (:mod:`llama4.train.shapes`, a seed stream the
   training never used): the colour and the shape, each asked alone, greedy answer, scored as right
   when it names the true word and no other candidate. Chance level is printed beside it.
 * A few unedited greedy samples.
@@ -15,14 +15,15 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 from llama4.inference.generate import Request, generate_tokens
 from llama4.model.transformer import Llama4Model
-from llama4.shapes import COLOURS, SHAPES, draw_scene, words_in
-from llama4.train.objectives import next_token_loss
 from llama4.train.data import pack
+from llama4.train.objectives import next_token_loss
+from llama4.train.shapes import COLOURS, SHAPES, draw_scene, words_in
 
 EVAL_SEED_PREFIX = "eval"  # training pictures are drawn from "images:<seed>:<batch>": disjoint streams
 
@@ -137,4 +138,19 @@ def evaluate_model(model: Llama4Model, tok, data_dir, pictures: int = 500, windo
         report["pictures"] = picture_questions(model, tok, pictures, seed=seed)
     if with_samples:
         report["samples"] = samples(model, tok)
+    return report
+
+
+def evaluate_and_card(model_dir: str | Path, data_dir: str | Path, pictures: int = 500,
+                      max_windows: int | None = None) -> dict:
+    """Run the ``llama4 eval`` measurements on a built model and write its ``eval.json`` and ``README.md``."""
+    from llama4.build import load_model
+    from llama4.prompt import load_tokenizer
+    from llama4.train.card import write_model_card
+
+    model_dir = Path(model_dir)
+    model = load_model(model_dir, dtype=torch.bfloat16)
+    report = evaluate_model(model, load_tokenizer(model_dir), data_dir, pictures=pictures,
+                            max_windows=max_windows)
+    write_model_card(model_dir, report)
     return report

@@ -70,7 +70,8 @@ def model_info(name_or_path: str | os.PathLike | ModelConfig) -> dict:
             counts["routed_experts"] += p.numel()
         if name.startswith("text.embed."):
             counts["embedding"] += p.numel()
-    unused_share = (text_cfg.num_experts - text_cfg.num_experts_per_tok) / text_cfg.num_experts if text_cfg.num_experts else 0.0
+    unused_share = ((text_cfg.num_experts - text_cfg.num_experts_per_tok) / text_cfg.num_experts
+                    if text_cfg.num_experts else 0.0)
     active = counts["text"] - round(counts["routed_experts"] * unused_share)
     total = counts["text"] + counts["vision"] + counts["projector"]
     return {

@@ -9,56 +9,40 @@ that enumerate the valid texts (small numeric ranges) or use the ``regex`` modul
 
 from __future__ import annotations
 
-import datetime
 import decimal
-import ipaddress
 import json
 import random
-import uuid
 from decimal import Decimal
 
 import jsonschema
 import pytest
 import regex
 
-from llama4.inference.constrained import FORMATS, MAX_FRAC_DIGITS, MAX_INT_DIGITS, JsonConstraint, SchemaError
-from llama4.inference.regex_dfa import compile_search
+from llama4.inference.constrained import EXACT_FORMATS, JsonConstraint, SchemaError
 from tests.inference.constrained_support import (  # noqa: F401 (fixtures)
-    allowed_ids, byte_ids, closing_tokens, decimals, one_byte_tokens, tok, walk)
+    accepts,
+    advance_agrees,
+    allowed_ids,
+    closing_tokens,
+    decimals,
+    feed,
+    one_byte_tokens,
+    takes,
+    tok,
+    walk,
+)
+
+FORMATS = ("date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 
 
-def feed(c: JsonConstraint, byte_ids, text: str | bytes) -> None:
-    """Advance one single-byte token at a time (ValueError at the first byte refused)."""
-    for b in text.encode() if isinstance(text, str) else text:
-        c.advance(byte_ids[b])
-
-
-def state(tok, byte_ids, schema, prefix: str | bytes) -> JsonConstraint:
+def state(tok, schema, prefix: str | bytes) -> JsonConstraint:
     c = JsonConstraint(tok, schema)
-    feed(c, byte_ids, prefix)
+    feed(c, tok, prefix)
     return c
-
-
-def takes(tok, byte_ids, schema, prefix: str | bytes, nxt: str | bytes) -> bool:
-    """After ``prefix``, restrict() allows the single-byte token of ``nxt`` (one byte)."""
-    c = state(tok, byte_ids, schema, prefix)
-    b = nxt.encode() if isinstance(nxt, str) else nxt
-    assert len(b) == 1
-    return byte_ids[b[0]] in allowed_ids(c, tok)
-
-
-def accepts(tok, byte_ids, schema, text: str | bytes) -> bool:
-    """``text``, fed byte by byte, is allowed throughout and complete (end-of-sequence allowed)."""
-    c = JsonConstraint(tok, schema)
-    try:
-        feed(c, byte_ids, text)
-    except ValueError:
-        return False
-    return c.complete and set(tok.eos_ids) <= set(allowed_ids(c, tok))
 
 
 def random_walk(tok, schema, seed: int, wander: int = 40, max_steps: int = 600) -> JsonConstraint:
@@ -132,7 +116,6 @@ WALKS = {
          "required": ["kind", "y"]}]},
     "one_of_types": {"oneOf": [{"type": "integer", "maximum": 0}, {"type": "string", "pattern": "^x"},
                                {"type": "null"}]},
-    "one_of_ranges": {"oneOf": [{"type": "number", "maximum": 0}, {"type": "number", "exclusiveMinimum": 0}]},
     "enum_filtered": {"enum": [1, 5, 12, "abc", "2024-01-01", "x"], "minimum": 3, "format": "date"},
     "order": ORDER,
 }
@@ -147,7 +130,8 @@ def test_random_walks_validate(tok, name):
         assert c.ended, f"seed {seed}: no end-of-sequence within the step budget: {c.text!r}"
         validate(c.text, schema)
         seen.add(c.text)
-    assert len(seen) > (2 if name == "enum_filtered" else 5), seen  # the walks do explore
+    # the walks do explore (0.501 and 0.502 are the fine multiples' only values: llguidance writes three digits)
+    assert len(seen) > {"enum_filtered": 2, "num_fine_multiple": 1}.get(name, 5), seen
 
 
 def test_enum_values_are_filtered_by_the_new_keywords(tok):
@@ -156,84 +140,91 @@ def test_enum_values_are_filtered_by_the_new_keywords(tok):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Exact oracles: every token at states along walks
+# Oracles: every token at states along walks
 
 
-def number_texts(values, integer: bool) -> set[str]:
-    """Every way the recogniser may write the given exact values (no exponent, at most 20 fraction digits)."""
-    out = set()
-    for v in map(Decimal, values):
-        sign = "-" if v < 0 else ""
-        digits = format(abs(v), "f")
-        whole, _, frac = digits.partition(".")
-        frac = frac.rstrip("0")
-        if v == 0:
-            out.update({"0", "-0"} if integer else {"0", "-0"} | {s + "0." + "0" * k for s in ("", "-")
-                                                                for k in range(1, MAX_FRAC_DIGITS + 1)})
-            continue
-        if not frac:
-            out.add(sign + whole)
-        if not integer:
-            for k in range(max(len(frac), 1), MAX_FRAC_DIGITS + 1):
-                out.add(f"{sign}{whole}.{frac.ljust(k, '0')}")
-    return out
+def check_tokens(c: JsonConstraint, tok, expected_prefix, expected_complete, every_spelling=True) -> list[int]:
+    """restrict() against an oracle (on the bytes so far plus each token) and against advance().
 
-
-ENUMERABLE = [  # (schema, its values): numbers in small ranges
-    ({"type": "integer", "minimum": -20, "maximum": 130, "multipleOf": 3}, range(-18, 130, 3)),
-    ({"type": "integer", "exclusiveMinimum": -3, "exclusiveMaximum": 5}, range(-2, 5)),
-    ({"type": "integer", "minimum": 10, "maximum": 19}, range(10, 20)),
-    ({"type": "integer", "minimum": 95, "maximum": 1005, "multipleOf": 100}, range(100, 1001, 100)),
-    ({"type": "number", "minimum": 0.25, "maximum": 0.5, "multipleOf": 0.125}, ["0.25", "0.375", "0.5"]),
-    ({"type": "number", "minimum": -1, "maximum": 1, "multipleOf": 0.5}, ["-1", "-0.5", "0", "0.5", "1"]),
-    ({"type": "number", "exclusiveMinimum": 2, "maximum": 3, "multipleOf": 0.75}, ["2.25", "3"]),
-]
-
-
-def check_tokens(c: JsonConstraint, tok, expected_prefix, expected_complete) -> list[int]:
-    """restrict() against an oracle (on the bytes so far plus each token) and against advance()."""
+    Every allowed token keeps a valid prefix. Where two or more bytes may come next, every token that
+    keeps a valid prefix is allowed; where the grammar forces the next byte, llguidance allows the
+    canonical tokenization of the forced bytes, which the oracle must accept. ``expected_prefix`` may
+    say None: it cannot tell (such a token must then still agree with advance()). Without
+    ``every_spelling`` a text that is complete for the oracle need not be complete for the constraint.
+    """
     allowed = set(allowed_ids(c, tok))
     data = bytes(c._bytes)
     eos = set(tok.eos_ids)
-    assert c.complete == expected_complete(data), data
-    assert (allowed & eos) == (eos if expected_complete(data) else set()), data
-    for t in range(tok.num_base_tokens):
-        piece = tok.token_bytes(t)
-        want = expected_prefix(data + piece)
-        if want is None:  # the oracle cannot tell: advance() must still agree with restrict()
-            want = t in allowed
-        assert (t in allowed) == want, (data, piece, want)
-        trial = c.copy()
-        if want:
-            trial.advance(t)
-        else:
-            with pytest.raises(ValueError, match="does not continue"):
-                trial.advance(t)
+    assert c.complete == expected_complete(data) if every_spelling else c.complete <= expected_complete(data), data
+    assert (allowed & eos) == (eos if c.complete else set()), data
+    known = {t: expected_prefix(data + tok.token_bytes(t)) for t in range(tok.num_base_tokens)}
+    valid = {t for t, ok in known.items() if ok}
+    assert not {t for t in allowed - eos if known[t] is False}, data
+    next_bytes = {b for b in range(256) if expected_prefix(data + bytes([b]))}
+    if every_spelling:
+        assert next_bytes <= {tok.token_bytes(t)[0] for t in allowed - eos}, data
+    if len(next_bytes) > 1 and every_spelling:
+        assert {t for t in allowed - eos if known[t] is not None} == valid, data
+    advance_agrees(c, tok, allowed)
     return sorted(allowed - eos)
 
 
+def spellings(value: Decimal, integer: bool, frac_digits: int) -> set[str]:
+    """The ways to write ``value`` without an exponent, with up to ``frac_digits`` fraction digits."""
+    sign = "-" if value < 0 else ""
+    whole, _, frac = format(abs(value), "f").partition(".")
+    frac = frac.rstrip("0")
+    out = {sign + whole} if not frac else set()
+    if value == 0:
+        out |= {"0", "-0"}
+    if not integer:
+        signs = ("", "-") if value == 0 else (sign,)
+        out |= {f"{s}{whole}.{frac.ljust(k, '0')}" for s in signs for k in range(max(len(frac), 1), frac_digits + 1)}
+    return out
+
+
+ENUMERABLE = [  # (schema, its values, the values llguidance 1.9 cannot write): numbers in small ranges
+    ({"type": "integer", "minimum": -20, "maximum": 130, "multipleOf": 3}, range(-18, 130, 3), set()),
+    ({"type": "integer", "exclusiveMinimum": -3, "exclusiveMaximum": 5}, range(-2, 5), set()),
+    ({"type": "integer", "minimum": 10, "maximum": 19}, range(10, 20), set()),
+    ({"type": "integer", "minimum": 95, "maximum": 1005, "multipleOf": 100}, range(100, 1001, 100), set()),
+    ({"type": "number", "minimum": 0.25, "maximum": 0.5, "multipleOf": 0.125}, ["0.25", "0.375", "0.5"], {"0.5"}),
+    ({"type": "number", "minimum": -1, "maximum": 1, "multipleOf": 0.5}, ["-1", "-0.5", "0", "0.5", "1"], set()),
+    ({"type": "number", "exclusiveMinimum": 2, "maximum": 3, "multipleOf": 0.75}, ["2.25", "3"], set()),
+]
+
+
 @pytest.mark.parametrize("k", range(len(ENUMERABLE)))
-def test_numbers_allow_exactly_the_completable_prefixes(tok, k):
-    schema, values = ENUMERABLE[k]
-    texts = {t.encode() for t in number_texts(values, schema["type"] == "integer")}
+def test_numbers_allow_only_completable_prefixes_and_nearly_every_value(tok, k):
+    """Every allowed token keeps a prefix of a valid number, and every complete number is valid. Not
+    every spelling is taken (a multiple of 0.125 has three fraction digits: ``0.250``), and llguidance
+    misses a few values (the maximum 0.5 of multiples of 0.125): nothing else may be missed."""
+    schema, values, unwritable = ENUMERABLE[k]
+    integer = schema["type"] == "integer"
+    values = [Decimal(v) for v in values]
+    texts = {t.encode() for v in values for t in spellings(v, integer, 40)}  # longer than a walk writes
     prefixes = {t[:i] for t in texts for i in range(len(t) + 1)}
-    for seed in range(2):
+    reached = set()
+    for seed in range(12):
         c = JsonConstraint(tok, schema)
         g = random.Random(seed)
-        while True:
-            choices = check_tokens(c, tok, lambda d: d in prefixes, lambda d: d in texts)
+        for _ in range(12):
+            choices = check_tokens(c, tok, prefixes.__contains__, texts.__contains__, every_spelling=False)
             if not choices:
                 break
             c.advance(g.choice(choices))
-        assert bytes(c._bytes) in texts
+        if c.complete:
+            reached.add(Decimal(c.text))
+    writable = {v for v in values if any(accepts(tok, schema, t) for t in spellings(v, integer, 4))}
+    assert set(values) - writable <= {Decimal(v) for v in unwritable}, set(values) - writable
+    assert len(reached) > 1
 
 
 ANCHORED = [  # patterns that read the same in ECMA-262 and in the regex module
     ({"type": "string", "pattern": "^[a-z]{3}-[0-9]+$"}, r"[a-z]{3}-[0-9]+"),
     ({"type": "string", "pattern": "^(ab|cd)*e?$"}, r"(ab|cd)*e?"),
-    ({"type": "string", "format": "ipv4"}, FORMATS["ipv4"][1:-1]),
-    ({"type": "string", "format": "date"}, FORMATS["date"][1:-1]),
-    ({"type": "string", "format": "uuid"}, FORMATS["uuid"][1:-1]),
+    ({"type": "string", "format": "date"}, EXACT_FORMATS["date"]["pattern"][1:-1]),
+    ({"type": "string", "format": "uuid"}, r"[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}"),
 ]
 
 
@@ -277,229 +268,212 @@ def test_anchored_patterns_allow_exactly_the_completable_prefixes(tok, k):
             c.advance(g.choice(choices))
 
 
-def test_cached_token_groups_agree_with_stepping_in_many_states(tok, monkeypatch):
-    """The per-DFA-state token groups (plain tokens) and the walk agree with advance() everywhere, also
-    when the cache is so small that it evicts at every step."""
-    from llama4.inference import constrained
-    monkeypatch.setattr(constrained._VocabIndex, "GROUP_CACHE_TOKENS", 3000)
-    schemas = [{"type": "string", "pattern": "z", "maxLength": 9}, {"type": "string", "format": "email"},
-               {"type": "string", "pattern": "^[é€😀a-c]{2,5}$"}, {"type": "string", "format": "hostname"}]
-    for schema in schemas:
-        for seed in range(2):
-            c = JsonConstraint(tok, schema)
-            g = random.Random(seed)
-            for _ in range(8):
-                choices = check_tokens(c, tok, lambda d: None, lambda d: c.complete)
-                if not choices:
-                    break
-                c.advance(g.choice(choices))
-
-
 # ---------------------------------------------------------------------------------------------------
 # (b) Targeted prefixes: numbers
 
 
-def test_minimum_10(tok, byte_ids):
+def test_minimum_10(tok):
     s = {"type": "integer", "minimum": 10}
-    assert not takes(tok, byte_ids, s, "", "0") and not takes(tok, byte_ids, s, "", "-")
-    assert takes(tok, byte_ids, s, "", "1") and takes(tok, byte_ids, s, "", "9")  # 1x, 9x
-    assert not state(tok, byte_ids, s, "1").complete and not state(tok, byte_ids, s, "9").complete
-    assert accepts(tok, byte_ids, s, "10") and accepts(tok, byte_ids, s, "99999")
-    assert not accepts(tok, byte_ids, s, "9") and not accepts(tok, byte_ids, s, "-10")
+    assert not takes(tok, s, "", "0") and not takes(tok, s, "", "-")
+    assert takes(tok, s, "", "1") and takes(tok, s, "", "9")  # 1x, 9x
+    assert not state(tok, s, "1").complete and not state(tok, s, "9").complete
+    assert accepts(tok, s, "10") and accepts(tok, s, "99999")
+    assert not accepts(tok, s, "9") and not accepts(tok, s, "-10")
     n = {"type": "number", "minimum": 10}
-    assert not takes(tok, byte_ids, n, "", "0") and not takes(tok, byte_ids, n, "9", ".")  # 9.x < 10
-    assert takes(tok, byte_ids, n, "10", ".") and accepts(tok, byte_ids, n, "10.5")
-    assert not takes(tok, byte_ids, n, "1", "e")  # no exponent with bounds
+    assert not takes(tok, n, "", "0") and not takes(tok, n, "9", ".")  # 9.x < 10
+    assert takes(tok, n, "10", ".") and accepts(tok, n, "10.5")
+    assert not takes(tok, n, "1", "e")  # no exponent with bounds
 
 
-def test_exclusive_maximum_5(tok, byte_ids):
+def test_exclusive_maximum_5(tok):
     s = {"type": "integer", "exclusiveMaximum": 5}
-    assert not takes(tok, byte_ids, s, "", "5") and takes(tok, byte_ids, s, "", "4")
-    assert accepts(tok, byte_ids, s, "4") and accepts(tok, byte_ids, s, "-7000") and not accepts(tok, byte_ids, s, "5")
-    assert not takes(tok, byte_ids, s, "4", "0")  # 40
+    assert not takes(tok, s, "", "5") and takes(tok, s, "", "4")
+    assert accepts(tok, s, "4") and accepts(tok, s, "-7000") and not accepts(tok, s, "5")
+    assert not takes(tok, s, "4", "0")  # 40
     n = {"type": "number", "exclusiveMaximum": 5}
-    assert not takes(tok, byte_ids, n, "", "5")  # 5.x >= 5 and 5x > 5
-    assert accepts(tok, byte_ids, n, "4.999") and takes(tok, byte_ids, n, "4", ".")
+    assert not takes(tok, n, "", "5")  # 5.x >= 5 and 5x > 5
+    assert accepts(tok, n, "4.999") and takes(tok, n, "4", ".")
     inclusive = {"type": "number", "maximum": 5}
-    assert takes(tok, byte_ids, inclusive, "", "5") and takes(tok, byte_ids, inclusive, "5", ".")
-    assert takes(tok, byte_ids, inclusive, "5.", "0") and not takes(tok, byte_ids, inclusive, "5.", "1")
-    assert accepts(tok, byte_ids, inclusive, "5.000")
+    assert takes(tok, inclusive, "", "5") and takes(tok, inclusive, "5", ".")
+    assert takes(tok, inclusive, "5.", "0") and not takes(tok, inclusive, "5.", "1")
+    assert accepts(tok, inclusive, "5.000")
 
 
-def test_multiple_of_3(tok, byte_ids):
+def test_multiple_of_3(tok):
     s = {"type": "integer", "multipleOf": 3}
-    assert takes(tok, byte_ids, s, "", "1") and not state(tok, byte_ids, s, "1").complete  # 12, 15, ...
-    assert accepts(tok, byte_ids, s, "12") and accepts(tok, byte_ids, s, "0") and accepts(tok, byte_ids, s, "-9")
-    assert not accepts(tok, byte_ids, s, "13")
-    # after 19 digits, the 20th must make a multiple: 1111111111111111111x -> only x in {0, 3, 6, 9}... of them
-    prefix = "1" * (MAX_INT_DIGITS - 1)
-    ok = {d for d in "0123456789" if takes(tok, byte_ids, s, prefix, d)}
-    assert ok == {d for d in "0123456789" if int(prefix + d) % 3 == 0}
+    assert takes(tok, s, "", "1") and not state(tok, s, "1").complete  # 12, 15, ...
+    assert accepts(tok, s, "12") and accepts(tok, s, "0") and accepts(tok, s, "-9")
+    assert not accepts(tok, s, "13")
+    # digits are not bounded: any digit keeps a prefix completable, and the value decides completeness
+    prefix = "1" * 19
+    assert all(takes(tok, s, prefix, d) for d in "0123456789")
+    assert {d for d in "0123456789" if state(tok, s, prefix + d).complete} == \
+        {d for d in "0123456789" if int(prefix + d) % 3 == 0}
     f = {"type": "number", "multipleOf": 0.25}
-    assert accepts(tok, byte_ids, f, "1.75") and not accepts(tok, byte_ids, f, "1.3")
-    assert takes(tok, byte_ids, f, "1.", "2") and not takes(tok, byte_ids, f, "1.", "3")  # 1.25 / 1.3x
-    assert not takes(tok, byte_ids, f, "1.2", "4") and takes(tok, byte_ids, f, "1.2", "5")
+    assert accepts(tok, f, "1.75") and not accepts(tok, f, "1.3") and not accepts(tok, f, "1.30")
+    assert takes(tok, f, "1.", "2") and not takes(tok, f, "1.", "3")  # 1.25 / 1.3x
+    assert not takes(tok, f, "1.2", "4") and takes(tok, f, "1.2", "5")
 
 
-def test_fraction_prefixes(tok, byte_ids):
+def test_fraction_prefixes(tok):
     s = {"type": "number", "minimum": 0.5, "maximum": 0.75}
-    assert takes(tok, byte_ids, s, "", "0") and not takes(tok, byte_ids, s, "", "-")
-    assert not takes(tok, byte_ids, s, "", "1") and takes(tok, byte_ids, s, "0", ".")
-    assert not takes(tok, byte_ids, s, "0.", "4") and takes(tok, byte_ids, s, "0.", "5")
-    assert takes(tok, byte_ids, s, "0.", "7") and not takes(tok, byte_ids, s, "0.", "8")
-    assert takes(tok, byte_ids, s, "0.7", "5") and not takes(tok, byte_ids, s, "0.7", "6")
-    assert not state(tok, byte_ids, s, "0").complete and not state(tok, byte_ids, s, "0.").complete
+    assert takes(tok, s, "", "0") and not takes(tok, s, "", "-")
+    assert not takes(tok, s, "", "1") and takes(tok, s, "0", ".")
+    assert not takes(tok, s, "0.", "4") and takes(tok, s, "0.", "5")
+    assert takes(tok, s, "0.", "7") and not takes(tok, s, "0.", "8")
+    assert takes(tok, s, "0.7", "5") and not takes(tok, s, "0.7", "6")
+    assert not state(tok, s, "0").complete and not state(tok, s, "0.").complete
     positive = {"type": "number", "exclusiveMinimum": 0}
-    assert not takes(tok, byte_ids, positive, "", "-") and takes(tok, byte_ids, positive, "", "0")
-    assert not state(tok, byte_ids, positive, "0.0").complete
-    zeros = "0." + "0" * (MAX_FRAC_DIGITS - 1)
-    assert not takes(tok, byte_ids, positive, zeros, "0") and takes(tok, byte_ids, positive, zeros, "1")
-    assert accepts(tok, byte_ids, positive, zeros + "1")
-    negative_zero = {"type": "number", "minimum": 0, "maximum": 0}
-    assert accepts(tok, byte_ids, negative_zero, "-0") and accepts(tok, byte_ids, negative_zero, "0.00")
-    assert not takes(tok, byte_ids, negative_zero, "-0.", "1")
+    assert not takes(tok, positive, "", "-") and takes(tok, positive, "", "0")
+    assert not state(tok, positive, "0.0").complete
+    zeros = "0." + "0" * 19
+    assert takes(tok, positive, zeros, "0") and takes(tok, positive, zeros, "1")
+    assert not state(tok, positive, zeros).complete
+    assert accepts(tok, positive, zeros + "1")
+    zero = {"type": "number", "minimum": 0, "maximum": 0}
+    assert accepts(tok, zero, "0") and not accepts(tok, zero, "0.1") and not accepts(tok, zero, "-1")
 
 
-def test_digit_limits_hold_with_bounds(tok, byte_ids):
-    big = {"type": "number", "minimum": 1e19}
-    assert accepts(tok, byte_ids, big, "1" + "0" * 19) and not takes(tok, byte_ids, big, "1" + "0" * 19, "0")
-    assert not takes(tok, byte_ids, big, "", "0") and takes(tok, byte_ids, big, "", "9")
-    assert not accepts(tok, byte_ids, big, "9" * 19)  # 19 digits are below 1e19
+def test_large_and_small_bounds(tok):
     huge = {"type": "integer", "minimum": 1e15}
-    assert takes(tok, byte_ids, huge, "", "1") and not state(tok, byte_ids, huge, "9" * 15).complete
-    assert accepts(tok, byte_ids, huge, "1" + "0" * 15)
+    assert takes(tok, huge, "", "1") and not state(tok, huge, "9" * 15).complete
+    assert accepts(tok, huge, "1" + "0" * 15)
     tiny = {"type": "number", "exclusiveMinimum": 0, "maximum": 1e-19}
-    assert accepts(tok, byte_ids, tiny, "0." + "0" * 18 + "1") and accepts(tok, byte_ids, tiny, "0." + "0" * 19 + "5")
-    assert not takes(tok, byte_ids, tiny, "0." + "0" * 18, "2")
+    assert accepts(tok, tiny, "0." + "0" * 18 + "1") and accepts(tok, tiny, "0." + "0" * 19 + "5")
+    assert not takes(tok, tiny, "0." + "0" * 18, "2")
+    # llguidance cannot write ranges of floats with bounds this far out: a schema error, not a wrong number
+    with pytest.raises(SchemaError, match="Failed to generate regex for float range"):
+        JsonConstraint(tok, {"type": "number", "minimum": 1e19})
 
 
-def test_draft4_exclusive_flags(tok, byte_ids):
+def test_draft4_exclusive_flags(tok):
     s = {"type": "number", "minimum": 1, "exclusiveMinimum": True, "maximum": 2, "exclusiveMaximum": False}
-    assert not accepts(tok, byte_ids, s, "1") and accepts(tok, byte_ids, s, "1.5") and accepts(tok, byte_ids, s, "2")
-    assert not accepts(tok, byte_ids, s, "1.0")
+    assert not accepts(tok, s, "1") and accepts(tok, s, "1.5") and accepts(tok, s, "2")
+    assert not accepts(tok, s, "1.0")
     both = {"type": "integer", "minimum": 1, "exclusiveMinimum": 3}  # the stricter bound wins
-    assert not accepts(tok, byte_ids, both, "3") and accepts(tok, byte_ids, both, "4")
+    assert not accepts(tok, both, "3") and accepts(tok, both, "4")
     both = {"type": "integer", "minimum": 5, "exclusiveMinimum": 3}
-    assert not accepts(tok, byte_ids, both, "4") and accepts(tok, byte_ids, both, "5")
+    assert not accepts(tok, both, "4") and accepts(tok, both, "5")
 
 
-def test_unbounded_numbers_keep_exponents(tok, byte_ids):
-    assert accepts(tok, byte_ids, {"type": "number"}, "1e5")
-    assert not accepts(tok, byte_ids, {"type": "number", "minimum": 0}, "1e5")
-    assert accepts(tok, byte_ids, {"type": "number", "minimum": 0}, "100000")
+def test_unbounded_numbers_keep_exponents(tok):
+    assert accepts(tok, {"type": "number"}, "1e5")
+    assert not accepts(tok, {"type": "number", "minimum": 0}, "1e5")
+    assert accepts(tok, {"type": "number", "minimum": 0}, "100000")
 
 
-def test_numbers_inside_structures(tok, byte_ids):
+def test_numbers_inside_structures(tok):
     s = {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 3}, "maxItems": 3}
-    assert accepts(tok, byte_ids, s, "[1, 2, 3]") and not accepts(tok, byte_ids, s, "[1, 4]")
-    assert not takes(tok, byte_ids, s, "[1", "0") and takes(tok, byte_ids, s, "[1", ",")
-    assert not takes(tok, byte_ids, s, "[", "0")
+    assert accepts(tok, s, "[1, 2, 3]") and not accepts(tok, s, "[1, 4]")
+    assert not takes(tok, s, "[1", "0") and takes(tok, s, "[1", ",")
+    assert not takes(tok, s, "[", "0")
     o = {"type": "object", "properties": {"n": {"type": "number", "multipleOf": 0.5}}, "required": ["n"]}
-    assert accepts(tok, byte_ids, o, '{"n": 2.5}') and not accepts(tok, byte_ids, o, '{"n": 2.4}')
-    assert not takes(tok, byte_ids, o, '{"n": 2.', "4") and takes(tok, byte_ids, o, '{"n": 2.5', "}")
-    assert takes(tok, byte_ids, o, '{"n": 2.50', "0") and not takes(tok, byte_ids, o, '{"n": 2.50', "1")
-    assert takes(tok, byte_ids, o, '{"n": 2', "}")  # 2 is a multiple of 0.5
+    assert accepts(tok, o, '{"n": 2.5}') and not accepts(tok, o, '{"n": 2.4}')
+    assert not takes(tok, o, '{"n": 2.', "4") and takes(tok, o, '{"n": 2.5', "}")
+    assert takes(tok, o, '{"n": 2', "}")  # 2 is a multiple of 0.5
 
 
 # ---------------------------------------------------------------------------------------------------
 # (b) Targeted prefixes: patterns
 
 
-def test_anchored_pattern(tok, byte_ids):
+def test_anchored_pattern(tok):
     s = {"type": "string", "pattern": "^[a-z]{3}-[0-9]+$"}
-    assert accepts(tok, byte_ids, s, '"abc-1"') and accepts(tok, byte_ids, s, '"xyz-0042"')
-    assert not takes(tok, byte_ids, s, '"ab', "-") and not takes(tok, byte_ids, s, '"abc-', '"')
-    assert not takes(tok, byte_ids, s, '"abc', "d") and not takes(tok, byte_ids, s, '"', "A")
-    assert takes(tok, byte_ids, s, '"abc-1', "2") and takes(tok, byte_ids, s, '"abc-1', '"')
-    assert not accepts(tok, byte_ids, s, '"abc-1x"')
+    assert accepts(tok, s, '"abc-1"') and accepts(tok, s, '"xyz-0042"')
+    assert not takes(tok, s, '"ab', "-") and not takes(tok, s, '"abc-', '"')
+    assert not takes(tok, s, '"abc', "d") and not takes(tok, s, '"', "A")
+    assert takes(tok, s, '"abc-1', "2") and takes(tok, s, '"abc-1', '"')
+    assert not accepts(tok, s, '"abc-1x"')
 
 
-def test_patterns_search_anywhere_unless_anchored(tok, byte_ids):
+def test_patterns_search_anywhere_unless_anchored(tok):
     s = {"type": "string", "pattern": "ab"}
-    assert accepts(tok, byte_ids, s, '"xxaby"') and accepts(tok, byte_ids, s, '"ab"')
-    assert not takes(tok, byte_ids, s, '"xa', '"') and takes(tok, byte_ids, s, '"xa', "b")
+    assert accepts(tok, s, '"xxaby"') and accepts(tok, s, '"ab"')
+    assert not takes(tok, s, '"xa', '"') and takes(tok, s, '"xa', "b")
     start = {"type": "string", "pattern": "^a"}
-    assert not takes(tok, byte_ids, start, '"', "b") and accepts(tok, byte_ids, start, '"abc"')
+    assert not takes(tok, start, '"', "b") and accepts(tok, start, '"abc"')
     end = {"type": "string", "pattern": "a$"}
-    assert takes(tok, byte_ids, end, '"ab', "a") and not takes(tok, byte_ids, end, '"ab', '"')
-    assert accepts(tok, byte_ids, end, '"ba"')
+    assert takes(tok, end, '"ab', "a") and not takes(tok, end, '"ab', '"')
+    assert accepts(tok, end, '"ba"')
     either = {"type": "string", "pattern": "^x|y$"}
-    assert accepts(tok, byte_ids, either, '"x1"') and accepts(tok, byte_ids, either, '"1y"')
-    assert not accepts(tok, byte_ids, either, '"1x"')
+    assert accepts(tok, either, '"x1"') and accepts(tok, either, '"1y"')
+    assert not accepts(tok, either, '"1x"')
 
 
-def test_pattern_with_lengths(tok, byte_ids):
+def test_pattern_with_lengths(tok):
     s = {"type": "string", "pattern": "z", "minLength": 2, "maxLength": 4}
-    assert accepts(tok, byte_ids, s, '"az"') and not accepts(tok, byte_ids, s, '"z"')
-    assert not takes(tok, byte_ids, s, '"abc', "d")  # no room left for the z
-    assert takes(tok, byte_ids, s, '"abc', "z") and not takes(tok, byte_ids, s, '"abcz', "z")
+    assert accepts(tok, s, '"az"') and not accepts(tok, s, '"z"')
+    assert not takes(tok, s, '"abc', "d")  # no room left for the z
+    assert takes(tok, s, '"abc', "z") and not takes(tok, s, '"abcz', "z")
     fixed = {"type": "string", "pattern": "^(ab)+$", "maxLength": 5}
-    assert accepts(tok, byte_ids, fixed, '"abab"') and not takes(tok, byte_ids, fixed, '"abab', "a")
+    assert accepts(tok, fixed, '"abab"') and not takes(tok, fixed, '"abab', "a")
     odd = {"type": "string", "pattern": "^(ab)+$", "minLength": 3, "maxLength": 3}
-    with pytest.raises(SchemaError, match="no string of 3 to 3 characters"):
+    with pytest.raises(SchemaError, match="Unsatisfiable schema: Regex is empty"):
         JsonConstraint(tok, odd)
 
 
-def test_pattern_sees_characters_not_bytes_or_escapes(tok, byte_ids):
+def test_pattern_sees_characters_not_bytes_or_escapes(tok):
     s = {"type": "string", "pattern": "^[é€]+$"}
     e_acute, euro, e_grave = "é".encode(), "€".encode(), "è".encode()
-    assert takes(tok, byte_ids, s, '"', e_acute[:1]) and takes(tok, byte_ids, s, b'"' + e_acute[:1], e_acute[1:])
-    assert not takes(tok, byte_ids, s, b'"' + e_acute[:1], e_grave[1:])  # same lead byte, other character
-    assert takes(tok, byte_ids, s, b'"' + euro[:2], euro[2:]) and not takes(tok, byte_ids, s, '"', b"\xf0")
-    assert accepts(tok, byte_ids, s, '"é€é"') and accepts(tok, byte_ids, s, '"\\u00e9\\u20AC"')
-    assert not takes(tok, byte_ids, s, '"\\u00', "f") and takes(tok, byte_ids, s, '"\\u00', "e")
-    assert not takes(tok, byte_ids, s, '"\\u', "3")  # \u3xxx is no é or €
-    assert takes(tok, byte_ids, s, '"', "\\")  # \u00e9 can still come
-    astral = {"type": "string", "pattern": "^\\uD83D\\uDE00$"}  # a surrogate pair is one character: 😀
-    assert accepts(tok, byte_ids, astral, '"😀"')
-    assert not takes(tok, byte_ids, astral, '"', "\\")  # escapes cannot write it (no surrogate escapes)
-    escaped = {"type": "string", "pattern": '^\\n"$'}
-    assert accepts(tok, byte_ids, escaped, '"\\n\\""') and accepts(tok, byte_ids, escaped, '"\\u000a\\u0022"')
-    assert not takes(tok, byte_ids, escaped, '"', "a") and not takes(tok, byte_ids, escaped, '"\\', "t")
+    assert takes(tok, s, '"', e_acute[:1]) and takes(tok, s, b'"' + e_acute[:1], e_acute[1:])
+    assert not takes(tok, s, b'"' + e_acute[:1], e_grave[1:])  # same lead byte, other character
+    assert takes(tok, s, b'"' + euro[:2], euro[2:]) and not takes(tok, s, '"', b"\xf0")
+    assert accepts(tok, s, '"é€é"')
+    assert not takes(tok, s, '"', "\\")  # a \u escape is only for control characters
+    escaped = {"type": "string", "pattern": '^\\n"$'}  # the pattern sees the characters the escapes write
+    assert accepts(tok, escaped, '"\\n\\""') and accepts(tok, escaped, '"\\u000a\\""')
+    assert not takes(tok, escaped, '"', "a") and not takes(tok, escaped, '"\\', "t")
+    astral = {"type": "string", "pattern": "^[😀-😂]{2}$"}
+    assert accepts(tok, astral, '"😀😂"') and not accepts(tok, astral, '"😀😃"')
 
 
-def test_pattern_classes_follow_ecma262(tok, byte_ids):
+def test_pattern_classes(tok):
+    """ECMA-262 where llguidance reads it so: ``\\d`` and ``\\w`` are ASCII; ``.`` is any character but
+    a newline (ECMA-262 also excludes ``\\r``) and ``\\s`` is Unicode's White_Space (ECMA-262 also has
+    U+FEFF)."""
     digits = {"type": "string", "pattern": "^\\d+$"}  # ASCII digits only, unlike Python's \d
-    assert accepts(tok, byte_ids, digits, '"123"') and not accepts(tok, byte_ids, digits, '"١٢"')
-    dot = {"type": "string", "pattern": "^.$"}  # not a line terminator
-    assert accepts(tok, byte_ids, dot, '"x"') and not accepts(tok, byte_ids, dot, '"\\n"')
-    assert not accepts(tok, byte_ids, dot, '"\\r"') and accepts(tok, byte_ids, dot, '"\\t"')
+    assert accepts(tok, digits, '"123"') and not accepts(tok, digits, '"١٢"')
+    dot = {"type": "string", "pattern": "^.$"}
+    assert accepts(tok, dot, '"x"') and not accepts(tok, dot, '"\\n"') and accepts(tok, dot, '"\\t"')
     space = {"type": "string", "pattern": "^\\s$"}
-    assert accepts(tok, byte_ids, space, '"\\u00a0"') and accepts(tok, byte_ids, space, '"\\ufeff"')
+    assert accepts(tok, space, '"\u00a0"') and accepts(tok, space, '"\\t"') and not accepts(tok, space, '"x"')
     word = {"type": "string", "pattern": "^\\w+$"}
-    assert accepts(tok, byte_ids, word, '"a_1"') and not accepts(tok, byte_ids, word, '"é"')
+    assert accepts(tok, word, '"a_1"') and not accepts(tok, word, '"é"')
     quantified = {"type": "string", "pattern": "^a{2,3}?b{2}(?:c|d)*[^x-z]$"}
-    assert accepts(tok, byte_ids, quantified, '"aaabbcdw"') and not accepts(tok, byte_ids, quantified, '"abbw"')
-    assert not accepts(tok, byte_ids, quantified, '"aabbz"')
-    named = {"type": "string", "pattern": "^(?<year>\\d{4})-\\x41\\u{1F600}\\cJ$"}
-    assert accepts(tok, byte_ids, named, '"2024-A😀\\n"')
+    assert accepts(tok, quantified, '"aaabbcdw"') and not accepts(tok, quantified, '"abbw"')
+    assert not accepts(tok, quantified, '"aabbz"')
+    named = {"type": "string", "pattern": "^(?<year>\\d{4})-\\x41\\p{Lu}$"}
+    assert accepts(tok, named, '"2024-AÉ"') and not accepts(tok, named, '"2024-Aé"')
 
 
 @pytest.mark.parametrize("pattern, message", [
-    ("(?=a)", "lookahead"), ("(?<!a)b", "lookbehind"), ("(a)\\1", "backreferences"), ("\\bword", "word-boundary"),
-    ("\\p{L}", "property escapes"), ("a**", "nothing to repeat"), ("+a", "nothing to repeat"), ("(ab", "missing"),
-    ("ab)", "unbalanced"), ("[z-a]", "out of order"), ("[ab", "unterminated"), ("a{3,2}", "out of order"),
-    ("\\e", "unknown escape"), ("\\x4", "two hex digits"), ("a{1001}", "repetition count"), ("\\", "end of the pattern"),
-    ("^*", "quantifier after an anchor"),
+    ("(?=a)", "look-around"), ("(?<!a)b", "look-around"), ("(a)\\1", "backreferences"), ("\\bword", "WordUnicode"),
+    ("+a", "repetition operator missing expression"), ("(ab", "unclosed group"), ("ab)", "unopened group"),
+    ("[z-a]", "invalid character class range"), ("[ab", "unclosed character class"),
+    ("a{3,2}", "invalid repetition count range"), ("\\e", "unrecognized escape sequence"),
+    ("\\x4", "incomplete escape sequence"), ("^*", "lookarounds not supported"), ("a^b", "lookarounds not supported"),
 ])
 def test_bad_patterns_are_schema_errors(tok, pattern, message):
-    with pytest.raises(SchemaError, match=f"'pattern' .* is not supported at #/properties/p: .*{message}"):
+    with pytest.raises(SchemaError, match=message):
         JsonConstraint(tok, {"type": "object", "properties": {"p": {"type": "string", "pattern": pattern}}})
 
 
-def test_regex_dfa_agrees_with_the_regex_module():
-    """ECMA-262 and the regex module read these the same (with \\Z for $): random strings decide alike."""
+def test_patterns_agree_with_the_regex_module():
+    """ECMA-262 and the regex module read these the same (with \\Z for $): random strings decide alike,
+    written through the constraint (the pattern of a top-level string)."""
+    import llama4
+
+    tok = llama4.load_tokenizer()
     pats = ["a+", "^[a-c]{2}-[0-9]+$", "^(ab|cd)*$", "x|^y", "a$|^b", "^$", "[^abc]", "^\\d{2,4}$",
-            "(?:a|b)c{1,3}?$", "^.$", "^[\\w.-]+@[a-c]+\\.(com|org)$", "a{2}", "^(a|)+$", "[-a]b", "^[a\\-c]$"]
-    alphabet = "abcdxy019-.@é\n _"
+            "(?:a|b)c{1,3}?$", "^[\\w.-]+@[a-c]+\\.(com|org)$", "a{2}", "^(a|)+$", "[-a]b", "^[a\\-c]$"]
+    alphabet = "abcdxy019-.@é _"
     g = random.Random(0)
     for p in pats:
-        dfa = compile_search(p)
         ours = regex.compile(p.replace("$", "\\Z"))
-        for _ in range(1500):
+        schema = {"type": "string", "pattern": p}
+        for _ in range(150):
             s = "".join(g.choice(alphabet) for _ in range(g.randint(0, 7)))
-            assert (dfa is not None and dfa.matches(s)) == (ours.search(s) is not None), (p, s)
-    assert compile_search("a^b") is None and compile_search("[]") is None and compile_search("$a") is None
+            assert accepts(tok, schema, json.dumps(s, ensure_ascii=False)) == (ours.search(s) is not None), (p, s)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -522,108 +496,73 @@ FORMAT_CASES = {
                  ["-a.com", "a-.com", "a_b.com", "a..b", "x" * 64 + ".com", ".a", "a.", ("a" * 50 + ".") * 5 + "abcd"]),
     "ipv4": (["192.168.0.1", "0.0.0.0", "255.255.255.255"],
              ["256.1.1.1", "01.2.3.4", "1.2.3", "1.2.3.4.5", "1.2.3.", " 1.2.3.4"]),
-    "ipv6": (["::", "::1", "2001:db8::8a2e:370:7334", "::ffff:192.0.2.1", "1:2:3:4:5:6:7:8", "1::", "1:2:3:4:5:6::8",
-              "fe80::1:2:3:4", "64:ff9b::1.2.3.4", "1:2:3:4:5:6:1.2.3.4", "ABCD:ef01::"],
+    # llguidance writes no IPv6 address with an IPv4 tail (::ffff:192.0.2.1): valid, but never generated
+    "ipv6": (["::", "::1", "2001:db8::8a2e:370:7334", "1:2:3:4:5:6:7:8", "1::", "1:2:3:4:5:6::8", "fe80::1:2:3:4",
+              "ABCD:ef01::"],
              ["1:2:3:4:5:6:7:8:9", ":::", "1::2::3", "12345::", "::ffff:256.0.0.1", "1:2:3:4:5:6:7", ":1:2::",
               "fe80::1%eth0", "1:2:3:4:5:6:7:1.2.3.4", "::1.2.3"]),
-    "uuid": (["123e4567-e89b-12d3-a456-426614174000", "00000000-0000-0000-0000-000000000000", "ABCDEF01-2345-6789-abcd-ef0123456789"],
-             ["123e4567e89b12d3a456426614174000", "123e4567-e89b-12d3-a456-42661417400", "g23e4567-e89b-12d3-a456-426614174000",
-              "{123e4567-e89b-12d3-a456-426614174000}"]),
+    "uuid": (["123e4567-e89b-12d3-a456-426614174000", "00000000-0000-0000-0000-000000000000",
+              "ABCDEF01-2345-6789-abcd-ef0123456789"],
+             ["123e4567e89b12d3a456426614174000", "123e4567-e89b-12d3-a456-42661417400",
+              "g23e4567-e89b-12d3-a456-426614174000", "{123e4567-e89b-12d3-a456-426614174000}"]),
+    "uri": (["http://example.com", "https://user:pw@example.com:8080/a/b;c?q=1&r=%20#frag", "urn:isbn:0451450523"],
+            ["", "example.com", "/relative", "1http://x", "http://exa mple.com", "http://x/%zz"]),
 }
 
 
 @pytest.mark.parametrize("name", list(FORMAT_CASES))
-def test_formats_accept_valid_and_refuse_invalid_strings(tok, byte_ids, name):
+def test_formats_accept_valid_and_refuse_invalid_strings(tok, name):
     schema = {"type": "string", "format": name}
     good, bad = FORMAT_CASES[name]
     for s in good:
         text = json.dumps(s)
-        assert accepts(tok, byte_ids, schema, text), s
+        assert accepts(tok, schema, text), s
         validate(text, schema)  # the example really is valid
-        # fed as the tokenizer splits it, too
-        c = JsonConstraint(tok, schema)
-        for t in tok.encode(text):
-            assert t in allowed_ids(c, tok), (s, c.text)
-            c.advance(t)
-        assert c.complete
     for s in bad:
-        assert not accepts(tok, byte_ids, schema, json.dumps(s)), s
+        assert not accepts(tok, schema, json.dumps(s)), s
 
 
-def _independent_check(name: str, s: str) -> bool:
-    """The standard library's reading of the format (stricter checks where one exists)."""
-    if name == "date":
-        return datetime.date.fromisoformat(s) is not None
-    if name == "date-time":
-        return datetime.datetime.fromisoformat(s.replace("Z", "+00:00")) is not None
-    if name == "time":
-        return datetime.time.fromisoformat(s.replace("Z", "+00:00")) is not None
-    if name in ("ipv4", "ipv6"):
-        return ipaddress.ip_address(s).version == int(name[-1])
-    if name == "uuid":
-        return str(uuid.UUID(s)) == s.lower()
-    if name == "hostname":
-        return len(s) <= 253 and all(0 < len(label) <= 63 for label in s.split("."))
-    if name == "email":
-        local, _, host = s.rpartition("@")
-        return bool(local) and _independent_check("hostname", host)
-    return True
-
-
-@pytest.mark.parametrize("name", list(FORMATS))
-def test_every_string_a_format_dfa_accepts_is_valid(name):
-    """Sample the format's DFA at random: jsonschema's checker and the standard library agree."""
-    dfa = compile_search(FORMATS[name])
-    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
-    g = random.Random(name)
-    for _ in range(300):
-        s, d = [], 0
-        while not (dfa.accept[d] and (g.random() < 0.3 or not dfa.to[d])) and len(s) < 300:
-            i = g.randrange(len(dfa.to[d]))
-            cp = g.randint(dfa.lo[d][i], min(dfa.hi[d][i], dfa.lo[d][i] + 3))
-            s.append(chr(cp))
-            d = dfa.to[d][i]
-        text = "".join(s)
-        assert dfa.accept[d], text
-        if name == "hostname" and len(text) > 253:
-            continue  # the 253-character limit is the string's maxLength, not the DFA's
-        assert checker.conforms(text, name), (name, text)
-        assert _independent_check(name, text), (name, text)
+def test_formats_checked_exactly_here_are_the_exact_patterns(tok):
+    """The formats llguidance checks loosely go through EXACT_FORMATS, also nested and beside a pattern."""
+    schema = {"type": "object", "properties": {"d": {"type": "string", "format": "date", "pattern": "^2024-"}},
+              "required": ["d"], "$defs": {"t": {"format": "time"}}, "additionalProperties": {"$ref": "#/$defs/t"}}
+    assert accepts(tok, schema, '{"d": "2024-02-29", "x": "12:00:00Z"}')
+    assert not accepts(tok, schema, '{"d": "2024-02-30"}') and not accepts(tok, schema, '{"d": "2023-01-01"}')
+    assert not accepts(tok, schema, '{"d": "2024-02-29", "x": "12:00:60Z"}')
+    assert accepts(tok, schema, '{"d": "2024-02-29", "x": 5}')  # a format constrains strings only
 
 
 # ---------------------------------------------------------------------------------------------------
 # oneOf
 
 
-def test_one_of_is_exact(tok, byte_ids):
+def test_one_of_is_exact(tok):
     s = WALKS["one_of_discriminated"]
-    assert accepts(tok, byte_ids, s, '{"kind": "a", "x": 3}')
-    assert not accepts(tok, byte_ids, s, '{"kind": "a", "y": "00000000-0000-0000-0000-000000000000"}')
+    assert accepts(tok, s, '{"kind": "a", "x": 3}')
+    assert not accepts(tok, s, '{"kind": "a", "y": "00000000-0000-0000-0000-000000000000"}')
     t = WALKS["one_of_types"]
-    assert accepts(tok, byte_ids, t, "-3") and accepts(tok, byte_ids, t, '"xa"') and accepts(tok, byte_ids, t, "null")
-    assert not accepts(tok, byte_ids, t, "3")
+    assert accepts(tok, t, "-3") and accepts(tok, t, '"xa"') and accepts(tok, t, "null")
+    assert not accepts(tok, t, "3")
 
 
 @pytest.mark.parametrize("schema", [
     {"oneOf": [{"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {"type": "array"}]},
-    {"oneOf": [{"const": 1}, {"const": "1"}, {"enum": [2, 3]}]},
     {"oneOf": [{"type": "object", "properties": {"a": {}}, "required": ["a"], "additionalProperties": False},
                {"type": "object", "properties": {"b": {}}, "required": ["b"], "additionalProperties": False}]},
     {"oneOf": [{"type": "object", "properties": {"t": {"enum": ["x", "y"]}, "v": {}}, "required": ["t"]},
                {"type": "object", "properties": {"t": {"const": "z"}, "v": {}}, "required": ["t"]}]},
-    {"oneOf": [{"type": "string", "maxLength": 3}, {"type": "string", "minLength": 4}]},
-    {"oneOf": [{"type": "string", "pattern": "^a"}, {"type": "string", "pattern": "^b"}]},
-    {"oneOf": [{"type": "string", "format": "date"}, {"type": "string", "pattern": "^[a-z]+$"}]},
-    {"oneOf": [{"type": "integer", "maximum": 9}, {"type": "integer", "minimum": 10}]},
-    {"oneOf": [{"type": "number", "exclusiveMaximum": 0}, {"type": "number", "minimum": 0}]},
-    {"oneOf": [{"type": "array", "maxItems": 1}, {"type": "array", "minItems": 2}]},
-    {"oneOf": [{"type": "array", "items": {"type": "string"}, "minItems": 1},
-               {"type": "array", "items": {"type": "integer"}, "minItems": 1}]},
-    {"$defs": {"a": {"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]}},
-     "oneOf": [{"$ref": "#/$defs/a"}, {"type": "null"}, {"anyOf": [{"type": "string"}, {"type": "boolean"}]}]},
     {"oneOf": [{"const": True}, {"type": "boolean", "enum": [False]}]},
-    {"oneOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "time"},
-               {"type": "string", "format": "email"}, {"type": "string", "format": "ipv6"}]},
+    {"oneOf": [{"type": "object", "properties": {"k": {"const": "a"}, "n": {"type": "integer"}},
+                "required": ["k", "n"]},
+               {"type": "object", "properties": {"k": {"const": "b"}, "s": {"type": "string"}},
+                "required": ["k", "s"]}]},
+    {"$defs": {"Cat": {"type": "object", "title": "Cat", "required": ["pet_type", "meows"],
+                       "properties": {"pet_type": {"const": "cat", "type": "string"}, "meows": {"type": "integer"}}},
+               "Dog": {"type": "object", "title": "Dog", "required": ["pet_type", "barks"],
+                       "properties": {"pet_type": {"const": "dog", "type": "string"}, "barks": {"type": "number"}}}},
+     "type": "object", "required": ["pet"],
+     "properties": {"pet": {"oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}],
+                            "discriminator": {"propertyName": "pet_type"}}}},  # pydantic's discriminated union
 ])
 def test_one_of_alternatives_told_apart_are_accepted(tok, schema):
     JsonConstraint(tok, schema)
@@ -633,19 +572,30 @@ def test_one_of_alternatives_told_apart_are_accepted(tok, schema):
         validate(c.text, schema)
 
 
-@pytest.mark.parametrize("schema, pair", [
-    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "alternative 0 may also match alternative 1"),
-    ({"oneOf": [{"type": "string"}, {"type": "string"}]}, "alternative 0 may also match alternative 1"),
-    ({"oneOf": [{"type": "null"}, {}]}, "alternative 0 may also match alternative 1"),
-    ({"oneOf": [{"const": 1}, {"const": 1.0}]}, "alternative 0 may also match alternative 1"),
-    ({"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},
-                {"type": "object", "properties": {"b": {"type": "integer"}}}]}, "alternative 0 may also match"),
-    ({"oneOf": [{"type": "string", "pattern": "a"}, {"type": "string", "pattern": "b"}]}, "alternative 0 may also match alternative 1"),
-    ({"oneOf": [{"type": "number", "maximum": 0}, {"type": "number", "minimum": 0}]},
-     "alternative 0 may also match alternative 1"),
+@pytest.mark.parametrize("schema", [
+    # alternatives that may overlap
+    {"oneOf": [{"type": "integer"}, {"type": "number"}]},
+    {"oneOf": [{"type": "string"}, {"type": "string"}]},
+    {"oneOf": [{"type": "null"}, {}]},
+    {"oneOf": [{"const": 1}, {"const": 1.0}]},
+    {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+               {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]},  # {"a": 1, "b": 1}
+    {"oneOf": [{"type": "string", "pattern": "a"}, {"type": "string", "pattern": "b"}]},
+    {"oneOf": [{"type": "number", "maximum": 0}, {"type": "number", "minimum": 0}]},
+    # disjoint, but llguidance does not prove it (lengths, patterns, ranges, item types, formats)
+    {"oneOf": [{"const": 1}, {"const": "1"}, {"enum": [2, 3]}]},
+    {"oneOf": [{"type": "string", "maxLength": 3}, {"type": "string", "minLength": 4}]},
+    {"oneOf": [{"type": "string", "pattern": "^a"}, {"type": "string", "pattern": "^b"}]},
+    {"oneOf": [{"type": "integer", "maximum": 9}, {"type": "integer", "minimum": 10}]},
+    {"oneOf": [{"type": "array", "items": {"type": "string"}, "minItems": 1},
+               {"type": "array", "items": {"type": "integer"}, "minItems": 1}]},
+    {"oneOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "email"}]},
+    {"$defs": {"a": {"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]},
+               "b": {"type": "object", "properties": {"k": {"const": "b"}}, "required": ["k"]}},
+     "oneOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/b"}]},  # proved inline (above), not through these $refs
 ])
-def test_one_of_alternatives_that_may_overlap_are_schema_errors(tok, schema, pair):
-    with pytest.raises(SchemaError, match=f"'oneOf' at #: a value of {pair}.*Use 'anyOf'"):
+def test_one_of_alternatives_not_proved_apart_are_schema_errors(tok, schema):
+    with pytest.raises(SchemaError, match="oneOf constraints are not supported"):
         JsonConstraint(tok, schema)
     any_of = json.loads(json.dumps(schema).replace('"oneOf"', '"anyOf"'))
     JsonConstraint(tok, any_of)  # the same alternatives are fine as anyOf
@@ -656,39 +606,35 @@ def test_one_of_alternatives_that_may_overlap_are_schema_errors(tok, schema, pai
 
 
 @pytest.mark.parametrize("schema, message", [
-    ({"type": "integer", "minimum": 5, "maximum": 3}, "'minimum' .5. is larger than 'maximum' .3. at #"),
-    ({"type": "number", "exclusiveMinimum": 2, "maximum": 1.5}, "'exclusiveMinimum' .2. is larger than 'maximum'"),
-    ({"type": "number", "exclusiveMinimum": 1, "exclusiveMaximum": 1}, "leave no number between them"),
-    ({"type": "number", "minimum": 1, "exclusiveMaximum": 1}, "leave no number between them"),
-    ({"type": "number", "minimum": "3"}, "'minimum' must be a number, got '3'"),
-    ({"type": "number", "maximum": True}, "'maximum' must be a number"),
-    ({"type": "number", "multipleOf": 0}, "'multipleOf' must be a positive number"),
-    ({"type": "number", "multipleOf": -2}, "'multipleOf' must be a positive number"),
-    ({"type": "number", "exclusiveMinimum": True}, "'exclusiveMinimum': true needs 'minimum'"),
-    ({"type": "integer", "minimum": 0.2, "maximum": 0.8}, "admits no .finite. JSON value: no integer within"),
-    ({"type": "integer", "minimum": 1, "maximum": 5, "multipleOf": 7}, "no integer within the bounds"),
-    ({"type": "number", "minimum": 1e25}, f"at most {MAX_INT_DIGITS} integer"),
-    ({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1e-21}, "no number within"),
-    ({"type": "string", "pattern": 3}, "'pattern' must be a string"),
-    ({"type": "string", "pattern": "a^b"}, "'pattern' 'a\\^b' matches no string"),
-    ({"type": "string", "format": "iri"}, "unsupported 'format' 'iri' at # .supported: date-time, time"),
-    ({"type": "string", "format": "date", "pattern": "^x"}, "no string matches both 'pattern' and 'format' 'date'"),
-    ({"type": "string", "format": "date", "maxLength": 9}, "no string of 0 to 9 characters"),
-    ({"enum": [1, 2], "minimum": 3}, "no value of 'enum'"),
-    ({"enum": ["a", "b"], "pattern": "c"}, "no value of 'enum'"),
+    ({"type": "integer", "minimum": 5, "maximum": 3}, r"minimum \(5\) is greater than maximum \(3\)"),
+    ({"type": "number", "exclusiveMinimum": 2, "maximum": 1.5}, r"exclusiveMinimum \(2\) is greater than maximum"),
+    ({"type": "number", "exclusiveMinimum": 1, "exclusiveMaximum": 1}, "is equal to exclusiveMaximum"),
+    ({"type": "number", "minimum": 1, "exclusiveMaximum": 1}, "is equal to exclusiveMaximum"),
+    ({"type": "number", "minimum": "3"}, "Expected f64 for 'minimum', got \"3\""),
+    ({"type": "number", "maximum": True}, "Expected f64 for 'maximum'"),
+    ({"type": "number", "multipleOf": 0}, "invalid multiple of"),
+    ({"type": "integer", "minimum": 0.2, "maximum": 0.8}, "contains no integer values"),
+    ({"type": "integer", "minimum": 1, "maximum": 5, "multipleOf": 7}, "does not contain a multiple of 7"),
+    ({"type": "number", "minimum": 1e25}, "Failed to generate regex for float range"),
+    ({"type": "string", "pattern": 3}, "Expected string for 'pattern', got 3"),
+    ({"type": "string", "pattern": "a^b"}, "lookarounds not supported"),
+    ({"type": "string", "format": "iri"}, "Unknown format: iri"),
+    ({"type": "string", "format": "uri-reference"}, "Unknown format: uri-reference"),
+    ({"type": "string", "format": "date", "pattern": "^x"}, "Unsatisfiable schema: Regex is empty"),
+    ({"type": "string", "format": "date", "maxLength": 9}, "Unsatisfiable schema: Regex is empty"),
+    ({"enum": [1, 2], "minimum": 3}, "Unsatisfiable schema"),
+    ({"enum": ["a", "b"], "pattern": "c"}, "Unsatisfiable schema"),
 ])
 def test_bad_schemas_name_the_problem(tok, schema, message):
     with pytest.raises(SchemaError, match=message):
         JsonConstraint(tok, schema)
 
 
-def test_impossible_alternatives_are_pruned_not_errors(tok, byte_ids):
-    s = {"anyOf": [{"type": "integer", "minimum": 0.2, "maximum": 0.8}, {"type": "string", "pattern": "a^"},
-                   {"type": "null"}]}
-    assert accepts(tok, byte_ids, s, "null") and not takes(tok, byte_ids, s, "", "0")
-    assert not takes(tok, byte_ids, s, "", '"')
+def test_impossible_alternatives_are_pruned_not_errors(tok):
+    s = {"anyOf": [{"type": "integer", "minimum": 0.2, "maximum": 0.8}, {"type": "null"}]}
+    assert accepts(tok, s, "null") and not takes(tok, s, "", "0")
     t = {"type": ["integer", "string"], "minimum": 0.2, "maximum": 0.8, "pattern": "^x$"}
-    assert accepts(tok, byte_ids, t, '"x"') and not takes(tok, byte_ids, t, "", "0")
+    assert accepts(tok, t, '"x"') and not takes(tok, t, "", "0")
 
 
 # ---------------------------------------------------------------------------------------------------

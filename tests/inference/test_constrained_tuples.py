@@ -1,11 +1,11 @@
-"""Constrained decoding with tuple validation, ``format: uri`` / ``uri-reference`` and merged ``allOf``.
+"""Constrained decoding with tuple validation, ``format: uri`` and ``allOf``.
 
 The decoder is compared with the ``jsonschema`` package (formats asserted; draft 2020-12, or draft 7 for
 ``items`` as a list, draft 4 for boolean exclusive bounds) on every candidate of small families of
-values written in the decoder's output form: it must accept exactly the valid ones. Random walks
-must end in valid documents. The URI grammars are compared with ``rfc3986_validator`` (what jsonschema
-checks ``uri`` with here) on random strings, both ways. The tokenizer is the embedded one (every
-single byte is a token).
+values written in the decoder's output form: it must accept exactly the valid ones (a number in at
+least one of its spellings). Random walks must end in valid documents. ``format: uri`` is compared
+with ``rfc3986_validator`` (what jsonschema checks ``uri`` with here) on random strings. The tokenizer
+is the embedded one (every single byte is a token).
 """
 
 from __future__ import annotations
@@ -19,22 +19,27 @@ from decimal import Decimal
 import jsonschema
 import pytest
 
-from llama4.inference.constrained import FORMATS, JsonConstraint, SchemaError
-from llama4.inference.regex_dfa import compile_search
+from llama4.inference.constrained import JsonConstraint, SchemaError
 from tests.inference.constrained_support import (  # noqa: F401 (fixtures)
-    allowed_ids, byte_ids, closing_tokens, decimals, one_byte_tokens, tok, walk)
-
+    allowed_ids,
+    closing_tokens,
+    decimals,
+    feed,
+    one_byte_tokens,
+    takes,
+    tok,
+    walk,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 
 
-def accepted(start: JsonConstraint, byte_ids, text: str) -> bool:
-    """``text``, fed byte by byte to a copy of ``start``, is allowed throughout and complete."""
+def accepted(start: JsonConstraint, tok, text: str) -> bool:
+    """``text``, written through a copy of ``start``, is allowed throughout and complete."""
     c = start.copy()
     try:
-        for b in text.encode():
-            c.advance(byte_ids[b])
+        feed(c, tok, text)
     except ValueError:
         return False
     return c.complete
@@ -56,15 +61,31 @@ def texts(value) -> list[str]:
                               for sep in ((", ", ": "), (",", ":"))))
 
 
-def assert_exact(tok, byte_ids, schema, values, draft=jsonschema.Draft202012Validator) -> tuple[int, int]:
-    """The decoder accepts exactly the candidates jsonschema finds valid; returns (valid, invalid) counts."""
+def number_spellings(value) -> list[str]:
+    """A number with 0 to 3 fraction digits (llguidance writes a multiple of 0.25 with two: ``2.50``)."""
+    exact = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    out = [str(value)] if exact != exact.to_integral() else [str(int(exact))]
+    return out + [f"{exact:.{k}f}" for k in (1, 2, 3) if Decimal(f"{exact:.{k}f}") == exact]
+
+
+def assert_exact(tok, schema, values, draft=jsonschema.Draft202012Validator) -> tuple[int, int]:
+    """The decoder accepts exactly the candidates jsonschema finds valid (each text of a value, or for a
+    number one of its spellings); returns (valid, invalid) counts."""
     start = JsonConstraint(tok, schema)
     v = validator(schema, draft)
     seen = [0, 0]
     for value in values:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            spelled = number_spellings(value)
+            want = valid(v, spelled[0])
+            taken = [t for t in spelled if accepted(start, tok, t)]
+            assert bool(taken) == want, (spelled, want)
+            assert all(valid(v, t) for t in taken)
+            seen[not want] += 1
+            continue
         for text in texts(value):
             want = valid(v, text)
-            assert accepted(start, byte_ids, text) == want, (text, want)
+            assert accepted(start, tok, text) == want, (text, want)
             seen[not want] += 1
     assert seen[0] and seen[1], seen  # the family holds both kinds
     return seen[0], seen[1]
@@ -121,37 +142,26 @@ TUPLES_DRAFT7 = {
 
 
 @pytest.mark.parametrize("name", list(TUPLES_2020))
-def test_prefix_items_accept_exactly_the_valid_arrays(tok, byte_ids, name):
+def test_prefix_items_accept_exactly_the_valid_arrays(tok, name):
     pool = ITEM_POOL + [[1], [1, 2], [True]] if name == "nested" else ITEM_POOL
-    assert_exact(tok, byte_ids, TUPLES_2020[name], arrays(3, pool))
+    assert_exact(tok, TUPLES_2020[name], arrays(3, pool))
 
 
 @pytest.mark.parametrize("name", list(TUPLES_DRAFT7))
-def test_items_lists_accept_exactly_the_valid_arrays(tok, byte_ids, name):
-    assert_exact(tok, byte_ids, TUPLES_DRAFT7[name], arrays(3), draft=jsonschema.Draft7Validator)
+def test_items_lists_accept_exactly_the_valid_arrays(tok, name):
+    assert_exact(tok, TUPLES_DRAFT7[name], arrays(3), draft=jsonschema.Draft7Validator)
 
 
-def test_tuple_positions_in_targeted_prefixes(tok, byte_ids):
+def test_tuple_positions_in_targeted_prefixes(tok):
     s = TUPLES_2020["rest_null_bounded"]
     start = JsonConstraint(tok, s)
-    assert accepted(start, byte_ids, "[1]") and accepted(start, byte_ids, '[1, "x", null]')
-    assert not accepted(start, byte_ids, "[]")  # minItems 1
-    assert not accepted(start, byte_ids, '[1, "x", null, null]')  # maxItems 3
-    c = start.copy()
-    for b in b"[1, ":
-        c.advance(byte_ids[b])
-    allowed = set(allowed_ids(c, tok))
-    assert byte_ids[ord('"')] in allowed and byte_ids[ord("n")] not in allowed and byte_ids[ord("2")] not in allowed
-    for b in b'"x", ':
-        c.advance(byte_ids[b])
-    allowed = set(allowed_ids(c, tok))
-    assert byte_ids[ord("n")] in allowed and byte_ids[ord('"')] not in allowed
-    closed = JsonConstraint(tok, TUPLES_2020["closed"])
-    c = closed.copy()
-    for b in b'[1, "x"':
-        c.advance(byte_ids[b])
-    allowed = set(allowed_ids(c, tok))
-    assert byte_ids[ord("]")] in allowed and byte_ids[ord(",")] not in allowed  # items: false
+    assert accepted(start, tok, "[1]") and accepted(start, tok, '[1, "x", null]')
+    assert not accepted(start, tok, "[]")  # minItems 1
+    assert not accepted(start, tok, '[1, "x", null, null]')  # maxItems 3
+    assert takes(tok, s, "[1, ", '"') and not takes(tok, s, "[1, ", "n") and not takes(tok, s, "[1, ", "2")
+    assert takes(tok, s, '[1, "x", ', "n") and not takes(tok, s, '[1, "x", ', '"')
+    closed = TUPLES_2020["closed"]
+    assert takes(tok, closed, '[1, "x"', "]") and not takes(tok, closed, '[1, "x"', ",")  # items: false
 
 
 @pytest.mark.parametrize("name", ["closed", "rest_null_bounded", "open_rest", "nested"])
@@ -163,26 +173,17 @@ def test_draft7_tuple_random_walks_validate(tok):
     assert_walks_valid(tok, TUPLES_DRAFT7["rest_integer"], draft=jsonschema.Draft7Validator)
 
 
-def test_additional_items_beside_a_single_items_schema_has_no_effect(tok, byte_ids):
+def test_additional_items_beside_a_single_items_schema_has_no_effect(tok):
     """As drafts 4 to 2019-09 say (2020-12 does not know the keyword): nothing to enforce."""
     s = {"type": "array", "items": {"type": "integer"}, "additionalItems": False}
-    assert_exact(tok, byte_ids, s, arrays(2), draft=jsonschema.Draft7Validator)
-    assert accepted(JsonConstraint(tok, s), byte_ids, "[1, 2, 3]")
-
-
-def test_tuples_in_exact_one_of(tok, byte_ids):
-    told_apart = {"oneOf": [{"type": "array", "prefixItems": [{"type": "integer"}], "minItems": 1},
-                            {"type": "array", "prefixItems": [{"type": "string"}], "minItems": 1},
-                            {"type": "array", "items": {"type": "null"}, "minItems": 1}]}
-    assert_exact(tok, byte_ids, told_apart, arrays(2))
-    assert_walks_valid(tok, told_apart)
-    draft7 = {"oneOf": [{"type": "array", "items": [{"type": "integer"}, {"type": "string"}], "minItems": 2},
-                        {"type": "array", "items": [{}, {"type": "null"}], "minItems": 2},
-                        {"type": "array", "maxItems": 1}]}
-    assert_exact(tok, byte_ids, draft7, arrays(2), draft=jsonschema.Draft7Validator)
+    assert_exact(tok, s, arrays(2), draft=jsonschema.Draft7Validator)
+    assert accepted(JsonConstraint(tok, s), tok, "[1, 2, 3]")
 
 
 @pytest.mark.parametrize("schema", [
+    # disjoint (first items of different types), but llguidance does not prove it for arrays
+    {"oneOf": [{"type": "array", "prefixItems": [{"type": "integer"}], "minItems": 1},
+               {"type": "array", "prefixItems": [{"type": "string"}], "minItems": 1}]},
     # [1] matches both: the first alternative's item 0 is not told apart by the second's rest 'items'
     {"oneOf": [{"type": "array", "items": {"type": "integer"}, "minItems": 1},
                {"type": "array", "prefixItems": [{"type": "integer"}], "items": {"type": "string"}}]},
@@ -193,82 +194,83 @@ def test_tuples_in_exact_one_of(tok, byte_ids):
     {"oneOf": [{"type": "array", "prefixItems": [{"type": "integer"}]},
                {"type": "array", "items": {"type": "integer"}}]},
 ])
-def test_overlapping_tuple_alternatives_are_schema_errors(tok, schema):
-    with pytest.raises(SchemaError, match="'oneOf' at #: a value of alternative 0 may also match alternative 1"):
+def test_tuple_alternatives_in_one_of_are_schema_errors(tok, schema):
+    with pytest.raises(SchemaError, match="oneOf constraints are not supported"):
         JsonConstraint(tok, schema)
+
+
+def test_tuples_of_other_types_in_one_of(tok):
+    s = {"oneOf": [{"type": "array", "prefixItems": [{"type": "integer"}], "items": False, "minItems": 1},
+                   {"type": "string"}, {"type": "null"}]}
+    assert_exact(tok, s, [[1], [1, 2], ["a"], [], "a", None, 1])
+    assert_walks_valid(tok, s)
+
+
+def test_tuple_keywords_refused_before_llguidance(tok):
+    """An empty ``prefixItems`` constrains nothing, and an ``enum`` beside ``prefixItems`` holds together
+    with it."""
+    assert_exact(tok, {"type": "array", "prefixItems": []}, [[], [1, "a"], "a"])
+    assert_exact(tok, {"type": "array", "prefixItems": [{"type": "integer"}], "enum": [[1], ["a"], 2]},
+                 [[1], ["a"], 2, [2], []])
 
 
 @pytest.mark.parametrize("schema, message", [
     ({"type": "array", "prefixItems": [{}], "additionalItems": False},
-     "'additionalItems' together with 'prefixItems' at #"),
-    ({"type": "array", "prefixItems": [{}], "items": [{}]}, "'items' as a list together with 'prefixItems' at #"),
-    ({"type": "array", "prefixItems": []}, "'prefixItems' must be a non-empty list of schemas at #"),
-    ({"type": "array", "prefixItems": {"type": "integer"}}, "'prefixItems' must be a non-empty list"),
-    ({"type": "array", "prefixItems": [{}, {}], "items": False, "minItems": 3},
-     r"admits no \(finite\) JSON value: 'minItems' \(3\) asks for more than the 2 items that 'prefixItems' and "
-     r"'items': false allow at #"),
+     r"'prefixItems' \(draft 2020-12\) together with 'additionalItems' or 'items' as a list "
+     r"\(drafts 4 to 2019-09\) at #"),
+    ({"type": "array", "prefixItems": [{}], "items": [{}]}, "together with 'additionalItems' or 'items' as a list"),
+    ({"type": "array", "prefixItems": {"type": "integer"}}, "prefixItems must be an array"),
+    ({"type": "array", "prefixItems": [{}, {}], "items": False, "minItems": 3}, "required item is unsatisfiable"),
     ({"type": "array", "items": [{"type": "integer"}], "additionalItems": False, "minItems": 2},
-     r"'minItems' \(2\) asks for more than the 1 items that 'items' and 'additionalItems': false allow"),
-    ({"type": "array", "prefixItems": [{"type": "string", "uniqueItems": True}]},
-     "unsupported JSON-schema keyword 'uniqueItems' at #/prefixItems/0"),
-    ({"type": "array", "prefixItems": [{}], "enum": [[1]]},
-     "'enum'/'const' with array values together with 'prefixItems'"),
+     "required item is unsatisfiable"),
+    ({"type": "array", "prefixItems": [{"type": "array", "uniqueItems": True}]},
+     r'Unimplemented keys: \["uniqueItems"\]'),
 ])
 def test_tuple_schema_errors_name_the_problem(tok, schema, message):
     with pytest.raises(SchemaError, match=message):
         JsonConstraint(tok, schema)
 
 
-def test_a_tuple_in_an_alternative_that_admits_nothing_is_pruned(tok, byte_ids):
+def test_a_tuple_in_an_alternative_that_admits_nothing_is_pruned(tok):
     s = {"anyOf": [{"type": "array", "prefixItems": [{}], "items": False, "minItems": 2}, {"type": "null"}]}
     start = JsonConstraint(tok, s)
-    assert accepted(start, byte_ids, "null") and not accepted(start, byte_ids, "[1, 2]")
-    assert byte_ids[ord("[")] not in allowed_ids(start, tok)
+    assert accepted(start, tok, "null") and not accepted(start, tok, "[1, 2]")
+    assert not takes(tok, s, "", "[")
 
 
 # ---------------------------------------------------------------------------------------------------
-# format: uri, uri-reference
+# format: uri
 
 
 def test_jsonschema_checks_uri_formats():
-    """jsonschema checks uri / uri-reference here (rfc3986-validator, from jsonschema[format-nongpl])."""
+    """jsonschema checks uri here (rfc3986-validator, from jsonschema[format-nongpl])."""
     checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
-    assert {"uri", "uri-reference"} <= set(checker.checkers)
+    assert "uri" in checker.checkers
     assert checker.conforms("http://x", "uri") and not checker.conforms("x y", "uri")
-    assert not checker.conforms("/a", "uri") and checker.conforms("/a", "uri-reference")
+    assert not checker.conforms("/a", "uri")
 
 
-URI_CASES = {
-    "uri": (["http://example.com", "https://user:pw@example.com:8080/a/b;c?q=1&r=%20#frag",
-             "mailto:someone@example.org", "urn:isbn:0451450523", "file:///etc/hosts", "a:", "x+y-z.1:rest",
-             "http://[::1]/", "http://[2001:db8::7]:80", "http://[v1.fe:x]/", "http://192.168.0.1:/",
-             "foo://:@/?#", "tel:+1-816-555-1212", "http://a/%7Efoo", "s://h/p?q/?#f/?", "http://a.b/(x)*!$&'+,;="],
-            ["", "example.com", "/relative", "1http://x", "http://exa mple.com", "http://x/%zz", "http://x/%4",
-             "http://[::1", "http://[::1]x/", "http://[V1.x]/", "http://[1:2:3]/", "http://x#a#b", "ht tp://x",
-             "http://x/é", "http://x/<a>", "a:b\\c", "http://x/{y}", "http://a:b@c@d/", "http://h:8a/", "http://x/^"]),
-    "uri-reference": (["", "/relative/path", "relative", "../a/b?c#d", "?q", "#f", "//host/p", "http://example.com",
-                       "a@b", "./c:d", "%41", "//[::1]:1"],
-                      [":x", "a b", "1a:b", "/x/%g0", "x#a#b", "//h:x/", "\\a", "é", "[::1]", "a[b]", "//a/{b}"]),
-}
+URI_GOOD = ["http://example.com", "https://user:pw@example.com:8080/a/b;c?q=1&r=%20#frag", "mailto:someone@example.org",
+            "urn:isbn:0451450523", "file:///etc/hosts", "a:", "x+y-z.1:rest", "http://[::1]/", "http://[2001:db8::7]:80",
+            "http://192.168.0.1:/", "foo://:@/?#", "tel:+1-816-555-1212", "http://a/%7Efoo", "s://h/p?q/?#f/?",
+            "http://a.b/(x)*!$&'+,;="]
+URI_BAD = ["", "example.com", "/relative", "1http://x", "http://exa mple.com", "http://x/%zz", "http://x/%4",
+           "http://[::1", "http://[::1]x/", "http://[V1.x]/", "http://[1:2:3]/", "http://x#a#b", "ht tp://x",
+           "http://x/é", "http://x/<a>", "a:b\\c", "http://x/{y}", "http://a:b@c@d/", "http://h:8a/", "http://x/^"]
 
 
-@pytest.mark.parametrize("name", list(URI_CASES))
-def test_uri_formats_accept_valid_and_refuse_invalid_strings(tok, byte_ids, name):
-    schema = {"type": "string", "format": name}
+def test_uri_format_accepts_valid_and_refuses_invalid_strings(tok):
+    schema = {"type": "string", "format": "uri"}
     start = JsonConstraint(tok, schema)
     checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
-    good, bad = URI_CASES[name]
-    for s in good:
-        assert checker.conforms(s, name), s
-        assert accepted(start, byte_ids, json.dumps(s)), s
-        c = start.copy()  # fed as the tokenizer splits it, too
-        for t in tok.encode(json.dumps(s)):
-            assert t in allowed_ids(c, tok), (s, c.text)
-            c.advance(t)
-        assert c.complete
-    for s in bad:
-        assert not checker.conforms(s, name), s
-        assert not accepted(start, byte_ids, json.dumps(s, ensure_ascii=False)), s
+    for s in URI_GOOD:
+        assert checker.conforms(s, "uri"), s
+        assert accepted(start, tok, json.dumps(s)), s
+    for s in URI_BAD:
+        assert not checker.conforms(s, "uri"), s
+        assert not accepted(start, tok, json.dumps(s, ensure_ascii=False)), s
+    with pytest.raises(SchemaError, match="Unknown format: uri-reference"):
+        JsonConstraint(tok, {"type": "string", "format": "uri-reference"})
 
 
 def _fuzz_strings(g: random.Random, n: int):
@@ -283,57 +285,36 @@ def _fuzz_strings(g: random.Random, n: int):
         yield head + "".join(g.choice(outside if g.random() < 0.03 else chars) for _ in range(g.randint(0, 14)))
 
 
-@pytest.mark.parametrize("name", ["uri", "uri-reference"])
-def test_uri_dfas_agree_with_rfc3986_validator_on_random_strings(name):
-    """Both ways: no string the DFA accepts is refused, and none the validator accepts is refused."""
-    dfa = compile_search(FORMATS[name])
+def test_uri_format_agrees_with_rfc3986_validator_on_random_strings(tok):
+    """No string the constraint completes is refused by the validator; the other way, llguidance writes
+    no ``IPvFuture`` host (``http://[v1.x]``), which is valid but rare: nothing else may be missed."""
+    start = JsonConstraint(tok, {"type": "string", "format": "uri"})
     checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
-    g = random.Random(name)
     counts = [0, 0]
-    for s in _fuzz_strings(g, 20000):
-        want = checker.conforms(s, name)
-        assert dfa.matches(s) == want, (s, want)
+    for s in _fuzz_strings(random.Random("uri"), 1500):
+        want = checker.conforms(s, "uri")
+        got = accepted(start, tok, json.dumps(s, ensure_ascii=False))
+        assert got <= want, s
+        assert got == want or "[v" in s.lower(), s
         counts[want] += 1
-    assert min(counts) > 1000, counts
+    assert min(counts) > 100, counts
 
 
-@pytest.mark.parametrize("name", ["uri", "uri-reference"])
-def test_every_string_a_uri_dfa_accepts_is_valid(name):
-    """Sample the DFA's language at random, uniformly within each transition's character range."""
-    dfa = compile_search(FORMATS[name])
-    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
-    g = random.Random(name)
-    for _ in range(1500):
-        s, d = [], 0
-        while not (dfa.accept[d] and (g.random() < 0.15 or not dfa.to[d])) and len(s) < 200:
-            i = g.randrange(len(dfa.to[d]))
-            s.append(chr(g.randint(dfa.lo[d][i], dfa.hi[d][i])))
-            d = dfa.to[d][i]
-        text = "".join(s)
-        if dfa.accept[d]:
-            assert checker.conforms(text, name), text
-            assert text.isascii(), text
+def test_uri_random_walks_validate(tok):
+    assert_walks_valid(tok, {"type": "string", "format": "uri"})
 
 
-@pytest.mark.parametrize("name", ["uri", "uri-reference"])
-def test_uri_random_walks_validate(tok, name):
-    assert_walks_valid(tok, {"type": "string", "format": name})
-
-
-def test_uri_with_pattern_and_length(tok, byte_ids):
+def test_uri_with_pattern_and_length(tok):
     s = {"type": "string", "format": "uri", "pattern": "^https://", "maxLength": 20}
     start = JsonConstraint(tok, s)
-    assert accepted(start, byte_ids, '"https://a.b/c"') and not accepted(start, byte_ids, '"http://a.b/c"')
-    assert not accepted(start, byte_ids, '"https://example.com/abcdef"')  # 26 characters
+    assert accepted(start, tok, '"https://a.b/c"') and not accepted(start, tok, '"http://a.b/c"')
+    assert not accepted(start, tok, '"https://example.com/abcdef"')  # 26 characters
     assert_walks_valid(tok, s)
 
 
-def test_uri_in_exact_one_of(tok):
-    s = {"oneOf": [{"type": "string", "format": "uri"}, {"type": "string", "pattern": "^[a-z]+$"}]}
-    JsonConstraint(tok, s)  # a URI has a ':' that no string of letters has
-    with pytest.raises(SchemaError, match="alternative 0 may also match alternative 1"):
-        JsonConstraint(tok, {"oneOf": [{"type": "string", "format": "uri-reference"},
-                                       {"type": "string", "pattern": "^[a-z]+$"}]})
+def test_uri_in_one_of_is_not_proved_apart(tok):
+    with pytest.raises(SchemaError, match="oneOf constraints are not supported"):
+        JsonConstraint(tok, {"oneOf": [{"type": "string", "format": "uri"}, {"type": "string", "pattern": "^[a-z]+$"}]})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -379,9 +360,9 @@ ALL_OF_OBJECTS = {
 
 
 @pytest.mark.parametrize("name", list(ALL_OF_OBJECTS))
-def test_all_of_objects_accept_exactly_the_valid_objects(tok, byte_ids, name):
+def test_all_of_objects_accept_exactly_the_valid_objects(tok, name):
     schema, names = ALL_OF_OBJECTS[name]
-    assert_exact(tok, byte_ids, schema, objects(names))
+    assert_exact(tok, schema, objects(names))
 
 
 def test_all_of_objects_generate_only_valid_objects(tok):
@@ -410,14 +391,14 @@ ALL_OF_NUMBERS = {
 
 
 @pytest.mark.parametrize("name", list(ALL_OF_NUMBERS))
-def test_all_of_numbers_accept_exactly_the_valid_numbers(tok, byte_ids, name):
-    assert_exact(tok, byte_ids, ALL_OF_NUMBERS[name], numbers())
+def test_all_of_numbers_accept_exactly_the_valid_numbers(tok, name):
+    assert_exact(tok, ALL_OF_NUMBERS[name], numbers())
 
 
-def test_all_of_draft4_exclusive_flags(tok, byte_ids):
+def test_all_of_draft4_exclusive_flags(tok):
     s = {"allOf": [{"type": "number", "minimum": 1, "exclusiveMinimum": True, "multipleOf": 0.5},
                    {"maximum": 3, "exclusiveMaximum": False}, {"maximum": 2.5, "exclusiveMaximum": True}]}
-    assert_exact(tok, byte_ids, s, numbers(), draft=jsonschema.Draft4Validator)
+    assert_exact(tok, s, numbers(), draft=jsonschema.Draft4Validator)
 
 
 def strings():
@@ -436,23 +417,23 @@ ALL_OF_STRINGS = {
 
 
 @pytest.mark.parametrize("name", list(ALL_OF_STRINGS))
-def test_all_of_strings_accept_exactly_the_valid_strings(tok, byte_ids, name):
-    assert_exact(tok, byte_ids, ALL_OF_STRINGS[name], strings())
+def test_all_of_strings_accept_exactly_the_valid_strings(tok, name):
+    assert_exact(tok, ALL_OF_STRINGS[name], strings())
 
 
-def test_all_of_format_and_pattern(tok, byte_ids):
+def test_all_of_format_and_pattern(tok):
     s = {"allOf": [{"type": "string", "format": "date"}, {"pattern": "^2024-"}, {"format": "date", "maxLength": 10}]}
     start = JsonConstraint(tok, s)
-    assert accepted(start, byte_ids, '"2024-02-29"') and not accepted(start, byte_ids, '"2023-01-01"')
-    assert not accepted(start, byte_ids, '"2024-02-30"')
+    assert accepted(start, tok, '"2024-02-29"') and not accepted(start, tok, '"2023-01-01"')
+    assert not accepted(start, tok, '"2024-02-30"')
     assert_walks_valid(tok, s)
 
 
-def test_all_of_const_and_types(tok, byte_ids):
+def test_all_of_const_and_types(tok):
     s = {"allOf": [{"enum": [1, 2, "x", None, 1.5]}, {"type": ["integer", "null"]}, {"minimum": 2}]}
-    assert_exact(tok, byte_ids, s, [1, 2, "x", None, 1.5, 3])
+    assert_exact(tok, s, [1, 2, "x", None, 1.5, 3])
     c = {"allOf": [{"const": 2}, {"enum": [2.0, 3]}]}
-    assert_exact(tok, byte_ids, c, [1, 2, 3, "2"])
+    assert_exact(tok, c, [1, 2, 3, "2"])
 
 
 ALL_OF_ARRAYS = {
@@ -466,96 +447,94 @@ ALL_OF_ARRAYS = {
 
 
 @pytest.mark.parametrize("name", list(ALL_OF_ARRAYS))
-def test_all_of_arrays_accept_exactly_the_valid_arrays(tok, byte_ids, name):
-    assert_exact(tok, byte_ids, ALL_OF_ARRAYS[name], arrays(3, [0, -1, 2.5, "a", "", None]))
+def test_all_of_arrays_accept_exactly_the_valid_arrays(tok, name):
+    assert_exact(tok, ALL_OF_ARRAYS[name], arrays(3, [0, -1, 2.5, "a", "", None]))
 
 
-def test_all_of_draft7_tuple_and_items(tok, byte_ids):
+def test_all_of_draft7_tuple_and_items(tok):
     s = {"allOf": [{"type": "array", "items": [{"type": "integer"}], "additionalItems": {"type": "boolean"}},
                    {"items": {"minimum": 0}}]}
-    assert_exact(tok, byte_ids, s, arrays(3, [0, -1, True, "a", None]), draft=jsonschema.Draft7Validator)
+    assert_exact(tok, s, arrays(3, [0, -1, True, "a", None]), draft=jsonschema.Draft7Validator)
 
 
-def test_all_of_nested_and_recursive(tok, byte_ids):
+def test_all_of_nested_and_recursive(tok):
     nested = {"allOf": [{"allOf": [{"type": "integer"}, {"minimum": 2}]}, {"maximum": 4}, True, {}]}
-    assert_exact(tok, byte_ids, nested, numbers())
+    assert_exact(tok, nested, numbers())
     tree = {"$defs": {"base": {"type": "object", "properties": {"v": {"type": "integer"}}, "required": ["v"]},
                       "node": {"allOf": [{"$ref": "#/$defs/base"},
                                          {"properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/node"},
                                                                   "maxItems": 2}}}]}},
             "$ref": "#/$defs/node"}
-    outs = assert_walks_valid(tok, tree)
-    assert any('"kids"' in t for t in outs), outs
+    assert_walks_valid(tok, tree)  # which mostly write other properties than "kids" (any are allowed)
     start = JsonConstraint(tok, tree)
-    assert accepted(start, byte_ids, '{"v": 1, "kids": [{"v": 2}]}')
-    assert not accepted(start, byte_ids, '{"v": 1, "kids": [{"kids": []}]}')
-    # two recursive schemas merged: the merged property refers back to the merged pair
+    assert accepted(start, tok, '{"v": 1, "kids": [{"v": 2}]}')
+    assert accepted(start, tok, '{"v": 1, "kids": [{"v": 2, "kids": []}, {"v": 3}], "other": "x"}')
+    assert not accepted(start, tok, '{"v": 1, "kids": [{"v": 2, "kids": [{"v": "3"}]}]}')
+    assert not accepted(start, tok, '{"v": 1, "kids": [{"kids": []}]}')
+    # two recursive schemas intersected: llguidance does not build the infinite merge (the engine before it did)
     twins = {"$defs": {"a": {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}, "n": {"type": "integer"}}},
                        "b": {"properties": {"x": {"$ref": "#/$defs/b"}, "n": {"minimum": 0}}}},
              "allOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/b"}]}
-    start = JsonConstraint(tok, twins)
-    assert accepted(start, byte_ids, '{"x": {"x": {"n": 3}}, "n": 0}')
-    assert not accepted(start, byte_ids, '{"x": {"x": {"n": -3}}}')
-    assert not accepted(start, byte_ids, '{"x": {"x": {"n": 1.5}}}')
-    assert_walks_valid(tok, twins)
+    with pytest.raises(SchemaError, match="Schema intersection stack level exceeded"):
+        JsonConstraint(tok, twins)
 
 
-def test_a_single_all_of_subschema_may_hold_any_of_or_one_of(tok, byte_ids):
+def test_a_single_all_of_subschema_may_hold_any_of_or_one_of(tok):
     s = {"allOf": [{"anyOf": [{"type": "string", "maxLength": 1}, {"type": "null"}]}], "$defs": {}, "title": "t"}
-    assert_exact(tok, byte_ids, s, ["", "x", "xy", None, 1])
+    assert_exact(tok, s, ["", "x", "xy", None, 1])
     t = {"allOf": [True, {"oneOf": [{"type": "integer"}, {"type": "boolean"}]}, {}]}
-    assert_exact(tok, byte_ids, t, [1, True, None, "a"])
+    assert_exact(tok, t, [1, True, None, "a"])
 
 
-def test_all_of_in_exact_one_of_and_any_of(tok, byte_ids):
+def test_all_of_in_exact_one_of_and_any_of(tok):
     s = {"oneOf": [{"allOf": [{"type": "object", "properties": {"k": {"const": "a"}}}, {"required": ["k"]}]},
                    {"type": "null"}]}
-    assert_exact(tok, byte_ids, s, [None, {"k": "a"}, {"k": "b"}, {}, 1])
+    assert_exact(tok, s, [None, {"k": "a"}, {"k": "b"}, {}, 1])
     pruned = {"anyOf": [{"allOf": [{"type": "string"}, {"type": "integer"}]}, {"type": "null"}]}
     start = JsonConstraint(tok, pruned)
-    assert accepted(start, byte_ids, "null") and not accepted(start, byte_ids, '"a"')
-    assert not accepted(start, byte_ids, "1")
+    assert accepted(start, tok, "null") and not accepted(start, tok, '"a"')
+    assert not accepted(start, tok, "1")
 
 
 @pytest.mark.parametrize("schema, message", [
-    ({"allOf": [{"type": "string", "format": "date"}, {"format": "email"}]},
-     "'allOf' at #: 'format' 'date' and 'format' 'email' cannot be merged"),
-    ({"allOf": [{"properties": {"p": {"format": "date"}}}, {"properties": {"p": {"format": "ipv4"}}}]},
-     "'allOf' at #/properties/p: 'format' 'date' and 'format' 'ipv4' cannot be merged"),
-    ({"allOf": [{"anyOf": [{"type": "string"}, {"type": "null"}]}, {"maxLength": 3}]},
-     "'anyOf' at #/allOf/0 cannot be merged into the 'allOf' at #"),
-    ({"type": "object", "oneOf": [{"required": ["a"]}], "allOf": [{"required": ["b"]}]},
-     "'oneOf' at # cannot be merged into the 'allOf' at #"),
-    ({"allOf": [{"properties": {"a": {}}, "additionalProperties": False},
-                {"properties": {"b": {}}, "required": ["b"]}]},
-     "'allOf' at #: property 'b', required at #/allOf/1, is refused at #/allOf/0"),
-    ({"allOf": [{"properties": {"a": False}}, {"required": ["a"]}]}, "property 'a', required at #/allOf/1, is refused"),
+    ({"allOf": [{"type": "string", "format": "date"}, {"format": "email"}]}, "Unsatisfiable schema: Regex is empty"),
     ({"$defs": {"a": {"allOf": [{"$ref": "#/$defs/a"}, {"type": "integer"}]}}, "$ref": "#/$defs/a"},
-     "'allOf' at #/\\$defs/a contains itself through #/\\$defs/a"),
-    ({"allOf": [{"type": "string"}, {"type": "integer"}]},
-     r"admits no \(finite\) JSON value: the subschemas of 'allOf' at # have no type in common"),
-    ({"allOf": [{"enum": [1, 2]}, {"const": 3}]}, "'enum'/'const' values of the subschemas of 'allOf' at # have none"),
-    ({"allOf": [{"type": "integer"}, False]}, "a subschema of 'allOf' at # is false"),
-    ({"allOf": [{"minimum": 5}, {"maximum": 3}]}, r"'minimum' \(5\) is larger than 'maximum' \(3\) at #"),
-    ({"allOf": [{"type": "integer"}, {"minimum": 1, "exclusiveMaximum": 1}]}, "leave no number between them"),
-    ({"allOf": [{"type": "array"}, {"uniqueItems": True}]},
-     "unsupported JSON-schema keyword 'uniqueItems' at #/allOf/1"),
-    ({"$defs": {"x": {}}, "allOf": [{"$ref": "#/$defs/x", "type": "integer"}, {}]}, "'\\$ref' together with 'type'"),
+     "circular references with sibling keys are not supported"),
+    ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "Unsatisfiable schema: incompatible types"),
+    ({"allOf": [{"enum": [1, 2]}, {"const": 3}]}, "Unsatisfiable schema"),
+    ({"allOf": [{"type": "integer"}, False]}, "Unsatisfiable schema: schema is false"),
+    ({"allOf": [{"type": "integer"}, {"minimum": 1, "exclusiveMaximum": 1}]}, "is equal to exclusiveMaximum"),
+    ({"allOf": [{"type": "array"}, {"uniqueItems": True}]}, r'Unimplemented keys: \["uniqueItems"\]'),
     ({"allOf": [{"enum": [{"a": 1}]}, {"properties": {"a": {"type": "string"}}}]},
-     "'enum'/'const' with object values together with 'properties' is not supported at #"),
-    ({"allOf": [{"type": "string"}, {"pattern": "^a"}, {"pattern": "^b"}]}, "matches no string"),
-    ({"allOf": [{"multipleOf": 2}, {"multipleOf": -1}]}, "'multipleOf' must be a positive number, got -1 at #/allOf/1"),
-    ({"allOf": []}, "'allOf' must be a non-empty list of schemas at #"),
-    ({"allOf": [{"type": "string"}, 3]}, "a schema must be an object or a boolean, got int at #/allOf/1"),
-    ({"allOf": [{"properties": {"a": {}}}, {"required": ["b"]}]}, "required property 'b' is not in 'properties' at #"),
+     "required property 'a' is unsatisfiable"),
+    ({"allOf": [{"type": "string"}, {"pattern": "^a"}, {"pattern": "^b"}]}, "Unsatisfiable schema: Regex is empty"),
+    ({"allOf": [{"type": "string"}, 3]}, "schema must be an object or boolean"),
+    ({"type": "array", "allOf": [{"prefixItems": [{}], "additionalItems": False}]},
+     "'prefixItems' .* together with 'additionalItems' or 'items' as a list .* at #/allOf/0"),
+    ({"type": "array", "prefixItems": [{"type": "integer"}], "items": [{"type": "string"}]},
+     "use the keywords of one draft"),
 ])
 def test_all_of_errors_name_the_problem(tok, schema, message):
     with pytest.raises(SchemaError, match=message):
         JsonConstraint(tok, schema)
 
 
-def test_enum_object_values_beside_properties_are_refused_in_plain_schemas_too(tok):
-    """'properties' is not checked on enum values, so it must not be silently ignored beside them."""
-    with pytest.raises(SchemaError, match="'enum'/'const' with object values together with 'required'"):
+def test_all_of_cases_refused_before_llguidance(tok):
+    """Per the specification, each subschema applies to the values of its own types only."""
+    assert_exact(tok, {"allOf": [{"anyOf": [{"type": "string"}, {"type": "null"}]}, {"maxLength": 3}]},
+                 ["abc", "abcd", None, 1])
+    assert_exact(tok, {"type": "object", "oneOf": [{"required": ["a"]}], "allOf": [{"required": ["b"]}]},
+                 [{"a": 1, "b": 2}, {"a": 1}, {"b": 2}])
+    refuses_objects = {"allOf": [{"properties": {"a": {}}, "additionalProperties": False},
+                                 {"properties": {"b": {}}, "required": ["b"]}]}
+    assert_exact(tok, refuses_objects, [{"b": 1}, {"a": 1}, {}, "x", 1])
+    assert_exact(tok, {"allOf": [{"minimum": 5}, {"maximum": 3}]}, [4, 5, 3, "x"])
+    assert_exact(tok, {"$defs": {"x": {}}, "allOf": [{"$ref": "#/$defs/x", "type": "integer"}, {}]}, [1, 1.5, "a"])
+
+
+def test_enum_object_values_beside_object_keywords(tok):
+    """Both hold (the engine before llguidance refused such schemas: it did not check those keywords)."""
+    assert_exact(tok, {"enum": [{"a": 1}, {"b": 2}], "required": ["b"]}, [{"a": 1}, {"b": 2}, {"b": 3}])
+    with pytest.raises(SchemaError, match="required property 'b' is unsatisfiable"):
         JsonConstraint(tok, {"enum": [{"a": 1}, {}], "required": ["b"]})
-    JsonConstraint(tok, {"enum": [1, "x"], "properties": {"a": {}}, "items": {}})  # scalar values: nothing to check
+    assert_exact(tok, {"enum": [1, "x"], "properties": {"a": {}}, "items": {}}, [1, "x", 2, {}])

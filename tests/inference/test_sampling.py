@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama4.inference.sampling import Sampler, SamplingParams, apply_penalties, truncate
+from llama4.inference.sampling import Sampler, SamplingParams, apply_penalties, greedy_shortcut, truncate
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_k=-1),
@@ -93,3 +93,14 @@ def test_logit_bias_is_added_to_the_models_logits_before_everything_else():
     assert nudged.choose(logits).token == 1  # then the penalty: 1 + 2.5 - 2 = 1.5 < 3
     with pytest.raises(ValueError, match=r"logit_bias token ids must be in \[0, 4\), got \[4\]"):
         Sampler(SamplingParams(logit_bias=((4, 1.0),)), vocab_size=4)
+
+
+def test_the_greedy_shortcut_is_the_plain_greedy_samplers_choice():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    samplers = [Sampler(SamplingParams(), 50), Sampler(SamplingParams(temperature=0.7, seed=1), 50),
+                Sampler(SamplingParams(logprobs=2), 50), Sampler(SamplingParams(), 50)]
+    assert [s.plain_greedy for s in samplers] == [True, False, False, True]
+    shortcut = greedy_shortcut(logits, [s.plain_greedy for s in samplers])
+    assert shortcut[1] is None and shortcut[2] is None
+    assert [shortcut[i] for i in (0, 3)] == [samplers[i].choose(logits[i]).token for i in (0, 3)]
+    assert greedy_shortcut(logits, [False] * 4) == [None] * 4

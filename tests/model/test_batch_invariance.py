@@ -3,8 +3,8 @@
 Exact (torch.equal), not a tolerance: greedy decoding of a batched row must pick the tokens its solo run
 picks, so one rounding difference anywhere (attention over a padded buffer, a GEMM kernel chosen by the
 row count, the router) fails these tests. Attention is batch-invariant always. Products are by
-construction wherever they hold: with ``ops.set_batch_invariant(True)`` (every product in fixed row tiles,
-on any CPU), and without it for packed bf16 models on the CPU kernel (llama4.cpu_kernel computes every row
+construction wherever they hold: with ``model.set_batch_invariant(True)`` (every product in fixed row tiles,
+on any CPU), and without it for packed bf16 models on the CPU kernel (llama4.kernels.cpu computes every row
 on its own; the fused C layers take batches of any size). Elsewhere - plain weights, or no kernel, without
 invariance - oneDNN picks GEMM kernels by row count and CPU, so there a batched row is held to its solo
 run within bf16 rounding only (the model tests run both ways).
@@ -18,18 +18,20 @@ import pytest
 import torch
 
 import llama4
-from llama4 import cpu_kernel
-from llama4.cpu_packing import (PackedExperts, PackedLinear, PackedQKV, PackedSwiGLU, pack_model,
-                                packing_supported)
+from llama4.kernels.cpu import packed_with
+from llama4.kernels.cpu.library import MAX_ROWS
+from llama4.kernels.cpu.packing import PackedExperts, PackedLinear, PackedQKV, PackedSwiGLU
 from llama4.model import ops
 from llama4.model.cache import KVCache
-from llama4.model.paged_cache import PagedKVCache
+from llama4.model.invariance import ROW_TILE, is_batch_invariant, row_tiled, set_batch_invariant
 from llama4.model.moe import Experts, MoE, SwiGLU
+from llama4.model.paged_cache import PagedKVCache
 from llama4.model.transformer import QKVProjection
 from llama4.presets import text_config
+from tests.kernel_support import BF16_PACKING, KERNEL
+from tests.kernel_support import pack as pack_model
 
 CHUNK = 8
-BF16_PACKING = packing_supported(torch.bfloat16, "cpu")
 
 
 def _config(top_k: int) -> llama4.ModelConfig:
@@ -56,23 +58,29 @@ def _models() -> dict[str, llama4.Llama4Model]:
 MODELS = _models()
 
 
-@pytest.fixture(params=[False, True], ids=["default", "invariant"])
-def invariance(request):
-    previous = ops.set_batch_invariant(request.param)
-    yield request.param
-    ops.set_batch_invariant(previous)
-
-
-@pytest.fixture
-def invariant():
-    previous = ops.set_batch_invariant(True)
-    yield
-    ops.set_batch_invariant(previous)
-
-
 @pytest.fixture(scope="module")
 def embedded():
     return llama4.load_model(dtype=torch.bfloat16)
+
+
+def _set_invariance(enabled: bool, *extra) -> None:
+    for model in (*MODELS.values(), *extra):
+        model.set_batch_invariant(enabled)
+
+
+@pytest.fixture(params=[False, True], ids=["default", "invariant"])
+def invariance(request, embedded):
+    """Batch invariance off or on for the test's models (MODELS and the embedded one)."""
+    _set_invariance(request.param, embedded)
+    yield request.param
+    _set_invariance(False, embedded)
+
+
+@pytest.fixture
+def invariant(embedded):
+    _set_invariance(True, embedded)
+    yield
+    _set_invariance(False, embedded)
 
 
 def _prompt(vocab: int, length: int, seed: int) -> torch.Tensor:
@@ -136,12 +144,12 @@ def _exact(model, rows: int) -> bool:
     """Whether batched decode of ``rows`` rows equals solo runs by construction (module docstring): batch
     invariance on, or a packed bf16 model on the CPU kernel with the fused C layers (any batch) or with
     every product of at most a kernel call's rows."""
-    if ops.batch_invariant():
+    if is_batch_invariant(model):
         return True
-    if not getattr(model, "packed", False) or cpu_kernel.library() is None:
+    if packed_with(model) is None or packed_with(model).kernel() is None:
         return False
     fast_decode = getattr(model, "text", model).fast_decode
-    return (fast_decode is not None and fast_decode.ready()) or rows <= cpu_kernel.MAX_ROWS
+    return (fast_decode is not None and fast_decode.ready()) or rows <= MAX_ROWS
 
 
 def _agree(got: torch.Tensor, solo: torch.Tensor, exact: bool) -> bool:
@@ -277,7 +285,8 @@ def _wide_module(kind: str, packed: bool) -> torch.nn.Module:
         param.copy_(torch.randn(param.shape, generator=g) * 0.05)
     module = module.bfloat16()
     if packed:
-        shell = {"linear": PackedLinear, "qkv": PackedQKV, "swiglu": PackedSwiGLU, "experts": PackedExperts}[kind](module)
+        shell = {"linear": PackedLinear, "qkv": PackedQKV, "swiglu": PackedSwiGLU,
+                 "experts": PackedExperts}[kind](module, KERNEL)
         for name, param in module.named_parameters():
             shell.load_tensor(name, param)
         module = shell
@@ -291,7 +300,8 @@ def test_wide_row_wise_products_are_batch_invariant(kind, packed, invariant):
     if packed and not BF16_PACKING:
         pytest.skip("oneDNN bf16 packing unavailable")
     module = _wide_module(kind, packed)
-    fn = {"linear": lambda rows: ops.row_tiled(module, rows),  # a bare linear is tiled by its caller
+    set_batch_invariant(module, True)
+    fn = {"linear": lambda rows: row_tiled(module, rows, True),  # a bare linear is tiled by its caller
           "qkv": lambda rows: torch.cat(module(rows), dim=-1),
           "swiglu": module,
           "experts": lambda rows: module.expert(1, rows[:, 0])}[kind]
@@ -310,38 +320,44 @@ def test_a_wide_model_decodes_32_rows_as_it_decodes_them_alone(invariant):
         no_rope_layers=(1, 0), attention_chunk_size=CHUNK, floor_scale=4, attn_scale=0.5, bos_token_id=1,
         eos_token_ids=(2,), pad_token_id=0))
     model = pack_model(llama4.random_model(cfg, dtype=torch.bfloat16, std=0.02, seed=11))
+    model.set_batch_invariant(True)
     with torch.inference_mode():
         _run_schedule(model, [(1 + (5 * i) % (2 * CHUNK), 0, 2) for i in range(32)], seed=300)
 
 
-def test_batch_invariance_is_a_process_wide_switch_off_by_default():
-    assert ops.batch_invariant() is False
+def test_batch_invariance_is_a_setting_of_one_model_off_by_default():
+    one, other = (llama4.random_model(_config(1), dtype=torch.bfloat16, seed=5) for _ in range(2))
+    if BF16_PACKING:
+        pack_model(one)
+    assert not is_batch_invariant(one) and not is_batch_invariant(other)
+    one.set_batch_invariant(True)
+    settings = [m.batch_invariant for m in one.modules() if hasattr(m, "batch_invariant")]
+    assert len(settings) > 4 * 3 and all(settings)  # every layer's attention, projections and experts, the head
+    assert not is_batch_invariant(other)
+    if BF16_PACKING:
+        llama4.build.cpu_kernels.unpack(one)  # the plain modules back keep the setting
+        assert all(m.batch_invariant for m in one.modules() if hasattr(m, "batch_invariant"))
     calls = []
     x = torch.randn(3, 4)
-    ops.row_tiled(lambda rows: calls.append(rows.shape[0]) or rows, x)
-    previous = ops.set_batch_invariant(True)
-    try:
-        assert previous is False and ops.batch_invariant() is True
-        ops.row_tiled(lambda rows: calls.append(rows.shape[0]) or rows, x)
-    finally:
-        ops.set_batch_invariant(previous)
-    assert calls == [3, ops.ROW_TILE]
+    row_tiled(lambda rows: calls.append(rows.shape[0]) or rows, x, False)
+    row_tiled(lambda rows: calls.append(rows.shape[0]) or rows, x, True)
+    assert calls == [3, ROW_TILE]
 
 
-def test_row_tiled_tiles_every_row_count_and_leaves_empty_inputs_alone(invariant):
+def test_row_tiled_tiles_every_row_count_and_leaves_empty_inputs_alone():
     calls = []
 
     def fn(x):
         calls.append(x.shape[0])
         return x * 2
 
-    x = torch.randn(3 * ops.ROW_TILE + 1, 4)  # a prefill piece's rows: tiled like a decode batch's
-    assert torch.equal(ops.row_tiled(fn, x), x * 2) and calls == [ops.ROW_TILE] * 4
+    x = torch.randn(3 * ROW_TILE + 1, 4)  # a prefill piece's rows: tiled like a decode batch's
+    assert torch.equal(row_tiled(fn, x, True), x * 2) and calls == [ROW_TILE] * 4
     calls.clear()
-    assert ops.row_tiled(fn, torch.randn(0, 4)).shape == (0, 4) and calls == [0]
+    assert row_tiled(fn, torch.randn(0, 4), True).shape == (0, 4) and calls == [0]
     calls.clear()
     y = torch.randn(3, 6, 4)  # 18 rows: two tiles of ROW_TILE, the second zero-padded
-    assert torch.equal(ops.row_tiled(fn, y), y * 2) and calls == [ops.ROW_TILE, ops.ROW_TILE]
+    assert torch.equal(row_tiled(fn, y, True), y * 2) and calls == [ROW_TILE, ROW_TILE]
 
 
 # Split invariance: with invariance on, a token's keys, values and logits do not depend on the other
@@ -429,7 +445,7 @@ def test_the_paged_cache_hands_invariant_attention_whole_key_buckets(embedded, i
         for sequences in ([first], [first, second]):
             batch = pool.batch(sequences)
             k = torch.zeros(len(sequences), config.num_kv_heads, 1, config.head_dim, dtype=torch.bfloat16)
-            keys, _, _, _ = batch.update(0, k, k.clone())
+            keys = batch.update(0, k, k.clone(), bucketed=invariance).keys
             widths.append(keys.shape[2])
     expected = [ops.ATTENTION_BUCKET] * 2 if invariance else [41, 41]
     assert widths == expected

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import llama4.model.moe as moe_module
+from llama4.model import invariance
 from llama4.model.moe import Experts, MoE, dense_moe_reference, route, sparse_experts
-from llama4.model.ops import set_batch_invariant
 
 DIM, HIDDEN = 16, 24
 
@@ -201,7 +201,6 @@ def test_unused_experts_with_nan_weights_do_not_leak():
 
 
 def test_bf16_moe_close_to_float64():
-    moe32 = make_moe(num_experts=6, top_k=2, seed=16)
     moe16 = make_moe(num_experts=6, top_k=2, seed=16, dtype=torch.bfloat16)
     x = tokens(64, seed=17)
     with torch.no_grad():
@@ -234,25 +233,19 @@ def test_a_one_tile_decode_batch_equals_the_grouped_path_bit_for_bit(n, monkeypa
         return original(self, e, xe)
 
     monkeypatch.setattr(Experts, "expert", spying)
-    previous = set_batch_invariant(True)
-    try:
-        with torch.no_grad():
-            ids, scores = route(moe.router(x), 1, x.dtype)
-            one_tile = sparse_experts(x, ids, scores, moe.experts)
-            whole_batch_calls, rows_seen[:] = list(rows_seen), []
-            monkeypatch.setattr(moe_module, "ROW_TILE", 0)  # too small for any batch: the grouped path
-            grouped = sparse_experts(x, ids, scores, moe.experts)
-    finally:
-        set_batch_invariant(previous)
+    invariance.set_batch_invariant(moe, True)
+    with torch.no_grad():
+        ids, scores = route(moe.router(x), 1, x.dtype)
+        one_tile = sparse_experts(x, ids, scores, moe.experts)
+        whole_batch_calls, rows_seen[:] = list(rows_seen), []
+        monkeypatch.setattr(moe_module, "ROW_TILE", 0)  # too small for any batch: the grouped path
+        grouped = sparse_experts(x, ids, scores, moe.experts)
     chosen = len(set(ids.flatten().tolist()))
     assert chosen > 1 and whole_batch_calls == [n] * chosen and sum(rows_seen) == n
     assert torch.equal(one_tile, grouped)
     monkeypatch.setattr(moe_module, "ROW_TILE", 16)
     rows_seen[:] = []
-    previous = set_batch_invariant(False)  # (an Engine built by an earlier test turns it on process-wide)
-    try:
-        with torch.no_grad():
-            sparse_experts(x, ids, scores, moe.experts)  # without row tiles a product's cost grows with its rows
-    finally:
-        set_batch_invariant(previous)
+    invariance.set_batch_invariant(moe, False)
+    with torch.no_grad():
+        sparse_experts(x, ids, scores, moe.experts)  # without row tiles a product's cost grows with its rows
     assert sum(rows_seen) == n, "without batch invariance the experts must see only their own rows"

@@ -10,7 +10,6 @@ import torch
 
 import llama4
 from llama4.model.cache import KVCache
-from llama4.model.ops import set_batch_invariant
 from llama4.model.paged_cache import PagedKVCache
 from tests.model.test_cache import CHUNK, ids, rel_err, tiny_text
 
@@ -54,12 +53,12 @@ def test_one_sequence_prefilled_in_pieces_then_decoded_equals_kvcache(model, blo
 
 
 @pytest.fixture
-def invariant_products():
-    """Fixed row-tile products (ops.set_batch_invariant): without them fp32 GEMMs round a row differently
-    at 3 rows than at 1 (~1e-6 relative over a run), with them a batched row equals its solo run exactly."""
-    previous = set_batch_invariant(True)
+def invariant_products(model):
+    """Fixed row-tile products (model.invariance): without them fp32 GEMMs round a row differently at 3
+    rows than at 1 (~1e-6 relative over a run), with them a batched row equals its solo run exactly."""
+    model.set_batch_invariant(True)
     yield
-    set_batch_invariant(previous)
+    model.set_batch_invariant(False)
 
 
 def test_rows_joining_and_leaving_a_ragged_batch_equal_their_solo_runs(model, invariant_products):

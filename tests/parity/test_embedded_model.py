@@ -9,7 +9,7 @@ import torch
 
 import llama4
 from llama4.build import EMBEDDED_DIR
-from llama4.shapes import draw_scene
+from llama4.train.shapes import draw_scene
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not (EMBEDDED_DIR / "config.json").is_file(), reason="no embedded model shipped")

@@ -8,7 +8,8 @@ from llama4.prompt import Tokenizer, load_tokenizer, render_chat
 
 
 def test_unknown_role(small_tok):
-    with pytest.raises(ValueError, match=r"messages\[1\] has unknown role 'bot'; allowed roles: system, user, assistant, tool, ipython"):
+    with pytest.raises(ValueError, match=r"messages\[1\] has unknown role 'bot'; "
+                                         r"allowed roles: system, user, assistant, tool, ipython"):
         small_tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}])
 
 

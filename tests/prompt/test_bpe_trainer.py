@@ -37,7 +37,8 @@ def test_config_is_what_transformers_expects(small_tok_dir):
 
 def test_identical_to_tokenizers_on_multilingual_text(small_tok, hf_small_tok, udhr, training_texts):
     for record in udhr:
-        assert small_tok.encode(record["text"]) == hf_small_tok.encode(record["text"], add_special_tokens=False).ids, record["code"]
+        assert (small_tok.encode(record["text"])
+                == hf_small_tok.encode(record["text"], add_special_tokens=False).ids), record["code"]
     for text in training_texts[-50:]:
         assert small_tok.encode(text) == hf_small_tok.encode(text, add_special_tokens=False).ids
 

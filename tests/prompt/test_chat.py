@@ -71,7 +71,8 @@ def test_golden_image_2x2_grid_plus_global_tile(real_tok):
     tile = [PATCH] * 144
     image = [IMG_START, *tile, TILE_X, *tile, TILE_Y, *tile, TILE_X, *tile, TILE_Y, IMAGE, *tile, IMG_END]
     assert len(image) == 2 + 1 + 144 * 5 + 2 * 1 + 2
-    assert real_tok.apply_chat_template([msg], image_grids=[(2, 2)]) == [BOS, *header(USER), *image, *DESCRIBE_THIS, EOT, *GEN]
+    assert real_tok.apply_chat_template([msg], image_grids=[(2, 2)]) == [BOS, *header(USER), *image, *DESCRIBE_THIS,
+                                                                         EOT, *GEN]
 
 
 def test_image_layout_length_formula():
@@ -101,7 +102,8 @@ def test_golden_tool_definitions(real_tok):
 def test_golden_assistant_tool_call(real_tok):
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     ids = real_tok.apply_chat_template(
-        [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": None, "tool_calls": [call]}],
+        [{"role": "user", "content": "Weather in Paris?"},
+         {"role": "assistant", "content": None, "tool_calls": [call]}],
         add_generation_prompt=False,
     )
     # {"name": "get_weather", "parameters": {"city": "Paris"}}
@@ -135,12 +137,17 @@ PARITY_CASES = {
         {},
     ),
     "content parts with image": (
-        [{"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": " ok?"}]}],
+        [{"role": "user",
+          "content": [{"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": " ok?"}]}],
         None,
         {},
     ),
     "tools in user message": ([{"role": "user", "content": "  Weather in Paris?  "}], TOOLS, {}),
-    "tools with system": ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}], TOOLS, {}),
+    "tools with system": (
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}],
+        TOOLS,
+        {},
+    ),
     "tools in system message": (
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}],
         TOOLS,
@@ -149,7 +156,11 @@ PARITY_CASES = {
     "tool call and results": (
         [
             {"role": "user", "content": "Weather in Paris and Köln?"},
-            {"role": "assistant", "content": "", "tool_calls": [CALL, {**CALL, "function": {"name": "get_weather", "arguments": {"city": "Köln", "days": [1, 2], "unit": None}}}]},
+            {"role": "assistant", "content": "", "tool_calls": [
+                CALL,
+                {**CALL, "function": {"name": "get_weather",
+                                      "arguments": {"city": "Köln", "days": [1, 2], "unit": None}}},
+            ]},
             {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
             {"role": "ipython", "content": {"temp": 21.5, "sky": "clear"}},
             {"role": "tool", "content": ["a", 1]},
@@ -211,7 +222,8 @@ def test_assistant_mask_marks_replies_and_their_end_tokens(real_tok):
     assert len(enc.ids) == len(enc.assistant_mask)
     trained = [i for i, m in zip(enc.ids, enc.assistant_mask) if m]
     assert real_tok.decode(trained) == (
-        'A1<|eot|><|python_start|><|python_end|>{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot|>A2<|eot|>'
+        'A1<|eot|><|python_start|><|python_end|>{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot|>'
+        'A2<|eot|>'
     )
 
 

@@ -24,7 +24,8 @@ FULL_PROMPT = (
     "<|begin_of_text|><|header_start|>user<|header_end|>\n\nWhat is 2+2?<|eot|>"
     "<|header_start|>assistant<|header_end|>\n\n"
 )
-FULL_PROMPT_IDS = [200000, 200005, 1556, 200006, 368, 3668, 373, 220, 30, 23, 30, 43, 200008, 200005, 140680, 200006, 368]
+FULL_PROMPT_IDS = [200000, 200005, 1556, 200006, 368, 3668, 373, 220, 30, 23, 30, 43, 200008, 200005, 140680,
+                   200006, 368]
 
 
 @pytest.mark.parametrize("text", list(REFERENCE))

@@ -40,7 +40,10 @@ SHAPES = {
         "[search(exact=True, safe=False, limit=None)]",
         [("search", {"exact": True, "safe": False, "limit": None})],
     ),
-    "JSON literals in pythonic call": ("[search(exact=true, limit=null)]", [("search", {"exact": True, "limit": None})]),
+    "JSON literals in pythonic call": (
+        "[search(exact=true, limit=null)]",
+        [("search", {"exact": True, "limit": None})],
+    ),
     "negative numbers": ("[move(dx=-3, dy=-0.5, dz=+2)]", [("move", {"dx": -3, "dy": -0.5, "dz": 2})]),
     "strings with brackets, commas and quotes": (
         """[note(text="a [b], (c) {d}, \\"q\\" it's", sep=')]')]""",
@@ -69,16 +72,25 @@ SHAPES = {
         '{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}',
         [("a", {}), ("b", {"x": 1})],
     ),
-    "JSON with Python literals": ("{'name': 'get_weather', 'parameters': {'city': 'Paris', 'metric': True}}", [("get_weather", {"city": "Paris", "metric": True})]),
+    "JSON with Python literals": (
+        "{'name': 'get_weather', 'parameters': {'city': 'Paris', 'metric': True}}",
+        [("get_weather", {"city": "Paris", "metric": True})],
+    ),
     "python_start tags": ('<|python_start|>[get_weather(city="Paris")]<|python_end|><|eom|>', PARIS),
     "HF rendering: empty python tags then JSON": (
         '<|python_start|><|python_end|>{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot|>',
         PARIS,
     ),
     "python_start without python_end (stopped early)": ('<|python_start|>[get_weather(city="Paris")]', PARIS),
-    "markdown code fence": ('Here you go:\n```json\n{"name": "get_weather", "parameters": {"city": "Paris"}}\n```', PARIS),
+    "markdown code fence": (
+        'Here you go:\n```json\n{"name": "get_weather", "parameters": {"city": "Paris"}}\n```',
+        PARIS,
+    ),
     "function tag format": ('<function=get_weather>{"city": "Paris"}</function>', PARIS),
-    "unicode arguments": ('[get_weather(city="Köln", note="東京")]', [("get_weather", {"city": "Köln", "note": "東京"})]),
+    "unicode arguments": (
+        '[get_weather(city="Köln", note="東京")]',
+        [("get_weather", {"city": "Köln", "note": "東京"})],
+    ),
     "trailing end token": ('[get_weather(city="Paris")]<|eot|>', PARIS),
 }
 
@@ -116,7 +128,8 @@ def test_malformed_or_non_call_output_is_plain_text(case):
 
 
 def test_positional_arguments_named_from_the_tool_schema():
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"properties": {"city": {}, "unit": {}}}}}]
+    tools = [{"type": "function",
+              "function": {"name": "get_weather", "parameters": {"properties": {"city": {}, "unit": {}}}}}]
     assert calls('[get_weather("Paris", unit="C")]', tools=tools) == [("get_weather", {"city": "Paris", "unit": "C"})]
 
 
@@ -147,7 +160,8 @@ def test_round_trip_through_the_chat_template_rendering():
     """What the template renders for an assistant tool call parses back to the same call."""
     from llama4.prompt import render_chat
 
-    call = {"id": "x", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "n": [1, -2]}'}}
+    call = {"id": "x", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "n": [1, -2]}'}}
     rendered = render_chat([{"role": "assistant", "content": "", "tool_calls": [call]}], add_generation_prompt=False)
     reply = rendered.split("<|header_end|>\n\n", 1)[1]
     assert calls(reply) == [("get_weather", {"city": "Paris", "n": [1, -2]})]

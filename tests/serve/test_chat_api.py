@@ -6,8 +6,8 @@ import base64
 import threading
 
 import httpx
-import torch
 import pytest
+import torch
 
 import llama4
 from tests.serve.conftest import MODEL_ID, png
@@ -183,7 +183,8 @@ def test_vllms_tokenizer_endpoints(server, tok):
     post = lambda path, body: httpx.post(server.url + path, json=body, timeout=30)  # noqa: E731
     info = httpx.get(server.url + "/tokenizer_info", timeout=30).json()
     assert (info["bos_token"], info["eos_token"]) == ("<|begin_of_text|>", "<|eot|>")
-    assert post("/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"] == [tok.eot_id]
+    assert (post("/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"]
+            == [tok.eot_id])
     text = "Max runs in the park."
     out = post("/tokenize", {"model": MODEL_ID, "prompt": text, "return_token_strs": True}).json()
     assert out["tokens"] == tok.encode(text, bos=True) and out["count"] == len(out["tokens"])

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from llama4.inference.requests import FinishEvent, TokenEvent
 from llama4.serve.app import _coalesced
-from llama4.serve.protocol import FinishEvent, TokenEvent
 
 
 def _shape(batch, plain=lambda i: True):

@@ -116,8 +116,8 @@ def test_every_served_name_is_listed_retrieved_and_accepted(model, tok):
 
 
 def test_build_app_runs_the_engine_in_a_process_or_a_thread(checkpoint, server):
+    from llama4.inference.engine import Engine
     from llama4.serve.command import build_app
-    from llama4.serve.engine import Engine
     from llama4.serve.engine_process import EngineProcess
 
     assert isinstance(server.engine, EngineProcess)  # the default: the live-server tests run through it

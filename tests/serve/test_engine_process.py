@@ -11,11 +11,11 @@ import threading
 import httpx
 import pytest
 
+from llama4.inference.engine import Engine, EngineConfig
+from llama4.inference.requests import ContextTooLong, FinishEvent, GenerationRequest, QueueFull, TokenEvent
 from llama4.inference.sampling import SamplingParams
 from llama4.serve.app import create_engine_app
-from llama4.serve.engine import Engine, EngineConfig
 from llama4.serve.engine_process import EngineProcess, EngineStopped
-from llama4.serve.protocol import ContextTooLong, FinishEvent, GenerationRequest, QueueFull, TokenEvent
 from tests.serve.conftest import MODEL_ID, LiveServer, wait_for
 
 CONFIG = EngineConfig(max_batch=2, max_queue=2, max_context=512, prefill_chunk=16)

@@ -8,10 +8,17 @@ import pytest
 import torch
 
 from llama4.inference.constrained import JsonConstraint
+from llama4.inference.requests import FinishEvent, GenerationRequest, PromptEvent, TokenEvent
 from llama4.inference.sampling import SamplingParams
-from llama4.serve.protocol import FinishEvent, GenerationRequest, PromptEvent, TokenEvent
-from llama4.serve.wire import (WireError, decode_event, decode_request, encode_event, encode_request, read_frame,
-                               write_frame)
+from llama4.serve.wire import (
+    WireError,
+    decode_event,
+    decode_request,
+    encode_event,
+    encode_request,
+    read_frame,
+    write_frame,
+)
 
 
 def round_trip(header: dict, payload: bytes = b"") -> tuple[dict, bytes]:

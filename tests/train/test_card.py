@@ -40,7 +40,8 @@ def test_card_of_a_recipe_without_a_vision_stage(model_dir):
 
 
 @pytest.mark.parametrize("colour, shape, says", [
-    (1.0, 0.95, ["colour and shape questions about them reliably", "colour and shape answers are right on at least 90%"]),
+    (1.0, 0.95, ["colour and shape questions about them reliably",
+                 "colour and shape answers are right on at least 90%"]),
     (1.0, 0.388, ["colour questions reliably, shape questions less so", "; shape answers are not"]),
     (0.2, 0.2, ["only somewhat better than chance", "no kind of question is answered reliably"]),
 ])

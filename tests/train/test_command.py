@@ -28,7 +28,8 @@ def test_train_command_end_to_end(tmp_path, capsys):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(model_config_to_hf(tiny_config())))
     args = parse(["train", "--config", str(cfg), "--vocab", "300", "--data-dir", str(DATA), "--limit", "40",
-                  "--steps", "3", "--min-lr", "1e-4", "--batch-size", "2", "--seq-len", "32", "--eval-every", "3", "--warmup", "1",
+                  "--steps", "3", "--min-lr", "1e-4", "--batch-size", "2", "--seq-len", "32", "--eval-every", "3",
+                  "--warmup", "1",
                   "--out", str(tmp_path / "run")])
     assert args.func(args) == 0
     run = tmp_path / "run"

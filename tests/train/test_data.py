@@ -4,8 +4,17 @@ import json
 import pytest
 import torch
 
-from llama4.train.data import (IGNORE, BatchIterator, ChatExample, chat_rows, pack, pack_chats, read_records, shuffled,
-                               text_stream)
+from llama4.train.data import (
+    IGNORE,
+    BatchIterator,
+    ChatExample,
+    chat_rows,
+    pack,
+    pack_chats,
+    read_records,
+    shuffled,
+    text_stream,
+)
 
 
 class FakeTok:

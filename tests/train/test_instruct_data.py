@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from llama4.train.data import IGNORE
-from llama4.train.instruct_data import (TASK_SYSTEM, ImageBatches, Mixture, dialogue_chats, identity_chats, image_row,
-                                        smalltalk_chats, story_request_chats)
+from llama4.train.instruct_data import (
+    TASK_SYSTEM,
+    ImageBatches,
+    Mixture,
+    dialogue_chats,
+    identity_chats,
+    image_row,
+    smalltalk_chats,
+    story_request_chats,
+)
 
 DATA = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
@@ -15,7 +23,8 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not foun
 def tok():
     from llama4.prompt import train_tokenizer
 
-    text = ["What colour is the shape? It is red. They are circles. The background is white. I see two blue stars."] * 20
+    text = ["What colour is the shape? It is red. They are circles. The background is white. "
+            "I see two blue stars."] * 20
     return train_tokenizer(text, 300)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import llama4
+from llama4 import evaluation
 from llama4.train import recipe
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -36,7 +37,7 @@ def test_recipe_builds_a_loadable_model_with_a_card(tmp_path, monkeypatch):
     assert next(model.text.parameters()).dtype == torch.float32
     assert {t.dtype for t in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
         final / "model.safetensors").values()} == {torch.bfloat16}
-    report = recipe.evaluate_and_card(final, DATA, pictures=2, max_windows=2)
+    report = evaluation.evaluate_and_card(final, DATA, pictures=2, max_windows=2)
     card = (final / "README.md").read_text()
     assert f"{report['perplexity']['perplexity']:.2f}" in card and "chance" in card
     assert report["perplexity"]["perplexity"] < report["perplexity"]["unigram_baseline"] * 10

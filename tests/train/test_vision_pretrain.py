@@ -5,12 +5,21 @@ import pytest
 import torch
 
 from llama4.build import random_model
-from llama4.shapes import draw_scene
 from llama4.train.objectives import param_groups
 from llama4.train.recipe import embedded_config
+from llama4.train.shapes import draw_scene
 from llama4.train.trainer import TrainConfig, train
-from llama4.train.vision_pretrain import (ATTRIBUTES, HEADS, MASKED, ROWS, WEIGHTS, AttributeBatches, AttributeProbe,
-                                          attribute_accuracy, scene_labels)
+from llama4.train.vision_pretrain import (
+    ATTRIBUTES,
+    HEADS,
+    MASKED,
+    ROWS,
+    WEIGHTS,
+    AttributeBatches,
+    AttributeProbe,
+    attribute_accuracy,
+    scene_labels,
+)
 from tests.train.test_recipe import FAKE_TOKENIZER
 
 

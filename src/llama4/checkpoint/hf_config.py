@@ -73,7 +73,8 @@ _VISION_KEYS = frozenset(_VISION_DEFAULTS)
 def _check_keys(d: dict, known: frozenset, where: str) -> None:
     unknown = sorted(k for k in d if k not in known and k not in _IGNORED_KEYS)
     if unknown:
-        raise ConfigError(f"{where}: unsupported field(s) {unknown}; this implementation does not know how to honour them")
+        raise ConfigError(f"{where}: unsupported field(s) {unknown}; "
+                          "this implementation does not know how to honour them")
 
 
 def _rope_from_hf(d: dict, default_theta: float, where: str) -> tuple[float, RopeScaling | None]:

@@ -189,7 +189,8 @@ def _load_tensor(model: torch.nn.Module, name: str, file: Path, hf_name: str, dt
         raise CheckpointError(f"{file}: cannot read {hf_name}: {e}") from None
 
 
-def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
     """Write config.json and safetensors in the HF layout (sharded above ``max_shard_bytes``).
 
     New files are written under temporary names and renamed into place; weight files of an earlier

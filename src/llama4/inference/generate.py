@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llama4.inference.sampling import Sampler, SamplingParams, TokenChoice
+from llama4.inference.sampling import Sampler, SamplingParams, TokenChoice, greedy_shortcut
 from llama4.model.cache import KVCache
-from llama4.model.transformer import Llama4Model
+from llama4.model.transformer import Llama4Model, check_token_ids
 
 DEFAULT_PREFILL_CHUNK = 2048
 
@@ -84,9 +84,7 @@ def generate_tokens(model: Llama4Model, requests: Sequence[Request], max_new_tok
     for r in requests:
         if not r.prompt:
             raise ValueError("every prompt needs at least one token")
-        bad = [t for t in r.prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token ids must be in [0, {vocab}), got {bad[:5]}")
+        check_token_ids(r.prompt, vocab)
     stops = set(model.config.text.eos_token_ids if stop_tokens is None else stop_tokens)
     if max_new_tokens == 0:
         return
@@ -114,10 +112,9 @@ def generate_tokens(model: Llama4Model, requests: Sequence[Request], max_new_tok
         for step in range(max_new_tokens):
             logits = logits.float().cpu()
             next_tokens, keep = [], []
-            greedy = logits.argmax(-1).tolist() if any(samplers[row].plain_greedy for row in live) else None
+            greedy = greedy_shortcut(logits, [samplers[row].plain_greedy for row in live])
             for i, row in enumerate(live):
-                plain = greedy is not None and samplers[row].plain_greedy
-                choice = TokenChoice(greedy[i]) if plain else samplers[row].choose(logits[i])
+                choice = TokenChoice(greedy[i]) if greedy[i] is not None else samplers[row].choose(logits[i])
                 stopped = choice.token in stops
                 done = stopped or step == max_new_tokens - 1
                 yield StepEvent(row, choice, done, choice.token if stopped else None)

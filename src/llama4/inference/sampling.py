@@ -10,9 +10,12 @@ do not change with sampling settings.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from llama4.model.transformer import check_token_ids
 
 
 @dataclass(frozen=True)
@@ -101,9 +104,7 @@ class Sampler:
         # greedy without history, logprobs or bias: the token is the row's argmax (a batch's taken at once)
         self.plain_greedy = (params.greedy and not params.uses_history and params.logprobs is None
                              and not params.logit_bias)
-        bad = [t for t, _ in params.logit_bias if t >= vocab_size]
-        if bad:
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab_size}), got {bad[:5]}")
+        check_token_ids([t for t, _ in params.logit_bias], vocab_size, "logit_bias token ids")
         self.bias = None
         if params.logit_bias:
             self.bias = (torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long),
@@ -142,3 +143,13 @@ class Sampler:
                 values, ids = torch.topk(logprobs, self.params.logprobs)
                 choice.top = list(zip(ids.tolist(), values.tolist()))
         return choice
+
+
+def greedy_shortcut(logits: torch.Tensor, plain: Sequence[bool]) -> list[int | None]:
+    """For a batch's logits [B, V]: row i's argmax where ``plain[i]`` (a plain greedy sampler, see
+    :attr:`Sampler.plain_greedy`: its token is the argmax, with nothing else to note or report), else
+    None (that row goes through its sampler). The argmaxes are taken in one call for the batch."""
+    if not any(plain):
+        return [None] * len(plain)
+    tokens = logits.argmax(-1).tolist()
+    return [token if p else None for token, p in zip(tokens, plain)]

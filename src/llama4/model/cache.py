@@ -1,7 +1,7 @@
 """KV cache shaped by iRoPE: chunk-local layers keep one chunk, global layers keep everything.
 
-The model talks to a cache through ``update(layer, k, v)`` during a forward pass and
-``advance(num_tokens)`` once the pass is complete. Each row of the batch has its own length: a
+The model talks to a cache through the :class:`Cache` protocol: ``update(layer, k, v)`` during a forward
+pass and ``advance(num_tokens)`` once the pass is complete. Each row of the batch has its own length: a
 multi-token pass (prefill) needs all rows at the same length, a one-token pass (decode) does not, so
 prompts of different lengths are prefilled separately (each row exactly as its solo run) and then
 decoded together (:meth:`KVCache.stack`).
@@ -10,6 +10,7 @@ decoded together (:meth:`KVCache.stack`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -19,7 +20,8 @@ from llama4.config import TextConfig
 @dataclass(frozen=True)
 class DecodeSlots:
     """Where one layer's keys and values live for a decode step (one new token per row), for code that
-    reads and writes a cache's storage itself (llama4.fused_decode) instead of calling ``update``.
+    reads and writes a cache's storage itself (the fused decode layer of llama4.kernels.cpu) instead of
+    calling ``update``.
 
     The entry in slot s of KV head g starts at element g * head_stride + s * head_dim of ``keys`` (and of
     ``values``). Row r writes its new key/value to slot write[r] and sees count[r] entries (the new one
@@ -34,6 +36,40 @@ class DecodeSlots:
     count: torch.Tensor
     first: torch.Tensor | None
     gather: torch.Tensor | None
+
+
+class CacheView(NamedTuple):
+    """What a layer's new queries attend over, once ``update`` has added their keys and values.
+
+    ``keys``/``values`` [B, Hkv, S, d]; ``start``: the sequence index of entry 0 when the rows are aligned;
+    ``valid``: None when they are, else (a decode step over rows at different lengths) the entries row b
+    sees, its first valid[b] (every one of them visible to its query; ``start`` is then not needed). A
+    cache may hand over more entries than the queries see (e.g. whole key buckets) where ``valid`` or the
+    attention's own causal bounds mask them.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    start: int
+    valid: torch.Tensor | list[int] | None
+
+
+class Cache(Protocol):
+    """What the model needs of a KV cache (KVCache, and the serving engine's paged batches)."""
+
+    def starts(self, batch: int) -> list[int]:
+        """Per-row sequence index of the next token, for a pass over ``batch`` rows."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, bucketed: bool = False) -> CacheView:
+        """Add k/v [B, Hkv, T, d] for each row's next T tokens; ``bucketed``: the attention reads whole key
+        buckets (batch invariance), so a cache may hand over that many entries where it is free to."""
+
+    def advance(self, num_tokens: int) -> None:
+        """Every row has ``num_tokens`` more tokens (after a complete pass)."""
+
+    def decode_slots(self, layer: int, rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                     device: torch.device, tokens: int = 1, offset: int = 0) -> DecodeSlots:
+        """Where a pass that writes the storage itself puts and reads this layer's entries."""
 
 
 class KVCache:
@@ -78,15 +114,10 @@ class KVCache:
             raise ValueError(f"the cache holds {len(self.lengths)} rows but the input has {batch}")
         return list(self.lengths)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
-        """Add k/v [B, Hkv, T, d] for each row's next T tokens.
-
-        Returns the keys/values the new queries may need, the sequence index of their first entry, and
-        ``None`` when all rows are aligned; for a decode step over rows at different lengths the keys
-        are each row's own buffer and the last item holds the valid entries per row [B] (the index of
-        entry 0 then differs per row and is not needed: every valid entry is visible to the query).
-        """
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, bucketed: bool = False) -> CacheView:
+        """Add k/v [B, Hkv, T, d] for each row's next T tokens (Cache.update; ``bucketed`` changes nothing
+        here: the attention pads to its bucket). For a decode step over rows at different lengths the keys
+        are each row's own buffer."""
         b, t = k.shape[0], k.shape[2]
         if not self.lengths:
             self.lengths = [0] * b
@@ -95,11 +126,11 @@ class KVCache:
             self._len[layer], self._start[layer] = [0] * b, [0] * b
         if all(s == starts[0] for s in starts):
             if self.chunked[layer]:
-                return (*self._update_local(layer, k, v, starts[0]), None)
-            return (*self._update_global(layer, k, v), None)
+                return CacheView(*self._update_local(layer, k, v, starts[0]), None)
+            return CacheView(*self._update_global(layer, k, v), None)
         if t != 1:
             raise ValueError(f"a {t}-token pass needs all rows at one length, got lengths {starts}")
-        return self._update_ragged(layer, k, v, starts)
+        return CacheView(*self._update_ragged(layer, k, v, starts))
 
     def advance(self, num_tokens: int) -> None:
         self.lengths = [n + num_tokens for n in self.lengths]
@@ -239,8 +270,10 @@ class KVCache:
             k_parts, v_parts = [], []
             for c in caches:
                 pad = need - c._k[layer].shape[2]
-                k_parts.append(c._k[layer][:, :, :need] if pad <= 0 else torch.nn.functional.pad(c._k[layer], (0, 0, 0, pad)))
-                v_parts.append(c._v[layer][:, :, :need] if pad <= 0 else torch.nn.functional.pad(c._v[layer], (0, 0, 0, pad)))
+                k_parts.append(c._k[layer][:, :, :need] if pad <= 0
+                               else torch.nn.functional.pad(c._k[layer], (0, 0, 0, pad)))
+                v_parts.append(c._v[layer][:, :, :need] if pad <= 0
+                               else torch.nn.functional.pad(c._v[layer], (0, 0, 0, pad)))
             merged._k.append(torch.cat(k_parts))
             merged._v.append(torch.cat(v_parts))
             merged._len.append([n for c in caches for n in c._len[layer]])

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama4.model.ops import ROW_TILE, batch_invariant, row_tiled
+from llama4.model.invariance import ROW_TILE, row_tiled
 
 
 class SwiGLU(nn.Module):
@@ -21,12 +21,13 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
+        self.batch_invariant = False
         self.gate = nn.Linear(dim, hidden, bias=False)
         self.up = nn.Linear(dim, hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return row_tiled(lambda rows: self.down(F.silu(self.gate(rows)) * self.up(rows)), x)
+        return row_tiled(lambda rows: self.down(F.silu(self.gate(rows)) * self.up(rows)), x, self.batch_invariant)
 
 
 class Experts(nn.Module):
@@ -39,6 +40,7 @@ class Experts(nn.Module):
 
     def __init__(self, num_experts: int, dim: int, hidden: int):
         super().__init__()
+        self.batch_invariant = False
         self.gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.down = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
@@ -48,7 +50,7 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens x [n, D] -> [n, D] (a few tokens in fixed row tiles: batch-invariant)."""
-        return row_tiled(lambda rows: self._swiglu(e, rows), x)
+        return row_tiled(lambda rows: self._swiglu(e, rows), x, self.batch_invariant)
 
     def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Tokens sorted by expert, x [sum(counts), D] (``counts[e]`` rows for expert e) -> each row's expert
@@ -67,11 +69,13 @@ class Experts(nn.Module):
 
 class Router(nn.Linear):
     """The MoE router: a linear (left plain by CPU packing) whose decode-sized products run in fixed row
-    tiles, so that a decode row's expert choice and scores do not depend on the batch (ops.row_tiled).
-    Tiling happens inside forward: hooks on the router see exactly the real rows."""
+    tiles with batch invariance, so that a decode row's expert choice and scores do not depend on the batch
+    (model.invariance). Tiling happens inside forward: hooks on the router see exactly the real rows."""
+
+    batch_invariant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return row_tiled(super().forward, x)
+        return row_tiled(super().forward, x, self.batch_invariant)
 
 
 def route(router_logits: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +99,7 @@ def sparse_experts(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tens
     flat_ids = expert_ids.reshape(-1)
     if n * k == 1:  # one token, one expert (decode): no grouping needed
         return experts.expert(int(flat_ids), x * scores)
-    if k == 1 and n <= ROW_TILE and batch_invariant() and x.is_cpu and not experts.groups_in_one_call:
+    if k == 1 and n <= ROW_TILE and experts.batch_invariant and x.is_cpu and not experts.groups_in_one_call:
         return _one_tile_experts(x, flat_ids, scores, experts)
     token_of, scaled, counts = sort_by_expert(x, expert_ids, scores, experts.num_experts)
     routed = experts.grouped(scaled, counts)

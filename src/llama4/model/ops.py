@@ -68,70 +68,6 @@ def temperature_scale(cache_index: torch.Tensor, floor_scale: float, attn_scale:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Batch and split invariance. A GEMM kernel picks its blocking (and so the order in which it sums over
-# K) from the row count M among other things: oneDNN's bf16 kernels give a row a different result at
-# M = 1 than at M >= 25 for K = 5120 (plain matmuls at M >= 4), and at M = 100 than at M = 64 for
-# K = 768 (measured, one thread). Attention rounds differently for a query inside a causal block than
-# for the same query alone over its keys. So without care a row's result depends on its companions:
-# the other sequences of a decode batch, and the other tokens of its prefill piece (a prompt prefilled
-# in other pieces, e.g. after a prefix-cache hit, would not equal its cold run).
-# With invariance on (set_batch_invariant): every row-wise product runs in tiles of exactly ROW_TILE
-# rows (zero-padded), so the kernel is the same whatever the row count; and every query, of a decode
-# batch or of a prefill piece, is attended exactly as a one-token decode step attends it (bucketed
-# attention, below). A row's result then depends only on its own input and keys. It is off by default
-# (the engine turns it on): a 16-row tile costs ~3% more than a 1-row product in decode, and bucketed
-# attention makes a prefill piece slower than one fused causal call.
-# Modules tile inside their forward (hooks see the real rows); a bare linear is tiled by its caller, so
-# a swapped-in module (CPU packing) stays exact.
-# ----------------------------------------------------------------------------------------------------
-
-ROW_TILE = 16
-_batch_invariant = False
-
-
-def set_batch_invariant(enabled: bool) -> bool:
-    """Turn fixed-tile products and per-query attention on or off for the whole process (all threads);
-    returns the previous setting. A row's result equals its solo, unsplit run when both run with it on."""
-    global _batch_invariant
-    previous, _batch_invariant = _batch_invariant, bool(enabled)
-    return previous
-
-
-def batch_invariant() -> bool:
-    return _batch_invariant
-
-
-def row_tiled(fn, x: torch.Tensor) -> torch.Tensor:
-    """``fn(x)`` for a row-wise product ``fn`` over x [..., K] -> [..., N]; with batch invariance on,
-    computed so that each row's result is independent of the number of rows."""
-    if not _batch_invariant:
-        return fn(x)
-    rows = x.shape[0] if x.dim() == 2 else x.shape[:-1].numel()
-    if rows == ROW_TILE or rows == 0 or not x.is_cpu:
-        return fn(x)
-    if rows != x.shape[0]:  # rows over several leading dims (e.g. a prefill piece): one row axis
-        return row_tiled(fn, x.reshape(rows, x.shape[-1])).reshape(*x.shape[:-1], -1)
-    # rows on dim 0 (a decode step's [B, 1, K]): zero rows appended along it, no reshapes
-    whole = rows - rows % ROW_TILE
-    tiles = [fn(x[at:at + ROW_TILE]) for at in range(0, whole, ROW_TILE)]
-    if whole < rows:
-        tiles.append(fn(torch.cat((x[whole:], _zero_rows(x, ROW_TILE - (rows - whole)))))[:rows - whole])
-    return torch.cat(tiles) if len(tiles) > 1 else tiles[0]
-
-
-_ZERO_ROWS: dict[tuple, torch.Tensor] = {}  # read-only padding, shared by all calls (and threads)
-
-
-def _zero_rows(x: torch.Tensor, count: int) -> torch.Tensor:
-    key = (count, x.shape[1:], x.dtype, x.device)
-    zeros = _ZERO_ROWS.get(key)
-    if zeros is None:
-        with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
-            zeros = _ZERO_ROWS[key] = torch.zeros((count, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    return zeros
-
-
-# ----------------------------------------------------------------------------------------------------
 # Attention. Inputs are head-major: q [B, H, Tq, d], k/v [B, Hkv, Tk, d]. Query i sits at sequence index
 # q_start + i, key j at k_start + j. The fast paths below never build a Tq x Tk mask for long inputs;
 # `masked_attention` is the slow reference they are tested against.
@@ -140,7 +76,8 @@ def _zero_rows(x: torch.Tensor, count: int) -> torch.Tensor:
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
           causal: bool = False) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -193,7 +130,7 @@ def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     return out.reshape(b, h, 1, d)
 
 
-# Batch-invariant attention (set_batch_invariant): a query that sees n keys is attended by one masked
+# Batch-invariant attention (model.invariance): a query that sees n keys is attended by one masked
 # call over exactly bucket(n) keys (n rounded up to ATTENTION_BUCKET; the keys past n are masked, so
 # their values never matter and a cache may hand over wider buffers). The CPU kernel computes every
 # batch entry on its own, so a query's result depends only on its own query, keys and n: not on the
@@ -335,11 +272,13 @@ def _prefix_then_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     out_new, lse_new = _flash_with_lse(q, k_new, v_new, causal=True)
     top = torch.maximum(lse_prefix, lse_new)
     w_prefix, w_new = torch.exp(lse_prefix - top), torch.exp(lse_new - top)
-    merged = (out_prefix.float() * w_prefix[..., None] + out_new.float() * w_new[..., None]) / (w_prefix + w_new)[..., None]
+    merged = ((out_prefix.float() * w_prefix[..., None] + out_new.float() * w_new[..., None])
+              / (w_prefix + w_new)[..., None])
     return merged.to(q.dtype)
 
 
-def _flash_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _flash_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and its log-sum-exp [B, H, Tq] (float32), via the fused kernel where available."""
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
@@ -387,7 +326,8 @@ def _aligned_chunks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         span = n_full * chunk
 
         def blocks(x: torch.Tensor, heads: int) -> torch.Tensor:  # [B, h, n*C, d] -> [B*n, h, C, d]
-            return x[:, :, :span].reshape(b, heads, n_full, chunk, d).transpose(1, 2).reshape(b * n_full, heads, chunk, d)
+            return (x[:, :, :span].reshape(b, heads, n_full, chunk, d).transpose(1, 2)
+                    .reshape(b * n_full, heads, chunk, d))
 
         out = _sdpa(blocks(q, h), blocks(k, hkv), blocks(v, hkv), causal=True)
         outputs.append(out.reshape(b, n_full, h, chunk, d).transpose(1, 2).reshape(b, h, span, d))
@@ -411,3 +351,30 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     scores = scores.masked_fill(~allowed, float("-inf"))
     return scores.softmax(dim=-1) @ v
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two attention backends a layer picks from (Attention.batch_invariant). Both take a pass's q [B, H, Tq, d]
+# at sequence indices q_start.., keys/values [B, Hkv, Tk, d] from k_start, and, for a decode batch at ragged
+# lengths, ``valid`` (row b sees its first valid[b] keys); ``chunk``: chunk-local attention (None: global).
+# ----------------------------------------------------------------------------------------------------
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
+                        valid: torch.Tensor | list[int] | None, chunk: int | None) -> torch.Tensor:
+    """The fastest exact path for each pass: a ragged decode batch row by row (each as its solo step), a
+    chunk-native pass, or one fused causal call."""
+    if valid is not None:
+        return ragged_decode_attention(q, k, v, valid)
+    if chunk is not None:
+        return chunked_causal_attention(q, k, v, q_start, k_start, chunk)
+    return causal_attention(q, k, v)
+
+
+def batch_invariant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
+                              valid: torch.Tensor | list[int] | None, chunk: int | None) -> torch.Tensor:
+    """Every query as a one-token decode step attends it (key buckets, see above): a decode batch's rows,
+    and each token of a prefill piece, whatever else shares the pass."""
+    if valid is not None:
+        return bucketed_decode_attention(q, k, v, valid)
+    return rowwise_causal_attention(q, k, v, q_start, k_start, chunk)

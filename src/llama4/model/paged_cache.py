@@ -39,18 +39,17 @@ sequence, or a one-token pass (decode) over any number of sequences at different
 from __future__ import annotations
 
 import heapq
-import math
 
 import torch
 
 from llama4.config import TextConfig
-from llama4.model.cache import DecodeSlots
-from llama4.model.ops import attention_bucket, batch_invariant
+from llama4.model.cache import CacheView, DecodeSlots
+from llama4.model.ops import attention_bucket
 
-GLOBAL, LOCAL = 0, 1
+GLOBAL, LOCAL = 0, 1  # the two kinds of layer, by their index in a pool's ``_kinds`` and a sequence's ``held``
 
 
-class _Kind:
+class _KindBlocks:
     """The blocks of one layer kind: reference counts, which are taken, the free list and its layers.
 
     ``free`` is a min-heap of candidate ids with lazy deletion: a block taken out of order (a run, or
@@ -66,7 +65,7 @@ class _Kind:
         self.used = 0  # blocks with a reference (the zero block not counted)
 
 
-class _Held:
+class _SequenceBlocks:
     """A sequence's blocks of one kind: they cover tokens [first, first + len(blocks) * block_size)."""
 
     __slots__ = ("first", "blocks", "consecutive", "_table")
@@ -98,7 +97,7 @@ class PagedSequence:
     def __init__(self, pool: PagedKVCache):
         self.pool = pool
         self.length = 0  # tokens in the cache: the sequence index of its next token
-        self.held = (_Held(), _Held())  # GLOBAL, LOCAL
+        self.held = (_SequenceBlocks(), _SequenceBlocks())  # GLOBAL, LOCAL
         self.released = False
 
     @property
@@ -165,8 +164,8 @@ class PagedKVCache:
         self.block_size, self.initial_blocks = block_size, initial_blocks
         self.kv_heads, self.head_dim = config.num_kv_heads, config.head_dim
         self._kind_of = [LOCAL if c else GLOBAL for c in self.chunked]
-        self._kinds = (_Kind([i for i, c in enumerate(self.chunked) if not c]),
-                       _Kind([i for i, c in enumerate(self.chunked) if c]))
+        self._kinds = (_KindBlocks([i for i, c in enumerate(self.chunked) if not c]),
+                       _KindBlocks([i for i, c in enumerate(self.chunked) if c]))
         n = config.num_layers
         self._k: list[torch.Tensor | None] = [None] * n
         self._v: list[torch.Tensor | None] = [None] * n
@@ -234,7 +233,7 @@ class PagedKVCache:
             if kind.layers:
                 self._grow(kind, max(self.initial_blocks, kind.capacity))
 
-    def _grow(self, kind: _Kind, capacity: int) -> None:
+    def _grow(self, kind: _KindBlocks, capacity: int) -> None:
         old = kind.capacity
         if old == 0:
             kind.refs, kind.taken = [1], bytearray(b"\x01")  # the zero block, pinned
@@ -262,12 +261,12 @@ class PagedKVCache:
         the lowest free id (the pool doubles when none is)."""
         kind = self._kinds[kind_id]
         if after is not None and after + 1 < kind.capacity and not kind.taken[after + 1]:
-            return self._take(kind, after + 1)
+            return self._claim(kind, after + 1)
         while kind.free and kind.taken[kind.free[0]]:  # taken out of order since it was pushed
             heapq.heappop(kind.free)
         if not kind.free:
             self._grow(kind, max(self.initial_blocks, 2 * kind.capacity))
-        return self._take(kind, heapq.heappop(kind.free))
+        return self._claim(kind, heapq.heappop(kind.free))
 
     def _alloc_run(self, kind_id: int, count: int) -> int:
         """The first of ``count`` consecutive free blocks (the pool grows when no gap is long enough)."""
@@ -278,11 +277,11 @@ class PagedKVCache:
             self._grow(kind, max(self.initial_blocks, 2 * kind.capacity, kind.capacity - tail + 2 * count))
             start = kind.taken.find(bytes(count), 1)
         for block in range(start, start + count):
-            self._take(kind, block)
+            self._claim(kind, block)
         return start
 
     @staticmethod
-    def _take(kind: _Kind, block: int) -> int:
+    def _claim(kind: _KindBlocks, block: int) -> int:
         kind.refs[block] = 1
         kind.taken[block] = 1
         kind.used += 1
@@ -300,18 +299,18 @@ class PagedKVCache:
             else:
                 heapq.heappush(kind.free, block)
 
-    def _drop(self, kind_id: int, held: _Held) -> None:
+    def _drop(self, kind_id: int, held: _SequenceBlocks) -> None:
         for block in held.blocks:
             self._release(kind_id, block)
         held.set_blocks([])
 
-    def _cover(self, kind_id: int, held: _Held, end: int) -> None:
+    def _cover(self, kind_id: int, held: _SequenceBlocks, end: int) -> None:
         """Allocate blocks until ``held`` covers tokens [first, end)."""
         need = -(-(end - held.first) // self.block_size)
         while len(held.blocks) < need:
             held.append(self._alloc(kind_id, held.blocks[-1] if held.blocks else None))
 
-    def _relocate(self, kind_id: int, held: _Held) -> None:
+    def _relocate(self, kind_id: int, held: _SequenceBlocks) -> None:
         """Move a sequence's blocks of a kind to consecutive ones (one copy), so that its later passes
         read views; shared blocks stay with their other holders."""
         count = len(held.blocks)
@@ -332,7 +331,7 @@ class PagedKVCache:
                 self._k[layer][:, dst * bs:(dst + 1) * bs] = self._k[layer][:, src * bs:(src + 1) * bs]
                 self._v[layer][:, dst * bs:(dst + 1) * bs] = self._v[layer][:, src * bs:(src + 1) * bs]
 
-    def _slots(self, held: _Held, start: int, end: int) -> torch.Tensor | int:
+    def _slots(self, held: _SequenceBlocks, start: int, end: int) -> torch.Tensor | int:
         """Pool slots of tokens [start, end): the first slot (an int) when they are consecutive, else an
         int64 tensor of them."""
         bs = self.block_size
@@ -345,11 +344,6 @@ class PagedKVCache:
         table = held.table()[first_block:last_block]
         slots = (table[:, None] * bs + torch.arange(bs)).reshape(-1)
         return slots[lo - first_block * bs:hi - first_block * bs].to(self.device)
-
-
-def _bucketed(pool: PagedKVCache) -> bool:
-    """Attention will run on whole key buckets (batch invariance, CPU only: see llama4.model.ops)."""
-    return batch_invariant() and pool.device is not None and pool.device.type == "cpu"
 
 
 def _read(store: torch.Tensor, slots: torch.Tensor | int, count: int) -> torch.Tensor:
@@ -420,17 +414,17 @@ class PagedBatch:
             raise ValueError(f"the batch holds {len(self.sequences)} sequences but the input has {batch} rows")
         return list(self.lengths)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Add k/v [B, Hkv, T, d] (KVCache.update's contract): (keys, values, index of entry 0, valid
-        entries per row [B] or None when the rows are aligned)."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, bucketed: bool = False) -> CacheView:
+        """Add k/v [B, Hkv, T, d] (the Cache protocol). ``bucketed``: the entries a decode step reads span
+        whole key buckets (a wider view of the store, or a wider gather), where padding would copy."""
         pool = self.pool
         if pool.dtype is None:
             pool._init_storage(k)
         kind = pool._kind_of[layer]
         plan = self._plans[kind]
         if plan is None:
-            plan = self._plans[kind] = self._plan(kind, k.shape[0], k.shape[2])
-        return plan.apply(pool._k[layer], pool._v[layer], k, v)
+            plan = self._plans[kind] = self._plan(kind, k.shape[0], k.shape[2], bucketed)
+        return CacheView(*plan.apply(pool._k[layer], pool._v[layer], k, v))
 
     def decode_slots(self, layer: int, rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                      device: torch.device, tokens: int = 1, offset: int = 0) -> DecodeSlots:
@@ -449,13 +443,14 @@ class PagedBatch:
         if rows > 1:
             plan = self._plans[kind]
             if plan is None:
-                plan = self._plans[kind] = self._ragged(kind)
+                plan = self._plans[kind] = self._ragged(kind, bucketed=False)
         else:
             plan = self._fused_plans.get((kind, offset))
             if plan is None:
                 start = self.sequences[0].length + offset
                 if kind == LOCAL and start // pool.chunk != (start + tokens - 1) // pool.chunk:
-                    raise ValueError(f"tokens {start}..{start + tokens - 1} cross a chunk boundary (chunk {pool.chunk})")
+                    raise ValueError(f"tokens {start}..{start + tokens - 1} cross a chunk boundary "
+                                     f"(chunk {pool.chunk})")
                 plan = self._fused_plans[(kind, offset)] = self._single(kind, self.sequences[0], tokens, start)
         keys, values = pool._k[layer], pool._v[layer]  # after planning, which may grow the pool
         stride = keys.shape[1] * head_dim
@@ -476,16 +471,16 @@ class PagedBatch:
         self._plans = [None, None]
         self._fused_plans = {}
 
-    def _plan(self, kind: int, batch: int, tokens: int):
+    def _plan(self, kind: int, batch: int, tokens: int, bucketed: bool):
         if batch != len(self.sequences):
             raise ValueError(f"the batch holds {len(self.sequences)} sequences but the input has {batch} rows")
         if batch == 1:
-            return self._single(kind, self.sequences[0], tokens)
+            return self._single(kind, self.sequences[0], tokens, bucketed=bucketed)
         if tokens != 1:
             raise ValueError(f"a {tokens}-token pass over a paged batch takes one sequence at a time, got {batch}")
-        return self._ragged(kind)
+        return self._ragged(kind, bucketed)
 
-    def _start_chunk(self, kind: int, held: _Held, seq_index: int) -> None:
+    def _start_chunk(self, kind: int, held: _SequenceBlocks, seq_index: int) -> None:
         """Local layers: a pass whose first token opens a new chunk gives the old chunk's blocks back."""
         if kind == LOCAL:
             start = (seq_index // self.pool.chunk) * self.pool.chunk
@@ -493,7 +488,8 @@ class PagedBatch:
                 self.pool._drop(kind, held)
                 held.first = start
 
-    def _single(self, kind: int, seq: PagedSequence, tokens: int, start: int | None = None) -> _SinglePlan:
+    def _single(self, kind: int, seq: PagedSequence, tokens: int, start: int | None = None,
+                bucketed: bool = False) -> _SinglePlan:
         pool, held, s = self.pool, seq.held[kind], seq.length if start is None else start
         end = s + tokens
         plan = _SinglePlan()
@@ -519,14 +515,14 @@ class PagedBatch:
             pool._relocate(kind, held)
         plan.write = pool._slots(held, s, end)
         plan.read, plan.read_count = pool._slots(held, held.first, end), end - held.first
-        if tokens == 1 and _bucketed(pool) and isinstance(plan.read, int):
+        if tokens == 1 and bucketed and isinstance(plan.read, int):
             # batch-invariant attention runs on a whole key bucket: a wider view of the store is free
             # (the entries past the sequence are masked), where padding would copy every key
             room = pool._kinds[kind].capacity * pool.block_size - plan.read
             plan.read_count = min(attention_bucket(plan.read_count), room)
         return plan
 
-    def _ragged(self, kind: int) -> _RaggedPlan:
+    def _ragged(self, kind: int, bucketed: bool) -> _RaggedPlan:
         pool, bs = self.pool, self.pool.block_size
         chunk = pool.chunk if kind == LOCAL else None
         slots, valid, tables = [], [], []
@@ -543,7 +539,7 @@ class PagedBatch:
             tables.append(held.table())
         plan = _RaggedPlan()
         # batch-invariant attention runs on a whole key bucket: gather that wide (zero blocks past the end)
-        plan.width = width = attention_bucket(max(valid)) if _bucketed(pool) else max(valid)
+        plan.width = width = attention_bucket(max(valid)) if bucketed else max(valid)
         b = len(tables)
         table = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)  # [B, blocks]; padding: zero block
         if table.shape[1] * bs < width:

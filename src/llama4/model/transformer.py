@@ -9,7 +9,7 @@ per the config's schedule.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -17,22 +17,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llama4.config import LayerSpec, ModelConfig, TextConfig
-from llama4.model.cache import KVCache
+from llama4.model.cache import Cache
+from llama4.model.invariance import row_tiled, set_batch_invariant
 from llama4.model.moe import MoE, SwiGLU
 from llama4.model.ops import (
     apply_rope,
-    batch_invariant,
-    bucketed_decode_attention,
-    causal_attention,
-    chunked_causal_attention,
-    ragged_decode_attention,
-    rowwise_causal_attention,
+    batch_invariant_attention,
+    reference_attention,
     rms_norm,
-    row_tiled,
-    rope_table,
     rope_inv_freq,
+    rope_table,
     temperature_scale,
 )
+
+
+def check_token_ids(ids: torch.Tensor | Iterable[int], vocab: int, what: str = "token ids") -> None:
+    """Raises ValueError naming the first few ids outside [0, vocab) (the one check of every caller)."""
+    if isinstance(ids, torch.Tensor):
+        if not ids.numel() or (int(ids.min()) >= 0 and int(ids.max()) < vocab):
+            return
+        ids = ids.flatten().tolist()
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"{what} must be in [0, {vocab}), got {bad[:5]}")
 
 
 @dataclass(frozen=True)
@@ -63,18 +70,25 @@ class QKVProjection(nn.Module):
 
     def __init__(self, dim: int, q_dim: int, kv_dim: int):
         super().__init__()
+        self.batch_invariant = False
         self.wq = nn.Linear(dim, q_dim, bias=False)
         self.wk = nn.Linear(dim, kv_dim, bias=False)
         self.wv = nn.Linear(dim, kv_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return row_tiled(self.wq, x), row_tiled(self.wk, x), row_tiled(self.wv, x)
+        tiled = self.batch_invariant
+        return row_tiled(self.wq, x, tiled), row_tiled(self.wk, x, tiled), row_tiled(self.wv, x, tiled)
 
 
 class Attention(nn.Module):
+    """Self-attention of one layer. ``batch_invariant`` picks the backend: ``reference_attention`` (the
+    fastest exact path for each pass) or ``batch_invariant_attention`` (every query as its own decode step
+    computes it, see model.invariance); a model with a fast decode step (kernels) bypasses both."""
+
     def __init__(self, config: TextConfig, spec: LayerSpec):
         super().__init__()
         self.spec = spec
+        self.batch_invariant = False
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.chunk = config.attention_chunk_size
         self.eps = config.rms_norm_eps
@@ -82,7 +96,7 @@ class Attention(nn.Module):
                                  config.num_kv_heads * config.head_dim)
         self.wo = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, tables: PositionTables, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tables: PositionTables, cache: Cache | None) -> torch.Tensor:
         """x [B, T, D]; row b holds sequence indices starts[b]..starts[b]+T-1 -> [B, T, D]."""
         b, t, _ = x.shape
         q, k, v = self.qkv(x)
@@ -100,22 +114,14 @@ class Attention(nn.Module):
         if self.spec.temperature_tuning:
             q = (q * tables.q_scale).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
+        invariant = self.batch_invariant and x.is_cpu
         k_start, valid = tables.starts[0], None
         if cache is not None:
-            k, v, k_start, valid = cache.update(self.spec.index, k, v)
-        invariant = batch_invariant() and x.is_cpu
-        if valid is not None and invariant:  # one token per row at different lengths, in key buckets
-            out = bucketed_decode_attention(q, k, v, valid)
-        elif valid is not None:  # each row exactly as its solo step, one call per length
-            out = ragged_decode_attention(q, k, v, valid)
-        elif invariant:  # each token exactly as its own decode step (bucketed)
-            window = self.chunk if self.spec.chunked else None
-            out = rowwise_causal_attention(q, k, v, tables.starts[0], k_start, window)
-        elif self.spec.chunked:
-            out = chunked_causal_attention(q, k, v, tables.starts[0], k_start, self.chunk)
-        else:
-            out = causal_attention(q, k, v)
-        return row_tiled(self.wo, out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+            view = cache.update(self.spec.index, k, v, bucketed=invariant)
+            k, v, k_start, valid = view.keys, view.values, view.start, view.valid
+        attend = batch_invariant_attention if invariant else reference_attention
+        out = attend(q, k, v, tables.starts[0], k_start, valid, self.chunk if self.spec.chunked else None)
+        return row_tiled(self.wo, out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim), invariant)
 
 
 class DecoderLayer(nn.Module):
@@ -130,7 +136,7 @@ class DecoderLayer(nn.Module):
         else:
             self.ffn = SwiGLU(config.hidden_size, config.intermediate_size_mlp)
 
-    def forward(self, h: torch.Tensor, tables: PositionTables, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, tables: PositionTables, cache: Cache | None) -> torch.Tensor:
         h = h + self.attn(self.attn_norm(h), tables, cache)
         return h + self.ffn(self.ffn_norm(h))
 
@@ -141,20 +147,22 @@ class TextModel(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         self.config = config
+        self.batch_invariant = False
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in config.layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.output = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.output = (None if config.tie_word_embeddings
+                       else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         with torch.device("cpu"):  # a small table, exact in float32 even when the model is built on "meta"
             inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.tunes_temperature = any(spec.temperature_tuning for spec in config.layers)
         # An optional specialised implementation of the layers for passes with a cache (decode steps, and
         # prefill pieces where they must compute what decode steps compute), installed from outside the model
-        # (cpu_packing); it returns None for inputs it does not take. The layers are its reference.
-        self.fast_decode: Callable[[torch.Tensor, PositionTables, KVCache], torch.Tensor | None] | None = None
+        # (kernels); it returns None for inputs it does not take. The layers are its reference.
+        self.fast_decode: Callable[[torch.Tensor, PositionTables, Cache], torch.Tensor | None] | None = None
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: Cache | None = None,
                 num_logits: int | None = None) -> torch.Tensor:
         """h [B, T, D] input embeddings at RoPE positions [B or 1, T] -> logits [B, T', vocab] float32.
 
@@ -176,10 +184,10 @@ class TextModel(nn.Module):
             h = h[:, h.shape[1] - num_logits:]
         h = self.norm(h)
         head = (lambda rows: F.linear(rows, self.embed.weight)) if self.output is None else self.output
-        logits = row_tiled(head, h)
+        logits = row_tiled(head, h, self.batch_invariant)
         return logits.float()
 
-    def position_tables(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> PositionTables:
+    def position_tables(self, h: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> PositionTables:
         b, t = h.shape[:2]
         starts = cache.starts(b) if cache is not None else [0] * b
         rope = rope_table(positions.to(h.device), self.inv_freq.to(h.device))
@@ -222,7 +230,12 @@ class Llama4Model(nn.Module):
             )
         return h.masked_scatter(slots[..., None], features.to(h.dtype))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+    def set_batch_invariant(self, enabled: bool) -> None:
+        """Products in fixed row tiles and per-query attention (on) or the fastest paths (off, the default):
+        with it on, a row's logits equal its solo, unsplit run bit for bit (see model.invariance)."""
+        set_batch_invariant(self, enabled)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: Cache | None = None,
                 pixel_values: torch.Tensor | None = None, num_logits: int | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] float32 (the last ``num_logits`` positions if given).
 
@@ -230,13 +243,12 @@ class Llama4Model(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
-        vocab = self.config.text.vocab_size
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-            raise ValueError(f"token ids must be in [0, {vocab}), got min {int(input_ids.min())} max {int(input_ids.max())}")
+        check_token_ids(input_ids, self.config.text.vocab_size)
         if positions is None:
             b, t = input_ids.shape
             starts = cache.starts(b) if cache is not None else [0]
-            positions = torch.tensor(starts, device=input_ids.device)[:, None] + torch.arange(t, device=input_ids.device)
+            positions = (torch.tensor(starts, device=input_ids.device)[:, None]
+                         + torch.arange(t, device=input_ids.device))
         elif positions.dim() == 1:
             positions = positions[None]
         h = self.embed(input_ids, pixel_values)

@@ -40,8 +40,9 @@ def apply_vision_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 
 def pixel_shuffle(x: torch.Tensor, ratio: float) -> torch.Tensor:
-    """[N, side*side, C] -> [N, (side*r)^2, C / r^2]: out[t = i*s' + j, (di*k + dj)*C + c] = in[(i*k + di), (j*k + dj), c]
-    for k = 1/r, as transformers and Meta realise it (two reshape-transposes)."""
+    """[N, side*side, C] -> [N, (side*r)^2, C / r^2]:
+    out[t = i*s' + j, (di*k + dj)*C + c] = in[(i*k + di), (j*k + dj), c] for k = 1/r, as transformers and
+    Meta realise it (two reshape-transposes)."""
     n, patches, channels = x.shape
     side = int(patches ** 0.5)
     x = x.reshape(n, side, int(side * ratio), int(channels / ratio))
@@ -133,7 +134,8 @@ class VisionEncoder(nn.Module):
         cfg = self.config
         expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != expected:
-            raise ValueError(f"pixel_values must be [tiles, {', '.join(map(str, expected))}], got {tuple(pixels.shape)}")
+            raise ValueError(f"pixel_values must be [tiles, {', '.join(map(str, expected))}], "
+                             f"got {tuple(pixels.shape)}")
         h = self.patch_embed(self.patches(pixels))
         h = torch.cat((h, self.class_embedding.expand(h.shape[0], 1, -1)), dim=1) + self.pos_embedding
         h = self.norm_pre(h)

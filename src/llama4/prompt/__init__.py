@@ -2,13 +2,21 @@
 
 from .bpe_trainer import train_bpe, train_tokenizer
 from .chat import ChatEncoding, encode_chat, image_token_layout, render_chat
-from .images import (ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, ImageError, best_fit_grid, image_token_count, load_image,
-                     preprocess_image, preprocess_images)
+from .images import (
+                     ALLOWED_FORMATS,
+                     DEFAULT_MAX_PIXELS,
+                     ImageError,
+                     best_fit_grid,
+                     image_token_count,
+                     load_image,
+                     preprocess_image,
+                     preprocess_images,
+)
 from .special_tokens import NUM_SPECIAL_SLOTS, special_token_ids, special_token_names
 from .streaming import StreamingDecoder, stream_decode
 from .tokenizer import Tokenizer, load_tokenizer
-from .video import preprocess_video, sample_frame_indices
 from .tools import AssistantOutput, new_call_id, parse_assistant_output, parse_tool_calls
+from .video import preprocess_video, sample_frame_indices
 
 __all__ = [
     "ALLOWED_FORMATS",

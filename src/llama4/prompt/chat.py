@@ -30,8 +30,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import special_tokens as st
-from .tools import ENVIRONMENT_LINE, TOOLS_IN_SYSTEM_INSTRUCTIONS, TOOLS_IN_USER_INSTRUCTIONS
-from .tools import render_tool_call, render_tool_definitions
+from .tools import (
+    ENVIRONMENT_LINE,
+    TOOLS_IN_SYSTEM_INSTRUCTIONS,
+    TOOLS_IN_USER_INSTRUCTIONS,
+    render_tool_call,
+    render_tool_definitions,
+)
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer

@@ -20,8 +20,13 @@ from typing import TYPE_CHECKING, Any
 import tiktoken
 
 from . import special_tokens as st
-from .tokenizer_files import PATTERN, read_hf_tokenizer_json, read_tiktoken_model, write_hf_tokenizer
-from .tokenizer_files import write_tiktoken_model
+from .tokenizer_files import (
+    PATTERN,
+    read_hf_tokenizer_json,
+    read_tiktoken_model,
+    write_hf_tokenizer,
+    write_tiktoken_model,
+)
 
 if TYPE_CHECKING:
     from .chat import ChatEncoding
@@ -150,6 +155,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids: base tokens plus the special slots (202,048 for Meta's vocabulary)."""
         return max(self.num_base_tokens + st.NUM_SPECIAL_SLOTS, max(self._special_ids, default=0) + 1)
+
+    @property
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        """A copy of the BPE ranks ``{token bytes: rank}`` (the rank is the id), e.g. to build another
+        library's view of this vocabulary."""
+        return dict(self._ranks)
 
     @property
     def special_tokens(self) -> dict[str, int]:

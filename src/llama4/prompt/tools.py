@@ -28,7 +28,9 @@ __all__ = [
     "render_tool_call",
 ]
 
-_RESPOND_FORMAT = 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+_RESPOND_FORMAT = (
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+)
 
 TOOLS_IN_USER_INSTRUCTIONS = (
     "Given the following functions, please respond with a JSON for a function call "

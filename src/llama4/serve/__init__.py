@@ -1,8 +1,8 @@
 """OpenAI-compatible HTTP serving: a continuous-batching engine behind FastAPI routes."""
 
-from llama4.serve.engine import Engine, EngineConfig
+from llama4.inference.engine import Engine, EngineConfig
+from llama4.inference.requests import GenerationRequest
 from llama4.serve.engine_process import EngineProcess
-from llama4.serve.protocol import GenerationRequest
 
 __all__ = ["Engine", "EngineConfig", "EngineProcess", "GenerationRequest", "create_app", "create_engine_app"]
 

@@ -1,74 +1,62 @@
-"""The HTTP side: FastAPI routes over one engine - an :class:`~llama4.serve.engine.Engine` thread in this
+"""The HTTP side: FastAPI routes over one engine - an :class:`~llama4.inference.engine.Engine` thread in this
 process, or (``llama4 serve``'s default) an :class:`~llama4.serve.engine_process.EngineProcess` -
 that runs for the app's lifetime.
 
-Bodies are read by hand, not by FastAPI's body parameter, so that an oversized body is refused (413)
-as soon as its declared or streamed size passes the limit, and malformed JSON is a 400 in the OpenAI
-error format. Image decoding and chat rendering run in the thread pool; the event loop only moves
-events between the engine and the sockets.
+Bodies are read by hand, with a size limit (request_reader.py). Image decoding and chat rendering run in
+the thread pool; the event loop only moves events between the engine and the sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from llama4.model.transformer import Llama4Model
+from llama4.inference.engine import Engine, EngineConfig
+from llama4.inference.requests import FinishEvent, PromptEvent, TokenEvent
 from llama4.prompt import Tokenizer
 from llama4.serve import translate
-from llama4.serve.engine import Engine, EngineConfig, check_token_ids
 from llama4.serve.engine_process import EngineProcess
-from llama4.serve.protocol import FinishEvent, PromptEvent, TokenEvent
-from llama4.serve.errors import (APIError, body_too_large, install_handlers, model_not_found, unauthorized,
-                                 validation_error)
-from llama4.serve.schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk,
-                                  ChatCompletionRequest, ChunkChoice, CompletionChoice, CompletionRequest, Delta,
-                                  DetokenizeRequest, ModelCard, ModelList, PromptTokensDetails, TextCompletion,
-                                  TokenizeRequest, Usage)
+from llama4.serve.errors import APIError, install_handlers, model_not_found
+from llama4.serve.metrics import ServeMetrics
+from llama4.serve.monitoring import CountRequests, add_monitoring_routes
+from llama4.serve.request_reader import RequestReader
+from llama4.serve.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    TextCompletion,
+    Usage,
+)
 from llama4.serve.streams import Choices, cancel_on_disconnect
+from llama4.serve.tokenizer_routes import add_tokenizer_routes
 from llama4.serve.tool_stream import ToolCallStream
+
+if TYPE_CHECKING:
+    from llama4 import Llama4Model
 
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20  # room for a few base64 images
 STATIC_DIR = Path(__file__).parent / "static"
-ROUTES = ("/", "/static/index.html", "/static/client.js", "/static/ui.js", "/health", "/metrics", "/v1/models",
-          "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize",
-          "/tokenizer_info")  # metric labels; any other path counts as "other"
-
-
-class _CountRequests:
-    """ASGI middleware: counts every HTTP response by route and status (streams included)."""
-
-    def __init__(self, app, metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = 500
-
-        async def send_and_note(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            route = scope["path"] if scope["path"] in ROUTES else "other"
-            self.metrics.count_request(route, status)
 
 
 def create_app(model: Llama4Model, tokenizer: Tokenizer, *, model_id: str = "llama4", api_key: str | None = None,
@@ -88,13 +76,27 @@ def create_engine_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, *, m
     """The app over ``engine`` (a thread in this process, or a process of its own, see
     engine_process.py), which starts and stops with the app. ``model_id``: the name, or names, that
     requests may send as ``model``; responses carry the first (as vLLM's --served-model-name)."""
+    names = _served_names(model_id)
+    reader = RequestReader(names, api_key, max_body_bytes)
+    app = _engine_app(engine)
+    add_monitoring_routes(app, engine, app.state.http_metrics)
+    _add_model_routes(app, engine, names, reader)
+    add_tokenizer_routes(app, engine, tokenizer, reader)
+    _add_generation_routes(app, engine, tokenizer, names[0], reader, allow_remote_images)
+    _add_web_ui(app)
+    return app
+
+
+def _served_names(model_id: str | list[str]) -> list[str]:
     names = [model_id] if isinstance(model_id, str) else list(model_id)
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"model_id must be a non-empty name or list of names, got {model_id!r}")
-    model_id = names[0]
-    metrics = engine.metrics
-    created = int(time.time())
+    return names
 
+
+def _engine_app(engine: Engine | EngineProcess) -> FastAPI:
+    """An app with no routes yet: its lifespan is the engine's, its errors are in the OpenAI format and
+    every response is counted (for /metrics)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
@@ -104,114 +106,34 @@ def create_engine_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, *, m
             engine.stop()
 
     app = FastAPI(title="llama4", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.metrics = engine, metrics
-    app.add_middleware(_CountRequests, metrics=metrics)
+    app.state.engine, app.state.metrics, app.state.http_metrics = engine, engine.metrics, ServeMetrics()
+    app.add_middleware(CountRequests, metrics=app.state.http_metrics)
     install_handlers(app)
+    return app
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), api_key.encode())):
-            raise unauthorized()
 
-    async def read_request(request: Request, schema: type[BaseModel]):
-        authorize(request)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            raise body_too_large(max_body_bytes)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                raise body_too_large(max_body_bytes)
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-        try:
-            req = schema.model_validate(data)
-        except ValidationError as e:
-            raise validation_error(e) from None
-        if req.model is not None and req.model not in names:
-            raise model_not_found(req.model, names)
-        return req
-
-    @app.get("/health")
-    async def health():
-        down = engine.down
-        if down is not None:  # e.g. the engine process died: 503, so that a supervisor restarts the server
-            return JSONResponse({"status": "unavailable", "reason": down}, status_code=503)
-        return {"status": "ok", **engine.stats()}
+def _add_model_routes(app: FastAPI, engine: Engine | EngineProcess, names: list[str], reader: RequestReader) -> None:
+    created = int(time.time())
 
     @app.get("/v1/models")
     async def models(request: Request):
-        authorize(request)
+        reader.authorize(request)
         return ModelList(data=[ModelCard(id=name, created=created, max_context=engine.max_context) for name in names])
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str, request: Request):
-        authorize(request)
+        reader.authorize(request)
         if name not in names:
             raise model_not_found(name, names)
         return ModelCard(id=name, created=created, max_context=engine.max_context)
 
-    # vLLM's tokenizer endpoints (at the root, as there): what evaluation harnesses use to count and split
-    # prompts without a copy of the tokenizer (lm-eval's remote tokenizer backend)
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
-        req: TokenizeRequest = await read_request(request, TokenizeRequest)
-        if (req.prompt is None) == (req.messages is None):
-            raise APIError(400, "give either prompt or messages", param="prompt", code="invalid_request")
-        if req.prompt is not None:  # special-token strings count as the special tokens, as in vLLM
-            ids = tokenizer.encode(req.prompt, bos=req.add_special_tokens is not False, allow_special=True)
-        else:
-            messages = [m.model_dump(exclude_none=True) for m in req.messages]
-            if any(isinstance(m.get("content"), list) and any(p.get("type") != "text" for p in m["content"])
-                   for m in messages):
-                raise APIError(400, "/tokenize takes text messages only (images need the chat endpoint)",
-                               param="messages", code="invalid_request")
-            try:
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
-            except (ValueError, KeyError, TypeError) as e:
-                raise APIError(400, f"cannot render the messages: {e}", param="messages",
-                               code="invalid_request") from None
-        body = {"count": len(ids), "max_model_len": engine.max_context, "tokens": ids}
-        if req.return_token_strs:
-            body["token_strs"] = [tokenizer.decode([t]) for t in ids]
-        return body
 
-    @app.post("/detokenize")
-    async def detokenize(request: Request):
-        req: DetokenizeRequest = await read_request(request, DetokenizeRequest)
-        try:
-            check_token_ids(req.tokens, tokenizer.vocab_size)
-        except ValueError as e:
-            raise APIError(400, str(e), param="tokens", code="invalid_request") from None
-        return {"prompt": tokenizer.decode(req.tokens)}
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info(request: Request):
-        authorize(request)
-        return {"tokenizer_class": "llama4.prompt.tokenizer.Tokenizer", "bos_token": tokenizer.decode([tokenizer.bos_id]),
-                "eos_token": tokenizer.decode([tokenizer.eot_id]), "pad_token": tokenizer.decode([tokenizer.pad_id]),
-                "vocab_size": tokenizer.vocab_size, "model_max_length": engine.max_context}
-
-    @app.get("/metrics")
-    async def prometheus():
-        s = engine.stats()
-        gauges = [("llama4_running_requests", "Sequences in the running batch (decoding or prefilling).",
-                   s["running"] + s["prefilling"]),
-                  ("llama4_queued_requests", "Requests waiting for a batch slot.", s["queued"]),
-                  ("llama4_kv_cache_bytes", "Bytes of KV cache allocated to running sequences.", s["kv_cache_bytes"]),
-                  ("llama4_prefix_cache_bytes", "Bytes of KV cache kept for prefix reuse.", s["prefix_cache_bytes"])]
-        return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
-
+def _add_generation_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer: Tokenizer, model_id: str,
+                           reader: RequestReader, allow_remote_images: bool) -> None:
+    """/v1/chat/completions and /v1/completions, streamed or not; responses name the model ``model_id``."""
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req: ChatCompletionRequest = await read_request(request, ChatCompletionRequest)
+        req: ChatCompletionRequest = await reader.read(request, ChatCompletionRequest)
         plan = await run_in_threadpool(translate.plan_chat, req, tokenizer, engine.has_vision,
                                        allow_remote_images)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -223,7 +145,7 @@ def create_engine_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, *, m
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req: CompletionRequest = await read_request(request, CompletionRequest)
+        req: CompletionRequest = await reader.read(request, CompletionRequest)
         plan = await run_in_threadpool(translate.plan_completion, req, tokenizer)
         choices = Choices(engine, plan.requests(req, req.logprobs))
         reply = _CompletionReply(req, plan, tokenizer, model_id, choices)
@@ -231,13 +153,13 @@ def create_engine_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, *, m
             return _sse(reply.stream())
         return await _unless_disconnected(request, choices, reply.collect())
 
+
+def _add_web_ui(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     async def index():
         return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-
-    return app
 
 
 def _sse_event(chunk: BaseModel | dict | str) -> str:

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from llama4.dtypes import WEIGHT_DTYPES
+
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, web chat page)")
@@ -31,7 +33,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="let products pick kernels by row count and prefill attend all of a piece's queries "
                         "in one call (faster decode and prefill; a reply at temperature 0 may then differ from "
                         "the same request sent alone, e.g. after a prefix-cache hit)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="bf16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--engine", choices=("process", "thread"), default="process" if os.name == "posix" else "thread",
                    help="run the model in a process of its own (the default where pipes can be handed to a child, "
@@ -54,20 +56,23 @@ def served_names(args: argparse.Namespace) -> list[str]:
 def build_app(args: argparse.Namespace):
     """The app for parsed ``serve`` arguments. With ``--engine process`` the engine process is started
     (and its model loaded) here, so that a checkpoint that does not load fails before serving."""
-    import llama4
+    from llama4.build import load_model
+    from llama4.dtypes import torch_dtype
+    from llama4.inference.engine import Engine, EngineConfig
+    from llama4.prompt import load_tokenizer
     from llama4.serve.app import create_engine_app
-    from llama4.serve.engine import Engine, EngineConfig
-    from llama4.serve.engine_process import DTYPES, EngineProcess
+    from llama4.serve.engine_process import EngineProcess
 
     config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                           prefill_chunk=args.prefill_chunk, batch_invariant=not args.no_batch_invariant,
                           prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
-    tokenizer = llama4.load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model)
     if args.engine == "process":
         engine = EngineProcess(args.model, args.dtype, config, threads=args.threads)
         engine.start()
     else:
-        engine = Engine(llama4.load_model(args.model, dtype=DTYPES[args.dtype]), tokenizer, config)
+        engine = Engine(load_model(args.model, dtype=torch_dtype(args.dtype), kernels=config.kernels),
+                        tokenizer, config)
     model_ids = served_names(args)
     limits = {} if args.max_body_mb is None else {"max_body_bytes": int(args.max_body_mb * 2**20)}
     return create_engine_app(engine, tokenizer, model_id=model_ids, api_key=args.api_key,

@@ -1,7 +1,7 @@
-"""The engine process's side of llama4 serve (see engine_process.py): ``python -m llama4.serve.engine_child``
-loads the model, runs the engine, reads request frames from one pipe and writes each engine iteration's
-events to the other. A module of its own (not imported by the package), so that running it with ``-m``
-does not find it already imported.
+"""The engine process's side of llama4 serve (the parent's is engine_process.py):
+``python -m llama4.serve.engine_child`` loads the model, runs the engine, reads request frames from one
+pipe and writes each engine iteration's events to the other. A module of its own (imported by nobody),
+so that running it with ``-m`` does not find it already imported.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from collections.abc import Callable
 
 import torch
 
-from llama4.serve.engine import EngineConfig
-from llama4.serve.engine_process import DTYPES, METRICS_INTERVAL
-from llama4.serve.protocol import Event, FinishEvent
+from llama4.dtypes import torch_dtype
+from llama4.inference.engine import Engine, EngineConfig
+from llama4.inference.requests import Event, FinishEvent
 from llama4.serve.wire import decode_request, encode_event, read_frame, write_frame
+
+METRICS_INTERVAL = 0.25  # seconds between metrics snapshots while nothing finishes
 
 
 class _Outbox:
@@ -79,29 +81,40 @@ class _Outbox:
             os._exit(1)
 
 
-def child_main(argv: list[str] | None = None) -> int:
+def _load(settings: dict) -> Engine:
+    """The engine of the parent's settings (JSON: model, dtype, threads, config), its model loaded."""
+    from llama4.build import load_model
+    from llama4.prompt import load_tokenizer
+
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+    config = EngineConfig(**settings["config"])
+    tokenizer = load_tokenizer(settings["model"])
+    model = load_model(settings["model"], dtype=torch_dtype(settings["dtype"]), kernels=config.kernels)
+    return Engine(model, tokenizer, config)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="the engine process of llama4 serve (started by the server)")
     parser.add_argument("--requests-fd", type=int, required=True)
     parser.add_argument("--events-fd", type=int, required=True)
-    parser.add_argument("--settings", required=True, help="JSON: model, dtype, threads, config")
+    parser.add_argument("--settings", required=True, help="JSON: model, dtype, threads, config (an EngineConfig)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
     requests, events = os.fdopen(args.requests_fd, "rb"), os.fdopen(args.events_fd, "wb")
     try:
-        import llama4
-        from llama4.serve.engine import Engine
-
-        settings = json.loads(args.settings)
-        if settings["threads"]:
-            torch.set_num_threads(settings["threads"])
-        tokenizer = llama4.load_tokenizer(settings["model"])
-        engine = Engine(llama4.load_model(settings["model"], dtype=DTYPES[settings["dtype"]]), tokenizer,
-                        EngineConfig(**settings["config"]))
+        engine = _load(json.loads(args.settings))
     except Exception as e:
         write_frame(events, {"error": f"{type(e).__name__}: {e}"})
         return 1
     write_frame(events, {"ready": {"vocab": engine.vocab, "max_context": engine.max_context,
                                    "has_vision": engine.has_vision}})
+    serve(engine, requests, events)
+    return 0
+
+
+def serve(engine: Engine, requests, events) -> None:
+    """Submit and cancel what the parent sends until it says stop (or goes), then stop the engine."""
     outbox = _Outbox(engine, events)
     engine.start(after_step=outbox.flush)
     handles = {}
@@ -117,7 +130,7 @@ def child_main(argv: list[str] | None = None) -> int:
                 handle.cancel()
             continue
         try:
-            request = decode_request(header, payload, tokenizer,
+            request = decode_request(header, payload, engine.tokenizer,
                                      lambda k: last_pixels[1] if last_pixels[0] == k else None)
             last_pixels = (key, request.pixel_values)
             handles[key] = engine.submit(request, outbox.sink(key))
@@ -130,8 +143,7 @@ def child_main(argv: list[str] | None = None) -> int:
             handles = {k: h for k, h in handles.items() if not h.finished}
     engine.stop()
     outbox.flush()
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(child_main())
+    sys.exit(main())

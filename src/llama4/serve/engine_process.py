@@ -1,12 +1,15 @@
-"""The engine in a process of its own, so that it never waits for the HTTP side's interpreter lock.
+"""The engine in a process of its own, so that it never waits for the HTTP side's interpreter lock: the
+parent's side (the child's is engine_child.py).
 
 In one process the engine thread and the event loop take turns on one interpreter lock: the HTTP
 work of every streamed token (chunks, SSE, socket writes) delays the next decode step, and a server
 on a small model runs on about one core however many it has. :class:`EngineProcess` has the
-caller-side interface of :class:`~llama4.serve.engine.Engine` (``submit`` -> handle with
+caller-side interface of :class:`~llama4.inference.engine.Engine` (``submit`` -> handle with
 ``cancel``, ``stats``, ``metrics``, ``max_context``, ``has_vision``, ``start``/``stop``) and runs the
 real engine in a child, ``python -m llama4.serve.engine_child``, which loads the model itself: the
-HTTP process holds only the tokenizer, never a second copy of the weights.
+HTTP process holds only the tokenizer, never a second copy of the weights. The child gets its
+settings as one JSON argument: the model, its dtype (a name of ``llama4.dtypes``), the torch threads
+and the :class:`~llama4.inference.engine.EngineConfig` as a dict.
 
 The two talk over a pair of pipes in the frames of wire.py. Requests go down as they are submitted (by
 a writer thread: submitting never blocks the event loop); the choices of ``n`` that share one image
@@ -34,15 +37,11 @@ import weakref
 from collections.abc import Callable
 from dataclasses import asdict
 
-import torch
-
-from llama4.serve.engine import EngineConfig, admissible
-from llama4.serve.metrics import ServeMetrics
-from llama4.serve.protocol import EngineError, Event, FinishEvent, GenerationRequest, QueueFull
+from llama4.dtypes import WEIGHT_DTYPES
+from llama4.inference.engine import EngineConfig, admissible
+from llama4.inference.metrics import EngineMetrics
+from llama4.inference.requests import EngineError, Event, FinishEvent, GenerationRequest, QueueFull
 from llama4.serve.wire import decode_event, encode_request, read_frame, write_frame
-
-METRICS_INTERVAL = 0.25  # seconds between metrics snapshots while nothing finishes
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the --dtype names of llama4 serve
 
 
 class EngineStartError(RuntimeError):
@@ -91,7 +90,8 @@ class _Child:
             code = self.process.wait()
             self.from_child.close()
             self.to_child.close()
-            raise EngineStartError(f"the engine process did not start (exit code {code}): {why or 'see its output above'}")
+            raise EngineStartError(f"the engine process did not start (exit code {code}): "
+                                   f"{why or 'see its output above'}")
         return frame[0]["ready"]
 
     def write(self) -> None:
@@ -108,7 +108,7 @@ class _Child:
 
 
 class EngineProcess:
-    """An :class:`~llama4.serve.engine.Engine` on ``model`` (a checkpoint directory; None: the embedded
+    """An :class:`~llama4.inference.engine.Engine` on ``model`` (a checkpoint directory; None: the embedded
     model) in a child process; ``threads``: the child's torch threads (None: torch's choice).
 
     A child that dies (killed for memory, say) fails the requests it was running; with ``restart``
@@ -120,9 +120,9 @@ class EngineProcess:
 
     def __init__(self, model: str | None, dtype: str = "bf16", config: EngineConfig = EngineConfig(),
                  threads: int | None = None, restart: bool = True):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.config, self.metrics, self.restart = config, ServeMetrics(), restart
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}")
+        self.config, self.metrics, self.restart = config, EngineMetrics(), restart
         self._settings = {"model": model, "dtype": dtype, "threads": threads, "config": asdict(config)}
         self._child: _Child | None = None
         self._lock = threading.Lock()
@@ -225,7 +225,7 @@ class EngineProcess:
         why = "the engine process ended"
         try:
             while (frame := read_frame(child.from_child)) is not None:
-                self._take(frame[0])
+                self._dispatch_frame(frame[0])
         except Exception as e:  # a broken frame: the child cannot be trusted to be in step any more
             why = f"the engine process sent a bad frame: {e}"
         finally:
@@ -252,7 +252,7 @@ class EngineProcess:
                 if not self._stopping:
                     self._down = f"{why}; its restart failed: {e}"
 
-    def _take(self, header: dict) -> None:
+    def _dispatch_frame(self, header: dict) -> None:
         """One frame from the child: gauges, metrics, then its events, each to its request's sink."""
         with self._lock:
             self._stats, self._seen = header["stats"], max(self._seen, header["seen"])  # a new child starts at 0

@@ -19,7 +19,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 
-from llama4.serve.protocol import ContextTooLong, EngineError, Event, FinishEvent, GenerationRequest, QueueFull
+from llama4.inference.requests import ContextTooLong, EngineError, Event, FinishEvent, GenerationRequest, QueueFull
 from llama4.serve.errors import APIError, bad_request, queue_full
 
 
@@ -68,7 +68,7 @@ class Choices:
     """Submits a request's choices; iterate :meth:`events` for ``(choice index, event)`` in arrival order."""
 
     def __init__(self, engine, requests: list[GenerationRequest]):
-        """``engine``: an :class:`~llama4.serve.engine.Engine` or an
+        """``engine``: an :class:`~llama4.inference.engine.Engine` or an
         :class:`~llama4.serve.engine_process.EngineProcess` (the same caller-side interface)."""
         self.bridge = bridge_for(asyncio.get_running_loop())
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()

@@ -16,16 +16,24 @@ from dataclasses import dataclass, field
 import torch
 
 from llama4.inference.constrained import JsonConstraint, SchemaError
+from llama4.inference.requests import Constraint, GenerationRequest, PromptEvent, TokenEvent
 from llama4.inference.sampling import SamplingParams
 from llama4.inference.text import prepare_messages
 from llama4.prompt import ImageError, Tokenizer, parse_assistant_output
 from llama4.prompt.tool_parsing import new_call_id
-from llama4.serve.protocol import Constraint, GenerationRequest, PromptEvent, TokenEvent
 from llama4.serve.errors import bad_request
 from llama4.serve.remote_images import inline_remote_images
+from llama4.serve.schemas import (
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    CompletionLogprobs,
+    CompletionRequest,
+    FunctionCall,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
+)
 from llama4.serve.tool_stream import partial_calls
-from llama4.serve.schemas import (ChatCompletionRequest, ChoiceLogprobs, CompletionLogprobs, CompletionRequest,
-                                  FunctionCall, TokenLogprob, ToolCall, TopLogprob)
 
 
 @dataclass

@@ -17,12 +17,13 @@ from typing import BinaryIO
 
 import torch
 
+from llama4.dtypes import DTYPES, dtype_name, torch_dtype
 from llama4.inference.constrained import JsonConstraint
+from llama4.inference.requests import Event, FinishEvent, GenerationRequest, PromptEvent, TokenEvent
 from llama4.inference.sampling import SamplingParams
-from llama4.serve.protocol import Event, FinishEvent, GenerationRequest, PromptEvent, TokenEvent
 
 _LENGTHS = struct.Struct(">II")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_TILE_DTYPES = sorted(set(DTYPES.values()))  # image tiles cross under torch's own names
 
 
 class WireError(Exception):
@@ -75,9 +76,9 @@ def encode_request(request: GenerationRequest, pixels_from: int | None = None) -
     if pixels is not None and pixels_from is not None:
         header["pixels_from"] = pixels_from
     elif pixels is not None:
-        name = str(pixels.dtype).removeprefix("torch.")
-        if name not in _DTYPES:
-            raise TypeError(f"image tiles must be one of {sorted(_DTYPES)}, got {name}")
+        name = dtype_name(pixels.dtype)
+        if name not in _TILE_DTYPES:
+            raise TypeError(f"image tiles must be one of {_TILE_DTYPES}, got {name}")
         pixels = pixels.detach().cpu().contiguous()
         header["pixels"] = {"dtype": name, "shape": list(pixels.shape)}
         payload = pixels.view(torch.uint8).numpy().tobytes() if pixels.numel() else b""
@@ -96,7 +97,7 @@ def decode_request(header: dict, payload: bytes, tokenizer,
                             "which are not at hand")
     elif "pixels" in header:
         spec = header["pixels"]
-        dtype = _DTYPES[spec["dtype"]]
+        dtype = torch_dtype(spec["dtype"])
         pixels = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(spec["shape"])
     constraint = None
     if "json_schema" in header:

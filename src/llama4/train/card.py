@@ -56,12 +56,16 @@ def render_card(model_dir: Path, report: dict) -> str:
     recipe = json.loads((model_dir / "recipe.json").read_text())
     info = model_info(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    text, vision = config["text_config"], config["vision_config"]
-    ppl = report["perplexity"]
     pictures = report.get("pictures", {})
     reliable = sorted(k for k, r in pictures.items() if r["accuracy"] >= RELIABLE)
     unreliable = sorted(k for k, r in pictures.items() if r["accuracy"] < RELIABLE)
-    lines = [
+    lines = (_introduction(reliable, unreliable) + _architecture(info, config, recipe) + _evaluation(report)
+             + _training(recipe) + _data_and_licenses() + _limitations(reliable, unreliable))
+    return "\n".join(lines)
+
+
+def _introduction(reliable: list[str], unreliable: list[str]) -> list[str]:
+    return [
         "# llama4-tiny: the embedded default model",
         "",
         "A small model with the full Llama 4 architecture, trained from scratch by this project's own code "
@@ -71,6 +75,14 @@ def render_card(model_dir: Path, report: dict) -> str:
         "It is a demonstration model, not a useful assistant: real Llama 4 weights load with "
         "`--model PATH`.",
         "",
+    ]
+
+
+def _architecture(info: dict, config: dict, recipe: dict) -> list[str]:
+    text, vision = config["text_config"], config["vision_config"]
+    rope_layers = ", ".join(str(i) for i, r in enumerate(text["no_rope_layers"]) if r)
+    nope_layers = ", ".join(str(i) for i, r in enumerate(text["no_rope_layers"]) if not r)
+    return [
         "## Architecture",
         "",
         f"- {info['total_params']:,} parameters in total, {info['active_params']:,} active per token "
@@ -79,18 +91,24 @@ def render_card(model_dir: Path, report: dict) -> str:
         f"query / {text['num_key_value_heads']} key-value heads of {text['head_dim']}.",
         f"- Every layer MoE: {text['num_local_experts']} routed experts (sigmoid top-{text['num_experts_per_tok']}) "
         f"+ a shared expert, expert width {text['intermediate_size']}.",
-        f"- iRoPE: layers {', '.join(str(i) for i, r in enumerate(text['no_rope_layers']) if r)} use RoPE with "
-        f"chunked attention ({text['attention_chunk_size']}-token chunks); layer(s) "
-        f"{', '.join(str(i) for i, r in enumerate(text['no_rope_layers']) if not r)} have no position embedding, "
-        f"full causal attention and attention-temperature tuning (floor scale {text['floor_scale']}); QK-norm.",
-        f"- Vision: {vision['image_size']} px tiles, {vision['patch_size']} px patches, a {vision['num_hidden_layers']}-layer "
-        f"encoder of width {vision['hidden_size']}, pixel shuffle to 144 tokens per tile, adapter and projector; "
-        "early fusion at the `<|patch|>` tokens.",
+        f"- iRoPE: layers {rope_layers} use RoPE with chunked attention ({text['attention_chunk_size']}-token "
+        f"chunks); layer(s) {nope_layers} have no position embedding, full causal attention and "
+        f"attention-temperature tuning (floor scale {text['floor_scale']}); QK-norm.",
+        f"- Vision: {vision['image_size']} px tiles, {vision['patch_size']} px patches, a "
+        f"{vision['num_hidden_layers']}-layer encoder of width {vision['hidden_size']}, pixel shuffle to 144 tokens "
+        "per tile, adapter and projector; early fusion at the `<|patch|>` tokens.",
         f"- Tokenizer: {recipe['base_vocab']:,} BPE tokens trained on the pretraining text with this project's "
         "trainer (Llama 4's pre-tokenizer regex), followed by Llama 4's 2,048 special-token slots.",
         "- Stored as bfloat16 safetensors in the Hugging Face layout; transformers' "
         "`Llama4ForConditionalGeneration` loads it (tested).",
         "",
+    ]
+
+
+def _evaluation(report: dict) -> list[str]:
+    """The figures against their baselines, then the unedited samples."""
+    ppl = report["perplexity"]
+    lines = [
         "## Evaluation (`llama4 eval`)",
         "",
         "| measure | this model | baseline |",
@@ -104,56 +122,74 @@ def render_card(model_dir: Path, report: dict) -> str:
     lines += ["", "Unedited greedy samples:", ""]
     for s in report.get("samples", []):
         lines += [f"- {s['kind']} `{s['prompt']}`", "", "  > " + s["output"].strip().replace("\n", "\n  > "), ""]
+    return lines
+
+
+def _training(recipe: dict) -> list[str]:
+    """How to rebuild the model, its stages (numbered: the vision stage is optional), times and curves."""
     stages = recipe["stages"]
-    lines += [
+    lines = [
         "## Training",
         "",
         f"Rebuild: `{recipe['command']}` (from the repository root, with the shared data beside it; "
         "resumable). Code version `" + recipe["code_version"] + "`, torch " + recipe["torch"] + ".",
         "",
-        f"1. Pretraining: {stages['pretrain']['steps']} steps of {stages['pretrain']['batch_size']} x "
-        f"{stages['pretrain']['seq_len']} tokens, TinyStories with {int(100 * recipe['tales_share'])} % tales, "
-        f"batches in the pattern {', '.join(stages['pretrain_pattern'])} (picture batches: "
-        f"{stages['image_rows']['batch_size']} pictures, one per {stages['image_rows']['seq_len']}-token row), "
-        f"AdamW lr {stages['pretrain']['lr']} (warm-up, cosine), router load-balancing loss "
-        f"x{stages['pretrain']['aux_coef']}.",
+        _pretrain_stage(recipe),
     ]
-    step = 2
     if "vision" in stages:
-        probe = recipe.get("vision_probe_accuracy", {})
-        heads = probe if all(isinstance(v, dict) for v in probe.values()) else {"pooled": probe}
-        facts = next(iter(heads.values()), {})
-        where = {"pooled": "mean- and max-pooled output", "mean": "mean output"}
-        lines.append(
-            f"2. Vision: a fresh vision tower, {stages['vision']['steps']} steps of {stages['vision']['batch_size']} "
-            f"fresh synthetic pictures, learning each picture's {', '.join(facts) or 'facts'} through temporary "
-            f"linear heads on its {' and on its '.join(where.get(h, h) for h in heads)} (lr {stages['vision']['lr']}"
-            + (f", decaying; then {stages['vision_mean']['steps']} steps at a constant lr {stages['vision_mean']['lr']}"
-               if "vision_mean" in stages else "")
-            + "); the heads are dropped and the tower replaces the one from pretraining."
-            + "".join(f" {where.get(h, h).capitalize()} head accuracy on held-out pictures: "
-                      + ", ".join(f"{k} {_pct(v)}" for k, v in acc.items()) + "." for h, acc in heads.items()))
-        step = 3
+        lines.append(_vision_stage(stages, recipe.get("vision_probe_accuracy", {})))
     scale = stages["instruct"].get("vision_lr_scale", 1.0)
     lines += [
-        f"{step}. Instruct: {stages['instruct']['steps']} steps mixing (in the pattern "
+        f"{3 if 'vision' in stages else 2}. Instruct: {stages['instruct']['steps']} steps mixing (in the pattern "
         f"{', '.join(stages['instruct_pattern'])}) chats, synthetic-picture questions and pretraining text, "
         f"lr {stages['instruct']['lr']}" + (f" (the vision tower at {scale:g}x)" if scale != 1.0 else "") + ".",
         "",
     ]
     for name, seconds in recipe.get("seconds", {}).items():
         lines.append(f"- {name}: {seconds / 60:.1f} min on this run's machine")
-    curves = " ".join(f"![{stage} loss]({stage}_loss.png)" for stage in ("pretrain", "vision", "vision_mean", "instruct")
-                      if stage in stages)
-    lines += ["", curves, "",
-              "Per-expert token shares at the end of training (per MoE layer): "
-              + "; ".join(str(s) for s in recipe.get("expert_shares", [])), ""]
-    lines += ["## Data and licenses", "",
-              "The weights are derived from the data below; the license texts are in `licenses/`. Data "
-              "SHA-256 hashes are in `recipe.json`.", ""]
-    for what, license_name, _, who in DATA_LICENSES:
-        lines.append(f"- {what}: {license_name} ({who}).")
-    lines += [
+    curves = " ".join(f"![{stage} loss]({stage}_loss.png)"
+                      for stage in ("pretrain", "vision", "vision_mean", "instruct") if stage in stages)
+    return lines + ["", curves, "",
+                    "Per-expert token shares at the end of training (per MoE layer): "
+                    + "; ".join(str(s) for s in recipe.get("expert_shares", [])), ""]
+
+
+def _pretrain_stage(recipe: dict) -> str:
+    stages = recipe["stages"]
+    pretrain, rows = stages["pretrain"], stages["image_rows"]
+    return (f"1. Pretraining: {pretrain['steps']} steps of {pretrain['batch_size']} x {pretrain['seq_len']} tokens, "
+            f"TinyStories with {int(100 * recipe['tales_share'])} % tales, batches in the pattern "
+            f"{', '.join(stages['pretrain_pattern'])} (picture batches: {rows['batch_size']} pictures, one per "
+            f"{rows['seq_len']}-token row), AdamW lr {pretrain['lr']} (warm-up, cosine), router load-balancing loss "
+            f"x{pretrain['aux_coef']}.")
+
+
+def _vision_stage(stages: dict, probe: dict) -> str:
+    """``probe``: the held-out accuracy of each temporary head (older recipes: of the one pooled head)."""
+    heads = probe if all(isinstance(v, dict) for v in probe.values()) else {"pooled": probe}
+    facts = next(iter(heads.values()), {})
+    where = {"pooled": "mean- and max-pooled output", "mean": "mean output"}
+    vision = stages["vision"]
+    return (
+        f"2. Vision: a fresh vision tower, {vision['steps']} steps of {vision['batch_size']} "
+        f"fresh synthetic pictures, learning each picture's {', '.join(facts) or 'facts'} through temporary "
+        f"linear heads on its {' and on its '.join(where.get(h, h) for h in heads)} (lr {vision['lr']}"
+        + (f", decaying; then {stages['vision_mean']['steps']} steps at a constant lr {stages['vision_mean']['lr']}"
+           if "vision_mean" in stages else "")
+        + "); the heads are dropped and the tower replaces the one from pretraining."
+        + "".join(f" {where.get(h, h).capitalize()} head accuracy on held-out pictures: "
+                  + ", ".join(f"{k} {_pct(v)}" for k, v in acc.items()) + "." for h, acc in heads.items()))
+
+
+def _data_and_licenses() -> list[str]:
+    lines = ["## Data and licenses", "",
+             "The weights are derived from the data below; the license texts are in `licenses/`. Data "
+             "SHA-256 hashes are in `recipe.json`.", ""]
+    return lines + [f"- {what}: {license_name} ({who})." for what, license_name, _, who in DATA_LICENSES]
+
+
+def _limitations(reliable: list[str], unreliable: list[str]) -> list[str]:
+    return [
         "",
         "## Limitations",
         "",
@@ -174,7 +210,6 @@ def render_card(model_dir: Path, report: dict) -> str:
         "ask about it in the turn that carries it.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def write_model_card(model_dir: str | Path, report: dict) -> Path:

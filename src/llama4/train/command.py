@@ -73,10 +73,12 @@ def model_config(args, tok) -> ModelConfig:
     return replace(config, text=text, vision=None)
 
 
-def run_recipe(args) -> int:
+def run_recipe(args) -> Path:
+    """Build the embedded model by its recipe (``--recipe embedded``); returns its directory (the command
+    line then evaluates it and writes its card: llama4.evaluation.evaluate_and_card)."""
     from tqdm import tqdm
 
-    from llama4.train.recipe import build_embedded, evaluate_and_card
+    from llama4.train.recipe import build_embedded
 
     bar = tqdm(unit="step")
 
@@ -87,17 +89,12 @@ def run_recipe(args) -> int:
 
     final = build_embedded(args.out, args.data_dir, on_step)
     bar.close()
-    report = evaluate_and_card(final, args.data_dir)
-    print(f"model written to {final}: held-out perplexity {report['perplexity']['perplexity']:.2f}, "
-          + ", ".join(f"{k} questions {v['accuracy']:.1%}" for k, v in report["pictures"].items()))
-    return 0
+    return final
 
 
 def run_train(args) -> int:
     from tqdm import tqdm
 
-    if args.recipe:
-        return run_recipe(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     texts = pretraining_texts(args.data_dir, args.data, seed=args.seed, limit=args.limit)

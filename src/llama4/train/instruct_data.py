@@ -10,7 +10,7 @@ Chats (each a list of OpenAI-style messages):
 * story requests made here from TinyStories (CDLA-Sharing-1.0): "Tell me a story about a dog." -> a
   training story that contains "dog".
 
-Image rows hold one synthetic picture (:mod:`llama4.shapes`) and a few questions about it; each row
+Image rows hold one synthetic picture (:mod:`llama4.train.shapes`) and a few questions about it; each row
 is padded to the row length, so a batch carries exactly one picture per row.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from llama4.train.data import CORPUS_FILES, IGNORE, read_records, shuffled
-from llama4.shapes import answers, draw_scene
+from llama4.train.shapes import answers, draw_scene
 
 IDENTITY_FILE = "chat/identity/identity.json"
 STORY_TOPICS = ("dog", "cat", "bird", "ball", "tree", "fish", "bear", "rabbit", "frog", "duck", "car", "boat",
@@ -70,7 +70,8 @@ def dialogue_chats(data_dir: Path, count: int, max_messages: int, seed: int) -> 
     return out
 
 
-def story_request_chats(stories: Sequence[str], count: int, seed: int, max_chars: int | None = None) -> list[list[dict]]:
+def story_request_chats(stories: Sequence[str], count: int, seed: int,
+                        max_chars: int | None = None) -> list[list[dict]]:
     """Requests for a story (about a topic the story mentions, or none) answered with that story (of at
     most ``max_chars`` characters: the shortest stories fit one chat row)."""
     rng = random.Random(seed)

@@ -215,7 +215,8 @@ def _stage_seconds(stage_dir: Path, elapsed: float) -> float:
 
 def _last_expert_shares(metrics: Path) -> list:
     """Per-expert token shares of the last evaluation a stage logged (a resumed, finished stage runs none)."""
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    records = ([json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+               if metrics.is_file() else [])
     return next((r["expert_shares"] for r in reversed(records) if "expert_shares" in r), [])
 
 
@@ -255,18 +256,3 @@ def build_embedded(out_dir: str | Path, data_dir: str | Path, on_step: Callable 
               "expert_shares": shares, "vision_probe_accuracy": vision_accuracy}
     (final / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
     return final
-
-
-def evaluate_and_card(model_dir: str | Path, data_dir: str | Path, pictures: int = 500,
-                      max_windows: int | None = None) -> dict:
-    """Run the ``llama4 eval`` measurements on a built model and write its ``eval.json`` and ``README.md``."""
-    import llama4
-    from llama4.evaluation import evaluate_model
-    from llama4.train.card import write_model_card
-
-    model_dir = Path(model_dir)
-    model = llama4.load_model(model_dir, dtype=torch.bfloat16)
-    report = evaluate_model(model, llama4.load_tokenizer(model_dir), data_dir, pictures=pictures,
-                            max_windows=max_windows)
-    write_model_card(model_dir, report)
-    return report

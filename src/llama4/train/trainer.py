@@ -121,6 +121,79 @@ def _enable_grads(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+class _ExpertShares:
+    """Each MoE layer's per-expert token shares, summed over the steps since the last report."""
+
+    def __init__(self):
+        self.sums: list[torch.Tensor] = []
+        self.steps = 0
+
+    def add(self, shares: list[torch.Tensor]) -> None:
+        self.sums = [s.clone() for s in shares] if not self.sums else [a + s for a, s in zip(self.sums, shares)]
+        self.steps += 1
+
+    def mean(self) -> list[list[float]]:
+        return [[round(float(x) / self.steps, 4) for x in s] for s in self.sums]
+
+    def take(self) -> list[list[float]]:
+        """The mean, starting a new sum."""
+        mean = self.mean()
+        self.sums, self.steps = [], 0
+        return mean
+
+
+def _resume(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_batches,
+            config: TrainConfig) -> int:
+    """The step the checkpoint in ``out_dir`` was taken at, with the model, optimizer and data position
+    restored from it; 0 if there is none."""
+    meta = load_training_state(out_dir, model, optimizer)
+    if meta is None:
+        return 0
+    if meta["train_config"]["seed"] != config.seed:
+        raise ValueError(f"checkpoint in {out_dir} was trained with seed {meta['train_config']['seed']}, "
+                         f"not {config.seed}")
+    train_batches.load_state_dict(meta["data"])
+    return meta["step"]
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                capture: RouterCapture, train_batches, step: int, config: TrainConfig) -> tuple[dict, list]:
+    """Optimizer step ``step`` (from 0) on the next batch: its metrics, and the per-expert token shares of
+    each MoE layer."""
+    tic = time.perf_counter()
+    lr = lr_at(step, config.lr, config.min_lr, config.warmup, config.steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    batch = next(train_batches)
+    capture.clear()
+    with capture, _autocast(config.bf16):
+        logits, targets = _forward(model, batch)
+    ce, _ = next_token_loss(logits, targets)
+    aux, shares = capture.aux_loss()
+    loss = ce + config.aux_coef * aux if config.aux_coef else ce
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+    optimizer.step()
+    capture.clear()
+    elapsed = time.perf_counter() - tic
+    metrics = {"step": step + 1, "loss": float(ce.detach()), "aux": float(aux.detach()), "lr": lr,
+               "grad_norm": grad_norm, "tokens_per_s": targets.numel() / elapsed}
+    return metrics, shares
+
+
+def _evaluation_report(model: nn.Module, eval_batches: Sequence[Batch], config: TrainConfig, step: int,
+                       shares: _ExpertShares, result: TrainResult, log: _Log) -> None:
+    """Held-out loss at ``step`` with the expert shares since the last report: into ``result`` and the log."""
+    report = {"step": step, **evaluate(model, eval_batches[:config.eval_batches], config.bf16)}
+    if shares.sums:
+        result.expert_shares = shares.take()
+        report["expert_shares"] = result.expert_shares
+    result.eval_history.append(report)
+    log.write(report)
+    log.plot()
+
+
 def train(model: nn.Module, config: TrainConfig, train_batches, eval_batches: Sequence[Batch],
           out_dir: str | Path, resume: bool = True, stop_at: int | None = None,
           on_step: Callable[[dict], None] | None = None) -> TrainResult:
@@ -136,51 +209,18 @@ def train(model: nn.Module, config: TrainConfig, train_batches, eval_batches: Se
     out_dir.mkdir(parents=True, exist_ok=True)
     params = _enable_grads(model)
     groups = param_groups(model, config.weight_decay, config.vision_lr_scale)
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
-                                  foreach=False)
-    start = 0
-    if resume and (meta := load_training_state(out_dir, model, optimizer)) is not None:
-        if meta["train_config"]["seed"] != config.seed:
-            raise ValueError(f"checkpoint in {out_dir} was trained with seed {meta['train_config']['seed']}, "
-                             f"not {config.seed}")
-        train_batches.load_state_dict(meta["data"])
-        start = meta["step"]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, foreach=False)
+    start = _resume(out_dir, model, optimizer, train_batches, config) if resume else 0
     log = _Log(out_dir, start)
     result = TrainResult(step=start, train_loss=None)
     end = config.steps if stop_at is None else min(stop_at, config.steps)
-    shares_sum: list[torch.Tensor] = []
-    shares_steps = 0
+    shares = _ExpertShares()
     model.train()
     capture = RouterCapture(model)
-
-    def checkpoint(step: int) -> None:
-        save_training_state(out_dir, model, optimizer, step, train_batches.state_dict(),
-                            {"train_config": asdict(config)})
-
     for step in range(start, end):
-        tic = time.perf_counter()
-        lr = lr_at(step, config.lr, config.min_lr, config.warmup, config.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        batch = next(train_batches)
-        capture.clear()
-        with capture, _autocast(config.bf16):
-            logits, targets = _forward(model, batch)
-        ce, _ = next_token_loss(logits, targets)
-        aux, shares = capture.aux_loss()
-        loss = ce + config.aux_coef * aux if config.aux_coef else ce
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-        optimizer.step()
-        capture.clear()
-        elapsed = time.perf_counter() - tic
-
+        metrics, step_shares = _train_step(model, optimizer, params, capture, train_batches, step, config)
         done = step + 1
-        shares_sum = [s.clone() for s in shares] if not shares_sum else [a + s for a, s in zip(shares_sum, shares)]
-        shares_steps += 1
-        metrics = {"step": done, "loss": float(ce.detach()), "aux": float(aux.detach()), "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": targets.numel() / elapsed}
+        shares.add(step_shares)
         result.step, result.train_loss = done, metrics["loss"]
         if on_step is not None:
             on_step(metrics)
@@ -188,18 +228,12 @@ def train(model: nn.Module, config: TrainConfig, train_batches, eval_batches: Se
             log.write(metrics)
         last = done == end
         if done % config.eval_every == 0 or (last and done == config.steps):
-            report = {"step": done, **evaluate(model, eval_batches[:config.eval_batches], config.bf16)}
-            if shares_sum:
-                result.expert_shares = [[round(float(x) / shares_steps, 4) for x in s] for s in shares_sum]
-                report["expert_shares"] = result.expert_shares
-                shares_sum, shares_steps = [], 0
-            result.eval_history.append(report)
-            log.write(report)
-            log.plot()
+            _evaluation_report(model, eval_batches, config, done, shares, result, log)
         if done % config.checkpoint_every == 0 or last:
-            checkpoint(done)
-    if shares_sum:
-        result.expert_shares = [[round(float(x) / shares_steps, 4) for x in s] for s in shares_sum]
+            save_training_state(out_dir, model, optimizer, done, train_batches.state_dict(),
+                                {"train_config": asdict(config)})
+    if shares.sums:
+        result.expert_shares = shares.mean()
     if start >= end:
         log.plot()
     model.eval()

@@ -1,7 +1,7 @@
 """The vision tower learns what a picture shows before the language model learns to read it.
 
 Llama 4's vision encoder was pre-trained on its own before it joined the language model; the
-embedded model does the same on the synthetic pictures of :mod:`llama4.shapes`. Two temporary linear
+embedded model does the same on the synthetic pictures of :mod:`llama4.train.shapes`. Two temporary linear
 heads on the tower's output predict every fact of the scene at once (shape, colour, count,
 background): one over the mean- and max-pooled tokens, one over the mean alone. The heads are thrown
 away afterwards; the tower keeps the features.
@@ -28,8 +28,8 @@ import random
 import torch
 import torch.nn as nn
 
-from llama4.shapes import BACKGROUNDS, COLOURS, SHAPES, draw_scene
 from llama4.train.instruct_data import SeededBatches
+from llama4.train.shapes import BACKGROUNDS, COLOURS, SHAPES, draw_scene
 
 ATTRIBUTES: dict[str, tuple] = {"shape": SHAPES, "colour": tuple(COLOURS), "count": (1, 2, 3),
                                 "background": tuple(BACKGROUNDS)}
@@ -40,7 +40,7 @@ HEADS = ("pooled", "mean")  # over mean- and max-pooled tokens; over the mean al
 
 
 def scene_labels(scene) -> list[int]:
-    """Class index of each attribute of a :class:`llama4.shapes.Scene`, in ``ATTRIBUTES`` order."""
+    """Class index of each attribute of a :class:`llama4.train.shapes.Scene`, in ``ATTRIBUTES`` order."""
     return [ATTRIBUTES["shape"].index(scene.shape), ATTRIBUTES["colour"].index(scene.colour),
             ATTRIBUTES["count"].index(scene.count), ATTRIBUTES["background"].index(scene.background)]
 

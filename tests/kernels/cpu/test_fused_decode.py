@@ -1,4 +1,4 @@
-"""The fused decode layer in C (llama4.fused_decode) against the model's layers, which are its reference.
+"""The fused decode layer in C (llama4.kernels.cpu.fused_decode) against the model's layers, which are its reference.
 
 It rounds where the layers round but sums and exponentiates in its own order, so the tolerance is stated
 against a float32 evaluation of the same weights: the fused step may not stray from it by more than the
@@ -14,27 +14,18 @@ import pytest
 import torch
 
 import llama4
-from llama4 import cpu_kernel, cpu_packing, fused_decode
-from llama4.cpu_packing import packing_supported
+from llama4.kernels import cpu as cpu_kernels
+from llama4.kernels.cpu import fused_decode
 from llama4.model.cache import KVCache
-from llama4.model.ops import set_batch_invariant
 from llama4.model.paged_cache import PagedKVCache
 from llama4.presets import text_config
+from tests.kernel_support import BF16_PACKING, KERNEL, pack
 
 pytestmark = pytest.mark.skipif(
-    not packing_supported(torch.bfloat16, "cpu") or cpu_kernel.library() is None,
+    not BF16_PACKING or KERNEL is None,
     reason="no CPU kernel runs on this machine (no AVX2/AVX-512, no C compiler or no oneDNN bf16 packing)")
 
 CHUNK = 8
-
-
-@pytest.fixture(autouse=True)
-def _without_batch_invariance():
-    """The fused layer runs only without batch invariance, which an in-process server engine switches on for
-    the whole process."""
-    before = set_batch_invariant(False)
-    yield
-    set_batch_invariant(before)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,9 +43,17 @@ def plain():
 
 @pytest.fixture(scope="module")
 def packed(plain):
-    model = cpu_packing.pack_model(copy.deepcopy(plain).to(torch.bfloat16))
+    model = pack(copy.deepcopy(plain).to(torch.bfloat16), fused_decode=True)
     assert isinstance(model.text.fast_decode, fused_decode.FusedDecode)
     return model
+
+
+@pytest.fixture(autouse=True)
+def _without_batch_invariance(packed):
+    """Each test starts from the packed model without batch invariance (some turn it on)."""
+    packed.set_batch_invariant(False)
+    yield
+    packed.set_batch_invariant(False)
 
 
 class Counting:
@@ -152,20 +151,18 @@ def test_steps_it_does_not_take_run_the_layers(plain, packed, monkeypatch):
         packed(torch.zeros(2, 3, dtype=torch.long), cache=cache)
         assert fast(h.float(), tables, cache) is None  # not bf16
         assert fast(torch.zeros(2, 2, config.hidden_size, dtype=torch.bfloat16), tables, cache) is None  # 2 tokens
-        assert fast(h, tables, object()) is None  # a cache without decode slots
         assert fast(h.clone().requires_grad_(), tables, cache) is None  # autograd cannot see into C
         two = torch.zeros(2, 2, config.hidden_size, dtype=torch.bfloat16)
-        set_batch_invariant(True)  # prefill pieces of one row are taken then, of several rows not
+        packed.set_batch_invariant(True)  # prefill pieces of one row are taken then, of several rows not
         assert fast(two, packed.text.position_tables(two, torch.tensor([[3, 4]]), cache), cache) is None
-    float_model = cpu_packing.pack_model(copy.deepcopy(plain))
+    float_model = pack(copy.deepcopy(plain), fused_decode=True)
     counting = float_model.text.fast_decode = Counting(float_model)
     with torch.inference_mode():
         llama4.generate(float_model, torch.randint(0, 211, (1, 4)), max_new_tokens=3, stop_tokens=[])
     assert counting.declined == 2 and counting.taken == 0  # float32: the layers run
-    cpu_packing.unpack_model(float_model)
+    cpu_kernels.unpack(float_model)
     assert float_model.text.fast_decode is None
-    monkeypatch.setenv("LLAMA4_FUSED_DECODE", "0")
-    assert cpu_packing.pack_model(copy.deepcopy(plain).to(torch.bfloat16)).text.fast_decode is None
+    assert pack(copy.deepcopy(plain).to(torch.bfloat16), fused_decode=False).text.fast_decode is None
 
 
 def test_the_embedded_model_writes_the_same_greedy_text_either_way():
@@ -180,7 +177,7 @@ def test_the_embedded_model_writes_the_same_greedy_text_either_way():
 
 
 def test_weights_loaded_after_the_first_step_are_the_ones_used(plain):
-    model = cpu_packing.pack_model(copy.deepcopy(plain).to(torch.bfloat16))
+    model = pack(copy.deepcopy(plain).to(torch.bfloat16), fused_decode=True)
     ids = torch.randint(0, 211, (1, 9 + 4), generator=torch.Generator().manual_seed(5))
     _teacher_forced_logits(model, ids, 9, fused=True)  # binds to the weights as they are
     wo = model.text.layers[1].attn.wo
@@ -228,7 +225,7 @@ def test_with_batch_invariance_prefill_pieces_compute_what_decode_steps_compute(
     token by token: the fused layers take every pass and give the same logits and cache, bit for bit."""
     ids = torch.randint(0, 211, (1, sum(pieces) + 3), generator=torch.Generator().manual_seed(11))
     counting = packed.text.fast_decode = Counting(packed)
-    set_batch_invariant(True)
+    packed.set_batch_invariant(True)
     try:
         cache = KVCache(packed.config.text)
         with torch.inference_mode():
@@ -248,7 +245,7 @@ def test_with_batch_invariance_prefill_pieces_compute_what_decode_steps_compute(
 
 def _token_by_token(model, ids: torch.Tensor) -> list[torch.Tensor]:
     """Every position's logits, one decode step per token (batch invariance on, the fused layers)."""
-    set_batch_invariant(True)
+    model.set_batch_invariant(True)
     cache = KVCache(model.config.text)
     with torch.inference_mode():
         return [model(ids[:, t:t + 1], cache=cache)[:, -1] for t in range(ids.shape[1])]
@@ -267,15 +264,14 @@ def test_with_batch_invariance_the_paged_cache_prefills_as_the_kv_cache(packed):
         assert torch.equal(got, reference[t]), t
 
 
-def test_without_the_kernel_library_the_layers_decode(plain, monkeypatch):
-    """No compiled library (no compiler, no AVX2, LLAMA4_CPU_KERNEL=off): the fused layer declines every
-    step and the packed model decodes on the torch layers."""
-    monkeypatch.setattr(cpu_kernel, "_library", None)
-    model = cpu_packing.pack_model(copy.deepcopy(plain).to(torch.bfloat16))
-    counting = model.text.fast_decode = Counting(model)
+def test_without_the_kernel_library_the_layers_decode(plain):
+    """No compiled library (no compiler, no AVX2, LLAMA4_CPU_KERNEL=off): no fused layer, and the packed
+    model decodes on the torch layers."""
+    model = pack(copy.deepcopy(plain).to(torch.bfloat16), variant="off")
+    assert model.text.fast_decode is None
     with torch.inference_mode():
         out = llama4.generate(model, torch.randint(0, 211, (2, 5)), max_new_tokens=4, stop_tokens=[])
-    assert out.shape == (2, 9) and counting.taken == 0 and counting.declined == 3
+    assert out.shape == (2, 9)
 
 
 def test_slots_over_a_chunk_boundary_are_refused_before_the_cache_changes(packed):

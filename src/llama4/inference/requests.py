@@ -1,4 +1,5 @@
-"""What callers and the engine exchange: the request, the events that come back, the refusals."""
+"""What callers and the engine (``llama4.inference.engine``) exchange: the request, the events that come
+back, the refusals."""
 
 from __future__ import annotations
 

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 import llama4
+from llama4.inference.engine import Engine, EngineConfig
 from llama4.inference.generate import prefill
-from llama4.serve.engine import Engine, EngineConfig
-from llama4.serve.protocol import GenerationRequest
-from llama4.serve.prefix_cache import PrefixCache
-from tests.serve.conftest import MODEL_ID
-from tests.serve.test_engine import Collector, run_until_idle, solo
+from llama4.inference.prefix_cache import PrefixCache
+from llama4.inference.requests import GenerationRequest
+from tests.inference.test_engine import Collector, run_until_idle, solo
 
 
 def cache_of(model, tokens):
@@ -100,19 +99,6 @@ def test_the_byte_budget_evicts_least_recently_used(model):
     assert store.take([1, 2, 3, 0])[0] == 3 and store.take([7, 8, 9, 0])[0] == 3
     with pytest.raises(ValueError, match="one row holding its 2 tokens"):
         store.put([1, 2], cache_of(model, [1, 2, 3]))
-
-
-def test_token_prompts_over_http_report_cached_tokens(server, model, tok):
-    client = server.client()
-    first = tok.encode("Once upon a time there was a little dog", bos=True)
-    generated = llama4.generate(model, [first], max_new_tokens=6, stop_tokens=[])[0][len(first):]
-    reply = client.completions.create(model=MODEL_ID, prompt=first, max_tokens=6, temperature=0)
-    assert reply.choices[0].text == tok.decode(generated, skip_special=True)
-    follow = first + generated + tok.encode(" The end.")
-    second = client.completions.create(model=MODEL_ID, prompt=follow, max_tokens=6, temperature=0)
-    assert second.usage.prompt_tokens_details.cached_tokens == len(first) + 5
-    expected = llama4.generate(model, [follow], max_new_tokens=6, stop_tokens=tok.eos_ids)[0][len(follow):]
-    assert second.choices[0].text == tok.decode(expected, skip_special=True)
 
 
 def test_paged_entries_share_blocks_and_evicted_ones_give_them_back(model):

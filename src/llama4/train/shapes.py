@@ -40,7 +40,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float, turn: float) -> list[tu
     if shape == "diamond":
         return [(cx, cy - r), (cx + 0.7 * r, cy), (cx, cy + r), (cx - 0.7 * r, cy)]
     if shape == "triangle":
-        return [(cx + r * math.cos(-math.pi / 2 + k * 2 * math.pi / 3), cy + r * math.sin(-math.pi / 2 + k * 2 * math.pi / 3))
+        return [(cx + r * math.cos(-math.pi / 2 + k * 2 * math.pi / 3),
+                 cy + r * math.sin(-math.pi / 2 + k * 2 * math.pi / 3))
                 for k in range(3)]
     if shape == "star":
         return [(cx + (r if k % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + k * math.pi / 5),

@@ -92,15 +92,16 @@ static void rotate(uint16_t *x, const float *rotation, int64_t d) {
  * (one row) computes, while the rows share each key block's conversion to float32 and each value load.
  * d is a multiple of 16, at most 16 * MAX_LANES. Scratch: scores rows x group x max(n), keys KEY_BLOCK x
  * d, acc rows x group x d floats. */
-static void attend(const uint16_t *const *q, const int64_t *n, int64_t rows, const uint16_t *k, const uint16_t *v,
-                   const int64_t *slots, int64_t first, int64_t group, int64_t d, float *scores, float *keys,
-                   float *acc, uint16_t *const *out) {
-    const float scale = 1.0f / sqrtf((float)d);
-    const int64_t lanes = d / 16, heads = rows * group;
-    int64_t most = 0;
-    for (int64_t r = 0; r < rows; r++) most = n[r] > most ? n[r] : most;
+/* Entry j of a store (k or v): slot slots[j], or first + j without slots (names of the functions below). */
 #define ENTRY(base, j) ((base) + (slots ? slots[j] : first + (j)) * d)
-#define SCORES(r, g) (scores + ((r) * group + (g)) * most)
+
+/* scores[(r * group + g) * most + j] = q[r][g] . key j / sqrt(d) for j < n[r], one key block converted to
+ * float32 at a time and shared by the rows. */
+static void score_keys(const uint16_t *const *q, const int64_t *n, int64_t rows, const uint16_t *k,
+                       const int64_t *slots, int64_t first, int64_t group, int64_t d, int64_t most, float *scores,
+                       float *keys) {
+    const float scale = 1.0f / sqrtf((float)d);
+    const int64_t lanes = d / 16;
     for (int64_t block = 0; block < most; block += KEY_BLOCK) {
         const int64_t end = block + KEY_BLOCK < most ? block + KEY_BLOCK : most;
         for (int64_t j = block; j < end; j++) {
@@ -112,7 +113,7 @@ static void attend(const uint16_t *const *q, const int64_t *n, int64_t rows, con
             for (int64_t g = 0; g < group; g++) {
                 v16 qv[MAX_LANES];
                 for (int64_t l = 0; l < lanes; l++) qv[l] = v_load_bf16(q[r] + g * d + 16 * l);
-                float *row = SCORES(r, g);
+                float *row = scores + (r * group + g) * most;
                 int64_t j = block;
                 for (; j + 4 <= stop; j += 4) {
                     const float *k0 = keys + (j - block) * d;
@@ -140,33 +141,39 @@ static void attend(const uint16_t *const *q, const int64_t *n, int64_t rows, con
             }
         }
     }
-    float total[SHARED_ROWS * MAX_GROUP], *head_scores[SHARED_ROWS * MAX_GROUP];
-    int64_t count[SHARED_ROWS * MAX_GROUP];
-    for (int64_t h = 0; h < heads; h++) head_scores[h] = SCORES(h / group, h % group), count[h] = n[h / group];
-    for (int64_t h = 0; h < heads; h++) {
-        float *row = head_scores[h], top = -INFINITY;
-        for (int64_t j = 0; j < count[h]; j++) top = row[j] > top ? row[j] : top;
-        const v16 shift = v_set1(top);
-        v16 sum = v_zero();
-        int64_t j = 0;
-        for (; j + 16 <= count[h]; j += 16) {
-            const v16 p = v_exp(v_sub(v_load(row + j), shift));
-            sum = v_add(sum, p);
-            v_store(row + j, v_round_bf16(p));
-        }
-        if (j < count[h]) { /* the last 1-15 scores, the lanes past them zeros in the sum */
-            float tail[16] = {0};
-            const int64_t left = count[h] - j;
-            memcpy(tail, row + j, (size_t)left * sizeof(float));
-            v_store(tail, v_exp(v_sub(v_load(tail), shift)));
-            for (int64_t i = left; i < 16; i++) tail[i] = 0;
-            const v16 p = v_load(tail);
-            sum = v_add(sum, p);
-            v_store(tail, v_round_bf16(p));
-            memcpy(row + j, tail, (size_t)left * sizeof(float));
-        }
-        total[h] = v_reduce_add(sum);
+}
+
+/* The first count scores of a head become exp(score - max), rounded to bf16 in place; returns their sum
+ * (of the unrounded values). */
+static float softmax_numerators(float *row, int64_t count) {
+    float top = -INFINITY;
+    for (int64_t j = 0; j < count; j++) top = row[j] > top ? row[j] : top;
+    const v16 shift = v_set1(top);
+    v16 sum = v_zero();
+    int64_t j = 0;
+    for (; j + 16 <= count; j += 16) {
+        const v16 p = v_exp(v_sub(v_load(row + j), shift));
+        sum = v_add(sum, p);
+        v_store(row + j, v_round_bf16(p));
     }
+    if (j < count) { /* the last 1-15 scores, the lanes past them zeros in the sum */
+        float tail[16] = {0};
+        const int64_t left = count - j;
+        memcpy(tail, row + j, (size_t)left * sizeof(float));
+        v_store(tail, v_exp(v_sub(v_load(tail), shift)));
+        for (int64_t i = left; i < 16; i++) tail[i] = 0;
+        const v16 p = v_load(tail);
+        sum = v_add(sum, p);
+        v_store(tail, v_round_bf16(p));
+        memcpy(row + j, tail, (size_t)left * sizeof(float));
+    }
+    return v_reduce_add(sum);
+}
+
+/* acc[h] [d] = sum over j < count[h] of weights[h][j] * value j, in entry order (heads share each value load). */
+static void weigh_values(const uint16_t *v, const int64_t *slots, int64_t first, int64_t d, int64_t most,
+                         int64_t heads, float *const *weights, const int64_t *count, float *acc) {
+    const int64_t lanes = d / 16;
     for (int64_t i = 0; i < heads * d; i++) acc[i] = 0;
     for (int64_t block = 0; block < most; block += KEY_BLOCK) {
         const int64_t end = block + KEY_BLOCK < most ? block + KEY_BLOCK : most;
@@ -176,15 +183,42 @@ static void attend(const uint16_t *const *q, const int64_t *n, int64_t rows, con
             for (int64_t j = block; j < end; j++) {
                 const v16 value = v_load_bf16(ENTRY(v, j) + 16 * l);
                 for (int64_t h = 0; h < heads; h++)
-                    if (j < count[h]) sums[h] = v_fmadd(v_set1(head_scores[h][j]), value, sums[h]);
+                    if (j < count[h]) sums[h] = v_fmadd(v_set1(weights[h][j]), value, sums[h]);
             }
             for (int64_t h = 0; h < heads; h++) v_store(acc + h * d + 16 * l, sums[h]);
         }
     }
+}
+#undef ENTRY
+
+/* Rows that attend over the same entries (tokens of one sequence in a prefill piece), each with its own
+ * query heads of one KV group (q[r]: `group` <= MAX_GROUP heads x d) and entry count n[r]: entry j in slot
+ * slots[j], or first + j without slots, of the group's stores k/v. softmax(q k^T / sqrt(d)) v in float32,
+ * the probabilities rounded to bf16 before they weight the values (as torch's CPU flash attention does
+ * for bf16), each head's result rounded once -> out[r] [group, d].
+ *
+ * A row's arithmetic does not depend on the rows beside it: each score is the same lane sum (sum4, a
+ * missing partner key counted as zeros), each softmax runs over the row's own scores, and each output
+ * accumulates the row's entries in order. So a prefill token computes exactly what its decode step
+ * (one row) computes, while the rows share each key block's conversion to float32 and each value load.
+ * d is a multiple of 16, at most 16 * MAX_LANES. Scratch: scores rows x group x max(n), keys KEY_BLOCK x
+ * d, acc rows x group x d floats. */
+static void attend(const uint16_t *const *q, const int64_t *n, int64_t rows, const uint16_t *k, const uint16_t *v,
+                   const int64_t *slots, int64_t first, int64_t group, int64_t d, float *scores, float *keys,
+                   float *acc, uint16_t *const *out) {
+    const int64_t heads = rows * group;
+    int64_t most = 0;
+    for (int64_t r = 0; r < rows; r++) most = n[r] > most ? n[r] : most;
+    score_keys(q, n, rows, k, slots, first, group, d, most, scores, keys);
+    float total[SHARED_ROWS * MAX_GROUP], *weights[SHARED_ROWS * MAX_GROUP];
+    int64_t count[SHARED_ROWS * MAX_GROUP];
+    for (int64_t h = 0; h < heads; h++) {
+        weights[h] = scores + h * most, count[h] = n[h / group];
+        total[h] = softmax_numerators(weights[h], count[h]);
+    }
+    weigh_values(v, slots, first, d, most, heads, weights, count, acc);
     for (int64_t h = 0; h < heads; h++)
         for (int64_t i = 0; i < d; i++) out[h / group][(h % group) * d + i] = bf16(acc[h * d + i] / total[h]);
-#undef SCORES
-#undef ENTRY
 }
 
 /* Groups of at most MAX_ROWS rows for `count` rows of one weight pair, appended at `groups`; the new count. */

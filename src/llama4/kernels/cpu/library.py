@@ -2,10 +2,10 @@
 instruction set this CPU runs, and the library that also holds the fused decode layer (fused_decode).
 
 A decode step multiplies one to a few rows by every weight matrix once, so it is bound by how fast the
-weights stream from memory and by the fixed cost of each call. Through torch, oneDNN's packed linear
-costs ~20-30 us a call whatever the size (tens of calls per token); the kernel reads the same packed buffer
-(oneDNN's AB16b64a2b layout: blocks of 64 outputs x 32 inputs, input pairs innermost) front to back with
-software prefetch at a fraction of that cost (bench/linear.py). No second copy of the weights.
+weights stream from memory and by the fixed cost of each call, which through torch and oneDNN's packed
+linear is tens of microseconds whatever the size (tens of calls per token). The kernel reads the same packed
+buffer (oneDNN's AB16b64a2b layout: blocks of 64 outputs x 32 inputs, input pairs innermost) front to back
+with software prefetch at a fraction of that cost (bench/linear.py). No second copy of the weights.
 
 One library per instruction set, best first (``VARIANTS``): ``amx`` (AMX tiles; oneDNN's one-row product
 bit for bit), ``avx512bf16`` (VDPBF16PS on the pairs as they lie), ``avx512`` and ``avx2`` (bf16 widened
@@ -13,15 +13,16 @@ by a shift, float32 FMAs). Each is compiled on first use with the system C compi
 into a per-user cache, only for a set the CPU reports (/proc/cpuinfo), loaded with ctypes and asked again
 whether the CPU runs it. Its parallel loops run on a pool of its own (csrc/pool.c: a loop ends when its
 items are done, not when every thread has turned up, so a loaded machine slows it rather than stalls it),
-with as many threads as torch is set to use. In every variant a row's result does
-not depend on the other rows of the call. ``LLAMA4_CPU_KERNEL`` picks one (``auto``, the default; a
-variant's name; ``off``); where none can run (no compiler, another CPU, a layout oneDNN chose differently)
-products stay on oneDNN, which is also the reference the kernels are tested against.
+with as many threads as torch is set to use. In every variant a row's result does not depend on the other
+rows of the call. ``KernelOptions.variant`` picks one (``auto``, the default; a variant's name; ``off``; the
+command line reads it from ``LLAMA4_CPU_KERNEL``); where none can run (no compiler, another CPU, a layout
+oneDNN chose differently) products stay on oneDNN, which is also the reference the kernels are tested against.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -43,7 +44,8 @@ VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
             ("avx512f", "avx512bw", "avx512vl", "fma", "avx512_bf16", "amx_tile", "amx_bf16")),
     "avx512bf16": (("vec_linear.c", "decode_layer.c", "pool.c"), (*_AVX512, "-mavx512bf16"),
                    ("avx512f", "avx512bw", "avx512vl", "fma", "avx512_bf16")),
-    "avx512": (("vec_linear.c", "decode_layer.c", "pool.c"), tuple(_AVX512), ("avx512f", "avx512bw", "avx512vl", "fma")),
+    "avx512": (("vec_linear.c", "decode_layer.c", "pool.c"), tuple(_AVX512),
+               ("avx512f", "avx512bw", "avx512vl", "fma")),
     "avx2": (("vec_linear.c", "decode_layer.c", "pool.c"), ("-mavx2", "-mfma"), ("avx2", "fma")),
 }
 COMMON_FLAGS = ("-O3", "-pthread", "-fPIC", "-shared")
@@ -51,14 +53,8 @@ HEADERS = ("simd.h", "pool.h", "linear_groups.h")
 OUT_BLOCK, IN_BLOCK = 64, 32  # the packed layout's block: 64 outputs x 32 inputs
 MAX_ROWS = 16  # rows per call (group); longer inputs stay on oneDNN where it packed the weight
 
-_library: ctypes.CDLL | None = None
-_variant: str | None = None
-_load_attempted = False
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "llama4" / "kernels"
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "llama4" / "kernels"
 
 
 def cpu_flags() -> set[str]:
@@ -81,17 +77,17 @@ def candidates(requested: str, flags: set[str]) -> list[str]:
     if requested == "off":
         return []
     if requested != "auto" and requested not in VARIANTS:
-        raise ValueError(f"LLAMA4_CPU_KERNEL={requested!r}: expected auto, off or one of {', '.join(VARIANTS)}")
+        raise ValueError(f"CPU kernel {requested!r}: expected auto, off or one of {', '.join(VARIANTS)}")
     names = list(VARIANTS) if requested == "auto" else [requested]
     runnable = [name for name in names if set(VARIANTS[name][2]) <= flags]
     if requested != "auto" and not runnable:
-        log.warning("llama4: this CPU lacks %s for LLAMA4_CPU_KERNEL=%s; decode products stay on oneDNN",
+        log.warning("llama4: this CPU lacks %s for the %s kernel; decode products stay on oneDNN",
                     ", ".join(sorted(set(VARIANTS[requested][2]) - flags)), requested)
     return runnable
 
 
-def _build(sources: list[Path], flags: tuple[str, ...], target: Path) -> None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _build(sources: list[Path], flags: tuple[str, ...], target: Path, compiler: str | None) -> None:
+    compiler = compiler or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -104,14 +100,61 @@ def _build(sources: list[Path], flags: tuple[str, ...], target: Path) -> None:
         os.replace(built, target)
 
 
-def load_variant(name: str) -> ctypes.CDLL | None:
+class Kernel:
+    """One loaded variant of the library: the decode-sized products, and the fused layer's entry."""
+
+    def __init__(self, name: str, lib: ctypes.CDLL):
+        self.name, self.lib = name, lib
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.name!r})"
+
+    def linear(self, x: torch.Tensor, address: int, shape: tuple[int, int]) -> torch.Tensor:
+        """x [..., I] bf16 (1 to MAX_ROWS rows) times the packed weight of ``shape`` [O, I] at ``address`` ->
+        [..., O]. Inputs the kernel cannot take are refused (the C code itself checks nothing)."""
+        out_features, in_features = shape
+        rows = x.numel() // max(x.shape[-1], 1)
+        if x.dtype != torch.bfloat16 or x.shape[-1] != in_features or not 1 <= rows <= MAX_ROWS:
+            raise ValueError(f"the CPU kernel takes 1 to {MAX_ROWS} bf16 rows of {in_features} inputs, got {x.dtype} "
+                             f"{tuple(x.shape)}")
+        x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
+        self.lib.llama4_linear(address, out_features, in_features, x.data_ptr(), rows, y.data_ptr(),
+                               torch.get_num_threads())
+        return y
+
+    def linear_groups(self, x: torch.Tensor, addresses: list[int], counts: list[int],
+                      shape: tuple[int, int]) -> torch.Tensor:
+        """Rows of x [N, I] bf16 in consecutive groups (``counts[g]`` rows each, 0 to MAX_ROWS), each group times
+        its own packed weight of ``shape`` [O, I] at ``addresses[g]``, in one call -> [N, O]: each row exactly as
+        :meth:`linear` computes it alone (the routed experts of a decode batch, rows sorted by expert)."""
+        out_features, in_features = shape
+        if (x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != in_features or len(addresses) != len(counts)
+                or sum(counts) != x.shape[0] or not all(0 <= c <= MAX_ROWS for c in counts)):
+            raise ValueError(f"the CPU kernel's groups take bf16 rows of {in_features} inputs, 0 to {MAX_ROWS} per "
+                             f"group and one weight per group; got {x.dtype} {tuple(x.shape)}, counts {counts}, "
+                             f"{len(addresses)} weights")
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
+        groups = len(counts)
+        self.lib.llama4_linear_groups((ctypes.c_uint64 * groups)(*addresses), (ctypes.c_int64 * groups)(*counts),
+                                      groups, out_features, in_features, x.data_ptr(), y.data_ptr(),
+                                      torch.get_num_threads())
+        return y
+
+
+@functools.cache
+def load_variant(name: str, compiler: str | None = None, cache_dir: Path | None = None) -> Kernel | None:
+    """The ``name`` variant, compiled into ``cache_dir`` (default ~/.cache/llama4/kernels) with ``compiler``
+    (default cc or gcc) if not built yet; None if the CPU does not run it. Raises OSError / RuntimeError when
+    it cannot be built or loaded."""
     files, flags, _ = VARIANTS[name]
     sources = [CSRC / f for f in files]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*sources, *(CSRC / h for h in HEADERS)])
                             + " ".join((*COMMON_FLAGS, *flags)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"llama4_{name}-{digest}.so"
+    target = (cache_dir or default_cache_dir()) / f"llama4_{name}-{digest}.so"
     if not target.is_file():
-        _build(sources, flags, target)
+        _build(sources, flags, target, compiler)
     lib = ctypes.CDLL(str(target))
     if not lib.llama4_kernel_supported():
         return None
@@ -122,32 +165,22 @@ def load_variant(name: str) -> ctypes.CDLL | None:
                                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                          ctypes.c_void_p, ctypes.c_int]
     lib.llama4_linear_groups.restype = None
-    return lib
+    return Kernel(name, lib)
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel library (the best variant this CPU runs, building it if needed); None where none can
-    run here (logged once)."""
-    global _library, _variant, _load_attempted
-    if _load_attempted:
-        return _library
-    _load_attempted, _library, _variant = True, None, None
-    for name in candidates(os.environ.get("LLAMA4_CPU_KERNEL", "auto").strip().lower() or "auto", cpu_flags()):
+@functools.cache
+def load(requested: str = "auto", compiler: str | None = None, cache_dir: Path | None = None) -> Kernel | None:
+    """The best variant this CPU runs among those ``requested`` allows (``auto``, a variant's name, ``off``),
+    building it if needed; None where none can run here (logged once per request)."""
+    for name in candidates(requested, cpu_flags()):
         try:
-            lib = load_variant(name)
+            kernel = load_variant(name, compiler, cache_dir)
         except (OSError, RuntimeError) as exc:
             log.warning("llama4: the %s kernel is not available (%s); decode products stay on oneDNN", name, exc)
             return None
-        if lib is not None:
-            _library, _variant = lib, name
-            return lib
+        if kernel is not None:
+            return kernel
     return None
-
-
-def variant() -> str | None:
-    """The name of the loaded variant (``amx``, ``avx512bf16``, ``avx512``, ``avx2``), or None."""
-    library()
-    return _variant
 
 
 def packed_view(packed: torch.Tensor) -> torch.Tensor:
@@ -186,11 +219,11 @@ SAMPLES = 4096
 
 def readable(weight: torch.Tensor, packed: torch.Tensor) -> bool:
     """Whether the kernel can read ``packed``, oneDNN's packing of the plain [O, I] ``weight``: bf16, the
-    input width a whole number of blocks, the kernel built, and oneDNN's buffer in the layout the kernel
+    input width a whole number of blocks, and oneDNN's buffer in the layout the kernel
     assumes (oneDNN picks layouts by shape and CPU): the buffer's size, and the weight's first and last
     entries and SAMPLES others (fixed seed) where the layout puts them."""
     out_features, in_features = weight.shape
-    if weight.dtype != torch.bfloat16 or in_features % IN_BLOCK or library() is None:
+    if weight.dtype != torch.bfloat16 or in_features % IN_BLOCK:
         return False
     padded_out = -(-out_features // OUT_BLOCK) * OUT_BLOCK
     try:
@@ -205,36 +238,3 @@ def readable(weight: torch.Tensor, packed: torch.Tensor) -> bool:
     return torch.equal(flat[blocked_index(out_index, in_index, in_features)], weight[out_index, in_index])
 
 
-def linear(x: torch.Tensor, address: int, shape: tuple[int, int], lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x [..., I] bf16 (1 to MAX_ROWS rows) times the packed weight of ``shape`` [O, I] at ``address`` ->
-    [..., O], on the loaded variant or ``lib`` (one from :func:`load_variant`). Inputs the kernel cannot
-    take are refused (the kernel itself checks nothing)."""
-    out_features, in_features = shape
-    rows = x.numel() // max(x.shape[-1], 1)
-    if x.dtype != torch.bfloat16 or x.shape[-1] != in_features or not 1 <= rows <= MAX_ROWS:
-        raise ValueError(f"the CPU kernel takes 1 to {MAX_ROWS} bf16 rows of {in_features} inputs, got {x.dtype} "
-                         f"{tuple(x.shape)}")
-    x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
-    (lib or _library).llama4_linear(address, out_features, in_features, x.data_ptr(), rows, y.data_ptr(),
-                                    torch.get_num_threads())
-    return y
-
-
-def linear_groups(x: torch.Tensor, addresses: list[int], counts: list[int], shape: tuple[int, int]) -> torch.Tensor:
-    """Rows of x [N, I] bf16 in consecutive groups (``counts[g]`` rows each, 0 to MAX_ROWS), each group times
-    its own packed weight of ``shape`` [O, I] at ``addresses[g]``, in one call -> [N, O]: each row exactly as
-    :func:`linear` computes it alone (the routed experts of a decode batch, rows sorted by expert)."""
-    out_features, in_features = shape
-    if (x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != in_features or len(addresses) != len(counts)
-            or sum(counts) != x.shape[0] or not all(0 <= c <= MAX_ROWS for c in counts)):
-        raise ValueError(f"the CPU kernel's groups take bf16 rows of {in_features} inputs, 0 to {MAX_ROWS} per group and "
-                         f"one weight per group; got {x.dtype} {tuple(x.shape)}, counts {counts}, "
-                         f"{len(addresses)} weights")
-    x = x.contiguous()
-    y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
-    groups = len(counts)
-    _library.llama4_linear_groups((ctypes.c_uint64 * groups)(*addresses), (ctypes.c_int64 * groups)(*counts),
-                                  groups, out_features, in_features, x.data_ptr(), y.data_ptr(),
-                                  torch.get_num_threads())
-    return y

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from llama4.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZE, answers, describe, draw_scene, words_in
+from llama4.train.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZE, answers, describe, draw_scene, words_in
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import llama4
+from llama4.inference.engine import Engine, EngineConfig
+from llama4.inference.requests import ContextTooLong, FinishEvent, GenerationRequest, QueueFull, TokenEvent
 from llama4.inference.sampling import SamplingParams
-from llama4.serve.engine import Engine, EngineConfig
-from llama4.serve.protocol import ContextTooLong, FinishEvent, GenerationRequest, QueueFull, TokenEvent
 
 PROMPTS = ["Once upon a time", "Max liked to run and play in the park with a little dog",
            "The weather in Paris", "He"]
@@ -248,16 +248,17 @@ def test_identical_prompts_are_prefilled_once(model, tok):
 
 
 def test_the_engine_turns_on_batch_invariant_products_unless_told_not_to(model, tok):
-    from llama4.model import ops
+    from llama4.model.invariance import is_batch_invariant
 
-    previous = ops.set_batch_invariant(False)
+    previous = is_batch_invariant(model)
+    model.set_batch_invariant(False)
     try:
         Engine(model, tok, EngineConfig(batch_invariant=False))
-        assert not ops.batch_invariant()
+        assert not is_batch_invariant(model)
         Engine(model, tok, EngineConfig())
-        assert ops.batch_invariant()
+        assert is_batch_invariant(model)
     finally:
-        ops.set_batch_invariant(previous)
+        model.set_batch_invariant(previous)
 
 
 def test_the_engine_says_when_it_cannot_serve(model, tok):

@@ -9,12 +9,23 @@ import torch
 from safetensors.torch import load_file
 
 import llama4
-from llama4.cpu_packing import (PackedExperts, PackedLinear, PackedQKV, PackedRouter, PackedSwiGLU, ROW_BUCKET,
-                                pack_model, packing_supported, unpack_model)
+from llama4.kernels.cpu import unpack as unpack_model
+from llama4.kernels.cpu.packing import (
+    ROW_BUCKET,
+    PackedExperts,
+    PackedLinear,
+    PackedQKV,
+    PackedRouter,
+    PackedSwiGLU,
+    packing_supported,
+)
 from llama4.model.moe import Experts
 from llama4.presets import text_config
+from tests.kernel_support import KERNEL
+from tests.kernel_support import pack as pack_model
 
-pytestmark = pytest.mark.skipif(not packing_supported(torch.float32, "cpu"), reason="oneDNN packing unavailable")
+pytestmark = pytest.mark.skipif(not packing_supported(torch.float32, "cpu", KERNEL),
+                                reason="oneDNN packing unavailable")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,7 +69,7 @@ def test_packed_experts_equal_plain_experts_for_any_row_count(rows):
     with torch.no_grad():
         experts.gate_up.normal_(0, 0.3)
         experts.down.normal_(0, 0.3)
-    packed = PackedExperts(experts)
+    packed = PackedExperts(experts, KERNEL)
     packed.load_tensor("gate_up", experts.gate_up)
     packed.load_tensor("down", experts.down)
     x = torch.randn(rows, 16)

@@ -1,11 +1,11 @@
 """The layers of a pass with a cache in C, one call per layer (csrc/decode_layer.c), for packed bf16 models
-on x86-64 CPUs with AVX2 or better (built with the product kernel of cpu_kernel, for the CPU's instruction set).
+on x86-64 CPUs with AVX2 or better (built with the product kernel of library.py, for the CPU's instruction set).
 
-At decode, streaming the weights takes about 10 ms a token on the ``small`` bench shape here; the torch
-glue between the products (norms, RoPE, cache writes, attention, routing: ~70 small ops a layer, each paying
-torch's dispatch and a cold cache after every weight stream) took another ~6 ms. The C layer does that glue
-in plain loops between the same kernel products (``cpu_kernel``), so a step costs little more than its weight
-stream.
+At decode the torch glue between the products (norms, RoPE, cache writes, attention, routing: ~70 small ops
+a layer, each paying torch's dispatch and a cold cache after every weight stream) costs a large share of a
+step beside the weight stream itself (bench/generate.py: ``llama4-layers`` against ``llama4``). The C layer
+does that glue in plain loops between the same kernel products (library.py), so a step costs little more
+than its weight stream.
 
 It is a specialisation of the model's layers, which stay the reference: it follows their float32 arithmetic
 and rounds to bf16 where they round, so it agrees with them to bf16 rounding (summation order, exp; top-1
@@ -15,20 +15,20 @@ invariance (the server's default) it also takes one sequence's prefill pieces, e
 own, so that a prefilled token is bit for bit its decode step. It takes a pass only when everything it
 assumes holds (bf16, a cache that hands out decode slots - KVCache or a paged batch -, every layer's
 weights on the kernel, top-1 routing; several tokens per row only with batch invariance, one row);
-otherwise the layers run. ``LLAMA4_FUSED_DECODE=0`` switches it off.
+otherwise the layers run. ``KernelOptions.fused_decode`` (cli: ``LLAMA4_FUSED_DECODE=0``) leaves it out.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
-from llama4 import cpu_kernel
+from llama4.kernels.cpu.library import Kernel
+from llama4.model.cache import Cache
 from llama4.model.moe import MoE
-from llama4.model.ops import batch_invariant
 from llama4.model.transformer import PositionTables, TextModel
+
 
 class _Layer(ctypes.Structure):
     _fields_ = [
@@ -63,12 +63,8 @@ def _parts_within_chunks(start: int, tokens: int, chunk: int) -> list[tuple[int,
     return parts
 
 
-def enabled() -> bool:
-    return os.environ.get("LLAMA4_FUSED_DECODE", "1") != "0"
-
-
 def _address(weight) -> int | None:
-    """The kernel address of a packed weight (cpu_packing.PackedWeight), None if the kernel cannot read it."""
+    """The kernel address of a packed weight (packing.PackedWeight), None if the kernel cannot read it."""
     return getattr(weight, "address", None)
 
 
@@ -76,21 +72,20 @@ class FusedDecode:
     """TextModel.fast_decode for a packed bf16 model. Binds to the layers' weights on first use (a loader
     fills packed modules after they are installed) and declines every step if any layer cannot run in C."""
 
-    def __init__(self, model: TextModel):
-        self.model = model
+    def __init__(self, model: TextModel, kernel: Kernel):
+        self.model, self.kernel = model, kernel
         self.layers: list[_Layer] | None = None
         self._keep: list = []  # ctypes arrays the layer structs point into
-        self._bound_at = -1  # PackedWeight.made when bound: weights packed since (a reload) mean a rebind
-        self._norms: list[tuple[dict, torch.Tensor]] = []  # (a norm's parameters, the weight bound)
+        self._bound: list[tuple[object, str, object]] = []  # (owner, attribute, what the structs point into)
 
-    def __call__(self, h: torch.Tensor, tables: PositionTables, cache) -> torch.Tensor | None:
-        """The layers for h [B, T, D] -> [B, T, D], or None to let the torch layers run. ``cache``: a KVCache or
-        a paged batch (anything with ``decode_slots``). Takes decode steps (T = 1) and, with batch invariance,
+    def __call__(self, h: torch.Tensor, tables: PositionTables, cache: Cache) -> torch.Tensor | None:
+        """The layers for h [B, T, D] -> [B, T, D], or None to let the torch layers run. ``cache``: any Cache (its
+        ``decode_slots``). Takes decode steps (T = 1) and, with batch invariance,
         one sequence's prefill pieces too: each token then computes what its decode step would, bit for bit
         (a piece is run in parts that each stay within one attention chunk)."""
         rows, tokens = h.shape[:2]
-        if (h.dtype != torch.bfloat16 or not h.is_cpu or not hasattr(cache, "decode_slots") or rows == 0
-                or h.requires_grad or (tokens != 1 and not (rows == 1 and batch_invariant()))):
+        if (h.dtype != torch.bfloat16 or not h.is_cpu or rows == 0
+                or h.requires_grad or (tokens != 1 and not (rows == 1 and self.model.batch_invariant))):
             return None  # (autograd cannot see into C)
         if not self.ready():
             return None
@@ -99,7 +94,7 @@ class FusedDecode:
         half = config.head_dim // 2
         rope = torch.view_as_real(tables.rope.expand(rows, tokens, half).reshape(rows * tokens, half)).contiguous()
         q_scale = tables.q_scale.reshape(rows * tokens).contiguous() if tables.q_scale is not None else None
-        decode_layer = cpu_kernel.library().llama4_decode_layer
+        decode_layer = self.kernel.lib.llama4_decode_layer
         start, chunk = tables.starts[0], config.attention_chunk_size
         for offset, count in _parts_within_chunks(start, tokens, chunk) if tokens > 1 else [(0, 1)]:
             step = _Step(rows=rows * count, h=out[offset:].data_ptr(), rope=rope[offset:].data_ptr(),
@@ -130,21 +125,16 @@ class FusedDecode:
         return bool(self.layers)
 
     def _stale(self) -> bool:
-        """Whether a weight the layer structs point into was replaced since they were built: a packed
-        weight made since (a reload packs anew) or a norm weight that is no longer the module's."""
-        from llama4.cpu_packing import PackedWeight  # cpu_packing installs this module
-
-        return PackedWeight.made != self._bound_at or any(params["weight"] is not w for params, w in self._norms)
+        """Whether a weight the layer structs point into was replaced since they were built (a reload packs
+        anew and assigns new norm weights)."""
+        return any(getattr(owner, name, None) is not bound for owner, name, bound in self._bound)
 
     def _bind(self) -> list[_Layer] | None:
         """One struct per layer, or None if some layer cannot run in C."""
-        from llama4.cpu_packing import PackedWeight
-
-        self._bound_at = PackedWeight.made
-        self._norms = [(norm._parameters, norm.weight) for block in self.model.layers
+        self._bound = [(norm, "weight", norm.weight) for block in self.model.layers
                        for norm in (block.attn_norm, block.ffn_norm)]
-        lib = cpu_kernel.library()
-        if lib is None or not hasattr(lib, "llama4_decode_layer"):
+        lib = self.kernel.lib
+        if not hasattr(lib, "llama4_decode_layer"):
             return None
         lib.llama4_decode_layer.argtypes = [ctypes.POINTER(_Layer), ctypes.POINTER(_Step)]
         lib.llama4_decode_layer.restype = ctypes.c_int
@@ -158,12 +148,15 @@ class FusedDecode:
             norms = (block.attn_norm.weight, block.ffn_norm.weight)
             if any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in norms):
                 return None
+            self._watch((block, "attn"), (block, "ffn"), (attn, "qkv"), (attn, "wo"), (attn.qkv, "packed"),
+                        (attn.wo, "packed"))
             qkv, wo = _address(getattr(attn.qkv, "packed", None)), _address(getattr(attn.wo, "packed", None))
             layer = _Layer(dim=config.hidden_size, heads=config.num_heads, kv_heads=config.num_kv_heads,
                            head_dim=config.head_dim, use_rope=spec.use_rope, qk_norm=spec.qk_norm,
                            tune_temperature=spec.temperature_tuning, eps=config.rms_norm_eps,
                            attn_norm=norms[0].data_ptr(), ffn_norm=norms[1].data_ptr(), qkv=qkv or 0, wo=wo or 0)
             shared = ffn.shared if isinstance(ffn, MoE) else ffn
+            self._watch((shared, "packed"), (shared, "down"), (getattr(shared, "down", None), "packed"))
             shared_gate_up = _address(getattr(shared, "packed", None))
             shared_down = _address(getattr(getattr(shared, "down", None), "packed", None))
             if None in (qkv, wo, shared_gate_up, shared_down):
@@ -171,6 +164,8 @@ class FusedDecode:
             layer.shared_gate_up, layer.shared_down = shared_gate_up, shared_down
             layer.hidden = shared.packed.shape[0] // 2
             if isinstance(ffn, MoE):
+                self._watch((ffn, "router"), (ffn, "experts"), (ffn.router, "packed"), (ffn.experts, "gate_up"),
+                            (ffn.experts, "down"))
                 experts, router = ffn.experts, _address(getattr(ffn.router, "packed", None))
                 if (ffn.top_k != 1 or router is None or not getattr(experts, "groups_in_one_call", False)
                         or experts.gate_up[0].shape != shared.packed.shape):
@@ -183,15 +178,6 @@ class FusedDecode:
             layers.append(layer)
         return layers
 
-
-def install(model: torch.nn.Module) -> None:
-    """Give a packed model's text decoder the fused decode step (where it is switched on)."""
-    text = getattr(model, "text", model)
-    if isinstance(text, TextModel):
-        text.fast_decode = FusedDecode(text) if enabled() else None
-
-
-def uninstall(model: torch.nn.Module) -> None:
-    text = getattr(model, "text", model)
-    if isinstance(text, TextModel):
-        text.fast_decode = None
+    def _watch(self, *places: tuple[object, str]) -> None:
+        """Remember what ``owner.name`` holds now, for :meth:`_stale`."""
+        self._bound += [(owner, name, getattr(owner, name, None)) for owner, name in places]

@@ -1,30 +1,26 @@
 """CPU weight packing: linear and expert weights in oneDNN's blocked layout, applied by module swap.
 
-On CPUs, ``F.linear`` on plain row-major weights reaches about 20-25 GB/s for one-token decode and
-~450 GFLOP/s for bf16 prefill here; the same weights reordered once into oneDNN's blocked layout run
-the same products at ~55 GB/s and ~900 GFLOP/s (bench/forward.py, bench/generate.py), with identical
-bf16 results. Products of up to 16 rows (decode) run on the C kernel of cpu_kernel, which reads the
+On CPUs, ``F.linear`` on plain row-major weights runs decode and prefill products at about half the rate
+the same weights reach once reordered into oneDNN's blocked layout (bench/forward.py, bench/generate.py),
+with identical bf16 results. Products of up to 16 rows (decode) run on the C kernel (library.py), which reads the
 same packed buffers (or, on CPUs where oneDNN packs bf16 differently or not at all, its own copy in that
 layout). Packing replaces modules of a finished model (the model code is unchanged and stays the
-reference); :func:`unpacked` restores plain weights, e.g. for saving. The routers keep their plain weight,
+reference); :func:`swap_out` restores plain weights, e.g. for saving. The routers keep their plain weight,
 so that expert choice is computed exactly as the reference computes it, and add a packed copy whose
 one-row products (decode) are the same bits.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama4 import cpu_kernel, fused_decode
-from llama4.model.moe import (Experts, Router, SwiGLU, each_expert_on_its_rows, shared_plus_routed,
-                              sort_by_expert)
-from llama4.model.ops import ROW_TILE, batch_invariant, row_tiled
+from llama4.kernels.cpu.library import IN_BLOCK, MAX_ROWS, Kernel, from_blocked, readable, to_blocked
+from llama4.model.invariance import ROW_TILE, row_tiled
+from llama4.model.moe import Experts, Router, SwiGLU, each_expert_on_its_rows, shared_plus_routed, sort_by_expert
 from llama4.model.transformer import QKVProjection
 
 
@@ -40,17 +36,17 @@ def _onednn_packs(dtype: torch.dtype) -> bool:
     return True
 
 
-def packing_supported(dtype: torch.dtype, device: torch.device | str) -> bool:
+def packing_supported(dtype: torch.dtype, device: torch.device | str, kernel: Kernel | None) -> bool:
     """Whether weights of ``dtype`` can be packed here: by oneDNN, or (bf16) in the CPU kernel's own layout
     where oneDNN cannot pack bf16 (CPUs without AVX-512 BF16 or AMX) but a kernel runs."""
     if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
-    return _onednn_packs(dtype) or (dtype == torch.bfloat16 and cpu_kernel.library() is not None)
+    return _onednn_packs(dtype) or (dtype == torch.bfloat16 and kernel is not None)
 
 
 class PackedWeight:
-    """One [out, in] weight packed for CPU products, and where the C kernel for decode-sized products
-    (cpu_kernel) reads it from, if it can.
+    """One [out, in] weight packed for CPU products, and where ``kernel`` (decode-sized products) reads it
+    from, if it can.
 
     Normally oneDNN's blocked layout (an opaque mkldnn tensor; AMX and AVX-512 BF16 CPUs pack bf16 in the
     layout the kernel reads). Where oneDNN cannot pack bf16 or packs it in another layout (AVX2, AVX-512
@@ -59,23 +55,20 @@ class PackedWeight:
     take (e.g. inputs not a multiple of 32 there) stays plain (``plain``).
     """
 
-    __slots__ = ("tensor", "blocked", "plain", "shape", "address")
-    made = 0  # weights packed so far in this process (code that keeps addresses checks it for reloads)
+    __slots__ = ("tensor", "blocked", "plain", "shape", "address", "kernel")
 
-    def __init__(self, weight: torch.Tensor):
-        PackedWeight.made += 1
+    def __init__(self, weight: torch.Tensor, kernel: Kernel | None):
         weight = weight.detach().contiguous()
         self.shape = weight.shape
-        self.tensor = self.blocked = self.plain = self.address = None
+        self.tensor = self.blocked = self.plain = self.address = self.kernel = None
         if _onednn_packs(weight.dtype):
             self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-            if cpu_kernel.readable(weight, self.tensor):
-                self.address = torch.ops.mkldnn.data_ptr(self.tensor)
+            if kernel is not None and readable(weight, self.tensor):
+                self.address, self.kernel = torch.ops.mkldnn.data_ptr(self.tensor), kernel
                 return
-        if (weight.dtype == torch.bfloat16 and weight.shape[1] % cpu_kernel.IN_BLOCK == 0
-                and cpu_kernel.library() is not None):
-            self.tensor, self.blocked = None, cpu_kernel.to_blocked(weight)
-            self.address = self.blocked.data_ptr()
+        if weight.dtype == torch.bfloat16 and weight.shape[1] % IN_BLOCK == 0 and kernel is not None:
+            self.tensor, self.blocked = None, to_blocked(weight)
+            self.address, self.kernel = self.blocked.data_ptr(), kernel
         elif self.tensor is None:
             self.plain = weight
 
@@ -83,7 +76,7 @@ class PackedWeight:
         if self.plain is not None:
             return self.plain
         if self.blocked is not None:
-            return cpu_kernel.from_blocked(self.blocked, self.shape)
+            return from_blocked(self.blocked, self.shape)
         return self.tensor.to_dense()
 
 
@@ -91,19 +84,19 @@ def _on_kernel(x: torch.Tensor, weight: PackedWeight | None) -> bool:
     """Up to one tile of bf16 rows (a decode step; with batch invariance, every product) and a weight the
     kernel reads: each row then gets its one-row product (on AMX, oneDNN's), whatever the row count."""
     return (weight is not None and weight.address is not None and x.dtype == torch.bfloat16
-            and 0 < x.numel() <= cpu_kernel.MAX_ROWS * x.shape[-1])
+            and 0 < x.numel() <= MAX_ROWS * x.shape[-1])
 
 
 def _linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     if bias is None and _on_kernel(x, weight):
-        return cpu_kernel.linear(x, weight.address, weight.shape)
+        return weight.kernel.linear(x, weight.address, weight.shape)
     if weight.blocked is not None and x.dtype == torch.bfloat16 and x.numel():
         # the kernel's own layout (CPUs where oneDNN's bf16 GEMM is weak or absent): longer inputs on the kernel
         # too, 16 rows per group of one call
         rows = x.reshape(-1, x.shape[-1])
-        n, tile = rows.shape[0], cpu_kernel.MAX_ROWS
-        counts = [min(tile, n - start) for start in range(0, n, tile)]
-        y = cpu_kernel.linear_groups(rows, [weight.address] * len(counts), counts, weight.shape)
+        n = rows.shape[0]
+        counts = [min(MAX_ROWS, n - start) for start in range(0, n, MAX_ROWS)]
+        y = weight.kernel.linear_groups(rows, [weight.address] * len(counts), counts, weight.shape)
         y = y.reshape(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias
     if weight.tensor is None:  # plain (no kernel reads it)
@@ -112,7 +105,7 @@ def _linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = N
     return torch.ops.mkldnn._linear_pointwise.default(x, weight.tensor, bias, "none", [], "")
 
 
-# Batch invariance (ops.row_tiled): like the model's own modules, the packed stand-ins for a composite
+# Batch invariance (model.invariance): like the model's own modules, the packed stand-ins for a composite
 # (q/k/v, SwiGLU, experts) run decode-sized inputs in fixed row tiles themselves, while a bare linear
 # (PackedLinear, like nn.Linear) is tiled by its caller (the model tiles wo and the output head).
 
@@ -124,8 +117,9 @@ class PackedLinear(nn.Module):
     can pack each weight as it is read and never hold the plain and packed copies of the whole model.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, kernel: Kernel | None):
         super().__init__()
+        self.kernel = kernel
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.has_bias = linear.bias is not None
         self.packed: PackedWeight | None = None
@@ -133,7 +127,7 @@ class PackedLinear(nn.Module):
 
     def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
         if name == "weight":
-            self.packed = PackedWeight(tensor)
+            self.packed = PackedWeight(tensor, self.kernel)
         elif name == "bias" and self.has_bias:
             self.bias = nn.Parameter(tensor.detach(), requires_grad=False)
         else:
@@ -161,8 +155,10 @@ ROW_BUCKET = ROW_TILE
 class PackedExperts(nn.Module):
     """Experts with each expert's gate/up and down matrices packed ([out, in] before packing)."""
 
-    def __init__(self, experts: Experts):
+    def __init__(self, experts: Experts, kernel: Kernel | None):
         super().__init__()
+        self.kernel = kernel
+        self.batch_invariant = experts.batch_invariant
         self.num_experts = experts.num_experts
         self.gate_up: list[PackedWeight] = []  # [2I, D] per expert
         self.down: list[PackedWeight] = []  # [D, I] per expert
@@ -174,14 +170,14 @@ class PackedExperts(nn.Module):
         """``gate_up`` [E, D, 2I] or ``down`` [E, I, D], in the checkpoint's x @ W layout."""
         if name not in ("gate_up", "down"):
             raise KeyError(f"PackedExperts has no tensor {name!r}")
-        setattr(self, name, [PackedWeight(tensor[e].t()) for e in range(self.num_experts)])
+        setattr(self, name, [PackedWeight(tensor[e].t(), self.kernel) for e in range(self.num_experts)])
         weights = [*self.gate_up, *self.down]
         self.groups_in_one_call = len(weights) == 2 * self.num_experts and all(w.address is not None for w in weights)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if batch_invariant():
-            return row_tiled(lambda tile: self._swiglu(e, tile), x)
+        if self.batch_invariant:
+            return row_tiled(lambda tile: self._swiglu(e, tile), x, True)
         bucket = rows if rows <= ROW_BUCKET else -(-rows // ROW_BUCKET) * ROW_BUCKET
         if bucket != rows:
             x = F.pad(x, (0, 0, 0, bucket - rows))
@@ -194,7 +190,7 @@ class PackedExperts(nn.Module):
     def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Experts.grouped: rows sorted by expert. Up to a tile of rows per expert, one kernel call per
         matrix for all chosen experts (each row as its own one-row product, as expert() computes it)."""
-        if not (self.groups_in_one_call and x.dtype == torch.bfloat16 and max(counts) <= cpu_kernel.MAX_ROWS):
+        if not (self.groups_in_one_call and x.dtype == torch.bfloat16 and max(counts) <= MAX_ROWS):
             return each_expert_on_its_rows(self, x, counts)
         chosen = [e for e, count in enumerate(counts) if count]
         return self._swiglu_groups(x, [counts[e] for e in chosen], [self.gate_up[e] for e in chosen],
@@ -203,8 +199,9 @@ class PackedExperts(nn.Module):
     def _swiglu_groups(self, x: torch.Tensor, rows: list[int], gate_up: list[PackedWeight],
                        down: list[PackedWeight]) -> torch.Tensor:
         """SwiGLU of consecutive groups of rows, group g through gate_up[g] and down[g], on the kernel."""
-        gate, up = cpu_kernel.linear_groups(x, [w.address for w in gate_up], rows, gate_up[0].shape).chunk(2, dim=-1)
-        return cpu_kernel.linear_groups(F.silu(gate) * up, [w.address for w in down], rows, down[0].shape)
+        kernel = gate_up[0].kernel
+        gate, up = kernel.linear_groups(x, [w.address for w in gate_up], rows, gate_up[0].shape).chunk(2, dim=-1)
+        return kernel.linear_groups(F.silu(gate) * up, [w.address for w in down], rows, down[0].shape)
 
     def with_shared(self, shared: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor,
                     scores: torch.Tensor) -> torch.Tensor:
@@ -231,15 +228,17 @@ class PackedExperts(nn.Module):
         experts = Experts(self.num_experts, first.shape[1], first.shape[0] // 2)
         experts.gate_up = nn.Parameter(torch.stack([w.to_dense().t() for w in self.gate_up]), requires_grad=False)
         experts.down = nn.Parameter(torch.stack([w.to_dense().t() for w in self.down]), requires_grad=False)
+        experts.batch_invariant = self.batch_invariant
         return experts
 
 
 class _FusedLinears(nn.Module):
-    """Several bias-free linears of one input packed as one matrix (one wide GEMV instead of several
-    narrow ones: 40 -> 62 GB/s for Llama 4's q/k/v at decode here); outputs are views of its result."""
+    """Several bias-free linears of one input packed as one matrix (one wide product streams faster than
+    several narrow ones at decode); outputs are views of its result."""
 
-    def __init__(self, parts: dict[str, nn.Linear]):
+    def __init__(self, parts: dict[str, nn.Linear], kernel: Kernel | None, batch_invariant: bool):
         super().__init__()
+        self.kernel, self.batch_invariant = kernel, batch_invariant
         self.sizes = {name: linear.out_features for name, linear in parts.items()}
         self.in_features = next(iter(parts.values())).in_features
         self.pending: dict[str, torch.Tensor] = {}
@@ -250,7 +249,7 @@ class _FusedLinears(nn.Module):
             raise KeyError(f"no fused part {name!r}; parts: {list(self.sizes)}")
         self.pending[name] = tensor.detach()
         if len(self.pending) == len(self.sizes):  # all parts read: pack them as one [sum(out), in] matrix
-            self.packed = PackedWeight(torch.cat([self.pending[n] for n in self.sizes]))
+            self.packed = PackedWeight(torch.cat([self.pending[n] for n in self.sizes]), self.kernel)
             self.pending = {}
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -269,28 +268,30 @@ class _FusedLinears(nn.Module):
 class PackedQKV(_FusedLinears):
     """QKVProjection with wq, wk, wv fused into one packed matrix."""
 
-    def __init__(self, qkv: QKVProjection):
-        super().__init__({"wq": qkv.wq, "wk": qkv.wk, "wv": qkv.wv})
+    def __init__(self, qkv: QKVProjection, kernel: Kernel | None):
+        super().__init__({"wq": qkv.wq, "wk": qkv.wk, "wv": qkv.wv}, kernel, qkv.batch_invariant)
 
     def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
         self.load_part(name.removesuffix(".weight"), tensor)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return row_tiled(lambda rows: _linear(rows, self.packed), x).split(list(self.sizes.values()), dim=-1)
+        products = row_tiled(lambda rows: _linear(rows, self.packed), x, self.batch_invariant)
+        return products.split(list(self.sizes.values()), dim=-1)
 
     def unpack(self) -> QKVProjection:
         parts = self.unpacked_parts()
         qkv = QKVProjection(self.in_features, self.sizes["wq"], self.sizes["wk"])
         qkv.wq, qkv.wk, qkv.wv = parts["wq"], parts["wk"], parts["wv"]
+        qkv.batch_invariant = self.batch_invariant
         return qkv
 
 
 class PackedSwiGLU(_FusedLinears):
     """SwiGLU (shared expert, dense FFN) with gate and up fused into one packed matrix."""
 
-    def __init__(self, mlp: SwiGLU):
-        super().__init__({"gate": mlp.gate, "up": mlp.up})
-        self.down = PackedLinear(mlp.down)
+    def __init__(self, mlp: SwiGLU, kernel: Kernel | None):
+        super().__init__({"gate": mlp.gate, "up": mlp.up}, kernel, mlp.batch_invariant)
+        self.down = PackedLinear(mlp.down, kernel)
 
     def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
         part = name.removesuffix(".weight")
@@ -300,7 +301,7 @@ class PackedSwiGLU(_FusedLinears):
             self.load_part(part, tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return row_tiled(self._swiglu, x)
+        return row_tiled(self._swiglu, x, self.batch_invariant)
 
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.outputs(x)
@@ -310,6 +311,7 @@ class PackedSwiGLU(_FusedLinears):
         parts = self.unpacked_parts()
         mlp = SwiGLU(self.in_features, self.sizes["gate"])
         mlp.gate, mlp.up, mlp.down = parts["gate"], parts["up"], self.down.unpack()
+        mlp.batch_invariant = self.batch_invariant
         return mlp
 
 
@@ -320,27 +322,29 @@ class PackedRouter(Router):
     product, which on AMX is what the plain product computes for one row, bit for bit (tested; elsewhere
     within a rounding); longer inputs keep the plain product."""
 
-    def __init__(self, router: Router):
+    def __init__(self, router: Router, kernel: Kernel | None):
         super().__init__(router.in_features, router.out_features, bias=False, device="meta")
+        self.kernel, self.batch_invariant = kernel, router.batch_invariant
         self.packed: PackedWeight | None = None
 
     def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
         if name != "weight":
             raise KeyError(f"PackedRouter has no tensor {name!r}")
         self.weight = nn.Parameter(tensor.detach(), requires_grad=False)
-        self.packed = PackedWeight(tensor)
+        self.packed = PackedWeight(tensor, self.kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return row_tiled(self._product, x)
+        return row_tiled(self._product, x, self.batch_invariant)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if _on_kernel(x, self.packed):
-            return cpu_kernel.linear(x, self.packed.address, self.packed.shape)
+            return self.packed.kernel.linear(x, self.packed.address, self.packed.shape)
         return F.linear(x, self.weight)
 
     def unpack(self) -> Router:
         router = Router(self.in_features, self.out_features, bias=False, device="meta")
         router.weight = self.weight
+        router.batch_invariant = self.batch_invariant
         return router
 
 
@@ -360,62 +364,36 @@ def _swap_targets(model: nn.Module) -> list[tuple[str, str]]:
     return targets
 
 
-def _packed_shell(child: nn.Module) -> nn.Module:
-    if isinstance(child, Experts):
-        return PackedExperts(child)
-    if isinstance(child, QKVProjection):
-        return PackedQKV(child)
-    if isinstance(child, SwiGLU):
-        return PackedSwiGLU(child)
-    if isinstance(child, Router):
-        return PackedRouter(child)
-    return PackedLinear(child)
+def _packed_shell(child: nn.Module, kernel: Kernel | None) -> nn.Module:
+    for plain, packed in ((Experts, PackedExperts), (QKVProjection, PackedQKV), (SwiGLU, PackedSwiGLU),
+                          (Router, PackedRouter)):
+        if isinstance(child, plain):
+            return packed(child, kernel)
+    return PackedLinear(child, kernel)
 
 
-def pack_shells(model: nn.Module) -> nn.Module:
-    """Swap in empty packed modules (e.g. on a meta-device model, before a loader fills them)."""
-    for parent_name, name in _swap_targets(model):
-        parent = model.get_submodule(parent_name)
-        setattr(parent, name, _packed_shell(getattr(parent, name)))
-    model.packed = True
-    fused_decode.install(model)
-    return model
+PACKED = (PackedLinear, PackedExperts, PackedQKV, PackedSwiGLU, PackedRouter)
 
 
-def pack_model(model: nn.Module) -> nn.Module:
-    """Pack every linear and the expert weights of a loaded model in place (the MoE routers keep their plain
-    weight beside the packed one)."""
+def swap_in(model: nn.Module, kernel: Kernel | None, fill: bool) -> None:
+    """Swap packed modules in for every linear and the expert weights, in place: filled from the plain
+    modules' weights (``fill``; each plain module is freed as soon as its replacement exists), or left empty
+    for a loader to fill (e.g. on a meta-device model). The MoE routers keep their plain weight beside the
+    packed one."""
     for parent_name, name in _swap_targets(model):
         parent = model.get_submodule(parent_name)
         child = getattr(parent, name)
-        shell = _packed_shell(child)
-        for tensor_name, tensor in child.named_parameters():
-            shell.load_tensor(tensor_name, tensor)
+        shell = _packed_shell(child, kernel)
+        if fill:
+            for tensor_name, tensor in child.named_parameters():
+                shell.load_tensor(tensor_name, tensor)
         setattr(parent, name, shell)
         del child
-    model.packed = True
-    fused_decode.install(model)
-    return model
 
 
-def unpack_model(model: nn.Module) -> nn.Module:
+def swap_out(model: nn.Module) -> None:
+    """The plain modules back, in place, with the packed weights' values."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, (PackedLinear, PackedExperts, PackedQKV, PackedSwiGLU, PackedRouter)):
+            if isinstance(child, PACKED):
                 setattr(module, name, child.unpack())
-    model.packed = False
-    fused_decode.uninstall(model)
-    return model
-
-
-@contextlib.contextmanager
-def unpacked(model: nn.Module) -> Iterator[nn.Module]:
-    """Plain weights inside the block (e.g. to save or inspect them), packed again afterwards."""
-    was_packed = getattr(model, "packed", False)
-    if was_packed:
-        unpack_model(model)
-    try:
-        yield model
-    finally:
-        if was_packed:
-            pack_model(model)

@@ -1,0 +1,55 @@
+"""The engine's model runner: builds the batch tensors and calls the model, for one sequence's prefill
+piece or one ragged decode step over the running rows, every row's keys and values in one
+:class:`~llama4.model.paged_cache.PagedKVCache`.
+
+With ``batch_invariant`` a row computes what its solo run computes, bit for bit on CPU: products in
+fixed 16-row tiles, attention over its own keys in a fixed key bucket (or, for packed bf16 models on
+AMX, the fused C layers, which compute every token as a row of its own); and prefill is
+split-invariant too, each prompt token computed as a decode step would compute it (see
+``llama4.model.invariance``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llama4.inference.sequence import SequenceState
+from llama4.model.paged_cache import PagedKVCache, PagedSequence
+from llama4.model.transformer import Llama4Model
+
+
+class ModelRunner:
+    def __init__(self, model: Llama4Model, pool: PagedKVCache, batch_invariant: bool):
+        self.model, self.pool = model, pool
+        model.set_batch_invariant(batch_invariant)  # the model the engine runs computes as its config says
+        self.device = model.text.embed.weight.device
+
+    @property
+    def has_vision(self) -> bool:
+        return self.model.vision is not None
+
+    def embed_images(self, ids: list[int], pixel_values: torch.Tensor) -> torch.Tensor:
+        """The embeddings [1, T, D] of prompt tokens ``ids`` with their images (the image features are
+        computed once, for every piece)."""
+        dtype = self.model.text.embed.weight.dtype
+        return self.model.embed(torch.tensor([ids], device=self.device),
+                                pixel_values.to(device=self.device, dtype=dtype))
+
+    def prefill(self, seq: SequenceState, start: int, size: int) -> torch.Tensor:
+        """Run prompt tokens ``start`` .. ``start + size`` of ``seq`` into its cache; their logits [size, V]
+        when the prompt's own logprobs are asked, else the last one's [1, V] (the model's dtype)."""
+        if seq.embeds is not None:
+            piece = seq.embeds[:, start - seq.reused:start - seq.reused + size]
+        else:  # text: embedded piece by piece, never the whole prompt at once
+            piece = self.model.embed(torch.tensor([seq.request.prompt[start:start + size]], device=self.device))
+        positions = torch.arange(start, start + piece.shape[1], device=self.device)[None]
+        scored = seq.request.prompt_logprobs is not None
+        logits = self.model.text(piece, positions, self.pool.batch([seq.cache]),
+                                 num_logits=piece.shape[1] if scored else 1)
+        return logits[0]
+
+    def decode(self, tokens: list[int], caches: list[PagedSequence]) -> torch.Tensor:
+        """One ragged step: row i feeds ``tokens[i]`` to ``caches[i]``, each at its own length; logits [B, V]
+        float32 on the CPU."""
+        ids = torch.tensor([[t] for t in tokens], device=self.device)
+        return self.model(ids, cache=self.pool.batch(caches))[:, -1].float().cpu()
