@@ -26,11 +26,6 @@ EMBEDDED_NAME = "llama4-tiny"  # what the shipped model calls itself (its card, 
 DEFAULT_KERNELS = KernelOptions()
 
 
-def pack(model: Llama4Model, kernels: KernelOptions | None = None) -> Llama4Model:
-    """Pack a loaded model's weights in place for the CPU fast paths (``kernels``: default DEFAULT_KERNELS)."""
-    return cpu_kernels.pack(model, kernels or DEFAULT_KERNELS)
-
-
 def build_meta(config: ModelConfig) -> Llama4Model:
     """The model structure with every parameter on the meta device (shapes only, no memory)."""
     with torch.device("meta"):
