@@ -41,7 +41,18 @@ def test_min_p_is_relative_to_the_most_likely_token():
 
 def test_temperature_divides_logits():
     logits = torch.tensor([1.0, 2.0, 4.0])
-    assert torch.allclose(truncate(logits, SamplingParams(temperature=0.5)), logits * 2)
+    tempered = truncate(logits, SamplingParams(temperature=0.5))
+    assert torch.allclose(tempered - tempered.max(), logits * 2 - 8)  # (shifted: softmax is the same)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1e-60), SamplingParams(temperature=1e-308),
+                                    SamplingParams(temperature=1.0, top_p=5e-324)])
+def test_extreme_temperature_and_top_p_leave_the_most_likely_token(params):
+    """Values the API allows: a tiny temperature must not overflow the logits into NaN probabilities."""
+    logits = torch.tensor([1.0, 2.0, 4.0, -3.0])
+    if not params.greedy:
+        assert truncate(logits, params).softmax(-1).tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert Sampler(params, 4).choose(logits).token == 2
 
 
 def test_penalties_follow_their_definitions():

@@ -126,3 +126,24 @@ def test_text_only_model_refuses_images(model, tok):
     messages = [{"role": "user", "content": [{"type": "image", "image": _png()}, {"type": "text", "text": "hi"}]}]
     with pytest.raises(ValueError, match="no vision encoder"):
         chat(model, tok, messages)
+
+
+def test_the_grids_forecast_from_image_headers_are_the_decoded_ones():
+    """prepare_messages measures a prompt from the headers before decoding: EXIF-rotated images included."""
+    import io
+
+    from PIL import Image
+
+    def image(fmt: str, orientation: int | None) -> bytes:
+        exif = Image.Exif()
+        if orientation is not None:
+            exif[0x0112] = orientation
+        buf = io.BytesIO()
+        Image.new("RGB", (900, 300), "red").save(buf, format=fmt, exif=exif.tobytes())
+        return buf.getvalue()
+
+    parts = [{"type": "image", "image": image(fmt, o)} for fmt in ("JPEG", "PNG") for o in (None, 6, 8, 3)]
+    forecasts = []
+    prepared, _ = prepare_messages([{"role": "user", "content": parts}], before_decoding=forecasts.append)
+    assert forecasts == [prepared]
+    assert [p["grid"] for p in prepared[0]["content"]] == [(1, 3), (3, 1), (3, 1), (1, 3)] * 2

@@ -259,3 +259,34 @@ def test_tool_call_message_with_null_content_and_string_arguments():
     # an empty tool_calls list is an ordinary assistant message (HF would drop the message)
     text = render_chat([{"role": "assistant", "content": "hi", "tool_calls": []}], add_generation_prompt=False)
     assert text.endswith("<|header_start|>assistant<|header_end|>\n\nhi<|eot|>")
+
+
+CONTINUE_CASES = {
+    "assistant prefill": [{"role": "user", "content": "Name a colour."},
+                          {"role": "assistant", "content": "The colour"}],
+    "assistant prefill, text parts": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                      {"role": "assistant", "content": [{"type": "text", "text": "Hello, "}]}],
+    "an open user message": [{"role": "user", "content": "Complete this sentence: the sky is"}],
+}
+
+
+@pytest.mark.parametrize("case", list(CONTINUE_CASES))
+def test_continue_final_message_matches_transformers(real_tok, hf_chat_template, case):
+    render_jinja_template = pytest.importorskip("transformers.utils.chat_template_utils").render_jinja_template
+    messages = CONTINUE_CASES[case]
+    (expected,), _ = render_jinja_template([messages], chat_template=hf_chat_template, add_generation_prompt=False,
+                                           continue_final_message=True, bos_token="<|begin_of_text|>")
+    assert render_chat(messages, add_generation_prompt=False, continue_final_message=True) == expected
+    ids = real_tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert ids == real_tok.encode(expected, allow_special=True)
+
+
+@pytest.mark.parametrize("messages, problem", [
+    ([{"role": "user", "content": "Hi"}], "cannot go with add_generation_prompt"),
+    ([{"role": "tool", "content": "sunny"}], "cannot be continued"),
+    ([{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image"}]}], "end with text"),
+])
+def test_what_cannot_be_continued_says_why(small_tok, messages, problem):
+    add = problem == "cannot go with add_generation_prompt"
+    with pytest.raises(ValueError, match=problem):
+        small_tok.apply_chat_template(messages, add_generation_prompt=add, continue_final_message=True)

@@ -223,3 +223,40 @@ def test_echo_scores_the_prompt_as_lm_eval_reads_it(client, model, tok):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == reply.choices[0].text
     with pytest.raises(Exception, match="max_tokens 0 generates nothing"):
         client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=0)
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}}
+
+
+def streamed_message(chunks):
+    """(content, [(name, arguments)], finish_reason, logprob tokens) as a client assembles them from chunks."""
+    content, calls, finish, tokens = "", {}, None, []
+    for chunk in chunks:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for delta in choice.delta.tool_calls or []:
+            call = calls.setdefault(delta.index, ["", ""])
+            call[0] += delta.function.name or ""
+            call[1] += delta.function.arguments or ""
+        finish = choice.finish_reason or finish
+        tokens += [e.token for e in choice.logprobs.content] if choice.logprobs else []
+    return content or None, [tuple(calls[k]) for k in sorted(calls)], finish, tokens
+
+
+@pytest.mark.parametrize("max_tokens", [7, 40])
+@pytest.mark.parametrize("tool_choice", ["auto", "required"])
+def test_with_tools_a_streamed_reply_ends_as_the_plain_reply(client, max_tokens, tool_choice):
+    """Content, calls and finish_reason agree; the logprobs too where the reply has content."""
+    kwargs = dict(messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[WEATHER_TOOL],
+                  tool_choice=tool_choice, max_tokens=max_tokens, logprobs=True)
+    plain = ask(client, **kwargs).choices[0]
+    content, calls, finish, tokens = streamed_message(ask(client, stream=True, **kwargs))
+    expected_calls = [(c.function.name, c.function.arguments) for c in plain.message.tool_calls or []]
+    assert (content, calls, finish) == (plain.message.content, expected_calls, plain.finish_reason)
+    if plain.message.content:
+        assert tokens == [e.token for e in plain.logprobs.content]
+    if tool_choice == "required" and max_tokens == 40:
+        assert finish == "tool_calls" and calls[0][0] == "get_weather"

@@ -141,3 +141,44 @@ def test_serve_exits_with_a_message_when_the_engine_cannot_load_the_weights(chec
     assert main(["serve", "--model", str(broken), "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert "llama4: error: the engine process did not start (exit code 1)" in err
+
+
+def test_the_api_key_comes_from_the_flag_a_file_or_the_environment(tmp_path):
+    from llama4.serve.command import UsageError, api_key_of
+
+    def key(*argv, environ=None):
+        return api_key_of(build_parser().parse_args(["serve", *argv]), environ or {})
+
+    assert key() is None
+    assert key("--api-key", "a") == "a"
+    assert key(environ={"LLAMA4_API_KEY": "e"}) == "e"
+    assert key("--api-key", "a", environ={"LLAMA4_API_KEY": "e"}) == "a"
+    (tmp_path / "key").write_text("secret\nignored\n")
+    assert key("--api-key-file", str(tmp_path / "key"), environ={"LLAMA4_API_KEY": "e"}) == "secret"
+    (tmp_path / "empty").write_text("\n")
+    for argv, message in [(("--api-key-file", str(tmp_path / "empty")), "is empty"),
+                          (("--api-key-file", str(tmp_path / "missing")), "cannot read --api-key-file"),
+                          (("--api-key", "a", "--api-key-file", str(tmp_path / "key")), "not both"),
+                          (("--api-key", " "), "empty")]:
+        with pytest.raises(UsageError, match=message):
+            key(*argv)
+
+
+def test_limit_and_guard_flags_reach_the_app(capsys):
+    from llama4.serve.command import limits_of, remote_image_policy
+
+    args = build_parser().parse_args(["serve", "--max-images", "2", "--max-schema-kb", "8", "--max-schema-depth", "9",
+                                      "--max-image-megapixels", "1.5", "--max-body-mb", "1"])
+    limits = limits_of(args)
+    assert (limits.max_images, limits.max_schema_bytes, limits.max_schema_depth, limits.max_image_pixels,
+            limits.max_body_bytes) == (2, 8192, 9, 1_500_000, 2**20)
+    assert remote_image_policy(args) is None
+    policy = remote_image_policy(build_parser().parse_args(["serve", "--allow-remote-images"]))
+    assert policy.allowed_ports == (80, 443) and not policy.allow_private
+    policy = remote_image_policy(build_parser().parse_args(
+        ["serve", "--allow-remote-images", "--remote-image-ports", "8080", "--allow-private-image-addresses"]))
+    assert policy.allowed_ports == (8080,) and policy.allow_private
+    assert cmd_serve(build_parser().parse_args(["serve", "--port", str(free_port()), "--max-images", "-1"])) == 2
+    assert "max_images must be >= 0" in capsys.readouterr().err
+    assert cmd_serve(build_parser().parse_args(["serve", "--port", str(free_port()), "--remote-image-ports", "1"])) == 2
+    assert "need --allow-remote-images" in capsys.readouterr().err

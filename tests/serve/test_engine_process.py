@@ -196,3 +196,24 @@ def test_a_model_that_does_not_load_fails_the_start(tmp_path):
         process.submit(GenerationRequest([1]), Reply())
     with pytest.raises(ValueError, match="dtype must be"):
         EngineProcess(None, "fp16")
+
+
+def test_a_killed_child_fails_its_requests_with_the_reason_and_is_replaced(checkpoint, tok):
+    process = EngineProcess(str(checkpoint), "fp32", CONFIG, threads=1)
+    process.start()
+    try:
+        running = Reply()
+        process.submit(GenerationRequest(prompts(tok)[0], max_tokens=400, stop_tokens=[]), running)
+        assert wait_for(lambda: running.tokens)
+        assert process.stats()["steps"] > 0
+        first = process._child.process
+        process.kill("stuck for a test")
+        finish = running.wait()
+        assert finish.reason == "error" and finish.error == "the engine process was killed: stuck for a test"
+        assert wait_for(lambda: process.down is None, timeout=60), process.down
+        assert process._child.process.pid != first.pid
+        again = Reply()
+        process.submit(GenerationRequest(prompts(tok)[1], max_tokens=3, stop_tokens=[]), again)
+        assert again.wait().reason == "length"
+    finally:
+        process.stop()

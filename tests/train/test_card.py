@@ -50,3 +50,13 @@ def test_the_card_states_what_the_picture_figures_support(model_dir, colour, sha
     report["pictures"]["colour"]["accuracy"], report["pictures"]["shape"]["accuracy"] = colour, shape
     card = render_card(model_dir, report)
     assert all(phrase in card for phrase in says)
+
+
+def test_the_card_and_generation_config_recommend_the_same_sampling(model_dir):
+    from llama4.checkpoint.generation_config import read_generation_defaults
+    from llama4.train.card import RECOMMENDED, write_model_card
+
+    card = write_model_card(model_dir, json.loads((model_dir / "eval.json").read_text())).read_text()
+    assert read_generation_defaults(model_dir) == RECOMMENDED
+    assert f"temperature {RECOMMENDED.temperature:g} with top_p {RECOMMENDED.top_p:g}" in card
+    assert card == (EMBEDDED_DIR / "README.md").read_text()  # the shipped card is the generator's output

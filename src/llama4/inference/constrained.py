@@ -61,8 +61,9 @@ from collections import OrderedDict
 import llguidance.numpy
 import numpy as np
 import torch
-from llguidance import LLMatcher, LLTokenizer
+from llguidance import LLMatcher, LLParserLimits, LLTokenizer
 
+from llama4.inference.requests import ConstraintError
 from llama4.prompt.tokenizer import Tokenizer
 
 # Options that the schema's own "x-guidance" could otherwise set: see the module docstring.
@@ -126,6 +127,10 @@ class _Vocabulary:
                 self._matchers.move_to_end(schema_text)
         if start is None:
             start = _compile(self.ll, schema_text)
+            try:  # a schema that recurses with no way out (``{"$ref": "#"}``) compiles, and fails here
+                self.bitmask(start.deep_copy())
+            except ConstraintError as e:
+                raise SchemaError(f"the schema cannot be followed: {e}") from None
             with self._lock:
                 self._matchers[schema_text] = start
                 while len(self._matchers) > self.CACHED_SCHEMAS:
@@ -138,7 +143,7 @@ class _Vocabulary:
         bitmask = np.zeros(llguidance.numpy.get_bitmask_shape(1, self.ll.vocab_size), dtype="<i4")
         llguidance.numpy.fill_next_token_bitmask(matcher, bitmask)
         if matcher.is_error():
-            raise RuntimeError(f"llguidance stopped: {matcher.get_error()}")
+            raise ConstraintError(f"llguidance stopped: {matcher.get_error()}")
         return bitmask[0]
 
     def base_mask(self, bitmask: np.ndarray) -> np.ndarray:
@@ -147,12 +152,19 @@ class _Vocabulary:
         return np.unpackbits(bitmask.view(np.uint8), bitorder="little")[: self.n_base].view(np.bool_)
 
 
+PARSER_LIMITS = LLParserLimits(max_items_in_row=10_000, verbose_errors=False)
+"""llguidance's own bounds on one step's work, as its defaults but for the Earley row size: an object's
+optional properties take about four items each in the row after ``{``, and the default of 2,000 fails
+objects of 500 (a step at 10,000 items costs some 60 ms); and errors without the grammar's text (a
+schema of 60 KB would be quoted whole in the message)."""
+
+
 def _compile(ll: LLTokenizer, schema_text: str) -> LLMatcher:
     try:
         grammar = LLMatcher.grammar_from_json_schema(schema_text, overrides=JSON_OPTIONS)
     except ValueError as e:
         raise SchemaError(f"not a JSON schema: {e}") from None
-    matcher = LLMatcher(ll, grammar, log_level=0)
+    matcher = LLMatcher(ll, grammar, log_level=0, limits=PARSER_LIMITS)
     if matcher.is_error():
         raise SchemaError(matcher.get_error())
     return matcher
@@ -298,7 +310,7 @@ class JsonConstraint:
             raise ValueError(f"token {token_id} ({piece!r}) does not continue {self.text!r} as JSON "
                              "matching the schema")
         if not self._matcher.consume_token(token_id):
-            raise RuntimeError(f"llguidance refused token {token_id} that its mask allowed: "
+            raise ConstraintError(f"llguidance refused token {token_id} that its mask allowed: "
                                f"{self._matcher.get_error()}")
         self._bitmask = None
         self._bytes += piece

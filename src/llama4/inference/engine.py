@@ -136,6 +136,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._after_step: Callable[[], None] | None = None
         self._stopping = False
+        self._steps = 0  # iterations that did work: a watchdog tells a slow engine from a stuck one by it
 
     # -- caller side (any thread) ----------------------------------------------------------------------
 
@@ -167,7 +168,7 @@ class Engine:
     def stats(self) -> dict[str, int]:
         s = self.scheduler
         return {"running": len(s.running), "prefilling": len(s.prefilling), "queued": len(s.waiting),
-                "kv_cache_bytes": self._kv_bytes,
+                "kv_cache_bytes": self._kv_bytes, "steps": self._steps,
                 "prefix_cache_bytes": self.prefix_cache.bytes if self.prefix_cache is not None else 0}
 
     def start(self, after_step: Callable[[], None] | None = None) -> None:
@@ -180,8 +181,9 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="llama4-engine", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """End the loop; every unfinished request is finished as cancelled."""
+    def stop(self, timeout: float = 30.0, reason: str = "cancelled") -> None:
+        """End the loop; every unfinished request is finished with ``reason`` ("cancelled", or "error" for a
+        shutdown that cuts replies short)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
@@ -189,7 +191,7 @@ class Engine:
             self._thread.join(timeout)
             self._thread = None
         for seq in self.scheduler.clear():
-            self._end(seq, "cancelled", error="the server is shutting down")
+            self._end(seq, reason, error="the server is shutting down")
 
     # -- engine side (the engine thread, or a test calling step()) ----------------------------------------
 
@@ -202,6 +204,7 @@ class Engine:
                     worked = True
                     for seq in self.scheduler.clear_batch():
                         self._end(seq, "error", error=f"engine failure: {e!r}")
+                self._steps += worked
                 if self._after_step is not None:
                     self._after_step()
                 if not worked:

@@ -14,7 +14,7 @@ import time
 import torch
 
 from llama4.inference.metrics import EngineMetrics
-from llama4.inference.requests import Event, FinishEvent, PromptEvent, TokenEvent
+from llama4.inference.requests import ConstraintError, Event, FinishEvent, PromptEvent, TokenEvent
 from llama4.inference.sampling import TokenChoice
 from llama4.inference.sequence import SequenceState
 
@@ -28,6 +28,9 @@ class OutputProcessor:
         it; False when it finished."""
         try:
             return self._sample(seq, logits, token)
+        except ConstraintError as e:
+            self.finish(seq, "error", error=f"the JSON schema cannot be followed: {e}", bad_request=True)
+            return False
         except Exception as e:  # a failing constraint or sampler ends its own sequence, not the batch
             self.finish(seq, "error", error=f"sampling failed: {e}")
             return False
@@ -88,7 +91,8 @@ class OutputProcessor:
         """Send a scored prompt's logprobs (before its first token)."""
         self.emit(seq, PromptEvent(seq.prompt_logprobs, seq.prompt_top))
 
-    def finish(self, seq: SequenceState, reason: str, flush: bool = True, error: str | None = None) -> None:
+    def finish(self, seq: SequenceState, reason: str, flush: bool = True, error: str | None = None,
+               bad_request: bool = False) -> None:
         """Send the sequence's finish event (once): with ``flush``, the text held back for a stop string or
         a partial character goes with it when it ended normally."""
         if seq.finished:
@@ -101,7 +105,7 @@ class OutputProcessor:
             tail, _ = seq.stops.feed(seq.decoder.flush())
             tail += seq.stops.flush()
         self.emit(seq, FinishEvent(reason, tail, len(seq.request.prompt), seq.generated, cached_tokens=seq.reused,
-                                   error=error))
+                                   error=error, bad_request=bad_request))
 
     def emit(self, seq: SequenceState, event: Event) -> None:
         try:

@@ -62,9 +62,16 @@ class FinishEvent:
     completion_tokens: int = 0  # includes the stop token, which is generated but not shown
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of being prefilled
     error: str | None = None
+    bad_request: bool = False  # an "error" that is the request's own fault (HTTP 400, not 500)
 
 
 Event = TokenEvent | PromptEvent | FinishEvent
+
+
+class ConstraintError(RuntimeError):
+    """A constraint cannot go on (llguidance over its limits with a schema it compiled: one that recurses with
+    no way out, say ``{"type": "array", "items": {"$ref": "#"}, "minItems": 1}``). The request's fault, found
+    only while generating: it ends with an error the client is told is its own."""
 
 
 class EngineError(Exception):

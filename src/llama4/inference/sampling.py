@@ -17,10 +17,13 @@ import torch
 
 from llama4.model.transformer import check_token_ids
 
+SEED_RANGE = (-(2**63), 2**64 - 1)
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0: greedy (argmax)
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW): greedy (argmax)
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     min_p: float = 0.0  # 0: off; keep tokens with p >= min_p * p_max
@@ -45,6 +48,8 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be None or in [0, 20]"),
+            (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+             f"seed must be None or an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (torch's generator seeds)"),
             (all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias),
              "logit_bias must map token ids >= 0 to biases in [-100, 100]"),
         ]
@@ -54,7 +59,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or one so small (below ``GREEDY_BELOW``, as vLLM) that sampling is the argmax anyway
+        (and dividing float32 logits by it would overflow them, or by its float32 rounding, 0)."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def uses_history(self) -> bool:
@@ -73,8 +80,10 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen: torch.Te
 
 
 def truncate(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Tempered logits [V] with the tokens outside top-k / top-p / min-p set to -inf."""
-    logits = logits / params.temperature
+    """Tempered logits [V] with the tokens outside top-k / top-p / min-p set to -inf. The most likely token
+    is never dropped, and the logits are shifted to a maximum of 0 before dividing, so that a tiny
+    temperature cannot overflow them (inf - inf would make the softmax NaN)."""
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -85,6 +94,7 @@ def truncate(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_logits, order = logits.sort(descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
+        drop[0] = False  # (a top_p below float32's smallest number would drop it)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
@@ -141,7 +151,7 @@ class Sampler:
             choice.logprob = float(logprobs[token])
             if self.params.logprobs:
                 values, ids = torch.topk(logprobs, self.params.logprobs)
-                choice.top = list(zip(ids.tolist(), values.tolist()))
+                choice.top = [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if v != float("-inf")]
         return choice
 
 

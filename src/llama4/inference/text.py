@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 from llama4.inference.generate import DEFAULT_PREFILL_CHUNK, Request, generate_tokens
 from llama4.inference.sampling import SamplingParams
 from llama4.model.cache import KVCache
 from llama4.model.transformer import Llama4Model
-from llama4.prompt import ImageError, Tokenizer, preprocess_image
+from llama4.prompt import ImageError, Tokenizer
+from llama4.prompt.images import DEFAULT_MAX_PIXELS, best_fit_grid, decode_frame, open_image, tile_rgb, to_rgb_tensor
 
 IMAGE_PART_TYPES = ("image", "image_url")
 
@@ -30,8 +33,11 @@ def _image_source(part: dict, allow_paths: bool):
         source = part.get("image")
         if source is None:
             raise ImageError("an image part needs an 'image' (PIL image, bytes or path)")
-        if isinstance(source, str) and not allow_paths:
+        if isinstance(source, (str, os.PathLike)) and not allow_paths:
             raise ImageError("image paths are not accepted here; send the image as bytes or a data: URL")
+        if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
+            raise ImageError(f"an image part's 'image' must be a PIL image, bytes or a path, got "
+                             f"{type(source).__name__}")
         return source
     url = part.get("image_url")
     url = url.get("url") if isinstance(url, dict) else url
@@ -52,24 +58,79 @@ def _image_source(part: dict, allow_paths: bool):
     raise ImageError(f"unsupported image URL {url[:40]!r}; send the image as a data: URL")
 
 
-def prepare_messages(messages: Sequence[dict], allow_paths: bool = False, max_tiles: int = 16
-                     ) -> tuple[list[dict], torch.Tensor | None]:
-    """Preprocess every image part (in order) and attach its tile grid; returns messages and pixel tiles."""
-    prepared, tiles = [], []
-    for message in messages:
+def prepare_messages(messages: Sequence[dict], allow_paths: bool = False, max_tiles: int = 16, *,
+                     max_pixels: int = DEFAULT_MAX_PIXELS, max_images: int | None = None,
+                     before_decoding: Callable[[list[dict]], None] | None = None,
+                     checkpoint: Callable[[], None] | None = None) -> tuple[list[dict], torch.Tensor | None]:
+    """Preprocess every image part (in order) and attach its tile grid; returns messages and pixel tiles.
+
+    The work is bounded before it is done: more than ``max_images`` image parts is an ImageError before any
+    is read; every image's header is read (format, declared size <= ``max_pixels``) before any is decoded,
+    and ``before_decoding`` gets the messages with the grids those sizes give, so that a caller can refuse a
+    prompt that cannot fit before paying for the decode. ``checkpoint()`` is called before each decode (raise
+    from it to stop, e.g. for a client that went away).
+    """
+    sources = [[_image_source(part, allow_paths) if _is_image(part) else None for part in message["content"]]
+               if isinstance(message.get("content"), list) else None for message in messages]
+    count = sum(source is not None for parts in sources if parts for source in parts)
+    if max_images is not None and count > max_images:
+        raise ImageError(f"the messages hold {count} images; at most {max_images} are allowed per request")
+    opened = {}
+    try:
+        for m, parts in enumerate(sources):
+            for k, source in enumerate(parts or ()):
+                if source is not None:
+                    opened[m, k] = open_image(source, max_pixels=max_pixels)
+        if before_decoding is not None:
+            before_decoding(_with_grids(messages, {at: best_fit_grid(*_upright_size(image), max_tiles)
+                                                   for at, image in opened.items()}))
+        grids, tiles = {}, []
+        for at, image in opened.items():
+            if checkpoint is not None:
+                checkpoint()
+            pixels, grids[at] = tile_rgb(to_rgb_tensor(decode_frame(image)), max_tiles)
+            tiles.append(pixels)
+    finally:
+        for at, image in opened.items():
+            if image is not sources[at[0]][at[1]]:
+                image.close()
+    return _with_grids(messages, grids), (torch.cat(tiles) if tiles else None)
+
+
+def _is_image(part) -> bool:
+    return isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES
+
+
+def _with_grids(messages: Sequence[dict], grids: dict[tuple[int, int], tuple[int, int]]) -> list[dict]:
+    """The messages with image part (message m, part k) replaced by ``{"type": "image", "grid": grids[m, k]}``."""
+    out = []
+    for m, message in enumerate(messages):
         content = message.get("content")
-        if not isinstance(content, list):
-            prepared.append(message)
-            continue
-        parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES:
-                pixels, grid = preprocess_image(_image_source(part, allow_paths), max_tiles=max_tiles)
-                tiles.append(pixels)
-                part = {"type": "image", "grid": grid}
-            parts.append(part)
-        prepared.append({**message, "content": parts})
-    return prepared, (torch.cat(tiles) if tiles else None)
+        if isinstance(content, list) and any((m, k) in grids for k in range(len(content))):
+            message = {**message, "content": [{"type": "image", "grid": grids[m, k]} if (m, k) in grids else part
+                                              for k, part in enumerate(content)]}
+        out.append(message)
+    return out
+
+
+_ORIENTATION = 0x0112  # EXIF tag; values 5 to 8 turn the image a quarter
+
+
+def _upright_size(image) -> tuple[int, int]:
+    """(height, width) of the image as it will be decoded, its EXIF orientation applied, from the header: the
+    raw EXIF block read with it (PIL's getexif() may decode the whole image to find one, as for PNG). An
+    orientation stored after the pixel data is missed: the grid is then a forecast (see prepare_messages)."""
+    width, height = image.size
+    raw = image.info.get("exif")
+    turned = False
+    if isinstance(raw, bytes):
+        try:
+            exif = Image.Exif()
+            exif.load(raw)
+            turned = exif.get(_ORIENTATION, 1) in (5, 6, 7, 8)
+        except Exception:  # a broken EXIF block: decode_frame reports it, or ignores it as PIL does
+            pass
+    return (width, height) if turned else (height, width)
 
 
 class StopStrings:

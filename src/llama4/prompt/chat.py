@@ -155,6 +155,11 @@ def _tool_result_text(content) -> str:
 def _message_segments(msg: dict, where: str) -> list:
     role = msg["role"]
     if role in ("tool", "ipython"):
+        content = msg.get("content")
+        if isinstance(content, (list, tuple)) and any(isinstance(p, dict) and p.get("type") in ("image", "image_url")
+                                                      for p in content):
+            raise ValueError(f"{where}: a {role} message (a tool result, written as text) cannot hold images; "
+                             "send them in a user message")
         return _header("ipython") + [Text(_tool_result_text(msg.get("content")))] + [Special(st.EOT)]
     calls = msg.get("tool_calls")
     if calls:
@@ -188,9 +193,17 @@ def chat_segments(
     add_generation_prompt: bool = True,
     tools: Sequence[dict] | None = None,
     tools_in_user_message: bool = True,
+    continue_final_message: bool = False,
 ) -> list:
-    """The whole chat as segments (Text / Special / Image), in the HF 5.23 template's order."""
+    """The whole chat as segments (Text / Special / Image), in the HF 5.23 template's order.
+
+    ``continue_final_message``: leave the last message open (no ``<|eot|>`` after its text, no generation
+    prompt), so that the model continues it - a prefilled start of the assistant's reply, say - as
+    transformers' ``continue_final_message`` renders it.
+    """
     messages = _validate(messages)
+    if continue_final_message:
+        _check_continuable(messages, add_generation_prompt)
     tools = list(tools) if tools else None
     out: list = [Special(st.BEGIN_OF_TEXT)]
     if messages and messages[0]["role"] == "system":
@@ -222,9 +235,29 @@ def chat_segments(
         out += _trim(_content_segments(first.get("content"), f"messages[{k}]")) + [Special(st.EOT)]
     for k, msg in rest:
         out += _message_segments(msg, f"messages[{k}]")
+    if continue_final_message:
+        out.pop()  # the final message's <|eot|>
     if add_generation_prompt:
         out += _header("assistant")
     return out
+
+
+def _check_continuable(messages: list[dict], add_generation_prompt: bool) -> None:
+    if add_generation_prompt:
+        raise ValueError("continue_final_message continues the last message; it cannot go with "
+                         "add_generation_prompt, which opens a new one")
+    if not messages:
+        raise ValueError("continue_final_message needs a message to continue; the chat is empty")
+    last, where = messages[-1], f"messages[{len(messages) - 1}]"
+    if last["role"] in ("tool", "ipython") or last.get("tool_calls"):
+        raise ValueError(f"{where}: continue_final_message continues text; a {last['role']} message with tool "
+                         "calls or results cannot be continued")
+    content = last.get("content")
+    if isinstance(content, (list, tuple)):
+        if not content or not (isinstance(content[-1], dict) and content[-1].get("type") == "text"):
+            raise ValueError(f"{where}: continue_final_message needs the last message to end with text")
+    elif not isinstance(content, str):
+        raise ValueError(f"{where}: continue_final_message needs the last message to have text content")
 
 
 # -- segments -> string / ids ----------------------------------------------------------------------
@@ -283,10 +316,12 @@ def encode_chat(
     tools_in_user_message: bool = True,
     image_grids: Sequence[tuple[int, int]] | None = None,
     patches_per_tile: int = PATCHES_PER_TILE,
+    continue_final_message: bool = False,
 ) -> ChatEncoding:
     """Encode a chat. ``assistant_mask`` marks assistant content, tool calls and their ``<|eot|>``."""
     segments = chat_segments(
-        messages, add_generation_prompt=add_generation_prompt, tools=tools, tools_in_user_message=tools_in_user_message
+        messages, add_generation_prompt=add_generation_prompt, tools=tools, tools_in_user_message=tools_in_user_message,
+        continue_final_message=continue_final_message,
     )
     segments = _assign_grids(segments, image_grids)
     ids: list[int] = []

@@ -292,7 +292,8 @@ class Tokenizer:
         """Token ids of a chat in the Llama 4 instruct layout; see :func:`llama4.prompt.chat.encode_chat`.
 
         Accepts ``add_generation_prompt`` (default True), ``tools``, ``image_grids``,
-        ``tools_in_user_message`` and ``tokenize`` (False returns the rendered string instead).
+        ``tools_in_user_message``, ``continue_final_message`` (leave the last message open for the model to
+        continue; needs ``add_generation_prompt=False``) and ``tokenize`` (False returns the rendered string).
         """
         from .chat import encode_chat, render_chat
 

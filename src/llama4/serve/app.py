@@ -9,6 +9,7 @@ the thread pool; the event loop only moves events between the engine and the soc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -19,19 +20,24 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
+from llama4.checkpoint.generation_config import GenerationDefaults
 from llama4.inference.engine import Engine, EngineConfig
 from llama4.inference.requests import FinishEvent, PromptEvent, TokenEvent
 from llama4.prompt import Tokenizer
 from llama4.serve import translate
+from llama4.serve.browser_guard import BrowserGuard, GuardPolicy
 from llama4.serve.engine_process import EngineProcess
-from llama4.serve.errors import APIError, install_handlers, model_not_found
+from llama4.serve.errors import APIError, CatchAll, install_handlers, logger, model_not_found, server_error
+from llama4.serve.limits import DEFAULT_STALL_TIMEOUT, ServeLimits
 from llama4.serve.metrics import ServeMetrics
-from llama4.serve.monitoring import CountRequests, add_monitoring_routes
+from llama4.serve.monitoring import CountRequests, StallWatch, add_monitoring_routes, watch_for_stalls
+from llama4.serve.remote_images import RemoteImageFetcher, RemoteImagePolicy
 from llama4.serve.request_reader import RequestReader
+from llama4.serve.responses import add_responses_routes
 from llama4.serve.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -48,41 +54,54 @@ from llama4.serve.schemas import (
     TextCompletion,
     Usage,
 )
-from llama4.serve.streams import Choices, cancel_on_disconnect
+from llama4.serve.streams import Choices, cancel_on_disconnect, watch_disconnect
 from llama4.serve.tokenizer_routes import add_tokenizer_routes
-from llama4.serve.tool_stream import ToolCallStream
+from llama4.serve.tool_stream import ToolReplyStream
 
 if TYPE_CHECKING:
     from llama4 import Llama4Model
 
-DEFAULT_MAX_BODY_BYTES = 32 * 2**20  # room for a few base64 images
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-def create_app(model: Llama4Model, tokenizer: Tokenizer, *, model_id: str = "llama4", api_key: str | None = None,
-               engine_config: EngineConfig = EngineConfig(), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               allow_remote_images: bool = False) -> FastAPI:
-    """An OpenAI-compatible app serving ``model`` as ``model_id`` from an engine thread in this process.
-
-    ``allow_remote_images`` lets clients send http(s) image URLs, which the server then fetches.
-    """
-    return create_engine_app(Engine(model, tokenizer, engine_config), tokenizer, model_id=model_id, api_key=api_key,
-                             max_body_bytes=max_body_bytes, allow_remote_images=allow_remote_images)
+def create_app(model: Llama4Model, tokenizer: Tokenizer, *, model_id: str = "llama4",
+               engine_config: EngineConfig = EngineConfig(), **options) -> FastAPI:
+    """An OpenAI-compatible app serving ``model`` as ``model_id`` from an engine thread in this process;
+    ``options`` as :func:`create_engine_app`'s."""
+    return create_engine_app(Engine(model, tokenizer, engine_config), tokenizer, model_id=model_id, **options)
 
 
 def create_engine_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, *, model_id: str | list[str] = "llama4",
-                      api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                      allow_remote_images: bool = False) -> FastAPI:
+                      api_key: str | None = None, limits: ServeLimits = ServeLimits(),
+                      allow_remote_images: bool | RemoteImagePolicy = False, guard: GuardPolicy | None = None,
+                      metrics_need_key: bool = False, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+                      generation_defaults: GenerationDefaults = GenerationDefaults(),
+                      max_body_bytes: int | None = None) -> FastAPI:
     """The app over ``engine`` (a thread in this process, or a process of its own, see
     engine_process.py), which starts and stops with the app. ``model_id``: the name, or names, that
-    requests may send as ``model``; responses carry the first (as vLLM's --served-model-name)."""
+    requests may send as ``model``; responses carry the first (as vLLM's --served-model-name).
+
+    ``limits``: what one request may ask (limits.py; ``max_body_bytes`` overrides its body limit).
+    ``allow_remote_images``: fetch the http(s) image URLs clients send (True: under the default
+    :class:`RemoteImagePolicy`, which refuses private and loopback addresses). ``guard``: the browser-facing
+    checks (Host allow-list, CORS, content type, security headers; browser_guard.py), none if None.
+    ``metrics_need_key``: /metrics asks for the API key too (for servers bound beyond loopback).
+    ``stall_timeout``: seconds without an engine iteration, while work waits, after which the engine counts
+    as stuck (monitoring.py; 0: never). ``generation_defaults``: the checkpoint's sampling settings
+    (generation_config.json), for requests that set no temperature or top_p."""
+    if max_body_bytes is not None:
+        limits = dataclasses.replace(limits, max_body_bytes=max_body_bytes)
     names = _served_names(model_id)
-    reader = RequestReader(names, api_key, max_body_bytes)
-    app = _engine_app(engine)
-    add_monitoring_routes(app, engine, app.state.http_metrics)
+    reader = RequestReader(names, api_key, limits.max_body_bytes)
+    policy = RemoteImagePolicy() if allow_remote_images is True else allow_remote_images or None
+    fetcher = RemoteImageFetcher(policy) if policy is not None else None
+    watch = StallWatch(engine, stall_timeout)
+    app = _engine_app(engine, guard, watch)
+    add_monitoring_routes(app, engine, app.state.http_metrics, watch, reader if metrics_need_key else None)
     _add_model_routes(app, engine, names, reader)
     add_tokenizer_routes(app, engine, tokenizer, reader)
-    _add_generation_routes(app, engine, tokenizer, names[0], reader, allow_remote_images)
+    _add_generation_routes(app, engine, tokenizer, names[0], reader, limits, fetcher, generation_defaults)
+    add_responses_routes(app, engine, tokenizer, names[0], reader, limits, fetcher, generation_defaults)
     _add_web_ui(app)
     return app
 
@@ -94,19 +113,24 @@ def _served_names(model_id: str | list[str]) -> list[str]:
     return names
 
 
-def _engine_app(engine: Engine | EngineProcess) -> FastAPI:
-    """An app with no routes yet: its lifespan is the engine's, its errors are in the OpenAI format and
-    every response is counted (for /metrics)."""
+def _engine_app(engine: Engine | EngineProcess, guard: GuardPolicy | None, watch: StallWatch) -> FastAPI:
+    """An app with no routes yet: its lifespan is the engine's, its errors (unexpected ones included) are
+    in the OpenAI format, every response is counted (for /metrics), and browsers are kept in bounds."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        watcher = asyncio.create_task(watch_for_stalls(engine, watch))
         try:
             yield
         finally:
+            watcher.cancel()
             engine.stop()
 
     app = FastAPI(title="llama4", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.http_metrics = engine, engine.metrics, ServeMetrics()
+    app.add_middleware(CatchAll)
+    if guard is not None:
+        app.add_middleware(BrowserGuard, policy=guard)
     app.add_middleware(CountRequests, metrics=app.state.http_metrics)
     install_handlers(app)
     return app
@@ -129,29 +153,31 @@ def _add_model_routes(app: FastAPI, engine: Engine | EngineProcess, names: list[
 
 
 def _add_generation_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer: Tokenizer, model_id: str,
-                           reader: RequestReader, allow_remote_images: bool) -> None:
+                           reader: RequestReader, limits: ServeLimits, fetcher: RemoteImageFetcher | None,
+                           defaults: GenerationDefaults) -> None:
     """/v1/chat/completions and /v1/completions, streamed or not; responses name the model ``model_id``."""
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = await reader.read(request, ChatCompletionRequest)
-        plan = await run_in_threadpool(translate.plan_chat, req, tokenizer, engine.has_vision,
-                                       allow_remote_images)
+        async with watch_disconnect(request) as checkpoint:
+            plan = await run_in_threadpool(translate.plan_chat, req, tokenizer, engine.has_vision, limits, fetcher,
+                                           engine.max_context, checkpoint)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        choices = Choices(engine, plan.requests(req, logprobs))
+        choices = Choices(engine, plan.requests(req, logprobs, defaults))
         reply = _ChatReply(req, plan, tokenizer, model_id, choices)
         if req.stream:
-            return _sse(reply.stream())
-        return await _unless_disconnected(request, choices, reply.collect())
+            return _sse(reply.stream(), offload=req.logprobs)
+        return await _json(await _unless_disconnected(request, choices, reply.collect()))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: CompletionRequest = await reader.read(request, CompletionRequest)
         plan = await run_in_threadpool(translate.plan_completion, req, tokenizer)
-        choices = Choices(engine, plan.requests(req, req.logprobs))
+        choices = Choices(engine, plan.requests(req, req.logprobs, defaults))
         reply = _CompletionReply(req, plan, tokenizer, model_id, choices)
         if req.stream:
-            return _sse(reply.stream())
-        return await _unless_disconnected(request, choices, reply.collect())
+            return _sse(reply.stream(), offload=req.logprobs is not None)
+        return await _json(await _unless_disconnected(request, choices, reply.collect()))
 
 
 def _add_web_ui(app: FastAPI) -> None:
@@ -162,6 +188,10 @@ def _add_web_ui(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
+def _sse_events(chunks: list[BaseModel | dict | str]) -> str:
+    return "".join(_sse_event(c) for c in chunks)
+
+
 def _sse_event(chunk: BaseModel | dict | str) -> str:
     if isinstance(chunk, BaseModel):
         chunk = chunk.model_dump_json(exclude_none=True)
@@ -170,15 +200,27 @@ def _sse_event(chunk: BaseModel | dict | str) -> str:
     return f"data: {chunk}\n\n"
 
 
-def _sse(chunks: AsyncIterator[BaseModel | dict | str | list]) -> StreamingResponse:
-    """Server-sent events, one per chunk; a list of chunks (what arrived together) goes out in one write."""
+async def _json(reply: BaseModel) -> Response:
+    """A reply as JSON, serialised in the thread pool: with logprobs (an echoed prompt's, say) it may be
+    megabytes, which would hold up every other connection on the event loop."""
+    return Response(await run_in_threadpool(reply.model_dump_json), media_type="application/json")
+
+
+def _sse(chunks: AsyncIterator[BaseModel | dict | str | list], offload: bool = False) -> StreamingResponse:
+    """Server-sent events, one per chunk; a list of chunks (what arrived together) goes out in one write.
+    ``offload``: serialise in the thread pool (chunks with logprobs may be large, see :func:`_json`)."""
     async def lines():
-        async for chunk in chunks:
-            if isinstance(chunk, list):
-                if chunk:
-                    yield "".join(_sse_event(c) for c in chunk)
-            else:
-                yield _sse_event(chunk)
+        try:
+            async for chunk in chunks:
+                if isinstance(chunk, list):
+                    if chunk:
+                        yield (await run_in_threadpool(_sse_events, chunk)) if offload else _sse_events(chunk)
+                else:
+                    yield _sse_event(chunk)
+        except Exception:  # after the 200: the stream still ends in the OpenAI way, and the connection lives
+            logger.exception("a stream failed")
+            yield _sse_event(server_error("the stream failed on the server (the error has been logged)").body())
+            yield _sse_event("[DONE]")
     return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -225,9 +267,15 @@ def _usage(prompt_lengths: list[int], finishes: list[FinishEvent | None], n: int
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
+def _failure(event: FinishEvent) -> APIError:
+    """A finish with reason "error" as the error the client gets: 400 when the request caused it."""
+    if event.bad_request:
+        return APIError(400, event.error or "the request cannot be served")
+    return server_error(event.error or "generation failed")
+
+
 def _error_chunk(event: FinishEvent) -> dict:
-    return {"error": {"message": event.error or "generation failed", "type": "server_error", "param": None,
-                      "code": None}}
+    return _failure(event).body()
 
 
 async def _gather(reply) -> None:
@@ -244,7 +292,7 @@ async def _gather(reply) -> None:
             reply.finishes[i] = event
     failed = [f for f in reply.finishes if f.reason == "error"]
     if failed:
-        raise APIError(500, failed[0].error or "generation failed", "server_error")
+        raise _failure(failed[0])
 
 
 class _ChatReply:
@@ -257,8 +305,8 @@ class _ChatReply:
         self.n = len(choices.handles)
         self.texts, self.events = [""] * self.n, [[] for _ in range(self.n)]
         self.finishes: list[FinishEvent | None] = [None] * self.n
-        self.holding = [plan.tools is not None] * self.n  # streaming: text held while it may be a tool call
-        self.calls = [ToolCallStream(plan.tools) if plan.tools is not None else None for _ in range(self.n)]
+        self.replies = [ToolReplyStream(plan.tools) if plan.tools is not None else None for _ in range(self.n)]
+        self.logged = [(0, 0)] * self.n  # streaming with tools: (token events, characters) whose logprobs went out
 
     def usage(self) -> Usage:
         return _usage([len(self.plan.prompts[0])], self.finishes, self.n)
@@ -282,14 +330,15 @@ class _ChatReply:
 
     async def stream(self) -> AsyncIterator[BaseModel | dict | str | list]:
         """Content deltas as they come (a list: the chunks of the events that arrived together). With
-        tools, a reply that opens like a call is streamed as tool-call deltas while it is written (name
-        first, then the arguments; see tool_stream.py) and its text is not sent as content unless it
-        does not parse as calls in the end; one that opens as prose streams as content."""
+        tools, a reply streams as content while it is certainly prose, and from where a call may begin as
+        tool-call deltas while the calls are written (name first, then the arguments; see tool_stream.py);
+        the rest of the content and of the calls goes out at its end, so that the stream ends with the
+        calls, content and finish_reason of the non-streamed reply."""
         try:
             for i in range(self.n):
                 yield self._chunk(i, Delta(role="assistant", content=""))
             async for batch in self.choices.batches():
-                yield _coalesced(batch, self._chunks_of, self._run_chunk, lambda i: not self.holding[i])
+                yield _coalesced(batch, self._chunks_of, self._run_chunk, lambda i: self.replies[i] is None)
             if self.req.stream_options is not None and self.req.stream_options.include_usage:
                 yield ChatCompletionChunk(id=self.id, model=self.model_id, choices=[], usage=self.usage())
             yield "[DONE]"
@@ -297,43 +346,65 @@ class _ChatReply:
             self.choices.cancel()
 
     def _run_chunk(self, i: int, run: list[TokenEvent]) -> list[BaseModel | dict]:
-        """One content chunk for consecutive token events of choice i (not held for a tool call)."""
+        """One content chunk for consecutive token events of choice i (a request without tools)."""
         text = "".join(event.text for event in run)
         self.texts[i] += text
         self.events[i] += run
         return [self._chunk(i, Delta(content=text), self._logprobs(run))] if text or self.req.logprobs else []
 
     def _chunks_of(self, i: int, event: TokenEvent | FinishEvent) -> list[BaseModel | dict]:
-        """The chunks one event of choice i produces (none while a possible tool call is held)."""
+        """The chunks one event of choice i produces."""
         if isinstance(event, TokenEvent):
-            if not self.holding[i]:
+            if self.replies[i] is None:
                 return self._run_chunk(i, [event])
-            self.texts[i] += event.text
-            self.events[i].append(event)
-            calls = self.calls[i]
-            if not calls.started and translate.may_be_tool_call(self.texts[i]) is False:  # prose: release
-                self.holding[i] = False
-                return [self._chunk(i, Delta(content=self.texts[i]), self._logprobs(self.events[i]))]
-            return [self._chunk(i, Delta(tool_calls=[delta])) for delta in calls.feed(self.texts[i])]
+            return self._tool_reply_chunks(i, event)
         self.finishes[i] = event
         if event.reason == "error":
             return [_error_chunk(event)]
         return self._final_chunks(i, event)
 
+    def _tool_reply_chunks(self, i: int, event: TokenEvent) -> list[ChatCompletionChunk]:
+        """The chunks of one token of a reply with tools: the prose it makes certain, as content, and the
+        tool-call deltas it adds (none while the text from where a call may begin is held)."""
+        self.texts[i] += event.text
+        self.events[i].append(event)
+        reply = self.replies[i]
+        content, deltas = reply.feed(self.texts[i])
+        chunks = [self._chunk(i, Delta(content=content), self._logprobs_until(i, reply.sent))] if content else []
+        return chunks + [self._chunk(i, Delta(tool_calls=[delta])) for delta in deltas]
+
+    def _logprobs_until(self, i: int, end: int | None = None):
+        """The logprobs of choice i's tokens not given yet whose text ends within the reply's first ``end``
+        characters (the content sent; all of them when None): each token's go out once, with its content."""
+        if not self.req.logprobs:
+            return None
+        events, (first, at) = self.events[i], self.logged[i]
+        last = first
+        while last < len(events) and (end is None or at + len(events[last].text) <= end):
+            at += len(events[last].text)
+            last += 1
+        self.logged[i] = (last, at)
+        return self._logprobs(events[first:last])
+
     def _final_chunks(self, i: int, event: FinishEvent) -> list[ChatCompletionChunk]:
+        """The last chunks of choice i: with tools, the rest of the calls and of the content (the prose
+        around the calls, or the whole reply's text when it holds none) with the logprobs not sent yet (as
+        the non-streamed reply, which has them all; none for a reply that is only calls), then the finish
+        chunk."""
         chunks = []
         reason = "length" if event.reason == "length" else "stop"
-        if not self.holding[i]:
+        reply = self.replies[i]
+        if reply is None:
             if event.text:
                 chunks.append(self._chunk(i, Delta(content=event.text)))
         else:
-            deltas, content = self.calls[i].finish(self.texts[i] + event.text, event.reason == "length")
-            if content is None and event.reason != "length":
+            end = reply.finish(self.texts[i] + event.text, event.reason == "length")
+            if end.is_calls and event.reason != "length":
                 reason = "tool_calls"
-            if content is None:
-                chunks += [self._chunk(i, Delta(tool_calls=[delta])) for delta in deltas]
-            elif content:
-                chunks.append(self._chunk(i, Delta(content=content), self._logprobs(self.events[i])))
+            chunks += [self._chunk(i, Delta(tool_calls=[delta])) for delta in end.deltas]
+            logprobs = self._logprobs_until(i) if end.content or reply.sent else None
+            if end.content or (logprobs is not None and logprobs.content):
+                chunks.append(self._chunk(i, Delta(content=end.content), logprobs))
         chunks.append(self._chunk(i, Delta(), finish_reason=reason))
         return chunks
 
@@ -368,6 +439,9 @@ class _CompletionReply:
 
     async def collect(self) -> TextCompletion:
         await _gather(self)
+        return await run_in_threadpool(self._completion)
+
+    def _completion(self) -> TextCompletion:
         out = [CompletionChoice(index=i, text=self.texts[i], logprobs=self._logprobs(i, self.events[i]),
                                 finish_reason="length" if f.reason == "length" else "stop")
                for i, f in enumerate(self.finishes)]
@@ -401,7 +475,8 @@ class _CompletionReply:
                 if echo and self.req.prompt_logprobs is None:  # (a scored prompt comes with its PromptEvent)
                     yield self._chunk(i, echo)
             async for batch in self.choices.batches():
-                yield _coalesced(batch, self._chunks_of, self._run_chunk, lambda i: True)
+                args = (batch, self._chunks_of, self._run_chunk, lambda i: True)
+                yield await run_in_threadpool(_coalesced, *args) if self.req.logprobs is not None else _coalesced(*args)
             if self.req.stream_options is not None and self.req.stream_options.include_usage:
                 yield TextCompletion(id=self.id, model=self.model_id, choices=[], usage=self.usage())
             yield "[DONE]"

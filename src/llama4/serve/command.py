@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from llama4.dtypes import WEIGHT_DTYPES
+from llama4.serve.limits import DEFAULT_STALL_TIMEOUT, ServeLimits
+from llama4.serve.remote_images import RemoteImagePolicy
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -19,16 +21,47 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model-id", help="one name clients send (the same as --served-model-name NAME)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (visible to other users in "
+                                      "ps: prefer --api-key-file or the LLAMA4_API_KEY environment variable)")
+    p.add_argument("--api-key-file", type=Path, help="read the API key from this file (its first line)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max-context", type=int, help="tokens per sequence, prompt included (default: the model's)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill piece")
     p.add_argument("--prefix-cache-mb", type=float, default=256,
                    help="memory for finished conversations' caches, reused by their next turns (0: off)")
-    p.add_argument("--max-body-mb", type=float, help="request body limit in MiB (default: 32)")
+    limits = ServeLimits()
+    p.add_argument("--max-body-mb", type=float, default=limits.max_body_bytes / 2**20,
+                   help="request body limit in MiB (default: %(default)g)")
+    p.add_argument("--max-images", type=int, default=limits.max_images,
+                   help="images per request (default: %(default)s)")
+    p.add_argument("--max-image-megapixels", type=float, default=limits.max_image_pixels / 1e6,
+                   help="declared size of one image, checked before decoding (default: %(default)g)")
+    p.add_argument("--max-schema-kb", type=float, default=limits.max_schema_bytes / 2**10,
+                   help="size of a response_format or forced tool call JSON schema as compact JSON, in KiB; compile "
+                        "time grows with its square (default: %(default)g, about 2,000 properties)")
+    p.add_argument("--max-schema-depth", type=int, default=limits.max_schema_depth,
+                   help="nesting of such a schema document (default: %(default)s)")
     p.add_argument("--allow-remote-images", action="store_true",
-                   help="fetch http(s) image URLs sent by clients (off: only base64 data: URLs)")
+                   help="fetch http(s) image URLs sent by clients (off: only base64 data: URLs); only from public "
+                        "addresses on ports 80 and 443 unless the next two flags say otherwise")
+    p.add_argument("--remote-image-ports", type=int, nargs="+", metavar="PORT",
+                   help="ports remote images may come from (default: 80 443)")
+    p.add_argument("--allow-private-image-addresses", action="store_true",
+                   help="let remote image URLs reach loopback, private and link-local addresses (the server's own "
+                        "network: only where every client is trusted)")
+    p.add_argument("--allowed-hosts", nargs="+", metavar="HOST",
+                   help="Host header values to answer (default on a loopback address: localhost, 127.0.0.1 and ::1, "
+                        "against DNS rebinding; elsewhere: any)")
+    p.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
+                   help="web origins that may call the API from a browser (CORS; default: none but the server's own "
+                        "page; '*' for any)")
+    p.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="on SIGTERM / Ctrl-C, how long replies under way may go on before they are ended with an error "
+                        "(a second signal ends them at once; default: %(default)g)")
+    p.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT,
+                   help="seconds with work waiting and no engine iteration after which the engine counts as stuck: "
+                        "/health answers 503 and an engine process is restarted (0: never; default: %(default)g)")
     p.add_argument("--no-batch-invariant", action="store_true",
                    help="let products pick kernels by row count and prefill attend all of a piece's queries "
                         "in one call (faster decode and prefill; a reply at temperature 0 may then differ from "
@@ -56,13 +89,24 @@ def served_names(args: argparse.Namespace) -> list[str]:
 def build_app(args: argparse.Namespace):
     """The app for parsed ``serve`` arguments. With ``--engine process`` the engine process is started
     (and its model loaded) here, so that a checkpoint that does not load fails before serving."""
-    from llama4.build import load_model
+    from llama4.build import load_model, resolve_model_path
+    from llama4.checkpoint.generation_config import read_generation_defaults
     from llama4.dtypes import torch_dtype
     from llama4.inference.engine import Engine, EngineConfig
     from llama4.prompt import load_tokenizer
     from llama4.serve.app import create_engine_app
+    from llama4.serve.browser_guard import GuardPolicy
     from llama4.serve.engine_process import EngineProcess
 
+    try:
+        defaults = read_generation_defaults(resolve_model_path(args.model))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    options = {"model_id": served_names(args), "api_key": api_key_of(args), "limits": limits_of(args),
+               "generation_defaults": defaults,
+               "allow_remote_images": remote_image_policy(args), "metrics_need_key": not is_loopback(args.host),
+               "guard": GuardPolicy.for_bind(args.host, args.allowed_hosts, tuple(args.allowed_origins or ())),
+               "stall_timeout": args.stall_timeout}
     config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                           prefill_chunk=args.prefill_chunk, batch_invariant=not args.no_batch_invariant,
                           prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
@@ -73,10 +117,55 @@ def build_app(args: argparse.Namespace):
     else:
         engine = Engine(load_model(args.model, dtype=torch_dtype(args.dtype), kernels=config.kernels),
                         tokenizer, config)
-    model_ids = served_names(args)
-    limits = {} if args.max_body_mb is None else {"max_body_bytes": int(args.max_body_mb * 2**20)}
-    return create_engine_app(engine, tokenizer, model_id=model_ids, api_key=args.api_key,
-                             allow_remote_images=args.allow_remote_images, **limits)
+    return create_engine_app(engine, tokenizer, **options)
+
+
+def limits_of(args: argparse.Namespace) -> ServeLimits:
+    try:
+        return ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
+                           max_image_pixels=int(args.max_image_megapixels * 1e6),
+                           max_schema_bytes=int(args.max_schema_kb * 2**10), max_schema_depth=args.max_schema_depth)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def remote_image_policy(args: argparse.Namespace) -> RemoteImagePolicy | None:
+    if not args.allow_remote_images:
+        if args.remote_image_ports or args.allow_private_image_addresses:
+            raise UsageError("--remote-image-ports and --allow-private-image-addresses need --allow-remote-images")
+        return None
+    ports = tuple(args.remote_image_ports) if args.remote_image_ports else RemoteImagePolicy().allowed_ports
+    try:
+        return RemoteImagePolicy(allowed_ports=ports, allow_private=args.allow_private_image_addresses)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def api_key_of(args: argparse.Namespace, environ=os.environ) -> str | None:
+    """The API key: --api-key, else the first line of --api-key-file, else LLAMA4_API_KEY, else None."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise UsageError("give --api-key or --api-key-file, not both")
+    if args.api_key_file is not None:
+        try:
+            lines = args.api_key_file.read_text().splitlines()
+        except OSError as e:
+            raise UsageError(f"cannot read --api-key-file {args.api_key_file}: {e.strerror or e}") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise UsageError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    key = args.api_key if args.api_key is not None else environ.get("LLAMA4_API_KEY") or None
+    if key is not None and not key.strip():
+        raise UsageError("the API key is empty")
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+class UsageError(ValueError):
+    """A flag value that cannot be used (reported in one line, exit code 2)."""
 
 
 SERVE_EXTRA = ("fastapi", "uvicorn", "pydantic")
@@ -99,6 +188,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from llama4.serve.shutdown import DrainingServer
+
     try:  # a busy port or a bad address fails here, before the banner and before the model loads
         with socket.create_server((args.host, args.port)):
             pass
@@ -111,11 +202,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         app = build_app(args)
-    except EngineStartError as e:
+    except (EngineStartError, UsageError) as e:
         print(f"llama4: error: {e}", file=sys.stderr)
         return 2
     where = "all interfaces" if args.host in ("0.0.0.0", "::") else args.host
     print(f"llama4 serve: http://{args.host}:{args.port}/ ({where}); OpenAI base URL "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    engine = app.state.engine
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"),
+                            args.drain_seconds, lambda: engine.stop(reason="error"))
+    server.run()
     return 0

@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", required=True, help="JSON: model, dtype, threads, config (an EngineConfig)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    _exit_with_parent()
     requests, events = os.fdopen(args.requests_fd, "rb"), os.fdopen(args.events_fd, "wb")
     try:
         engine = _load(json.loads(args.settings))
@@ -118,10 +119,12 @@ def serve(engine: Engine, requests, events) -> None:
     outbox = _Outbox(engine, events)
     engine.start(after_step=outbox.flush)
     handles = {}
+    reason = "cancelled"
     last_pixels = (None, None)  # (key, tiles) of the last submission: the next may share them
     while (frame := read_frame(requests)) is not None:
         header, payload = frame
         if header["op"] == "stop":
+            reason = header.get("reason", "cancelled")
             break
         key = header["key"]
         if header["op"] == "cancel":
@@ -141,8 +144,20 @@ def serve(engine: Engine, requests, events) -> None:
             outbox.seen = key + 1
         if len(handles) > 4 * engine.config.max_batch + engine.config.max_queue:
             handles = {k: h for k, h in handles.items() if not h.finished}
-    engine.stop()
+    engine.stop(reason=reason)
     outbox.flush()
+
+
+def _exit_with_parent(poll: float = 0.5) -> None:
+    """End this process as soon as the server that started it is gone (killed, say, in the middle of a
+    request this process is busy with): an orphaned engine would hold the model's memory forever."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os._exit(1)
+    threading.Thread(target=watch, name="llama4-parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -129,7 +129,9 @@ class EngineProcess:
         self._sinks: dict[int, Callable[[Event], None]] = {}
         self._next_key = 0
         self._seen = 0  # submissions the child has taken in
-        self._stats = {"running": 0, "prefilling": 0, "queued": 0, "kv_cache_bytes": 0, "prefix_cache_bytes": 0}
+        self._stats = {"running": 0, "prefilling": 0, "queued": 0, "kv_cache_bytes": 0, "prefix_cache_bytes": 0,
+                       "steps": 0}
+        self._killed: str | None = None  # why the running child was killed (see kill)
         self._down: str | None = "not started"  # why submissions are refused, None while running
         self._stopping = False
         self._deaths: list[float] = []  # when children died (monotonic), for the restart limit
@@ -160,15 +162,16 @@ class EngineProcess:
         for thread in child.threads:
             thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the child; every unfinished request is finished as cancelled."""
+    def stop(self, timeout: float = 30.0, reason: str = "cancelled") -> None:
+        """Stop the child; every unfinished request is finished with ``reason`` ("cancelled", or "error" for a
+        shutdown that cuts replies short)."""
         with self._lock:
             self._stopping = True
             self._down = "the server is shutting down"
             child = self._child
         if child is None:
             return
-        child.outgoing.put(({"op": "stop"}, b""))
+        child.outgoing.put(({"op": "stop", "reason": reason}, b""))
         child.outgoing.put(None)
         try:
             child.process.wait(timeout)
@@ -177,8 +180,16 @@ class EngineProcess:
             child.process.wait()
         for thread in child.threads:
             thread.join(timeout)
-        self._fail_all("cancelled", "the server is shutting down")
+        self._fail_all(reason, "the server is shutting down")
         self._child = None
+
+    def kill(self, why: str) -> None:
+        """Kill the child now (e.g. it is stuck): its requests fail with ``why`` and, as after any death, a new
+        child is started unless children keep dying."""
+        child = self._child
+        if child is not None:
+            self._killed = why
+            child.process.kill()
 
     # -- caller side (any thread) --------------------------------------------------------------------------
 
@@ -223,6 +234,7 @@ class EngineProcess:
 
     def _read(self, child: _Child) -> None:
         why = "the engine process ended"
+        self._killed = None
         try:
             while (frame := read_frame(child.from_child)) is not None:
                 self._dispatch_frame(frame[0])
@@ -234,6 +246,8 @@ class EngineProcess:
             why += f" (exit code {child.process.wait(5)})"
         except subprocess.TimeoutExpired:
             child.process.kill()
+        if self._killed is not None:
+            why = f"the engine process was killed: {self._killed}"
         child.outgoing.put(None)  # ends its writer
         now = time.monotonic()
         with self._lock:

@@ -7,9 +7,12 @@ stock OpenAI client turns it into its matching exception (``BadRequestError``, `
 
 from __future__ import annotations
 
+import json
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,9 +28,15 @@ class APIError(Exception):
         self.status, self.message, self.type = status, message, type
         self.param, self.code, self.headers = param, code, headers or {}
 
-    def response(self) -> JSONResponse:
-        body = ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
+    def body(self) -> dict:
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param,
+                                             code=self.code)).model_dump()
+
+    def response(self) -> Response:
+        """The error as JSON; non-ASCII characters escaped, so that no text (a lone surrogate from a client's
+        JSON escape, say) can make the error itself fail to encode."""
+        return Response(json.dumps(self.body()), status_code=self.status, headers=self.headers,
+                        media_type="application/json")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -42,6 +51,11 @@ def unauthorized() -> APIError:
 def model_not_found(name: str, served: list[str]) -> APIError:
     return APIError(404, f"the model '{name}' does not exist; this server serves "
                          f"{', '.join(repr(n) for n in served)}", param="model", code="model_not_found")
+
+
+def server_error(message: str = "internal error: the server could not handle this request (it has been logged)"
+                 ) -> APIError:
+    return APIError(500, message, "server_error")
 
 
 def body_too_large(limit: int) -> APIError:
@@ -78,3 +92,37 @@ def install_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), kind).response()
+
+
+class CatchAll:
+    """ASGI middleware: an exception no route turned into an :class:`APIError` becomes a 500 in the OpenAI
+    format, logged with its traceback. Without it Starlette answers in plain text and uvicorn closes the
+    connection, so a client's next request on the same keep-alive connection fails too. A response that had
+    already started (a stream) is ended cleanly instead: the streams write their own error event first."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = {"started": False, "ended": False}
+
+        async def watch(message):
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["ended"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if not state["started"]:
+                await server_error().response()(scope, receive, send)
+            elif not state["ended"]:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+logger = logging.getLogger("llama4.serve")

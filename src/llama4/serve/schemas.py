@@ -58,7 +58,7 @@ class _SamplingFields(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # a signed 64-bit integer, as OpenAI's
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -70,7 +70,8 @@ class _SamplingFields(_Lenient):
         if value is None:
             return value
         for key, bias in value.items():
-            if not key.strip().isdigit():
+            digits = key.strip()
+            if not (digits.isascii() and digits.isdigit() and len(digits) <= 9):
                 raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
@@ -107,6 +108,16 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
+    # vLLM's extensions: a last message the model continues (e.g. a prefilled start of the reply)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @model_validator(mode="after")
+    def _continuation(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message continues the last message: send it with "
+                             "add_generation_prompt: false")
+        return self
 
     @property
     def token_budget(self) -> int | None:
@@ -164,6 +175,7 @@ class TokenizeRequest(_Lenient):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None  # prompt: begin-of-text first (default yes); messages: no effect
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     return_token_strs: bool = False
 
     @field_validator("messages")

@@ -17,7 +17,8 @@ import asyncio
 import threading
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 from llama4.inference.requests import ContextTooLong, EngineError, Event, FinishEvent, GenerationRequest, QueueFull
 from llama4.serve.errors import APIError, bad_request, queue_full
@@ -74,6 +75,10 @@ class Choices:
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.handles = []
         self.remaining = len(requests)
+        if len(requests) > engine.config.max_queue:
+            raise APIError(400, f"this request asks for {len(requests)} completions (prompts x n); the server queues "
+                                f"at most {engine.config.max_queue} (its --max-queue), so it could never be served",
+                           param="n", code="limit_exceeded")
         try:
             for i, request in enumerate(requests):
                 self.handles.append(engine.submit(request, self._sink(i)))
@@ -127,3 +132,32 @@ async def cancel_on_disconnect(receive, choices: Choices) -> None:
         if message["type"] == "http.disconnect":
             choices.cancel()
             return
+
+
+class ClientGone(APIError):
+    """The client went away while its request was being prepared (nobody reads this answer)."""
+
+    def __init__(self):
+        super().__init__(499, "the client closed the connection", code="client_closed_request")
+
+
+@asynccontextmanager
+async def watch_disconnect(request) -> AsyncIterator[Callable[[], None]]:
+    """While the block runs, watch for the client going away; yields a ``checkpoint()`` that raises
+    :class:`ClientGone` once it has (for work in the thread pool to call between its costly steps)."""
+    gone = threading.Event()
+
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    def checkpoint() -> None:
+        if gone.is_set():
+            raise ClientGone()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield checkpoint
+    finally:
+        watcher.cancel()

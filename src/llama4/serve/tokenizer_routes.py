@@ -57,6 +57,7 @@ def _chat_token_ids(tokenizer: Tokenizer, req: TokenizeRequest) -> list[int]:
         raise APIError(400, "/tokenize takes text messages only (images need the chat endpoint)",
                        param="messages", code="invalid_request")
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                             continue_final_message=req.continue_final_message)
     except (ValueError, KeyError, TypeError) as e:
         raise APIError(400, f"cannot render the messages: {e}", param="messages", code="invalid_request") from None

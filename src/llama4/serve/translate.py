@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llama4.checkpoint.generation_config import GenerationDefaults
 from llama4.inference.constrained import JsonConstraint, SchemaError
-from llama4.inference.requests import Constraint, GenerationRequest, PromptEvent, TokenEvent
+from llama4.inference.requests import ContextTooLong, GenerationRequest, PromptEvent, TokenEvent
 from llama4.inference.sampling import SamplingParams
 from llama4.inference.text import prepare_messages
 from llama4.prompt import ImageError, Tokenizer, parse_assistant_output
 from llama4.prompt.tool_parsing import new_call_id
-from llama4.serve.errors import bad_request
-from llama4.serve.remote_images import inline_remote_images
+from llama4.serve.errors import APIError, bad_request
+from llama4.serve.limits import LimitExceeded, ServeLimits
+from llama4.serve.remote_images import BUSY_TEXT, RemoteImageFetcher
 from llama4.serve.schemas import (
     ChatCompletionRequest,
     ChoiceLogprobs,
@@ -33,7 +35,7 @@ from llama4.serve.schemas import (
     ToolCall,
     TopLogprob,
 )
-from llama4.serve.tool_stream import partial_calls
+from llama4.serve.tool_stream import cut_reply
 
 
 @dataclass
@@ -43,20 +45,24 @@ class Plan:
     prompts: list[list[int]]  # one per prompt (chat: exactly one)
     pixel_values: torch.Tensor | None = None
     tools: list[dict] | None = None  # rendered into the prompt and parsed back out of the reply
-    constraint: Callable[[], Constraint] | None = None  # a fresh constraint per choice
+    constraint: JsonConstraint | None = None  # compiled once; each choice gets a copy
     echo_texts: list[str] = field(default_factory=list)
 
-    def requests(self, req: ChatCompletionRequest | CompletionRequest, logprobs: int | None) -> list[GenerationRequest]:
-        """One engine request per choice, prompt-major: choice index = prompt index * n + j."""
+    def requests(self, req: ChatCompletionRequest | CompletionRequest, logprobs: int | None,
+                 defaults: GenerationDefaults = GenerationDefaults()) -> list[GenerationRequest]:
+        """One engine request per choice, prompt-major: choice index = prompt index * n + j. ``defaults``: the
+        checkpoint's sampling settings, for the fields the request does not set."""
+        temperature, top_p = (getattr(req, name) if name in req.model_fields_set or getattr(defaults, name) is None
+                              else getattr(defaults, name) for name in ("temperature", "top_p"))
         out = []
         for prompt in self.prompts:
             for j in range(req.n):
                 seed = None if req.seed is None else req.seed + j
-                params = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=seed, logprobs=logprobs,
+                params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed, logprobs=logprobs,
                                         frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
                                         logit_bias=req.bias_pairs)
                 out.append(GenerationRequest(prompt, self.pixel_values, params, req.token_budget, req.stop_strings,
-                                             constraint=self.constraint() if self.constraint else None,
+                                             constraint=self.constraint.copy() if self.constraint else None,
                                              prompt_logprobs=getattr(req, "prompt_logprobs", None)))
         return out
 
@@ -71,27 +77,50 @@ def _message_dicts(req: ChatCompletionRequest) -> list[dict]:
     return messages
 
 
-def plan_chat(req: ChatCompletionRequest, tokenizer: Tokenizer, has_vision: bool,
-              remote_images: bool = False) -> Plan:
+def plan_chat(req: ChatCompletionRequest, tokenizer: Tokenizer, has_vision: bool, limits: ServeLimits = ServeLimits(),
+              fetcher: RemoteImageFetcher | None = None, max_context: int | None = None,
+              checkpoint: Callable[[], None] | None = None) -> Plan:
     """Messages (images decoded, tools rendered) -> prompt ids and the constraint for the reply.
 
-    ``remote_images``: fetch http(s) image URLs (otherwise they are refused, as are file paths).
+    The checks that cost little come first (limits, tools, the schema's size), then the schema is compiled,
+    then images: counted, fetched (http(s) URLs, only with a ``fetcher``; otherwise refused, as are file
+    paths), their headers read and the prompt they would make measured against ``max_context``, and only
+    then decoded. ``checkpoint()`` is called between the costly steps; it raises to stop (client gone).
     """
-    try:
-        messages = _message_dicts(req)
-        if remote_images:
-            messages = inline_remote_images(messages)
-        prepared, pixel_values = prepare_messages(messages)
-    except ImageError as e:
-        raise bad_request(f"bad image: {e}", param="messages", code="invalid_image") from None
-    if pixel_values is not None and not has_vision:
-        raise bad_request("this model has no vision encoder: it cannot take images", param="messages")
+    messages = _message_dicts(req)
     tools = _active_tools(req)
+    constraint = _constraint_for(req, tools, tokenizer, limits)
+    images = sum(1 for m in messages if isinstance(m.get("content"), list)
+                 for part in m["content"] if isinstance(part, dict) and part.get("type") in ("image", "image_url"))
+    if images and not has_vision:
+        raise bad_request("this model has no vision encoder: it cannot take images", param="messages")
+    if images > limits.max_images:
+        raise APIError(400, f"the messages hold {images} images; this server takes at most {limits.max_images} per "
+                            "request (its --max-images)", param="messages", code="limit_exceeded")
+
+    def render(prepared: list[dict]) -> list[int]:
+        try:
+            prompt = tokenizer.apply_chat_template(prepared, add_generation_prompt=req.add_generation_prompt,
+                                                   continue_final_message=req.continue_final_message, tools=tools)
+        except ValueError as e:
+            raise bad_request(f"cannot render the messages: {e}", param="messages") from None
+        if max_context is not None and len(prompt) >= max_context:
+            raise APIError(400, str(ContextTooLong(len(prompt), max_context)), param="messages",
+                           code="context_length_exceeded")
+        return prompt
+
     try:
-        prompt = tokenizer.apply_chat_template(prepared, add_generation_prompt=True, tools=tools)
-    except ValueError as e:
-        raise bad_request(f"cannot render the messages: {e}", param="messages") from None
-    return Plan([prompt], pixel_values, tools, _constraint_for(req, tools, tokenizer))
+        if fetcher is not None and images:
+            messages = fetcher.inline(messages)
+        if checkpoint is not None:
+            checkpoint()
+        prepared, pixel_values = prepare_messages(messages, max_pixels=limits.max_image_pixels,
+                                                  before_decoding=render if images else None, checkpoint=checkpoint)
+    except ImageError as e:
+        if str(e) == BUSY_TEXT:
+            raise APIError(503, BUSY_TEXT, "server_error", code="busy", headers={"Retry-After": "1"}) from None
+        raise bad_request(f"bad image: {e}", param="messages", code="invalid_image") from None
+    return Plan([render(prepared)], pixel_values, tools, constraint)
 
 
 def _active_tools(req: ChatCompletionRequest) -> list[dict] | None:
@@ -102,6 +131,12 @@ def _active_tools(req: ChatCompletionRequest) -> list[dict] | None:
         if tool.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
             raise bad_request(f"tools[{k}] must be {{'type': 'function', 'function': {{'name': ..., ...}}}}",
                               param=f"tools[{k}]")
+        if not isinstance(fn["name"], str):
+            raise bad_request(f"tools[{k}].function.name must be a string, got {type(fn['name']).__name__}",
+                              param=f"tools[{k}].function.name")
+        if not isinstance(fn.get("parameters", {}), (dict, type(None))):
+            raise bad_request(f"tools[{k}].function.parameters must be a JSON schema object",
+                              param=f"tools[{k}].function.parameters")
     return list(req.tools)
 
 
@@ -119,9 +154,10 @@ def _forced_tool_schema(req: ChatCompletionRequest, tools: list[dict]) -> dict |
         names = list(by_name)
     elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
-        if name not in by_name:
-            raise bad_request(f"tool_choice names '{name}', which is not among the tools {sorted(by_name)}",
-                              param="tool_choice")
+        if not isinstance(name, str) or name not in by_name:
+            shown = f"'{name}'" if isinstance(name, str) else json.dumps(name)[:80]
+            raise bad_request(f"tool_choice names {shown}, which is not among the tools "
+                              f"{sorted(by_name)}", param="tool_choice")
         names = [name]
     else:
         raise bad_request("tool_choice must be 'none', 'auto', 'required' or "
@@ -132,9 +168,10 @@ def _forced_tool_schema(req: ChatCompletionRequest, tools: list[dict]) -> dict |
     return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
-def _constraint_for(req: ChatCompletionRequest, tools: list[dict] | None,
-                    tokenizer: Tokenizer) -> Callable[[], Constraint] | None:
-    """A factory of per-choice JSON constraints: a forced tool call, else ``response_format``, else None."""
+def _constraint_for(req: ChatCompletionRequest, tools: list[dict] | None, tokenizer: Tokenizer,
+                    limits: ServeLimits) -> JsonConstraint | None:
+    """The reply's JSON constraint, compiled (its choices get copies): a forced tool call, else
+    ``response_format``, else None. A schema over the limits is refused before it is compiled."""
     schema = _forced_tool_schema(req, tools) if tools is not None else None
     param = "tools"
     if schema is None:
@@ -148,10 +185,13 @@ def _constraint_for(req: ChatCompletionRequest, tools: list[dict] | None,
                                   param=param)
             schema = fmt.json_schema.schema_
     try:
-        JsonConstraint(tokenizer, schema)  # fail now, as a 400, rather than in the engine thread
+        if schema is not None:
+            limits.check_schema(schema, param)
+        return JsonConstraint(tokenizer, schema)
+    except LimitExceeded as e:
+        raise APIError(400, str(e), param=e.param, code="limit_exceeded") from None
     except SchemaError as e:
         raise bad_request(f"unsupported JSON schema: {e}", param=param) from None
-    return lambda: JsonConstraint(tokenizer, schema)
 
 
 def plan_completion(req: CompletionRequest, tokenizer: Tokenizer) -> Plan:
@@ -164,19 +204,25 @@ def plan_completion(req: CompletionRequest, tokenizer: Tokenizer) -> Plan:
         prompts = list(prompt)
     if not prompts:
         raise bad_request("prompt is empty", param="prompt")
+    for k, p in enumerate(prompts):
+        bad = next((t for t in p if not 0 <= t < tokenizer.vocab_size), None) if not isinstance(p, str) else None
+        if bad is not None:
+            raise bad_request(f"prompt token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})",
+                              param="prompt" if len(prompts) == 1 else f"prompt[{k}]")
     ids = [tokenizer.encode(p, bos=True) if isinstance(p, str) else list(p) for p in prompts]
     echo = [p if isinstance(p, str) else tokenizer.decode(p, skip_special=True) for p in prompts] if req.echo else []
     return Plan(ids, echo_texts=echo)
 
 
-_IDENTIFIER = re.compile(r"[A-Za-z_][\w.]*")
+_IDENTIFIER = re.compile(r"[A-Za-z_][\w.-]*")
 
 
 def may_be_tool_call(text: str) -> bool | None:
-    """Whether a reply that begins with ``text`` may be a tool call (None: cannot tell yet).
+    """Whether a reply that begins with ``text`` may begin with a tool call (None: cannot tell yet).
 
-    Calls open with ``[``, ``{``, a code fence, ``<function=`` or ``name(``; a reply that opens any
-    other way is prose and can be streamed as it comes (calls after prose are not looked for then).
+    Calls open with ``[``, ``{``, a code fence, ``<function=`` or ``name(`` (names may be dotted or
+    hyphenated); a reply that opens any other way opens with prose, though calls may follow it (see
+    ``tool_stream.prose_prefix_length`` for how much of a reply is certainly prose).
     """
     head = text.lstrip()
     if not head:
@@ -193,15 +239,16 @@ def may_be_tool_call(text: str) -> bool | None:
 def tool_calls_of(text: str, tools: list[dict] | None, cut_short: bool = False
                   ) -> tuple[str | None, list[ToolCall] | None]:
     """The reply's prose and its parsed tool calls (None when the reply is not a call). ``cut_short`` (the
-    token budget ran out): a reply that stops inside calls gives them with the arguments written so far."""
+    token budget ran out): a reply that stops inside a call gives the calls up to it, that one with the
+    arguments written so far, and the prose before them (tool_stream.cut_reply)."""
     if tools is None:
         return text, None
+    cut = cut_reply(text, tools) if cut_short else None
+    if cut:
+        calls, prose = cut
+        return prose, [ToolCall(index=k, id=new_call_id(), function=FunctionCall(
+            name=name, arguments=json.dumps(args, ensure_ascii=False))) for k, (name, args) in enumerate(calls)]
     parsed = parse_assistant_output(text, tools=tools)
-    if not parsed.tool_calls and cut_short:
-        calls = partial_calls(text, tools)
-        if calls:
-            return None, [ToolCall(index=k, id=new_call_id(), function=FunctionCall(
-                name=name, arguments=json.dumps(args, ensure_ascii=False))) for k, (name, args) in enumerate(calls)]
     if not parsed.tool_calls:
         return text, None
     calls = [ToolCall(index=k, id=c["id"], function=FunctionCall(**c["function"]))

@@ -115,7 +115,7 @@ def encode_event(key: int, event: Event) -> list:
     if isinstance(event, PromptEvent):
         return ["p", key, event.logprobs, [None if t is None else [list(pair) for pair in t] for t in event.top]]
     return ["f", key, event.reason, event.text, event.prompt_tokens, event.completion_tokens, event.cached_tokens,
-            event.error]
+            event.error, event.bad_request]
 
 
 def decode_event(item: list) -> tuple[int, Event]:
@@ -125,5 +125,5 @@ def decode_event(item: list) -> tuple[int, Event]:
     if item[0] == "p":
         _, key, logprobs, top = item
         return key, PromptEvent(logprobs, [None if t is None else [tuple(pair) for pair in t] for t in top])
-    _, key, reason, text, prompt, completion, cached, error = item
-    return key, FinishEvent(reason, text, prompt, completion, cached, error)
+    _, key, reason, text, prompt, completion, cached, error, bad_request = item
+    return key, FinishEvent(reason, text, prompt, completion, cached, error, bad_request)

@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+from llama4.checkpoint.generation_config import GenerationDefaults, write_generation_defaults
 from llama4.info import model_info
 from llama4.train.instruct_data import DIALOGUES
 
@@ -42,6 +43,8 @@ def _pct(x: float) -> str:
 
 
 RELIABLE = 0.9  # picture-question accuracy the card calls reliable (the issue's bar)
+RECOMMENDED = GenerationDefaults(temperature=0.6, top_p=0.9)  # Llama 4 instruct's own; the tiny model's best
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def _picture_summary(reliable: list[str], unreliable: list[str]) -> str:
@@ -60,7 +63,7 @@ def render_card(model_dir: Path, report: dict) -> str:
     reliable = sorted(k for k, r in pictures.items() if r["accuracy"] >= RELIABLE)
     unreliable = sorted(k for k, r in pictures.items() if r["accuracy"] < RELIABLE)
     lines = (_introduction(reliable, unreliable) + _architecture(info, config, recipe) + _evaluation(report)
-             + _training(recipe) + _data_and_licenses() + _limitations(reliable, unreliable))
+             + _sampling() + _training(recipe) + _data_and_licenses() + _limitations(reliable, unreliable))
     return "\n".join(lines)
 
 
@@ -123,6 +126,18 @@ def _evaluation(report: dict) -> list[str]:
     for s in report.get("samples", []):
         lines += [f"- {s['kind']} `{s['prompt']}`", "", "  > " + s["output"].strip().replace("\n", "\n  > "), ""]
     return lines
+
+
+def _sampling() -> list[str]:
+    return [
+        "## Sampling",
+        "",
+        f"Recommended: temperature {RECOMMENDED.temperature:g} with top_p {RECOMMENDED.top_p:g}, or 0 (greedy). They "
+        "are in `generation_config.json`, so `llama4 serve` uses them for requests that set neither. At the "
+        "OpenAI clients' default temperature of 1.0 this small model loses the thread within a sentence "
+        "(made-up words, broken grammar).",
+        "",
+    ]
 
 
 def _training(recipe: dict) -> list[str]:
@@ -213,8 +228,11 @@ def _limitations(reliable: list[str], unreliable: list[str]) -> list[str]:
 
 
 def write_model_card(model_dir: str | Path, report: dict) -> Path:
+    """The card (README.md), with eval.json and the recommended sampling in generation_config.json."""
     model_dir = Path(model_dir)
     (model_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = json.loads((model_dir / "config.json").read_text()).get("text_config", {})
+    write_generation_defaults(model_dir, RECOMMENDED, **{k: text[k] for k in TOKEN_ID_FIELDS if k in text})
     path = model_dir / "README.md"
     path.write_text(render_card(model_dir, report))
     return path
