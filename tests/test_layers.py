@@ -17,7 +17,7 @@ LAYERS = [
     {"config", "dtypes"},
     {"presets"},
     {"model", "prompt"},
-    {"checkpoint", "kernels"},
+    {"checkpoint", "kernels", "quant"},
     {"build"},
     {"info"},
     {"inference", "train"},

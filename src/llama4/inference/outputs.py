@@ -48,7 +48,12 @@ class OutputProcessor:
         self._time_token(seq)
         self.metrics.add_tokens(generated=1)
         if choice.token in seq.stop_ids:
-            self.finish(seq, "stop")
+            if choice.logprob is not None:  # asked for: the stop token's logprob is reported too (as vLLM does)
+                tail, _ = seq.stops.feed(seq.decoder.flush())
+                self.emit(seq, TokenEvent(tail + seq.stops.flush(), choice.token, choice.logprob, choice.top))
+                self.finish(seq, "stop", flush=False)
+            else:
+                self.finish(seq, "stop")
             return False
         if constraint is not None:
             constraint.advance(choice.token)

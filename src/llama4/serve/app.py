@@ -31,7 +31,7 @@ from llama4.prompt import Tokenizer
 from llama4.serve import translate
 from llama4.serve.browser_guard import BrowserGuard, GuardPolicy
 from llama4.serve.engine_process import EngineProcess
-from llama4.serve.errors import APIError, CatchAll, install_handlers, logger, model_not_found, server_error
+from llama4.serve.errors import CatchAll, install_handlers, logger, model_not_found, server_error
 from llama4.serve.limits import DEFAULT_STALL_TIMEOUT, ServeLimits
 from llama4.serve.metrics import ServeMetrics
 from llama4.serve.monitoring import CountRequests, StallWatch, add_monitoring_routes, watch_for_stalls
@@ -54,7 +54,7 @@ from llama4.serve.schemas import (
     TextCompletion,
     Usage,
 )
-from llama4.serve.streams import Choices, cancel_on_disconnect, watch_disconnect
+from llama4.serve.streams import Choices, failure_of, unless_disconnected, watch_disconnect
 from llama4.serve.tokenizer_routes import add_tokenizer_routes
 from llama4.serve.tool_stream import ToolReplyStream
 
@@ -167,7 +167,7 @@ def _add_generation_routes(app: FastAPI, engine: Engine | EngineProcess, tokeniz
         reply = _ChatReply(req, plan, tokenizer, model_id, choices)
         if req.stream:
             return _sse(reply.stream(), offload=req.logprobs)
-        return await _json(await _unless_disconnected(request, choices, reply.collect()))
+        return await _json(await unless_disconnected(request, choices, reply.collect()))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -177,7 +177,7 @@ def _add_generation_routes(app: FastAPI, engine: Engine | EngineProcess, tokeniz
         reply = _CompletionReply(req, plan, tokenizer, model_id, choices)
         if req.stream:
             return _sse(reply.stream(), offload=req.logprobs is not None)
-        return await _json(await _unless_disconnected(request, choices, reply.collect()))
+        return await _json(await unless_disconnected(request, choices, reply.collect()))
 
 
 def _add_web_ui(app: FastAPI) -> None:
@@ -248,16 +248,6 @@ def _coalesced(batch: list[tuple[int, TokenEvent | FinishEvent]], chunks_of, run
     return out
 
 
-async def _unless_disconnected(request: Request, choices: Choices, reply):
-    """Await a non-streamed reply while watching for the client going away (which cancels it)."""
-    watcher = asyncio.create_task(cancel_on_disconnect(request.receive, choices))
-    try:
-        return await reply
-    finally:
-        watcher.cancel()
-        choices.cancel()
-
-
 def _usage(prompt_lengths: list[int], finishes: list[FinishEvent | None], n: int) -> Usage:
     """Prompts count once however many choices (``n``) each has; cached tokens are those of choice 0."""
     prompt = sum(prompt_lengths)
@@ -267,15 +257,8 @@ def _usage(prompt_lengths: list[int], finishes: list[FinishEvent | None], n: int
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
-def _failure(event: FinishEvent) -> APIError:
-    """A finish with reason "error" as the error the client gets: 400 when the request caused it."""
-    if event.bad_request:
-        return APIError(400, event.error or "the request cannot be served")
-    return server_error(event.error or "generation failed")
-
-
 def _error_chunk(event: FinishEvent) -> dict:
-    return _failure(event).body()
+    return failure_of(event).body()
 
 
 async def _gather(reply) -> None:
@@ -292,7 +275,7 @@ async def _gather(reply) -> None:
             reply.finishes[i] = event
     failed = [f for f in reply.finishes if f.reason == "error"]
     if failed:
-        raise _failure(failed[0])
+        raise failure_of(failed[0])
 
 
 class _ChatReply:
@@ -316,6 +299,9 @@ class _ChatReply:
 
     async def collect(self) -> ChatCompletion:
         await _gather(self)
+        return await run_in_threadpool(self._completion)  # (logprobs may be large: off the event loop)
+
+    def _completion(self) -> ChatCompletion:
         out = []
         for i, finish in enumerate(self.finishes):
             content, calls = translate.tool_calls_of(self.texts[i], self.plan.tools, finish.reason == "length")

@@ -39,7 +39,6 @@ event, and the stream ends.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -59,7 +58,7 @@ from llama4.serve.errors import APIError, bad_request, logger, server_error, val
 from llama4.serve.limits import ServeLimits
 from llama4.serve.responses_schemas import ResponsesRequest
 from llama4.serve.schemas import ChatCompletionRequest, ToolCall
-from llama4.serve.streams import Choices, cancel_on_disconnect, watch_disconnect
+from llama4.serve.streams import Choices, failure_of, unless_disconnected, watch_disconnect
 from llama4.serve.tool_stream import ToolReplyStream
 
 if TYPE_CHECKING:
@@ -90,7 +89,7 @@ def add_responses_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer
         reply = ResponseReply(req, chat, plan, model_id, choices)
         if req.stream:
             return _sse(reply.stream())
-        return _json(await _unless_disconnected(request, choices, reply.collect()))
+        return _json(await unless_disconnected(request, choices, reply.collect()))
 
 
 # -- the request ---------------------------------------------------------------------------------------
@@ -350,12 +349,6 @@ def _usage(prompt_tokens: int, finish: FinishEvent) -> dict:
             "total_tokens": prompt_tokens + finish.completion_tokens}
 
 
-def _failure(event: FinishEvent) -> APIError:
-    if event.bad_request:
-        return APIError(400, event.error or "the request cannot be served")
-    return server_error(event.error or "generation failed")
-
-
 class ResponseReply:
     """Shapes one request's engine events as a Response object, or as the stream of Responses events."""
 
@@ -406,7 +399,7 @@ class ResponseReply:
             else:
                 text += event.text
         if finish.reason == "error":
-            raise _failure(finish)
+            raise failure_of(finish)
         events = _EventStream(self)
         events.whole(text, finish)
         return events.final or self.response(events.items, None)
@@ -475,7 +468,7 @@ class _EventStream:
 
     def _on_finish(self, event: FinishEvent) -> list[str]:
         if event.reason == "error":
-            return [self.error(_failure(event))]
+            return [self.error(failure_of(event))]
         if event.reason == "cancelled":
             return []
         cut = event.reason == "length"
@@ -566,13 +559,3 @@ def _sse(texts: AsyncIterator[str]) -> StreamingResponse:
             if text:
                 yield text
     return StreamingResponse(nonempty(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-async def _unless_disconnected(request: Request, choices: Choices, reply):
-    """Await a non-streamed reply while watching for the client going away (which cancels it)."""
-    watcher = asyncio.create_task(cancel_on_disconnect(request.receive, choices))
-    try:
-        return await reply
-    finally:
-        watcher.cancel()
-        choices.cancel()

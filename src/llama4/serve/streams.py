@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from llama4.inference.requests import ContextTooLong, EngineError, Event, FinishEvent, GenerationRequest, QueueFull
-from llama4.serve.errors import APIError, bad_request, queue_full
+from llama4.serve.errors import APIError, bad_request, queue_full, server_error
 
 
 class LoopBridge:
@@ -120,6 +120,23 @@ class Choices:
     def cancel(self) -> None:
         for handle in self.handles:
             handle.cancel()
+
+
+def failure_of(event: FinishEvent) -> APIError:
+    """A finish with reason "error" as the error the client gets: 400 when the request caused it."""
+    if event.bad_request:
+        return APIError(400, event.error or "the request cannot be served")
+    return server_error(event.error or "generation failed")
+
+
+async def unless_disconnected(request, choices: Choices, reply):
+    """Await a non-streamed reply while watching for the client going away (which cancels it)."""
+    watcher = asyncio.create_task(cancel_on_disconnect(request.receive, choices))
+    try:
+        return await reply
+    finally:
+        watcher.cancel()
+        choices.cancel()
 
 
 async def cancel_on_disconnect(receive, choices: Choices) -> None:

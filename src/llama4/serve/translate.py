@@ -164,7 +164,7 @@ def _forced_tool_schema(req: ChatCompletionRequest, tools: list[dict]) -> dict |
                           "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
     calls = [{"type": "object", "properties": {"name": {"const": name},
                                                "parameters": by_name[name].get("parameters") or {"type": "object"}},
-              "required": ["name", "parameters"]} for name in names]
+              "required": ["name", "parameters"], "additionalProperties": False} for name in names]
     return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 

@@ -353,15 +353,22 @@ COMPOSITES = (QKVProjection, SwiGLU, Experts)
 
 def _swap_targets(model: nn.Module) -> list[tuple[str, str]]:
     """(parent module name, child name) of every module to pack; names only, so that each plain module
-    can be freed as soon as its packed replacement exists. Linears inside a composite go with it."""
+    can be freed as soon as its packed replacement exists. Linears inside a composite go with it; a
+    composite holding a stand-in of another kind (a quantized linear, say) is left as it is."""
     targets = []
     for parent, module in model.named_modules():
         if isinstance(module, COMPOSITES):
             continue
         for name, child in module.named_children():
-            if isinstance(child, (*COMPOSITES, nn.Linear)):
+            if isinstance(child, nn.Linear) or isinstance(child, COMPOSITES) and _plain(child):
                 targets.append((parent, name))
     return targets
+
+
+def _plain(composite: nn.Module) -> bool:
+    """Whether every weight of the composite is its own or a plain nn.Linear's (what the packed one reads)."""
+    return all(isinstance(child, nn.Linear) or not any(True for _ in child.parameters())
+               and not any(True for _ in child.buffers()) for child in composite.children())
 
 
 def _packed_shell(child: nn.Module, kernel: Kernel | None) -> nn.Module:
