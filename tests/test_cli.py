@@ -115,3 +115,40 @@ def test_no_subcommand_is_a_usage_error():
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2
+
+
+def test_info_memory_plan(capsys):
+    assert main(["info", "--preset", "scout", "--quant", "int4", "--memory", "80GiB"]) == 0
+    text = capsys.readouterr().out
+    assert "memory plan: weights experts=int4-g32,shared=int4-g32,attention=int4-g32" in text
+    assert "    experts     int4-g32" in text and "in 80.0 GiB: largest context" in text
+    assert main(["info", "--preset", "scout", "--quant", "experts=int4-g32,attention=int8", "--memory", "24GiB"]) == 0
+    assert "does not fit: weights alone need 75.8 GiB" in capsys.readouterr().out
+
+
+def test_info_memory_plan_json(capsys):
+    from llama4.info import memory_plan
+
+    assert main(["info", "--preset", "scout", "--quant", "int8", "--kv", "fp32", "--context", "4096",
+                 "--memory", "24GB", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    expected = json.loads(json.dumps(memory_plan(llama4.preset("scout"), "int8", "fp32", 4096, 24 * 10**9)))
+    assert info["memory"] == expected and info["memory"]["fits"] is False
+    assert info["memory"]["kv_cache"]["context"] == 4096
+    assert main(["info", "--preset", "scout", "--json"]) == 0
+    assert "memory" not in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("args,message", [(["--memory", "80 gigs"], "memory size"),
+                                          (["--quant", "int3"], "unknown weight format"),
+                                          (["--quant", "mlp=int8"], "unknown kind")])
+def test_info_memory_plan_errors(args, message, capsys):
+    assert main(["info", "--preset", "scout", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_info_kv_choices_exclude_quantized_kv(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--kv", "int8"])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

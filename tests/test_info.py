@@ -115,3 +115,110 @@ def test_scout_kv_cache_is_48_kib_per_token_in_bf16():
     kv = kv_cache_bytes(llama4.preset("scout"), 1_000_000, 2)
     assert kv["bytes_per_token_global"] == 48 * 1024  # 12 global layers x 8 KV heads x 128 x k,v x 2 bytes
     assert kv["local_bytes"] == 36 * 8192 * 2 * 8 * 128 * 2  # one chunk per chunked layer, fixed
+
+
+# --- memory planner -----------------------------------------------------------------------------------------
+
+SMALL = dict(num_layers=4, moe_step=2, vocab_size=256, hidden_size=128, num_heads=2, num_kv_heads=1, head_dim=64,
+             intermediate_size=128, intermediate_size_mlp=256, num_experts=4, num_experts_per_tok=1,
+             attention_chunk_size=8, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4", "int4-g128-asym",
+                                    "experts=int4-g32,attention=int8,shared=int4-g64-asym,head=int8,scales=bf16"])
+def test_weight_bytes_equal_the_quantized_model(recipe):
+    """weight_bytes (meta device, shapes only) == quantized_bytes + the float parameters left after quantize_model."""
+    from llama4.info import weight_bytes
+    from llama4.quant import quantize_model, quantized_bytes
+
+    config = llama4.ModelConfig(text=text_config(**SMALL))
+    model = quantize_model(llama4.random_model(config, dtype=torch.bfloat16), recipe)
+    measured = quantized_bytes(model) + sum(p.numel() * p.element_size() for p in model.parameters())
+    planned = weight_bytes(config, recipe)
+    assert planned["total_bytes"] == measured
+    assert planned["params"] == sum(p.numel() for p in llama4.random_model(config).parameters())
+    float_planned = weight_bytes(config, None, dtype=torch.float32)
+    assert float_planned["total_bytes"] == 4 * planned["params"]
+
+
+def test_weight_bytes_refuses_what_quantize_refuses():
+    from llama4.info import weight_bytes
+
+    config = llama4.ModelConfig(text=text_config(**(SMALL | dict(hidden_size=96, head_dim=48))))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        weight_bytes(config, "int4-g64")
+    tied = llama4.ModelConfig(text=text_config(**(SMALL | dict(tie_word_embeddings=True))))
+    with pytest.raises(ValueError, match="tied"):
+        weight_bytes(tied, "int8,head=int8")
+
+
+def test_scout_weight_figures():
+    from llama4.info import weight_bytes
+
+    scout = llama4.preset("scout")
+    bf16 = weight_bytes(scout)
+    assert bf16["total_bytes"] == 2 * SCOUT["total"]  # ~202.4 GiB
+    assert 202 * 2**30 < bf16["total_bytes"] < 203 * 2**30
+    int4 = weight_bytes(scout, "int4")
+    experts = int4["kinds"]["experts"]
+    assert experts["format"] == "int4-g32" and experts["params"] == SCOUT["routed"]
+    assert experts["bytes"] == SCOUT["routed"] // 2 + SCOUT["routed"] // 32 * 4  # codes + one fp32 scale / 32
+    assert int4["kinds"]["head"]["format"] == "bf16" and int4["kinds"]["vision"]["format"] == "bf16"
+    assert bf16["total_bytes"] / 4 < int4["total_bytes"] < bf16["total_bytes"] / 2.9  # a quarter plus scales
+    assert weight_bytes(scout, "int4,scales=bf16")["total_bytes"] < int4["total_bytes"]
+    int8 = weight_bytes(scout, "int8")["kinds"]["attention"]
+    assert int8["bytes"] == int8["params"] + 4 * 48 * (5120 + 1024 + 1024 + 5120)  # + a scale per output channel
+
+
+@pytest.mark.parametrize("text,size", [("80GiB", 80 * 2**30), ("24GB", 24 * 10**9), ("512MiB", 512 * 2**20),
+                                       ("1000", 1000), (" 1.5 TiB ", int(1.5 * 2**40)), ("64kb", 64000)])
+def test_parse_size(text, size):
+    from llama4.info import parse_size
+
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "80 GiBs", "lots", "-5GB", "12 PB", "GiB"])
+def test_parse_size_errors(text):
+    from llama4.info import parse_size
+
+    with pytest.raises(ValueError, match="memory size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("memory,recipe", [("80GiB", "int4"), ("24GiB", "experts=int4-g32,attention=int8"),
+                                           ("300GiB", None), ("100GB", "int8")])
+def test_largest_context_is_the_edge_of_the_kv_cache(memory, recipe):
+    from llama4.info import KV_BLOCK, kv_cache_bytes, memory_plan, parse_size
+
+    scout = llama4.preset("scout")
+    plan = memory_plan(scout, recipe, memory=memory)
+    budget = parse_size(memory)
+    fixed = plan["weights"]["total_bytes"] + plan["activations"]["total_bytes"]
+    n = plan["max_context"]
+    if not plan["fits"]:
+        assert n == -1 and fixed > budget
+        return
+    assert n > 0 and n % KV_BLOCK == 0
+    assert fixed + kv_cache_bytes(scout, n)["total_bytes"] <= budget == plan["memory_bytes"]
+    assert fixed + kv_cache_bytes(scout, n + KV_BLOCK)["total_bytes"] > budget
+    assert plan["context"] == n and plan["total_bytes"] <= budget
+    assert plan["max_context_kv_bytes"] == plan["kv_cache"]["total_bytes"]
+
+
+def test_memory_plan_at_a_context_and_without_global_layers():
+    from llama4.info import kv_cache_bytes, memory_plan
+
+    scout = llama4.preset("scout")
+    plan = memory_plan(scout, "int4", kv="fp32", context=100_000)
+    assert plan["kv_cache"] == kv_cache_bytes(scout, 100_000, 4)
+    assert plan["total_bytes"] == (plan["weights"]["total_bytes"] + plan["activations"]["total_bytes"]
+                                   + plan["kv_cache"]["total_bytes"])
+    assert plan["activations"]["prefill"]["logits"] == 202048 * 256 * 4
+    assert plan["activations"]["dequantized_weight"] == 16384 * 5120 * 2  # one expert's gate_up in bf16
+    assert memory_plan(scout, None)["activations"]["dequantized_weight"] == 0
+    with pytest.raises(ValueError, match="planned"):
+        memory_plan(scout, kv="int8")
+    local_only = llama4.ModelConfig(text=text_config(**(SMALL | dict(no_rope_layers=(1, 1, 1, 1),
+                                                                     chunked_layers=(True,) * 4))))
+    assert memory_plan(local_only, memory="1GiB")["max_context"] is None  # the cache stops growing

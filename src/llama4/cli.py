@@ -57,6 +57,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     if preset_name is not None:
         info["source"] = f"preset {preset_name}"
         info["assumed"] = preset_name in ASSUMED_PRESETS
+    plan = None
+    if any(v is not None for v in (args.quant, args.kv, args.context, args.memory)):
+        from llama4.info import memory_plan, resolve_config
+
+        config, _ = resolve_config(source)
+        plan = memory_plan(config, args.quant, args.kv or "bf16", args.context, args.memory)
+        info["memory"] = plan
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -69,15 +76,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"experts: {info['num_experts']} routed, top-{info['experts_per_token']} + shared; "
           f"attention chunk {info['attention_chunk_size']}")
     print("weights: " + ", ".join(f"{fmt} {_bytes(b)}" for fmt, b in info["weight_bytes"].items()))
-    if args.context is not None:
-        from llama4.info import KV_DTYPES, kv_cache_bytes, resolve_config
-
-        config, _ = resolve_config(source)
-        for name, size in KV_DTYPES.items():
-            kv = kv_cache_bytes(config, args.context, size)
-            print(f"KV cache at {args.context:,} tokens ({name}): {_bytes(kv['total_bytes'])} = global layers "
-                  f"{_bytes(kv['global_bytes'])} ({_bytes(kv['bytes_per_token_global'])} per token) + chunked "
-                  f"layers {_bytes(kv['local_bytes'])} (at most one chunk each)")
+    if plan is not None:
+        _print_plan(plan)
     print("layers:")
     for layer in info["layers"]:
         flags = [layer["attention"] + " attention", "RoPE" if layer["rope"] else "NoPE"]
@@ -88,6 +88,39 @@ def cmd_info(args: argparse.Namespace) -> int:
         flags.append("MoE" if layer["ffn"] == "moe" else "dense FFN")
         print(f"  {layer['index']:3d}: " + ", ".join(flags))
     return 0
+
+
+def _print_plan(plan: dict) -> None:
+    """The memory plan of ``llama4 info`` (see llama4.info.memory_plan)."""
+    weights, acts, kv = plan["weights"], plan["activations"], plan["kv_cache"]
+    scales = f", {weights['scale_dtype']} scales" if weights["scale_dtype"] else ""
+    print(f"memory plan: weights {weights['recipe']} (float {weights['dtype']}{scales}), KV cache {plan['kv_dtype']}, "
+          f"batch 1")
+    print(f"  weights {_bytes(weights['total_bytes'])}")
+    for kind, row in weights["kinds"].items():
+        print(f"    {kind:<11} {row['format']:<15} {_human(row['params']):>8} params  {_bytes(row['bytes']):>10}")
+    if kv["context"] or plan.get("max_context") != -1:
+        print(f"  KV cache at {kv['context']:,} tokens {_bytes(kv['total_bytes'])} = global layers "
+              f"{_bytes(kv['global_bytes'])} ({_bytes(kv['bytes_per_token_global'])} per token) + chunked layers "
+              f"{_bytes(kv['local_bytes'])} (at most one chunk each)")
+    print(f"  activations ~{_bytes(acts['total_bytes'])} (prefill piece of {acts['prefill_chunk']} tokens: logits "
+          f"{_bytes(acts['prefill']['logits'])}, hidden/attention/FFN "
+          f"{_bytes(acts['prefill']['total'] - acts['prefill']['logits'])}; largest dequantized weight "
+          f"{_bytes(acts['dequantized_weight'])})")
+    print(f"  total {_bytes(plan['total_bytes'])}")
+    if "memory_bytes" in plan:
+        budget, found = _bytes(plan["memory_bytes"]), plan["max_context"]
+        if found is None:
+            print(f"  in {budget}: any context fits (the KV cache stops growing at one chunk)")
+        elif found == -1:
+            fixed = weights["total_bytes"] + acts["total_bytes"]
+            if weights["total_bytes"] > plan["memory_bytes"]:
+                print(f"  in {budget}: does not fit: weights alone need {_bytes(weights['total_bytes'])}")
+            else:
+                print(f"  in {budget}: does not fit: weights and activations need {_bytes(fixed)}")
+        else:
+            print(f"  in {budget}: largest context {found:,} tokens (KV cache "
+                  f"{_bytes(plan['max_context_kv_bytes'])})")
 
 
 def _setup_torch(args: argparse.Namespace) -> None:
@@ -320,7 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="checkpoint directory (Hugging Face layout)")
     source.add_argument("--preset", help="scout, maverick, behemoth, tiny or small (default: the embedded model)")
     info.add_argument("--json", action="store_true", help="print the figures as JSON")
-    info.add_argument("--context", type=int, help="also print the KV cache memory at this many tokens")
+    info.add_argument("--context", type=int, help="memory plan: the KV cache (and total) at this many tokens")
+    info.add_argument("--quant", help="memory plan: weights under this quantization recipe, e.g. int8, int4, "
+                      "int4-g128-asym, experts=int4-g32,attention=int8,shared=int8,head=int8 (add scales=bf16); "
+                      "default: bf16 weights")
+    info.add_argument("--kv", choices=("bf16", "fp32"), help="memory plan: KV cache dtype (default bf16; "
+                      "quantized int8/fp8 KV caches are planned, not implemented yet)")
+    info.add_argument("--memory", help="memory plan: the largest context that fits in this much memory "
+                      "(80GiB, 24GB, 512MiB or bytes)")
     info.set_defaults(func=cmd_info)
 
     gen = sub.add_parser("generate", help="generate a reply (chat format) or a raw continuation")

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from pathlib import Path
+
+import torch
+import torch.nn as nn
 
 from llama4.build import build_meta
 from llama4.checkpoint.io import read_config
 from llama4.config import ModelConfig
+from llama4.model.moe import Experts
 from llama4.presets import ASSUMED_PRESETS, PRESETS, preset
+from llama4.quant import QuantRecipe, WeightFormat, quantize
+from llama4.quant.recipe import quantizable_modules
 
 # Bytes per parameter of the weight formats `info` reports (weights only: no quantisation scales).
 WEIGHT_FORMATS = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5}
@@ -95,3 +103,214 @@ def model_info(name_or_path: str | os.PathLike | ModelConfig) -> dict:
         "attention_chunk_size": text_cfg.attention_chunk_size,
         "multimodal": config.multimodal,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory planner: weights under a quantization recipe, KV cache, activations, and the largest context that fits.
+
+PREFILL_CHUNK = 256  # llama4.inference: prompt tokens per prefill piece (EngineConfig.prefill_chunk's default)
+KV_BLOCK = 256  # kv_cache_bytes' default allocation block
+_FLOAT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[kmgt]i?b|b)?", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``80GiB``, ``24GB``, ``512MiB``, ``1.5TiB`` or plain bytes (``1000000``); GB is 10^9, GiB 2^30."""
+    match = _SIZE.fullmatch(str(text).strip())
+    if match is None:
+        raise ValueError(f"cannot read the memory size {text!r}: expected a number of bytes or a number with a "
+                         f"unit, e.g. 80GiB, 24GB, 512MiB")
+    return int(float(match["number"]) * _UNITS[(match["unit"] or "b").lower()])
+
+
+def _parse_recipe(recipe: QuantRecipe | str | None) -> QuantRecipe | None:
+    if isinstance(recipe, str):
+        return None if recipe.strip().lower() in ("none", "bf16") else QuantRecipe.parse(recipe)
+    return recipe
+
+
+@functools.lru_cache(maxsize=None)
+def _row_bytes(fmt: WeightFormat, scale_dtype: torch.dtype, in_features: int) -> int:
+    """Bytes of ONE output channel of ``in_features`` inputs in ``fmt`` (codes, scales, zero points), read off
+    :func:`llama4.quant.quantize` itself: every output channel is quantized on its own, so a weight [..., out,
+    in] costs rows x this. Raises quantize's ValueError when ``in_features`` is not a multiple of the group."""
+    return quantize(torch.zeros(1, in_features), fmt, scale_dtype).nbytes
+
+
+def _quantized_parameters(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """The parameters :func:`llama4.quant.quantize_model` turns into codes, as name -> (rows, in_features) in the
+    quantized layout [..., out, in]: a linear's ``weight`` [out, in]; the routed experts' ``gate_up`` [E, D, 2I]
+    and ``down`` [E, I, D], multiplied as x @ W, are stored transposed (QuantizedExperts)."""
+    if isinstance(module, Experts):
+        return {name: (p.shape[0] * p.shape[2], p.shape[1]) for name, p in
+                (("gate_up", module.gate_up), ("down", module.down))}
+    return {"weight": (module.weight.shape[0], module.weight.shape[1])}
+
+
+def weight_bytes(config: ModelConfig, recipe: QuantRecipe | str | None = None,
+                 dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Weight memory of the model under ``recipe`` (None: all float), computed on the meta device.
+
+    Per kind of weight (the recipe's kinds: experts, shared, attention, head; and the ones it never quantizes:
+    router, norms, embeddings, vision = tower + projector, other), the parameter count, the format and the bytes.
+    A quantized matrix costs exactly what :func:`llama4.quant.quantize` stores for it (codes, a scale per group in
+    the recipe's scale dtype, a zero point per group if asymmetric); everything else (biases of quantized linears
+    included) costs ``dtype``'s size per parameter. Equals :func:`llama4.quant.quantized_bytes` plus the float
+    parameters left after :func:`llama4.quant.quantize_model` on the real model.
+    """
+    recipe = _parse_recipe(recipe)
+    model = build_meta(config)
+    float_size = torch.empty((), dtype=dtype).element_size()
+    float_name = _FLOAT_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    if recipe is not None and recipe.head is not None and model.text.output is None:
+        raise ValueError("the output head is tied to the embeddings (tie_word_embeddings), and embeddings "
+                         "quantization is not supported yet: leave head unset for this model")
+    kinds: dict[str, dict] = {}
+
+    def add(kind: str, fmt: str, params: int, size: int) -> None:
+        row = kinds.setdefault(kind, {"params": 0, "formats": [], "bytes": 0})
+        row["params"] += params
+        row["bytes"] += size
+        if fmt not in row["formats"]:
+            row["formats"].append(fmt)
+
+    seen: set[int] = set()
+    for target in quantizable_modules(model):
+        module = getattr(target.parent, target.attribute)
+        fmt = recipe.format_for(target.kind) if recipe is not None else None
+        quantized = _quantized_parameters(module) if fmt is not None else {}
+        for name, p in module.named_parameters():
+            seen.add(id(p))
+            if name in quantized:
+                rows, in_features = quantized[name]
+                try:
+                    size = rows * _row_bytes(fmt, recipe.scale_dtype, in_features)
+                except ValueError as e:
+                    raise ValueError(f"{target.name}: {e}") from None
+                add(target.kind, fmt.name, p.numel(), size)
+            else:
+                add(target.kind, float_name, p.numel(), p.numel() * float_size)
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        if not name.startswith("text."):
+            kind = "vision"
+        elif name.startswith("text.embed."):
+            kind = "embeddings"
+        elif ".router." in name:
+            kind = "router"
+        elif name.endswith("norm.weight") or ".norm" in name:
+            kind = "norms"
+        else:
+            kind = "other"
+        add(kind, float_name, p.numel(), p.numel() * float_size)
+    for row in kinds.values():
+        row["format"] = "+".join(row.pop("formats"))
+    return {
+        "recipe": str(recipe) if recipe is not None else "none",
+        "dtype": float_name,
+        "scale_dtype": _FLOAT_NAMES[recipe.scale_dtype] if recipe is not None else None,
+        "kinds": kinds,
+        "params": sum(row["params"] for row in kinds.values()),
+        "total_bytes": sum(row["bytes"] for row in kinds.values()),
+    }
+
+
+def activation_bytes(config: ModelConfig, recipe: QuantRecipe | str | None = None, chunk: int = PREFILL_CHUNK,
+                     dtype: torch.dtype = torch.bfloat16) -> dict:
+    """A rough upper estimate of the transient memory of one forward step of one sequence (batch 1), independent
+    of the context (attention runs in fused SDPA kernels, which never hold the T x T scores).
+
+    For a step of ``n`` tokens (a prefill piece: n = ``chunk``; a decode step: n = 1), all in fp32 (4 bytes):
+
+    * logits: vocab x n x 4;
+    * hidden states: 4 copies of n x hidden x 4 (residual, normed input, attention and FFN output);
+    * attention: n x (heads + 2 kv_heads) x head_dim x 4 (q, k, v);
+    * feed-forward: n x 3 x width x 4 (gate, up and their product), width = the dense MLP's or, for MoE layers,
+      (1 + experts_per_token) x the expert width (the shared expert and the routed rows);
+
+    plus, for a quantized model (the reference path dequantizes a weight when it is used), the largest single
+    dequantized matrix in ``dtype``: one expert's gate_up (2I x D), the head (vocab x D), wq, or a shared gate.
+    The step's figure is the larger of prefill and decode (prefill, for any chunk >= 1). Images (the vision
+    tower's activations) are not included.
+    """
+    recipe = _parse_recipe(recipe)
+    text = config.text
+    moe_width = (1 + text.num_experts_per_tok) * text.intermediate_size if text.moe_layers else 0
+    dense_width = text.intermediate_size_mlp if len(text.moe_layers) < text.num_layers else 0
+    width = max(moe_width, dense_width)
+
+    def step(n: int) -> dict:
+        parts = {
+            "logits": text.vocab_size * n * 4,
+            "hidden": 4 * n * text.hidden_size * 4,
+            "attention": n * (text.num_heads + 2 * text.num_kv_heads) * text.head_dim * 4,
+            "ffn": n * 3 * width * 4,
+        }
+        return parts | {"total": sum(parts.values())}
+
+    size = torch.empty((), dtype=dtype).element_size()
+    candidates = {"experts": 2 * text.intermediate_size * text.hidden_size if text.moe_layers else 0,
+                  "shared": max(text.intermediate_size, text.intermediate_size_mlp) * text.hidden_size,
+                  "attention": text.num_heads * text.head_dim * text.hidden_size,
+                  "head": text.vocab_size * text.hidden_size}
+    dequantized = max((elements * size for kind, elements in candidates.items()
+                       if recipe is not None and recipe.format_for(kind) is not None), default=0)
+    prefill, decode = step(chunk), step(1)
+    return {"prefill_chunk": chunk, "prefill": prefill, "decode": decode, "dequantized_weight": dequantized,
+            "total_bytes": max(prefill["total"], decode["total"]) + dequantized}
+
+
+def largest_context(config: ModelConfig, budget: int, fixed_bytes: int, bytes_per_value: int = 2,
+                    block_size: int = KV_BLOCK, limit: int = 2**40) -> int | None:
+    """The largest context whose KV cache (:func:`kv_cache_bytes`) fits ``budget`` - ``fixed_bytes`` (weights and
+    activations), by binary search: -1 when not even an empty cache fits, None when every context up to ``limit``
+    fits (no global layers: the chunked layers' cache stops growing at one chunk). The answer is a multiple of
+    ``block_size`` (the cache grows by blocks) unless it is capped by ``limit``."""
+
+    def fits(n: int) -> bool:
+        return fixed_bytes + kv_cache_bytes(config, n, bytes_per_value, block_size=block_size)["total_bytes"] <= budget
+
+    if not fits(0):
+        return -1
+    if fits(limit):
+        return None
+    low, high = 0, limit  # fits(low), not fits(high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def memory_plan(config: ModelConfig, recipe: QuantRecipe | str | None = None, kv: str = "bf16",
+                context: int | None = None, memory: int | str | None = None, dtype: torch.dtype = torch.bfloat16,
+                chunk: int = PREFILL_CHUNK, block_size: int = KV_BLOCK) -> dict:
+    """Weights (:func:`weight_bytes`), KV cache at ``context`` tokens in ``kv`` (a :data:`KV_DTYPES` name),
+    activations (:func:`activation_bytes`) and their total; with ``memory`` (bytes or a size string), the largest
+    context that fits in it (``max_context``: None = any, as the cache stops growing; -1 = does not fit).
+    Without ``context``, the KV cache is given at that largest context (or 0)."""
+    if kv not in KV_DTYPES:
+        raise ValueError(f"unknown KV cache dtype {kv!r}: expected one of {', '.join(KV_DTYPES)} "
+                         f"(quantized KV caches are planned, not implemented yet)")
+    if context is not None and context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    recipe = _parse_recipe(recipe)
+    weights = weight_bytes(config, recipe, dtype)
+    activations = activation_bytes(config, recipe, chunk, dtype)
+    fixed = weights["total_bytes"] + activations["total_bytes"]
+    plan: dict = {"kv_dtype": kv, "weights": weights, "activations": activations}
+    if memory is not None:
+        budget = parse_size(memory) if isinstance(memory, str) else int(memory)
+        found = largest_context(config, budget, fixed, KV_DTYPES[kv], block_size)
+        plan |= {"memory_bytes": budget, "fits": found != -1, "max_context": found,
+                 "max_context_kv_bytes": None if found in (None, -1) else
+                 kv_cache_bytes(config, found, KV_DTYPES[kv], block_size=block_size)["total_bytes"]}
+        if context is None and found is not None and found > 0:
+            context = found
+    context = context or 0
+    cache = kv_cache_bytes(config, context, KV_DTYPES[kv], block_size=block_size)
+    plan |= {"context": context, "kv_cache": cache,
+             "total_bytes": fixed + cache["total_bytes"]}
+    return plan

@@ -92,7 +92,9 @@ class QuantRecipe:
         return ",".join(items) or "none"
 
 
-class _Target(NamedTuple):
+class Target(NamedTuple):
+    """A module a recipe may quantize: its kind, its name in the model, and where it hangs."""
+
     kind: str
     name: str  # the module's name in the model
     parent: nn.Module
@@ -107,22 +109,22 @@ def _text_model(model: nn.Module) -> tuple[TextModel, str]:
     raise TypeError(f"quantize a Llama4Model or TextModel, got {type(model).__name__}")
 
 
-def _targets(model: nn.Module) -> list[_Target]:
+def quantizable_modules(model: nn.Module) -> list[Target]:
     """Every module a recipe may quantize, with its kind (the one place that knows where each kind lives)."""
     text, prefix = _text_model(model)
     targets = []
     for i, layer in enumerate(text.layers):
         at = f"{prefix}layers.{i}"
         qkv = layer.attn.qkv
-        targets += [_Target("attention", f"{at}.attn.qkv.{w}", qkv, w) for w in ("wq", "wk", "wv")]
-        targets.append(_Target("attention", f"{at}.attn.wo", layer.attn, "wo"))
+        targets += [Target("attention", f"{at}.attn.qkv.{w}", qkv, w) for w in ("wq", "wk", "wv")]
+        targets.append(Target("attention", f"{at}.attn.wo", layer.attn, "wo"))
         mlp, mlp_name = layer.ffn, f"{at}.ffn"
         if isinstance(layer.ffn, MoE):
-            targets.append(_Target("experts", f"{at}.ffn.experts", layer.ffn, "experts"))
+            targets.append(Target("experts", f"{at}.ffn.experts", layer.ffn, "experts"))
             mlp, mlp_name = layer.ffn.shared, f"{at}.ffn.shared"
-        targets += [_Target("shared", f"{mlp_name}.{w}", mlp, w) for w in ("gate", "up", "down")]
+        targets += [Target("shared", f"{mlp_name}.{w}", mlp, w) for w in ("gate", "up", "down")]
     if text.output is not None:
-        targets.append(_Target("head", f"{prefix}output", text, "output"))
+        targets.append(Target("head", f"{prefix}output", text, "output"))
     return targets
 
 
@@ -136,7 +138,7 @@ def _check_plain(model: nn.Module) -> None:
         raise ValueError("the model is already quantized: quantize a float model")
 
 
-def _check_target(target: _Target, fmt: WeightFormat) -> None:
+def _check_target(target: Target, fmt: WeightFormat) -> None:
     child = getattr(target.parent, target.attribute)
     if isinstance(child, Experts) and target.kind == "experts":
         in_dims = (child.gate_up.shape[1], child.down.shape[1])
@@ -164,7 +166,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe | str) -> nn.Module:
     if recipe.head is not None and text.output is None:
         raise ValueError("the output head is tied to the embeddings (tie_word_embeddings), and embeddings "
                          "quantization is not supported yet: leave head unset for this model")
-    chosen = [target for target in _targets(model) if recipe.format_for(target.kind) is not None]
+    chosen = [target for target in quantizable_modules(model) if recipe.format_for(target.kind) is not None]
     for target in chosen:  # every check before the first swap: a refused recipe leaves the model as it was
         _check_target(target, recipe.format_for(target.kind))
     for target in chosen:
@@ -197,7 +199,7 @@ class QuantizedModule:
 def summary(model: nn.Module) -> list[QuantizedModule]:
     """Every module a recipe may quantize, in model order, with the format it has."""
     rows = []
-    for target in _targets(model):
+    for target in quantizable_modules(model):
         module = getattr(target.parent, target.attribute)
         weights = [m for m in module.modules() if isinstance(m, QuantizedWeight)]
         if weights:
