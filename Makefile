@@ -58,9 +58,13 @@ test: lint
 # this one is: oneDNN capped at AVX2 with the AVX2 kernel (every x86-64 CPU of the last decade), and oneDNN
 # capped at AVX-512 BF16 (AMD EPYC) with no C kernel and no C layer (no compiler, or the kernel switched off).
 CPU_PATH_TESTS := tests/model tests/inference tests/serve tests/kernels
+# the HTTP-level serve tests (request checks, browser guard, remote images, tool-call text, real clients,
+# shutdown, fuzzing) run the model no differently on another CPU path: make test runs them once
+CPU_PATH_IGNORE := $(addprefix --ignore=tests/serve/,test_fuzz.py test_hostile.py test_browser_guard.py \
+	test_remote_images.py test_tool_stream.py test_real_clients.py test_shutdown.py)
 test-cpu-paths: setup-test
-	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 LLAMA4_CPU_KERNEL=avx2 $(PY) -m pytest -q $(CPU_PATH_TESTS)
-	ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 LLAMA4_CPU_KERNEL=off LLAMA4_FUSED_DECODE=0 $(PY) -m pytest -q $(CPU_PATH_TESTS)
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 LLAMA4_CPU_KERNEL=avx2 $(PY) -m pytest -q $(CPU_PATH_TESTS) $(CPU_PATH_IGNORE)
+	ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 LLAMA4_CPU_KERNEL=off LLAMA4_FUSED_DECODE=0 $(PY) -m pytest -q $(CPU_PATH_TESTS) $(CPU_PATH_IGNORE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
