@@ -59,22 +59,19 @@ def _image_source(part: dict, allow_paths: bool):
 
 
 def prepare_messages(messages: Sequence[dict], allow_paths: bool = False, max_tiles: int = 16, *,
-                     max_pixels: int = DEFAULT_MAX_PIXELS, max_images: int | None = None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS,
                      before_decoding: Callable[[list[dict]], None] | None = None,
                      checkpoint: Callable[[], None] | None = None) -> tuple[list[dict], torch.Tensor | None]:
     """Preprocess every image part (in order) and attach its tile grid; returns messages and pixel tiles.
 
-    The work is bounded before it is done: more than ``max_images`` image parts is an ImageError before any
-    is read; every image's header is read (format, declared size <= ``max_pixels``) before any is decoded,
+    The work is bounded before it is done (the caller counts the image parts first: the server, before it
+    fetches any): every image's header is read (format, declared size <= ``max_pixels``) before any is decoded,
     and ``before_decoding`` gets the messages with the grids those sizes give, so that a caller can refuse a
     prompt that cannot fit before paying for the decode. ``checkpoint()`` is called before each decode (raise
     from it to stop, e.g. for a client that went away).
     """
     sources = [[_image_source(part, allow_paths) if _is_image(part) else None for part in message["content"]]
                if isinstance(message.get("content"), list) else None for message in messages]
-    count = sum(source is not None for parts in sources if parts for source in parts)
-    if max_images is not None and count > max_images:
-        raise ImageError(f"the messages hold {count} images; at most {max_images} are allowed per request")
     opened = {}
     try:
         for m, parts in enumerate(sources):
