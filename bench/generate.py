@@ -12,6 +12,8 @@ Sections (each measurement in a fresh process, so peak RSS belongs to it alone):
 - roofline: bytes of weights read per decoded token / measured copy bandwidth = the batch-1 bound (with
   decode: a copy probe per round, the highest kept);
 - load: our batch-1 decode alone and with one busy process per core, at the default thread count and at 1.
+- quant (only when asked: --sections quant): batch-1 and batch-8 decode and a 2k prefill with weights quantized by
+  each of --recipes against bf16, each batch-1 figure against the roofline of its own bytes per token.
 
 The decode table also runs our decode on the paths of CPUs other than this one (--cpu-paths: oneDNN, ATen
 and our kernel capped at AVX-512 BF16, as on an AMD EPYC, or at AVX2), on this machine's cores and memory.
@@ -49,7 +51,9 @@ def _load(impl: str, path: str, dtype: torch.dtype):
         import llama4
         from llama4.kernels.cpu import KernelOptions
 
-        model = llama4.load_model(path, dtype=dtype, kernels=KernelOptions.from_environ(os.environ))
+        impl, _, recipe = impl.partition("+")  # "llama4+int4-g32": quantized by that recipe as it loads
+        model = llama4.load_model(path, dtype=dtype, kernels=KernelOptions.from_environ(os.environ),
+                                  quant=recipe or None)
         model.set_batch_invariant(impl == "llama4-invariant")
         if impl == "llama4-layers":  # decode through the model's torch layers, not the fused C layer
             model.text.fast_decode = None
@@ -131,6 +135,18 @@ def active_weight_bytes(config, dtype: torch.dtype) -> int:
     return (info["active_params"] - info["embedding_params"]) * torch.finfo(dtype).bits // 8
 
 
+def active_quantized_bytes(config, recipe: str | None, dtype: torch.dtype) -> int:
+    """Bytes of weights one decoded token reads under a quant recipe (llama4 info's byte rules): every text
+    weight but the embedding table, the routed experts at top_k / num_experts of theirs."""
+    from llama4.info import weight_bytes
+
+    kinds = weight_bytes(config, recipe, dtype)["kinds"]
+    text = config.text
+    share = text.num_experts_per_tok / text.num_experts if text.num_experts else 1.0
+    return round(sum(row["bytes"] * (share if kind == "experts" else 1.0) for kind, row in kinds.items()
+                     if kind not in ("embeddings", "vision")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="small")
@@ -144,6 +160,8 @@ def main() -> None:
     parser.add_argument("--memory-lengths", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--context-lengths", type=int, nargs="+", default=[131072, 262144])
     parser.add_argument("--context-cap-gib", type=float, default=20.0)
+    parser.add_argument("--recipes", nargs="+", default=["int8", "int4-g32", "int4-g32,scales=bf16"],
+                        help="quant: the quantization recipes compared with bf16 (llama4 quantize --recipe syntax)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
@@ -294,6 +312,45 @@ def main() -> None:
             f"{args.new_tokens} greedy decode "
             "steps after a 128-token prompt, timed directly, best of 3. A busy process is a Python loop per core, "
             "running for the whole loaded measurement (load, prefill and decode).")
+    if "quant" in args.sections:
+        # Quantized weights against bf16 on the same checkpoint: batch-1 and batch-8 decode and a 2k prefill,
+        # the recipes and bf16 in turn for --rounds rounds (best kept), each batch-1 figure against the
+        # roofline of its own bytes per token.
+        sides = ["llama4", *(f"llama4+{recipe}" for recipe in args.recipes)]
+        found: dict[tuple[str, str], list[float]] = {}
+        bandwidths = [copy_bandwidth()]
+        for round_ in range(args.rounds):
+            if round_:
+                bandwidths.append(copy_bandwidth())
+            for impl in sides if round_ % 2 == 0 else sides[::-1]:
+                for case, (kind, a, b) in {"b1": ("decode", 1, args.new_tokens), "b8": ("decode", 8, args.new_tokens),
+                                           "pp2048": ("prefill", 2048, 0)}.items():
+                    res = run(kind, impl, a, b)
+                    found.setdefault((impl, case), []).append(res.get("tok_s", 0.0))
+            print(f"round {round_ + 1}: "
+                  + ", ".join(f"{impl} {case} {r[-1]:.1f}" for (impl, case), r in found.items()), flush=True)
+        bandwidth = max(bandwidths)
+        rows = []
+        for impl in sides:
+            recipe = impl.partition("+")[2] or None
+            size = active_quantized_bytes(config, recipe, dtype)
+            best = {case: max(found[(impl, case)]) for case in ("b1", "b8", "pp2048")}
+            base = {case: max(found[("llama4", case)]) for case in best}
+            rows.append([recipe or "bf16", f"{size / 1e6:.0f}", f"{best['b1']:.1f}", f"{best['b1'] / base['b1']:.2f}x",
+                         f"{best['b1'] / (bandwidth / size):.0%}", f"{best['b8']:.1f}",
+                         f"{best['b8'] / base['b8']:.2f}x", f"{best['pp2048']:.0f}",
+                         f"{best['pp2048'] / base['pp2048']:.2f}x",
+                         " / ".join(f"{r:.0f}" for r in found[(impl, "b1")])])
+            print(rows[-1], flush=True)
+        sections["quant"] = (
+            "### Quantized weights: decode and prefill against bf16\n\n" + markdown_table(
+                ["weights", "MB read per token", "batch-1 tok/s", "vs bf16", "of its roofline", "batch-8 tok/s",
+                 "vs bf16", "prefill 2k tok/s", "vs bf16", "batch-1 each round"], rows)
+            + f"\n\nBest of {args.rounds} rounds, the sides in turn (alternating the order), each figure from its own "
+            f"process; roofline: the bytes of weights a token reads (embedding table excluded, routed experts at "
+            f"top-k of theirs) / {bandwidth / 1e9:.1f} GB/s, the best of {len(bandwidths)} copy probes. Recipes as "
+            "`llama4 quantize --recipe` takes them (scales fp32 unless `scales=bf16`); the quantized model is the "
+            "bf16 checkpoint quantized as it loads (`load_model(quant=...)`).")
     if "decode" in sections:
         sections.pop("roofline", None)  # the decode table carries it
     print("\n" + "\n\n".join(sections.values()))

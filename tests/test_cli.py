@@ -147,8 +147,47 @@ def test_info_memory_plan_errors(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_info_kv_choices_exclude_quantized_kv(capsys):
+def test_info_plans_quantized_kv_caches(capsys):
+    """--kv int8 / fp8: the global layers quantized (codes + a bf16 scale per token and KV head), chunked bf16."""
+    from llama4.info import memory_plan
+
+    for kv in ("int8", "fp8"):
+        assert main(["info", "--preset", "scout", "--kv", kv, "--context", "100000", "--json"]) == 0
+        plan = json.loads(capsys.readouterr().out)["memory"]
+        assert plan == json.loads(json.dumps(memory_plan(llama4.preset("scout"), None, kv, 100_000)))
+        assert plan["kv_cache"]["bytes_per_token_global"] == 12 * 8 * (128 + 2) * 2  # 25 KiB; bf16: 48 KiB
+    assert main(["info", "--preset", "scout", "--kv", "int8", "--context", "1000"]) == 0
+    assert "KV cache int8 (global layers; chunked layers bf16)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
-        main(["info", "--kv", "int8"])
+        main(["info", "--kv", "int4"])
     assert e.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_quantize_writes_a_complete_checkpoint(tmp_path, capsys):
+    """`llama4 quantize` of the embedded model: compressed-tensors weights beside the tokenizer and generation
+    files; the result loads, generates, and cannot be quantized again or written over its source."""
+    from llama4.build import EMBEDDED_DIR
+
+    out = tmp_path / "int4"
+    assert main(["quantize", "--out", str(out), "--recipe", "experts=int4-g32,attention=int8", "--dtype", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    assert "experts    int4-g32" in printed and f"wrote {out}" in printed
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (EMBEDDED_DIR / name).read_bytes()
+    model = llama4.load_model(out, pack=False)
+    assert str(llama4.quant.quantized_with(model)) == "experts=int4-g32,attention=int8"
+    assert main(["generate", "--model", str(out), "--raw", "--max-tokens", "3", "--quiet", "Once upon a time"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["quantize", "--model", str(out), "--out", str(tmp_path / "again"), "--recipe", "int8"]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(out), "--out", str(out), "--recipe", "int8"]) == 2
+    assert "is the checkpoint being quantized" in capsys.readouterr().err
+
+
+def test_quant_option_quantizes_at_load(capsys):
+    assert main(["generate", "--quant", "int8", "--raw", "--max-tokens", "3", "--quiet", "Once upon a time"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["generate", "--quant", "int3", "--raw", "--max-tokens", "3", "Once"]) == 2
+    assert "unknown weight format 'int3'" in capsys.readouterr().err

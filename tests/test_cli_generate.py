@@ -73,3 +73,18 @@ def test_chat_image_on_text_only_model_is_a_clear_error(checkpoint, tmp_path):
 def test_missing_model_is_a_clear_error(tmp_path):
     out = run("generate", "hi", "--model", str(tmp_path / "nowhere"))
     assert out.returncode == 2 and "not a checkpoint directory" in out.stderr
+
+
+def test_generate_and_chat_take_a_quantized_kv_cache(checkpoint):
+    out = run("generate", "Tell me about the cat.", "--model", str(checkpoint), "--max-tokens", "8", "--json",
+              "--dtype", "fp32", "--kv-cache", "int8")
+    assert out.returncode == 0, out.stderr
+    model, tok = llama4.load_model(checkpoint), llama4.load_tokenizer(checkpoint)
+    reply = llama4.inference.text.chat(model, tok, [{"role": "user", "content": "Tell me about the cat."}],
+                                       max_new_tokens=8, kv_cache="int8")
+    assert json.loads(out.stdout)["tokens"] == reply.tokens
+    out = run("chat", "--model", str(checkpoint), "--max-tokens", "5", "--quiet", "--kv-cache", "fp8",
+              stdin="hello\nagain\n/quit\n")
+    assert out.returncode == 0, out.stderr
+    out = run("generate", "hi", "--model", str(checkpoint), "--kv-cache", "int4")
+    assert out.returncode == 2 and "--kv-cache: invalid choice: 'int4'" in out.stderr

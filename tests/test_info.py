@@ -109,6 +109,33 @@ def test_kv_cache_bytes_match_the_cache_after_decoding():
         assert cache.nbytes() == expected, n
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_quantized_kv_cache_bytes_match_the_cache_after_decoding(fmt):
+    """With the global layers quantized, the formula equals the nbytes of a KVCache storing them so (the chunked
+    layers in bf16), and the global layers' part is (head_dim + 2) / (2 head_dim) of bf16's."""
+    from llama4.info import kv_cache_bytes
+    from llama4.model.cache import KVCache
+    from llama4.presets import text_config
+    from llama4.quant.kv_cache import kv_storage
+
+    text = text_config(num_layers=8, vocab_size=50, hidden_size=16, num_heads=2, num_kv_heads=1, head_dim=8,
+                       intermediate_size=16, num_experts=2, attention_chunk_size=8)
+    config = llama4.ModelConfig(text=text)
+    cache = KVCache(text, block_size=3, storage=kv_storage(text, fmt, torch.bfloat16))
+    k = torch.randn(2, 1, 1, 8).to(torch.bfloat16)
+    for n in range(1, 30):
+        for layer in range(text.num_layers):
+            cache.update(layer, k, k)
+        cache.advance(1)
+        kv = kv_cache_bytes(config, n, bytes_per_value=2, batch=2, block_size=3, global_format=fmt)
+        bf16 = kv_cache_bytes(config, n, bytes_per_value=2, batch=2, block_size=3)
+        assert cache.nbytes() == kv["total_bytes"], n
+        assert cache.nbytes(text.global_layers) == kv["global_bytes"] == bf16["global_bytes"] * 10 // 16
+        assert kv["local_bytes"] == bf16["local_bytes"]
+    with pytest.raises(ValueError, match="int8, fp8"):
+        kv_cache_bytes(config, 1, global_format="int4")
+
+
 def test_scout_kv_cache_is_48_kib_per_token_in_bf16():
     from llama4.info import kv_cache_bytes
 
@@ -217,8 +244,8 @@ def test_memory_plan_at_a_context_and_without_global_layers():
     assert plan["activations"]["prefill"]["logits"] == 202048 * 256 * 4
     assert plan["activations"]["dequantized_weight"] == 16384 * 5120 * 2  # one expert's gate_up in bf16
     assert memory_plan(scout, None)["activations"]["dequantized_weight"] == 0
-    with pytest.raises(ValueError, match="planned"):
-        memory_plan(scout, kv="int8")
+    with pytest.raises(ValueError, match="expected one of bf16, fp32, int8, fp8"):
+        memory_plan(scout, kv="int4")
     local_only = llama4.ModelConfig(text=text_config(**(SMALL | dict(no_rope_layers=(1, 1, 1, 1),
                                                                      chunked_layers=(True,) * 4))))
     assert memory_plan(local_only, memory="1GiB")["max_context"] is None  # the cache stops growing

@@ -17,7 +17,9 @@ LAYERS = [
     {"config", "dtypes"},
     {"presets"},
     {"model", "prompt"},
-    {"checkpoint", "kernels", "quant"},
+    {"checkpoint"},
+    {"quant"},  # quantized weights and their checkpoint layouts (reads checkpoint's name mapping)
+    {"kernels"},  # CPU fast paths, packing float and quantized modules alike
     {"build"},
     {"info"},
     {"inference", "train"},

@@ -13,11 +13,19 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from llama4.checkpoint.io import CheckpointError, load_weights, read_config, save_checkpoint
+from llama4.checkpoint.io import (
+    CheckpointError,
+    load_weights,
+    read_config,
+    read_quantization_config,
+    save_checkpoint,
+)
 from llama4.config import ModelConfig
 from llama4.kernels import cpu as cpu_kernels
 from llama4.kernels.cpu import KernelOptions
 from llama4.model.transformer import Llama4Model
+from llama4.quant.checkpoint import is_quantized, load_quantized, save_quantized
+from llama4.quant.recipe import QuantRecipe, quantize_model
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 EMBEDDED_NAME = "llama4-tiny"  # what the shipped model calls itself (its card, its answers, the server)
@@ -62,29 +70,52 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", pack: bool | None = None,
                progress: Callable[[int, int], None] | None = None,
-               kernels: KernelOptions | None = None) -> Llama4Model:
+               kernels: KernelOptions | None = None, quant: QuantRecipe | str | None = None) -> Llama4Model:
     """Load a Hugging Face Llama 4 checkpoint directory (safetensors) for inference.
 
     Returns the model in eval mode with gradients off. ``pack`` (default: wherever supported, i.e. on
     CPU in fp32/bf16) reorders the decoder's weights for the CPU fast paths (``kernels``: which may run,
     default ``DEFAULT_KERNELS``); pass ``False`` for a model to train or to modify in place.
     ``progress(done, total)`` is called per tensor loaded.
+
+    Quantized checkpoints (compressed-tensors int4 / int8 / FP8, Meta's fbgemm_fp8; see docs/QUANTIZATION.md)
+    load into llama4.quant's modules straight from their codes; FP8 weights become int8 per channel.
+    ``quant`` (a QuantRecipe or its string, e.g. ``"int4-g32"``) quantizes a float checkpoint as it loads:
+    the float model is loaded, then quantized module by module.
     """
     path = resolve_model_path(path)
     config = read_config(path)
+    stored = read_quantization_config(path)
+    recipe = QuantRecipe.parse(quant) if isinstance(quant, str) else quant
+    if stored is not None and recipe is not None:
+        raise CheckpointError(f"{path} is already quantized ({stored.get('quant_method')}): load it without "
+                              f"quant=, or quantize its float original")
     model = build_meta(config)
-    shapes = {name: p.shape for name, p in model.named_parameters()}
     kernels = kernels or DEFAULT_KERNELS
-    if pack or (pack is None and cpu_kernels.supported(dtype, device, kernels)):
-        cpu_kernels.pack(model, kernels, fill=False)  # each weight is packed as it is read
-    load_weights(model, path, dtype, device, progress, shapes)
-    return model.to(device).eval()
+    packing = pack or (pack is None and cpu_kernels.supported(dtype, device, kernels))
+    if stored is None and recipe is None:
+        shapes = {name: p.shape for name, p in model.named_parameters()}
+        if packing:
+            cpu_kernels.pack(model, kernels, fill=False)  # each weight is packed as it is read
+        load_weights(model, path, dtype, device, progress, shapes)
+        return model.to(device).eval()
+    if stored is not None:
+        load_quantized(model, path, stored, dtype, device, progress)
+    else:
+        load_weights(model, path, dtype, device, progress)
+        quantize_model(model, recipe)
+    model = model.to(device).eval()
+    if packing:
+        cpu_kernels.pack(model, kernels, fill=True)  # the quantized modules exist: pack swaps what it packs
+    return model
 
 
 def save_model(model: Llama4Model, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
-    """Save in the Hugging Face layout (config.json + safetensors) that transformers loads unchanged."""
+    """Save in the Hugging Face layout (config.json + safetensors) that transformers loads unchanged; a quantized
+    model in the compressed-tensors layout (transformers loads it with the compressed-tensors package)."""
     with cpu_kernels.unpacked(model):
+        save = save_quantized if is_quantized(model) else save_checkpoint
         if max_shard_bytes is None:
-            save_checkpoint(model, path)
+            save(model, path)
         else:
-            save_checkpoint(model, path, max_shard_bytes=max_shard_bytes)
+            save(model, path, max_shard_bytes=max_shard_bytes)

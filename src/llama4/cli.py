@@ -94,8 +94,8 @@ def _print_plan(plan: dict) -> None:
     """The memory plan of ``llama4 info`` (see llama4.info.memory_plan)."""
     weights, acts, kv = plan["weights"], plan["activations"], plan["kv_cache"]
     scales = f", {weights['scale_dtype']} scales" if weights["scale_dtype"] else ""
-    print(f"memory plan: weights {weights['recipe']} (float {weights['dtype']}{scales}), KV cache {plan['kv_dtype']}, "
-          f"batch 1")
+    kv_name = plan["kv_dtype"] + (" (global layers; chunked layers bf16)" if kv["global_format"] else "")
+    print(f"memory plan: weights {weights['recipe']} (float {weights['dtype']}{scales}), KV cache {kv_name}, batch 1")
     print(f"  weights {_bytes(weights['total_bytes'])}")
     for kind, row in weights["kinds"].items():
         print(f"    {kind:<11} {row['format']:<15} {_human(row['params']):>8} params  {_bytes(row['bytes']):>10}")
@@ -146,7 +146,7 @@ def _load(args: argparse.Namespace):
         bar.refresh()
 
     model = llama4.load_model(args.model, dtype=torch_dtype(args.dtype), progress=progress,
-                              kernels=kernel_options())
+                              kernels=kernel_options(), quant=args.quant)
     bar.close()
     path = args.model if args.model is not None else llama4.build.resolve_model_path(None)
     return model, llama4.load_tokenizer(path)
@@ -170,13 +170,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.image:
             raise ValueError("--image needs the chat format; drop --raw")
         stream = stream_tokens_as_text(model, tok, tok.encode(prompt, bos=True), params=_sampling(args),
-                                       max_new_tokens=args.max_tokens, stop=args.stop, completion=completion)
+                                       max_new_tokens=args.max_tokens, stop=args.stop, completion=completion,
+                                       kv_cache=args.kv_cache)
     else:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         parts = [{"type": "image", "image": path} for path in args.image]
         messages.append({"role": "user", "content": parts + [{"type": "text", "text": prompt}] if parts else prompt})
         stream = stream_chat(model, tok, messages, params=_sampling(args), max_new_tokens=args.max_tokens,
-                             stop=args.stop, allow_image_paths=True, completion=completion)
+                             stop=args.stop, allow_image_paths=True, completion=completion, kv_cache=args.kv_cache)
     for piece in stream:
         if not args.json:
             print(piece, end="", flush=True)
@@ -208,7 +209,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from llama4.inference.text import ChatSession
 
     model, tok = _load(args)
-    session = ChatSession(model, tok, system=args.system, params=_sampling(args), max_new_tokens=args.max_tokens)
+    session = ChatSession(model, tok, system=args.system, params=_sampling(args), max_new_tokens=args.max_tokens,
+                          kv_cache=args.kv_cache)
     images: list[str] = []
     print(CHAT_HELP, file=sys.stderr)
     while True:
@@ -325,11 +327,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# what `llama4 quantize` copies beside the weights, so that its output is a complete checkpoint
+CHECKPOINT_SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                         "chat_template.jinja", "chat_template.json", "generation_config.json",
+                         "preprocessor_config.json", "processor_config.json")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    import llama4
+    from llama4.quant import summary_text
+
+    _setup_torch(args)
+    source = llama4.build.resolve_model_path(args.model)
+    out = Path(args.out)
+    if out.exists() and out.resolve() == source.resolve():
+        raise ValueError(f"--out {out} is the checkpoint being quantized; choose another directory")
+    model = llama4.load_model(source, dtype=torch_dtype(args.dtype), pack=False, quant=args.recipe)
+    llama4.save_model(model, out, max_shard_bytes=args.max_shard_bytes)
+    copied = [name for name in CHECKPOINT_SIDE_FILES if (source / name).is_file()]
+    for name in copied:
+        shutil.copyfile(source / name, out / name)
+    if not args.quiet:
+        print(summary_text(model))
+        print(f"wrote {out} (compressed-tensors layout{', with ' + ', '.join(copied) if copied else ''})")
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     p.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), default="bf16")
+    p.add_argument("--quant", help="quantize a float checkpoint as it loads with this recipe, e.g. int8, int4-g32, "
+                   "experts=int4-g32,attention=int8 (see llama4 quantize)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or speed line")
+
+
+KV_CACHE_HELP = ("how the global (NoPE) layers keep keys and values, the part of the cache that grows with the "
+                 "context: auto (the model's dtype) or quantized int8 / fp8 with a scale per token and head (about "
+                 "half the bytes); chunk-local layers keep one chunk in the model's dtype")
+
+
+def _add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache", choices=("auto", "int8", "fp8"), default="auto", help=KV_CACHE_HELP)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -357,8 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--quant", help="memory plan: weights under this quantization recipe, e.g. int8, int4, "
                       "int4-g128-asym, experts=int4-g32,attention=int8,shared=int8,head=int8 (add scales=bf16); "
                       "default: bf16 weights")
-    info.add_argument("--kv", choices=("bf16", "fp32"), help="memory plan: KV cache dtype (default bf16; "
-                      "quantized int8/fp8 KV caches are planned, not implemented yet)")
+    info.add_argument("--kv", choices=("bf16", "fp32", "int8", "fp8"), help="memory plan: KV cache dtype (default "
+                      "bf16; int8 / fp8: the global layers quantized, a bf16 scale per token and head, chunked "
+                      "layers bf16)")
     info.add_argument("--memory", help="memory plan: the largest context that fits in this much memory "
                       "(80GiB, 24GB, 512MiB or bytes)")
     info.set_defaults(func=cmd_info)
@@ -371,11 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
     _add_model_args(gen)
     _add_sampling_args(gen)
+    _add_kv_cache_arg(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat")
     _add_model_args(chat)
     _add_sampling_args(chat)
+    _add_kv_cache_arg(chat)
     chat.set_defaults(func=cmd_chat)
 
     ev = sub.add_parser("eval", help="held-out perplexity, picture-question accuracy and samples")
@@ -395,6 +440,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, help="seed of the picture (default: a new one each run)")
     _add_model_args(demo)
     demo.set_defaults(func=cmd_demo)
+
+    quant = sub.add_parser("quantize", help="write a quantized checkpoint (compressed-tensors layout)")
+    quant.add_argument("--model", help="float checkpoint directory (default: the embedded model)")
+    quant.add_argument("--out", required=True, help="directory to write the quantized checkpoint to")
+    quant.add_argument("--recipe", required=True, help="int8, int4 (= int4-g32), int4-g64, int4-g128-asym, or per "
+                       "kind: experts=int4-g32,attention=int8,shared=int8,head=int8 (add scales=bf16)")
+    quant.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), default="bf16",
+                       help="dtype of the weights kept float (embeddings, norms, routers, vision) and of the model")
+    quant.add_argument("--max-shard-bytes", type=int, help="split the weights into files of at most this many bytes")
+    quant.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    quant.add_argument("--quiet", action="store_true", help="no summary")
+    quant.set_defaults(func=cmd_quantize)
 
     from llama4.train.command import add_train_parser
 

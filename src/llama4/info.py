@@ -16,6 +16,7 @@ from llama4.config import ModelConfig
 from llama4.model.moe import Experts
 from llama4.presets import ASSUMED_PRESETS, PRESETS, preset
 from llama4.quant import QuantRecipe, WeightFormat, quantize
+from llama4.quant.kv_cache import QUANTIZED_KV_FORMATS, KVFormat
 from llama4.quant.recipe import quantizable_modules
 
 # Bytes per parameter of the weight formats `info` reports (weights only: no quantisation scales).
@@ -23,19 +24,29 @@ WEIGHT_FORMATS = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5}
 
 
 KV_DTYPES = {"bf16": 2, "fp32": 4}
+# quantized KV caches (llama4.quant.kv_cache): the global layers in the format, the chunked layers in bf16
+KV_FORMATS = {**KV_DTYPES, **{fmt: KV_DTYPES["bf16"] for fmt in QUANTIZED_KV_FORMATS}}
 
 
 def kv_cache_bytes(config: ModelConfig, context: int, bytes_per_value: int = 2, batch: int = 1,
-                   block_size: int = 256) -> dict:
+                   block_size: int = 256, global_format: str | None = None) -> dict:
     """KV cache memory of :class:`~llama4.model.cache.KVCache` after decoding ``context`` tokens.
 
     Global (NoPE) layers hold every token, rounded up to the allocation block; chunked layers hold at
-    most one chunk, so their part stops growing at ``attention_chunk_size`` tokens.
+    most one chunk, so their part stops growing at ``attention_chunk_size`` tokens. ``global_format``
+    (``int8`` or ``fp8``): the global layers' entries quantized, each costing what
+    :class:`llama4.quant.kv_cache.KVFormat` stores for it (codes and a bf16 scale per token and KV head).
     """
     if context < 0:
         raise ValueError(f"context must be >= 0, got {context}")
     text = config.text
     per_entry = 2 * text.num_kv_heads * text.head_dim * bytes_per_value * batch  # keys and values
+    global_entry = per_entry
+    if global_format is not None:
+        if global_format not in QUANTIZED_KV_FORMATS:
+            raise ValueError(f"global_format must be one of {', '.join(QUANTIZED_KV_FORMATS)} (or None), "
+                             f"got {global_format!r}")
+        global_entry = 2 * text.num_kv_heads * KVFormat(global_format).entry_bytes(text.head_dim) * batch
 
     def blocks(n: int) -> int:
         return -(-n // block_size) * block_size
@@ -45,10 +56,11 @@ def kv_cache_bytes(config: ModelConfig, context: int, bytes_per_value: int = 2, 
                                                  text.attention_chunk_size)
     return {
         "context": context,
-        "global_bytes": global_entries * per_entry,
+        "global_format": global_format,
+        "global_bytes": global_entries * global_entry,
         "local_bytes": local_entries * per_entry,
-        "total_bytes": (global_entries + local_entries) * per_entry,
-        "bytes_per_token_global": len(text.global_layers) * per_entry,
+        "total_bytes": global_entries * global_entry + local_entries * per_entry,
+        "bytes_per_token_global": len(text.global_layers) * global_entry,
     }
 
 
@@ -264,14 +276,15 @@ def activation_bytes(config: ModelConfig, recipe: QuantRecipe | str | None = Non
 
 
 def largest_context(config: ModelConfig, budget: int, fixed_bytes: int, bytes_per_value: int = 2,
-                    block_size: int = KV_BLOCK, limit: int = 2**40) -> int | None:
+                    block_size: int = KV_BLOCK, limit: int = 2**40, global_format: str | None = None) -> int | None:
     """The largest context whose KV cache (:func:`kv_cache_bytes`) fits ``budget`` - ``fixed_bytes`` (weights and
     activations), by binary search: -1 when not even an empty cache fits, None when every context up to ``limit``
     fits (no global layers: the chunked layers' cache stops growing at one chunk). The answer is a multiple of
     ``block_size`` (the cache grows by blocks) unless it is capped by ``limit``."""
 
     def fits(n: int) -> bool:
-        return fixed_bytes + kv_cache_bytes(config, n, bytes_per_value, block_size=block_size)["total_bytes"] <= budget
+        kv = kv_cache_bytes(config, n, bytes_per_value, block_size=block_size, global_format=global_format)
+        return fixed_bytes + kv["total_bytes"] <= budget
 
     if not fits(0):
         return -1
@@ -287,13 +300,15 @@ def largest_context(config: ModelConfig, budget: int, fixed_bytes: int, bytes_pe
 def memory_plan(config: ModelConfig, recipe: QuantRecipe | str | None = None, kv: str = "bf16",
                 context: int | None = None, memory: int | str | None = None, dtype: torch.dtype = torch.bfloat16,
                 chunk: int = PREFILL_CHUNK, block_size: int = KV_BLOCK) -> dict:
-    """Weights (:func:`weight_bytes`), KV cache at ``context`` tokens in ``kv`` (a :data:`KV_DTYPES` name),
+    """Weights (:func:`weight_bytes`), KV cache at ``context`` tokens in ``kv`` (a :data:`KV_FORMATS` name: bf16,
+    fp32, or int8 / fp8 for the global layers quantized and the chunked ones in bf16),
     activations (:func:`activation_bytes`) and their total; with ``memory`` (bytes or a size string), the largest
     context that fits in it (``max_context``: None = any, as the cache stops growing; -1 = does not fit).
     Without ``context``, the KV cache is given at that largest context (or 0)."""
-    if kv not in KV_DTYPES:
-        raise ValueError(f"unknown KV cache dtype {kv!r}: expected one of {', '.join(KV_DTYPES)} "
-                         f"(quantized KV caches are planned, not implemented yet)")
+    if kv not in KV_FORMATS:
+        raise ValueError(f"unknown KV cache dtype {kv!r}: expected one of {', '.join(KV_FORMATS)}")
+    kv_args = dict(bytes_per_value=KV_FORMATS[kv], block_size=block_size,
+                   global_format=kv if kv in QUANTIZED_KV_FORMATS else None)
     if context is not None and context < 0:
         raise ValueError(f"context must be >= 0, got {context}")
     recipe = _parse_recipe(recipe)
@@ -303,14 +318,14 @@ def memory_plan(config: ModelConfig, recipe: QuantRecipe | str | None = None, kv
     plan: dict = {"kv_dtype": kv, "weights": weights, "activations": activations}
     if memory is not None:
         budget = parse_size(memory) if isinstance(memory, str) else int(memory)
-        found = largest_context(config, budget, fixed, KV_DTYPES[kv], block_size)
+        found = largest_context(config, budget, fixed, **kv_args)
         plan |= {"memory_bytes": budget, "fits": found != -1, "max_context": found,
                  "max_context_kv_bytes": None if found in (None, -1) else
-                 kv_cache_bytes(config, found, KV_DTYPES[kv], block_size=block_size)["total_bytes"]}
+                 kv_cache_bytes(config, found, **kv_args)["total_bytes"]}
         if context is None and found is not None and found > 0:
             context = found
     context = context or 0
-    cache = kv_cache_bytes(config, context, KV_DTYPES[kv], block_size=block_size)
+    cache = kv_cache_bytes(config, context, **kv_args)
     plan |= {"context": context, "kv_cache": cache,
              "total_bytes": fixed + cache["total_bytes"]}
     return plan

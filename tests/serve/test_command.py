@@ -124,6 +124,10 @@ def test_build_app_runs_the_engine_in_a_process_or_a_thread(checkpoint, server):
 
     args = build_parser().parse_args(["serve", "--model", str(checkpoint), "--dtype", "fp32", "--engine", "thread"])
     assert isinstance(build_app(args).state.engine, Engine)
+    args = build_parser().parse_args(["serve", "--model", str(checkpoint), "--engine", "thread", "--kv-cache", "fp8"])
+    engine = build_app(args).state.engine
+    assert engine.config.kv_cache == "fp8" and engine._pool.storage[3].name == "fp8"  # layer 3: the global one
+    assert build_parser().parse_args(["serve"]).kv_cache == "auto"
     missing = checkpoint.parent / "nothing-here"
     with pytest.raises(Exception, match="nothing-here"):  # the tokenizer is read before any process starts
         build_app(build_parser().parse_args(["serve", "--model", str(missing)]))
@@ -182,3 +186,21 @@ def test_limit_and_guard_flags_reach_the_app(capsys):
     assert "max_images must be >= 0" in capsys.readouterr().err
     assert cmd_serve(build_parser().parse_args(["serve", "--port", str(free_port()), "--remote-image-ports", "1"])) == 2
     assert "need --allow-remote-images" in capsys.readouterr().err
+
+
+def test_serve_quantizes_a_float_checkpoint_as_it_loads(checkpoint):
+    """--quant reaches the model the engine loads (thread engine here; the process engine passes it to its child
+    and refuses a bad recipe before starting one)."""
+    from llama4.kernels.cpu.packing import PackedWeight
+    from llama4.quant import QuantizedLinear
+    from llama4.serve.command import build_app
+    from llama4.serve.engine_process import EngineProcess
+
+    args = build_parser().parse_args(["serve", "--model", str(checkpoint), "--engine", "thread", "--quant", "int8"])
+    model = build_app(args).state.engine.model
+    qkv = model.text.layers[0].attn.qkv
+    assert isinstance(getattr(qkv, "packed", None), PackedWeight) and qkv.packed.is_quantized or isinstance(
+        qkv.wq, QuantizedLinear)
+    assert build_parser().parse_args(["serve"]).quant is None
+    with pytest.raises(ValueError, match="unknown weight format"):
+        EngineProcess(str(checkpoint), quant="int3")

@@ -13,7 +13,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -28,13 +28,14 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+QUANTIZATION_KEY = "quantization_config"
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded as it is; the message says what is wrong."""
 
 
-def read_config(path: str | os.PathLike) -> ModelConfig:
+def _read_config_json(path: str | os.PathLike) -> tuple[Path, dict]:
     path = Path(path)
     file = path / "config.json"
     if not path.is_dir():
@@ -45,10 +46,29 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, got {type(raw).__name__}")
+    return file, raw
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The model a checkpoint holds. A ``quantization_config`` describes how its weights are stored, not the
+    model: it is left to :func:`read_quantization_config` and whoever loads such weights (llama4.build)."""
+    file, raw = _read_config_json(path)
+    raw.pop(QUANTIZATION_KEY, None)
     try:
         return model_config_from_hf(raw)
     except ConfigError as e:
         raise CheckpointError(f"{file}: {e}") from None
+
+
+def read_quantization_config(path: str | os.PathLike) -> dict | None:
+    """The checkpoint's ``quantization_config`` (how its weights are stored), or None for float weights."""
+    file, raw = _read_config_json(path)
+    value = raw.get(QUANTIZATION_KEY)
+    if value is not None and not isinstance(value, dict):
+        raise CheckpointError(f"{file}: quantization_config must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
@@ -92,7 +112,7 @@ def iter_checkpoint(path: str | os.PathLike) -> Iterator[tuple[str, Path, object
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str,
                  progress: Callable[[int, int], None] | None = None,
-                 shapes: dict[str, torch.Size] | None = None) -> None:
+                 shapes: dict[str, torch.Size] | None = None, handled: Collection[str] = ()) -> None:
     """Fill ``model``'s parameters (typically on the meta device) from the checkpoint, strictly.
 
     Every header is checked first (nothing is read if any tensor is missing, unexpected or mis-shaped);
@@ -100,7 +120,8 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.d
     while little else is resident and peak memory stays near the finished model.
     ``shapes`` (default: the model's parameters) lists every tensor expected by our name; a module
     with a ``load_tensor(name, tensor)`` method (e.g. a packed linear) receives its tensors through it.
-    ``progress(done, total)`` is called after each tensor.
+    ``progress(done, total)`` is called after each tensor. ``handled``: HF names that another loader reads (a
+    quantized checkpoint's codes and scales), neither read here nor reported as unexpected.
     """
     multimodal = model.config.multimodal
     tied = model.config.text.tie_word_embeddings
@@ -108,6 +129,8 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.d
     found: dict[str, tuple[str, Path, int]] = {}  # our name -> (HF name, file, number of elements)
     unexpected, misshaped = [], []
     for hf_name, file, handle in iter_checkpoint(path):
+        if hf_name in handled:
+            continue
         ours = from_hf_name(hf_name, multimodal)
         if ours is None or ours not in expected:
             if not (tied and ours == "text.output.weight"):
@@ -191,20 +214,32 @@ def _load_tensor(model: torch.nn.Module, name: str, file: Path, hf_name: str, dt
 
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike,
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """Write config.json and safetensors in the HF layout (sharded above ``max_shard_bytes``).
+    """Write config.json and safetensors in the HF layout (sharded above ``max_shard_bytes``)."""
+    config: ModelConfig = model.config
+    tensors = {to_hf_name(name, config.multimodal): p.detach() for name, p in model.named_parameters()}
+    write_checkpoint(path, model_config_to_hf(config, dtype_name(tensors.values())), tensors, max_shard_bytes)
 
-    New files are written under temporary names and renamed into place; weight files of an earlier
-    save in the same directory are removed only after the new ones are complete.
+
+def dtype_name(tensors: Iterable[torch.Tensor]) -> str:
+    """The ``dtype`` a config.json states for these float tensors: theirs if they share one, else float32."""
+    dtypes = {t.dtype for t in tensors}
+    return str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+
+
+def write_checkpoint(path: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor],
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write ``config`` (the config.json document) and ``tensors`` (HF name -> tensor, in this order) as
+    safetensors, sharded above ``max_shard_bytes`` with an index.
+
+    Tensors may be views (a transpose, a row slice): each is made contiguous only while its shard is written,
+    so the transient memory is one shard. New files are written under temporary names and renamed into
+    place; weight files of an earlier save in the same directory are removed only after the new ones are
+    complete.
     """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config: ModelConfig = model.config
-    tensors = {to_hf_name(name, config.multimodal): p.detach().contiguous()
-               for name, p in model.named_parameters()}
-    dtypes = {t.dtype for t in tensors.values()}
-    dtype_name = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():
@@ -219,7 +254,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike,
     written = []
     for shard, name in zip(shards, names):
         tmp = path / (name + ".tmp")
-        save_file({k: v.cpu() for k, v in shard.items()}, str(tmp), metadata={"format": "pt"})
+        save_file({k: v.detach().contiguous().cpu() for k, v in shard.items()}, str(tmp), metadata={"format": "pt"})
         written.append((tmp, path / name))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
@@ -228,7 +263,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike,
         tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         written.append((tmp, path / INDEX_FILE))
     tmp = path / "config.json.tmp"
-    tmp.write_text(json.dumps(model_config_to_hf(config, dtype_name), indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     written.append((tmp, path / "config.json"))
     for tmp, final in written:
         os.replace(tmp, final)

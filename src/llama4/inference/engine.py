@@ -51,6 +51,7 @@ from llama4.kernels.cpu import KernelOptions
 from llama4.model.paged_cache import PagedKVCache
 from llama4.model.transformer import Llama4Model, check_token_ids
 from llama4.prompt import Tokenizer
+from llama4.quant.kv_cache import check_kv_format, kv_storage
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class EngineConfig:
     prefix_cache_bytes: int = 256 * 2**20  # finished sequences' cache rows kept for reuse; 0: off
     kv_block_size: int = 16  # tokens per KV cache block
     batch_invariant: bool = True  # row tiles + bucketed attention in the model: replies = cold solo runs
+    # how the global (NoPE) layers store keys/values: auto (the model's dtype), bf16, int8 or fp8 (quant.kv_cache:
+    # about half the bytes, attended over dequantized); chunk-local layers keep the model's dtype
+    kv_cache: str = "auto"
     # the CPU fast paths of a model the engine loads itself (its own process): from LLAMA4_CPU_KERNEL,
     # LLAMA4_FUSED_DECODE, CC and XDG_CACHE_HOME unless given
     kernels: KernelOptions = field(default_factory=lambda: KernelOptions.from_environ(os.environ))
@@ -77,6 +81,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
+        check_kv_format(self.kv_cache)
 
 
 def admissible(request: GenerationRequest, vocab: int, max_context: int, has_vision: bool) -> int:
@@ -125,7 +130,8 @@ class Engine:
         self.vocab = text.vocab_size
         self.max_context = min(config.max_context or text.max_position_embeddings, text.max_position_embeddings)
         self._cond = threading.Condition()
-        self._pool = PagedKVCache(text, block_size=config.kv_block_size)
+        self._pool = PagedKVCache(text, block_size=config.kv_block_size,
+                                  storage=kv_storage(text, config.kv_cache, model.text.embed.weight.dtype))
         self.runner = ModelRunner(model, self._pool, config.batch_invariant)
         self.outputs = OutputProcessor(self.metrics)
         self.scheduler: Scheduler[SequenceState] = Scheduler(config.max_batch, config.max_queue,

@@ -15,6 +15,7 @@ import torch
 from llama4.inference.sampling import Sampler, SamplingParams, TokenChoice, greedy_shortcut
 from llama4.model.cache import KVCache
 from llama4.model.transformer import Llama4Model, check_token_ids
+from llama4.quant.kv_cache import check_kv_format, kv_storage
 
 DEFAULT_PREFILL_CHUNK = 2048
 
@@ -56,6 +57,13 @@ def prefill(model: Llama4Model, ids: torch.Tensor, cache: KVCache, pixel_values:
     return logits[:, -1]
 
 
+def new_cache(model: Llama4Model, kv_cache: str = "auto") -> KVCache:
+    """An empty cache for ``model`` whose global (NoPE) layers store keys/values as ``kv_cache`` says: ``auto`` (the
+    model's dtype), ``bf16``, ``int8`` or ``fp8`` (llama4.quant.kv_cache); chunk-local layers keep the model's dtype."""
+    text = model.config.text
+    return KVCache(text, storage=kv_storage(text, kv_cache, model.text.embed.weight.dtype))
+
+
 def _as_prompts(input_ids) -> list[list[int]]:
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 1:
@@ -71,15 +79,17 @@ def _as_prompts(input_ids) -> list[list[int]]:
 
 def generate_tokens(model: Llama4Model, requests: Sequence[Request], max_new_tokens: int,
                     stop_tokens: Sequence[int] | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                    cache: KVCache | None = None) -> Iterator[StepEvent]:
+                    cache: KVCache | None = None, kv_cache: str = "auto") -> Iterator[StepEvent]:
     """Yield tokens as they are produced, one event per live row per step.
 
     With ``cache`` (one request only) the prompt continues what the cache already holds (a chat
     session's earlier turns); each yielded token is fed to the cache on the next step, so after the
-    generator is closed the cache holds everything but the last token.
+    generator is closed the cache holds everything but the last token. ``kv_cache``: how a new cache stores
+    the global layers' keys and values (:func:`new_cache`; a given ``cache`` keeps its own).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_kv_format(kv_cache)
     vocab = model.config.text.vocab_size
     for r in requests:
         if not r.prompt:
@@ -98,13 +108,13 @@ def generate_tokens(model: Llama4Model, requests: Sequence[Request], max_new_tok
             ids = torch.tensor([requests[0].prompt], device=device)
             logits = prefill(model, ids, cache, requests[0].pixel_values, chunk=prefill_chunk)
         elif same_length:
-            cache = KVCache(model.config.text)
+            cache = new_cache(model, kv_cache)
             ids = torch.tensor([r.prompt for r in requests], device=device)
             logits = prefill(model, ids, cache, chunk=prefill_chunk)
         else:
             caches, rows = [], []
             for r in requests:
-                caches.append(KVCache(model.config.text))
+                caches.append(new_cache(model, kv_cache))
                 ids = torch.tensor([r.prompt], device=device)
                 rows.append(prefill(model, ids, caches[-1], r.pixel_values, chunk=prefill_chunk))
             cache, logits = KVCache.stack(caches), torch.cat(rows)
@@ -134,7 +144,7 @@ def generate(model: Llama4Model, input_ids, max_new_tokens: int = 64, temperatur
              stop_tokens: Sequence[int] | None = None, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
              seed: int | None = None, pixel_values: torch.Tensor | None = None, pad_token_id: int | None = None,
-             prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_cache: str = "auto"):
     """Generate continuations.
 
     ``input_ids``: LongTensor [B, T] (returns LongTensor [B, T + new], rows that stopped early padded
@@ -142,6 +152,9 @@ def generate(model: Llama4Model, input_ids, max_new_tokens: int = 64, temperatur
     (returns a list of lists: prompt + new tokens). ``stop_tokens=None`` stops on the model's
     end-of-turn / eos ids, ``[]`` never stops early. The stop token is kept in the output.
     Sampling with ``seed`` is reproducible; each row gets its own generator seeded with ``seed + row``.
+    ``kv_cache`` (:func:`new_cache`): ``"auto"`` keeps keys/values in the model's dtype; ``"int8"`` / ``"fp8"``
+    quantize the global layers' (the part that grows with the context, about half the bytes); ``"bf16"`` stores
+    them in bf16 (a float32 model's).
     """
     prompts = _as_prompts(input_ids)
     requests = []
@@ -153,7 +166,7 @@ def generate(model: Llama4Model, input_ids, max_new_tokens: int = 64, temperatur
     if pixel_values is not None and len(prompts) != 1:
         raise ValueError("pixel_values with several prompts: pass one prompt per call (or use generate_tokens)")
     outputs = [list(p) for p in prompts]
-    for event in generate_tokens(model, requests, max_new_tokens, stop_tokens, prefill_chunk):
+    for event in generate_tokens(model, requests, max_new_tokens, stop_tokens, prefill_chunk, kv_cache=kv_cache):
         outputs[event.row].append(event.choice.token)
     if not isinstance(input_ids, torch.Tensor):
         return outputs

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from llama4.inference.generate import DEFAULT_PREFILL_CHUNK, Request, generate_tokens
+from llama4.inference.generate import DEFAULT_PREFILL_CHUNK, Request, generate_tokens, new_cache
 from llama4.inference.sampling import SamplingParams
 from llama4.model.cache import KVCache
 from llama4.model.transformer import Llama4Model
 from llama4.prompt import ImageError, Tokenizer
 from llama4.prompt.images import DEFAULT_MAX_PIXELS, best_fit_grid, decode_frame, open_image, tile_rgb, to_rgb_tensor
+from llama4.quant.kv_cache import check_kv_format
 
 IMAGE_PART_TYPES = ("image", "image_url")
 
@@ -180,8 +181,9 @@ def stream_tokens_as_text(model: Llama4Model, tokenizer: Tokenizer, prompt: list
                           pixel_values: torch.Tensor | None = None, params: SamplingParams | None = None,
                           max_new_tokens: int = 256, stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
                           completion: Completion | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                          ) -> Iterator[str]:
-    """Generate from prompt ids and yield text pieces; fills ``completion`` (if given) as it goes."""
+                          kv_cache: str = "auto") -> Iterator[str]:
+    """Generate from prompt ids and yield text pieces; fills ``completion`` (if given) as it goes. ``kv_cache``:
+    the global layers' KV storage (``auto``, ``bf16``, ``int8``, ``fp8``: see llama4.inference.generate.new_cache)."""
     completion = completion if completion is not None else Completion()
     completion.prompt_tokens = len(prompt)
     decoder = tokenizer.stream_decoder(skip_special=True)
@@ -190,7 +192,7 @@ def stream_tokens_as_text(model: Llama4Model, tokenizer: Tokenizer, prompt: list
     request = Request(list(prompt), pixel_values, params or SamplingParams())
     start = time.perf_counter()
     first = None
-    for event in generate_tokens(model, [request], max_new_tokens, stop_ids, prefill_chunk):
+    for event in generate_tokens(model, [request], max_new_tokens, stop_ids, prefill_chunk, kv_cache=kv_cache):
         now = time.perf_counter()
         if first is None:
             first = now
@@ -219,7 +221,8 @@ def stream_tokens_as_text(model: Llama4Model, tokenizer: Tokenizer, prompt: list
 def stream_chat(model: Llama4Model, tokenizer: Tokenizer, messages: Sequence[dict], *,
                 params: SamplingParams | None = None, max_new_tokens: int = 256, stop: Sequence[str] = (),
                 tools: Sequence[dict] | None = None, allow_image_paths: bool = False,
-                stop_tokens: Sequence[int] | None = None, completion: Completion | None = None) -> Iterator[str]:
+                stop_tokens: Sequence[int] | None = None, completion: Completion | None = None,
+                kv_cache: str = "auto") -> Iterator[str]:
     """Stream the assistant's reply to OpenAI-style ``messages`` (text and image parts) as text pieces.
 
     Image parts: ``{"type": "image", "image": <PIL image | bytes | path>}`` or
@@ -234,7 +237,7 @@ def stream_chat(model: Llama4Model, tokenizer: Tokenizer, messages: Sequence[dic
         pixel_values = pixel_values.to(model.text.embed.weight.dtype)
     yield from stream_tokens_as_text(model, tokenizer, prompt, pixel_values=pixel_values, params=params,
                                      max_new_tokens=max_new_tokens, stop=stop, stop_tokens=stop_tokens,
-                                     completion=completion)
+                                     completion=completion, kv_cache=kv_cache)
 
 
 def chat(model: Llama4Model, tokenizer: Tokenizer, messages: Sequence[dict], **kwargs) -> Completion:
@@ -255,8 +258,9 @@ class ChatSession:
     """
 
     def __init__(self, model: Llama4Model, tokenizer: Tokenizer, system: str | None = None,
-                 params: SamplingParams | None = None, max_new_tokens: int = 512):
+                 params: SamplingParams | None = None, max_new_tokens: int = 512, kv_cache: str = "auto"):
         self.model, self.tokenizer = model, tokenizer
+        self.kv_cache = check_kv_format(kv_cache)  # the global layers' KV storage (generate.new_cache)
         self.params = params or SamplingParams()
         self.max_new_tokens = max_new_tokens
         self.system = system
@@ -283,7 +287,7 @@ class ChatSession:
         if pixel_values is not None:
             self.pixels.append(pixel_values)
         if after[:len(before)] != before or self.cache is None:
-            self.cache, self.pending = KVCache(self.model.config.text), []
+            self.cache, self.pending = new_cache(self.model, self.kv_cache), []
             new_tokens = after  # first turn, or the cache was dropped: (re)build from the whole conversation
             self.history = []
             pixel_values = torch.cat(self.pixels) if self.pixels else None

@@ -9,6 +9,7 @@ decoded together (:meth:`KVCache.stack`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -24,9 +25,9 @@ class DecodeSlots:
     calling ``update``.
 
     The entry in slot s of KV head g starts at element g * head_stride + s * head_dim of ``keys`` (and of
-    ``values``). Row r writes its new key/value to slot write[r] and sees count[r] entries (the new one
-    included): slots first[r] + j when ``first`` is given, else gather[r, j] (a gather of one row: every
-    row's). Int64 tensors [B] / [B or 1, W].
+    ``values``; s * width where the cache stores the layer through a :class:`KVStorage`). Row r writes its new
+    key/value to slot write[r] and sees count[r] entries (the new one included): slots first[r] + j when
+    ``first`` is given, else gather[r, j] (a gather of one row: every row's). Int64 tensors [B] / [B or 1, W].
     """
 
     keys: torch.Tensor
@@ -54,6 +55,33 @@ class CacheView(NamedTuple):
     valid: torch.Tensor | list[int] | None
 
 
+class KVStorage(Protocol):
+    """How a cache keeps one layer's keys and values other than as the attention's own tensors (e.g. quantized:
+    llama4.quant.kv_cache). An entry, one token's ``head_dim`` values of one KV head, is stored as ``width(head_dim)``
+    elements of ``dtype``: ``encode`` maps k or v [..., head_dim] to [..., width] as they are written (each entry on
+    its own: the caches copy, gather and pad stored entries freely), ``decode`` maps stored entries back to
+    [..., head_dim] in the attention's dtype as they are read. Stored zeros must decode to zeros: unused and
+    padding slots are zero-filled and may be read (masked)."""
+
+    dtype: torch.dtype
+
+    def width(self, head_dim: int) -> int: ...
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+def storage_per_layer(storage: Sequence[KVStorage | None] | None, num_layers: int) -> tuple[KVStorage | None, ...]:
+    """A cache's ``storage`` argument checked: one entry per layer (None: the attention's own dtype)."""
+    if storage is None:
+        return (None,) * num_layers
+    storage = tuple(storage)
+    if len(storage) != num_layers:
+        raise ValueError(f"storage needs one entry per layer ({num_layers}; None for plain), got {len(storage)}")
+    return storage
+
+
 class Cache(Protocol):
     """What the model needs of a KV cache (KVCache, and the serving engine's paged batches)."""
 
@@ -71,18 +99,26 @@ class Cache(Protocol):
                      device: torch.device, tokens: int = 1, offset: int = 0) -> DecodeSlots:
         """Where a pass that writes the storage itself puts and reads this layer's entries."""
 
+    def stored_dtype(self, layer: int, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of ``layer``'s storage for keys/values computed in ``dtype`` (what ``decode_slots`` hands
+        out): ``dtype`` itself unless the cache stores them otherwise (a :class:`KVStorage`)."""
+
 
 class KVCache:
     """Per-layer key/value buffers [B, Hkv, capacity, d]; keys post-RoPE/QK-norm, values raw.
 
     Chunked layers hold only keys of each row's current chunk (at most ``chunk`` entries); global layers,
     and chunked layers within their chunk, grow in blocks of ``block_size`` tokens, so memory follows the
-    actual length. Reads are views: a decode step writes only the new token's k/v.
+    actual length. Reads are views: a decode step writes only the new token's k/v. ``storage`` (one
+    :class:`KVStorage` or None per layer) stores a layer's entries encoded, [B, Hkv, capacity, width]: they are
+    encoded as written and reads decode the entries a pass attends over.
     """
 
-    def __init__(self, config: TextConfig, block_size: int = 256):
+    def __init__(self, config: TextConfig, block_size: int = 256,
+                 storage: Sequence[KVStorage | None] | None = None):
         if block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
+        self.storage = storage_per_layer(storage, config.num_layers)
         self.chunk = config.attention_chunk_size
         self.chunked = tuple(spec.chunked for spec in config.layers)
         self.block_size = block_size
@@ -125,12 +161,27 @@ class KVCache:
         if not self._len[layer]:
             self._len[layer], self._start[layer] = [0] * b, [0] * b
         if all(s == starts[0] for s in starts):
-            if self.chunked[layer]:
-                return CacheView(*self._update_local(layer, k, v, starts[0]), None)
-            return CacheView(*self._update_global(layer, k, v), None)
-        if t != 1:
+            update = self._update_local if self.chunked[layer] else self._update_global
+            keys, values, start = update(layer, self._encode(layer, k), self._encode(layer, v), starts[0])
+            valid = None
+        elif t != 1:
             raise ValueError(f"a {t}-token pass needs all rows at one length, got lengths {starts}")
-        return CacheView(*self._update_ragged(layer, k, v, starts))
+        else:
+            keys, values, start, valid = self._update_ragged(layer, self._encode(layer, k), self._encode(layer, v),
+                                                             starts)
+        return CacheView(self._decode(layer, keys, k.dtype), self._decode(layer, values, k.dtype), start, valid)
+
+    def stored_dtype(self, layer: int, dtype: torch.dtype) -> torch.dtype:
+        storage = self.storage[layer]
+        return dtype if storage is None else storage.dtype
+
+    def _encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        storage = self.storage[layer]
+        return x if storage is None else storage.encode(x)
+
+    def _decode(self, layer: int, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        storage = self.storage[layer]
+        return stored if storage is None else storage.decode(stored, dtype)
 
     def advance(self, num_tokens: int) -> None:
         self.lengths = [n + num_tokens for n in self.lengths]
@@ -157,7 +208,8 @@ class KVCache:
         self._set(layer, keep, new_start)
         return k_all, v_all, start
 
-    def _update_global(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _update_global(self, layer: int, k: torch.Tensor, v: torch.Tensor, seq: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
         n = self._len[layer][0]
         self._write(layer, k, v, at=n, limit=None)
         self._set(layer, n + k.shape[2], 0)
@@ -165,8 +217,8 @@ class KVCache:
 
     def _update_ragged(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: list[int]
                        ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-        """One new token per row, rows at different sequence indices."""
-        buf_k, buf_v, at = self._decode_entries(layer, k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device)
+        """One new token per row, rows at different sequence indices (k/v as stored)."""
+        buf_k, buf_v, at = self._entries(layer, k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device)
         index = torch.tensor(at, device=k.device)
         rows = torch.arange(k.shape[0], device=k.device)
         buf_k[rows, :, index] = k[:, :, 0]
@@ -179,8 +231,12 @@ class KVCache:
                      device: torch.device, tokens: int = 1, offset: int = 0) -> DecodeSlots:
         """Room in ``layer`` for ``tokens`` new tokens per row (more than one: a single row), starting
         ``offset`` tokens past each row's length (a pass cut into parts), as :class:`DecodeSlots` (the
-        caller writes them; token t of row r is entry r * tokens + t and sees the entries before it)."""
-        keys, values, at = self._decode_entries(layer, rows, kv_heads, head_dim, dtype, device, tokens, offset)
+        caller writes them; token t of row r is entry r * tokens + t and sees the entries before it). With a
+        :class:`KVStorage` for the layer, the slots are over its stored entries (``width`` elements each)."""
+        storage = self.storage[layer]
+        if storage is not None:
+            head_dim, dtype = storage.width(head_dim), storage.dtype
+        keys, values, at = self._entries(layer, rows, kv_heads, head_dim, dtype, device, tokens, offset)
         capacity = keys.shape[2]
         first = [r * kv_heads * capacity for r in range(rows) for _ in range(tokens)]
         entry = [a + t for a in at for t in range(tokens)]
@@ -188,11 +244,10 @@ class KVCache:
         ints = torch.tensor([f + e for f, e in zip(first, entry)] + [e + 1 for e in entry] + first, dtype=torch.long)
         return DecodeSlots(keys, values, capacity * head_dim, ints[:n], ints[n:2 * n], ints[2 * n:], None)
 
-    def _decode_entries(self, layer: int, rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                        device: torch.device, tokens: int = 1, offset: int = 0
-                        ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def _entries(self, layer: int, rows: int, kv_heads: int, width: int, dtype: torch.dtype, device: torch.device,
+                 tokens: int = 1, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Room for ``tokens`` new tokens per row in ``layer``, ``offset`` tokens past each row's length:
-        the layer's key/value buffers [B, Hkv, capacity, d] and, per row, the entry its first new token
+        the layer's key/value buffers [B, Hkv, capacity, width] (as stored) and, per row, the entry its first new token
         goes to (the others follow). Rows that entered a new chunk start their chunk-local layers over; the
         new tokens of a chunk-local layer must lie in one chunk."""
         if tokens > 1 and rows != 1:
@@ -211,7 +266,7 @@ class KVCache:
             if firsts[row] != (seq // self.chunk) * self.chunk:
                 lens[row], firsts[row] = 0, (seq // self.chunk) * self.chunk  # this row entered a new chunk
         at = list(lens)
-        self._reserve(layer, (rows, kv_heads, head_dim), dtype, device, max(at) + tokens,
+        self._reserve(layer, (rows, kv_heads, width), dtype, device, max(at) + tokens,
                       limit=self.chunk if self.chunked[layer] else None)
         for row in range(len(lens)):
             lens[row] += tokens
@@ -223,7 +278,7 @@ class KVCache:
 
     def _reserve(self, layer: int, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device, need: int,
                  limit: int | None) -> None:
-        """Make the layer's buffers, [B, Hkv, capacity, d] for ``shape`` (B, Hkv, d), hold at least ``need``
+        """Make the layer's buffers, [B, Hkv, capacity, w] for ``shape`` (B, Hkv, w), hold at least ``need``
         entries, growing in blocks (to at most ``limit``)."""
         buf_k = self._k[layer]
         if buf_k is not None and buf_k.shape[2] >= need and buf_k.shape[:2] == shape[:2]:
@@ -254,8 +309,11 @@ class KVCache:
         if not caches:
             raise ValueError("stack needs at least one cache")
         first = caches[0]
+        if any(c.storage != first.storage for c in caches):
+            raise ValueError("stack needs caches with the same storage")
         merged = cls.__new__(cls)
         merged.chunk, merged.chunked, merged.block_size = first.chunk, first.chunked, first.block_size
+        merged.storage = first.storage
         merged.lengths = [n for c in caches for n in c.lengths]
         merged._k, merged._v, merged._len, merged._start = [], [], [], []
         for layer in range(len(first.chunked)):
@@ -295,7 +353,7 @@ class KVCache:
         """A new cache holding copies of rows ``rows`` only (this cache is unchanged)."""
         index = torch.tensor(rows, dtype=torch.long)
         out = KVCache.__new__(KVCache)
-        out.chunk, out.chunked, out.block_size = self.chunk, self.chunked, self.block_size
+        out.chunk, out.chunked, out.block_size, out.storage = self.chunk, self.chunked, self.block_size, self.storage
         out.lengths = [self.lengths[r] for r in rows]
         out._k, out._v, out._len, out._start = [], [], [], []
         for layer in range(len(self._k)):
@@ -348,6 +406,7 @@ class KVCache:
             self._len[layer] = [length - start] * len(self._len[layer])
         self.lengths = [length] * len(self.lengths)
 
-    def nbytes(self) -> int:
-        """Bytes of key/value storage currently allocated."""
-        return sum(t.numel() * t.element_size() for t in (*self._k, *self._v) if t is not None)
+    def nbytes(self, layers: Sequence[int] | None = None) -> int:
+        """Bytes of key/value storage currently allocated (of ``layers`` only, when given)."""
+        chosen = range(len(self._k)) if layers is None else layers
+        return sum(t.nbytes for i in chosen for t in (self._k[i], self._v[i]) if t is not None)

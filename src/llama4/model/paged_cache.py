@@ -34,16 +34,21 @@ A forward pass runs over a :meth:`PagedKVCache.batch` of sequences, which speaks
 protocol (``starts``, ``update``, ``advance``, and ``decode_slots`` for code that writes the pool itself)
 as KVCache does: a multi-token pass (prefill) over one
 sequence, or a one-token pass (decode) over any number of sequences at different lengths.
+
+Storage. A layer given a :class:`~llama4.model.cache.KVStorage` (e.g. quantized) keeps its entries encoded,
+[Hkv, slots, width]; every block operation above moves stored entries as they are, ``update`` encodes the
+new keys/values and decodes the entries it hands to attention.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 
 import torch
 
 from llama4.config import TextConfig
-from llama4.model.cache import CacheView, DecodeSlots
+from llama4.model.cache import CacheView, DecodeSlots, KVStorage, storage_per_layer
 from llama4.model.ops import attention_bucket
 
 GLOBAL, LOCAL = 0, 1  # the two kinds of layer, by their index in a pool's ``_kinds`` and a sequence's ``held``
@@ -154,11 +159,13 @@ class PagedSequence:
 class PagedKVCache:
     """The block pool of every layer (see the module docstring). Sequences come from :meth:`sequence`."""
 
-    def __init__(self, config: TextConfig, block_size: int = 16, initial_blocks: int = 16):
+    def __init__(self, config: TextConfig, block_size: int = 16, initial_blocks: int = 16,
+                 storage: Sequence[KVStorage | None] | None = None):
         if block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
         if initial_blocks < 2:
             raise ValueError(f"initial_blocks must be >= 2 (block 0 is the zero block), got {initial_blocks}")
+        self.storage = storage_per_layer(storage, config.num_layers)
         self.chunk = config.attention_chunk_size
         self.chunked = tuple(spec.chunked for spec in config.layers)
         self.block_size, self.initial_blocks = block_size, initial_blocks
@@ -169,8 +176,9 @@ class PagedKVCache:
         n = config.num_layers
         self._k: list[torch.Tensor | None] = [None] * n
         self._v: list[torch.Tensor | None] = [None] * n
-        self.dtype: torch.dtype | None = None
+        self.dtype: torch.dtype | None = None  # the attention's (the keys/values given to update)
         self.device: torch.device | None = None
+        self._entry: list[tuple[int, torch.dtype]] = []  # per layer: (width, dtype) of a stored entry
         self._block_bytes = (0, 0)
         self._offsets = torch.arange(block_size)
 
@@ -225,10 +233,18 @@ class PagedKVCache:
 
     # -- blocks -------------------------------------------------------------------------------------------
 
+    def stored_dtype(self, layer: int, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of ``layer``'s pool for keys/values computed in ``dtype`` (Cache.stored_dtype)."""
+        storage = self.storage[layer]
+        return dtype if storage is None else storage.dtype
+
     def _init_storage(self, like: torch.Tensor) -> None:
         self.dtype, self.device = like.dtype, like.device
-        entry = 2 * self.block_size * self.kv_heads * self.head_dim * like.element_size()  # k and v
-        self._block_bytes = tuple(entry * len(kind.layers) for kind in self._kinds)
+        self._entry = [(self.head_dim, like.dtype) if st is None else (st.width(self.head_dim), st.dtype)
+                       for st in self.storage]
+        self._block_bytes = tuple(sum(2 * self.block_size * self.kv_heads * self._entry[layer][0]  # k and v
+                                      * self._entry[layer][1].itemsize for layer in kind.layers)
+                                  for kind in self._kinds)
         for kind in self._kinds:
             if kind.layers:
                 self._grow(kind, max(self.initial_blocks, kind.capacity))
@@ -244,14 +260,15 @@ class PagedKVCache:
         kind.capacity = capacity
         if self.dtype is None:
             return
-        shape = (self.kv_heads, capacity * self.block_size, self.head_dim)
         for layer in kind.layers:
+            width, dtype = self._entry[layer]
+            shape = (self.kv_heads, capacity * self.block_size, width)
             for store in (self._k, self._v):
                 # zeros: block 0 must read as zeros, and no slot may hold NaN (a padded gather reads them).
                 # Normal tensors even under inference_mode: the pool outlives the pass that grew it, and an
                 # inference tensor could not be written outside inference mode.
                 with torch.inference_mode(False):
-                    grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                    grown = torch.zeros(shape, dtype=dtype, device=self.device)
                     if store[layer] is not None:
                         grown[:, :store[layer].shape[1]] = store[layer]
                 store[layer] = grown
@@ -424,12 +441,20 @@ class PagedBatch:
         plan = self._plans[kind]
         if plan is None:
             plan = self._plans[kind] = self._plan(kind, k.shape[0], k.shape[2], bucketed)
-        return CacheView(*plan.apply(pool._k[layer], pool._v[layer], k, v))
+        storage = pool.storage[layer]
+        if storage is None:
+            return CacheView(*plan.apply(pool._k[layer], pool._v[layer], k, v))
+        keys, values, start, valid = plan.apply(pool._k[layer], pool._v[layer], storage.encode(k), storage.encode(v))
+        return CacheView(storage.decode(keys, k.dtype), storage.decode(values, k.dtype), start, valid)
+
+    def stored_dtype(self, layer: int, dtype: torch.dtype) -> torch.dtype:
+        return self.pool.stored_dtype(layer, dtype)
 
     def decode_slots(self, layer: int, rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                      device: torch.device, tokens: int = 1, offset: int = 0) -> DecodeSlots:
         """KVCache.decode_slots over the pool: block tables become gathered slots (one-token rows of a
-        ragged batch), or one sequence's entries are read where they lie."""
+        ragged batch), or one sequence's entries are read where they lie. With a storage for the layer the
+        slots are over its stored entries."""
         pool = self.pool
         if pool.dtype is None:
             pool._init_storage(torch.empty(0, dtype=dtype, device=device))
@@ -453,7 +478,7 @@ class PagedBatch:
                                      f"(chunk {pool.chunk})")
                 plan = self._fused_plans[(kind, offset)] = self._single(kind, self.sequences[0], tokens, start)
         keys, values = pool._k[layer], pool._v[layer]  # after planning, which may grow the pool
-        stride = keys.shape[1] * head_dim
+        stride = keys.shape[1] * keys.shape[2]
         if rows > 1:
             return DecodeSlots(keys, values, stride, plan.write, plan.valid, None, plan.gather.view(rows, plan.width))
         held = self.sequences[0].held[kind]

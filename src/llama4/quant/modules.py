@@ -55,6 +55,23 @@ class QuantizedLinear(nn.Module):
         self.qweight = QuantizedWeight(quantize(linear.weight, fmt, scale_dtype))
         self.bias = linear.bias
 
+    @classmethod
+    def from_tensor(cls, tensor: QuantizedTensor, bias: torch.Tensor | None = None,
+                    float_dtype: torch.dtype = torch.float32) -> QuantizedLinear:
+        """A linear from weights already quantized (a checkpoint's codes and scales): ``tensor`` [out, in], an
+        optional float ``bias`` [out], and ``float_dtype``, the dtype of the float model it stands in."""
+        if len(tensor.shape) != 2:
+            raise ValueError(f"a linear's weight is [out, in], got {tuple(tensor.shape)}")
+        if bias is not None and tuple(bias.shape) != (tensor.shape[0],):
+            raise ValueError(f"bias {tuple(bias.shape)} does not fit a weight {tuple(tensor.shape)} (out, in)")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.out_features, module.in_features = tensor.shape
+        module.float_dtype = float_dtype
+        module.qweight = QuantizedWeight(tensor)
+        module.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        return module
+
     @property
     def format(self) -> WeightFormat:
         return self.qweight.format
@@ -88,6 +105,28 @@ class QuantizedExperts(nn.Module):
         # one expert at a time: never a float32 copy of all experts' weights at once
         self.gate_up = QuantizedWeight(stack([quantize(w.t(), fmt, scale_dtype) for w in experts.gate_up]))
         self.down = QuantizedWeight(stack([quantize(w.t(), fmt, scale_dtype) for w in experts.down]))
+
+    @classmethod
+    def from_tensors(cls, gate_up: QuantizedTensor, down: QuantizedTensor, float_dtype: torch.dtype = torch.float32,
+                     batch_invariant: bool = False) -> QuantizedExperts:
+        """Experts from weights already quantized: ``gate_up`` [E, 2I, D] (gate rows, then up rows) and ``down``
+        [E, D, I], both [out, in] per expert and in one format; ``float_dtype`` as in QuantizedLinear."""
+        if len(gate_up.shape) != 3 or len(down.shape) != 3:
+            raise ValueError(f"expert weights are [E, out, in], got gate_up {tuple(gate_up.shape)} and down "
+                             f"{tuple(down.shape)}")
+        experts, two_hidden, dim = gate_up.shape
+        if two_hidden % 2 or tuple(down.shape) != (experts, dim, two_hidden // 2):
+            raise ValueError(f"gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} are not [E, 2I, D] and "
+                             "[E, D, I] of one set of experts")
+        if gate_up.format != down.format:
+            raise ValueError(f"gate_up ({gate_up.format}) and down ({down.format}) must share one format")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.batch_invariant = batch_invariant
+        module.float_dtype = float_dtype
+        module.gate_up = QuantizedWeight(gate_up)
+        module.down = QuantizedWeight(down)
+        return module
 
     @property
     def format(self) -> WeightFormat:

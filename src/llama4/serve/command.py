@@ -67,6 +67,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         "in one call (faster decode and prefill; a reply at temperature 0 may then differ from "
                         "the same request sent alone, e.g. after a prefix-cache hit)")
     p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="bf16")
+    p.add_argument("--quant", help="quantize a float checkpoint as it loads with this recipe, e.g. int8, int4-g32, "
+                   "experts=int4-g32,attention=int8 (quantized checkpoints load as they are; see llama4 quantize)")
+    p.add_argument("--kv-cache", choices=("auto", "int8", "fp8"), default="auto",
+                   help="how the global (NoPE) layers keep keys and values, the part of the cache that grows with the "
+                        "context: auto (the model's dtype) or quantized int8 / fp8 with a scale per token and head "
+                        "(about half the bytes: --prefix-cache-mb then keeps about twice the tokens)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--engine", choices=("process", "thread"), default="process" if os.name == "posix" else "thread",
                    help="run the model in a process of its own (the default where pipes can be handed to a child, "
@@ -109,14 +115,14 @@ def build_app(args: argparse.Namespace):
                "stall_timeout": args.stall_timeout}
     config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                           prefill_chunk=args.prefill_chunk, batch_invariant=not args.no_batch_invariant,
-                          prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
+                          prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), kv_cache=args.kv_cache)
     tokenizer = load_tokenizer(args.model)
     if args.engine == "process":
-        engine = EngineProcess(args.model, args.dtype, config, threads=args.threads)
+        engine = EngineProcess(args.model, args.dtype, config, threads=args.threads, quant=args.quant)
         engine.start()
     else:
-        engine = Engine(load_model(args.model, dtype=torch_dtype(args.dtype), kernels=config.kernels),
-                        tokenizer, config)
+        engine = Engine(load_model(args.model, dtype=torch_dtype(args.dtype), kernels=config.kernels,
+                                   quant=args.quant), tokenizer, config)
     return create_engine_app(engine, tokenizer, **options)
 
 

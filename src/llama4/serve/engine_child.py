@@ -82,7 +82,7 @@ class _Outbox:
 
 
 def _load(settings: dict) -> Engine:
-    """The engine of the parent's settings (JSON: model, dtype, threads, config), its model loaded."""
+    """The engine of the parent's settings (JSON: model, dtype, quant, threads, config), its model loaded."""
     from llama4.build import load_model
     from llama4.prompt import load_tokenizer
 
@@ -90,7 +90,8 @@ def _load(settings: dict) -> Engine:
         torch.set_num_threads(settings["threads"])
     config = EngineConfig(**settings["config"])
     tokenizer = load_tokenizer(settings["model"])
-    model = load_model(settings["model"], dtype=torch_dtype(settings["dtype"]), kernels=config.kernels)
+    model = load_model(settings["model"], dtype=torch_dtype(settings["dtype"]), kernels=config.kernels,
+                       quant=settings.get("quant"))
     return Engine(model, tokenizer, config)
 
 

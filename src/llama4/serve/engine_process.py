@@ -41,6 +41,7 @@ from llama4.dtypes import WEIGHT_DTYPES
 from llama4.inference.engine import EngineConfig, admissible
 from llama4.inference.metrics import EngineMetrics
 from llama4.inference.requests import EngineError, Event, FinishEvent, GenerationRequest, QueueFull
+from llama4.quant.recipe import QuantRecipe
 from llama4.serve.wire import decode_event, encode_request, read_frame, write_frame
 
 
@@ -119,11 +120,13 @@ class EngineProcess:
     RESTART_WINDOW = 300.0
 
     def __init__(self, model: str | None, dtype: str = "bf16", config: EngineConfig = EngineConfig(),
-                 threads: int | None = None, restart: bool = True):
+                 threads: int | None = None, restart: bool = True, quant: str | None = None):
         if dtype not in WEIGHT_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}")
+        if quant is not None:
+            QuantRecipe.parse(quant)  # a bad recipe fails here, not in the child
         self.config, self.metrics, self.restart = config, EngineMetrics(), restart
-        self._settings = {"model": model, "dtype": dtype, "threads": threads, "config": asdict(config)}
+        self._settings = {"model": model, "dtype": dtype, "threads": threads, "config": asdict(config), "quant": quant}
         self._child: _Child | None = None
         self._lock = threading.Lock()
         self._sinks: dict[int, Callable[[Event], None]] = {}

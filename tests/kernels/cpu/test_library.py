@@ -145,7 +145,7 @@ def test_where_onednn_cannot_pack_bf16_weights_keep_the_kernels_own_layout(varia
     assert packing_supported(torch.bfloat16, "cpu", variant)
     weight = _weight(100, 256)
     packed = PackedWeight(weight, variant)
-    assert packed.tensor is None and packed.address == packed.blocked.data_ptr()
+    assert packed.tensor is None and packed.descriptor.data == packed.blocked.data_ptr()
     o, i = torch.meshgrid(torch.arange(100), torch.arange(256), indexing="ij")
     assert torch.equal(packed.blocked[cpu_kernel.blocked_index(o.flatten(), i.flatten(), 256)], weight.flatten())
     assert torch.equal(packed.to_dense(), weight)

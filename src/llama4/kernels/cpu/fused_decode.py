@@ -87,8 +87,8 @@ class FusedDecode:
         if (h.dtype != torch.bfloat16 or not h.is_cpu or rows == 0
                 or h.requires_grad or (tokens != 1 and not (rows == 1 and self.model.batch_invariant))):
             return None  # (autograd cannot see into C)
-        if not self.ready():
-            return None
+        if not self.ready() or any(cache.stored_dtype(i, h.dtype) != torch.bfloat16 for i in range(len(self.layers))):
+            return None  # (the C layer reads and writes bf16 entries: a cache storing others, e.g. quantized, declines)
         config = self.model.config
         out = h.reshape(rows * tokens, -1).clone()
         half = config.head_dim // 2

@@ -1,5 +1,7 @@
-"""Decode-sized bf16 products (up to 16 rows) on packed weights by a small C kernel (csrc/), built for the
-instruction set this CPU runs, and the library that also holds the fused decode layer (fused_decode).
+"""Decode-sized products (up to 16 rows of bf16 inputs) on packed bf16, int8 or int4 weights by a small C kernel
+(csrc/), built for the instruction set this CPU runs, and the library that also holds the fused decode layer
+(fused_decode). The quantized formats' layouts and arithmetic are in csrc/weights.h and csrc/quant_linear.c
+(packed by quant_layout.py).
 
 A decode step multiplies one to a few rows by every weight matrix once, so it is bound by how fast the
 weights stream from memory and by the fixed cost of each call, which through torch and oneDNN's packed
@@ -38,18 +40,19 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 _AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"]
+_SHARED = ("quant_linear.c", "decode_layer.c", "pool.c")  # in every variant, beside its bf16 product
 # name: (sources, compiler flags, the /proc/cpuinfo flags the CPU must report)
 VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "amx": (("amx_linear.c", "decode_layer.c", "pool.c"), (*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+    "amx": (("amx_linear.c", *_SHARED), (*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
             ("avx512f", "avx512bw", "avx512vl", "fma", "avx512_bf16", "amx_tile", "amx_bf16")),
-    "avx512bf16": (("vec_linear.c", "decode_layer.c", "pool.c"), (*_AVX512, "-mavx512bf16"),
+    "avx512bf16": (("vec_linear.c", *_SHARED), (*_AVX512, "-mavx512bf16"),
                    ("avx512f", "avx512bw", "avx512vl", "fma", "avx512_bf16")),
-    "avx512": (("vec_linear.c", "decode_layer.c", "pool.c"), tuple(_AVX512),
+    "avx512": (("vec_linear.c", *_SHARED), tuple(_AVX512),
                ("avx512f", "avx512bw", "avx512vl", "fma")),
-    "avx2": (("vec_linear.c", "decode_layer.c", "pool.c"), ("-mavx2", "-mfma"), ("avx2", "fma")),
+    "avx2": (("vec_linear.c", *_SHARED), ("-mavx2", "-mfma"), ("avx2", "fma")),
 }
 COMMON_FLAGS = ("-O3", "-pthread", "-fPIC", "-shared")
-HEADERS = ("simd.h", "pool.h", "linear_groups.h")
+HEADERS = ("simd.h", "pool.h", "linear_groups.h", "weights.h")
 OUT_BLOCK, IN_BLOCK = 64, 32  # the packed layout's block: 64 outputs x 32 inputs
 MAX_ROWS = 16  # rows per call (group); longer inputs stay on oneDNN where it packed the weight
 
@@ -100,6 +103,24 @@ def _build(sources: list[Path], flags: tuple[str, ...], target: Path, compiler: 
         os.replace(built, target)
 
 
+BF16, INT8, INT4 = 0, 1, 2  # a weight's format as the C side names it (csrc/weights.h)
+
+
+class WeightDescriptor(ctypes.Structure):
+    """csrc/weights.h's ``struct llama4_weight``: what a product reads (its address is what the kernel's entries
+    take as a weight). ``data``: the blocked weight (bf16) or codes; ``scale``: float32 or (``bf16_scales``)
+    bf16 [O/64][groups][64] (int8: one group); ``zero``: uint8, the same shape, or NULL (symmetric int4, whose
+    codes are centred on 8)."""
+
+    _fields_ = [("format", ctypes.c_int64), ("group", ctypes.c_int64), ("bf16_scales", ctypes.c_int64),
+                ("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p)]
+
+
+def bf16_descriptor(address: int) -> WeightDescriptor:
+    """The descriptor of a bf16 weight in the blocked layout at ``address``."""
+    return WeightDescriptor(BF16, 0, 0, address, None, None)
+
+
 class Kernel:
     """One loaded variant of the library: the decode-sized products, and the fused layer's entry."""
 
@@ -110,8 +131,8 @@ class Kernel:
         return f"Kernel({self.name!r})"
 
     def linear(self, x: torch.Tensor, address: int, shape: tuple[int, int]) -> torch.Tensor:
-        """x [..., I] bf16 (1 to MAX_ROWS rows) times the packed weight of ``shape`` [O, I] at ``address`` ->
-        [..., O]. Inputs the kernel cannot take are refused (the C code itself checks nothing)."""
+        """x [..., I] bf16 (1 to MAX_ROWS rows) times the weight of ``shape`` [O, I] whose WeightDescriptor is at
+        ``address`` -> [..., O]. Inputs the kernel cannot take are refused (the C code itself checks nothing)."""
         out_features, in_features = shape
         rows = x.numel() // max(x.shape[-1], 1)
         if x.dtype != torch.bfloat16 or x.shape[-1] != in_features or not 1 <= rows <= MAX_ROWS:
@@ -119,15 +140,17 @@ class Kernel:
                              f"{tuple(x.shape)}")
         x = x.contiguous()
         y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
-        self.lib.llama4_linear(address, out_features, in_features, x.data_ptr(), rows, y.data_ptr(),
-                               torch.get_num_threads())
+        if self.lib.llama4_linear(address, out_features, in_features, x.data_ptr(), rows, y.data_ptr(),
+                                  torch.get_num_threads()):
+            raise MemoryError("the CPU kernel could not allocate its scratch for the rows")
         return y
 
     def linear_groups(self, x: torch.Tensor, addresses: list[int], counts: list[int],
                       shape: tuple[int, int]) -> torch.Tensor:
         """Rows of x [N, I] bf16 in consecutive groups (``counts[g]`` rows each, 0 to MAX_ROWS), each group times
-        its own packed weight of ``shape`` [O, I] at ``addresses[g]``, in one call -> [N, O]: each row exactly as
-        :meth:`linear` computes it alone (the routed experts of a decode batch, rows sorted by expert)."""
+        its own weight of ``shape`` [O, I] (its WeightDescriptor at ``addresses[g]``; formats may differ), in one
+        call -> [N, O]: each row exactly as :meth:`linear` computes it alone (the routed experts of a decode batch,
+        rows sorted by expert)."""
         out_features, in_features = shape
         if (x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != in_features or len(addresses) != len(counts)
                 or sum(counts) != x.shape[0] or not all(0 <= c <= MAX_ROWS for c in counts)):
@@ -137,9 +160,10 @@ class Kernel:
         x = x.contiguous()
         y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
         groups = len(counts)
-        self.lib.llama4_linear_groups((ctypes.c_uint64 * groups)(*addresses), (ctypes.c_int64 * groups)(*counts),
-                                      groups, out_features, in_features, x.data_ptr(), y.data_ptr(),
-                                      torch.get_num_threads())
+        if self.lib.llama4_linear_groups((ctypes.c_uint64 * groups)(*addresses), (ctypes.c_int64 * groups)(*counts),
+                                         groups, out_features, in_features, x.data_ptr(), y.data_ptr(),
+                                         torch.get_num_threads()):
+            raise MemoryError("the CPU kernel could not allocate its scratch for the rows")
         return y
 
 
@@ -160,11 +184,11 @@ def load_variant(name: str, compiler: str | None = None, cache_dir: Path | None 
         return None
     lib.llama4_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                   ctypes.c_void_p, ctypes.c_int]
-    lib.llama4_linear.restype = None
+    lib.llama4_linear.restype = ctypes.c_int
     lib.llama4_linear_groups.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_int64),
                                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                          ctypes.c_void_p, ctypes.c_int]
-    lib.llama4_linear_groups.restype = None
+    lib.llama4_linear_groups.restype = ctypes.c_int
     return Kernel(name, lib)
 
 

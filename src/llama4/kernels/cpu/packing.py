@@ -12,16 +12,28 @@ one-row products (decode) are the same bits.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama4.kernels.cpu.library import IN_BLOCK, MAX_ROWS, Kernel, from_blocked, readable, to_blocked
+from llama4.kernels.cpu.library import (
+    IN_BLOCK,
+    MAX_ROWS,
+    Kernel,
+    bf16_descriptor,
+    from_blocked,
+    readable,
+    to_blocked,
+)
+from llama4.kernels.cpu.quant_layout import KernelQuantized, kernel_reads
 from llama4.model.invariance import ROW_TILE, row_tiled
 from llama4.model.moe import Experts, Router, SwiGLU, each_expert_on_its_rows, shared_plus_routed, sort_by_expert
 from llama4.model.transformer import QKVProjection
+from llama4.quant.formats import QuantizedTensor, dequantize, stack
+from llama4.quant.modules import QuantizedExperts, QuantizedLinear
 
 
 @functools.cache
@@ -46,7 +58,13 @@ def packing_supported(dtype: torch.dtype, device: torch.device | str, kernel: Ke
 
 class PackedWeight:
     """One [out, in] weight packed for CPU products, and where ``kernel`` (decode-sized products) reads it
-    from, if it can.
+    from (``address``: its WeightDescriptor), if it can.
+
+    A quantized weight (a QuantizedTensor) is kept in the kernel's quantized layout (``quantized``), whose
+    products of up to 16 rows run on the kernel; longer inputs (prefill) and inputs the kernel does not take
+    multiply the weight dequantized for the call (bf16 products as a packed bf16 weight would run them).
+    Without a kernel (or a weight it cannot read) the QuantizedTensor stays as it is (``reference``) and
+    every product dequantizes it: llama4.quant's reference arithmetic.
 
     Normally oneDNN's blocked layout (an opaque mkldnn tensor; AMX and AVX-512 BF16 CPUs pack bf16 in the
     layout the kernel reads). Where oneDNN cannot pack bf16 or packs it in another layout (AVX2, AVX-512
@@ -55,24 +73,48 @@ class PackedWeight:
     take (e.g. inputs not a multiple of 32 there) stays plain (``plain``).
     """
 
-    __slots__ = ("tensor", "blocked", "plain", "shape", "address", "kernel")
+    __slots__ = ("tensor", "blocked", "plain", "shape", "address", "kernel", "descriptor", "quantized", "reference")
 
-    def __init__(self, weight: torch.Tensor, kernel: Kernel | None):
+    def __init__(self, weight: torch.Tensor | QuantizedTensor, kernel: Kernel | None):
+        self.tensor = self.blocked = self.plain = self.address = self.kernel = self.descriptor = None
+        self.quantized = self.reference = None
+        if isinstance(weight, QuantizedTensor):
+            self.shape = weight.shape
+            if kernel is not None and kernel_reads(weight):
+                self.quantized, self.kernel = KernelQuantized(weight), kernel
+                self.address = self.quantized.address
+            else:
+                self.reference = weight
+            return
         weight = weight.detach().contiguous()
         self.shape = weight.shape
-        self.tensor = self.blocked = self.plain = self.address = self.kernel = None
         if _onednn_packs(weight.dtype):
             self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
             if kernel is not None and readable(weight, self.tensor):
-                self.address, self.kernel = torch.ops.mkldnn.data_ptr(self.tensor), kernel
+                self._on(kernel, torch.ops.mkldnn.data_ptr(self.tensor))
                 return
         if weight.dtype == torch.bfloat16 and weight.shape[1] % IN_BLOCK == 0 and kernel is not None:
             self.tensor, self.blocked = None, to_blocked(weight)
-            self.address, self.kernel = self.blocked.data_ptr(), kernel
+            self._on(kernel, self.blocked.data_ptr())
         elif self.tensor is None:
             self.plain = weight
 
-    def to_dense(self) -> torch.Tensor:
+    def _on(self, kernel: Kernel, buffer: int) -> None:
+        self.descriptor, self.kernel = bf16_descriptor(buffer), kernel
+        self.address = ctypes.addressof(self.descriptor)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quantized is not None or self.reference is not None
+
+    def to_quantized(self) -> QuantizedTensor:
+        """The QuantizedTensor of a quantized weight (equal values)."""
+        return self.reference if self.reference is not None else self.quantized.to_tensor()
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The plain [out, in] weight (a quantized one dequantized, in ``dtype``, default float32)."""
+        if self.is_quantized:
+            return dequantize(self.to_quantized(), dtype or torch.float32)
         if self.plain is not None:
             return self.plain
         if self.blocked is not None:
@@ -93,16 +135,30 @@ def _linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = N
     if weight.blocked is not None and x.dtype == torch.bfloat16 and x.numel():
         # the kernel's own layout (CPUs where oneDNN's bf16 GEMM is weak or absent): longer inputs on the kernel
         # too, 16 rows per group of one call
-        rows = x.reshape(-1, x.shape[-1])
-        n = rows.shape[0]
-        counts = [min(MAX_ROWS, n - start) for start in range(0, n, MAX_ROWS)]
-        y = weight.kernel.linear_groups(rows, [weight.address] * len(counts), counts, weight.shape)
-        y = y.reshape(*x.shape[:-1], weight.shape[0])
-        return y if bias is None else y + bias
+        return _kernel_in_groups(x, weight, bias)
+    if weight.quantized is not None and x.dtype == torch.bfloat16 and x.numel() and not _onednn_packs(x.dtype):
+        # where the bf16 products are the kernel's too (no oneDNN bf16 GEMM): longer inputs 16 rows per group,
+        # each row as its decode step computes it
+        return _kernel_in_groups(x, weight, bias)
+    if weight.is_quantized:  # longer inputs (prefill), float32, or no kernel: the weight dequantized for the call
+        dense = weight.to_dense(x.dtype)
+        if weight.kernel is not None and x.dtype == torch.bfloat16:
+            return _linear(x, PackedWeight(dense, weight.kernel), bias)
+        return F.linear(x, dense, bias)
     if weight.tensor is None:  # plain (no kernel reads it)
         return F.linear(x, weight.to_dense(), bias)
     # the resolved overload: calling the op packet looks the overload up in Python on every call
     return torch.ops.mkldnn._linear_pointwise.default(x, weight.tensor, bias, "none", [], "")
+
+
+def _kernel_in_groups(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """Any number of rows on the kernel, 16 rows per group of one call."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    counts = [min(MAX_ROWS, n - start) for start in range(0, n, MAX_ROWS)]
+    y = weight.kernel.linear_groups(rows, [weight.address] * len(counts), counts, weight.shape)
+    y = y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
 
 
 # Batch invariance (model.invariance): like the model's own modules, the packed stand-ins for a composite
@@ -117,15 +173,16 @@ class PackedLinear(nn.Module):
     can pack each weight as it is read and never hold the plain and packed copies of the whole model.
     """
 
-    def __init__(self, linear: nn.Linear, kernel: Kernel | None):
+    def __init__(self, linear: nn.Linear | QuantizedLinear, kernel: Kernel | None):
         super().__init__()
         self.kernel = kernel
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.has_bias = linear.bias is not None
+        self.float_dtype = getattr(linear, "float_dtype", None)
         self.packed: PackedWeight | None = None
         self.bias = None
 
-    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+    def load_tensor(self, name: str, tensor: torch.Tensor | QuantizedTensor) -> None:
         if name == "weight":
             self.packed = PackedWeight(tensor, self.kernel)
         elif name == "bias" and self.has_bias:
@@ -136,7 +193,9 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _linear(x, self.packed, self.bias)
 
-    def unpack(self) -> nn.Linear:
+    def unpack(self) -> nn.Linear | QuantizedLinear:
+        if self.packed.is_quantized:
+            return QuantizedLinear.from_tensor(self.packed.to_quantized(), self.bias, self.float_dtype)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.has_bias, device="meta")
         linear.weight = nn.Parameter(self.packed.to_dense(), requires_grad=False)
         if self.has_bias:
@@ -155,22 +214,26 @@ ROW_BUCKET = ROW_TILE
 class PackedExperts(nn.Module):
     """Experts with each expert's gate/up and down matrices packed ([out, in] before packing)."""
 
-    def __init__(self, experts: Experts, kernel: Kernel | None):
+    def __init__(self, experts: Experts | QuantizedExperts, kernel: Kernel | None):
         super().__init__()
         self.kernel = kernel
         self.batch_invariant = experts.batch_invariant
         self.num_experts = experts.num_experts
+        self.float_dtype = getattr(experts, "float_dtype", None)
         self.gate_up: list[PackedWeight] = []  # [2I, D] per expert
         self.down: list[PackedWeight] = []  # [D, I] per expert
         # every expert's weights on the CPU kernel, which then runs all chosen experts of a decode batch in
         # one call per matrix (moe.sparse_experts then groups the rows for it)
         self.groups_in_one_call = False
 
-    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        """``gate_up`` [E, D, 2I] or ``down`` [E, I, D], in the checkpoint's x @ W layout."""
+    def load_tensor(self, name: str, tensor: torch.Tensor | QuantizedTensor) -> None:
+        """``gate_up`` [E, D, 2I] or ``down`` [E, I, D], in the checkpoint's x @ W layout; quantized, [E, 2I, D]
+        or [E, D, I] (QuantizedExperts' [out, in] per expert)."""
         if name not in ("gate_up", "down"):
             raise KeyError(f"PackedExperts has no tensor {name!r}")
-        setattr(self, name, [PackedWeight(tensor[e].t(), self.kernel) for e in range(self.num_experts)])
+        quantized = isinstance(tensor, QuantizedTensor)
+        setattr(self, name, [PackedWeight(tensor[e] if quantized else tensor[e].t(), self.kernel)
+                             for e in range(self.num_experts)])
         weights = [*self.gate_up, *self.down]
         self.groups_in_one_call = len(weights) == 2 * self.num_experts and all(w.address is not None for w in weights)
 
@@ -223,8 +286,12 @@ class PackedExperts(nn.Module):
         out += torch.empty_like(x).index_copy_(0, token_of, both[n:])
         return out
 
-    def unpack(self) -> Experts:
+    def unpack(self) -> Experts | QuantizedExperts:
         first = self.gate_up[0]
+        if first.is_quantized:
+            return QuantizedExperts.from_tensors(stack([w.to_quantized() for w in self.gate_up]),
+                                                 stack([w.to_quantized() for w in self.down]),
+                                                 self.float_dtype, self.batch_invariant)
         experts = Experts(self.num_experts, first.shape[1], first.shape[0] // 2)
         experts.gate_up = nn.Parameter(torch.stack([w.to_dense().t() for w in self.gate_up]), requires_grad=False)
         experts.down = nn.Parameter(torch.stack([w.to_dense().t() for w in self.down]), requires_grad=False)
@@ -236,27 +303,34 @@ class _FusedLinears(nn.Module):
     """Several bias-free linears of one input packed as one matrix (one wide product streams faster than
     several narrow ones at decode); outputs are views of its result."""
 
-    def __init__(self, parts: dict[str, nn.Linear], kernel: Kernel | None, batch_invariant: bool):
+    def __init__(self, parts: dict[str, nn.Linear | QuantizedLinear], kernel: Kernel | None, batch_invariant: bool):
         super().__init__()
         self.kernel, self.batch_invariant = kernel, batch_invariant
         self.sizes = {name: linear.out_features for name, linear in parts.items()}
         self.in_features = next(iter(parts.values())).in_features
+        self.float_dtype = getattr(next(iter(parts.values())), "float_dtype", None)
         self.pending: dict[str, torch.Tensor] = {}
         self.packed: PackedWeight | None = None
 
-    def load_part(self, name: str, tensor: torch.Tensor) -> None:
+    def load_part(self, name: str, tensor: torch.Tensor | QuantizedTensor) -> None:
         if name not in self.sizes:
             raise KeyError(f"no fused part {name!r}; parts: {list(self.sizes)}")
-        self.pending[name] = tensor.detach()
+        self.pending[name] = tensor if isinstance(tensor, QuantizedTensor) else tensor.detach()
         if len(self.pending) == len(self.sizes):  # all parts read: pack them as one [sum(out), in] matrix
-            self.packed = PackedWeight(torch.cat([self.pending[n] for n in self.sizes]), self.kernel)
+            self.packed = PackedWeight(_cat_rows([self.pending[n] for n in self.sizes]), self.kernel)
             self.pending = {}
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The parts' outputs for x [..., in] (untiled: callers tile)."""
         return _linear(x, self.packed).split(list(self.sizes.values()), dim=-1)
 
-    def unpacked_parts(self) -> dict[str, nn.Linear]:
+    def unpacked_parts(self) -> dict[str, nn.Linear | QuantizedLinear]:
+        if self.packed.is_quantized:
+            tensor, parts, start = self.packed.to_quantized(), {}, 0
+            for name, size in self.sizes.items():
+                parts[name] = QuantizedLinear.from_tensor(_rows(tensor, start, start + size), None, self.float_dtype)
+                start += size
+            return parts
         weights = self.packed.to_dense().split(list(self.sizes.values()))
         parts = {}
         for (name, size), weight in zip(self.sizes.items(), weights):
@@ -265,13 +339,30 @@ class _FusedLinears(nn.Module):
         return parts
 
 
+def _cat_rows(weights: list[torch.Tensor | QuantizedTensor]) -> torch.Tensor | QuantizedTensor:
+    """[out_k, in] weights as one [sum(out_k), in]: plain tensors, or quantized ones of one format."""
+    if not any(isinstance(w, QuantizedTensor) for w in weights):
+        return torch.cat(weights)
+    fmt = weights[0].format if isinstance(weights[0], QuantizedTensor) else None
+    if not all(isinstance(w, QuantizedTensor) and w.format == fmt for w in weights):
+        raise ValueError("linears packed as one matrix must all be float or all quantized in one format, got "
+                         + ", ".join(str(getattr(w, "format", w.dtype)) for w in weights))
+    zero = None if weights[0].zero is None else torch.cat([w.zero for w in weights])
+    return QuantizedTensor(fmt, torch.cat([w.codes for w in weights]), torch.cat([w.scale for w in weights]), zero)
+
+
+def _rows(tensor: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
+    zero = None if tensor.zero is None else tensor.zero[start:stop].clone()
+    return QuantizedTensor(tensor.format, tensor.codes[start:stop].clone(), tensor.scale[start:stop].clone(), zero)
+
+
 class PackedQKV(_FusedLinears):
     """QKVProjection with wq, wk, wv fused into one packed matrix."""
 
     def __init__(self, qkv: QKVProjection, kernel: Kernel | None):
         super().__init__({"wq": qkv.wq, "wk": qkv.wk, "wv": qkv.wv}, kernel, qkv.batch_invariant)
 
-    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+    def load_tensor(self, name: str, tensor: torch.Tensor | QuantizedTensor) -> None:
         self.load_part(name.removesuffix(".weight"), tensor)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -293,7 +384,7 @@ class PackedSwiGLU(_FusedLinears):
         super().__init__({"gate": mlp.gate, "up": mlp.up}, kernel, mlp.batch_invariant)
         self.down = PackedLinear(mlp.down, kernel)
 
-    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+    def load_tensor(self, name: str, tensor: torch.Tensor | QuantizedTensor) -> None:
         part = name.removesuffix(".weight")
         if part == "down":
             self.down.load_tensor("weight", tensor)
@@ -349,34 +440,55 @@ class PackedRouter(Router):
 
 
 COMPOSITES = (QKVProjection, SwiGLU, Experts)
+LINEARS = (nn.Linear, QuantizedLinear)
 
 
 def _swap_targets(model: nn.Module) -> list[tuple[str, str]]:
     """(parent module name, child name) of every module to pack; names only, so that each plain module
     can be freed as soon as its packed replacement exists. Linears inside a composite go with it; a
-    composite holding a stand-in of another kind (a quantized linear, say) is left as it is."""
+    composite holding a stand-in of another kind is left as it is."""
     targets = []
     for parent, module in model.named_modules():
         if isinstance(module, COMPOSITES):
             continue
         for name, child in module.named_children():
-            if isinstance(child, nn.Linear) or isinstance(child, COMPOSITES) and _plain(child):
+            if (isinstance(child, (*LINEARS, QuantizedExperts))
+                    or isinstance(child, COMPOSITES) and _packable(child)):
                 targets.append((parent, name))
     return targets
 
 
-def _plain(composite: nn.Module) -> bool:
-    """Whether every weight of the composite is its own or a plain nn.Linear's (what the packed one reads)."""
-    return all(isinstance(child, nn.Linear) or not any(True for _ in child.parameters())
+def _packable(composite: nn.Module) -> bool:
+    """Whether every weight of the composite is its own or a linear's (plain or quantized: what the packed one
+    reads)."""
+    return all(isinstance(child, LINEARS) or not any(True for _ in child.parameters())
                and not any(True for _ in child.buffers()) for child in composite.children())
 
 
 def _packed_shell(child: nn.Module, kernel: Kernel | None) -> nn.Module:
-    for plain, packed in ((Experts, PackedExperts), (QKVProjection, PackedQKV), (SwiGLU, PackedSwiGLU),
-                          (Router, PackedRouter)):
+    for plain, packed in ((Experts, PackedExperts), (QuantizedExperts, PackedExperts), (QKVProjection, PackedQKV),
+                          (SwiGLU, PackedSwiGLU), (Router, PackedRouter)):
         if isinstance(child, plain):
             return packed(child, kernel)
     return PackedLinear(child, kernel)
+
+
+def _weights(module: nn.Module, prefix: str = ""):
+    """(name, weight) of what a packed shell loads from ``module``: parameters, and each quantized linear's or
+    experts' weight as one QuantizedTensor (``weight``; ``gate_up``, ``down``)."""
+    if isinstance(module, QuantizedLinear):
+        yield f"{prefix}weight", module.qweight.tensor
+        if module.bias is not None:
+            yield f"{prefix}bias", module.bias
+        return
+    if isinstance(module, QuantizedExperts):
+        yield f"{prefix}gate_up", module.gate_up.tensor
+        yield f"{prefix}down", module.down.tensor
+        return
+    for name, parameter in module.named_parameters(recurse=False):
+        yield f"{prefix}{name}", parameter
+    for name, child in module.named_children():
+        yield from _weights(child, f"{prefix}{name}.")
 
 
 PACKED = (PackedLinear, PackedExperts, PackedQKV, PackedSwiGLU, PackedRouter)
@@ -392,7 +504,7 @@ def swap_in(model: nn.Module, kernel: Kernel | None, fill: bool) -> None:
         child = getattr(parent, name)
         shell = _packed_shell(child, kernel)
         if fill:
-            for tensor_name, tensor in child.named_parameters():
+            for tensor_name, tensor in _weights(child):
                 shell.load_tensor(tensor_name, tensor)
         setattr(parent, name, shell)
         del child

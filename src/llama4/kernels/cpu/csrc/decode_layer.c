@@ -21,11 +21,11 @@
 
 #define MAX_ROWS 16
 
-void llama4_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t groups, int64_t out_features,
+int llama4_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t groups, int64_t out_features,
                           int64_t in_features, const uint16_t *x, uint16_t *y, int threads);
 
-/* What one layer holds (set once, when the weights are packed). Weights are packed [O, I] bf16 buffers
- * the product kernel reads; norm weights plain bf16 [dim]. */
+/* What one layer holds (set once, when the weights are packed). Weights are addresses of their struct
+ * llama4_weight (weights.h: bf16, int8 or int4, each weight its own); norm weights plain bf16 [dim]. */
 struct llama4_layer {
     int64_t dim, heads, kv_heads, head_dim;
     int64_t use_rope, qk_norm, tune_temperature;
@@ -232,13 +232,14 @@ static int64_t add_groups(uint64_t *first_weights, uint64_t *second_weights, int
     return groups;
 }
 
-/* y [rows, O] = x [rows, I] times one packed weight, any number of rows (in groups of MAX_ROWS, one call). */
-static void product(uint64_t weight, int64_t out_features, int64_t in_features, const uint16_t *x, int64_t rows,
-                    uint16_t *y, int threads) {
+/* y [rows, O] = x [rows, I] times one weight, any number of rows (in groups of MAX_ROWS, one call); 0 on
+ * success, 1 out of memory. */
+static int product(uint64_t weight, int64_t out_features, int64_t in_features, const uint16_t *x, int64_t rows,
+                   uint16_t *y, int threads) {
     uint64_t weights[(rows + MAX_ROWS - 1) / MAX_ROWS];
     int64_t counts[(rows + MAX_ROWS - 1) / MAX_ROWS];
     const int64_t groups = add_groups(weights, NULL, counts, 0, weight, 0, rows);
-    llama4_linear_groups(weights, counts, groups, out_features, in_features, x, y, threads);
+    return llama4_linear_groups(weights, counts, groups, out_features, in_features, x, y, threads);
 }
 
 /* silu(gate) * up per row of gu [rows, 2w] (gate first), each op rounded to bf16 as torch's -> act [rows, w].
@@ -310,8 +311,8 @@ static int attention_half(const struct llama4_layer *L, const struct llama4_step
     }
     uint16_t *qkv = x + rows * D, *attended = qkv + rows * width, *o = attended + rows * H * d;
     for (int64_t r = 0; r < rows; r++) rms_norm(S->h + r * D, L->attn_norm, D, L->eps, x + r * D);
-    product(L->qkv, width, D, x, rows, qkv, threads);
-    for (int64_t r = 0; r < rows; r++) {
+    int failed = product(L->qkv, width, D, x, rows, qkv, threads);
+    for (int64_t r = 0; r < rows && !failed; r++) {
         uint16_t *heads = qkv + r * width; /* q heads, then k heads, then v heads */
         for (int64_t i = 0; i < H + Hkv; i++) {
             uint16_t *head = heads + i * d;
@@ -328,21 +329,21 @@ static int attention_half(const struct llama4_layer *L, const struct llama4_step
     }
     /* row blocks: up to SHARED_ROWS consecutive rows over the same entries (one sequence's tokens) */
     int64_t blocks = 0;
-    for (int64_t r = 0; r < rows; r++) {
+    for (int64_t r = 0; r < rows && !failed; r++) {
         const int shares = r > 0 && r - block_start[blocks - 1] < SHARED_ROWS
                            && (S->first ? S->first[r] == S->first[r - 1] : S->gather_width == 0);
         if (!shares) block_start[blocks++] = r;
     }
     block_start[blocks] = rows;
     struct attention_job job = {L, S, qkv, attended, block_start, scores, per_thread, most, width};
-    llama4_pool_parallel(blocks * Hkv, threads, attention_item, &job);
-    product(L->wo, D, H * d, attended, rows, o, threads);
-    for (int64_t r = 0; r < rows; r++)
+    if (!failed) llama4_pool_parallel(blocks * Hkv, threads, attention_item, &job);
+    failed = failed || product(L->wo, D, H * d, attended, rows, o, threads);
+    for (int64_t r = 0; r < rows && !failed; r++)
         for (int64_t i = 0; i < D; i++) S->h[r * D + i] = bf16(f32(S->h[r * D + i]) + f32(o[r * D + i]));
     free(x);
     free(scores);
     free(block_start);
-    return 0;
+    return failed;
 }
 
 /* The feed-forward half for every row: h += ffn(rms_norm(h)). MoE: the shared expert on x plus the top-1
@@ -371,7 +372,12 @@ static int ffn_half(const struct llama4_layer *L, const struct llama4_step *S, i
     int64_t groups = add_groups(gate_up, down, counts, 0, L->shared_gate_up, L->shared_down, rows);
     int64_t routed = 0; /* rows after x (score-scaled, sorted by expert) */
     if (E > 0) {
-        product(L->router, E, D, x, rows, logits, threads);
+        if (product(L->router, E, D, x, rows, logits, threads)) {
+            free(x);
+            free(ints);
+            free(score);
+            return 1;
+        }
         memset(per_expert, 0, (size_t)E * sizeof(int64_t));
         for (int64_t r = 0; r < rows; r++) {
             int64_t best = 0;
@@ -392,11 +398,11 @@ static int ffn_half(const struct llama4_layer *L, const struct llama4_step *S, i
         }
     }
     /* x and the sorted scaled rows are contiguous: one call per matrix for all groups */
-    llama4_linear_groups(gate_up, counts, groups, 2 * w, D, x, gu, threads);
-    swiglu_activation(gu, rows + routed, w, act);
-    llama4_linear_groups(down, counts, groups, D, w, act, y, threads);
+    int failed = llama4_linear_groups(gate_up, counts, groups, 2 * w, D, x, gu, threads);
+    if (!failed) swiglu_activation(gu, rows + routed, w, act);
+    failed = failed || llama4_linear_groups(down, counts, groups, D, w, act, y, threads);
     const uint16_t *routed_y = y + rows * D;
-    for (int64_t r = 0; r < rows; r++)
+    for (int64_t r = 0; r < rows && !failed; r++)
         for (int64_t i = 0; i < D; i++) {
             float out = f32(y[r * D + i]);
             if (E > 0) out = round_bf16(out + f32(routed_y[slot_of[r] * D + i]));
@@ -405,7 +411,7 @@ static int ffn_half(const struct llama4_layer *L, const struct llama4_step *S, i
     free(x);
     free(ints);
     free(score);
-    return 0;
+    return failed;
 }
 
 /* One decoder layer for every row of the call; 0 on success, 1 if memory ran out (h may then hold the

@@ -1,52 +1,89 @@
 /* The products' entry points, the same for every kernel: amx_linear.c and vec_linear.c each define
  *   static void block_column(const uint16_t *block, int64_t in_blocks, int64_t in_features, const uint16_t *x,
  *                            int64_t rows, uint16_t *y, int64_t out_features, int64_t first);
- * (one block of 64 outputs, starting at output `first`, for `rows` rows of x, rounded into y) and then
- * include this file. */
+ * (one block of 64 outputs of a bf16 weight, starting at output `first`, for `rows` rows of x, rounded into
+ * y) and then include this file; int8 and int4 weights go to quant_linear.c, in every build. */
 #ifndef LLAMA4_LINEAR_GROUPS_H
 #define LLAMA4_LINEAR_GROUPS_H
 
 #include <stdint.h>
 
 #include "pool.h"
+#include "weights.h"
+
+#include <stdlib.h>
 
 struct groups_job {
     const uint64_t *weights;
     const int64_t *rows, *offsets;
     int64_t out_blocks, in_blocks, in_features, out_features;
     const uint16_t *x;
+    const float *xf, *xsum; /* x prepared for quantized weights (llama4_prepare_rows), or NULL */
     uint16_t *y;
 };
 
 static void groups_item(void *ctx, int64_t item, int thread) {
     (void)thread;
     const struct groups_job *J = ctx;
-    const int64_t g = item / J->out_blocks, ob = item % J->out_blocks;
-    if (J->rows[g] == 0) return;
-    const uint16_t *block = (const uint16_t *)(uintptr_t)J->weights[g] + ob * J->in_blocks * (64 * 32);
-    block_column(block, J->in_blocks, J->in_features, J->x + J->offsets[g] * J->in_features, J->rows[g],
-                 J->y + J->offsets[g] * J->out_features, J->out_features, ob * 64);
+    const int64_t g = item / J->out_blocks, ob = item % J->out_blocks, rows = J->rows[g], at = J->offsets[g];
+    if (rows == 0) return;
+    const struct llama4_weight *w = (const struct llama4_weight *)(uintptr_t)J->weights[g];
+    uint16_t *y = J->y + at * J->out_features;
+    if (w->format == LLAMA4_BF16) {
+        const uint16_t *block = (const uint16_t *)w->data + ob * J->in_blocks * (64 * 32);
+        block_column(block, J->in_blocks, J->in_features, J->x + at * J->in_features, rows, y, J->out_features,
+                     ob * 64);
+    } else {
+        llama4_quant_column(w, ob, J->in_features, J->xf + at * J->in_features, J->xsum + at * J->in_blocks, rows, y,
+                            J->out_features, ob * 64);
+    }
 }
 
-/* Groups of rows of x, each times its own packed [O, I] weight (the chosen experts of a decode batch, rows
- * sorted by expert): rows [offset_g, offset_g + rows[g]) of x [sum(rows), I] times weights[g] -> the same
- * rows of y [sum(rows), O]. 0 <= rows[g] <= 16; I a multiple of 32. One parallel pass over every group's
- * output blocks (64 outputs each), on up to `threads` threads. */
-void llama4_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t groups, int64_t out_features,
-                          int64_t in_features, const uint16_t *x, uint16_t *y, int threads) {
-    int64_t offsets[groups > 0 ? groups : 1];
-    for (int64_t g = 0, at = 0; g < groups; at += rows[g], g++) offsets[g] = at;
+/* The calling thread's scratch for prepared rows, grown as needed and kept (calls come from one thread at a
+ * time: the model's). */
+static float *prepared_rows(int64_t floats) {
+    static __thread float *scratch;
+    static __thread int64_t capacity;
+    if (floats > capacity) {
+        float *grown = realloc(scratch, (size_t)floats * sizeof(float));
+        if (!grown) return NULL;
+        scratch = grown;
+        capacity = floats;
+    }
+    return scratch;
+}
+
+/* Groups of rows of x, each times its own [O, I] weight (weights[g]: the address of a struct llama4_weight;
+ * formats may differ): rows [offset_g, offset_g + rows[g]) of x [sum(rows), I] times weights[g] -> the same
+ * rows of y [sum(rows), O] (the chosen experts of a decode batch, rows sorted by expert). 0 <= rows[g] <= 16;
+ * I a multiple of 32. One parallel pass over every group's output blocks (64 outputs each), on up to
+ * `threads` threads. 0 on success, 1 if memory for the prepared rows ran out (y not written). */
+int llama4_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t groups, int64_t out_features,
+                         int64_t in_features, const uint16_t *x, uint16_t *y, int threads) {
+    int64_t offsets[groups > 0 ? groups : 1], total = 0, quantized = 0;
+    for (int64_t g = 0; g < groups; total += rows[g], g++) {
+        offsets[g] = total;
+        quantized |= ((const struct llama4_weight *)(uintptr_t)weights[g])->format != LLAMA4_BF16;
+    }
     struct groups_job job = {weights, rows, offsets, (out_features + 63) / 64, in_features / 32, in_features,
-                             out_features, x, y};
+                             out_features, x, NULL, NULL, y};
+    if (quantized && total > 0) {
+        float *xf = prepared_rows(total * (in_features + in_features / 32));
+        if (!xf) return 1;
+        llama4_prepare_rows(x, total, in_features, xf, xf + total * in_features);
+        job.xf = xf;
+        job.xsum = xf + total * in_features;
+    }
     llama4_pool_parallel(groups * job.out_blocks, threads, groups_item, &job);
+    return 0;
 }
 
 /* y [rows, O] bf16 (row stride O) = x [rows, I] bf16 (row stride I; I a multiple of 32; 1 <= rows <= 16)
- * times the packed weight w of an [O, I] linear: one group. */
-void llama4_linear(const uint16_t *w, int64_t out_features, int64_t in_features, const uint16_t *x, int64_t rows,
-                   uint16_t *y, int threads) {
+ * times the [O, I] weight w (a struct llama4_weight): one group. 0 on success, 1 out of memory. */
+int llama4_linear(const struct llama4_weight *w, int64_t out_features, int64_t in_features, const uint16_t *x,
+                  int64_t rows, uint16_t *y, int threads) {
     const uint64_t weight = (uint64_t)(uintptr_t)w;
-    llama4_linear_groups(&weight, &rows, 1, out_features, in_features, x, y, threads);
+    return llama4_linear_groups(&weight, &rows, 1, out_features, in_features, x, y, threads);
 }
 
 #endif
