@@ -20,3 +20,17 @@ BF16_PACKING = packing_supported(torch.bfloat16, "cpu", KERNEL)
 def pack(model, **changes):
     """``model`` packed in place with the environment's options (``changes``: fields to override)."""
     return cpu_kernels.pack(model, dataclasses.replace(KERNELS, **changes))
+
+
+def runnable_variants() -> list[str]:
+    """The kernel variants this CPU runs (each built if needed), best first."""
+    from llama4.kernels.cpu import library
+
+    found = []
+    for name in library.candidates("auto", library.cpu_flags()):
+        try:
+            if library.load_variant(name) is not None:
+                found.append(name)
+        except (OSError, RuntimeError):
+            pass
+    return found

@@ -19,6 +19,7 @@ LAYERS = [
     {"model", "prompt"},
     {"checkpoint"},
     {"quant"},  # quantized weights and their checkpoint layouts (reads checkpoint's name mapping)
+    {"lora"},  # LoRA / QLoRA wrappers over float or quantized modules, PEFT adapter files
     {"kernels"},  # CPU fast paths, packing float and quantized modules alike
     {"build"},
     {"info"},

@@ -19,27 +19,14 @@ from llama4.kernels.cpu import KernelOptions
 from llama4.kernels.cpu import library as cpu_kernel
 from llama4.kernels.cpu import packing as cpu_packing
 from llama4.kernels.cpu.packing import PackedWeight, packing_supported
-from tests.kernel_support import BF16_PACKING, KERNEL
+from tests.kernel_support import BF16_PACKING, KERNEL, runnable_variants
 
 needs_kernel = pytest.mark.skipif(
     not BF16_PACKING or KERNEL is None,
     reason="no CPU kernel runs on this machine (no AVX2/AVX-512, no C compiler or no oneDNN bf16 packing)")
 
 
-def _runnable() -> list[str]:
-    if not BF16_PACKING:
-        return []
-    found = []
-    for name in cpu_kernel.candidates("auto", cpu_kernel.cpu_flags()):
-        try:
-            if cpu_kernel.load_variant(name) is not None:
-                found.append(name)
-        except (OSError, RuntimeError):
-            pass
-    return found
-
-
-RUNNABLE = _runnable()
+RUNNABLE = runnable_variants() if BF16_PACKING else []
 # oneDNN runs AMX too unless capped (ONEDNN_MAX_CPU_ISA, as CI does to run the path of CPUs without AMX)
 _ONEDNN_ISA = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
 ONEDNN_AMX = "AMX" in _ONEDNN_ISA or _ONEDNN_ISA in ("", "ALL", "DEFAULT")

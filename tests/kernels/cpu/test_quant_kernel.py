@@ -31,24 +31,13 @@ from llama4.quant import (
     quantize,
     quantize_model,
 )
-from tests.kernel_support import BF16_PACKING, KERNEL, KERNELS
+from tests.kernel_support import BF16_PACKING, KERNEL, KERNELS, runnable_variants
 
 FORMATS = ["int8", "int4-g32", "int4-g64", "int4-g128", "int4-g32-asym", "int4-g128-asym"]
 SCALES = [torch.float32, torch.bfloat16]
 
 
-def _runnable() -> list[str]:
-    found = []
-    for name in cpu_kernel.candidates("auto", cpu_kernel.cpu_flags()):
-        try:
-            if cpu_kernel.load_variant(name) is not None:
-                found.append(name)
-        except (OSError, RuntimeError):
-            pass
-    return found
-
-
-RUNNABLE = _runnable() if KERNEL is not None else []
+RUNNABLE = runnable_variants() if KERNEL is not None else []
 
 
 @pytest.fixture(params=RUNNABLE or [pytest.param(None, marks=pytest.mark.skip(reason="no CPU kernel runs here"))])
