@@ -11,12 +11,12 @@ packed for this CPU as ``llama4.load_model`` packs (so the bf16 cache decodes on
 runs); ``--embedded``: the shipped model in bf16 (packed by load_model) and held-out TinyStories text. A prompt of
 ``--context - --new`` tokens (random ids, or the text) is prefilled (2,048-token pieces) once per format; then:
 
-* ``bf16 (layers)``: greedy for ``--new`` tokens on the model's torch layers (the path a quantized cache takes:
-  the C layer reads bf16 entries only); the reference of every row;
+* ``bf16 (layers)``: greedy for ``--new`` tokens on the model's torch layers; the reference of every row;
 * ``bf16 (C layer)``: the default path, from copies of the same prefilled cache: greedy, and teacher-forced over
   the reference's tokens;
 * ``int8`` / ``fp8``: the global layers' cache quantized (one bf16 scale per token and KV head), from their own
-  prefill: greedy, and teacher-forced over the reference's tokens.
+  prefill, on the fused C layer where a kernel runs (it reads and writes the quantized entries): greedy, and
+  teacher-forced over the reference's tokens.
 
 Columns: the global layers' key/value storage in bytes at the end of the greedy run, read off the cache's tensors
 (``KVCache.nbytes``), and its ratio to bf16; the whole cache then; the relative L2 error of the prefill's last

@@ -23,6 +23,7 @@ import torch
 
 import llama4
 from llama4.inference.generate import new_cache, prefill
+from llama4.kernels.cpu.fused_decode import _KV_FORMATS
 from llama4.model.cache import KVCache
 from llama4.model.paged_cache import GLOBAL, LOCAL, PagedKVCache
 from llama4.quant.kv_cache import KVFormat, check_kv_format, dequantize_kv, kv_storage, quantize_kv
@@ -310,3 +311,13 @@ def test_embedded_model_long_generation_against_bf16_kv(embedded, fmt, mean_tol,
     if fmt == "int8":
         out = llama4.generate(model, [prompt], max_new_tokens=NEW, stop_tokens=[], kv_cache=fmt)[0][PROMPT:]
         assert out == tokens
+
+
+@pytest.mark.parametrize("name", ["bf16", "int8", "fp8"])
+def test_the_fused_decode_layer_knows_each_storage_by_its_name_and_layout(name):
+    """The C decode layer (kernels/cpu/fused_decode.py) reads and writes these entries itself, found by the
+    KVStorage's name: its idea of an entry's bytes must be the format's own."""
+    fmt = KVFormat(name)
+    for head_dim in (32, 64, 128):
+        assert _KV_FORMATS[fmt.name][1](head_dim) == fmt.width(head_dim) * fmt.dtype.itemsize == fmt.entry_bytes(
+            head_dim)

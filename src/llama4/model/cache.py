@@ -61,8 +61,11 @@ class KVStorage(Protocol):
     elements of ``dtype``: ``encode`` maps k or v [..., head_dim] to [..., width] as they are written (each entry on
     its own: the caches copy, gather and pad stored entries freely), ``decode`` maps stored entries back to
     [..., head_dim] in the attention's dtype as they are read. Stored zeros must decode to zeros: unused and
-    padding slots are zero-filled and may be read (masked)."""
+    padding slots are zero-filled and may be read (masked). ``name`` says which encoding it is, for code that reads
+    and writes entries itself (the fused decode layer of llama4.kernels.cpu knows ``bf16``, ``int8`` and ``fp8`` by
+    their name and layout, and declines others)."""
 
+    name: str
     dtype: torch.dtype
 
     def width(self, head_dim: int) -> int: ...
@@ -102,6 +105,10 @@ class Cache(Protocol):
     def stored_dtype(self, layer: int, dtype: torch.dtype) -> torch.dtype:
         """The dtype of ``layer``'s storage for keys/values computed in ``dtype`` (what ``decode_slots`` hands
         out): ``dtype`` itself unless the cache stores them otherwise (a :class:`KVStorage`)."""
+
+    def layer_storage(self, layer: int) -> KVStorage | None:
+        """How ``layer``'s entries are stored (what ``decode_slots`` hands out): its :class:`KVStorage`, or None
+        (the attention's own dtype)."""
 
 
 class KVCache:
@@ -174,6 +181,9 @@ class KVCache:
     def stored_dtype(self, layer: int, dtype: torch.dtype) -> torch.dtype:
         storage = self.storage[layer]
         return dtype if storage is None else storage.dtype
+
+    def layer_storage(self, layer: int) -> KVStorage | None:
+        return self.storage[layer]
 
     def _encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         storage = self.storage[layer]

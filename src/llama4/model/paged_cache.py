@@ -450,6 +450,9 @@ class PagedBatch:
     def stored_dtype(self, layer: int, dtype: torch.dtype) -> torch.dtype:
         return self.pool.stored_dtype(layer, dtype)
 
+    def layer_storage(self, layer: int) -> KVStorage | None:
+        return self.pool.storage[layer]
+
     def decode_slots(self, layer: int, rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                      device: torch.device, tokens: int = 1, offset: int = 0) -> DecodeSlots:
         """KVCache.decode_slots over the pool: block tables become gathered slots (one-token rows of a

@@ -29,10 +29,12 @@ A stored zero row decodes to zeros (codes 0, scale 0), as the caches' zero-fille
 rounds the exact product q * scale once to the attention's dtype (an int8 or e4m3 code times a bf16 scale is
 exact in float32, and bf16's own products round once).
 
-Reads. A pass decodes what it attends over, the layer's whole history: a transient copy of one layer's keys and
-values in the attention's dtype, and one more pass over the cache per global layer and step, about as long as
-the attention's own (bench/kv_quant.py). The fused C decode layer reads bf16 entries only, so with a quantized
-cache it declines and decode steps run on the model's torch layers.
+Reads. A pass on the torch layers decodes what it attends over, the layer's whole history: a transient copy of
+one layer's keys and values in the attention's dtype, and one more pass over the cache per global layer and step,
+about as long as the attention's own (bench/kv_quant.py). The fused C decode layer (llama4.kernels.cpu,
+csrc/decode_layer.c) knows these entries by ``KVFormat.name`` and layout: it encodes new entries bit for bit as
+:meth:`KVFormat.encode` does and decodes a block of entries at a time inside its attention, as :meth:`KVFormat.decode`
+does for bf16 attention, so quantized decode steps stay one C call per layer.
 """
 
 from __future__ import annotations

@@ -13,9 +13,11 @@ ties go to the lowest expert index), not bit for bit; tests/test_fused_decode.py
 result never depends on the other rows, so batched decode still equals each row's solo run, and with batch
 invariance (the server's default) it also takes one sequence's prefill pieces, every token as a row of its
 own, so that a prefilled token is bit for bit its decode step. It takes a pass only when everything it
-assumes holds (bf16, a cache that hands out decode slots - KVCache or a paged batch -, every layer's
-weights on the kernel, top-1 routing; several tokens per row only with batch invariance, one row);
-otherwise the layers run. ``KernelOptions.fused_decode`` (cli: ``LLAMA4_FUSED_DECODE=0``) leaves it out.
+assumes holds (bf16, a cache that hands out decode slots - KVCache or a paged batch - storing each layer as bf16
+or as llama4.quant.kv_cache's int8 / fp8 entries, every layer's weights on the kernel, top-1 routing; several
+tokens per row only with batch invariance, one row); otherwise the layers run. Quantized entries are written as
+the Python encoder writes them (the same bytes) and attended over decoded as the torch layers decode them.
+``KernelOptions.fused_decode`` (cli: ``LLAMA4_FUSED_DECODE=0``) leaves it out.
 """
 
 from __future__ import annotations
@@ -49,8 +51,13 @@ class _Step(ctypes.Structure):
         ("head_stride", ctypes.c_int64), ("write", ctypes.c_void_p), ("count", ctypes.c_void_p),
         ("first", ctypes.c_void_p), ("gather", ctypes.c_void_p), ("gather_width", ctypes.c_int64),
         ("rope", ctypes.c_void_p), ("q_scale", ctypes.c_void_p),
-        ("threads", ctypes.c_int64),
+        ("threads", ctypes.c_int64), ("kv_format", ctypes.c_int64), ("entry_bytes", ctypes.c_int64),
     ]
+
+
+# KV storages the C layer reads and writes itself (csrc/decode_layer.c's KV_* codes), by KVStorage name: its code
+# and an entry's bytes for head_dim d (int8 / fp8: llama4.quant.kv_cache's layout, d codes then a bf16 scale)
+_KV_FORMATS = {"bf16": (0, lambda d: 2 * d), "int8": (1, lambda d: d + 2), "fp8": (2, lambda d: d + 2)}
 
 
 def _parts_within_chunks(start: int, tokens: int, chunk: int) -> list[tuple[int, int]]:
@@ -87,9 +94,12 @@ class FusedDecode:
         if (h.dtype != torch.bfloat16 or not h.is_cpu or rows == 0
                 or h.requires_grad or (tokens != 1 and not (rows == 1 and self.model.batch_invariant))):
             return None  # (autograd cannot see into C)
-        if not self.ready() or any(cache.stored_dtype(i, h.dtype) != torch.bfloat16 for i in range(len(self.layers))):
-            return None  # (the C layer reads and writes bf16 entries: a cache storing others, e.g. quantized, declines)
+        if not self.ready():
+            return None
         config = self.model.config
+        formats = [self._kv_format(cache, i, config.head_dim) for i in range(len(self.layers))]
+        if None in formats:
+            return None  # (before touching the cache: a storage the C layer does not know runs the layers)
         out = h.reshape(rows * tokens, -1).clone()
         half = config.head_dim // 2
         rope = torch.view_as_real(tables.rope.expand(rows, tokens, half).reshape(rows * tokens, half)).contiguous()
@@ -103,19 +113,38 @@ class FusedDecode:
             for index, layer in enumerate(self.layers):
                 slots = cache.decode_slots(index, rows, config.num_kv_heads, config.head_dim, h.dtype, h.device,
                                            tokens=count, offset=offset)
-                if not (slots.keys.is_contiguous() and slots.keys.dtype == torch.bfloat16):
-                    raise ValueError("fused decode needs contiguous bf16 key/value storage")
+                kv_format, entry_bytes, stored = formats[index]
+                if not (slots.keys.is_contiguous() and slots.values.is_contiguous() and slots.keys.dtype == stored
+                        and slots.values.dtype == stored):
+                    raise ValueError(f"fused decode needs contiguous {stored} key/value storage")
                 write, counts = slots.write.contiguous(), slots.count.contiguous()
                 first = slots.first.contiguous() if slots.first is not None else None
                 gather = slots.gather.contiguous() if slots.gather is not None else None
                 step.k_store, step.v_store = slots.keys.data_ptr(), slots.values.data_ptr()
-                step.head_stride, step.write, step.count = slots.head_stride, write.data_ptr(), counts.data_ptr()
+                step.head_stride = slots.head_stride * slots.keys.element_size()
+                step.write, step.count = write.data_ptr(), counts.data_ptr()
+                step.kv_format, step.entry_bytes = kv_format, entry_bytes
                 step.first = first.data_ptr() if first is not None else None
                 step.gather = gather.data_ptr() if gather is not None else None
                 step.gather_width = gather.shape[1] if gather is not None and gather.shape[0] > 1 else 0
                 if decode_layer(ctypes.byref(layer), ctypes.byref(step)) != 0:
                     raise MemoryError("the fused decode layer could not allocate its scratch memory")
         return out.reshape(h.shape)
+
+    @staticmethod
+    def _kv_format(cache: Cache, layer: int, head_dim: int) -> tuple[int, int, torch.dtype] | None:
+        """(C format code, bytes of an entry, stored dtype) of ``layer``'s keys/values in ``cache`` for a bf16 pass,
+        or None if the C layer cannot read them: a storage of another name, or of an unexpected layout."""
+        storage = cache.layer_storage(layer)
+        if storage is None:
+            return _KV_FORMATS["bf16"][0], 2 * head_dim, torch.bfloat16
+        known = _KV_FORMATS.get(getattr(storage, "name", None))
+        if known is None:
+            return None
+        code, entry_bytes = known[0], known[1](head_dim)
+        if storage.width(head_dim) * storage.dtype.itemsize != entry_bytes:
+            return None
+        return code, entry_bytes, storage.dtype
 
     def ready(self) -> bool:
         """Whether every layer can run in C (binding to the current weights first if needed)."""

@@ -38,20 +38,28 @@ struct llama4_layer {
     uint64_t shared_gate_up, shared_down;     /* the same shapes */
 };
 
+/* How a layer's cache stores an entry (one token's d keys or values of one KV head): bf16, or as
+ * quant/kv_cache.py's KVFormat stores int8 / fp8 entries, d codes (int8, or float8_e4m3fn bits) then the
+ * entry's bf16 scale, d + 2 bytes. */
+enum { KV_BF16 = 0, KV_INT8 = 1, KV_FP8 = 2 };
+
 /* One call: `rows` rows of the residual stream h [rows, D] (updated in place). Keys and values live in
- * stores where the entry in slot s of KV head g starts at store + g * head_stride + s * d; row r writes its
- * new key/value to slot write[r] and attends to its count[r] entries (the new one included): slots
- * first[r], first[r] + 1, ... or, without `first`, the slots gather[r * gather_width + j]. */
+ * stores where the entry in slot s of KV head g starts at byte g * head_stride + s * entry_bytes, in the
+ * layer's kv_format; row r writes its new key/value to slot write[r] and attends to its count[r] entries
+ * (the new one included): slots first[r], first[r] + 1, ... or, without `first`, the slots
+ * gather[r * gather_width + j]. */
 struct llama4_step {
     int64_t rows;
     uint16_t *h;
-    uint16_t *k_store, *v_store;
-    int64_t head_stride;
+    uint8_t *k_store, *v_store;
+    int64_t head_stride; /* bytes */
     const int64_t *write, *count, *first, *gather;
     int64_t gather_width;
     const float *rope;    /* complex rotations [rows, d/2] (re, im) */
     const float *q_scale; /* [rows] attention temperature, or NULL */
     int64_t threads;
+    int64_t kv_format;   /* KV_BF16, KV_INT8 or KV_FP8: set per layer */
+    int64_t entry_bytes; /* 2 d (bf16) or d + 2 */
 };
 
 /* torch's rms_norm of a bf16 row (float32 math, one rounding), then times a bf16 weight (another). */
@@ -75,6 +83,72 @@ static void rotate(uint16_t *x, const float *rotation, int64_t d) {
     }
 }
 
+/* float32 -> float8_e4m3fn bits, to nearest even, as torch converts (c10's fp8e4m3fn_from_fp32_value, so
+ * that a cache written here holds the codes the torch layers write). Below e4m3's smallest normal, 2^-6,
+ * adding 2^14 (whose float32 ulp, 2^-9, is e4m3's subnormal step) lets the float adder round to the nearest
+ * subnormal code. */
+static uint8_t e4m3(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    const uint32_t sign = bits & 0x80000000u;
+    bits ^= sign;
+    uint8_t code;
+    if (bits >= 1087u << 20) { /* 480 or more (never: the encoder clamps to 448), NaN */
+        code = 0x7f;
+    } else if (bits < 121u << 23) {
+        const uint32_t denormal_bits = 141u << 23;
+        float denormal, sum;
+        memcpy(&denormal, &denormal_bits, 4);
+        memcpy(&f, &bits, 4);
+        sum = f + denormal;
+        memcpy(&bits, &sum, 4);
+        code = (uint8_t)(bits - denormal_bits);
+    } else {
+        const uint32_t odd = (bits >> 20) & 1;
+        bits += (uint32_t)(7 - 127) * (1u << 23) + 0x7ffffu + odd;
+        code = (uint8_t)(bits >> 20);
+    }
+    return code | (uint8_t)(sign >> 24);
+}
+
+/* A new entry (d bf16 values) stored as the layer's cache stores it. int8 / fp8: bit for bit what
+ * KVFormat.encode writes for the same values - scale = amax / qmax in float32, rounded to bf16 and up
+ * one step where that rounded down (formats._stored_scale: no code clips), codes = value / scale (a true
+ * division, as torch's, against 1 for an all-zero entry) rounded half to even and clamped to +-127 (int8)
+ * or clamped to +-448 and converted (fp8). */
+static void store_entry(const uint16_t *x, int64_t d, int64_t format, uint8_t *out) {
+    if (format == KV_BF16) {
+        memcpy(out, x, (size_t)d * 2);
+        return;
+    }
+    float amax = 0;
+    for (int64_t i = 0; i < d; i++) {
+        const float a = fabsf(f32(x[i]));
+        amax = a > amax ? a : amax;
+    }
+    const float qmax = format == KV_INT8 ? 127.0f : 448.0f, wanted = amax / qmax;
+    uint16_t scale = bf16(wanted);
+    if (f32(scale) < wanted) scale++; /* the next bf16 up (scale is positive) */
+    const float divisor = scale ? f32(scale) : 1.0f;
+    for (int64_t i = 0; i < d; i++) {
+        float y = f32(x[i]) / divisor;
+        y = y < -qmax ? -qmax : y > qmax ? qmax : y; /* clamping before rounding: the bounds are integral */
+        out[i] = format == KV_INT8 ? (uint8_t)(int8_t)rintf(y) : e4m3(y);
+    }
+    memcpy(out + d, &scale, 2);
+}
+
+/* Lanes 16 l .. 16 l + 15 of a stored entry in float32, as the torch layers attend over it: bf16 as stored;
+ * int8 / fp8 as KVFormat.decode gives bf16 attention, code x scale (exact in float32: 8 by 8 significant
+ * bits at most) rounded once to bf16. */
+static inline v16 load_entry(const uint8_t *entry, int64_t l, int64_t format, int64_t d) {
+    if (format == KV_BF16) return v_load_bf16((const uint16_t *)entry + 16 * l);
+    uint16_t scale;
+    memcpy(&scale, entry + d, 2);
+    const v16 codes = format == KV_INT8 ? v_load_i8((const int8_t *)entry + 16 * l) : v_load_e4m3(entry + 16 * l);
+    return v_round_bf16_finite(v_mul(codes, v_set1(f32(scale)))); /* a stored scale and code are finite */
+}
+
 #define KEY_BLOCK 64  /* keys per block: converted to float32 once (16 KB at d = 64, 32 KB at d = 128) */
 #define MAX_GROUP 8   /* query heads per KV head */
 #define MAX_LANES 16  /* head_dim up to 256 */
@@ -92,21 +166,23 @@ static void rotate(uint16_t *x, const float *rotation, int64_t d) {
  * (one row) computes, while the rows share each key block's conversion to float32 and each value load.
  * d is a multiple of 16, at most 16 * MAX_LANES. Scratch: scores rows x group x max(n), keys KEY_BLOCK x
  * d, acc rows x group x d floats. */
-/* Entry j of a store (k or v): slot slots[j], or first + j without slots (names of the functions below). */
-#define ENTRY(base, j) ((base) + (slots ? slots[j] : first + (j)) * d)
+/* Entry j of a store (k or v): slot slots[j], or first + j without slots, `width` bytes each (names of the
+ * functions below). */
+#define ENTRY(base, j) ((base) + (slots ? slots[j] : first + (j)) * width)
 
 /* scores[(r * group + g) * most + j] = q[r][g] . key j / sqrt(d) for j < n[r], one key block converted to
- * float32 at a time and shared by the rows. */
-static void score_keys(const uint16_t *const *q, const int64_t *n, int64_t rows, const uint16_t *k,
-                       const int64_t *slots, int64_t first, int64_t group, int64_t d, int64_t most, float *scores,
-                       float *keys) {
+ * float32 at a time (decoded, for int8 / fp8 entries) and shared by the rows. */
+static void score_keys(const uint16_t *const *q, const int64_t *n, int64_t rows, const uint8_t *k,
+                       const int64_t *slots, int64_t first, int64_t format, int64_t width, int64_t group, int64_t d,
+                       int64_t most, float *scores, float *keys) {
     const float scale = 1.0f / sqrtf((float)d);
     const int64_t lanes = d / 16;
     for (int64_t block = 0; block < most; block += KEY_BLOCK) {
         const int64_t end = block + KEY_BLOCK < most ? block + KEY_BLOCK : most;
         for (int64_t j = block; j < end; j++) {
-            const uint16_t *kj = ENTRY(k, j);
-            for (int64_t l = 0; l < lanes; l++) v_store(keys + (j - block) * d + 16 * l, v_load_bf16(kj + 16 * l));
+            const uint8_t *kj = ENTRY(k, j);
+            for (int64_t l = 0; l < lanes; l++)
+                v_store(keys + (j - block) * d + 16 * l, load_entry(kj, l, format, d));
         }
         for (int64_t r = 0; r < rows; r++) {
             const int64_t stop = end < n[r] ? end : n[r];
@@ -170,18 +246,25 @@ static float softmax_numerators(float *row, int64_t count) {
     return v_reduce_add(sum);
 }
 
-/* acc[h] [d] = sum over j < count[h] of weights[h][j] * value j, in entry order (heads share each value load). */
-static void weigh_values(const uint16_t *v, const int64_t *slots, int64_t first, int64_t d, int64_t most,
-                         int64_t heads, float *const *weights, const int64_t *count, float *acc) {
+/* acc[h] [d] = sum over j < count[h] of weights[h][j] * value j, in entry order (heads share each value load).
+ * int8 / fp8 entries are decoded a block at a time into `decoded` (KEY_BLOCK x d floats), once for all lanes. */
+static void weigh_values(const uint8_t *v, const int64_t *slots, int64_t first, int64_t format, int64_t width,
+                         int64_t d, int64_t most, int64_t heads, float *const *weights, const int64_t *count,
+                         float *acc, float *decoded) {
     const int64_t lanes = d / 16;
     for (int64_t i = 0; i < heads * d; i++) acc[i] = 0;
     for (int64_t block = 0; block < most; block += KEY_BLOCK) {
         const int64_t end = block + KEY_BLOCK < most ? block + KEY_BLOCK : most;
+        if (format != KV_BF16)
+            for (int64_t j = block; j < end; j++)
+                for (int64_t l = 0; l < lanes; l++)
+                    v_store(decoded + (j - block) * d + 16 * l, load_entry(ENTRY(v, j), l, format, d));
         for (int64_t l = 0; l < lanes; l++) {
             v16 sums[SHARED_ROWS * MAX_GROUP];
             for (int64_t h = 0; h < heads; h++) sums[h] = v_load(acc + h * d + 16 * l);
             for (int64_t j = block; j < end; j++) {
-                const v16 value = v_load_bf16(ENTRY(v, j) + 16 * l);
+                const v16 value = format == KV_BF16 ? v_load_bf16((const uint16_t *)ENTRY(v, j) + 16 * l)
+                                                    : v_load(decoded + (j - block) * d + 16 * l);
                 for (int64_t h = 0; h < heads; h++)
                     if (j < count[h]) sums[h] = v_fmadd(v_set1(weights[h][j]), value, sums[h]);
             }
@@ -201,22 +284,23 @@ static void weigh_values(const uint16_t *v, const int64_t *slots, int64_t first,
  * missing partner key counted as zeros), each softmax runs over the row's own scores, and each output
  * accumulates the row's entries in order. So a prefill token computes exactly what its decode step
  * (one row) computes, while the rows share each key block's conversion to float32 and each value load.
- * d is a multiple of 16, at most 16 * MAX_LANES. Scratch: scores rows x group x max(n), keys KEY_BLOCK x
- * d, acc rows x group x d floats. */
-static void attend(const uint16_t *const *q, const int64_t *n, int64_t rows, const uint16_t *k, const uint16_t *v,
-                   const int64_t *slots, int64_t first, int64_t group, int64_t d, float *scores, float *keys,
-                   float *acc, uint16_t *const *out) {
+ * Entries are `width` bytes in `format` (KV_*). d is a multiple of 16, at most 16 * MAX_LANES. Scratch:
+ * scores rows x group x max(n), keys KEY_BLOCK x d (a key block, then a decoded value block), acc
+ * rows x group x d floats. */
+static void attend(const uint16_t *const *q, const int64_t *n, int64_t rows, const uint8_t *k, const uint8_t *v,
+                   const int64_t *slots, int64_t first, int64_t format, int64_t width, int64_t group, int64_t d,
+                   float *scores, float *keys, float *acc, uint16_t *const *out) {
     const int64_t heads = rows * group;
     int64_t most = 0;
     for (int64_t r = 0; r < rows; r++) most = n[r] > most ? n[r] : most;
-    score_keys(q, n, rows, k, slots, first, group, d, most, scores, keys);
+    score_keys(q, n, rows, k, slots, first, format, width, group, d, most, scores, keys);
     float total[SHARED_ROWS * MAX_GROUP], *weights[SHARED_ROWS * MAX_GROUP];
     int64_t count[SHARED_ROWS * MAX_GROUP];
     for (int64_t h = 0; h < heads; h++) {
         weights[h] = scores + h * most, count[h] = n[h / group];
         total[h] = softmax_numerators(weights[h], count[h]);
     }
-    weigh_values(v, slots, first, d, most, heads, weights, count, acc);
+    weigh_values(v, slots, first, format, width, d, most, heads, weights, count, acc, keys);
     for (int64_t h = 0; h < heads; h++)
         for (int64_t i = 0; i < d; i++) out[h / group][(h % group) * d + i] = bf16(acc[h * d + i] / total[h]);
 }
@@ -289,8 +373,8 @@ static void attention_item(void *ctx, int64_t task, int thread) {
     }
     const int64_t *entries = S->first ? NULL : S->gather + r0 * S->gather_width;
     attend(q, S->count + r0, count, S->k_store + g * S->head_stride, S->v_store + g * S->head_stride, entries,
-           S->first ? S->first[r0] : 0, group, d, mine, mine + SHARED_ROWS * group * most,
-           mine + SHARED_ROWS * group * most + KEY_BLOCK * d, out);
+           S->first ? S->first[r0] : 0, S->kv_format, S->entry_bytes, group, d, mine,
+           mine + SHARED_ROWS * group * most, mine + SHARED_ROWS * group * most + KEY_BLOCK * d, out);
 }
 
 /* The attention half for every row: h += wo(attention(rms_norm(h))). All rows' keys and values are written
@@ -322,9 +406,9 @@ static int attention_half(const struct llama4_layer *L, const struct llama4_step
         if (L->tune_temperature)
             for (int64_t i = 0; i < H * d; i++) heads[i] = bf16(f32(heads[i]) * S->q_scale[r]);
         for (int64_t g = 0; g < Hkv; g++) {
-            const int64_t at = g * S->head_stride + S->write[r] * d;
-            memcpy(S->k_store + at, heads + (H + g) * d, (size_t)d * 2);
-            memcpy(S->v_store + at, heads + (H + Hkv + g) * d, (size_t)d * 2);
+            const int64_t at = g * S->head_stride + S->write[r] * S->entry_bytes;
+            store_entry(heads + (H + g) * d, d, S->kv_format, S->k_store + at);
+            store_entry(heads + (H + Hkv + g) * d, d, S->kv_format, S->v_store + at);
         }
     }
     /* row blocks: up to SHARED_ROWS consecutive rows over the same entries (one sequence's tokens) */

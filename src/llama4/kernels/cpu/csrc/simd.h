@@ -78,6 +78,35 @@ static inline __m128 v_sum4(v16 a, v16 b, v16 c, v16 d) {
     return _mm_hadd_ps(_mm_hadd_ps(a4, b4), _mm_hadd_ps(c4, d4));
 }
 
+/* v_round_bf16 for finite lanes (no NaN to keep quiet): nearest even, the low half cleared in place. */
+static inline v16 v_round_bf16_finite(v16 a) {
+    const __m512i u = _mm512_castps_si512(a);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
+    return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* 16 int8 codes as float32 (exact). */
+static inline v16 v_load_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+/* 16 float8_e4m3fn codes as their float32 values, exactly: a normal code's exponent and mantissa moved into
+ * float32's fields (bias 7 -> 127), a subnormal one (exponent 0) as mantissa x 2^-9, computed rather than
+ * read as a float32 subnormal so that denormals-are-zero cannot change it. The NaN codes (s 1111 111) read as
+ * +-480: a KV cache never stores them (its encoder clamps to +-448). */
+static inline v16 v_load_e4m3(const uint8_t *p) {
+    const __m512i bits = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7f));
+    const __m512i biased = _mm512_add_epi32(_mm512_slli_epi32(magnitude, 20), _mm512_set1_epi32(120 << 23));
+    const __m512 normal = _mm512_castsi512_ps(biased);
+    const __m512 subnormal = _mm512_mul_ps(_mm512_cvtepi32_ps(magnitude), _mm512_set1_ps(1.0f / 512));
+    const __mmask16 small = _mm512_cmplt_epi32_mask(magnitude, _mm512_set1_epi32(8));
+    const __m512 value = _mm512_mask_blend_ps(small, normal, subnormal);
+    const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x80)), 24);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign));
+}
+
 #else /* AVX2 + FMA */
 
 typedef struct {
@@ -155,6 +184,33 @@ static inline __m128 v_sum4(v16 a, v16 b, v16 c, v16 d) {
 #undef QUARTERS
     return _mm_hadd_ps(_mm_hadd_ps(a4, b4), _mm_hadd_ps(c4, d4));
 }
+
+static inline __m256 round_bf16_finite8(__m256 a) {
+    const __m256i u = _mm256_castps_si256(a);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+    return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32((int)0xffff0000u)));
+}
+static inline v16 v_round_bf16_finite(v16 a) { return v_make(round_bf16_finite8(a.lo), round_bf16_finite8(a.hi)); }
+
+static inline v16 v_load_i8(const int8_t *p) {
+    const __m128i codes = _mm_loadu_si128((const __m128i *)p);
+    return v_make(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)),
+                  _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(codes, 8))));
+}
+
+static inline __m256 load_e4m3x8(const uint8_t *p) { /* as the AVX-512 v_load_e4m3, 8 lanes */
+    const __m256i bits = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    const __m256i magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7f));
+    const __m256i biased = _mm256_add_epi32(_mm256_slli_epi32(magnitude, 20), _mm256_set1_epi32(120 << 23));
+    const __m256 normal = _mm256_castsi256_ps(biased);
+    const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(magnitude), _mm256_set1_ps(1.0f / 512));
+    const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(8), magnitude);
+    const __m256 value = _mm256_blendv_ps(normal, subnormal, _mm256_castsi256_ps(small));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x80)), 24);
+    return _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(value), sign));
+}
+static inline v16 v_load_e4m3(const uint8_t *p) { return v_make(load_e4m3x8(p), load_e4m3x8(p + 8)); }
 
 #endif
 
