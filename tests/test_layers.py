@@ -21,6 +21,7 @@ LAYERS = [
     {"quant"},  # quantized weights and their checkpoint layouts (reads checkpoint's name mapping)
     {"lora"},  # LoRA / QLoRA wrappers over float or quantized modules, PEFT adapter files
     {"kernels"},  # CPU fast paths, packing float and quantized modules alike
+    {"distributed"},  # tensor / expert parallel plans (the only torch.distributed user); build may apply them
     {"build"},
     {"info"},
     {"inference", "train"},

@@ -123,9 +123,22 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.d
     ``progress(done, total)`` is called after each tensor. ``handled``: HF names that another loader reads (a
     quantized checkpoint's codes and scales), neither read here nor reported as unexpected.
     """
-    multimodal = model.config.multimodal
-    tied = model.config.text.tie_word_embeddings
     expected = dict(shapes) if shapes is not None else {n: p.shape for n, p in model.named_parameters()}
+    found = locate_tensors(path, expected, model.config.multimodal, model.config.text.tie_word_embeddings,
+                           handled)
+    for done, (ours, (hf_name, file, _)) in enumerate(sorted(found.items(), key=lambda item: -item[1][2]), 1):
+        _load_tensor(model, ours, file, hf_name, dtype, device)
+        _return_freed_memory()
+        if progress is not None:
+            progress(done, len(found))
+
+
+def locate_tensors(path: str | os.PathLike, expected: dict[str, torch.Size], multimodal: bool, tied: bool,
+                   handled: Collection[str] = ()) -> dict[str, tuple[str, Path, int]]:
+    """Where each expected tensor (our name -> shape) is: our name -> (HF name, file, number of elements),
+    from the headers alone (no tensor data is read). Strict: one CheckpointError lists every missing,
+    unexpected or mis-shaped tensor. ``tied``: an ``lm_head.weight`` is tolerated and ignored; ``handled``: HF
+    names another loader reads."""
     found: dict[str, tuple[str, Path, int]] = {}  # our name -> (HF name, file, number of elements)
     unexpected, misshaped = [], []
     for hf_name, file, handle in iter_checkpoint(path):
@@ -148,11 +161,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.d
                 shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
                 problems.append(f"  {len(items)} {label}:\n    {shown}")
         raise CheckpointError(f"checkpoint {path} does not match its config.json:\n" + "\n".join(problems))
-    for done, (ours, (hf_name, file, _)) in enumerate(sorted(found.items(), key=lambda item: -item[1][2]), 1):
-        _load_tensor(model, ours, file, hf_name, dtype, device)
-        _return_freed_memory()
-        if progress is not None:
-            progress(done, len(found))
+    return found
 
 
 @functools.cache
