@@ -39,6 +39,23 @@ static void groups_item(void *ctx, int64_t item, int thread) {
     }
 }
 
+#define PREPARE_ROWS 16
+#define PREPARE_ALONE (1 << 16)
+
+struct prepare_job {
+    const uint16_t *x;
+    float *xf, *xsum;
+    int64_t rows, in_features;
+};
+
+static void prepare_item(void *ctx, int64_t item, int thread) {
+    (void)thread;
+    const struct prepare_job *P = ctx;
+    const int64_t first = item * PREPARE_ROWS, count = P->rows - first < PREPARE_ROWS ? P->rows - first : PREPARE_ROWS;
+    llama4_prepare_rows(P->x + first * P->in_features, count, P->in_features, P->xf + first * P->in_features,
+                        P->xsum + first * (P->in_features / 32));
+}
+
 /* The calling thread's scratch for prepared rows, grown as needed and kept (calls come from one thread at a
  * time: the model's). */
 static float *prepared_rows(int64_t floats) {
@@ -70,9 +87,13 @@ int llama4_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t g
     if (quantized && total > 0) {
         float *xf = prepared_rows(total * (in_features + in_features / 32));
         if (!xf) return 1;
-        llama4_prepare_rows(x, total, in_features, xf, xf + total * in_features);
         job.xf = xf;
         job.xsum = xf + total * in_features;
+        struct prepare_job prep = {x, xf, xf + total * in_features, total, in_features};
+        if (total * in_features <= PREPARE_ALONE) /* a decode step's rows: not worth waking the pool */
+            llama4_prepare_rows(x, total, in_features, xf, xf + total * in_features);
+        else /* a prefill's: as many floats as the whole input, converted in parallel */
+            llama4_pool_parallel((total + PREPARE_ROWS - 1) / PREPARE_ROWS, threads, prepare_item, &prep);
     }
     llama4_pool_parallel(groups * job.out_blocks, threads, groups_item, &job);
     return 0;
