@@ -1,8 +1,12 @@
-"""Batch-1 bf16 prefill and decode, llama4 vs llama.cpp's CPU backend, on the same weights.
+"""Batch-1 bf16 prefill and decode, llama4 vs llama.cpp's CPU backend, on the same weights; with ``--quant``,
+quantized weights on both sides (llama.cpp's Q8_0 and Q4_K_M, llama4.quant's recipes).
 
     python bench/llamacpp.py --llama-bench PATH/llama-bench --gguf PATH/model-bf16.gguf \\
         --checkpoint PATH/safetensors-folder [--threads 2] [--reps 3] [--rounds 2] [--cpu-path avx512bf16] \\
         [--no-write]
+    python bench/llamacpp.py --quant --llamacpp /work/llamacpp [--checkpoint PATH] \\
+        [--pairs 'bf16=BF16;int8=Q8_0;int4-g32=Q4_K_M'] [--batch 8] [--rounds 2] [--llama4-rounds N] \\
+        [--llama4-gen N] [--no-write]
 
 What it measures, with the same thread count on both sides:
 - prompt tok/s: a random ``--prompt``-token prompt (128) processed at once. llama.cpp: llama-bench's
@@ -34,6 +38,32 @@ Set-up (llama.cpp is never a runtime or test dependency of llama4; nothing here 
 llama.cpp's Llama 4 loader fixes the chunked-attention window at 8192 tokens whatever the checkpoint says:
 keep ``--prompt + --gen`` within the checkpoint's attention_chunk_size (1024 for ``small``) so both
 compute the same attention.
+
+Quantized mode (``--quant --llamacpp DIR``): each ``--pairs`` item ``RECIPE=TYPE`` pairs a llama4.quant recipe
+with a llama-quantize type (``bf16=BF16``: neither side quantized, the same run's baseline). llama.cpp's side:
+llama-bench's pp and tg (as above) and llama-batched-bench's decode of ``--batch`` sequences (``-npp --prompt
+-ntg --gen -npl --batch``: S_TG, tokens/s over all sequences, random tokens); ours: the checkpoint loaded
+with ``llama4.load_model(path, dtype=torch.bfloat16, pack=False)``, quantized by
+``llama4.quant.quantize_model(model, QuantRecipe.parse(RECIPE))``, then packed for the CPU paths by
+``llama4.kernels.cpu.pack(model, llama4.build.DEFAULT_KERNELS)`` (the environment's LLAMA4_CPU_KERNEL and
+``--cpu-path`` apply); prompt and batch-1 decode as above, batch decode as bench/generate.py's (``--batch``
+random prompts of ``--prompt`` tokens, ``batch x gen`` / (best time of ``gen + 1`` new tokens - best time of
+1)). The roofline of each row: bytes one batch-1 decoded token reads (active weights in their stored format:
+the routed experts at experts_used / experts, the embedding table excluded; llama4: from
+``llama4.quant.summary``, llama.cpp: the GGUF's tensor sizes) / the best copy bandwidth measured in the same
+run (a probe each round). The GGUFs come from DIR's converter and llama-quantize (bench/llamacpp_gguf.py:
+the checkpoint linked into ``--llamacpp-work`` with a byte-level tokenizer of its vocabulary size written beside
+it, converted to bf16 with the pre-tokenizer pinned to ``gpt-2``, then quantized; all reused while newer than
+the checkpoint). Without ``--checkpoint`` it is bench/common.py's ``ensure_checkpoint("small", ...)``. The
+table goes to docs/PERFORMANCE.md (``bench-llamacpp-quant-<path>``) unless ``--no-write``.
+
+DIR for ``--quant`` (llama.cpp's source via git, built outside this repository; nothing of it is committed):
+``DIR/src`` the source tree; ``cmake -S DIR/src -B DIR/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON
+-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF && cmake --build DIR/build -j2 --target
+llama-quantize llama-perplexity llama-bench llama-batched-bench llama-cli``; ``python3 -m venv DIR/venv &&
+DIR/venv/bin/pip install torch==2.13.0 numpy sentencepiece safetensors transformers==4.57.6 protobuf
+-e DIR/src/gguf-py`` (the converter's requirements; its transformers pin from
+DIR/src/requirements/requirements-convert_hf_to_gguf.txt).
 """
 
 from __future__ import annotations
@@ -44,11 +74,24 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CPU_PATHS, ROOT, cpu_name, markdown_table, write_section  # noqa: E402
+from common import CPU_PATHS, ROOT, copy_bandwidth, cpu_name, ensure_checkpoint, markdown_table, write_section  # noqa: E402
+from llamacpp_gguf import (  # noqa: E402
+    LlamaCpp,
+    active_bytes,
+    build_flags,
+    check_hparams,
+    convert,
+    describe_types,
+    quantize_variant,
+    read_gguf,
+    stage_checkpoint,
+)
 
 ONEDNN_PROBE = """
 import torch
@@ -132,11 +175,12 @@ def onednn_isa(env: dict[str, str], threads: int) -> str:
     return f"{isa.group(1).strip() if isa else '?'} ({', '.join(impls) or '?'})"
 
 
-def run_llamacpp(args) -> list[dict]:
+def run_llamacpp(args, llama_bench: str | None = None, gguf: str | None = None) -> list[dict]:
     """pp{prompt} and tg{gen} from an empty context, then tg{gen} after a {prompt}-token context."""
     rows = []
     for prompt, depth in ((args.prompt, 0), (0, args.prompt)):
-        cmd = [args.llama_bench, "-m", args.gguf, "-p", str(prompt), "-n", str(args.gen), "-d", str(depth),
+        cmd = [llama_bench or args.llama_bench, "-m", gguf or args.gguf, "-p", str(prompt), "-n", str(args.gen),
+               "-d", str(depth),
                "-t", str(args.threads), "-r", str(args.reps), "-o", "json"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if out.returncode != 0:
@@ -145,21 +189,221 @@ def run_llamacpp(args) -> list[dict]:
     return rows
 
 
-def llamacpp_build_flags(binary: str) -> str:
-    """The GGML_* instruction-set options of the build folder the binary came from (its CMakeCache.txt)."""
-    for folder in Path(binary).resolve().parents:
-        cache = folder / "CMakeCache.txt"
-        if cache.is_file():
-            opts = dict(re.findall(r"^(GGML_(?:NATIVE|AVX\w*|AMX\w*|FMA|F16C|OPENMP)):BOOL=(\w+)$",
-                                   cache.read_text(), re.M))
-            on = [k[5:] for k, v in opts.items() if v.upper() in ("ON", "1", "TRUE")]
-            off = [k[5:] for k, v in opts.items() if v.upper() not in ("ON", "1", "TRUE")]
-            return f"build: {' '.join(on)} on; {' '.join(off)} off"
-    return "build flags unknown (no CMakeCache.txt above the binary)"
-
-
 def spread(values: list[float]) -> str:
     return f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+# -- quantized mode (--quant) -----------------------------------------------------------------------------------
+
+
+def quant_paths(model) -> str:
+    """Where a packed model's quantized weights run: llama4.quant's own modules (the reference path, left alone
+    by pack()), or packed weights (duck-typed: ``is_quantized``) in the kernel's quantized layout or kept as a
+    QuantizedTensor that every product dequantizes."""
+    counts, seen = Counter(), set()
+    for module in model.modules():
+        if type(module).__name__ in ("QuantizedLinear", "QuantizedExperts"):
+            counts["llama4.quant reference modules"] += 1
+        for value in vars(module).values():
+            for weight in value if isinstance(value, list) else [value]:
+                if getattr(weight, "is_quantized", False) is True and id(weight) not in seen:
+                    seen.add(id(weight))
+                    kernel = getattr(weight, "quantized", None) is not None
+                    counts["in the kernel's layout" if kernel else "dequantized per product"] += 1
+    return ", ".join(f"{n} {what}" for what, n in counts.items()) or "none"
+
+
+def quant_worker(path: str, recipe: str, prompt: int, gen: int, batch: int, threads: int, reps: int) -> dict:
+    """Our side of one pair in this process: the checkpoint quantized by ``recipe`` (``bf16``: not quantized),
+    packed, then prefill, batch-1 decode and batch-``batch`` decode."""
+    import torch
+
+    import llama4
+    from generate import _generate
+    from llama4.kernels.cpu import KernelOptions, pack, packed_with
+    from llama4.quant import QuantRecipe, quantize_model, summary
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = llama4.load_model(path, dtype=torch.bfloat16, pack=False)
+    text = model.config.text
+    info = llama4.model_info(model.config)
+    weight_bytes = float(info["active_params"] - info["embedding_params"]) * 2  # bf16
+    if recipe != "bf16":
+        quantize_model(model, QuantRecipe.parse(recipe))
+        for row in summary(model):  # each quantized module's bytes in place of its bf16 bytes
+            if row.format is not None:
+                share = text.num_experts_per_tok / text.num_experts if row.kind == "experts" else 1
+                weight_bytes -= share * (row.float_bytes - row.stored_bytes)
+    # llama4.build.DEFAULT_KERNELS unless the environment (--cpu-path, --env) says otherwise, as bench/generate.py
+    kernels = KernelOptions.from_environ(os.environ) if "LLAMA4_CPU_KERNEL" in os.environ else \
+        llama4.build.DEFAULT_KERNELS
+    pack(model, kernels)
+    setup = time.perf_counter() - start
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, text.vocab_size, (batch, prompt), generator=g)
+
+    def best(rows: torch.Tensor, new: int, runs: int) -> list[float]:
+        out = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            _generate("llama4", model, rows, new)
+            out.append(time.perf_counter() - t)
+        return out
+
+    with torch.inference_mode():
+        _generate("llama4", model, ids[:1], 2)  # warm-up (kernel build/load)
+        prefill = best(ids[:1], 1, max(reps, 3))
+        total = best(ids[:1], gen + 1, 2)
+        batch_prefill = best(ids, 1, 2)
+        batch_total = best(ids, gen + 1, 2)
+    options = packed_with(model)
+    kernel = options.kernel() if options is not None else None
+    paths = quant_paths(model)
+    return {"pp": [prompt / t for t in prefill], "tg": gen / (min(total) - min(prefill)),
+            "batch": batch * gen / (min(batch_total) - min(batch_prefill)), "weight_bytes": weight_bytes,
+            "kernel": kernel.name if kernel is not None else "off (oneDNN)", "quant_paths": paths,
+            "setup_s": setup, "torch": torch.__version__}
+
+
+def run_batched(binary: Path, gguf: Path, args) -> list[float]:
+    """llama-batched-bench's decode tok/s over ``--batch`` sequences (S_TG), one run per ``--reps``."""
+    n_ctx = args.batch * (args.prompt + args.gen)
+    cmd = [str(binary), "-m", str(gguf), "-c", str(n_ctx), "-b", "2048", "-ub", "512", "-npp", str(args.prompt),
+           "-ntg", str(args.gen), "-npl", str(args.batch), "-t", str(args.threads), "--output-format", "jsonl"]
+    speeds = []
+    for _ in range(args.reps):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if out.returncode != 0:
+            raise SystemExit(f"llama-batched-bench failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+        rows = [json.loads(line) for line in (out.stdout + out.stderr).splitlines() if line.startswith("{")]
+        if not rows:
+            raise SystemExit(f"llama-batched-bench printed no result: {out.stdout[-2000:]}")
+        speeds.append(rows[-1]["speed_tg"])
+    return speeds
+
+
+def quant_main(args, env: dict[str, str], extra: dict[str, str]) -> None:
+    llamacpp = LlamaCpp(args.llamacpp)
+    llama_bench = args.llama_bench or str(llamacpp.binary("llama-bench"))
+    batched = llamacpp.binary("llama-batched-bench")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(
+        "small", Path(tempfile.gettempdir()) / "llama4-bench")
+    work = args.llamacpp_work
+    config = json.loads((checkpoint / "config.json").read_text())
+    text_config = config.get("text_config", config)
+    chunk = text_config.get("attention_chunk_size") or 8192
+    if args.prompt + args.gen > chunk:
+        raise SystemExit(f"--prompt + --gen is longer than the attention chunk ({chunk}); llama.cpp's loader uses "
+                         "8192: keep the test within one chunk")
+    staged = stage_checkpoint(checkpoint, work / f"{checkpoint.name}-hf")
+    base = convert(llamacpp, staged, work / f"{checkpoint.name}-bf16.gguf", "bf16", "gpt-2")
+    kv, tensors = read_gguf(base)
+    problems = check_hparams(kv, text_config)
+    if problems:
+        raise SystemExit(f"{base}: the converted model differs from config.json: " + "; ".join(problems))
+    used, experts = kv.get("llama4.expert_used_count", 1), kv.get("llama4.expert_count", 1)
+    pairs = []
+    for item in [x for x in args.pairs.split(";") if x.strip()]:
+        recipe, sep, qtype = (part.strip() for part in item.rpartition("="))
+        if not sep or not recipe or not qtype:
+            raise SystemExit(f"--pairs wants RECIPE=TYPE items separated by ';', got {item!r}")
+        gguf = base if qtype.upper() == "BF16" else quantize_variant(llamacpp, base, qtype, "bf16", args.threads)
+        _, qtensors = read_gguf(gguf)
+        pairs.append({"recipe": recipe, "type": qtype, "gguf": gguf, "bytes": active_bytes(qtensors, used, experts),
+                      "types": describe_types(qtensors)})
+    print(f"checkpoint {checkpoint}; GGUFs in {work}", flush=True)
+
+    our_gen = args.llama4_gen or args.gen
+    our_rounds = min(args.llama4_rounds or args.rounds, args.rounds)
+    bandwidths: list[float] = []
+    ours: dict[str, list[dict]] = {}
+    theirs: dict[str, dict[str, list[float]]] = {}
+    meta: dict = {}
+    for round_ in range(args.rounds):
+        bandwidths.append(copy_bandwidth())
+        print(f"round {round_ + 1}: copy bandwidth {bandwidths[-1] / 1e9:.1f} GB/s", flush=True)
+        for pair in pairs:
+            for side in (("llamacpp", "llama4") if round_ % 2 == 0 else ("llama4", "llamacpp")):
+                if side == "llama4" and round_ >= our_rounds:
+                    continue
+                wait_idle(args.wait_idle)
+                if side == "llama4":
+                    spec = json.dumps([str(checkpoint), pair["recipe"], args.prompt, our_gen, args.batch,
+                                       args.threads, args.reps])
+                    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--quant-worker", spec],
+                                         capture_output=True, text=True, timeout=3600, env=env)
+                    if out.returncode != 0:
+                        raise SystemExit(f"llama4 worker ({pair['recipe']}) failed (exit {out.returncode}): "
+                                         f"{(out.stderr.strip() or out.stdout.strip())[-3000:]}")
+                    res = json.loads(out.stdout.strip().splitlines()[-1])
+                    ours.setdefault(pair["recipe"], []).append(res)
+                    print(f"  llama4 {pair['recipe']}: pp{args.prompt} {max(res['pp']):.1f}, tg{our_gen} "
+                          f"{res['tg']:.1f}, batch {args.batch} {res['batch']:.1f} tok/s "
+                          f"(load + quantize + pack {res['setup_s']:.0f} s)", flush=True)
+                else:
+                    samples = theirs.setdefault(pair["type"], {})
+                    for row in run_llamacpp(args, llama_bench, str(pair["gguf"])):
+                        kind = "pp" if row["n_prompt"] else f"tg@d{row['n_depth']}"
+                        samples.setdefault(kind, []).extend(row["samples_ts"])
+                        meta = row
+                    speeds = run_batched(batched, pair["gguf"], args)
+                    samples.setdefault("batch", []).extend(speeds)
+                    print(f"  llama.cpp {pair['type']}: pp{args.prompt} {max(samples['pp']):.1f}, tg{args.gen}@d"
+                          f"{args.prompt} {max(samples[f'tg@d{args.prompt}']):.1f}, batch {args.batch} "
+                          f"{spread(speeds)} tok/s", flush=True)
+
+    bandwidth = max(bandwidths)
+    p, n, b = args.prompt, args.gen, args.batch
+    rows = []
+    for pair in pairs:
+        t, o = theirs[pair["type"]], ours[pair["recipe"]]
+        their_tg, our_tg = t[f"tg@d{p}"], [r["tg"] for r in o]
+        our_pp = [x for r in o for x in r["pp"]]
+        our_b = [r["batch"] for r in o]
+        their_bound = bandwidth / pair["bytes"]
+        our_bytes = o[-1]["weight_bytes"]
+        our_bound = bandwidth / our_bytes
+        rows.append([f"llama.cpp `{pair['type']}`", f"{max(t['pp']):.1f} ({spread(t['pp'])})",
+                     f"{max(their_tg):.1f} ({spread(their_tg)})", f"{max(t['batch']):.1f} ({spread(t['batch'])})",
+                     f"{pair['bytes'] / 1e6:.1f}", f"{their_bound:.0f} tok/s, {max(their_tg) / their_bound:.0%}", "-",
+                     f"tg{n} from an empty context {max(t['tg@d0']):.1f}; {pair['types']}"])
+        rows.append([f"llama4 `{pair['recipe']}`", f"{max(our_pp):.1f} ({spread(our_pp)})",
+                     f"{max(our_tg):.1f} ({spread(our_tg)})", f"{max(our_b):.1f} ({spread(our_b)})",
+                     f"{our_bytes / 1e6:.1f}", f"{our_bound:.0f} tok/s, {max(our_tg) / our_bound:.0%}",
+                     f"pp {max(our_pp) / max(t['pp']):.2f}x, tg {max(our_tg) / max(their_tg):.2f}x, "
+                     f"batch {max(our_b) / max(t['batch']):.2f}x",
+                     f"decode kernel {o[-1]['kernel']}; quantized weights after pack(): {o[-1]['quant_paths']}"])
+    env_text = " ".join(f"{k}={v}" for k, v in extra.items()) or "none"
+    only = f" (in {our_rounds} round(s) only: --llama4-rounds)" if our_rounds != args.rounds else ""
+    fewer = f" (--llama4-gen: fewer than llama.cpp's {n}, for a slow path)" if our_gen != n else ""
+    title = (f"### llama.cpp, quantized weights, prompt {p} + {n} decoded tokens, batch 1 and {b}, {args.threads} "
+             f"threads, llama4 on the {args.cpu_path or 'native'} path")
+    table = markdown_table(["implementation", f"prompt tok/s (pp{p})", f"decode tok/s (tg{n} after {p})",
+                            f"batch-{b} decode tok/s", "MB read per token", "roofline, decode / roofline",
+                            "ours / llama.cpp", "notes"], rows)
+    try:
+        commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=30).stdout.strip() or "?"
+    except OSError:
+        commit = "?"
+    command = "python bench/llamacpp.py" + "".join(f" {a}" for a in sys.argv[1:] if a != "--no-write")
+    note = (f"`{command}`: `{checkpoint.name}` (transformers' random init saved as bf16 unless --checkpoint says "
+            f"otherwise), llama4 {commit}, torch {next(iter(ours.values()))[-1]['torch']}, env {env_text}. "
+            f"llama.cpp {llamacpp.version()} ({build_flags(llama_bench)}; backends "
+            f"{meta.get('backends', '?')}). CPU: {cpu_name()}. Best (range) over {args.rounds} round(s), the sides "
+            f"in turn (order alternating), llama4 in a fresh process per pair and round{only}: llama.cpp {args.reps} "
+            f"llama-bench repetitions and {args.reps} llama-batched-bench runs a round (-npp {p} -ntg {n} -npl {b}: "
+            f"S_TG), "
+            f"llama4 {max(args.reps, 3)} prefills and 2 decodes a round, each of {our_gen} tokens{fewer}. "
+            f"Roofline: MB one batch-1 decoded token "
+            f"reads (active weights as stored, routed experts at {used}/{experts}, embedding table excluded) / "
+            f"{bandwidth / 1e9:.1f} GB/s, the best of {len(bandwidths)} copy probe(s) "
+            f"({', '.join(f'{x / 1e9:.1f}' for x in bandwidths)} GB/s); {time.strftime('%Y-%m-%d')}.")
+    body = f"{title}\n\n{table}\n\n{note}"
+    print("\n" + body)
+    if not args.no_write:
+        write_section(ROOT / "docs" / "PERFORMANCE.md", f"bench-llamacpp-quant-{args.cpu_path or 'native'}", body)
 
 
 def main() -> None:
@@ -178,13 +422,30 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="set for llama4's worker only (repeatable)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--quant", action="store_true", help="quantized weights on both sides (see above)")
+    parser.add_argument("--llamacpp", type=Path, metavar="DIR",
+                        help="--quant: llama.cpp's folder (src/, build/, venv/)")
+    parser.add_argument("--pairs", default="bf16=BF16;int8=Q8_0;int4-g32=Q4_K_M",
+                        help="--quant: RECIPE=TYPE items separated by ';' (llama4.quant recipe = llama-quantize type)")
+    parser.add_argument("--batch", type=int, default=8, help="--quant: sequences of the batched decode")
+    parser.add_argument("--llama4-rounds", type=int, metavar="N",
+                        help="--quant: llama4 runs in the first N rounds only (default all), for a slow path")
+    parser.add_argument("--llama4-gen", type=int, metavar="N",
+                        help="--quant: llama4 decodes N tokens (default --gen), for a slow path: a rate, same context")
+    parser.add_argument("--llamacpp-work", type=Path, default=Path(tempfile.gettempdir()) / "llama4-bench" / "llamacpp",
+                        help="--quant: where the staged checkpoint and the GGUFs go")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--quant-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         path, prompt, gen, threads, reps = args.worker
         print(json.dumps(worker(path, int(prompt), int(gen), int(threads), int(reps))))
         return
-    missing = [f"--{n.replace('_', '-')}" for n in ("llama_bench", "gguf", "checkpoint") if not getattr(args, n)]
+    if args.quant_worker:
+        print(json.dumps(quant_worker(*json.loads(args.quant_worker))))
+        return
+    required = ("llamacpp",) if args.quant else ("llama_bench", "gguf", "checkpoint")
+    missing = [f"--{n.replace('_', '-')}" for n in required if not getattr(args, n)]
     if missing:
         parser.error("required: " + " ".join(missing))
     extra = dict(CPU_PATHS.get(args.cpu_path, {}))
@@ -194,6 +455,9 @@ def main() -> None:
             parser.error(f"--env wants KEY=VALUE, got {item!r}")
         extra[key] = value
     env = {**os.environ, **extra}
+    if args.quant:
+        quant_main(args, env, extra)
+        return
 
     ours: list[dict] = []
     theirs: dict[tuple[str, int], list[float]] = {}  # (pp|tg, depth) -> samples (tok/s)
@@ -223,7 +487,7 @@ def main() -> None:
     env_text = " ".join(f"{k}={v}" for k, v in extra.items()) or "none"
     rows = [
         ["llama.cpp", f"{max(their_pp):.1f} ({spread(their_pp)})", f"{max(their_tg):.1f} ({spread(their_tg)})", "-",
-         f"{meta.get('cpu_info', '?')}; {llamacpp_build_flags(args.llama_bench)}; "
+         f"{meta.get('cpu_info', '?')}; {build_flags(args.llama_bench)}; "
          f"backends {meta.get('backends', '?')}; commit {meta.get('build_commit', '?')}; "
          f"tg{n} from an empty context {max(their_tg0):.1f}"],
         ["llama4", f"{max(our_pp):.1f} ({spread(our_pp)})", f"{max(our_tg):.1f} ({spread(our_tg)})",
