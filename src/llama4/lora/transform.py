@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from llama4.lora.modules import EXPERT_TENSORS, LoraExperts, LoraLinear
 from llama4.model.moe import MoE
-from llama4.model.transformer import Llama4Model, TextModel
+from llama4.model.transformer import Llama4Model, text_decoder
 from llama4.quant.modules import QuantizedExperts, QuantizedLinear
 
 # Kinds of target, each naming a set of modules in every layer. "gate", "up", "down" name both the shared
@@ -70,17 +70,9 @@ class Candidate(NamedTuple):
     tensor: str | None  # experts only: gate_up or down
 
 
-def _text_model(model: nn.Module) -> tuple[TextModel, str]:
-    if isinstance(model, Llama4Model):
-        return model.text, "text."
-    if isinstance(model, TextModel):
-        return model, ""
-    raise TypeError(f"LoRA applies to a Llama4Model or TextModel, got {type(model).__name__}")
-
-
 def candidates(model: nn.Module) -> list[Candidate]:
     """Every module LoRA may adapt, with its kinds (the one place that knows where each kind lives)."""
-    text, prefix = _text_model(model)
+    text, prefix = text_decoder(model, "LoRA")
     found = []
     for i, layer in enumerate(text.layers):
         at = f"{prefix}layers.{i}"
@@ -111,7 +103,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoraLinear | LoraExperts]:
 
 
 def _check_plain(model: nn.Module) -> None:
-    text, _ = _text_model(model)
+    text, _ = text_decoder(model, "LoRA")
     if getattr(model, "kernel_options", None) is not None or text.fast_decode is not None:
         raise ValueError("the model's weights are packed for the CPU kernels: apply LoRA to a plain model, loaded "
                          "with llama4.load_model(..., pack=False) or unpacked with llama4.kernels.cpu.unpack(model)")

@@ -253,3 +253,14 @@ class Llama4Model(nn.Module):
             positions = positions[None]
         h = self.embed(input_ids, pixel_values)
         return self.text(h, positions, cache, num_logits)
+
+
+def text_decoder(model: nn.Module, purpose: str) -> tuple[TextModel, str]:
+    """The text decoder of a Llama4Model (parameter names under ``text.``) or a bare TextModel (no prefix), for
+    transforms applied from outside (quantization, LoRA); anything else is refused, naming ``purpose``."""
+    if isinstance(model, Llama4Model):
+        return model.text, "text."
+    if isinstance(model, TextModel):
+        return model, ""
+    raise TypeError(f"{purpose} takes a Llama4Model or TextModel, got {type(model).__name__}")
+

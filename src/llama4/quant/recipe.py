@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from llama4.model.moe import Experts, MoE, Router
-from llama4.model.transformer import Llama4Model, TextModel
+from llama4.model.transformer import text_decoder
 from llama4.quant.formats import SCALE_DTYPES, WeightFormat
 from llama4.quant.modules import QuantizedExperts, QuantizedLinear, QuantizedWeight
 
@@ -101,17 +101,9 @@ class Target(NamedTuple):
     attribute: str
 
 
-def _text_model(model: nn.Module) -> tuple[TextModel, str]:
-    if isinstance(model, Llama4Model):
-        return model.text, "text."
-    if isinstance(model, TextModel):
-        return model, ""
-    raise TypeError(f"quantize a Llama4Model or TextModel, got {type(model).__name__}")
-
-
 def quantizable_modules(model: nn.Module) -> list[Target]:
     """Every module a recipe may quantize, with its kind (the one place that knows where each kind lives)."""
-    text, prefix = _text_model(model)
+    text, prefix = text_decoder(model, "quantization")
     targets = []
     for i, layer in enumerate(text.layers):
         at = f"{prefix}layers.{i}"
@@ -129,7 +121,7 @@ def quantizable_modules(model: nn.Module) -> list[Target]:
 
 
 def _check_plain(model: nn.Module) -> None:
-    text, _ = _text_model(model)
+    text, _ = text_decoder(model, "quantization")
     if getattr(model, "kernel_options", None) is not None or text.fast_decode is not None:
         raise ValueError("the model's weights are packed for the CPU kernels (llama4.kernels.cpu): quantize a plain "
                          "model, loaded with llama4.load_model(..., pack=False) or unpacked first with "
@@ -162,7 +154,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe | str) -> nn.Module:
     if isinstance(recipe, str):
         recipe = QuantRecipe.parse(recipe)
     _check_plain(model)
-    text, _ = _text_model(model)
+    text, _ = text_decoder(model, "quantization")
     if recipe.head is not None and text.output is None:
         raise ValueError("the output head is tied to the embeddings (tie_word_embeddings), and embeddings "
                          "quantization is not supported yet: leave head unset for this model")
