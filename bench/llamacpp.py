@@ -42,20 +42,21 @@ compute the same attention.
 Quantized mode (``--quant --llamacpp DIR``): each ``--pairs`` item ``RECIPE=TYPE`` pairs a llama4.quant recipe
 with a llama-quantize type (``bf16=BF16``: neither side quantized, the same run's baseline). llama.cpp's side:
 llama-bench's pp and tg (as above) and llama-batched-bench's decode of ``--batch`` sequences (``-npp --prompt
--ntg --gen -npl --batch``: S_TG, tokens/s over all sequences, random tokens); ours: the checkpoint loaded
-with ``llama4.load_model(path, dtype=torch.bfloat16, pack=False)``, quantized by
+-ntg --gen -npl --batch``: S_TG, tokens/s over all sequences, random tokens); ours: the checkpoint loaded with
+``llama4.load_model(path, dtype=torch.bfloat16, pack=False)``, quantized by
 ``llama4.quant.quantize_model(model, QuantRecipe.parse(RECIPE))``, then packed for the CPU paths by
 ``llama4.kernels.cpu.pack(model, llama4.build.DEFAULT_KERNELS)`` (the environment's LLAMA4_CPU_KERNEL and
-``--cpu-path`` apply); prompt and batch-1 decode as above, batch decode as bench/generate.py's (``--batch``
-random prompts of ``--prompt`` tokens, ``batch x gen`` / (best time of ``gen + 1`` new tokens - best time of
-1)). The roofline of each row: bytes one batch-1 decoded token reads (active weights in their stored format:
-the routed experts at experts_used / experts, the embedding table excluded; llama4: from
-``llama4.quant.summary``, llama.cpp: the GGUF's tensor sizes) / the best copy bandwidth measured in the same
-run (a probe each round). The GGUFs come from DIR's converter and llama-quantize (bench/llamacpp_gguf.py:
-the checkpoint linked into ``--llamacpp-work`` with a byte-level tokenizer of its vocabulary size written beside
-it, converted to bf16 with the pre-tokenizer pinned to ``gpt-2``, then quantized; all reused while newer than
-the checkpoint). Without ``--checkpoint`` it is bench/common.py's ``ensure_checkpoint("small", ...)``. The
-table goes to docs/PERFORMANCE.md (``bench-llamacpp-quant-<path>``) unless ``--no-write``.
+``--cpu-path`` apply); prompt as above; decode at batch 1 and ``--batch`` (random prompts of ``--prompt``
+tokens) as bench/generate.py's ``steps``: ``--gen`` greedy steps of the model timed directly after a cached
+prefill, best of 2 (``batch x gen`` / time). The roofline of each row: bytes one batch-1 decoded token reads
+(active weights in their stored format: the routed experts at experts_used / experts, the embedding table
+excluded; llama4: from ``llama4.quant.summary``, llama.cpp: the GGUF's tensor sizes) / the best copy bandwidth
+measured in the same run (a probe each round). The GGUFs come from DIR's converter and llama-quantize
+(bench/llamacpp_gguf.py: the checkpoint linked into ``--llamacpp-work`` with a byte-level tokenizer of its
+vocabulary size written beside it, converted to bf16 with the pre-tokenizer pinned to ``gpt-2``, then
+quantized; all reused while newer than the checkpoint). Without ``--checkpoint`` it is bench/common.py's
+``ensure_checkpoint("small", ...)``. The table goes to docs/PERFORMANCE.md (``bench-llamacpp-quant-<path>``)
+unless ``--no-write``.
 
 DIR for ``--quant`` (llama.cpp's source via git, built outside this repository; nothing of it is committed):
 ``DIR/src`` the source tree; ``cmake -S DIR/src -B DIR/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON
@@ -243,25 +244,36 @@ def quant_worker(path: str, recipe: str, prompt: int, gen: int, batch: int, thre
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, text.vocab_size, (batch, prompt), generator=g)
 
-    def best(rows: torch.Tensor, new: int, runs: int) -> list[float]:
+    def prefill(runs: int) -> list[float]:  # the prompt and the argmax of one new token, as the bf16 mode
         out = []
         for _ in range(runs):
             t = time.perf_counter()
-            _generate("llama4", model, rows, new)
+            _generate("llama4", model, ids[:1], 1)
             out.append(time.perf_counter() - t)
         return out
 
+    def decode(rows: torch.Tensor, runs: int = 2) -> float:
+        """tok/s of ``gen`` greedy steps timed directly after a cached prefill (best of ``runs``): no difference
+        of two timings, which other processes on the cores can make meaningless."""
+        best = float("inf")
+        for _ in range(runs):
+            cache = llama4.KVCache(text)
+            token = model(rows, cache=cache, num_logits=1)[:, -1].argmax(-1, keepdim=True)
+            t = time.perf_counter()
+            for _ in range(gen):
+                token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
+            best = min(best, time.perf_counter() - t)
+        return rows.shape[0] * gen / best
+
     with torch.inference_mode():
         _generate("llama4", model, ids[:1], 2)  # warm-up (kernel build/load)
-        prefill = best(ids[:1], 1, max(reps, 3))
-        total = best(ids[:1], gen + 1, 2)
-        batch_prefill = best(ids, 1, 2)
-        batch_total = best(ids, gen + 1, 2)
+        prefills = prefill(max(reps, 3))
+        tg = decode(ids[:1])
+        batch_tg = decode(ids)
     options = packed_with(model)
     kernel = options.kernel() if options is not None else None
     paths = quant_paths(model)
-    return {"pp": [prompt / t for t in prefill], "tg": gen / (min(total) - min(prefill)),
-            "batch": batch * gen / (min(batch_total) - min(batch_prefill)), "weight_bytes": weight_bytes,
+    return {"pp": [prompt / t for t in prefills], "tg": tg, "batch": batch_tg, "weight_bytes": weight_bytes,
             "kernel": kernel.name if kernel is not None else "off (oneDNN)", "quant_paths": paths,
             "setup_s": setup, "torch": torch.__version__}
 
@@ -395,7 +407,8 @@ def quant_main(args, env: dict[str, str], extra: dict[str, str]) -> None:
             f"in turn (order alternating), llama4 in a fresh process per pair and round{only}: llama.cpp {args.reps} "
             f"llama-bench repetitions and {args.reps} llama-batched-bench runs a round (-npp {p} -ntg {n} -npl {b}: "
             f"S_TG), "
-            f"llama4 {max(args.reps, 3)} prefills and 2 decodes a round, each of {our_gen} tokens{fewer}. "
+            f"llama4 {max(args.reps, 3)} prefills and 2 decodes of {our_gen} steps timed directly{fewer} a round "
+            f"at each batch size. "
             f"Roofline: MB one batch-1 decoded token "
             f"reads (active weights as stored, routed experts at {used}/{experts}, embedding table excluded) / "
             f"{bandwidth / 1e9:.1f} GB/s, the best of {len(bandwidths)} copy probe(s) "
