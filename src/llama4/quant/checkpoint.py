@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -276,13 +277,14 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, config: dict, dtyp
     model.quant_recipe = loaded.recipe()
 
 
-class _Loader:
+class _Loader(Protocol):
+    """Builds one site's quantized module from a checkpoint layout's tensors."""
+
     def load(self, model: nn.Module, site: Site, reader: _Reader, loaded: _Loaded, dtype: torch.dtype,
-             device: torch.device | str) -> None:
-        raise NotImplementedError
+             device: torch.device | str) -> None: ...
 
 
-class _CompressedTensorsLoader(_Loader):
+class _CompressedTensorsLoader:
     def __init__(self, config: ct.Config):
         self.config = config
 
@@ -327,7 +329,7 @@ class _CompressedTensorsLoader(_Loader):
         _install_experts(model, site, per_expert, (experts, dim, two_hidden // 2), loaded, dtype, device)
 
 
-class _FbgemmLoader(_Loader):
+class _FbgemmLoader:
     def load(self, model, site, reader, loaded, dtype, device):
         multimodal = model.config.multimodal
         if site.experts:
