@@ -4,12 +4,16 @@
     python bench/quant_quality.py --no-write
     python bench/quant_quality.py --dtype bf16 --windows 16 --recipes int8,int4-g32
     python bench/quant_quality.py --llamacpp /work/llamacpp --no-write   # + llama.cpp's Q8_0 and Q4_K_M rows
+    python bench/quant_quality.py --kernel     # + each recipe in bf16 on this CPU's kernels (what generate runs)
 
 The held-out text (TinyStories validation head) is tokenized once and cut into ``--windows`` windows of
 ``--window`` tokens. The float model and each recipe (applied to a fresh copy of the float model) score every
 window: perplexity of the next tokens, mean KL(float || quantized) of the next-token distributions in nats per
 token, how often the quantized model's top-1 token is the float model's, and the quantized weights' bytes
-(codes, scales, zero points; ``quantized_bytes``).
+(codes, scales, zero points; ``quantized_bytes``). Those rows compute on llama4.quant's reference modules
+(dequantize, then the float product). ``--kernel`` adds each recipe as the commands run it: the model in bf16,
+packed for this CPU's kernels (``kernels.cpu.pack``; the int4 products quantize each row's 32-input blocks to
+int8 on the way, csrc/quant_linear.c), and the float model in bf16 packed the same way for scale.
 
 ``--llamacpp DIR`` (a llama.cpp build laid out as bench/llamacpp_gguf.py says; benchmark-only, never a
 dependency) adds llama.cpp's quantizations of the same checkpoint as rows of the same table, scored the way
@@ -57,6 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama4  # noqa: E402
 from common import ROOT, markdown_table, write_section  # noqa: E402
 from llama4.build import resolve_model_path  # noqa: E402
+from llama4.kernels import cpu as cpu_kernels  # noqa: E402
+from llama4.kernels.cpu.options import KernelOptions  # noqa: E402
 from llama4.quant import quantize_model, quantized_bytes  # noqa: E402
 from llamacpp_gguf import (  # noqa: E402
     LlamaCpp,
@@ -232,6 +238,8 @@ def main() -> None:
     parser.add_argument("--llamacpp-threads", type=int, default=2)
     parser.add_argument("--llamacpp-work", type=Path, default=Path(tempfile.gettempdir()) / "llama4-bench" / "llamacpp",
                         help="where the GGUFs, the text file and llama.cpp's logs go")
+    parser.add_argument("--kernel", action="store_true",
+                        help="also score each recipe in bf16 on this CPU's kernels (as generate and serve run it)")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/PERFORMANCE.md alone")
     args = parser.parse_args()
     recipes = [r.strip() for r in args.recipes.split(";") if r.strip()]
@@ -254,12 +262,24 @@ def main() -> None:
     base = score(ref, tokens, None, first)
     rows = [["float (" + args.dtype + ")", f"{base['ppl']:.3f}", "-", "-", "-", f"{float_bytes / 1e6:.1f} (all)"]]
     print(f"float: ppl {base['ppl']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    def add_row(label: str, quantized, size: str) -> None:
+        r = score(log_probs(quantized, tokens, args.batch, first), tokens, ref, first)
+        rows.append([label, f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}%",
+                     f"{r['kl']:.5f}", f"{100 * r['top1']:.2f}%", size])
+        print(f"{label}: ppl {r['ppl']:.3f}, KL {r['kl']:.5f} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    options = KernelOptions()
+    if args.kernel:
+        if not cpu_kernels.supported(torch.bfloat16, torch.device("cpu"), options):
+            raise SystemExit("--kernel: no CPU kernel runs here (see llama4.kernels.cpu.supported)")
+        add_row("float (bf16, CPU kernels)", cpu_kernels.pack(copy.deepcopy(model).bfloat16(), options), "-")
     for recipe in recipes:
         quantized = quantize_model(copy.deepcopy(model), recipe)
-        r = score(log_probs(quantized, tokens, args.batch, first), tokens, ref, first)
-        rows.append([f"`{recipe}`", f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}%",
-                     f"{r['kl']:.5f}", f"{100 * r['top1']:.2f}%", f"{quantized_bytes(quantized) / 1e6:.1f}"])
-        print(f"{recipe}: ppl {r['ppl']:.3f}, KL {r['kl']:.5f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        size = f"{quantized_bytes(quantized) / 1e6:.1f}"
+        add_row(f"`{recipe}`", quantized, size)
+        if args.kernel:
+            add_row(f"`{recipe}` (bf16, CPU kernels)",
+                    cpu_kernels.pack(quantize_model(copy.deepcopy(model).bfloat16(), recipe), options), size)
         del quantized
     llamacpp_note = ""
     if args.llamacpp:

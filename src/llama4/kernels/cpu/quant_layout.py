@@ -1,11 +1,12 @@
 """Quantized weights (llama4.quant's QuantizedTensor) in the C kernel's blocked layouts (csrc/weights.h), and back.
 
-The kernel streams one block column (64 outputs) front to back, so the codes are regrouped into blocks of
-64 outputs x 32 inputs with the outputs innermost: a vector load then takes consecutive outputs of one input
-(int8) or of one input pair (int4: our byte of two codes, the even input in the low nibble, as it is). The
-scales and zero points are regrouped the same way ([O/64][groups][64]), in their own dtype (float32 or
-bf16 scales, uint8 zeros): no value changes, so :meth:`KernelQuantized.to_tensor` gives the exact tensor
-back (unpacking, saving).
+The kernel streams one block column (64 outputs) front to back. int8 codes are regrouped into blocks of 64
+outputs x 32 inputs with the outputs innermost: a vector load takes consecutive outputs of one input. int4 codes
+go into the cells the integer products read (csrc/quant_linear.c): per 8 outputs and 32 inputs, 128 bytes in
+which a 32-bit lane holds one output's codes of 4 consecutive inputs (low nibbles) and of the 4 inputs 16
+further on (high nibbles). The scales and zero points are regrouped per block column ([O/64][groups][64]), in
+their own dtype (float32 or bf16 scales, uint8 zeros): no value changes, so :meth:`KernelQuantized.to_tensor`
+gives the exact tensor back (unpacking, saving).
 """
 
 from __future__ import annotations
@@ -15,24 +16,45 @@ import ctypes
 import torch
 
 from llama4.kernels.cpu.library import IN_BLOCK, INT4, INT8, OUT_BLOCK, WeightDescriptor
-from llama4.quant.formats import QuantizedTensor, WeightFormat
+from llama4.quant.formats import QuantizedTensor, WeightFormat, pack_int4, unpack_int4
 
 
 def kernel_reads(tensor: QuantizedTensor) -> bool:
-    """Whether the kernel takes this quantized weight: one [O, I] matrix, I a whole number of 32-input blocks."""
-    return tensor.codes.dim() == 2 and tensor.shape[1] % IN_BLOCK == 0 and tensor.codes.device.type == "cpu"
+    """Whether the kernel takes this quantized weight: integer codes (not nf4, which stays on the reference path),
+    one [O, I] matrix, I a whole number of 32-input blocks."""
+    return (tensor.format.is_integer and tensor.codes.dim() == 2 and tensor.shape[1] % IN_BLOCK == 0
+            and tensor.codes.device.type == "cpu")
 
 
 def _blocks(plain: torch.Tensor, inner: int) -> torch.Tensor:
     """[O, I'] -> [O/64, I'/inner, inner, 64] (outputs zero-padded to a multiple of 64), contiguous."""
-    out_features = plain.shape[0]
-    padded = plain.new_zeros(-(-out_features // OUT_BLOCK) * OUT_BLOCK, plain.shape[1])
-    padded[:out_features] = plain
-    return padded.view(-1, OUT_BLOCK, plain.shape[1] // inner, inner).permute(0, 2, 3, 1).contiguous()
+    return _padded(plain).view(-1, OUT_BLOCK, plain.shape[1] // inner, inner).permute(0, 2, 3, 1).contiguous()
 
 
 def _unblocks(blocked: torch.Tensor, out_features: int) -> torch.Tensor:
     return blocked.permute(0, 3, 1, 2).reshape(-1, blocked.shape[1] * blocked.shape[2])[:out_features].contiguous()
+
+
+def _padded(plain: torch.Tensor) -> torch.Tensor:
+    padded = plain.new_zeros(-(-plain.shape[0] // OUT_BLOCK) * OUT_BLOCK, plain.shape[1])
+    padded[:plain.shape[0]] = plain
+    return padded
+
+
+def _int4_cells(packed: torch.Tensor) -> torch.Tensor:
+    """int4 bytes [O, I/2] -> [O/64, 8 columns, I/32 blocks, 4 loads k, 8 outputs j, 4 bytes t]: byte t of
+    output j in load k holds the codes of inputs 4k + t (low nibble) and 16 + 4k + t (high) of the block."""
+    codes = _padded(unpack_int4(packed))
+    out_blocks, in_blocks = codes.shape[0] // OUT_BLOCK, codes.shape[1] // IN_BLOCK
+    split = codes.view(out_blocks, 8, 8, in_blocks, 2, 4, 4)  # ob, column, j, block, half, k, t
+    cells = split[:, :, :, :, 0] | (split[:, :, :, :, 1] << 4)  # ob, column, j, block, k, t
+    return cells.permute(0, 1, 3, 4, 2, 5).contiguous()
+
+
+def _from_int4_cells(cells: torch.Tensor, out_features: int) -> torch.Tensor:
+    split = cells.permute(0, 1, 4, 2, 3, 5)  # ob, column, j, block, k, t
+    codes = torch.stack((split & 15, split >> 4), dim=4)  # ob, column, j, block, half, k, t
+    return pack_int4(codes.reshape(-1, cells.shape[2] * IN_BLOCK)[:out_features].contiguous())
 
 
 def _per_output(plain: torch.Tensor) -> torch.Tensor:
@@ -56,7 +78,7 @@ class KernelQuantized:
         self.format: WeightFormat = tensor.format
         self.shape = tensor.shape
         int8 = tensor.format.bits == 8
-        self.codes = _blocks(tensor.codes, IN_BLOCK if int8 else IN_BLOCK // 2)
+        self.codes = _blocks(tensor.codes, IN_BLOCK) if int8 else _int4_cells(tensor.codes)
         self.scale = _per_output(tensor.scale)
         self.zero = None if tensor.zero is None else _per_output(tensor.zero)
         self.descriptor = WeightDescriptor(
@@ -72,5 +94,7 @@ class KernelQuantized:
         """The QuantizedTensor this was built from (equal values, a copy)."""
         out_features = self.shape[0]
         zero = None if self.zero is None else _from_per_output(self.zero, out_features)
-        return QuantizedTensor(self.format, _unblocks(self.codes, out_features),
+        int8 = self.format.bits == 8
+        codes = _unblocks(self.codes, out_features) if int8 else _from_int4_cells(self.codes, out_features)
+        return QuantizedTensor(self.format, codes,
                                _from_per_output(self.scale, out_features), zero)

@@ -18,7 +18,7 @@ struct groups_job {
     const int64_t *rows, *offsets;
     int64_t out_blocks, in_blocks, in_features, out_features;
     const uint16_t *x;
-    const float *xf, *xsum; /* x prepared for quantized weights (llama4_prepare_rows), or NULL */
+    struct llama4_rows prepared; /* x prepared for quantized weights (llama4_prepare_rows) */
     uint16_t *y;
 };
 
@@ -34,8 +34,8 @@ static void groups_item(void *ctx, int64_t item, int thread) {
         block_column(block, J->in_blocks, J->in_features, J->x + at * J->in_features, rows, y, J->out_features,
                      ob * 64);
     } else {
-        llama4_quant_column(w, ob, J->in_features, J->xf + at * J->in_features, J->xsum + at * J->in_blocks, rows, y,
-                            J->out_features, ob * 64);
+        const struct llama4_rows X = llama4_rows_at(&J->prepared, at, J->in_features);
+        llama4_quant_column(w, ob, J->in_features, &X, rows, y, J->out_features, ob * 64);
     }
 }
 
@@ -44,7 +44,7 @@ static void groups_item(void *ctx, int64_t item, int thread) {
 
 struct prepare_job {
     const uint16_t *x;
-    float *xf, *xsum;
+    struct llama4_rows prepared;
     int64_t rows, in_features;
 };
 
@@ -52,20 +52,20 @@ static void prepare_item(void *ctx, int64_t item, int thread) {
     (void)thread;
     const struct prepare_job *P = ctx;
     const int64_t first = item * PREPARE_ROWS, count = P->rows - first < PREPARE_ROWS ? P->rows - first : PREPARE_ROWS;
-    llama4_prepare_rows(P->x + first * P->in_features, count, P->in_features, P->xf + first * P->in_features,
-                        P->xsum + first * (P->in_features / 32));
+    const struct llama4_rows X = llama4_rows_at(&P->prepared, first, P->in_features);
+    llama4_prepare_rows(P->x + first * P->in_features, count, P->in_features, &X);
 }
 
 /* The calling thread's scratch for prepared rows, grown as needed and kept (calls come from one thread at a
  * time: the model's). */
-static float *prepared_rows(int64_t floats) {
-    static __thread float *scratch;
+static void *prepared_rows(int64_t bytes) {
+    static __thread void *scratch;
     static __thread int64_t capacity;
-    if (floats > capacity) {
-        float *grown = realloc(scratch, (size_t)floats * sizeof(float));
+    if (bytes > capacity) {
+        void *grown = realloc(scratch, (size_t)bytes);
         if (!grown) return NULL;
         scratch = grown;
-        capacity = floats;
+        capacity = bytes;
     }
     return scratch;
 }
@@ -77,22 +77,32 @@ static float *prepared_rows(int64_t floats) {
  * `threads` threads. 0 on success, 1 if memory for the prepared rows ran out (y not written). */
 int llama4_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t groups, int64_t out_features,
                          int64_t in_features, const uint16_t *x, uint16_t *y, int threads) {
-    int64_t offsets[groups > 0 ? groups : 1], total = 0, quantized = 0;
+    int64_t offsets[groups > 0 ? groups : 1], total = 0, int8 = 0, int4 = 0;
     for (int64_t g = 0; g < groups; total += rows[g], g++) {
         offsets[g] = total;
-        quantized |= ((const struct llama4_weight *)(uintptr_t)weights[g])->format != LLAMA4_BF16;
+        const int64_t format = ((const struct llama4_weight *)(uintptr_t)weights[g])->format;
+        int8 |= format == LLAMA4_INT8;
+        int4 |= format == LLAMA4_INT4;
     }
     struct groups_job job = {weights, rows, offsets, (out_features + 63) / 64, in_features / 32, in_features,
-                             out_features, x, NULL, NULL, y};
-    if (quantized && total > 0) {
-        float *xf = prepared_rows(total * (in_features + in_features / 32));
-        if (!xf) return 1;
-        job.xf = xf;
-        job.xsum = xf + total * in_features;
-        struct prepare_job prep = {x, xf, xf + total * in_features, total, in_features};
-        if (total * in_features <= PREPARE_ALONE) /* a decode step's rows: not worth waking the pool */
-            llama4_prepare_rows(x, total, in_features, xf, xf + total * in_features);
-        else /* a prefill's: as many floats as the whole input, converted in parallel */
+                             out_features, x, {0, 0, 0, 0}, y};
+    if ((int8 || int4) && total > 0) {
+        const int64_t values = total * in_features, blocks = values / 32;
+        char *scratch = prepared_rows((int8 ? values * 4 : 0) + (int4 ? blocks * 8 + values : 0));
+        if (!scratch) return 1;
+        if (int8) {
+            job.prepared.xf = (float *)scratch;
+            scratch += values * 4;
+        }
+        if (int4) {
+            job.prepared.xd = (float *)scratch;
+            job.prepared.xqsum = job.prepared.xd + blocks;
+            job.prepared.xq = (int8_t *)(job.prepared.xqsum + blocks);
+        }
+        struct prepare_job prep = {x, job.prepared, total, in_features};
+        if (values <= PREPARE_ALONE) /* a decode step's rows: not worth waking the pool */
+            llama4_prepare_rows(x, total, in_features, &job.prepared);
+        else /* a prefill's: as large as the whole input, prepared in parallel */
             llama4_pool_parallel((total + PREPARE_ROWS - 1) / PREPARE_ROWS, threads, prepare_item, &prep);
     }
     llama4_pool_parallel(groups * job.out_blocks, threads, groups_item, &job);

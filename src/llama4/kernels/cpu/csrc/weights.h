@@ -8,9 +8,10 @@
  *   LLAMA4_BF16: oneDNN's AB16b64a2b, 16 input pairs x 64 outputs x the pair (bf16), 4 KB a block;
  *   LLAMA4_INT8: 32 inputs x 64 outputs, signed codes (1 byte each), 2 KB a block; one scale per output
  *                (`scale` [O/64][1][64]);
- *   LLAMA4_INT4: 16 input pairs x 64 outputs, one byte per output and pair (the even input in the low
- *                nibble), unsigned codes 0..15, 1 KB a block; a scale and a zero point per output and `group`
- *                inputs (`scale` [O/64][I/group][64]; `zero` the same, uint8, or NULL: 8, the symmetric codes).
+ *   LLAMA4_INT4: unsigned codes 0..15, two a byte, 1 KB a block, stored as eight 8-output columns one after
+ *                another (each column's input blocks in order, 128 bytes a block: quant_linear.c's int4 cells);
+ *                a scale and a zero point per output and `group` inputs (`scale` [O/64][I/group][64]; `zero`
+ *                the same, uint8, or NULL: 8, the symmetric codes).
  * A code stands for scale * (code - zero) (int8: scale * code). Scales are float32 or (`bf16_scales`) bf16.
  */
 #ifndef LLAMA4_WEIGHTS_H
@@ -28,13 +29,27 @@ struct llama4_weight {
     const uint8_t *zero;
 };
 
+/* A call's rows as the quantized products read them (llama4_prepare_rows, each row alone): xf [rows][I] the
+ * bf16 rows in float32 (int8 weights); xq [rows][I] each 32-input block's int8 codes, xd [rows][I/32] its
+ * scale and xqsum [rows][I/32] its code sum (int4 weights). A pointer is NULL where no weight of the call
+ * needs it. */
+struct llama4_rows {
+    float *xf, *xd, *xqsum;
+    int8_t *xq;
+};
+
+static inline struct llama4_rows llama4_rows_at(const struct llama4_rows *X, int64_t row, int64_t in_features) {
+    const int64_t blocks = in_features / 32;
+    struct llama4_rows at = {X->xf ? X->xf + row * in_features : 0, X->xd ? X->xd + row * blocks : 0,
+                             X->xqsum ? X->xqsum + row * blocks : 0, X->xq ? X->xq + row * in_features : 0};
+    return at;
+}
+
 /* One block column of a quantized weight (quant_linear.c): outputs first..first+63 (those below
- * out_features) of `rows` rows, rounded to bf16 into y (row stride out_features), from the rows as
- * llama4_prepare_rows gives them (xf [rows][I] float32, xsum [rows][I/32]). */
-void llama4_quant_column(const struct llama4_weight *w, int64_t ob, int64_t in_features, const float *xf,
-                         const float *xsum, int64_t rows, uint16_t *y, int64_t out_features, int64_t first);
-/* x [rows, I] bf16 -> xf, the same in float32, and xsum, each row's sums over its 32-input blocks (each row
- * computed alone). */
-void llama4_prepare_rows(const uint16_t *x, int64_t rows, int64_t in_features, float *xf, float *xsum);
+ * out_features) of `rows` (at most 16) rows, rounded to bf16 into y (row stride out_features). */
+void llama4_quant_column(const struct llama4_weight *w, int64_t ob, int64_t in_features, const struct llama4_rows *X,
+                         int64_t rows, uint16_t *y, int64_t out_features, int64_t first);
+/* x [rows, I] bf16 -> the parts of X that are not NULL. */
+void llama4_prepare_rows(const uint16_t *x, int64_t rows, int64_t in_features, const struct llama4_rows *X);
 
 #endif
