@@ -249,3 +249,124 @@ def test_memory_plan_at_a_context_and_without_global_layers():
     local_only = llama4.ModelConfig(text=text_config(**(SMALL | dict(no_rope_layers=(1, 1, 1, 1),
                                                                      chunked_layers=(True,) * 4))))
     assert memory_plan(local_only, memory="1GiB")["max_context"] is None  # the cache stops growing
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-device plans (--tp / --ep): the planner's bytes against what shard_model allocates on real ranks.
+
+PARALLEL_PLANS = [(4, 4), (4, 2), (4, 1), (1, 4), (2, 2), (2, 1), (1, 2)]
+# past one 256-token KV block (the global layers' block rounding counts) and inside a chunk: the chunked layers
+# then hold a whole chunk, as the planner counts them (at a chunk's end they hold none)
+PARALLEL_CONTEXT = 299
+
+
+def _parallel_worker(rank: int, world: int, store: str, out: str) -> None:
+    """Rank ``rank`` of 4: shard_model under every plan (2-rank plans on ranks 0 and 1 in a subgroup), then a
+    prefill of PARALLEL_CONTEXT tokens into a KVCache; writes each plan's parameter and cache bytes."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from llama4.distributed import ParallelPlan, shard_model
+    from llama4.model.cache import KVCache
+    from llama4.quant.kv_cache import kv_storage
+    from tests.distributed.workers import config
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    pair = dist.new_group([0, 1])
+    results = {}
+    ids = torch.randint(0, 96, (1, PARALLEL_CONTEXT), generator=torch.Generator().manual_seed(0))
+    for name in ("a", "b"):
+        for tp, ep in PARALLEL_PLANS:
+            plan = ParallelPlan(tp, ep)
+            if plan.world_size == 2 and rank >= 2:
+                continue
+            model = shard_model(llama4.random_model(config(name), dtype=torch.bfloat16, seed=1), plan,
+                                pair if plan.world_size == 2 else None)
+            entry = {"weights": sum(p.numel() * p.element_size() for p in model.parameters())}
+            for kv in ("auto", "int8"):
+                text = model.config.text
+                cache = KVCache(text, storage=kv_storage(text, kv, torch.bfloat16))
+                with torch.inference_mode():
+                    model(ids, cache=cache, num_logits=1)
+                entry[kv] = cache.nbytes()
+            results[(name, tp, ep)] = entry
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded_ranks(tmp_path_factory) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("parallel_plan")
+    mp.spawn(_parallel_worker, args=(4, str(out / "store"), str(out)), nprocs=4)
+    return [torch.load(out / f"rank{r}.pt") for r in range(4)]
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+@pytest.mark.parametrize("tp,ep", PARALLEL_PLANS)
+def test_per_device_plan_equals_what_shard_model_allocates(sharded_ranks, name, tp, ep):
+    """Config "a": untied head, dense and MoE layers, 2 KV heads (split at tp=2, replicated at tp=4); "b": tied
+    head (the vocabulary-parallel head slices the embedding), one KV head replicated on every rank."""
+    from llama4.distributed import ParallelPlan
+    from llama4.info import memory_plan, weight_bytes
+    from tests.distributed.workers import config
+
+    plan = ParallelPlan(tp, ep)
+    for kv, kv_name in (("bf16", "auto"), ("int8", "int8")):
+        planned = memory_plan(config(name), None, kv, context=PARALLEL_CONTEXT, parallel=plan)
+        for rank in range(plan.world_size):
+            real = sharded_ranks[rank][(name, tp, ep)]
+            assert weight_bytes(config(name), None, torch.bfloat16, plan, rank)["total_bytes"] == real["weights"]
+            assert planned["weights"]["total_bytes"] == real["weights"], rank
+            assert planned["kv_cache"]["total_bytes"] == real[kv_name], (kv, rank)
+    whole = memory_plan(config(name), None, "int8", context=PARALLEL_CONTEXT)  # as the last planned
+    assert planned["weights"]["total_bytes"] < whole["weights"]["total_bytes"]
+    kv_heads = config(name).text.num_kv_heads
+    share = 1 if tp == 1 else min(tp, kv_heads)  # a device caches 1 / share of the KV heads
+    assert planned["kv_cache"]["total_bytes"] * share == whole["kv_cache"]["total_bytes"]
+
+
+def test_maverick_per_device_plan():
+    """Maverick on 8 devices, tp=8 ep=8: the routed experts, attention, shared experts and head are 1/8 each;
+    embeddings, norms, routers and vision stay whole; 8 KV heads over 8 ranks: one per device."""
+    from llama4.distributed import ParallelPlan
+    from llama4.info import memory_plan, weight_bytes
+
+    maverick = llama4.preset("maverick")
+    whole = weight_bytes(maverick, "int4")
+    plan = memory_plan(maverick, "int4", "int8", memory="80GiB", parallel=ParallelPlan(8, 8))
+    kinds = plan["weights"]["kinds"]
+    for kind in ("experts", "attention", "shared", "head"):
+        assert kinds[kind]["split"] and kinds[kind]["bytes"] * 8 == whole["kinds"][kind]["bytes"], kind
+    for kind in ("embeddings", "norms", "router", "vision"):
+        assert not kinds[kind]["split"] and kinds[kind]["bytes"] == whole["kinds"][kind]["bytes"], kind
+    assert plan["parallel"]["kv_heads_per_device"] == 1 and not plan["parallel"]["kv_heads_replicated"]
+    assert plan["weights"]["total_bytes"] < 80 * 2**30 < whole["total_bytes"]
+    n = plan["max_context"]
+    assert n > 1_000_000 and plan["total_bytes"] <= 80 * 2**30
+    single = memory_plan(maverick, "int4", "int8", context=n)
+    assert plan["kv_cache"]["total_bytes"] * 8 == single["kv_cache"]["total_bytes"]
+    over = memory_plan(maverick, "int4", "int8", context=n + 256, parallel=ParallelPlan(8, 8))
+    assert over["total_bytes"] > 80 * 2**30
+    fp8 = memory_plan(maverick, "fp8", parallel=ParallelPlan(8, 8))["weights"]  # FP8 checkpoints load as int8
+    assert fp8 == memory_plan(maverick, "int8", parallel=ParallelPlan(8, 8))["weights"]
+    # int4 groups of 32 along the input: wo's input split 8 ways still holds whole groups; one that does not is refused
+    with pytest.raises(ValueError, match="not divisible|does not fit"):
+        memory_plan(maverick, "int4", parallel=ParallelPlan(3, 3))
+
+
+def test_info_command_prints_the_per_device_plan(capsys):
+    from llama4.cli import main
+
+    assert main(["info", "--preset", "maverick", "--tp", "8", "--ep", "8", "--quant", "int4", "--kv", "int8",
+                 "--memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "PER DEVICE: tp=8, ep=8 on 8 devices; 16 routed experts x hidden 8192 per device; 1 KV head(s)" in out
+    assert "experts     int4-g32" in out and "split" in out and "replicated" in out
+    assert "in 80.0 GiB: largest context" in out
+    assert main(["info", "--preset", "scout", "--tp", "16", "--ep", "16"]) == 2
+    assert "num_heads 40 is not divisible by tp=16" in capsys.readouterr().err

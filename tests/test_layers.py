@@ -28,6 +28,7 @@ LAYERS = [
     {"serve", "evaluation"},
     {"llama4"},  # the package's public API (llama4/__init__.py): only the command line above it uses it
     {"cli"},
+    {"__main__"},  # python -m llama4 / torchrun -m llama4: runs the command line
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 

@@ -58,11 +58,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         info["source"] = f"preset {preset_name}"
         info["assumed"] = preset_name in ASSUMED_PRESETS
     plan = None
-    if any(v is not None for v in (args.quant, args.kv, args.context, args.memory)):
+    if any(v is not None for v in (args.quant, args.kv, args.context, args.memory, args.tp, args.ep)):
+        from llama4.distributed import ParallelPlan
         from llama4.info import memory_plan, resolve_config
 
         config, _ = resolve_config(source)
-        plan = memory_plan(config, args.quant, args.kv or "bf16", args.context, args.memory)
+        parallel = ParallelPlan(args.tp or 1, args.ep or 1) if args.tp or args.ep else None
+        plan = memory_plan(config, args.quant, args.kv or "bf16", args.context, args.memory, parallel=parallel)
         info["memory"] = plan
     if args.json:
         print(json.dumps(info, indent=2))
@@ -96,9 +98,18 @@ def _print_plan(plan: dict) -> None:
     scales = f", {weights['scale_dtype']} scales" if weights["scale_dtype"] else ""
     kv_name = plan["kv_dtype"] + (" (global layers; chunked layers bf16)" if kv["global_format"] else "")
     print(f"memory plan: weights {weights['recipe']} (float {weights['dtype']}{scales}), KV cache {kv_name}, batch 1")
+    parallel = plan.get("parallel")
+    if parallel:
+        kv_heads = (f"{parallel['kv_heads_per_device']} KV head(s) per device"
+                    + (" (replicated: fewer KV heads than tp ranks)" if parallel["kv_heads_replicated"] else ""))
+        print(f"  PER DEVICE: tp={parallel['tp']}, ep={parallel['ep']} on {parallel['devices']} devices; "
+              f"{parallel['experts_per_device']} routed experts x hidden {parallel['expert_hidden_per_device']} "
+              f"per device; {kv_heads}; all devices' weights {_bytes(parallel['all_devices_weight_bytes'])}")
     print(f"  weights {_bytes(weights['total_bytes'])}")
     for kind, row in weights["kinds"].items():
-        print(f"    {kind:<11} {row['format']:<15} {_human(row['params']):>8} params  {_bytes(row['bytes']):>10}")
+        split = ("  split" if row["split"] else "  replicated") if "split" in row else ""
+        print(f"    {kind:<11} {row['format']:<15} {_human(row['params']):>8} params  "
+              f"{_bytes(row['bytes']):>10}{split}")
     if kv["context"] or plan.get("max_context") != -1:
         print(f"  KV cache at {kv['context']:,} tokens {_bytes(kv['total_bytes'])} = global layers "
               f"{_bytes(kv['global_bytes'])} ({_bytes(kv['bytes_per_token_global'])} per token) + chunked layers "
@@ -161,10 +172,42 @@ def _sampling(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from llama4.distributed.launch import LaunchEnv
+
+    if args.tp is not None or args.ep is not None or LaunchEnv.launched(os.environ):
+        return _generate_distributed(args)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    return _generate(args, prompt, *_load(args))
+
+
+def _generate_distributed(args: argparse.Namespace) -> int:
+    """``generate`` on every rank of a torchrun job (llama4.distributed.launch): each rank loads its shard, all
+    step together with the same seed, rank 0 prints."""
+    import llama4
+    from llama4.distributed import launch
+
+    if args.prompt is None:
+        raise ValueError("give the prompt as an argument in a distributed run (every rank would read standard input)")
+    if args.quant:
+        raise ValueError("--quant cannot be combined with --tp / --ep or torchrun yet: sharded loading takes float "
+                         "checkpoints")
+    path = llama4.build.resolve_model_path(args.model)
+    options = launch.LaunchOptions(tp=args.tp, ep=args.ep, timeout_s=args.dist_timeout, device=args.dist_device)
+
+    def body(run: launch.DistributedRun) -> int:
+        _setup_torch(args)
+        model, tok = run.load(path, torch_dtype(args.dtype)), llama4.load_tokenizer(path)
+        args.seed = run.shared_seed(args.seed)
+        return _generate(args, args.prompt, model, tok, show=run.is_main,
+                         finished=lambda tokens: run.check_same(tokens, args.max_tokens))
+
+    return launch.run(options, os.environ, body)
+
+
+def _generate(args: argparse.Namespace, prompt: str, model, tok, show: bool = True, finished=None) -> int:
+    """Generate and print (where ``show``); ``finished(tokens)`` is called with the tokens before the summary."""
     from llama4.inference.text import Completion, stream_chat, stream_tokens_as_text
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    model, tok = _load(args)
     completion = Completion()
     if args.raw:
         if args.image:
@@ -179,8 +222,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stream = stream_chat(model, tok, messages, params=_sampling(args), max_new_tokens=args.max_tokens,
                              stop=args.stop, allow_image_paths=True, completion=completion, kv_cache=args.kv_cache)
     for piece in stream:
-        if not args.json:
+        if show and not args.json:
             print(piece, end="", flush=True)
+    if finished is not None:
+        finished(completion.tokens)
+    if not show:
+        return 0
     if args.json:
         print(json.dumps({
             "text": completion.text, "tokens": completion.tokens, "prompt_tokens": completion.prompt_tokens,
@@ -387,6 +434,19 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system prompt")
 
 
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tensor / expert parallel", "run under torchrun --nproc-per-node N -m llama4 ... "
+                             "(docs/DISTRIBUTED.md); only rank 0 prints")
+    g.add_argument("--tp", type=int, help="tensor-parallel degree: 1 or the number of ranks (default: the number "
+                   "of ranks, or 1 with --ep alone covering every rank)")
+    g.add_argument("--ep", type=int, help="expert-parallel degree, dividing the number of ranks (default: the "
+                   "number of ranks, or 1 with --tp alone)")
+    g.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait for the other "
+                   "ranks before the run ends with an error (default 300)")
+    g.add_argument("--dist-device", choices=("cpu", "cuda"), default="cpu", help="each rank's device: cpu (gloo) "
+                   "or cuda (nccl, cuda:LOCAL_RANK)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama4", description="Llama 4 in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -396,14 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", help="scout, maverick, behemoth, tiny or small (default: the embedded model)")
     info.add_argument("--json", action="store_true", help="print the figures as JSON")
     info.add_argument("--context", type=int, help="memory plan: the KV cache (and total) at this many tokens")
-    info.add_argument("--quant", help="memory plan: weights under this quantization recipe, e.g. int8, int4, "
+    info.add_argument("--quant", help="memory plan: weights under this quantization recipe, e.g. int8, int4, fp8 "
+                      "(an FP8 checkpoint: loaded as int8 per channel), "
                       "int4-g128-asym, experts=int4-g32,attention=int8,shared=int8,head=int8 (add scales=bf16); "
                       "default: bf16 weights")
     info.add_argument("--kv", choices=("bf16", "fp32", "int8", "fp8"), help="memory plan: KV cache dtype (default "
                       "bf16; int8 / fp8: the global layers quantized, a bf16 scale per token and head, chunked "
                       "layers bf16)")
     info.add_argument("--memory", help="memory plan: the largest context that fits in this much memory "
-                      "(80GiB, 24GB, 512MiB or bytes)")
+                      "(80GiB, 24GB, 512MiB or bytes; per device with --tp / --ep)")
+    info.add_argument("--tp", type=int, help="memory plan per device under tensor parallelism over this many "
+                      "devices (1 or the number of devices; docs/DISTRIBUTED.md)")
+    info.add_argument("--ep", type=int, help="memory plan per device with the routed experts split this many ways")
     info.set_defaults(func=cmd_info)
 
     gen = sub.add_parser("generate", help="generate a reply (chat format) or a raw continuation")
@@ -415,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     _add_sampling_args(gen)
     _add_kv_cache_arg(gen)
+    _add_parallel_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat")
@@ -456,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llama4.train.command import add_train_parser
 
     add_train_parser(sub).set_defaults(func=cmd_train)
+    from llama4.train.finetune import add_finetune_parser
+
+    add_finetune_parser(sub)
     from llama4.serve.command import add_serve_parser
     add_serve_parser(sub)
     return parser

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,6 +15,8 @@ import torch.nn as nn
 from llama4.build import build_meta
 from llama4.checkpoint.io import read_config
 from llama4.config import ModelConfig
+from llama4.distributed.plan import ParallelPlan, layout_shape, local_kv_heads, shard_layouts
+from llama4.distributed.shard import EMBED, TIED_HEAD
 from llama4.model.moe import Experts
 from llama4.presets import ASSUMED_PRESETS, PRESETS, preset
 from llama4.quant import QuantRecipe, WeightFormat, quantize
@@ -29,24 +33,26 @@ KV_FORMATS = {**KV_DTYPES, **{fmt: KV_DTYPES["bf16"] for fmt in QUANTIZED_KV_FOR
 
 
 def kv_cache_bytes(config: ModelConfig, context: int, bytes_per_value: int = 2, batch: int = 1,
-                   block_size: int = 256, global_format: str | None = None) -> dict:
+                   block_size: int = 256, global_format: str | None = None, kv_heads: int | None = None) -> dict:
     """KV cache memory of :class:`~llama4.model.cache.KVCache` after decoding ``context`` tokens.
 
     Global (NoPE) layers hold every token, rounded up to the allocation block; chunked layers hold at
     most one chunk, so their part stops growing at ``attention_chunk_size`` tokens. ``global_format``
     (``int8`` or ``fp8``): the global layers' entries quantized, each costing what
     :class:`llama4.quant.kv_cache.KVFormat` stores for it (codes and a bf16 scale per token and KV head).
+    ``kv_heads``: the KV heads one device caches under a parallel plan (:func:`parallel_kv_heads`; default all).
     """
     if context < 0:
         raise ValueError(f"context must be >= 0, got {context}")
     text = config.text
-    per_entry = 2 * text.num_kv_heads * text.head_dim * bytes_per_value * batch  # keys and values
+    heads = text.num_kv_heads if kv_heads is None else kv_heads
+    per_entry = 2 * heads * text.head_dim * bytes_per_value * batch  # keys and values
     global_entry = per_entry
     if global_format is not None:
         if global_format not in QUANTIZED_KV_FORMATS:
             raise ValueError(f"global_format must be one of {', '.join(QUANTIZED_KV_FORMATS)} (or None), "
                              f"got {global_format!r}")
-        global_entry = 2 * text.num_kv_heads * KVFormat(global_format).entry_bytes(text.head_dim) * batch
+        global_entry = 2 * heads * KVFormat(global_format).entry_bytes(text.head_dim) * batch
 
     def blocks(n: int) -> int:
         return -(-n // block_size) * block_size
@@ -138,8 +144,13 @@ def parse_size(text: str) -> int:
 
 
 def _parse_recipe(recipe: QuantRecipe | str | None) -> QuantRecipe | None:
+    """``fp8`` plans an FP8 checkpoint as it runs here: llama4.quant.fp8 turns its weights into int8 per output
+    channel at load (the same bytes per weight, plus a scale per channel)."""
     if isinstance(recipe, str):
-        return None if recipe.strip().lower() in ("none", "bf16") else QuantRecipe.parse(recipe)
+        name = recipe.strip().lower()
+        if name == "fp8":
+            return QuantRecipe.parse("int8")
+        return None if name in ("none", "bf16") else QuantRecipe.parse(recipe)
     return recipe
 
 
@@ -151,18 +162,38 @@ def _row_bytes(fmt: WeightFormat, scale_dtype: torch.dtype, in_features: int) ->
     return quantize(torch.zeros(1, in_features), fmt, scale_dtype).nbytes
 
 
-def _quantized_parameters(module: nn.Module) -> dict[str, tuple[int, int]]:
+def _quantized_parameters(module: nn.Module, shape: Callable[[str], tuple[int, ...]]) -> dict[str, tuple[int, int]]:
     """The parameters :func:`llama4.quant.quantize_model` turns into codes, as name -> (rows, in_features) in the
     quantized layout [..., out, in]: a linear's ``weight`` [out, in]; the routed experts' ``gate_up`` [E, D, 2I]
-    and ``down`` [E, I, D], multiplied as x @ W, are stored transposed (QuantizedExperts)."""
+    and ``down`` [E, I, D], multiplied as x @ W, are stored transposed (QuantizedExperts). ``shape(name)``: the
+    parameter's shape (a rank's slice of it under a parallel plan)."""
     if isinstance(module, Experts):
-        return {name: (p.shape[0] * p.shape[2], p.shape[1]) for name, p in
-                (("gate_up", module.gate_up), ("down", module.down))}
-    return {"weight": (module.weight.shape[0], module.weight.shape[1])}
+        return {name: (shape(name)[0] * shape(name)[2], shape(name)[1]) for name in ("gate_up", "down")}
+    return {"weight": (shape("weight")[0], shape("weight")[1])}
+
+
+def parallel_shapes(config: ModelConfig, parallel: ParallelPlan, rank: int = 0) -> dict[str, tuple[int, ...]]:
+    """Every parameter a rank holds under ``parallel`` (name -> the rank's shape), from the slicing rules
+    shard_model and load_sharded apply (:func:`llama4.distributed.plan.shard_layouts`). A tied output head under
+    tp > 1 appears as ``text.output.weight`` (the vocabulary-parallel head's rows, sliced from the embedding,
+    which every rank also keeps whole)."""
+    parallel.check(config.text)
+    model = build_meta(config)
+    full = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    if model.text.output is None and parallel.tp > 1:
+        full[TIED_HEAD] = full[EMBED]
+    layouts = shard_layouts(full, config.text, parallel, rank)
+    return {name: full[name] if layout is None else layout_shape(layout) for name, layout in layouts.items()}
+
+
+def parallel_kv_heads(config: ModelConfig, parallel: ParallelPlan, rank: int = 0) -> int:
+    """KV heads one rank caches: num_kv_heads / tp, or 1 where there are fewer KV heads than tp ranks (each head
+    replicated over the ranks whose query heads read it)."""
+    return local_kv_heads(config.text, parallel, rank)[1]
 
 
 def weight_bytes(config: ModelConfig, recipe: QuantRecipe | str | None = None,
-                 dtype: torch.dtype = torch.bfloat16) -> dict:
+                 dtype: torch.dtype = torch.bfloat16, parallel: ParallelPlan | None = None, rank: int = 0) -> dict:
     """Weight memory of the model under ``recipe`` (None: all float), computed on the meta device.
 
     Per kind of weight (the recipe's kinds: experts, shared, attention, head; and the ones it never quantizes:
@@ -171,9 +202,15 @@ def weight_bytes(config: ModelConfig, recipe: QuantRecipe | str | None = None,
     the recipe's scale dtype, a zero point per group if asymmetric); everything else (biases of quantized linears
     included) costs ``dtype``'s size per parameter. Equals :func:`llama4.quant.quantized_bytes` plus the float
     parameters left after :func:`llama4.quant.quantize_model` on the real model.
+
+    ``parallel``: what one rank (``rank``) holds under that plan instead: split weights as its slices
+    (:func:`parallel_shapes`), replicated ones (embeddings, norms, routers, vision, and under tp = 1 attention,
+    shared expert and head) whole; each kind says whether it is ``split``. A quantized slice costs what quantize
+    stores for the slice (a column split leaves fewer inputs per output channel, so its groups must still fit).
     """
     recipe = _parse_recipe(recipe)
     model = build_meta(config)
+    local = parallel_shapes(config, parallel, rank) if parallel is not None else None
     float_size = torch.empty((), dtype=dtype).element_size()
     float_name = _FLOAT_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     if recipe is not None and recipe.head is not None and model.text.output is None:
@@ -181,29 +218,40 @@ def weight_bytes(config: ModelConfig, recipe: QuantRecipe | str | None = None,
                          "quantization is not supported yet: leave head unset for this model")
     kinds: dict[str, dict] = {}
 
-    def add(kind: str, fmt: str, params: int, size: int) -> None:
-        row = kinds.setdefault(kind, {"params": 0, "formats": [], "bytes": 0})
+    def add(kind: str, fmt: str, params: int, size: int, split: bool = False) -> None:
+        row = kinds.setdefault(kind, {"params": 0, "formats": [], "bytes": 0, "split": False})
         row["params"] += params
         row["bytes"] += size
+        row["split"] |= split
         if fmt not in row["formats"]:
             row["formats"].append(fmt)
+
+    def shape(name: str, p: torch.Tensor) -> tuple[int, ...]:
+        return tuple(p.shape) if local is None else local[name]
 
     seen: set[int] = set()
     for target in quantizable_modules(model):
         module = getattr(target.parent, target.attribute)
         fmt = recipe.format_for(target.kind) if recipe is not None else None
-        quantized = _quantized_parameters(module) if fmt is not None else {}
-        for name, p in module.named_parameters():
+        params = dict(module.named_parameters())
+        quantized = (_quantized_parameters(module, lambda n: shape(f"{target.name}.{n}", params[n]))
+                     if fmt is not None else {})
+        for name, p in params.items():
             seen.add(id(p))
+            held = shape(f"{target.name}.{name}", p)
+            numel, split = math.prod(held), held != tuple(p.shape)
             if name in quantized:
                 rows, in_features = quantized[name]
                 try:
                     size = rows * _row_bytes(fmt, recipe.scale_dtype, in_features)
                 except ValueError as e:
                     raise ValueError(f"{target.name}: {e}") from None
-                add(target.kind, fmt.name, p.numel(), size)
+                add(target.kind, fmt.name, numel, size, split)
             else:
-                add(target.kind, float_name, p.numel(), p.numel() * float_size)
+                add(target.kind, float_name, numel, numel * float_size, split)
+    if local is not None and TIED_HEAD in local and model.text.output is None:  # vocabulary-parallel tied head
+        numel = math.prod(local[TIED_HEAD])
+        add("head", float_name, numel, numel * float_size, True)
     for name, p in model.named_parameters():
         if id(p) in seen:
             continue
@@ -217,9 +265,12 @@ def weight_bytes(config: ModelConfig, recipe: QuantRecipe | str | None = None,
             kind = "norms"
         else:
             kind = "other"
-        add(kind, float_name, p.numel(), p.numel() * float_size)
+        held = shape(name, p)
+        add(kind, float_name, math.prod(held), math.prod(held) * float_size, held != tuple(p.shape))
     for row in kinds.values():
         row["format"] = "+".join(row.pop("formats"))
+        if local is None:
+            del row["split"]
     return {
         "recipe": str(recipe) if recipe is not None else "none",
         "dtype": float_name,
@@ -231,7 +282,7 @@ def weight_bytes(config: ModelConfig, recipe: QuantRecipe | str | None = None,
 
 
 def activation_bytes(config: ModelConfig, recipe: QuantRecipe | str | None = None, chunk: int = PREFILL_CHUNK,
-                     dtype: torch.dtype = torch.bfloat16) -> dict:
+                     dtype: torch.dtype = torch.bfloat16, parallel: ParallelPlan | None = None) -> dict:
     """A rough upper estimate of the transient memory of one forward step of one sequence (batch 1), independent
     of the context (attention runs in fused SDPA kernels, which never hold the T x T scores).
 
@@ -247,27 +298,37 @@ def activation_bytes(config: ModelConfig, recipe: QuantRecipe | str | None = Non
     dequantized matrix in ``dtype``: one expert's gate_up (2I x D), the head (vocab x D), wq, or a shared gate.
     The step's figure is the larger of prefill and decode (prefill, for any chunk >= 1). Images (the vision
     tower's activations) are not included.
+
+    Under a ``parallel`` plan, per device: the hidden states stay whole (replicated between blocks), attention
+    and the shared / dense FFN hold the rank's heads and columns, the routed experts their hidden slice (I / (W /
+    ep); every assignment may land on the rank's experts), and the logits are the rank's V / tp rows plus the
+    gathered [n, V]; a dequantized weight is the rank's slice.
     """
     recipe = _parse_recipe(recipe)
     text = config.text
-    moe_width = (1 + text.num_experts_per_tok) * text.intermediate_size if text.moe_layers else 0
-    dense_width = text.intermediate_size_mlp if len(text.moe_layers) < text.num_layers else 0
+    parallel = parallel or ParallelPlan()
+    tp, expert_tp = parallel.tp, parallel.expert_tp
+    kv_heads = local_kv_heads(text, parallel, 0)[1]
+    routed = text.intermediate_size // expert_tp
+    moe_width = text.intermediate_size // tp + text.num_experts_per_tok * routed if text.moe_layers else 0
+    dense_width = text.intermediate_size_mlp // tp if len(text.moe_layers) < text.num_layers else 0
     width = max(moe_width, dense_width)
+    vocab = text.vocab_size + (text.vocab_size // tp if tp > 1 else 0)
 
     def step(n: int) -> dict:
         parts = {
-            "logits": text.vocab_size * n * 4,
+            "logits": vocab * n * 4,
             "hidden": 4 * n * text.hidden_size * 4,
-            "attention": n * (text.num_heads + 2 * text.num_kv_heads) * text.head_dim * 4,
+            "attention": n * (text.num_heads // tp + 2 * kv_heads) * text.head_dim * 4,
             "ffn": n * 3 * width * 4,
         }
         return parts | {"total": sum(parts.values())}
 
     size = torch.empty((), dtype=dtype).element_size()
-    candidates = {"experts": 2 * text.intermediate_size * text.hidden_size if text.moe_layers else 0,
-                  "shared": max(text.intermediate_size, text.intermediate_size_mlp) * text.hidden_size,
-                  "attention": text.num_heads * text.head_dim * text.hidden_size,
-                  "head": text.vocab_size * text.hidden_size}
+    candidates = {"experts": 2 * routed * text.hidden_size if text.moe_layers else 0,
+                  "shared": max(text.intermediate_size, text.intermediate_size_mlp) // tp * text.hidden_size,
+                  "attention": text.num_heads // tp * text.head_dim * text.hidden_size,
+                  "head": text.vocab_size // tp * text.hidden_size}
     dequantized = max((elements * size for kind, elements in candidates.items()
                        if recipe is not None and recipe.format_for(kind) is not None), default=0)
     prefill, decode = step(chunk), step(1)
@@ -276,14 +337,16 @@ def activation_bytes(config: ModelConfig, recipe: QuantRecipe | str | None = Non
 
 
 def largest_context(config: ModelConfig, budget: int, fixed_bytes: int, bytes_per_value: int = 2,
-                    block_size: int = KV_BLOCK, limit: int = 2**40, global_format: str | None = None) -> int | None:
+                    block_size: int = KV_BLOCK, limit: int = 2**40, global_format: str | None = None,
+                    kv_heads: int | None = None) -> int | None:
     """The largest context whose KV cache (:func:`kv_cache_bytes`) fits ``budget`` - ``fixed_bytes`` (weights and
     activations), by binary search: -1 when not even an empty cache fits, None when every context up to ``limit``
     fits (no global layers: the chunked layers' cache stops growing at one chunk). The answer is a multiple of
     ``block_size`` (the cache grows by blocks) unless it is capped by ``limit``."""
 
     def fits(n: int) -> bool:
-        kv = kv_cache_bytes(config, n, bytes_per_value, block_size=block_size, global_format=global_format)
+        kv = kv_cache_bytes(config, n, bytes_per_value, block_size=block_size, global_format=global_format,
+                            kv_heads=kv_heads)
         return fixed_bytes + kv["total_bytes"] <= budget
 
     if not fits(0):
@@ -299,23 +362,36 @@ def largest_context(config: ModelConfig, budget: int, fixed_bytes: int, bytes_pe
 
 def memory_plan(config: ModelConfig, recipe: QuantRecipe | str | None = None, kv: str = "bf16",
                 context: int | None = None, memory: int | str | None = None, dtype: torch.dtype = torch.bfloat16,
-                chunk: int = PREFILL_CHUNK, block_size: int = KV_BLOCK) -> dict:
+                chunk: int = PREFILL_CHUNK, block_size: int = KV_BLOCK, parallel: ParallelPlan | None = None) -> dict:
     """Weights (:func:`weight_bytes`), KV cache at ``context`` tokens in ``kv`` (a :data:`KV_FORMATS` name: bf16,
     fp32, or int8 / fp8 for the global layers quantized and the chunked ones in bf16),
     activations (:func:`activation_bytes`) and their total; with ``memory`` (bytes or a size string), the largest
     context that fits in it (``max_context``: None = any, as the cache stops growing; -1 = does not fit).
-    Without ``context``, the KV cache is given at that largest context (or 0)."""
+    Without ``context``, the KV cache is given at that largest context (or 0).
+
+    ``parallel`` (a :class:`~llama4.distributed.ParallelPlan`): every figure is per device (``memory`` is one
+    device's) under that plan: the rank's weights (:func:`weight_bytes`), its KV heads (:func:`parallel_kv_heads`)
+    and activations. The plan splits evenly (``ParallelPlan.check``), so every rank holds the same bytes; rank 0's
+    are given, and ``parallel`` says how the plan splits."""
     if kv not in KV_FORMATS:
         raise ValueError(f"unknown KV cache dtype {kv!r}: expected one of {', '.join(KV_FORMATS)}")
+    kv_heads = parallel_kv_heads(config, parallel) if parallel is not None else None
     kv_args = dict(bytes_per_value=KV_FORMATS[kv], block_size=block_size,
-                   global_format=kv if kv in QUANTIZED_KV_FORMATS else None)
+                   global_format=kv if kv in QUANTIZED_KV_FORMATS else None, kv_heads=kv_heads)
     if context is not None and context < 0:
         raise ValueError(f"context must be >= 0, got {context}")
     recipe = _parse_recipe(recipe)
-    weights = weight_bytes(config, recipe, dtype)
-    activations = activation_bytes(config, recipe, chunk, dtype)
+    weights = weight_bytes(config, recipe, dtype, parallel)
+    activations = activation_bytes(config, recipe, chunk, dtype, parallel)
     fixed = weights["total_bytes"] + activations["total_bytes"]
     plan: dict = {"kv_dtype": kv, "weights": weights, "activations": activations}
+    if parallel is not None:
+        text = config.text
+        plan["parallel"] = {"tp": parallel.tp, "ep": parallel.ep, "devices": parallel.world_size,
+                            "kv_heads_per_device": kv_heads, "kv_heads_replicated": text.num_kv_heads < parallel.tp,
+                            "experts_per_device": text.num_experts // parallel.ep if text.moe_layers else 0,
+                            "expert_hidden_per_device": text.intermediate_size // parallel.expert_tp,
+                            "all_devices_weight_bytes": weights["total_bytes"] * parallel.world_size}
     if memory is not None:
         budget = parse_size(memory) if isinstance(memory, str) else int(memory)
         found = largest_context(config, budget, fixed, **kv_args)
