@@ -3,6 +3,7 @@
     python bench/serve_load.py                       # the embedded model, 32 clients, 200 requests
     python bench/serve_load.py --model DIR --clients 16 --requests 100 --no-write
     python bench/serve_load.py --faults --no-write      # hostile requests, an engine kill, SIGTERM (2-3 min)
+    python bench/serve_load.py --lora 2 --no-write      # throughput with 2 LoRA adapters vs none
 
 Phases (all against ``llama4 serve`` run as its own process on 127.0.0.1, with the official ``openai``
 client in this one, so that the clients' parsing does not share the server's interpreter lock):
@@ -30,6 +31,14 @@ the OpenAI error format, or its 200) and a third polls /health (under 1 s); the 
 under load (the requests it held fail at once, those after /health is 200 again are right); SIGTERM with
 ``--clients`` long streams in flight (each finishes right, the server exits). Results under
 <!-- bench-serve-faults -->; exit status 1 when a pass criterion fails.
+
+LoRA (``--lora N``, instead of the phases above; docs/FINETUNING.md): N random adapters (rank ``--lora-rank``
+on attention, shared expert and routed experts) are written for the model, then ``--clients`` closed-loop
+clients run for ``--lora-seconds`` against: the plain server (packed CPU kernels where the machine has them,
+no adapters); a server started with ``--lora`` (the model unpacked) with every request on the base; and the
+same server with requests spread over the base and the N adapters (rows of different adapters in one
+batch). Each (prompt, model) reply is checked against the same request sent alone to that server. Results
+under <!-- bench-serve-lora -->.
 """
 
 from __future__ import annotations
@@ -194,6 +203,100 @@ def run_for(base_url: str, model: str, chats: list[list[dict]], clients: int, ma
     stats.lost = sum(1 for o in stats.outcomes if o.status != 200)
     stats.count_mismatched(reference)
     return stats
+
+
+def run_jobs(base_url: str, jobs: list[tuple[str, list[dict]]], clients: int, max_tokens: int, seconds: float,
+             reference: dict[int, str]) -> LoadStats:
+    """As run_for, cycling through ``jobs`` (model, messages): each client sends the next job as soon as its reply
+    is in, until ``seconds`` have passed; the reference is keyed by job index."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0, timeout=max(60.0, seconds))
+    stats, lock, counter = LoadStats(), threading.Lock(), iter(range(1 << 30))
+    start = time.perf_counter()
+
+    def work() -> None:
+        while time.perf_counter() - start < seconds:
+            with lock:
+                index = next(counter) % len(jobs)
+            outcome = stream_one(client, jobs[index][0], jobs[index][1], index, max_tokens)
+            with lock:
+                stats.outcomes.append(outcome)
+
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(work) for _ in range(clients)]:
+            future.result()
+    stats.seconds = time.perf_counter() - start
+    stats.lost = sum(1 for o in stats.outcomes if o.status != 200)
+    stats.count_mismatched(reference)
+    return stats
+
+
+def write_adapters(model: str | None, count: int, rank: int, root: Path) -> dict[str, Path]:
+    """``count`` random PEFT adapters for ``model`` (B drawn non-zero, so that they change the replies)."""
+    import torch
+
+    import llama4
+    from llama4.lora import LoraConfig, apply_lora, lora_state_dict, save_adapter
+
+    paths = {}
+    for i in range(count):
+        base = llama4.load_model(model, pack=False)
+        apply_lora(base, LoraConfig(rank=rank, alpha=2 * rank, targets=("attention", "shared", "experts")), seed=i)
+        generator = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in lora_state_dict(base).values():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+        paths[f"lora{i}"] = root / f"lora{i}"
+        save_adapter(base, paths[f"lora{i}"])
+    return paths
+
+
+def lora_bench(args, options: list[str]) -> None:
+    import tempfile
+
+    chats = prompts(args.distinct)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = write_adapters(args.model, args.lora, args.lora_rank, Path(tmp))
+        lora_flags = ["--lora", *(f"{name}={path}" for name, path in adapters.items()),
+                      "--max-loras", str(args.lora), "--max-lora-rank", str(args.lora_rank)]
+        models = ["bench", *adapters]
+        for label, flags, names in (("plain server, no adapters", [], ["bench"]),
+                                    (f"--lora ({args.lora} adapters loaded), every request on the base",
+                                     lora_flags, ["bench"]),
+                                    (f"--lora, requests spread over the base and {args.lora} adapters", lora_flags,
+                                     models)):
+            jobs = [(names[i % len(names)], chats[i % len(chats)]) for i in range(len(chats) * len(names))]
+            server = Server(options + flags)
+            try:
+                reference = {}
+                for i, (name, messages) in enumerate(jobs):
+                    solo = run_load(server.url, name, [(i, messages)], 1, args.max_tokens, args.time_limit)
+                    reference |= {o.index: o.text for o in solo.outcomes if o.status == 200}
+                stats = run_jobs(server.url, jobs, args.clients, args.max_tokens, args.lora_seconds, reference)
+            finally:
+                server.close()
+            results.append((label, stats))
+    base_rate = results[0][1].tokens_per_second
+    rows = [[label, len(s.outcomes), s.server_errors, s.lost, s.mismatched, f"{s.tokens_per_second:.1f}",
+             f"{s.tokens_per_second / base_rate:.2f}x" if base_rate else "-", f"{s.ttft_percentile(0.5) * 1000:.0f}"]
+            for label, s in results]
+    table = markdown_table(["server / requests", "requests", "5xx", "lost", "mismatched", "tokens/s", "vs plain",
+                            "TTFT p50 ms"], rows)
+    setup = (f"`bench/serve_load.py --lora {args.lora}`: model {args.model or 'embedded'}, {args.dtype}, "
+             f"{args.threads} threads, engine {args.engine}, {args.clients} closed-loop clients for "
+             f"{args.lora_seconds:g} s per row, {args.max_tokens} new tokens, greedy; adapters of rank "
+             f"{args.lora_rank} on attention, shared and routed experts; each reply compared with the same request "
+             f"sent alone. {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1-minute load "
+             f"average {os.getloadavg()[0]:.1f} after the run.")
+    print(table + "\n\n" + setup)
+    if not args.no_write:
+        write_section(ROOT / "docs" / "PERFORMANCE.md", "bench-serve-lora",
+                      "## Serving many LoRA adapters\n\n" + table + "\n\n" + setup)
+    if any(s.server_errors or s.lost or s.mismatched for _, s in results):
+        print("FAILED: 5xx, lost or mismatched replies", file=sys.stderr)
+        sys.exit(1)
 
 
 def scaling(base_url: str, chats: list[list[dict]], max_tokens: int, seconds: float, reference: dict[int, str],
@@ -815,6 +918,10 @@ def main() -> None:
                         help="instead of the phases above: hostile requests, an engine kill and SIGTERM under load")
     parser.add_argument("--fault-seconds", type=float, default=20.0,
                         help="--faults: length of the calm and the hostile runs")
+    parser.add_argument("--lora", type=int, default=0, metavar="N",
+                        help="instead of the phases above: throughput with N LoRA adapters vs none")
+    parser.add_argument("--lora-rank", type=int, default=8, help="--lora: the adapters' rank")
+    parser.add_argument("--lora-seconds", type=float, default=20.0, help="--lora: length of each run")
     args = parser.parse_args()
 
     import torch
@@ -827,6 +934,9 @@ def main() -> None:
         options += ["--model", args.model]
     if args.faults:
         faults(args, options)
+        return
+    if args.lora:
+        lora_bench(args, options)
         return
     server = Server(options)
     try:

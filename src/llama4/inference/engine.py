@@ -28,6 +28,13 @@ piece per token rather than by its whole prefill. Each sequence has its own samp
 stop strings, streaming detokenizer and (optionally) a logits constraint (outputs.py); results go to
 a ``sink`` callable as :class:`TokenEvent`\\ s and one final :class:`FinishEvent`, called from the
 engine thread.
+
+LoRA adapters (``max_loras`` > 0: llama4.lora.multi): a request names its adapter (``adapter``), every row
+of a batch computes on its own (per-row adapter slots set by the runner, no merging), and adapters are
+loaded and unloaded while the engine runs (:meth:`Engine.load_adapter`, :meth:`Engine.unload_adapter`),
+between iterations (a step lock). An adapter that a queued, prefilling or running request uses is not
+unloaded (:class:`~llama4.inference.requests.AdapterInUse`); the prefix cache keeps each adapter's entries
+apart and drops them with it. The model must be plain (not packed for the CPU kernels).
 """
 
 from __future__ import annotations
@@ -42,12 +49,13 @@ import torch
 from llama4.inference.metrics import EngineMetrics
 from llama4.inference.outputs import OutputProcessor
 from llama4.inference.prefix_cache import PrefixCache
-from llama4.inference.requests import ContextTooLong, Event, GenerationRequest
+from llama4.inference.requests import AdapterInUse, ContextTooLong, Event, GenerationRequest
 from llama4.inference.runner import ModelRunner
 from llama4.inference.sampling import Sampler, greedy_shortcut
 from llama4.inference.scheduler import Piece, Scheduler
 from llama4.inference.sequence import SequenceState
 from llama4.kernels.cpu import KernelOptions
+from llama4.lora.multi import LoadedAdapter, MultiLora, UnknownAdapter
 from llama4.model.paged_cache import PagedKVCache
 from llama4.model.transformer import Llama4Model, check_token_ids
 from llama4.prompt import Tokenizer
@@ -69,14 +77,18 @@ class EngineConfig:
     # the CPU fast paths of a model the engine loads itself (its own process): from LLAMA4_CPU_KERNEL,
     # LLAMA4_FUSED_DECODE, CC and XDG_CACHE_HOME unless given
     kernels: KernelOptions = field(default_factory=lambda: KernelOptions.from_environ(os.environ))
+    # LoRA adapters served at once (0: none; then requests cannot name one) and the largest rank one may have.
+    # With adapters the model must be plain: an engine process then loads it unpacked (no CPU kernels).
+    max_loras: int = 0
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if isinstance(self.kernels, dict):  # from JSON (the engine process's settings)
             object.__setattr__(self, "kernels", KernelOptions(**self.kernels))
-        for name in ("max_batch", "prefill_chunk", "kv_block_size"):
+        for name in ("max_batch", "prefill_chunk", "kv_block_size", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_queue", "prefix_cache_bytes"):
+        for name in ("max_queue", "prefix_cache_bytes", "max_loras"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_context is not None and self.max_context < 2:
@@ -132,7 +144,10 @@ class Engine:
         self._cond = threading.Condition()
         self._pool = PagedKVCache(text, block_size=config.kv_block_size,
                                   storage=kv_storage(text, config.kv_cache, model.text.embed.weight.dtype))
-        self.runner = ModelRunner(model, self._pool, config.batch_invariant)
+        self.adapters = MultiLora(model, config.max_loras, config.max_lora_rank) if config.max_loras else None
+        self._step_lock = threading.Lock()  # an iteration, or an adapter's load / unload: never both at once
+        self.runner = ModelRunner(model, self._pool, config.batch_invariant,
+                                  self.adapters.rows if self.adapters is not None else None)
         self.outputs = OutputProcessor(self.metrics)
         self.scheduler: Scheduler[SequenceState] = Scheduler(config.max_batch, config.max_queue,
                                                              config.prefill_chunk, self._take_prefix)
@@ -155,10 +170,46 @@ class Engine:
         max_new = admissible(request, self.vocab, self.max_context, self.has_vision)
         seq = SequenceState(request, sink, Sampler(request.params, self.vocab, request.prompt), self.tokenizer,
                             max_new)
-        with self._cond:
+        with self._cond:  # (unload_adapter checks the scheduler under this lock: no request slips past it)
+            if request.adapter is not None:
+                adapter = self._adapter(request.adapter)
+                seq.adapter_slot, seq.adapter_uid = adapter.slot, adapter.uid
             self.scheduler.add(seq)
             self._cond.notify()
         return Handle(self, seq)
+
+    def _adapter(self, name: str) -> LoadedAdapter:
+        if self.adapters is None:
+            raise UnknownAdapter(name, [])
+        return self.adapters.get(name)
+
+    def load_adapter(self, name: str, path: str) -> LoadedAdapter:
+        """Load the PEFT adapter at ``path`` as ``name`` (any thread): its files are read and checked first, then
+        it is put in a free slot between two iterations. Raises AdapterError (bad files, rank, targets, a name
+        taken, no free slot)."""
+        if self.adapters is None:
+            raise ValueError("this engine was configured without adapters (max_loras is 0)")
+        files = self.adapters.read(path)
+        with self._step_lock:
+            return self.adapters.install(name, files)
+
+    def unload_adapter(self, name: str) -> LoadedAdapter:
+        """Unload adapter ``name`` (any thread), between two iterations; refused (AdapterInUse) while a request
+        that names it is queued or in the batch. Its prefix-cache entries are released."""
+        with self._step_lock, self._cond:
+            adapter = self._adapter(name)
+            users = sum(s.adapter_uid == adapter.uid for s in (*self.scheduler.waiting, *self.scheduler.prefilling,
+                                                                 *self.scheduler.running))
+            if users:
+                raise AdapterInUse(name, users)
+            self.adapters.unload(name)
+            if self.prefix_cache is not None:
+                self.prefix_cache.drop(adapter.uid)
+            return adapter
+
+    def loaded_adapters(self) -> dict[str, str]:
+        """The adapters loaded: name -> path."""
+        return {} if self.adapters is None else {a.name: a.path for a in self.adapters.loaded.values()}
 
     @property
     def down(self) -> str | None:
@@ -220,6 +271,10 @@ class Engine:
 
     def step(self) -> bool:
         """One iteration (see the module docstring); False when there was nothing to do."""
+        with self._step_lock:
+            return self._step()
+
+    def _step(self) -> bool:
         with self._cond:
             for seq in self.scheduler.admit():
                 self.outputs.finish(seq, "cancelled")
@@ -293,7 +348,7 @@ class Engine:
         """Take the longest cached prefix of a text-only prompt (none for prompts with images, nor for prompts
         whose own logprobs are asked: every position must be computed). The scheduler calls it, once."""
         if self.prefix_cache is not None and not seq.whole_prompt:
-            seq.reused, seq.cache = self.prefix_cache.take(seq.request.prompt)
+            seq.reused, seq.cache = self.prefix_cache.take(seq.request.prompt, seq.adapter_uid)
             seq.prefilled = seq.reused
 
     def _start_prefill(self, seq: SequenceState) -> None:
@@ -308,7 +363,8 @@ class Engine:
     def _decode(self) -> None:
         running = self.scheduler.running
         try:
-            logits = self.runner.decode([s.last_token for s in running], [s.cache for s in running])
+            logits = self.runner.decode([s.last_token for s in running], [s.cache for s in running],
+                                        [s.adapter_slot for s in running])
         except Exception as e:  # the cache may be half-updated: end every running sequence
             for seq in self.scheduler.clear_running():
                 self._end(seq, "error", error=f"decode failed: {e}")
@@ -339,6 +395,6 @@ class Engine:
         when reusable, else back to the pool."""
         reusable = self.prefix_cache is not None and seq.request.pixel_values is None and seq.reason != "error"
         if reusable and seq.cache is not None:
-            self.prefix_cache.put(tokens, seq.cache)  # the store owns the blocks from now
+            self.prefix_cache.put(tokens, seq.cache, seq.adapter_uid)  # the store owns the blocks from now
             seq.cache = None
         self._free(seq)

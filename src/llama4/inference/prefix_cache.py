@@ -7,9 +7,11 @@ prefix (``copy_prefix``; with the engine's paged cache the copy shares the entry
 copies one partial block per layer kind): the next turn of a chat re-renders the previous reply,
 which need not tokenize as it was generated, so an exact-extension match would rarely hit. A cut can
 only go back to the start of the chunk the chunked-attention layers hold; a shorter common prefix is
-not reused. Entries are evicted least recently used first once their bytes pass the budget (an
-evicted entry's blocks go back to the pool). Sequences with images are never stored: their keys and
-values depend on pixels, not only on token ids.
+not reused. Entries live in namespaces (``namespace``: the engine's LoRA adapter of the sequence, 0 for
+the base model): a prompt only ever reuses an entry of its own namespace, since the same tokens have
+other keys and values under another adapter. Entries are evicted least recently used first once their
+bytes pass the budget (an evicted entry's blocks go back to the pool). Sequences with images are never
+stored: their keys and values depend on pixels, not only on token ids.
 """
 
 from __future__ import annotations
@@ -43,14 +45,15 @@ class PrefixCache:
             raise ValueError(f"the prefix cache budget must be >= 0 bytes, got {max_bytes}")
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict[tuple[int, ...], tuple[CachedSequence, int]] = OrderedDict()
+        # (namespace, tokens) -> (cache, bytes)
+        self._entries: OrderedDict[tuple[int, tuple[int, ...]], tuple[CachedSequence, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, tokens: list[int], cache: CachedSequence) -> None:
+    def put(self, tokens: list[int], cache: CachedSequence, namespace: int = 0) -> None:
         """Keep a one-row ``cache`` holding exactly ``tokens`` (owned by the store from now: released when
-        evicted or not kept)."""
+        evicted or not kept), reusable by prompts of the same ``namespace`` only."""
         if cache.batch_size != 1 or cache.lengths[0] != len(tokens):
             raise ValueError(f"a prefix entry needs one row holding its {len(tokens)} tokens, "
                              f"got lengths {cache.lengths}")
@@ -58,7 +61,7 @@ class PrefixCache:
         if not tokens or size > self.max_bytes:
             cache.release()
             return
-        key = tuple(tokens)
+        key = (namespace, tuple(tokens))
         if key in self._entries:
             old, old_size = self._entries.pop(key)
             self.bytes -= old_size
@@ -76,7 +79,14 @@ class PrefixCache:
         self._entries.clear()
         self.bytes = 0
 
-    def take(self, prompt: list[int]) -> tuple[int, CachedSequence | None]:
+    def drop(self, namespace: int) -> None:
+        """Release every entry of ``namespace`` (e.g. an adapter unloaded: nothing can reuse them any more)."""
+        for key in [k for k in self._entries if k[0] == namespace]:
+            cache, size = self._entries.pop(key)
+            self.bytes -= size
+            cache.release()
+
+    def take(self, prompt: list[int], namespace: int = 0) -> tuple[int, CachedSequence | None]:
         """The longest usable shared prefix of ``prompt`` and a cached entry: (its length, a copy of the
         entry's cache cut back to it); (0, None) when nothing is usable.
 
@@ -86,7 +96,9 @@ class PrefixCache:
         best, best_len = None, 0
         limit = len(prompt) - 1
         for key, (cache, _) in self._entries.items():
-            shared = _shared_prefix(key, prompt, limit)
+            if key[0] != namespace:
+                continue
+            shared = _shared_prefix(key[1], prompt, limit)
             if shared > best_len and shared >= cache.earliest_cut():
                 best, best_len = key, shared
         if best is None:

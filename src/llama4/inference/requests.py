@@ -33,6 +33,8 @@ class GenerationRequest:
     # tokens to give beside each prompt token's (0: its own alone). Such a prompt is prefilled in full (no
     # prefix-cache reuse), and max_tokens may then be 0 (score the prompt, generate nothing).
     prompt_logprobs: int | None = None
+    # the LoRA adapter (its name in the engine's llama4.lora.multi.MultiLora) the request runs on; None: the base
+    adapter: str | None = None
 
 
 @dataclass
@@ -89,3 +91,13 @@ class ContextTooLong(EngineError, ValueError):
         super().__init__(f"the prompt has {prompt_tokens} tokens but the context holds {max_context} "
                          f"(including at least one generated token); shorten the prompt")
         self.prompt_tokens, self.max_context = prompt_tokens, max_context
+
+
+class AdapterInUse(EngineError):
+    """An adapter cannot be unloaded while requests that name it are queued or running (refused, not deferred:
+    the caller may retry once they finish)."""
+
+    def __init__(self, name: str, users: int):
+        super().__init__(f"the adapter {name!r} is in use by {users} queued or running request"
+                         f"{'s' if users != 1 else ''}: unload it once they finish")
+        self.name, self.users = name, users

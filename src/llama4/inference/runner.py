@@ -7,20 +7,27 @@ fixed 16-row tiles, attention over its own keys in a fixed key bucket (or, for p
 AMX, the fused C layers, which compute every token as a row of its own); and prefill is
 split-invariant too, each prompt token computed as a decode step would compute it (see
 ``llama4.model.invariance``).
+
+With LoRA adapters (``rows``: the AdapterRows of the engine's llama4.lora.multi.MultiLora) the runner sets
+each token's adapter slot before every forward: a prefill piece's tokens all on their sequence's, a decode
+step's rows each on its own.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from llama4.inference.sequence import SequenceState
+from llama4.lora.multi import AdapterRows
 from llama4.model.paged_cache import PagedKVCache, PagedSequence
 from llama4.model.transformer import Llama4Model
 
 
 class ModelRunner:
-    def __init__(self, model: Llama4Model, pool: PagedKVCache, batch_invariant: bool):
-        self.model, self.pool = model, pool
+    def __init__(self, model: Llama4Model, pool: PagedKVCache, batch_invariant: bool, rows: AdapterRows | None = None):
+        self.model, self.pool, self.rows = model, pool, rows
         model.set_batch_invariant(batch_invariant)  # the model the engine runs computes as its config says
         self.device = model.text.embed.weight.device
 
@@ -44,12 +51,17 @@ class ModelRunner:
             piece = self.model.embed(torch.tensor([seq.request.prompt[start:start + size]], device=self.device))
         positions = torch.arange(start, start + piece.shape[1], device=self.device)[None]
         scored = seq.request.prompt_logprobs is not None
-        logits = self.model.text(piece, positions, self.pool.batch([seq.cache]),
-                                 num_logits=piece.shape[1] if scored else 1)
+        with self._adapters([seq.adapter_slot] * piece.shape[1]):
+            logits = self.model.text(piece, positions, self.pool.batch([seq.cache]),
+                                     num_logits=piece.shape[1] if scored else 1)
         return logits[0]
 
-    def decode(self, tokens: list[int], caches: list[PagedSequence]) -> torch.Tensor:
-        """One ragged step: row i feeds ``tokens[i]`` to ``caches[i]``, each at its own length; logits [B, V]
-        float32 on the CPU."""
+    def decode(self, tokens: list[int], caches: list[PagedSequence], slots: list[int] | None = None) -> torch.Tensor:
+        """One ragged step: row i feeds ``tokens[i]`` to ``caches[i]``, each at its own length (and on LoRA slot
+        ``slots[i]``); logits [B, V] float32 on the CPU."""
         ids = torch.tensor([[t] for t in tokens], device=self.device)
-        return self.model(ids, cache=self.pool.batch(caches))[:, -1].float().cpu()
+        with self._adapters(slots or [0] * len(tokens)):
+            return self.model(ids, cache=self.pool.batch(caches))[:, -1].float().cpu()
+
+    def _adapters(self, slots: list[int]):
+        return self.rows.using(slots) if self.rows is not None else contextlib.nullcontext()

@@ -38,6 +38,8 @@ class SequenceState:
         self.pieces = 0  # prefill pieces scheduled
         self.prompt_logprobs: list[float | None] = [None]  # the prompt's own, when asked (the first has none)
         self.prompt_top: list[list[tuple[int, float]] | None] = [None]
+        self.adapter_slot = 0  # the row's LoRA slot in the engine's model (0: the base), set when submitted
+        self.adapter_uid = 0  # that adapter's unique id: the row's prefix-cache namespace
         self.plain_greedy = sampler.plain_greedy and request.constraint is None
         self.arrived = time.perf_counter()
         self.last_time: float | None = None
@@ -53,6 +55,7 @@ class SequenceState:
         return self.request.pixel_values is not None or self.request.prompt_logprobs is not None
 
     def shares_prompt(self, other: SequenceState) -> bool:
-        """Its prefilled cache would be ``other``'s (the same prompt and images, scored alike)."""
+        """Its prefilled cache would be ``other``'s (the same prompt and images, scored alike, the same adapter)."""
         a, b = self.request, other.request
-        return a.prompt == b.prompt and a.pixel_values is b.pixel_values and a.prompt_logprobs == b.prompt_logprobs
+        return (a.prompt == b.prompt and a.pixel_values is b.pixel_values and a.prompt_logprobs == b.prompt_logprobs
+                and self.adapter_uid == other.adapter_uid)

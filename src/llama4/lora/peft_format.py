@@ -113,7 +113,9 @@ def _to_peft(local: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(experts * rows, cols)  # ours B [E, r, out] -> PEFT's lora_A [E*r, out]
 
 
-def _from_peft(local: str, tensor: torch.Tensor, experts: int) -> torch.Tensor:
+def from_peft_tensor(local: str, tensor: torch.Tensor, experts: int) -> torch.Tensor:
+    """A stored PEFT tensor in our layout for the adapter tensor ``local`` (a linear's ``lora_A.weight`` as it is;
+    an expert tensor's ``gate_up_A`` ... from peft's 2-D ParamWrapper layout over ``experts`` experts)."""
     if local.endswith(".weight"):
         return tensor
     if local.endswith("_A"):  # PEFT's lora_B [in, r*E] -> ours [E, in, r]
@@ -147,7 +149,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype |
     targets: list[str] = []
     seen: set[str] = set()
     for key in stored:
-        module_path = _module_path(key).replace(".base_layer", "")
+        module_path = peft_module_path(key).replace(".base_layer", "")
         if module_path in seen:
             continue
         seen.add(module_path)
@@ -155,7 +157,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype |
         if ours is not None and ours.endswith(".weight"):
             targets.append(ours.removesuffix(".weight"))
             continue
-        expert_tensors = _targeted_expert_tensors(module_path, document.get("target_parameters") or (), multimodal)
+        expert_tensors = targeted_expert_tensors(module_path, document.get("target_parameters") or (), multimodal)
         if not expert_tensors:
             raise ValueError(f"{key}: no module of this model takes it (supported: attention, shared expert, dense "
                              f"MLP and projector linears, and the experts' gate_up_proj / down_proj parameters)")
@@ -171,7 +173,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype |
             for local, hf in _hf_tensor_names(name, module, multimodal).items():
                 if hf not in stored:
                     raise ValueError(f"{path}: {hf} is missing")
-                tensors[f"{name}.{local}"] = _from_peft(local, stored.pop(hf), experts)
+                tensors[f"{name}.{local}"] = from_peft_tensor(local, stored.pop(hf), experts)
         if stored:
             raise ValueError(f"{path}: tensors this model has no place for: {sorted(stored)[:5]}")
         load_lora_state_dict(model, tensors)
@@ -189,14 +191,15 @@ def _remove_wrappers(model: nn.Module) -> None:
     del model.lora_config
 
 
-def _module_path(key: str) -> str:
+def peft_module_path(key: str) -> str:
+    """The transformers module path of a PEFT tensor name (``base_model.model.<path>.lora_A.weight``)."""
     if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
         raise ValueError(f"{key}: not a PEFT LoRA tensor name (base_model.model.<module>.lora_A.weight / "
                          f".lora_B.weight; lora magnitude vectors, embeddings and biases are not supported)")
     return key.removeprefix(PREFIX).rsplit(".", 2)[0]
 
 
-def _targeted_expert_tensors(module_path: str, target_parameters, multimodal: bool) -> list[str]:
+def targeted_expert_tensors(module_path: str, target_parameters, multimodal: bool) -> list[str]:
     """The expert tensors (ours, EXPERT_TENSORS order) that the config's ``target_parameters`` name on the module
     at ``module_path``, matched as peft matches them (the full name, or a suffix after a dot); [] when the
     module is not routed experts."""

@@ -4,6 +4,10 @@ that runs for the app's lifetime.
 
 Bodies are read by hand, with a size limit (request_reader.py). Image decoding and chat rendering run in
 the thread pool; the event loop only moves events between the engine and the sockets.
+
+LoRA adapters (an engine with ``max_loras``): a request's ``model`` names the base (any served name) or a
+loaded adapter, whose name its response then carries; /v1/models lists the adapters with their ``parent``;
+with ``runtime_lora``, vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter load and unload them.
 """
 
 from __future__ import annotations
@@ -20,18 +24,19 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from llama4.checkpoint.generation_config import GenerationDefaults
 from llama4.inference.engine import Engine, EngineConfig
-from llama4.inference.requests import FinishEvent, PromptEvent, TokenEvent
+from llama4.inference.requests import AdapterInUse, EngineError, FinishEvent, GenerationRequest, PromptEvent, TokenEvent
+from llama4.lora.multi import AdapterError, UnknownAdapter
 from llama4.prompt import Tokenizer
 from llama4.serve import translate
 from llama4.serve.browser_guard import BrowserGuard, GuardPolicy
 from llama4.serve.engine_process import EngineProcess
-from llama4.serve.errors import CatchAll, install_handlers, logger, model_not_found, server_error
+from llama4.serve.errors import APIError, CatchAll, bad_request, install_handlers, logger, model_not_found, server_error
 from llama4.serve.limits import DEFAULT_STALL_TIMEOUT, ServeLimits
 from llama4.serve.metrics import ServeMetrics
 from llama4.serve.monitoring import CountRequests, StallWatch, add_monitoring_routes, watch_for_stalls
@@ -48,10 +53,12 @@ from llama4.serve.schemas import (
     CompletionChoice,
     CompletionRequest,
     Delta,
+    LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
     PromptTokensDetails,
     TextCompletion,
+    UnloadLoraAdapterRequest,
     Usage,
 )
 from llama4.serve.streams import Choices, failure_of, unless_disconnected, watch_disconnect
@@ -76,7 +83,7 @@ def create_engine_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, *, m
                       allow_remote_images: bool | RemoteImagePolicy = False, guard: GuardPolicy | None = None,
                       metrics_need_key: bool = False, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
                       generation_defaults: GenerationDefaults = GenerationDefaults(),
-                      max_body_bytes: int | None = None) -> FastAPI:
+                      max_body_bytes: int | None = None, runtime_lora: bool = False) -> FastAPI:
     """The app over ``engine`` (a thread in this process, or a process of its own, see
     engine_process.py), which starts and stops with the app. ``model_id``: the name, or names, that
     requests may send as ``model``; responses carry the first (as vLLM's --served-model-name).
@@ -88,17 +95,19 @@ def create_engine_app(engine: Engine | EngineProcess, tokenizer: Tokenizer, *, m
     ``metrics_need_key``: /metrics asks for the API key too (for servers bound beyond loopback).
     ``stall_timeout``: seconds without an engine iteration, while work waits, after which the engine counts
     as stuck (monitoring.py; 0: never). ``generation_defaults``: the checkpoint's sampling settings
-    (generation_config.json), for requests that set no temperature or top_p."""
+    (generation_config.json), for requests that set no temperature or top_p. ``runtime_lora``: clients may load
+    and unload LoRA adapters (an engine configured with ``max_loras``; ``llama4 serve --enable-lora``)."""
     if max_body_bytes is not None:
         limits = dataclasses.replace(limits, max_body_bytes=max_body_bytes)
     names = _served_names(model_id)
-    reader = RequestReader(names, api_key, limits.max_body_bytes)
+    reader = RequestReader(names, api_key, limits.max_body_bytes, engine.loaded_adapters)
     policy = RemoteImagePolicy() if allow_remote_images is True else allow_remote_images or None
     fetcher = RemoteImageFetcher(policy) if policy is not None else None
     watch = StallWatch(engine, stall_timeout)
     app = _engine_app(engine, guard, watch)
     add_monitoring_routes(app, engine, app.state.http_metrics, watch, reader if metrics_need_key else None)
     _add_model_routes(app, engine, names, reader)
+    _add_lora_routes(app, engine, names, reader, runtime_lora)
     add_tokenizer_routes(app, engine, tokenizer, reader)
     _add_generation_routes(app, engine, tokenizer, names[0], reader, limits, fetcher, generation_defaults)
     add_responses_routes(app, engine, tokenizer, names[0], reader, limits, fetcher, generation_defaults)
@@ -139,17 +148,70 @@ def _engine_app(engine: Engine | EngineProcess, guard: GuardPolicy | None, watch
 def _add_model_routes(app: FastAPI, engine: Engine | EngineProcess, names: list[str], reader: RequestReader) -> None:
     created = int(time.time())
 
+    def cards() -> list[ModelCard]:
+        base = [ModelCard(id=name, created=created, max_context=engine.max_context) for name in names]
+        return base + [ModelCard(id=name, created=created, max_context=engine.max_context, root=path, parent=names[0])
+                       for name, path in engine.loaded_adapters().items()]
+
     @app.get("/v1/models")
     async def models(request: Request):
         reader.authorize(request)
-        return ModelList(data=[ModelCard(id=name, created=created, max_context=engine.max_context) for name in names])
+        return ModelList(data=cards())
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str, request: Request):
         reader.authorize(request)
-        if name not in names:
-            raise model_not_found(name, names)
-        return ModelCard(id=name, created=created, max_context=engine.max_context)
+        found = {card.id: card for card in cards()}
+        if name not in found:
+            raise model_not_found(name, list(found))
+        return found[name]
+
+
+def _add_lora_routes(app: FastAPI, engine: Engine | EngineProcess, names: list[str], reader: RequestReader,
+                     enabled: bool) -> None:
+    """vLLM's run-time adapter routes: a 200 with a line of text, or an OpenAI error (400: bad files, rank or
+    targets, a name taken, no free slot, or loading off; 404: unknown name; 409: in use, refused not deferred)."""
+    def check_enabled() -> None:
+        if not enabled or not engine.config.max_loras:
+            raise bad_request("loading and unloading LoRA adapters at run time is off: start the server with "
+                              "--enable-lora", code="lora_disabled")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        req: LoadLoraAdapterRequest = await reader.read(request, LoadLoraAdapterRequest)
+        check_enabled()
+        if req.lora_name in names:
+            raise bad_request(f"{req.lora_name!r} is the base model's name", param="lora_name")
+        try:
+            await run_in_threadpool(engine.load_adapter, req.lora_name, req.lora_path)
+        except AdapterError as e:
+            raise bad_request(str(e), param="lora_path", code="invalid_adapter") from None
+        except EngineError as e:
+            raise APIError(503, str(e), "server_error") from None
+        logger.info("loaded LoRA adapter %r from %s", req.lora_name, req.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        req: UnloadLoraAdapterRequest = await reader.read(request, UnloadLoraAdapterRequest)
+        check_enabled()
+        try:
+            await run_in_threadpool(engine.unload_adapter, req.lora_name)
+        except UnknownAdapter:
+            raise model_not_found(req.lora_name, list(engine.loaded_adapters())) from None
+        except AdapterInUse as e:
+            raise APIError(409, str(e), param="lora_name", code="adapter_in_use") from None
+        except EngineError as e:
+            raise APIError(503, str(e), "server_error") from None
+        logger.info("unloaded LoRA adapter %r", req.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
+
+
+def on_adapter(requests: list[GenerationRequest], adapter: str | None) -> list[GenerationRequest]:
+    """The engine requests of one API request, on its adapter (None: the base)."""
+    for r in requests:
+        r.adapter = adapter
+    return requests
 
 
 def _add_generation_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer: Tokenizer, model_id: str,
@@ -159,12 +221,13 @@ def _add_generation_routes(app: FastAPI, engine: Engine | EngineProcess, tokeniz
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = await reader.read(request, ChatCompletionRequest)
+        adapter = reader.adapter_of(req.model)
         async with watch_disconnect(request) as checkpoint:
             plan = await run_in_threadpool(translate.plan_chat, req, tokenizer, engine.has_vision, limits, fetcher,
                                            engine.max_context, checkpoint)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        choices = Choices(engine, plan.requests(req, logprobs, defaults))
-        reply = _ChatReply(req, plan, tokenizer, model_id, choices)
+        choices = Choices(engine, on_adapter(plan.requests(req, logprobs, defaults), adapter))
+        reply = _ChatReply(req, plan, tokenizer, adapter or model_id, choices)
         if req.stream:
             return _sse(reply.stream(), offload=req.logprobs)
         return await _json(await unless_disconnected(request, choices, reply.collect()))
@@ -172,9 +235,10 @@ def _add_generation_routes(app: FastAPI, engine: Engine | EngineProcess, tokeniz
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: CompletionRequest = await reader.read(request, CompletionRequest)
+        adapter = reader.adapter_of(req.model)
         plan = await run_in_threadpool(translate.plan_completion, req, tokenizer)
-        choices = Choices(engine, plan.requests(req, req.logprobs, defaults))
-        reply = _CompletionReply(req, plan, tokenizer, model_id, choices)
+        choices = Choices(engine, on_adapter(plan.requests(req, req.logprobs, defaults), adapter))
+        reply = _CompletionReply(req, plan, tokenizer, adapter or model_id, choices)
         if req.stream:
             return _sse(reply.stream(), offload=req.logprobs is not None)
         return await _json(await unless_disconnected(request, choices, reply.collect()))

@@ -73,6 +73,18 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="how the global (NoPE) layers keep keys and values, the part of the cache that grows with the "
                         "context: auto (the model's dtype) or quantized int8 / fp8 with a scale per token and head "
                         "(about half the bytes: --prefix-cache-mb then keeps about twice the tokens)")
+    p.add_argument("--lora", nargs="+", metavar="NAME=PATH", default=[],
+                   help="serve these LoRA adapters (PEFT directories, as llama4.lora.save_adapter or peft write) "
+                        "beside the base: a request's 'model' picks one by NAME. The model then runs unpacked (the "
+                        "CPU kernels take no adapters: slower decode, see docs/FINETUNING.md)")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="let clients load and unload adapters at run time (POST /v1/load_lora_adapter, "
+                        "/v1/unload_lora_adapter); the model runs unpacked, as with --lora")
+    p.add_argument("--max-loras", type=int, default=4,
+                   help="adapters held at once, with --lora / --enable-lora (default: %(default)s)")
+    p.add_argument("--max-lora-rank", type=int, default=16,
+                   help="the largest adapter rank taken (memory is reserved for it in every slot; default: "
+                        "%(default)s)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--engine", choices=("process", "thread"), default="process" if os.name == "posix" else "thread",
                    help="run the model in a process of its own (the default where pipes can be handed to a child, "
@@ -112,18 +124,47 @@ def build_app(args: argparse.Namespace):
                "generation_defaults": defaults,
                "allow_remote_images": remote_image_policy(args), "metrics_need_key": not is_loopback(args.host),
                "guard": GuardPolicy.for_bind(args.host, args.allowed_hosts, tuple(args.allowed_origins or ())),
-               "stall_timeout": args.stall_timeout}
-    config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-                          prefill_chunk=args.prefill_chunk, batch_invariant=not args.no_batch_invariant,
-                          prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), kv_cache=args.kv_cache)
+               "stall_timeout": args.stall_timeout, "runtime_lora": args.enable_lora}
+    adapters = lora_modules_of(args, options["model_id"])
+    lora = bool(adapters) or args.enable_lora
+    try:
+        config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
+                              prefill_chunk=args.prefill_chunk, batch_invariant=not args.no_batch_invariant,
+                              prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), kv_cache=args.kv_cache,
+                              max_loras=args.max_loras if lora else 0, max_lora_rank=args.max_lora_rank)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     tokenizer = load_tokenizer(args.model)
     if args.engine == "process":
-        engine = EngineProcess(args.model, args.dtype, config, threads=args.threads, quant=args.quant)
+        engine = EngineProcess(args.model, args.dtype, config, threads=args.threads, quant=args.quant, lora=adapters)
         engine.start()
     else:
-        engine = Engine(load_model(args.model, dtype=torch_dtype(args.dtype), kernels=config.kernels,
-                                   quant=args.quant), tokenizer, config)
+        model = load_model(args.model, dtype=torch_dtype(args.dtype), kernels=config.kernels, quant=args.quant,
+                           pack=False if lora else None)  # adapters need the plain model
+        engine = Engine(model, tokenizer, config)
+        for name, path in adapters.items():
+            try:
+                engine.load_adapter(name, path)
+            except ValueError as e:
+                raise UsageError(f"--lora {name}={path}: {e}") from None
     return create_engine_app(engine, tokenizer, **options)
+
+
+def lora_modules_of(args: argparse.Namespace, served: list[str]) -> dict[str, str]:
+    """--lora NAME=PATH ... as {name: path}, checked against the other flags."""
+    adapters: dict[str, str] = {}
+    for item in args.lora:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--lora takes NAME=PATH (an adapter directory), got {item!r}")
+        if name in adapters or name in served:
+            raise UsageError(f"--lora {item}: the name {name!r} is taken (by another adapter or the base model)")
+        adapters[name] = path
+    if (adapters or args.enable_lora) and args.max_loras < 1:
+        raise UsageError(f"--max-loras must be >= 1, got {args.max_loras}")
+    if len(adapters) > args.max_loras:
+        raise UsageError(f"{len(adapters)} adapters given with --lora but --max-loras is {args.max_loras}")
+    return adapters
 
 
 def limits_of(args: argparse.Namespace) -> ServeLimits:

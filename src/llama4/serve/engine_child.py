@@ -2,6 +2,10 @@
 ``python -m llama4.serve.engine_child`` loads the model, runs the engine, reads request frames from one
 pipe and writes each engine iteration's events to the other. A module of its own (imported by nobody),
 so that running it with ``-m`` does not find it already imported.
+
+With LoRA adapters (``max_loras`` in the config) the model is loaded unpacked (the CPU kernels take no
+adapters), the adapters of the settings' ``lora`` ({name: path}) are loaded before the ready frame, and
+``load_lora`` / ``unload_lora`` frames are answered (in a frame's ``replies``) once done.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch
 
 from llama4.dtypes import torch_dtype
 from llama4.inference.engine import Engine, EngineConfig
-from llama4.inference.requests import Event, FinishEvent
+from llama4.inference.requests import AdapterInUse, Event, FinishEvent
+from llama4.lora.multi import AdapterError, UnknownAdapter
 from llama4.serve.wire import decode_request, encode_event, read_frame, write_frame
 
 METRICS_INTERVAL = 0.25  # seconds between metrics snapshots while nothing finishes
@@ -33,6 +38,7 @@ class _Outbox:
         self.engine, self.out = engine, out
         self.lock = threading.Lock()
         self.events: list[list] = []
+        self.replies: list[dict] = []  # answers to adapter loads / unloads
         self.finished = False  # a finish event is among ``events``
         self.seen = 0
         self.sent: tuple | None = None  # (stats, seen) last sent
@@ -49,6 +55,7 @@ class _Outbox:
     def flush(self) -> None:
         with self.lock:
             events, self.events = self.events, []
+            replies, self.replies = self.replies, []
             finished, self.finished = self.finished, False
             seen = self.seen  # before the stats: they then count every request up to ``seen``
         stats = self.engine.stats()
@@ -58,11 +65,13 @@ class _Outbox:
             metrics, self.metrics_at = self.engine.metrics.engine_state(), now
             if metrics == self.sent_metrics:  # nothing new (e.g. idle)
                 metrics = None
-        if not events and metrics is None and (stats, seen) == self.sent:
+        if not events and not replies and metrics is None and (stats, seen) == self.sent:
             return
         header = {"stats": stats, "seen": seen}
         if events:
             header["events"] = events
+        if replies:
+            header["replies"] = replies
         if metrics is not None:
             header["metrics"] = self.sent_metrics = metrics
         self.sent = (stats, seen)
@@ -90,9 +99,33 @@ def _load(settings: dict) -> Engine:
         torch.set_num_threads(settings["threads"])
     config = EngineConfig(**settings["config"])
     tokenizer = load_tokenizer(settings["model"])
+    # adapters need the plain model: the CPU kernels' packed weights and fused decode take none
     model = load_model(settings["model"], dtype=torch_dtype(settings["dtype"]), kernels=config.kernels,
-                       quant=settings.get("quant"))
-    return Engine(model, tokenizer, config)
+                       quant=settings.get("quant"), pack=False if config.max_loras else None)
+    engine = Engine(model, tokenizer, config)
+    for name, path in (settings.get("lora") or {}).items():
+        engine.load_adapter(name, path)
+    return engine
+
+
+def adapter_op(engine: Engine, header: dict) -> dict:
+    """Run a load_lora / unload_lora frame; the reply: {"op_id", "error": None or [kind, message, users]}."""
+    reply = {"op_id": header["op_id"], "error": None}
+    try:
+        if header["op"] == "load_lora":
+            engine.load_adapter(header["name"], header["path"])
+        else:
+            engine.unload_adapter(header["name"])
+    except UnknownAdapter as e:
+        reply["error"] = ["unknown", str(e), 0]
+    except AdapterInUse as e:
+        reply["error"] = ["in_use", str(e), e.users]
+    except (AdapterError, ValueError) as e:
+        reply["error"] = ["adapter", str(e), 0]
+    except Exception as e:  # a bug: the request fails with its text, the engine goes on
+        traceback.print_exc()
+        reply["error"] = ["error", f"{type(e).__name__}: {e}", 0]
+    return reply
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +160,12 @@ def serve(engine: Engine, requests, events) -> None:
         if header["op"] == "stop":
             reason = header.get("reason", "cancelled")
             break
+        if header["op"] in ("load_lora", "unload_lora"):  # (waits for the iteration under way, at most)
+            reply = adapter_op(engine, header)
+            with outbox.lock:
+                outbox.replies.append(reply)
+            engine.wake()  # an iteration sends the reply
+            continue
         key = header["key"]
         if header["op"] == "cancel":
             handle = handles.pop(key, None)

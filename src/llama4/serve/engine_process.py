@@ -22,6 +22,10 @@ sent since, an upper bound, so a refusal (400, 429) is still immediate. If the c
 out-of-memory killer picks the biggest process: the child), every request under way finishes with an
 error, a new child is started, and submissions are refused (503) until it is ready - unless children
 keep dying.
+
+LoRA adapters: the parent keeps the names and paths of the adapters the child holds (``lora`` at start,
+then :meth:`EngineProcess.load_adapter` / :meth:`EngineProcess.unload_adapter`, each a frame the child
+answers once done). A child started after a death loads the same adapters before it is ready.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from dataclasses import asdict
 from llama4.dtypes import WEIGHT_DTYPES
 from llama4.inference.engine import EngineConfig, admissible
 from llama4.inference.metrics import EngineMetrics
-from llama4.inference.requests import EngineError, Event, FinishEvent, GenerationRequest, QueueFull
+from llama4.inference.requests import AdapterInUse, EngineError, Event, FinishEvent, GenerationRequest, QueueFull
+from llama4.lora.multi import AdapterError, UnknownAdapter
 from llama4.quant.recipe import QuantRecipe
 from llama4.serve.wire import decode_event, encode_request, read_frame, write_frame
 
@@ -120,7 +125,8 @@ class EngineProcess:
     RESTART_WINDOW = 300.0
 
     def __init__(self, model: str | None, dtype: str = "bf16", config: EngineConfig = EngineConfig(),
-                 threads: int | None = None, restart: bool = True, quant: str | None = None):
+                 threads: int | None = None, restart: bool = True, quant: str | None = None,
+                 lora: dict[str, str] | None = None):
         if dtype not in WEIGHT_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}")
         if quant is not None:
@@ -139,6 +145,11 @@ class EngineProcess:
         self._stopping = False
         self._deaths: list[float] = []  # when children died (monotonic), for the restart limit
         self._last_pixels: tuple[int | None, weakref.ref | None] = (None, None)  # the last submission's tiles
+        if lora and not config.max_loras:
+            raise ValueError("adapters need an engine configured for them (max_loras > 0)")
+        self._adapters: dict[str, str] = dict(lora or {})  # name -> path, as the child holds them
+        self._ops: dict[int, dict] = {}  # adapter loads / unloads waiting for the child's reply
+        self._next_op = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -149,7 +160,7 @@ class EngineProcess:
             self._launch()
 
     def _launch(self) -> None:
-        child = _Child(self._settings)
+        child = _Child({**self._settings, "lora": dict(self._adapters)})
         ready = child.wait_ready()
         with self._lock:
             if self._stopping:  # stopped while this child loaded its model
@@ -201,6 +212,8 @@ class EngineProcess:
         if self._down is not None:
             raise EngineStopped(self._down)
         admissible(request, self.vocab, self.max_context, self.has_vision)
+        if request.adapter is not None and request.adapter not in self._adapters:
+            raise UnknownAdapter(request.adapter, list(self._adapters))
         pixels = request.pixel_values
         with self._lock:
             if self._down is not None:
@@ -221,6 +234,59 @@ class EngineProcess:
     def down(self) -> str | None:
         """Why the engine cannot serve (None while it runs)."""
         return self._down
+
+    def loaded_adapters(self) -> dict[str, str]:
+        """The adapters the child holds: name -> path."""
+        with self._lock:
+            return dict(self._adapters)
+
+    def load_adapter(self, name: str, path: str, timeout: float = 300.0) -> None:
+        """Load a PEFT adapter in the child as Engine.load_adapter does (blocks until it answers); raises its
+        AdapterError, or EngineStopped."""
+        if not self.config.max_loras:
+            raise ValueError("this engine was configured without adapters (max_loras is 0)")
+        self._adapter_op({"op": "load_lora", "name": name, "path": path}, timeout)
+
+    def unload_adapter(self, name: str, timeout: float = 300.0) -> None:
+        """Unload an adapter in the child as Engine.unload_adapter does (refused while requests use it)."""
+        self._adapter_op({"op": "unload_lora", "name": name}, timeout)
+
+    def _adapter_op(self, header: dict, timeout: float) -> None:
+        done = threading.Event()
+        with self._lock:
+            if self._down is not None:
+                raise EngineStopped(self._down)
+            op_id, self._next_op = self._next_op, self._next_op + 1
+            record = self._ops[op_id] = {**header, "done": done, "error": None}
+            self._child.outgoing.put(({**header, "op_id": op_id}, b""))
+        if not done.wait(timeout):
+            with self._lock:
+                self._ops.pop(op_id, None)
+            raise EngineError(f"the engine process did not answer the adapter {header['op']} within {timeout:g} s")
+        error = record["error"]
+        if error is None:
+            return
+        kind, message, users = error
+        if kind == "unknown":
+            raise UnknownAdapter(header["name"], list(self.loaded_adapters()))
+        if kind == "in_use":
+            raise AdapterInUse(header["name"], users)
+        if kind == "adapter":
+            raise AdapterError(message)
+        raise (EngineStopped(message) if kind == "stopped" else EngineError(message))
+
+    def _answer(self, reply: dict) -> None:
+        """The child's answer to an adapter op: the adapters known here follow it, its waiter wakes."""
+        with self._lock:
+            record = self._ops.pop(reply["op_id"], None)
+            if record is None:
+                return
+            record["error"] = reply["error"]
+            if reply["error"] is None and record["op"] == "load_lora":
+                self._adapters[record["name"]] = record["path"]
+            elif reply["error"] is None:
+                self._adapters.pop(record["name"], None)
+        record["done"].set()
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -275,6 +341,8 @@ class EngineProcess:
             self._stats, self._seen = header["stats"], max(self._seen, header["seen"])  # a new child starts at 0
         if "metrics" in header:
             self.metrics.load_engine_state(header["metrics"])
+        for reply in header.get("replies", ()):
+            self._answer(reply)
         for item in header.get("events", ()):
             key, event = decode_event(item)
             sink = self._sinks.pop(key, None) if isinstance(event, FinishEvent) else self._sinks.get(key)
@@ -290,6 +358,10 @@ class EngineProcess:
     def _fail_all(self, reason: str, why: str) -> None:
         with self._lock:
             sinks, self._sinks = self._sinks, {}
+            ops, self._ops = self._ops, {}
+        for record in ops.values():  # (an op the dead child may or may not have done: its restart loads _adapters)
+            record["error"] = ["stopped", why, 0]
+            record["done"].set()
         for sink in sinks.values():
             try:
                 sink(FinishEvent(reason, error=why))

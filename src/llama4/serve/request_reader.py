@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 import json
 import re
+from collections.abc import Callable, Collection
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -18,10 +19,21 @@ from llama4.serve.errors import APIError, body_too_large, model_not_found, unaut
 
 class RequestReader:
     """Checks requests against the API key (none: every request passes) and reads their bodies, at most
-    ``max_body_bytes``, as a request schema naming one of the served model ``names`` (or none)."""
+    ``max_body_bytes``, as a request schema naming one of the served model ``names``, one of the LoRA adapters
+    ``adapters()`` names (those loaded now), or none."""
 
-    def __init__(self, names: list[str], api_key: str | None, max_body_bytes: int):
-        self.names, self.api_key, self.max_body_bytes = names, api_key, max_body_bytes
+    def __init__(self, names: list[str], api_key: str | None, max_body_bytes: int,
+                 adapters: Callable[[], Collection[str]] = tuple):
+        self.names, self.api_key, self.max_body_bytes, self.adapters = names, api_key, max_body_bytes, adapters
+
+    def adapter_of(self, model: str | None) -> str | None:
+        """The adapter a request's ``model`` names (None: the base model); 404 for a name served by neither."""
+        if model is None or model in self.names:
+            return None
+        adapters = self.adapters()
+        if model not in adapters:
+            raise model_not_found(model, [*self.names, *adapters])
+        return model
 
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -39,8 +51,7 @@ class RequestReader:
             req = schema.model_validate(data)
         except ValidationError as e:
             raise validation_error(e) from None
-        if req.model is not None and req.model not in self.names:
-            raise model_not_found(req.model, self.names)
+        self.adapter_of(getattr(req, "model", None))
         return req
 
     async def _body(self, request: Request) -> bytearray:

@@ -80,13 +80,17 @@ def add_responses_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer
     @app.post("/v1/responses")
     async def responses(request: Request):
         req: ResponsesRequest = await reader.read(request, ResponsesRequest)
+        adapter = reader.adapter_of(req.model)
         chat = chat_request(req)
         with responses_terms():
             async with watch_disconnect(request) as checkpoint:
                 plan = await run_in_threadpool(translate.plan_chat, chat, tokenizer, engine.has_vision, limits,
                                                fetcher, engine.max_context, checkpoint)
-            choices = Choices(engine, plan.requests(chat, None, defaults))
-        reply = ResponseReply(req, chat, plan, model_id, choices)
+            requests = plan.requests(chat, None, defaults)
+            for r in requests:
+                r.adapter = adapter
+            choices = Choices(engine, requests)
+        reply = ResponseReply(req, chat, plan, adapter or model_id, choices)
         if req.stream:
             return _sse(reply.stream())
         return _json(await unless_disconnected(request, choices, reply.collect()))

@@ -320,6 +320,21 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llama4"
     max_context: int | None = None
+    root: str | None = None  # (vLLM's) a LoRA adapter's path
+    parent: str | None = None  # (vLLM's) a LoRA adapter's base model
+
+
+class LoadLoraAdapterRequest(_Lenient):
+    """vLLM's POST /v1/load_lora_adapter."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraAdapterRequest(_Lenient):
+    """vLLM's POST /v1/unload_lora_adapter."""
+
+    lora_name: str = Field(min_length=1)
 
 
 class ModelList(BaseModel):

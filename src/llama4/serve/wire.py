@@ -65,7 +65,7 @@ def encode_request(request: GenerationRequest, pixels_from: int | None = None) -
     header = {"prompt": list(request.prompt), "params": asdict(request.params), "max_tokens": request.max_tokens,
               "stop": list(request.stop),
               "stop_tokens": None if request.stop_tokens is None else list(request.stop_tokens),
-              "prompt_logprobs": request.prompt_logprobs}
+              "prompt_logprobs": request.prompt_logprobs, "adapter": request.adapter}
     constraint = request.constraint
     if constraint is not None:
         if not isinstance(constraint, JsonConstraint):
@@ -105,7 +105,7 @@ def decode_request(header: dict, payload: bytes, tokenizer,
     return GenerationRequest(prompt=header["prompt"], pixel_values=pixels, params=SamplingParams(**header["params"]),
                              max_tokens=header["max_tokens"], stop=tuple(header["stop"]),
                              stop_tokens=header["stop_tokens"], constraint=constraint,
-                             prompt_logprobs=header.get("prompt_logprobs"))
+                             prompt_logprobs=header.get("prompt_logprobs"), adapter=header.get("adapter"))
 
 
 def encode_event(key: int, event: Event) -> list:
