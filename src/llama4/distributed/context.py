@@ -36,7 +36,6 @@ from llama4.config import TextConfig
 from llama4.distributed.plan import PlanError, split
 from llama4.model.cache import CacheView, DecodeSlots, KVStorage
 from llama4.model.invariance import row_tiled
-from llama4.model.ops import apply_rope, rms_norm
 from llama4.model.transformer import Attention, Llama4Model, PositionTables, check_token_ids
 
 
@@ -469,10 +468,8 @@ def _overlaps(ranges: list[tuple[int, int]], held: tuple[int, int]) -> list[tupl
 class ContextParallelAttention(Attention):
     """A global layer's attention under context parallelism: the layer's own projections (the very modules it
     had: plain, quantized, LoRA or tensor-parallel), RoPE / QK-norm / temperature as the layer applies them, and
-    the attention itself over every rank's shard through the :class:`ContextParallelCache`.
-
-    The query / key preparation repeats Attention.forward's lines: the model's layer computes them inline, and
-    keeping model/ free of a distribution hook is worth these few lines (the tests compare the two end to end).
+    the attention itself over every rank's shard through the :class:`ContextParallelCache`. The heads come from
+    the layer's own :meth:`Attention.heads`; only the attention over the cache differs.
     """
 
     def __init__(self, attn: Attention, config: TextConfig):
@@ -488,21 +485,7 @@ class ContextParallelAttention(Attention):
                             f"are split over ranks), got {type(cache).__name__}; see "
                             "llama4.distributed.context.prefill / prefill_logits / generate")
         b, t, _ = x.shape
-        q, k, v = self.qkv(x)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim)
-        if self.spec.use_rope or self.spec.qk_norm:
-            qk = torch.cat((q, k), dim=-1).view(b, t, self.num_heads + self.num_kv_heads, self.head_dim)
-            if self.spec.use_rope:
-                qk = apply_rope(qk, tables.rope)
-            if self.spec.qk_norm:
-                qk = rms_norm(qk, None, self.eps)
-            q, k = qk.split((self.num_heads, self.num_kv_heads), dim=2)
-        else:
-            q = q.view(b, t, self.num_heads, self.head_dim)
-            k = k.view(b, t, self.num_kv_heads, self.head_dim)
-        if self.spec.temperature_tuning:
-            q = (q * tables.q_scale).to(q.dtype)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k, v = self.heads(x, tables)
         out = cache.attend_global(self.spec.index, q, k, v)
         invariant = self.batch_invariant and x.is_cpu
         return row_tiled(self.wo, out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim), invariant)

@@ -99,6 +99,20 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, tables: PositionTables, cache: Cache | None) -> torch.Tensor:
         """x [B, T, D]; row b holds sequence indices starts[b]..starts[b]+T-1 -> [B, T, D]."""
         b, t, _ = x.shape
+        q, k, v = self.heads(x, tables)
+        invariant = self.batch_invariant and x.is_cpu
+        k_start, valid = tables.starts[0], None
+        if cache is not None:
+            view = cache.update(self.spec.index, k, v, bucketed=invariant)
+            k, v, k_start, valid = view.keys, view.values, view.start, view.valid
+        attend = batch_invariant_attention if invariant else reference_attention
+        out = attend(q, k, v, tables.starts[0], k_start, valid, self.chunk if self.spec.chunked else None)
+        return row_tiled(self.wo, out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim), invariant)
+
+    def heads(self, x: torch.Tensor, tables: PositionTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The query, key and value heads of x [B, T, D], each [B, heads, T, d]: projected, then RoPE, QK-norm
+        and the temperature where this layer applies them."""
+        b, t, _ = x.shape
         q, k, v = self.qkv(x)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
         if self.spec.use_rope or self.spec.qk_norm:  # per head and position: q and k heads in one pass
@@ -113,15 +127,7 @@ class Attention(nn.Module):
             k = k.view(b, t, self.num_kv_heads, self.head_dim)
         if self.spec.temperature_tuning:
             q = (q * tables.q_scale).to(q.dtype)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
-        invariant = self.batch_invariant and x.is_cpu
-        k_start, valid = tables.starts[0], None
-        if cache is not None:
-            view = cache.update(self.spec.index, k, v, bucketed=invariant)
-            k, v, k_start, valid = view.keys, view.values, view.start, view.valid
-        attend = batch_invariant_attention if invariant else reference_attention
-        out = attend(q, k, v, tables.starts[0], k_start, valid, self.chunk if self.spec.chunked else None)
-        return row_tiled(self.wo, out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim), invariant)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 class DecoderLayer(nn.Module):
