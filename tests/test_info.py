@@ -293,8 +293,41 @@ def _parallel_worker(rank: int, world: int, store: str, out: str) -> None:
                     model(ids, cache=cache, num_logits=1)
                 entry[kv] = cache.nbytes()
             results[(name, tp, ep)] = entry
+    results["cp"] = _context_parallel_bytes(rank)
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+# (prompt, decode steps, block size): slices inside a chunk and on its edge, buffers grown while decoding (small
+# blocks), and the default 256-token block; cp=4 over all ranks, and cp=2 around tp=2 groups (context_mesh)
+CP_CASES = {4: [(11, 0, 4), (11, 7, 4), (299, 2, 256)], 2: [(11, 5, 4), (8, 0, 4), (13, 3, 256)]}
+
+
+def _context_parallel_bytes(rank: int) -> dict:
+    """Bytes each rank's ContextParallelCache allocates (its buffers' nbytes) after each CP_CASES prefill + decode."""
+    import torch.distributed as dist
+
+    from llama4.distributed import ContextParallelCache, ContextPlan, ParallelPlan, context_parallel, shard_model
+    from llama4.distributed.context import context_mesh, prefill
+    from tests.distributed.workers import config
+
+    inner, context = context_mesh(2, 2)
+    out = {}
+    for cp, group in ((4, None), (2, context)):
+        model = llama4.random_model(config("a"), dtype=torch.bfloat16, seed=1)
+        if cp == 2:
+            model = shard_model(model, ParallelPlan(2, 1), inner)
+        model = context_parallel(model)
+        for prompt, decode, block in CP_CASES[cp]:
+            cache = ContextParallelCache(model.config.text, ContextPlan(cp), group, block_size=block)
+            ids = torch.randint(3, 96, (1, prompt + decode), generator=torch.Generator().manual_seed(prompt))
+            with torch.inference_mode():
+                prefill(model, ids[:, :prompt], cache)
+                for n in range(prompt, prompt + decode):
+                    model(ids[:, n:n + 1], cache=cache)
+            out[(cp, prompt, decode, block)] = sum(e.k.nbytes + e.v.nbytes for e in cache._entries if e.k is not None)
+    dist.barrier()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -370,3 +403,135 @@ def test_info_command_prints_the_per_device_plan(capsys):
     assert "in 80.0 GiB: largest context" in out
     assert main(["info", "--preset", "scout", "--tp", "16", "--ep", "16"]) == 2
     assert "num_heads 40 is not divisible by tp=16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cp", sorted(CP_CASES))
+def test_context_parallel_kv_per_device_equals_what_the_cache_allocates(sharded_ranks, cp):
+    """The planner's KV figure is the fullest rank's allocation: slices, round-robin decode entries, buffers
+    grown by half, the current chunk on every rank; at cp=2 each rank holds its tp=2 share of the KV heads."""
+    from llama4.distributed import ParallelPlan
+    from llama4.info import context_kv_bytes, memory_plan
+    from tests.distributed.workers import config
+
+    parallel = ParallelPlan(2, 1) if cp == 2 else None
+    heads = 1 if cp == 2 else None  # 2 KV heads over tp=2
+    for prompt, decode, block in CP_CASES[cp]:
+        real = [sharded_ranks[r]["cp"][(cp, prompt, decode, block)] for r in range(4)]
+        planned = context_kv_bytes(config("a"), prompt, cp, decode, block_size=block, kv_heads=heads)
+        assert planned["total_bytes"] == max(real), (prompt, decode, block, real)
+        if decode == 0 and block == 256:
+            via_plan = memory_plan(config("a"), None, "bf16", context=prompt, parallel=parallel, cp=cp)
+            assert via_plan["kv_cache"]["total_bytes"] == max(real)
+        if prompt % 4 == 0 and decode == 0:
+            assert planned["local_bytes"] == 0  # the prompt ends on a chunk edge: no current chunk kept yet
+
+
+def test_scout_at_10m_tokens_with_context_parallelism(capsys):
+    """Scout, int4 weights, 10M tokens over cp=8: each device keeps 1/8 of the global layers' entries (int8:
+    8 KV heads x 2 x (128 + 2) bytes x 12 layers per token) and one chunk of each chunked layer; the slice's
+    one-pass prefill is what does not fit, and the largest context is where the whole plan fits."""
+    from llama4.cli import main
+    from llama4.distributed import ParallelPlan
+    from llama4.info import memory_plan
+
+    scout = llama4.preset("scout")
+    plan = memory_plan(scout, "int4", "int8", context=10_000_000, memory="80GiB", cp=8)
+    kv = plan["kv_cache"]
+    assert kv["global_entries_per_layer"] == 1_250_000 and kv["global_capacity_per_layer"] == 1_250_048
+    assert kv["global_bytes"] == 12 * 1_250_048 * 2 * 8 * 130
+    assert kv["local_bytes"] == 36 * 5888 * 2 * 8 * 128 * 2  # 10M mod 8192 = 5760 entries, in 256-blocks
+    assert plan["context_parallel"]["kv_as_run_bytes"] == 12 * 1_250_048 * 4096 + kv["local_bytes"]
+    assert plan["activations"]["prefill_chunk"] == 1_250_000
+    found = plan["max_context"]
+    edge = memory_plan(scout, "int4", "int8", context=found, cp=8)["total_bytes"]
+    over = memory_plan(scout, "int4", "int8", context=found + 1, cp=8)["total_bytes"]
+    assert edge <= 80 * 2**30 < over
+    wide = memory_plan(scout, "int4", "int8", context=10_000_000, memory="80GiB", cp=8,
+                       parallel=ParallelPlan(8, 8))
+    assert wide["kv_cache"]["global_bytes"] == kv["global_bytes"] // 8  # one KV head per device at tp=8
+    assert wide["max_context"] > found
+    assert main(["info", "--preset", "scout", "--quant", "int4", "--kv", "int8", "--cp", "8", "--context",
+                 "10000000", "--memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "cp=8 x 1 tp/ep rank(s) = 8 devices" in out and f"largest context {found:,} tokens" in out
+    assert "1,250,000 tokens each of this rank's slice" in out and "58.0 GiB as it runs" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-tuning plans (--finetune): adapters and AdamW against what apply_lora and torch.optim.AdamW allocate;
+# activations against the tensors autograd really saves for backward.
+
+FT_CONFIG = dict(num_layers=4, moe_step=2, vocab_size=512, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                 intermediate_size=64, intermediate_size_mlp=128, num_experts=4, num_experts_per_tok=1,
+                 attention_chunk_size=64, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
+
+
+@pytest.mark.parametrize("targets", [("attention",), ("attention", "experts", "shared"), ("wq", "router")])
+def test_adapter_and_adamw_bytes_equal_what_training_allocates(targets):
+    from llama4.info import finetune_plan
+    from llama4.lora import LoraConfig, apply_lora
+
+    cfg = llama4.ModelConfig(text=text_config(**FT_CONFIG))
+    model = apply_lora(llama4.random_model(cfg, dtype=torch.bfloat16, seed=0), LoraConfig(rank=4, targets=targets))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    model(torch.randint(3, 512, (1, 16))).float().square().mean().backward()
+    optimizer.step()
+    plan = finetune_plan(cfg, "lora", 16, rank=4, targets=targets)["adapters"]
+    assert plan["params"] == sum(p.numel() for p in trainable)
+    assert plan["weights"] == sum(p.nbytes for p in trainable)
+    assert plan["gradients"] == sum(p.grad.nbytes for p in trainable)
+    moments = sum(s[k].nbytes for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq"))
+    assert plan["adamw_states"] == moments  # (plus AdamW's 4-byte step counter per tensor)
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one training step (parameters excluded)."""
+    storages = {}
+
+    def pack(t):
+        if not (t.is_leaf and t.requires_grad) and not isinstance(t, torch.nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(ids)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
+    loss.backward()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("tokens", [64, 256])
+def test_activation_figure_is_within_a_factor_of_what_autograd_saves(tokens):
+    """Stated factor: the planner's no-checkpointing activations are within 1.5x either way of the bytes autograd
+    saves (measured 0.72x at 64 tokens, where small per-call tensors weigh more, and 0.94x at 256)."""
+    from llama4.info import training_activation_bytes
+    from llama4.lora import LoraConfig, apply_lora
+
+    cfg = llama4.ModelConfig(text=text_config(**FT_CONFIG))
+    model = apply_lora(llama4.random_model(cfg, dtype=torch.bfloat16, seed=0), LoraConfig(rank=4, dropout=0.05))
+    model.train()
+    real = _saved_bytes(model, torch.randint(3, 512, (1, tokens), generator=torch.Generator().manual_seed(0)))
+    planned = training_activation_bytes(cfg, tokens, False, torch.bfloat16)
+    assert real / 1.5 <= planned["total"] <= real * 1.5, (planned["total"], real)
+
+
+def test_scout_qlora_plan_and_the_command(capsys):
+    """Scout QLoRA at 4k: int4-g32 base 67.0 GiB, 12.6M attention adapters; with checkpointing the logits and loss
+    (202048 x 4096 in bf16, fp32 and the fp32 log-softmax) are the largest activation."""
+    from llama4.cli import main
+    from llama4.info import finetune_plan, weight_bytes
+
+    scout = llama4.preset("scout")
+    plan = finetune_plan(scout, "qlora", 4096)
+    assert plan["base"]["total_bytes"] == weight_bytes(scout, "int4")["total_bytes"]
+    assert plan["adapters"]["params"] == 48 * 8 * ((5120 + 5120) + 2 * (5120 + 1024) + (5120 + 5120))
+    acts = plan["activations"]
+    assert acts["checkpointing"]["head"] == 4096 * 202048 * 10
+    assert acts["checkpointing"]["total"] < acts["no_checkpointing"]["total"]
+    assert finetune_plan(scout, "lora", 4096)["base"]["total_bytes"] == weight_bytes(scout, None)["total_bytes"]
+    with pytest.raises(ValueError, match="matches no module"):
+        finetune_plan(scout, "lora", 16, targets=("projector.nothing",))
+    assert main(["info", "--preset", "scout", "--finetune", "qlora", "--context", "4096", "--memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "adapters 12.58M params" in out and "largest context" in out

@@ -57,14 +57,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     if preset_name is not None:
         info["source"] = f"preset {preset_name}"
         info["assumed"] = preset_name in ASSUMED_PRESETS
+    if args.finetune:
+        return _finetune_info(args, source)
     plan = None
-    if any(v is not None for v in (args.quant, args.kv, args.context, args.memory, args.tp, args.ep)):
+    if any(v is not None for v in (args.quant, args.kv, args.context, args.memory, args.tp, args.ep, args.cp)):
         from llama4.distributed import ParallelPlan
         from llama4.info import memory_plan, resolve_config
 
         config, _ = resolve_config(source)
         parallel = ParallelPlan(args.tp or 1, args.ep or 1) if args.tp or args.ep else None
-        plan = memory_plan(config, args.quant, args.kv or "bf16", args.context, args.memory, parallel=parallel)
+        plan = memory_plan(config, args.quant, args.kv or "bf16", args.context, args.memory, parallel=parallel,
+                           cp=1 if args.cp is None else args.cp)
         info["memory"] = plan
     if args.json:
         print(json.dumps(info, indent=2))
@@ -92,6 +95,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_info(args: argparse.Namespace, source) -> int:
+    """``llama4 info --finetune lora|qlora``: the one-device training memory plan (llama4.info.finetune_plan)."""
+    from llama4.info import finetune_plan, resolve_config
+
+    config, _ = resolve_config(source)
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
+    plan = finetune_plan(config, args.finetune, args.context or 4096, args.lora_rank, targets, args.quant,
+                         memory=args.memory)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return 0
+    base, ad, acts = plan["base"], plan["adapters"], plan["activations"]
+    print(f"fine-tuning plan ({plan['method']}, one device, batch 1, {plan['context']:,} tokens): LoRA rank "
+          f"{plan['rank']} on {','.join(plan['targets'])}")
+    print(f"  frozen base {base['recipe']} (float {base['dtype']}): {_bytes(base['total_bytes'])}")
+    print(f"  adapters {_human(ad['params'])} params: weights {_bytes(ad['weights'])} + gradients "
+          f"{_bytes(ad['gradients'])} + AdamW moments {_bytes(ad['adamw_states'])} (the model's dtype; no fp32 "
+          f"master copy)")
+    for key, name in (("checkpointing", "with gradient checkpointing"), ("no_checkpointing", "without")):
+        a = acts[key]
+        print(f"  activations {name}: {_bytes(a['total'])} (layers {_bytes(a['layers'])}, logits and loss "
+              f"{_bytes(a['head'])}); total {_bytes(plan['total_' + key])}")
+    if "memory_bytes" in plan:
+        print(f"  in {_bytes(plan['memory_bytes'])}: largest context {plan['max_context_checkpointing']:,} tokens "
+              f"with checkpointing, {plan['max_context_no_checkpointing']:,} without (0: the base does not fit)")
+    return 0
+
+
 def _print_plan(plan: dict) -> None:
     """The memory plan of ``llama4 info`` (see llama4.info.memory_plan)."""
     weights, acts, kv = plan["weights"], plan["activations"], plan["kv_cache"]
@@ -105,19 +136,44 @@ def _print_plan(plan: dict) -> None:
         print(f"  PER DEVICE: tp={parallel['tp']}, ep={parallel['ep']} on {parallel['devices']} devices; "
               f"{parallel['experts_per_device']} routed experts x hidden {parallel['expert_hidden_per_device']} "
               f"per device; {kv_heads}; all devices' weights {_bytes(parallel['all_devices_weight_bytes'])}")
+    context = plan.get("context_parallel")
+    if context:
+        print(f"  PER DEVICE with context parallelism: cp={context['cp']} x {context['devices'] // context['cp']} "
+              f"tp/ep rank(s) = {context['devices']} devices; the prompt prefilled in slices of "
+              f"{acts['prefill_chunk']:,} tokens, the global layers' KV split over the cp ranks (the fullest "
+              f"rank's figures)")
     print(f"  weights {_bytes(weights['total_bytes'])}")
     for kind, row in weights["kinds"].items():
         split = ("  split" if row["split"] else "  replicated") if "split" in row else ""
         print(f"    {kind:<11} {row['format']:<15} {_human(row['params']):>8} params  "
               f"{_bytes(row['bytes']):>10}{split}")
-    if kv["context"] or plan.get("max_context") != -1:
+    if context and (kv["context"] or plan.get("max_context") != -1):
+        print(f"  KV cache at {kv['context']:,} tokens {_bytes(kv['total_bytes'])} = global layers "
+              f"{_bytes(kv['global_bytes'])} ({kv['global_entries_per_layer']:,} tokens each of this rank's slice "
+              f"and round-robin decode entries, in buffers of {kv['global_capacity_per_layer']:,}) + chunked "
+              f"layers {_bytes(kv['local_bytes'])} (the current chunk, on every rank)")
+        if kv["growth_bytes"]:
+            print(f"    decoding past the slice's last block grows each global layer's buffer by half: "
+                  f"+{_bytes(kv['growth_bytes'])} per device")
+        if "kv_as_run_bytes" in context:
+            print(f"    context parallelism keeps its shards in the model's dtype today: "
+                  f"{_bytes(context['kv_as_run_bytes'])} as it runs; the {plan['kv_dtype']} figure is for quantized "
+                  f"shards (not supported yet)")
+    elif kv["context"] or plan.get("max_context") != -1:
         print(f"  KV cache at {kv['context']:,} tokens {_bytes(kv['total_bytes'])} = global layers "
               f"{_bytes(kv['global_bytes'])} ({_bytes(kv['bytes_per_token_global'])} per token) + chunked layers "
               f"{_bytes(kv['local_bytes'])} (at most one chunk each)")
-    print(f"  activations ~{_bytes(acts['total_bytes'])} (prefill piece of {acts['prefill_chunk']} tokens: logits "
-          f"{_bytes(acts['prefill']['logits'])}, hidden/attention/FFN "
-          f"{_bytes(acts['prefill']['total'] - acts['prefill']['logits'])}; largest dequantized weight "
-          f"{_bytes(acts['dequantized_weight'])})")
+    if context:
+        pre = acts["prefill"]
+        print(f"  activations ~{_bytes(acts['total_bytes'])} (the slice's prefill pass at once, "
+              f"{acts['prefill_chunk']:,} tokens: hidden {_bytes(pre['hidden'])}, q/k/v {_bytes(pre['attention'])}, "
+              f"FFN {_bytes(pre['ffn'])}, ring blocks and partial outputs {_bytes(pre['ring'])}, chunked view "
+              f"{_bytes(pre['chunk_view'])}; largest dequantized weight {_bytes(acts['dequantized_weight'])})")
+    else:
+        print(f"  activations ~{_bytes(acts['total_bytes'])} (prefill piece of {acts['prefill_chunk']} tokens: logits "
+              f"{_bytes(acts['prefill']['logits'])}, hidden/attention/FFN "
+              f"{_bytes(acts['prefill']['total'] - acts['prefill']['logits'])}; largest dequantized weight "
+              f"{_bytes(acts['dequantized_weight'])})")
     print(f"  total {_bytes(plan['total_bytes'])}")
     if "memory_bytes" in plan:
         budget, found = _bytes(plan["memory_bytes"]), plan["max_context"]
@@ -174,7 +230,7 @@ def _sampling(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     from llama4.distributed.launch import LaunchEnv
 
-    if args.tp is not None or args.ep is not None or LaunchEnv.launched(os.environ):
+    if args.tp is not None or args.ep is not None or args.cp is not None or LaunchEnv.launched(os.environ):
         return _generate_distributed(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     return _generate(args, prompt, *_load(args))
@@ -192,24 +248,80 @@ def _generate_distributed(args: argparse.Namespace) -> int:
         raise ValueError("--quant cannot be combined with --tp / --ep or torchrun yet: sharded loading takes float "
                          "checkpoints")
     path = llama4.build.resolve_model_path(args.model)
-    options = launch.LaunchOptions(tp=args.tp, ep=args.ep, timeout_s=args.dist_timeout, device=args.dist_device)
+    options = launch.LaunchOptions(tp=args.tp, ep=args.ep, cp=1 if args.cp is None else args.cp,
+                                   timeout_s=args.dist_timeout, device=args.dist_device)
+    prompt_ids = None
+    if options.cp > 1:  # checked before any rank starts: a prompt shorter than cp is refused (no fallback)
+        try:
+            prompt_ids = _context_prompt(args, llama4.load_tokenizer(path), options.cp)
+        except ValueError:
+            if launch.LaunchEnv.from_environ(os.environ).rank != 0:
+                return 2  # every rank finds the same problem: rank 0 says it
+            raise
 
     def body(run: launch.DistributedRun) -> int:
         _setup_torch(args)
         model, tok = run.load(path, torch_dtype(args.dtype)), llama4.load_tokenizer(path)
         args.seed = run.shared_seed(args.seed)
+        stream = None
+        if run.context is not None:
+            def stream(completion):
+                return _context_stream(args, run, model, tok, prompt_ids, completion)
         return _generate(args, args.prompt, model, tok, show=run.is_main,
-                         finished=lambda tokens: run.check_same(tokens, args.max_tokens))
+                         finished=lambda tokens: run.check_same(tokens, args.max_tokens), stream=stream)
 
     return launch.run(options, os.environ, body)
 
 
-def _generate(args: argparse.Namespace, prompt: str, model, tok, show: bool = True, finished=None) -> int:
-    """Generate and print (where ``show``); ``finished(tokens)`` is called with the tokens before the summary."""
+def _context_prompt(args: argparse.Namespace, tok, cp: int) -> list[int]:
+    """The prompt's tokens for a context-parallel run, as ``generate`` renders them (raw, or the chat template);
+    refused where context parallelism cannot split it (images, fewer tokens than cp)."""
+    from llama4.distributed import ContextPlan
+
+    if args.image:
+        raise ValueError("--cp: images in the prompt are not supported with context parallelism yet")
+    if args.kv_cache != "auto":
+        raise ValueError("--cp keeps the global layers' keys and values in the model's dtype: drop --kv-cache")
+    if args.raw:
+        ids = tok.encode(args.prompt, bos=True)
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        ids = tok.apply_chat_template(messages + [{"role": "user", "content": args.prompt}],
+                                      add_generation_prompt=True)
+    ContextPlan(cp).slices(len(ids))  # every rank of the context group needs at least one prompt token
+    return ids
+
+
+def _context_stream(args: argparse.Namespace, run, model, tok, ids: list[int], completion):
+    """Text pieces of a reply whose prompt is prefilled context-parallel (run.context_tokens), sampled and cut at
+    stop strings by llama4.inference.text.text_pieces, as for one process."""
+
+    from llama4.inference.sampling import Sampler
+    from llama4.inference.text import text_pieces
+
+    sampler = Sampler(_sampling(args), model.config.text.vocab_size, ids)
+    completion.prompt_tokens = len(ids)
+
+    def choose(logits):
+        return int(logits.argmax()) if sampler.plain_greedy else sampler.choose(logits).token
+
+    def steps():
+        for token in run.context_tokens(model, ids, choose, args.max_tokens, tok.eos_ids):
+            yield None if token in tok.eos_ids else (token, None)
+
+    return text_pieces(tok, steps(), completion, args.stop)
+
+
+def _generate(args: argparse.Namespace, prompt: str, model, tok, show: bool = True, finished=None,
+              stream=None) -> int:
+    """Generate and print (where ``show``); ``finished(tokens)`` is called with the tokens before the summary.
+    ``stream(completion)``: the text pieces, where another loop generates them (context parallelism)."""
     from llama4.inference.text import Completion, stream_chat, stream_tokens_as_text
 
     completion = Completion()
-    if args.raw:
+    if stream is not None:
+        stream = stream(completion)
+    elif args.raw:
         if args.image:
             raise ValueError("--image needs the chat format; drop --raw")
         stream = stream_tokens_as_text(model, tok, tok.encode(prompt, bos=True), params=_sampling(args),
@@ -441,6 +553,9 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
                    "of ranks, or 1 with --ep alone covering every rank)")
     g.add_argument("--ep", type=int, help="expert-parallel degree, dividing the number of ranks (default: the "
                    "number of ranks, or 1 with --tp alone)")
+    g.add_argument("--cp", type=int, help="context-parallel degree: the prompt prefilled in slices over this many "
+                   "ranks, the global layers' KV cache split over them; the job has cp x max(tp, ep) ranks (--tp / "
+                   "--ep default to the ranks of one context group)")
     g.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait for the other "
                    "ranks before the run ends with an error (default 300)")
     g.add_argument("--dist-device", choices=("cpu", "cuda"), default="cpu", help="each rank's device: cpu (gloo) "
@@ -468,6 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--tp", type=int, help="memory plan per device under tensor parallelism over this many "
                       "devices (1 or the number of devices; docs/DISTRIBUTED.md)")
     info.add_argument("--ep", type=int, help="memory plan per device with the routed experts split this many ways")
+    info.add_argument("--cp", type=int, help="memory plan per device with context parallelism over this many "
+                      "groups: --context is a prompt prefilled in cp slices, the global layers' KV split cp ways")
+    info.add_argument("--finetune", choices=("lora", "qlora"), help="memory plan for fine-tuning on one device "
+                      "(batch 1, --context tokens, default 4096): frozen base (bf16; qlora: --quant, default int4), "
+                      "adapters, gradients, AdamW, activations with and without gradient checkpointing")
+    info.add_argument("--lora-rank", type=int, help="with --finetune: adapter rank (default as llama4 finetune: 8)")
+    info.add_argument("--lora-targets", help="with --finetune: comma-separated targets (default as llama4 "
+                      "finetune: attention)")
     info.set_defaults(func=cmd_info)
 
     gen = sub.add_parser("generate", help="generate a reply (chat format) or a raw continuation")

@@ -15,6 +15,7 @@ import torch.nn as nn
 from llama4.build import build_meta
 from llama4.checkpoint.io import read_config
 from llama4.config import ModelConfig
+from llama4.distributed.context import ContextPlan
 from llama4.distributed.plan import ParallelPlan, layout_shape, local_kv_heads, shard_layouts
 from llama4.distributed.shard import EMBED, TIED_HEAD
 from llama4.model.moe import Experts
@@ -68,6 +69,99 @@ def kv_cache_bytes(config: ModelConfig, context: int, bytes_per_value: int = 2, 
         "total_bytes": global_entries * global_entry + local_entries * per_entry,
         "bytes_per_token_global": len(text.global_layers) * global_entry,
     }
+
+
+def _grown(capacity: int, need: int, block: int, limit: int | None = None) -> int:
+    """The capacity of a context-parallel cache buffer (llama4.distributed.context._Entries) that held
+    ``capacity`` entries after one-entry appends up to ``need``: each time it is full it grows to
+    max(need, 1.5 x capacity) rounded up to whole blocks (at most ``limit``: a chunked layer's chunk)."""
+    while capacity < need:
+        grown = -(-max(capacity + 1, capacity + capacity // 2) // block) * block
+        capacity = grown if limit is None else min(grown, max(limit, capacity + 1))
+    return capacity
+
+
+def context_kv_bytes(config: ModelConfig, prompt: int, cp: int, decode: int = 0, bytes_per_value: int = 2,
+                     block_size: int = 256, global_format: str | None = None,
+                     kv_heads: int | None = None) -> dict:
+    """KV memory of the fullest rank's :class:`~llama4.distributed.context.ContextParallelCache` after a
+    context-parallel prefill of ``prompt`` tokens over ``cp`` ranks and ``decode`` one-token passes (batch 1).
+
+    What the cache really allocates: a global layer keeps the rank's prefill slice (``ContextPlan.slices``: sizes
+    differing by one, the later ranks taking the extra) in a buffer rounded up to whole blocks, plus the decode
+    entries it owns (sequence index n on rank n mod cp), its buffer growing by half when full; a chunked layer
+    keeps the prompt's unfinished last chunk on every rank, growing to at most one chunk while decoding.
+    ``global_format`` (int8 / fp8): the global entries at that format's cost; the cache keeps the model's dtype
+    today, so that is what quantized shards would cost, not what runs. ``kv_heads``: per device under tp.
+    """
+    if prompt < 0 or decode < 0:
+        raise ValueError(f"prompt and decode must be >= 0, got {prompt} and {decode}")
+    text, plan = config.text, ContextPlan(cp)
+    heads = text.num_kv_heads if kv_heads is None else kv_heads
+    per_entry = 2 * heads * text.head_dim * bytes_per_value
+    global_entry = per_entry if global_format is None else 2 * heads * KVFormat(global_format).entry_bytes(
+        text.head_dim)
+
+    def blocks(n: int) -> int:
+        return -(-n // block_size) * block_size
+
+    held, allocated = 0, 0  # the fullest rank's global entries and buffer capacity (per global layer)
+    if prompt:
+        end = prompt + decode
+        for r, (start, stop) in enumerate(plan.slices(prompt)):
+            owned = max(0, (end - r + cp - 1) // cp) - max(0, (prompt - r + cp - 1) // cp)  # n = r mod cp in range
+            capacity = _grown(blocks(stop - start), stop - start + owned, block_size)
+            if capacity > allocated or (capacity == allocated and stop - start + owned > held):
+                held, allocated = stop - start + owned, capacity
+    chunk = text.attention_chunk_size
+    local = 0
+    if prompt:
+        tail_start = prompt // chunk * chunk
+        tail = prompt - tail_start
+        fill = tail + decode if tail + decode <= chunk else chunk  # the fullest chunk the layer keeps
+        if fill:
+            first = min(blocks(tail), max(chunk, tail)) if tail else min(blocks(1), chunk)
+            local = _grown(first, fill, block_size, chunk)
+    global_layers, local_layers = len(text.global_layers), len(text.local_layers)
+    return {
+        "context": prompt + decode, "cp": cp, "global_format": global_format,
+        "global_entries_per_layer": held, "global_capacity_per_layer": allocated,
+        "global_bytes": global_layers * allocated * global_entry,
+        "local_bytes": local_layers * local * per_entry,
+        "total_bytes": global_layers * allocated * global_entry + local_layers * local * per_entry,
+        "bytes_per_token_global": global_layers * global_entry,
+        # the first decode entry past a full buffer: +half of it per global layer (and a copy while it grows)
+        "growth_bytes": global_layers * (_grown(allocated, allocated + 1, block_size) - allocated) * global_entry
+        if allocated else 0,
+    }
+
+
+def context_activation_bytes(config: ModelConfig, slice_tokens: int, parallel: ParallelPlan | None = None,
+                             bytes_per_value: int = 2) -> dict:
+    """Transient memory of one rank's context-parallel prefill pass, whose slice of ``slice_tokens`` runs through
+    every layer at once (context.py does not prefill a slice in pieces yet): the hidden states, q / k / v and the
+    feed-forward rows of the whole slice (fp32, as :func:`activation_bytes` counts them); a global layer's ring
+    (its own K/V stacked into a message, the foreign block attended and the next one arriving: three blocks of
+    the slice's size in the model's dtype, and three fp32 partial outputs with their log-sum-exps: the result so
+    far, this step's part and their merge); a chunked layer's view (the slice's K/V with up to a chunk before it,
+    concatenated); the last position's logits."""
+    text = config.text
+    parallel = parallel or ParallelPlan()
+    tp, n = parallel.tp, slice_tokens
+    kv_heads, heads = local_kv_heads(text, parallel, 0)[1], text.num_heads // tp
+    routed = text.intermediate_size // parallel.expert_tp
+    moe_width = text.intermediate_size // tp + text.num_experts_per_tok * routed if text.moe_layers else 0
+    dense_width = text.intermediate_size_mlp // tp if len(text.moe_layers) < text.num_layers else 0
+    block = 2 * kv_heads * text.head_dim * bytes_per_value  # one token's keys and values
+    parts = {
+        "logits": (text.vocab_size + (text.vocab_size // tp if tp > 1 else 0)) * 4,
+        "hidden": 4 * n * text.hidden_size * 4,
+        "attention": n * (heads + 2 * kv_heads) * text.head_dim * 4,
+        "ffn": n * 3 * max(moe_width, dense_width) * 4,
+        "ring": 3 * n * block + 3 * n * heads * (text.head_dim + 1) * 4 if text.global_layers else 0,
+        "chunk_view": (n + text.attention_chunk_size) * block if text.local_layers else 0,
+    }
+    return parts | {"total": sum(parts.values())}
 
 
 def resolve_config(name_or_path: str | os.PathLike | ModelConfig) -> tuple[ModelConfig, str]:
@@ -362,7 +456,8 @@ def largest_context(config: ModelConfig, budget: int, fixed_bytes: int, bytes_pe
 
 def memory_plan(config: ModelConfig, recipe: QuantRecipe | str | None = None, kv: str = "bf16",
                 context: int | None = None, memory: int | str | None = None, dtype: torch.dtype = torch.bfloat16,
-                chunk: int = PREFILL_CHUNK, block_size: int = KV_BLOCK, parallel: ParallelPlan | None = None) -> dict:
+                chunk: int = PREFILL_CHUNK, block_size: int = KV_BLOCK, parallel: ParallelPlan | None = None,
+                cp: int = 1) -> dict:
     """Weights (:func:`weight_bytes`), KV cache at ``context`` tokens in ``kv`` (a :data:`KV_FORMATS` name: bf16,
     fp32, or int8 / fp8 for the global layers quantized and the chunked ones in bf16),
     activations (:func:`activation_bytes`) and their total; with ``memory`` (bytes or a size string), the largest
@@ -372,7 +467,13 @@ def memory_plan(config: ModelConfig, recipe: QuantRecipe | str | None = None, kv
     ``parallel`` (a :class:`~llama4.distributed.ParallelPlan`): every figure is per device (``memory`` is one
     device's) under that plan: the rank's weights (:func:`weight_bytes`), its KV heads (:func:`parallel_kv_heads`)
     and activations. The plan splits evenly (``ParallelPlan.check``), so every rank holds the same bytes; rank 0's
-    are given, and ``parallel`` says how the plan splits."""
+    are given, and ``parallel`` says how the plan splits.
+
+    ``cp`` > 1: context parallelism over cp groups of that plan (cp x max(tp, ep) devices), ``context`` being a
+    prompt prefilled context-parallel: the fullest rank's KV cache (:func:`context_kv_bytes`) and its prefill
+    pass (:func:`context_activation_bytes`, which grows with the slice), see :func:`_context_plan`."""
+    if cp != 1:
+        return _context_plan(config, recipe, kv, context, memory, dtype, parallel, cp)
     if kv not in KV_FORMATS:
         raise ValueError(f"unknown KV cache dtype {kv!r}: expected one of {', '.join(KV_FORMATS)}")
     kv_heads = parallel_kv_heads(config, parallel) if parallel is not None else None
@@ -404,4 +505,190 @@ def memory_plan(config: ModelConfig, recipe: QuantRecipe | str | None = None, kv
     cache = kv_cache_bytes(config, context, **kv_args)
     plan |= {"context": context, "kv_cache": cache,
              "total_bytes": fixed + cache["total_bytes"]}
+    return plan
+
+
+def _context_plan(config: ModelConfig, recipe, kv: str, context: int | None, memory: int | str | None,
+                  dtype: torch.dtype, parallel: ParallelPlan | None, cp: int) -> dict:
+    """:func:`memory_plan` with context parallelism: per device of cp x max(tp, ep)."""
+    if kv not in KV_FORMATS:
+        raise ValueError(f"unknown KV cache dtype {kv!r}: expected one of {', '.join(KV_FORMATS)}")
+    if context is not None and context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    ContextPlan(cp)
+    inner = parallel or ParallelPlan()
+    kv_heads = parallel_kv_heads(config, inner)
+    quantized = kv if kv in QUANTIZED_KV_FORMATS else None
+    kv_args = dict(bytes_per_value=KV_FORMATS[kv], global_format=quantized, kv_heads=kv_heads)
+    size = torch.empty((), dtype=dtype).element_size()
+    recipe = _parse_recipe(recipe)
+    weights = weight_bytes(config, recipe, dtype, parallel)
+    steps = activation_bytes(config, recipe, PREFILL_CHUNK, dtype, parallel)  # its decode step and dequantized
+    # weight; the prefill is the slice's own pass
+
+    def activations(n: int) -> dict:
+        prefill = context_activation_bytes(config, -(-n // cp), inner, size)
+        return {"prefill_chunk": -(-n // cp), "prefill": prefill, "decode": steps["decode"],
+                "dequantized_weight": steps["dequantized_weight"], "context_parallel": True,
+                "total_bytes": max(prefill["total"], steps["decode"]["total"]) + steps["dequantized_weight"]}
+
+    def total(n: int) -> int:
+        return (weights["total_bytes"] + activations(n)["total_bytes"]
+                + context_kv_bytes(config, n, cp, **kv_args)["total_bytes"])
+
+    plan: dict = {"kv_dtype": kv, "weights": weights, "context_parallel": {
+        "cp": cp, "devices": inner.world_size * cp, "kv_heads_per_device": kv_heads,
+        "quantized_kv_supported": False}}
+    if parallel is not None:
+        text = config.text
+        plan["parallel"] = {"tp": parallel.tp, "ep": parallel.ep, "devices": parallel.world_size * cp,
+                            "kv_heads_per_device": kv_heads, "kv_heads_replicated": text.num_kv_heads < parallel.tp,
+                            "experts_per_device": text.num_experts // parallel.ep if text.moe_layers else 0,
+                            "expert_hidden_per_device": text.intermediate_size // parallel.expert_tp,
+                            "all_devices_weight_bytes": weights["total_bytes"] * parallel.world_size * cp}
+    if memory is not None:
+        budget = parse_size(memory) if isinstance(memory, str) else int(memory)
+        if total(cp) > budget:
+            found = -1
+        else:  # the largest prompt whose per-device total fits: binary search (every part grows with it)
+            low, high = cp, 2**40
+            if total(high) <= budget:
+                low = high
+            while high - low > 1:
+                mid = (low + high) // 2
+                low, high = (mid, high) if total(mid) <= budget else (low, mid)
+            found = low
+        plan |= {"memory_bytes": budget, "fits": found != -1, "max_context": found,
+                 "max_context_kv_bytes": None if found == -1 else
+                 context_kv_bytes(config, found, cp, **kv_args)["total_bytes"]}
+        if context is None and found > 0:
+            context = found
+    context = context or 0
+    cache = context_kv_bytes(config, context, cp, **kv_args)
+    if quantized:  # what runs today: the shards in the model's dtype
+        plan["context_parallel"]["kv_as_run_bytes"] = context_kv_bytes(
+            config, context, cp, bytes_per_value=size, kv_heads=kv_heads)["total_bytes"]
+    acts = activations(max(context, cp))
+    plan |= {"context": context, "kv_cache": cache, "activations": acts,
+             "total_bytes": weights["total_bytes"] + acts["total_bytes"] + cache["total_bytes"]}
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-tuning on one device: frozen base, adapters with their gradients and AdamW states, activations kept for
+# the backward pass.
+
+FINETUNE_METHODS = {"lora": None, "qlora": "int4"}  # the frozen base: float, or this recipe (int4 = int4-g32)
+
+
+def adapter_params(config: ModelConfig, rank: int, targets: tuple[str, ...]) -> dict[str, int]:
+    """Adapter parameters apply_lora adds for ``targets`` at ``rank``, per target kind: r x (in + out) per adapted
+    linear, per expert for the routed experts' tensors (llama4.lora.transform.candidates decides what matches)."""
+    from llama4.lora import LoraConfig
+    from llama4.lora.transform import _matches, candidates
+
+    lora = LoraConfig(rank=rank, targets=targets)
+    counts: dict[str, int] = {}
+    for candidate in candidates(build_meta(config)):
+        if not any(_matches(candidate, t) for t in lora.targets):
+            continue
+        module = getattr(candidate.parent, candidate.attribute)
+        if candidate.tensor is not None:  # fused experts [E, D, 2I] / [E, I, D], multiplied as x @ W
+            experts, fan_in, fan_out = getattr(module, candidate.tensor).shape
+            n = experts * rank * (fan_in + fan_out)
+        else:
+            fan_out, fan_in = module.weight.shape
+            n = rank * (fan_in + fan_out)
+        kind = min(candidate.kinds, key=len)
+        counts[kind] = counts.get(kind, 0) + n
+    return counts
+
+
+def training_activation_bytes(config: ModelConfig, context: int, checkpointing: bool,
+                              dtype: torch.dtype = torch.bfloat16, adapted: bool = True) -> dict:
+    """What one training step of one sequence of ``context`` tokens keeps for backward (batch 1), from the shapes.
+
+    Per decoder layer, in ``dtype`` (T tokens, D hidden, H / Hkv heads of d, k routed experts of width I, a shared
+    expert of width I_s): the two norms' inputs and outputs (4 T D), q / k / v before and after RoPE and QK-norm
+    and the attention output with its log-sum-exp (2 T (H + 2 Hkv) d + T H d), wo's input (T H d); the MoE's
+    router scores (T E, fp32), the routed rows gathered (k T D), their gate_up product, gate activation and
+    SwiGLU product (k T 4 I), the shared expert's the same (T 4 I_s) and the weighted sum (T D); with adapters,
+    their inputs' dropout masks (one T x in per adapted input, bool) are counted as one T D per layer.
+    With gradient checkpointing a layer keeps only its input (T D) and one layer's full set exists again while
+    its backward runs. The head: the logits [T, V] in ``dtype`` plus in fp32 (cross-entropy upcasts) and the
+    log-softmax output kept for backward in fp32.
+    """
+    text = config.text
+    t, s = context, torch.empty((), dtype=dtype).element_size()
+    d, h, hkv, hd = text.hidden_size, text.num_heads, text.num_kv_heads, text.head_dim
+
+    def layer(moe: bool) -> int:
+        attention = 4 * t * d + 2 * t * (h + 2 * hkv) * hd + 2 * t * h * hd
+        if moe:
+            ffn = (t * text.num_experts * 4 // s + text.num_experts_per_tok * t * (d + 4 * text.intermediate_size)
+                   + t * 4 * text.intermediate_size + t * d)
+        else:
+            ffn = t * 4 * text.intermediate_size_mlp
+        return (attention + ffn + (t * d // s if adapted else 0)) * s
+
+    layers = [layer(spec.moe) for spec in text.layers]
+    head = t * text.vocab_size * (s + 4 + 4)
+    kept = len(layers) * t * d * s + max(layers) if checkpointing else sum(layers)
+    return {"layers": kept, "per_layer": max(layers), "head": head, "total": kept + head}
+
+
+def finetune_plan(config: ModelConfig, method: str = "qlora", context: int = 4096, rank: int | None = None,
+                  targets: tuple[str, ...] | None = None, recipe: QuantRecipe | str | None = None,
+                  dtype: torch.dtype = torch.bfloat16, memory: int | str | None = None) -> dict:
+    """Memory of fine-tuning ``config`` on one device, batch 1 at ``context`` tokens: the frozen base
+    (:func:`weight_bytes`: ``dtype`` for lora, ``recipe`` or int4-g32 for qlora), the adapters (llama4.lora's
+    defaults: rank 8 on attention, as ``llama4 finetune``) in ``dtype`` (apply_lora makes them in the model's
+    dtype) with their gradients and torch AdamW's two moments in the same dtype (the project's trainer keeps no
+    separate fp32 master copy: weights and optimizer are in the model's dtype), and the activations kept for
+    backward with and without gradient checkpointing (:func:`training_activation_bytes`)."""
+    from llama4.lora import LoraConfig
+
+    if method not in FINETUNE_METHODS:
+        raise ValueError(f"--finetune must be one of {', '.join(FINETUNE_METHODS)}, got {method!r}")
+    if context < 1:
+        raise ValueError(f"context must be >= 1, got {context}")
+    defaults = LoraConfig()
+    rank = defaults.rank if rank is None else rank
+    targets = defaults.targets if targets is None else tuple(targets)
+    if recipe is None:
+        recipe = FINETUNE_METHODS[method]
+    elif method == "lora":
+        raise ValueError("--quant is for --finetune qlora (a lora base stays float)")
+    size = torch.empty((), dtype=dtype).element_size()
+    weights = weight_bytes(config, recipe, dtype)
+    adapters = adapter_params(config, rank, targets)
+    n = sum(adapters.values())
+    if not n:
+        raise ValueError(f"--lora-targets {','.join(targets)} matches no module of this model")
+    trainable = {"params": n, "by_kind": adapters, "weights": n * size, "gradients": n * size,
+                 "adamw_states": 2 * n * size}
+    trainable["total"] = trainable["weights"] + trainable["gradients"] + trainable["adamw_states"]
+    with_ckpt = training_activation_bytes(config, context, True, dtype)
+    without = training_activation_bytes(config, context, False, dtype)
+    plan = {"method": method, "context": context, "rank": rank, "targets": list(targets),
+            "base": weights, "adapters": trainable,
+            "activations": {"checkpointing": with_ckpt, "no_checkpointing": without},
+            "total_checkpointing": weights["total_bytes"] + trainable["total"] + with_ckpt["total"],
+            "total_no_checkpointing": weights["total_bytes"] + trainable["total"] + without["total"]}
+    if memory is not None:
+        budget = parse_size(memory) if isinstance(memory, str) else int(memory)
+        plan["memory_bytes"] = budget
+        for key, ckpt in (("max_context_checkpointing", True), ("max_context_no_checkpointing", False)):
+            fixed = weights["total_bytes"] + trainable["total"]
+
+            def fits(t: int, ckpt: bool = ckpt) -> bool:
+                return fixed + training_activation_bytes(config, t, ckpt, dtype)["total"] <= budget
+
+            low, high = 0, 2**30
+            if fits(high):
+                low = high
+            while high - low > 1:
+                mid = (low + high) // 2
+                low, high = (mid, high) if fits(mid) else (low, mid)
+            plan[key] = low
     return plan

@@ -52,6 +52,42 @@ def test_two_rank_generate_prints_what_one_process_prints(sampling, capsys):
     assert len(want["tokens"]) == 10
 
 
+# long enough to cross the embedded model's 256-token attention chunk: rank 1's slice starts inside chunk 0 (it
+# receives that chunk's earlier part) and both ranks must hold the unfinished last chunk for the decode steps
+LONG_PROMPT = " ".join(["Once upon a time, a little dog named Max found a red ball in the park."] * 20)
+
+
+@pytest.mark.parametrize("mode", [["--raw"], ["--temperature", "0.9", "--top-k", "40", "--seed", "5",
+                                              "--repetition-penalty", "1.2"]], ids=["greedy-raw", "sampled-chat"])
+def test_context_parallel_generate_prints_what_one_process_prints(mode, capsys):
+    args = ["generate", LONG_PROMPT, "--max-tokens", "8", "--dtype", "fp32", "--json", "--quiet", *mode]
+    want = _single(args, capsys)
+    out = _torchrun(["-m", "llama4", *args, "--cp", "2", "--dist-timeout", "60"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = _json_lines(out.stdout)
+    assert len(lines) == 1, out.stdout  # only global rank 0 prints
+    got = lines[0]
+    assert got["prompt_tokens"] == want["prompt_tokens"] > 256  # the prompt crosses a chunk boundary
+    assert got["tokens"] == want["tokens"] and got["text"] == want["text"]
+    assert got["finish_reason"] == want["finish_reason"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["Hi", "--raw", "--cp", "4"], "a 2-token prompt cannot be split over cp=4 ranks"),
+    ([PROMPT, "--raw", "--cp", "2"], "--cp 2 needs a multiple of 2 ranks (cp x max(tp, ep) = 2 here), this job has "
+                                     "1: use torchrun --nproc-per-node 2"),
+    ([PROMPT, "--raw", "--cp", "2", "--tp", "2"], "needs a multiple of 2 ranks (cp x max(tp, ep) = 4 here)"),
+    ([PROMPT, "--cp", "2", "--image", "x.png"], "images in the prompt are not supported with context parallelism"),
+    ([PROMPT, "--cp", "0"], "--cp must be a positive integer, got 0"),
+])
+def test_context_parallel_refusals_are_clear_errors(args, message, capsys):
+    from llama4.cli import main
+
+    assert main(["generate", *args, "--max-tokens", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
 def test_a_plan_for_another_number_of_ranks_is_a_clear_error(capsys):
     from llama4.cli import main
 

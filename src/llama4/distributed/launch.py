@@ -1,5 +1,11 @@
 """Running a command on every rank of a ``torchrun`` job (``torchrun --nproc-per-node N -m llama4 generate --tp T
---ep E``): the process group, each rank's shard, shared sampling settings, and one clear error instead of a hang.
+--ep E [--cp C]``): the process group, each rank's shard, shared sampling settings, and one clear error instead of a
+hang.
+
+With context parallelism (``cp`` > 1) the N = cp x max(tp, ep) ranks form the grid of
+:func:`~llama4.distributed.context.context_mesh`: each rank loads its tp / ep shard over its inner group, the
+global layers' attention is swapped for the context-parallel one, and :meth:`DistributedRun.context_tokens`
+prefills the prompt in slices over the context group, then decodes on every rank (docs/DISTRIBUTED.md).
 
 Every rank runs the same command and steps together: each forward meets the others in its collectives, and
 sampling agrees because every rank samples from the same logits (they are all-gathered) with the same seed
@@ -33,6 +39,7 @@ from typing import TextIO
 import torch
 import torch.distributed as dist
 
+from llama4.distributed.context import ContextParallelCache, ContextPlan, context_mesh, context_parallel, prefill
 from llama4.distributed.plan import ParallelPlan, PlanError
 from llama4.distributed.shard import load_sharded
 
@@ -98,6 +105,7 @@ class LaunchOptions:
 
     tp: int | None = None
     ep: int | None = None
+    cp: int = 1  # context-parallel degree: the job's ranks are cp x max(tp, ep)
     timeout_s: float = 300.0
     device: str = "cpu"
     grace_s: float = 5.0  # how long the reporting rank waits for the others' failure reports
@@ -107,23 +115,33 @@ class LaunchOptions:
             raise LaunchError(f"device must be one of {', '.join(BACKENDS)}, got {self.device!r}")
         if not self.timeout_s > 0:
             raise LaunchError(f"the collective timeout must be > 0 seconds, got {self.timeout_s}")
+        if isinstance(self.cp, bool) or not isinstance(self.cp, int) or self.cp < 1:
+            raise LaunchError(f"--cp must be a positive integer, got {self.cp!r}")
 
 
-def resolve_plan(tp: int | None, ep: int | None, world: int) -> ParallelPlan:
-    """The plan over ``world`` ranks: both given as asked; neither: ``tp = ep = world`` (attention, shared expert
-    and head split, whole experts per rank); ``ep`` alone: ``tp = 1`` if it covers every rank, else ``world``;
+def resolve_plan(tp: int | None, ep: int | None, world: int, cp: int = 1) -> ParallelPlan:
+    """The tp / ep plan of each inner group when ``world`` ranks run context groups of ``cp`` (the plan covers
+    world / cp ranks). Both given as asked; neither: ``tp = ep = world / cp`` (attention, shared expert and head
+    split, whole experts per rank); ``ep`` alone: ``tp = 1`` if it covers the inner ranks, else all of them;
     ``tp`` alone: ``ep = 1``. Raises LaunchError when the plan needs another number of ranks."""
+    if world % cp:
+        need = max(tp or 1, ep or 1) * cp
+        raise LaunchError(f"--cp {cp} needs a multiple of {cp} ranks (cp x max(tp, ep) = {need} here), this job "
+                          f"has {world}: use torchrun --nproc-per-node {need} -m llama4 ...")
+    inner = world // cp
     if tp is None and ep is None:
-        tp = ep = world
+        tp = ep = inner
     elif tp is None:
-        tp = 1 if ep == world else world
+        tp = 1 if ep == inner else inner
     elif ep is None:
         ep = 1
     plan = ParallelPlan(tp, ep)
-    if plan.world_size != world:
-        how = (f"torchrun --nproc-per-node {plan.world_size} -m llama4 ..." if world == 1 else
-               f"--nproc-per-node {plan.world_size}, or a plan for {world} ranks")
-        raise LaunchError(f"plan tp={plan.tp}, ep={plan.ep} needs {plan.world_size} ranks, this job has {world}: "
+    if plan.world_size * cp != world:
+        need = plan.world_size * cp
+        grid = f" x cp={cp}" if cp > 1 else ""
+        how = (f"torchrun --nproc-per-node {need} -m llama4 ..." if world == 1 else
+               f"--nproc-per-node {need}, or a plan for {world} ranks")
+        raise LaunchError(f"plan tp={plan.tp}, ep={plan.ep}{grid} needs {need} ranks, this job has {world}: "
                           f"use {how}")
     return plan
 
@@ -131,8 +149,11 @@ def resolve_plan(tp: int | None, ep: int | None, world: int) -> ParallelPlan:
 class DistributedRun:
     """One rank's side of a run: its plan, device and the helpers every rank calls at the same point."""
 
-    def __init__(self, env: LaunchEnv, plan: ParallelPlan, device: torch.device):
+    def __init__(self, env: LaunchEnv, plan: ParallelPlan, device: torch.device, context: ContextPlan | None = None,
+                 inner_group: dist.ProcessGroup | None = None, context_group: dist.ProcessGroup | None = None):
         self.env, self.plan, self.device = env, plan, device
+        self.context = context  # None: no context parallelism (the plan covers every rank)
+        self.inner_group, self.context_group = inner_group, context_group
 
     @property
     def rank(self) -> int:
@@ -148,8 +169,34 @@ class DistributedRun:
         return self.env.rank == 0
 
     def load(self, path, dtype: torch.dtype):
-        """This rank's shard of the float checkpoint at ``path`` (:func:`load_sharded`: only its slices are read)."""
-        return load_sharded(path, self.plan, dtype=dtype, device=self.device)
+        """This rank's shard of the float checkpoint at ``path`` (:func:`load_sharded` over the inner group: only
+        its slices are read); with context parallelism, the global layers' attention swapped
+        (:func:`context_parallel`)."""
+        model = load_sharded(path, self.plan, group=self.inner_group, dtype=dtype, device=self.device)
+        return context_parallel(model) if self.context is not None else model
+
+    def context_tokens(self, model, prompt: Sequence[int], choose: Callable[[torch.Tensor], int],
+                       max_new_tokens: int, stop_tokens: Sequence[int]) -> Iterator[int]:
+        """The tokens of one reply with a context-parallel prefill: ``prompt`` (the same on every rank) prefilled
+        in slices over the context group, then one decode pass per token on every rank. ``choose(logits [V]
+        float32 on the CPU)`` picks each token (the same sampler state on every rank: the logits are identical
+        everywhere). Yields every chosen token, a stop token included, and ends after it or ``max_new_tokens``."""
+        if self.context is None:
+            raise LaunchError("context_tokens needs a run with --cp > 1")
+        if max_new_tokens <= 0:
+            return
+        self.context.slices(len(prompt))  # a prompt shorter than cp: the plan's error, before any collective
+        stops = set(stop_tokens)
+        cache = ContextParallelCache(model.config.text, self.context, self.context_group)
+        ids = torch.tensor([list(prompt)], device=self.device)
+        with torch.inference_mode():
+            logits = prefill(model, ids, cache)
+            for step in range(max_new_tokens):
+                token = choose(logits[0].float().cpu())
+                yield token
+                if token in stops or step == max_new_tokens - 1:
+                    return
+                logits = model(torch.tensor([[token]], device=self.device), cache=cache)[:, -1]
 
     def shared_seed(self, seed: int | None) -> int:
         """The sampling seed of every rank: ``seed`` where given (every rank was given the same command), else one
@@ -296,6 +343,13 @@ def _fail(env: LaunchEnv, reports: _Reports, error: BaseException, options: Laun
                 f"{store_error})") if env.rank == 0 else None
 
 
+def _distributed_run(env: LaunchEnv, plan: ParallelPlan, device: torch.device, cp: int) -> DistributedRun:
+    if cp == 1:
+        return DistributedRun(env, plan, device)
+    inner, context = context_mesh(plan.world_size, cp)  # every rank creates every group, in the same order
+    return DistributedRun(env, plan, device, ContextPlan(cp), inner, context)
+
+
 def run(options: LaunchOptions, environ: Mapping[str, str], body: Callable[[DistributedRun], int],
         err: TextIO | None = None) -> int:
     """Run ``body`` on this rank of the job ``environ`` describes (torchrun's variables; none: a single-rank
@@ -305,7 +359,7 @@ def run(options: LaunchOptions, environ: Mapping[str, str], body: Callable[[Dist
     err = err if err is not None else sys.stderr
     env = LaunchEnv.from_environ(environ)
     try:
-        plan = resolve_plan(options.tp, options.ep, env.world_size)
+        plan = resolve_plan(options.tp, options.ep, env.world_size, options.cp)
         if options.device == "cuda" and not torch.cuda.is_available():
             raise LaunchError("--dist-device cuda: no CUDA device is available here")
     except (PlanError, LaunchError) as e:
@@ -325,7 +379,7 @@ def run(options: LaunchOptions, environ: Mapping[str, str], body: Callable[[Dist
     try:
         with _sigterm_raises():
             try:
-                return body(DistributedRun(env, plan, device))
+                return body(_distributed_run(env, plan, device, options.cp))
             except BaseException as error:  # noqa: BLE001 - every failure ends the job with its report
                 message = _fail(env, reports, error, options)
             if message is not None:

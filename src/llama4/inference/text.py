@@ -11,14 +11,14 @@ import base64
 import binascii
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from llama4.inference.generate import DEFAULT_PREFILL_CHUNK, Request, generate_tokens, new_cache
-from llama4.inference.sampling import SamplingParams
+from llama4.inference.sampling import SamplingParams, TokenChoice
 from llama4.model.cache import KVCache
 from llama4.model.transformer import Llama4Model
 from llama4.prompt import ImageError, Tokenizer
@@ -186,25 +186,39 @@ def stream_tokens_as_text(model: Llama4Model, tokenizer: Tokenizer, prompt: list
     the global layers' KV storage (``auto``, ``bf16``, ``int8``, ``fp8``: see llama4.inference.generate.new_cache)."""
     completion = completion if completion is not None else Completion()
     completion.prompt_tokens = len(prompt)
-    decoder = tokenizer.stream_decoder(skip_special=True)
-    stops = StopStrings(stop)
     stop_ids = tokenizer.eos_ids if stop_tokens is None else tuple(stop_tokens)
     request = Request(list(prompt), pixel_values, params or SamplingParams())
+
+    def steps():
+        for event in generate_tokens(model, [request], max_new_tokens, stop_ids, prefill_chunk, kv_cache=kv_cache):
+            yield None if event.stopped_by is not None else (event.choice.token, event.choice)
+
+    yield from text_pieces(tokenizer, steps(), completion, stop)
+
+
+def text_pieces(tokenizer: Tokenizer, steps: Iterable[tuple[int, TokenChoice | None] | None], completion: Completion,
+                stop: Sequence[str] = ()) -> Iterator[str]:
+    """The text of a reply as its tokens come: each step is (token, its choice or None), or None once a stop token
+    ends the reply; pieces never split a character and end at the first stop string. Fills ``completion`` (tokens,
+    logprobs, text, finish reason, prefill and decode seconds from the first step on)."""
+    decoder = tokenizer.stream_decoder(skip_special=True)
+    stops = StopStrings(stop)
     start = time.perf_counter()
     first = None
-    for event in generate_tokens(model, [request], max_new_tokens, stop_ids, prefill_chunk, kv_cache=kv_cache):
+    for step in steps:
         now = time.perf_counter()
         if first is None:
             first = now
             completion.prefill_seconds = now - start
         completion.decode_seconds = now - first
-        if event.stopped_by is not None:
+        if step is None:
             completion.finish_reason = "stop"
             break
-        completion.tokens.append(event.choice.token)
-        if event.choice.logprob is not None:
-            completion.logprobs.append(event.choice)
-        piece, hit = stops.feed(decoder.add(event.choice.token))
+        token, choice = step
+        completion.tokens.append(token)
+        if choice is not None and choice.logprob is not None:
+            completion.logprobs.append(choice)
+        piece, hit = stops.feed(decoder.add(token))
         completion.text += piece
         if piece:
             yield piece
