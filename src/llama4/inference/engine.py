@@ -39,6 +39,7 @@ apart and drops them with it. The model must be plain (not packed for the CPU ke
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable
@@ -116,6 +117,19 @@ def admissible(request: GenerationRequest, vocab: int, max_context: int, has_vis
     return max_new
 
 
+def engine_pool(model: Llama4Model, config: EngineConfig,
+                pool_class: type[PagedKVCache] = PagedKVCache) -> PagedKVCache:
+    """The block pool of an engine running ``model``, for the KV heads its layers hold (a tensor-parallel
+    shard holds its share of them: llama4.distributed)."""
+    text = model.config.text
+    attn = model.text.layers[0].attn
+    local = text
+    if (attn.num_heads, attn.num_kv_heads) != (text.num_heads, text.num_kv_heads):
+        local = dataclasses.replace(text, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads)
+    return pool_class(local, block_size=config.kv_block_size,
+                      storage=kv_storage(text, config.kv_cache, model.text.embed.weight.dtype))
+
+
 class Handle:
     """The caller's side of a submitted request: lets it cancel."""
 
@@ -135,19 +149,24 @@ class Handle:
 
 class Engine:
     def __init__(self, model: Llama4Model, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
-                 metrics: EngineMetrics | None = None):
+                 metrics: EngineMetrics | None = None, runner: ModelRunner | None = None):
+        """``runner``: the model runner over its own pool (``engine_pool(model, config, ...)``), e.g. rank 0's in a
+        sharded run (llama4.inference.sharded); by default a plain one."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.metrics = metrics if metrics is not None else EngineMetrics()
         text = model.config.text
         self.vocab = text.vocab_size
         self.max_context = min(config.max_context or text.max_position_embeddings, text.max_position_embeddings)
         self._cond = threading.Condition()
-        self._pool = PagedKVCache(text, block_size=config.kv_block_size,
-                                  storage=kv_storage(text, config.kv_cache, model.text.embed.weight.dtype))
+        if runner is not None and config.max_loras:
+            raise ValueError("an engine given its model runner takes no LoRA adapters (max_loras must be 0)")
         self.adapters = MultiLora(model, config.max_loras, config.max_lora_rank) if config.max_loras else None
         self._step_lock = threading.Lock()  # an iteration, or an adapter's load / unload: never both at once
-        self.runner = ModelRunner(model, self._pool, config.batch_invariant,
-                                  self.adapters.rows if self.adapters is not None else None)
+        if runner is None:
+            runner = ModelRunner(model, engine_pool(model, config), config.batch_invariant,
+                                 self.adapters.rows if self.adapters is not None else None)
+        self.runner = runner
+        self._pool = runner.pool
         self.outputs = OutputProcessor(self.metrics)
         self.scheduler: Scheduler[SequenceState] = Scheduler(config.max_batch, config.max_queue,
                                                              config.prefill_chunk, self._take_prefix)
@@ -216,7 +235,9 @@ class Engine:
         """Why the engine cannot serve (None while it runs)."""
         if self._thread is None:
             return "not started"
-        return None if self._thread.is_alive() else "the engine thread has ended"
+        if not self._thread.is_alive():
+            return "the engine thread has ended"
+        return self.runner.down
 
     def wake(self) -> None:
         with self._cond:

@@ -46,14 +46,22 @@ class ModelRunner:
         """Run prompt tokens ``start`` .. ``start + size`` of ``seq`` into its cache; their logits [size, V]
         when the prompt's own logprobs are asked, else the last one's [1, V] (the model's dtype)."""
         if seq.embeds is not None:
-            piece = seq.embeds[:, start - seq.reused:start - seq.reused + size]
+            embeds, ids = seq.embeds[:, start - seq.reused:start - seq.reused + size], None
         else:  # text: embedded piece by piece, never the whole prompt at once
-            piece = self.model.embed(torch.tensor([seq.request.prompt[start:start + size]], device=self.device))
+            embeds, ids = None, seq.request.prompt[start:start + size]
+        return self.prefill_piece(seq.cache, start, ids, embeds, seq.request.prompt_logprobs is not None,
+                                  seq.adapter_slot)
+
+    def prefill_piece(self, cache: PagedSequence, start: int, ids: list[int] | None, embeds: torch.Tensor | None,
+                      every_logit: bool, slot: int = 0) -> torch.Tensor:
+        """The model call of a prefill piece: token ``ids`` (or their embeddings [1, T, D], for a prompt with
+        images) at sequence index ``start`` of ``cache``; the logits of every token [T, V] or of the last [1, V].
+        (The seam a sharded run repeats on every rank: llama4.inference.sharded.)"""
+        piece = embeds if embeds is not None else self.model.embed(torch.tensor([ids], device=self.device))
         positions = torch.arange(start, start + piece.shape[1], device=self.device)[None]
-        scored = seq.request.prompt_logprobs is not None
-        with self._adapters([seq.adapter_slot] * piece.shape[1]):
-            logits = self.model.text(piece, positions, self.pool.batch([seq.cache]),
-                                     num_logits=piece.shape[1] if scored else 1)
+        with self._adapters([slot] * piece.shape[1]):
+            logits = self.model.text(piece, positions, self.pool.batch([cache]),
+                                     num_logits=piece.shape[1] if every_logit else 1)
         return logits[0]
 
     def decode(self, tokens: list[int], caches: list[PagedSequence], slots: list[int] | None = None) -> torch.Tensor:
@@ -62,6 +70,11 @@ class ModelRunner:
         ids = torch.tensor([[t] for t in tokens], device=self.device)
         with self._adapters(slots or [0] * len(tokens)):
             return self.model(ids, cache=self.pool.batch(caches))[:, -1].float().cpu()
+
+    @property
+    def down(self) -> str | None:
+        """Why this runner can make no more model calls (None: it can); see the sharded runner."""
+        return None
 
     def _adapters(self, slots: list[int]):
         return self.rows.using(slots) if self.rows is not None else contextlib.nullcontext()

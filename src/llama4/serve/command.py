@@ -89,7 +89,17 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("process", "thread"), default="process" if os.name == "posix" else "thread",
                    help="run the model in a process of its own (the default where pipes can be handed to a child, "
                         "i.e. POSIX: decoding never waits for the HTTP side's interpreter lock) or in a thread of "
-                        "the server process")
+                        "the server process (under torchrun: always a thread of rank 0's process)")
+    g = p.add_argument_group("sharded serving (torchrun --nproc-per-node N -m llama4 serve ...; docs/DISTRIBUTED.md)")
+    g.add_argument("--tp", type=int, help="tensor-parallel degree: 1 or the number of ranks (default: the number of "
+                   "ranks, or 1 with --ep alone covering every rank)")
+    g.add_argument("--ep", type=int, help="expert-parallel degree, dividing the number of ranks (default: the number "
+                   "of ranks with --tp unset, else 1)")
+    g.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="seconds a collective may wait for the other ranks before the job ends with an error "
+                        "(default: %(default)g)")
+    g.add_argument("--dist-device", choices=("cpu", "cuda"), default="cpu",
+                   help="each rank's device: cpu (gloo) or cuda (nccl on cuda:LOCAL_RANK)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -107,33 +117,17 @@ def served_names(args: argparse.Namespace) -> list[str]:
 def build_app(args: argparse.Namespace):
     """The app for parsed ``serve`` arguments. With ``--engine process`` the engine process is started
     (and its model loaded) here, so that a checkpoint that does not load fails before serving."""
-    from llama4.build import load_model, resolve_model_path
-    from llama4.checkpoint.generation_config import read_generation_defaults
+    from llama4.build import load_model
     from llama4.dtypes import torch_dtype
-    from llama4.inference.engine import Engine, EngineConfig
+    from llama4.inference.engine import Engine
     from llama4.prompt import load_tokenizer
     from llama4.serve.app import create_engine_app
-    from llama4.serve.browser_guard import GuardPolicy
     from llama4.serve.engine_process import EngineProcess
 
-    try:
-        defaults = read_generation_defaults(resolve_model_path(args.model))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    options = {"model_id": served_names(args), "api_key": api_key_of(args), "limits": limits_of(args),
-               "generation_defaults": defaults,
-               "allow_remote_images": remote_image_policy(args), "metrics_need_key": not is_loopback(args.host),
-               "guard": GuardPolicy.for_bind(args.host, args.allowed_hosts, tuple(args.allowed_origins or ())),
-               "stall_timeout": args.stall_timeout, "runtime_lora": args.enable_lora}
+    options = app_options(args)
     adapters = lora_modules_of(args, options["model_id"])
     lora = bool(adapters) or args.enable_lora
-    try:
-        config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-                              prefill_chunk=args.prefill_chunk, batch_invariant=not args.no_batch_invariant,
-                              prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), kv_cache=args.kv_cache,
-                              max_loras=args.max_loras if lora else 0, max_lora_rank=args.max_lora_rank)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    config = engine_config_of(args, lora)
     tokenizer = load_tokenizer(args.model)
     if args.engine == "process":
         engine = EngineProcess(args.model, args.dtype, config, threads=args.threads, quant=args.quant, lora=adapters)
@@ -148,6 +142,35 @@ def build_app(args: argparse.Namespace):
             except ValueError as e:
                 raise UsageError(f"--lora {name}={path}: {e}") from None
     return create_engine_app(engine, tokenizer, **options)
+
+
+def app_options(args: argparse.Namespace) -> dict:
+    """create_engine_app's options for parsed ``serve`` arguments (UsageError for values that cannot be used)."""
+    from llama4.build import resolve_model_path
+    from llama4.checkpoint.generation_config import read_generation_defaults
+    from llama4.serve.browser_guard import GuardPolicy
+
+    try:
+        defaults = read_generation_defaults(resolve_model_path(args.model))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return {"model_id": served_names(args), "api_key": api_key_of(args), "limits": limits_of(args),
+            "generation_defaults": defaults,
+            "allow_remote_images": remote_image_policy(args), "metrics_need_key": not is_loopback(args.host),
+            "guard": GuardPolicy.for_bind(args.host, args.allowed_hosts, tuple(args.allowed_origins or ())),
+            "stall_timeout": args.stall_timeout, "runtime_lora": args.enable_lora}
+
+
+def engine_config_of(args: argparse.Namespace, lora: bool):
+    from llama4.inference.engine import EngineConfig
+
+    try:
+        return EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
+                            prefill_chunk=args.prefill_chunk, batch_invariant=not args.no_batch_invariant,
+                            prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), kv_cache=args.kv_cache,
+                            max_loras=args.max_loras if lora else 0, max_lora_rank=args.max_lora_rank)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def lora_modules_of(args: argparse.Namespace, served: list[str]) -> dict[str, str]:
@@ -224,6 +247,39 @@ def missing_serve_packages() -> list[str]:
     return [name for name in SERVE_EXTRA if importlib.util.find_spec(name) is None]
 
 
+def serve_sharded(args: argparse.Namespace, rank: int) -> int:
+    """``serve`` on this rank of a torchrun job (llama4.serve.distributed). What cannot be served raises UsageError
+    or LaunchError on rank 0; the other ranks find the same and return 2 (rank 0 says it)."""
+    from llama4.build import resolve_model_path
+    from llama4.distributed.launch import LaunchError, LaunchOptions
+    from llama4.serve.distributed import serve_distributed
+
+    try:
+        if args.lora or args.enable_lora:
+            raise UsageError("--lora / --enable-lora cannot be combined with --tp / --ep or torchrun yet: adapters are "
+                             "not applied to sharded models")
+        if args.quant:
+            raise UsageError("--quant cannot be combined with --tp / --ep or torchrun yet: sharded loading takes "
+                             "float checkpoints")
+        config = engine_config_of(args, lora=False)
+        options = LaunchOptions(tp=args.tp, ep=args.ep, timeout_s=args.dist_timeout, device=args.dist_device)
+        path = resolve_model_path(args.model)
+        served = app_options(args) if rank == 0 else {}  # the API key file, the generation defaults: rank 0's
+    except (UsageError, LaunchError, ValueError) as e:
+        if rank != 0:
+            return 2
+        raise UsageError(str(e)) from None
+    note = "; rank 0 of {world}, tp={tp} ep={ep}"
+    return serve_distributed(args, os.environ, options, path, config, served,
+                             lambda **job: print_banner(args, note.format(**job)))
+
+
+def print_banner(args: argparse.Namespace, note: str = "") -> None:
+    where = "all interfaces" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"llama4 serve: http://{args.host}:{args.port}/ ({where}{note}); OpenAI base URL "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     missing = missing_serve_packages()
     if missing:
@@ -235,16 +291,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from llama4.distributed.launch import LaunchEnv, LaunchError
     from llama4.serve.shutdown import DrainingServer
 
+    try:
+        rank = LaunchEnv.from_environ(os.environ).rank  # under torchrun only rank 0 listens
+    except LaunchError as e:
+        print(f"llama4: error: {e}", file=sys.stderr)
+        return 2
     try:  # a busy port or a bad address fails here, before the banner and before the model loads
-        with socket.create_server((args.host, args.port)):
-            pass
+        if rank == 0:
+            with socket.create_server((args.host, args.port)):
+                pass
     except OSError as e:
         print(f"llama4: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tp is not None or args.ep is not None or LaunchEnv.launched(os.environ):
+        try:
+            return serve_sharded(args, rank)
+        except (UsageError, LaunchError) as e:
+            print(f"llama4: error: {e}", file=sys.stderr)
+            return 2
     from llama4.serve.engine_process import EngineStartError
 
     try:
@@ -252,9 +321,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (EngineStartError, UsageError) as e:
         print(f"llama4: error: {e}", file=sys.stderr)
         return 2
-    where = "all interfaces" if args.host in ("0.0.0.0", "::") else args.host
-    print(f"llama4 serve: http://{args.host}:{args.port}/ ({where}); OpenAI base URL "
-          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    print_banner(args)
     engine = app.state.engine
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"),
                             args.drain_seconds, lambda: engine.stop(reason="error"))
