@@ -5,6 +5,8 @@ All counts are exact integers (measured by instantiating transformers' classes o
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -429,7 +431,8 @@ def test_context_parallel_kv_per_device_equals_what_the_cache_allocates(sharded_
 def test_scout_at_10m_tokens_with_context_parallelism(capsys):
     """Scout, int4 weights, 10M tokens over cp=8: each device keeps 1/8 of the global layers' entries (int8:
     8 KV heads x 2 x (128 + 2) bytes x 12 layers per token) and one chunk of each chunked layer; the slice's
-    one-pass prefill is what does not fit, and the largest context is where the whole plan fits."""
+    prefill runs in pieces of a chunk (8192 tokens): the slice's residual stream (bf16) is the only activation that
+    grows with it, and the largest context is where the whole plan fits."""
     from llama4.cli import main
     from llama4.distributed import ParallelPlan
     from llama4.info import memory_plan
@@ -441,7 +444,13 @@ def test_scout_at_10m_tokens_with_context_parallelism(capsys):
     assert kv["global_bytes"] == 12 * 1_250_048 * 2 * 8 * 130
     assert kv["local_bytes"] == 36 * 5888 * 2 * 8 * 128 * 2  # 10M mod 8192 = 5760 entries, in 256-blocks
     assert plan["context_parallel"]["kv_as_run_bytes"] == 12 * 1_250_048 * 4096 + kv["local_bytes"]
-    assert plan["activations"]["prefill_chunk"] == 1_250_000
+    acts = plan["activations"]
+    assert acts["prefill_chunk"] == 8192 and acts["slice_tokens"] == 1_250_000
+    assert acts["prefill"]["residual"] == 1_250_000 * 5120 * 2
+    assert acts["prefill"]["ffn"] == 8192 * 3 * (8192 + 8192) * 4  # one piece's rows: shared + top-1 expert
+    assert acts["prefill"]["total"] - acts["prefill"]["residual"] < 4 * 2**30  # per piece: a few GiB, not 449
+    whole = memory_plan(scout, "int4", "int8", context=10_000_000, cp=8, chunk=2_000_000)["activations"]
+    assert whole["prefill_chunk"] == 1_250_000 and whole["total_bytes"] > 400 * 2**30  # the slice at once
     found = plan["max_context"]
     edge = memory_plan(scout, "int4", "int8", context=found, cp=8)["total_bytes"]
     over = memory_plan(scout, "int4", "int8", context=found + 1, cp=8)["total_bytes"]
@@ -455,6 +464,10 @@ def test_scout_at_10m_tokens_with_context_parallelism(capsys):
     out = capsys.readouterr().out
     assert "cp=8 x 1 tp/ep rank(s) = 8 devices" in out and f"largest context {found:,} tokens" in out
     assert "1,250,000 tokens each of this rank's slice" in out and "58.0 GiB as it runs" in out
+    assert "slices of 1,250,000 tokens (each in pieces of 8,192)" in out and "residual stream 11.9 GiB" in out
+    assert main(["info", "--preset", "scout", "--cp", "8", "--context", "10000000", "--prefill-chunk", "1024",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory"]["activations"]["prefill_chunk"] == 1024
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -60,14 +60,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.finetune:
         return _finetune_info(args, source)
     plan = None
-    if any(v is not None for v in (args.quant, args.kv, args.context, args.memory, args.tp, args.ep, args.cp)):
+    if any(v is not None for v in (args.quant, args.kv, args.context, args.memory, args.tp, args.ep, args.cp,
+                                   args.prefill_chunk)):
         from llama4.distributed import ParallelPlan
         from llama4.info import memory_plan, resolve_config
 
         config, _ = resolve_config(source)
         parallel = ParallelPlan(args.tp or 1, args.ep or 1) if args.tp or args.ep else None
         plan = memory_plan(config, args.quant, args.kv or "bf16", args.context, args.memory, parallel=parallel,
-                           cp=1 if args.cp is None else args.cp)
+                           cp=1 if args.cp is None else args.cp, chunk=args.prefill_chunk)
         info["memory"] = plan
     if args.json:
         print(json.dumps(info, indent=2))
@@ -140,8 +141,8 @@ def _print_plan(plan: dict) -> None:
     if context:
         print(f"  PER DEVICE with context parallelism: cp={context['cp']} x {context['devices'] // context['cp']} "
               f"tp/ep rank(s) = {context['devices']} devices; the prompt prefilled in slices of "
-              f"{acts['prefill_chunk']:,} tokens, the global layers' KV split over the cp ranks (the fullest "
-              f"rank's figures)")
+              f"{acts['slice_tokens']:,} tokens (each in pieces of {acts['prefill_chunk']:,}), the global layers' KV "
+              f"split over the cp ranks (the fullest rank's figures)")
     print(f"  weights {_bytes(weights['total_bytes'])}")
     for kind, row in weights["kinds"].items():
         split = ("  split" if row["split"] else "  replicated") if "split" in row else ""
@@ -165,10 +166,11 @@ def _print_plan(plan: dict) -> None:
               f"{_bytes(kv['local_bytes'])} (at most one chunk each)")
     if context:
         pre = acts["prefill"]
-        print(f"  activations ~{_bytes(acts['total_bytes'])} (the slice's prefill pass at once, "
-              f"{acts['prefill_chunk']:,} tokens: hidden {_bytes(pre['hidden'])}, q/k/v {_bytes(pre['attention'])}, "
-              f"FFN {_bytes(pre['ffn'])}, ring blocks and partial outputs {_bytes(pre['ring'])}, chunked view "
-              f"{_bytes(pre['chunk_view'])}; largest dequantized weight {_bytes(acts['dequantized_weight'])})")
+        print(f"  activations ~{_bytes(acts['total_bytes'])} (the slice's prefill pass layer by layer in pieces of "
+              f"{acts['prefill_chunk']:,} tokens: the slice's residual stream {_bytes(pre['residual'])}; per piece "
+              f"hidden {_bytes(pre['hidden'])}, q/k/v {_bytes(pre['attention'])}, FFN {_bytes(pre['ffn'])}, ring "
+              f"blocks and partial outputs {_bytes(pre['ring'])}, chunked view {_bytes(pre['chunk_view'])}; "
+              f"largest dequantized weight {_bytes(acts['dequantized_weight'])})")
     else:
         print(f"  activations ~{_bytes(acts['total_bytes'])} (prefill piece of {acts['prefill_chunk']} tokens: logits "
               f"{_bytes(acts['prefill']['logits'])}, hidden/attention/FFN "
@@ -306,7 +308,7 @@ def _context_stream(args: argparse.Namespace, run, model, tok, ids: list[int], c
         return int(logits.argmax()) if sampler.plain_greedy else sampler.choose(logits).token
 
     def steps():
-        for token in run.context_tokens(model, ids, choose, args.max_tokens, tok.eos_ids):
+        for token in run.context_tokens(model, ids, choose, args.max_tokens, tok.eos_ids, piece=args.prefill_chunk):
             yield None if token in tok.eos_ids else (token, None)
 
     return text_pieces(tok, steps(), completion, args.stop)
@@ -556,6 +558,8 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cp", type=int, help="context-parallel degree: the prompt prefilled in slices over this many "
                    "ranks, the global layers' KV cache split over them; the job has cp x max(tp, ep) ranks (--tp / "
                    "--ep default to the ranks of one context group)")
+    g.add_argument("--prefill-chunk", type=int, help="with --cp: each rank prefills its slice in pieces of this many "
+                   "tokens, layer by layer (default: the model's attention chunk)")
     g.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait for the other "
                    "ranks before the run ends with an error (default 300)")
     g.add_argument("--dist-device", choices=("cpu", "cuda"), default="cpu", help="each rank's device: cpu (gloo) "
@@ -585,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--ep", type=int, help="memory plan per device with the routed experts split this many ways")
     info.add_argument("--cp", type=int, help="memory plan per device with context parallelism over this many "
                       "groups: --context is a prompt prefilled in cp slices, the global layers' KV split cp ways")
+    info.add_argument("--prefill-chunk", type=int, help="memory plan: prompt tokens per prefill piece (default 256, "
+                      "the engine's; with --cp: the attention chunk, as generate --cp)")
     info.add_argument("--finetune", choices=("lora", "qlora"), help="memory plan for fine-tuning on one device "
                       "(batch 1, --context tokens, default 4096): frozen base (bf16; qlora: --quant, default int4), "
                       "adapters, gradients, AdamW, activations with and without gradient checkpointing")

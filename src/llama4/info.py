@@ -137,31 +137,37 @@ def context_kv_bytes(config: ModelConfig, prompt: int, cp: int, decode: int = 0,
 
 
 def context_activation_bytes(config: ModelConfig, slice_tokens: int, parallel: ParallelPlan | None = None,
-                             bytes_per_value: int = 2) -> dict:
-    """Transient memory of one rank's context-parallel prefill pass, whose slice of ``slice_tokens`` runs through
-    every layer at once (context.py does not prefill a slice in pieces yet): the hidden states, q / k / v and the
-    feed-forward rows of the whole slice (fp32, as :func:`activation_bytes` counts them); a global layer's ring
-    (its own K/V stacked into a message, the foreign block attended and the next one arriving: three blocks of
-    the slice's size in the model's dtype, and three fp32 partial outputs with their log-sum-exps: the result so
-    far, this step's part and their merge); a chunked layer's view (the slice's K/V with up to a chunk before it,
-    concatenated); the last position's logits."""
+                             bytes_per_value: int = 2, piece: int | None = None) -> dict:
+    """Transient memory of one rank's context-parallel prefill pass (llama4.distributed.context), whose slice of
+    ``slice_tokens`` runs layer by layer in pieces of at most ``piece`` tokens (None: the whole slice at once):
+    the slice's residual stream, kept between layers in the model's dtype (the one part that grows with the
+    slice); per piece, the hidden states, q / k / v and the feed-forward rows (fp32, as :func:`activation_bytes`
+    counts them); a global layer's ring (three K/V blocks of at most a piece's entries in the model's dtype: the
+    one attended and forwarded, the one arriving, the previous one still being sent, or this rank's own block
+    stacked into a message; and three fp32 partial outputs with their log-sum-exps: the result so far, this
+    block's part and their merge); a chunked layer's view (the piece's K/V with up to a chunk before it,
+    concatenated), the part of the chunk it keeps for the next piece, and what it keeps for and receives from the
+    other ranks (at most two chunks each); the last position's logits."""
     text = config.text
     parallel = parallel or ParallelPlan()
     tp, n = parallel.tp, slice_tokens
+    p = n if piece is None else min(piece, n)
     kv_heads, heads = local_kv_heads(text, parallel, 0)[1], text.num_heads // tp
     routed = text.intermediate_size // parallel.expert_tp
     moe_width = text.intermediate_size // tp + text.num_experts_per_tok * routed if text.moe_layers else 0
     dense_width = text.intermediate_size_mlp // tp if len(text.moe_layers) < text.num_layers else 0
     block = 2 * kv_heads * text.head_dim * bytes_per_value  # one token's keys and values
+    chunk = text.attention_chunk_size
     parts = {
         "logits": (text.vocab_size + (text.vocab_size // tp if tp > 1 else 0)) * 4,
-        "hidden": 4 * n * text.hidden_size * 4,
-        "attention": n * (heads + 2 * kv_heads) * text.head_dim * 4,
-        "ffn": n * 3 * max(moe_width, dense_width) * 4,
-        "ring": 3 * n * block + 3 * n * heads * (text.head_dim + 1) * 4 if text.global_layers else 0,
-        "chunk_view": (n + text.attention_chunk_size) * block if text.local_layers else 0,
+        "residual": n * text.hidden_size * bytes_per_value,
+        "hidden": 4 * p * text.hidden_size * 4,
+        "attention": p * (heads + 2 * kv_heads) * text.head_dim * 4,
+        "ffn": p * 3 * max(moe_width, dense_width) * 4,
+        "ring": 3 * p * block + 3 * p * heads * (text.head_dim + 1) * 4 if text.global_layers else 0,
+        "chunk_view": (2 * (p + chunk) + 4 * chunk) * block if text.local_layers else 0,
     }
-    return parts | {"total": sum(parts.values())}
+    return parts | {"slice_tokens": n, "piece": p, "total": sum(parts.values())}
 
 
 def resolve_config(name_or_path: str | os.PathLike | ModelConfig) -> tuple[ModelConfig, str]:
@@ -456,7 +462,7 @@ def largest_context(config: ModelConfig, budget: int, fixed_bytes: int, bytes_pe
 
 def memory_plan(config: ModelConfig, recipe: QuantRecipe | str | None = None, kv: str = "bf16",
                 context: int | None = None, memory: int | str | None = None, dtype: torch.dtype = torch.bfloat16,
-                chunk: int = PREFILL_CHUNK, block_size: int = KV_BLOCK, parallel: ParallelPlan | None = None,
+                chunk: int | None = None, block_size: int = KV_BLOCK, parallel: ParallelPlan | None = None,
                 cp: int = 1) -> dict:
     """Weights (:func:`weight_bytes`), KV cache at ``context`` tokens in ``kv`` (a :data:`KV_FORMATS` name: bf16,
     fp32, or int8 / fp8 for the global layers quantized and the chunked ones in bf16),
@@ -471,9 +477,16 @@ def memory_plan(config: ModelConfig, recipe: QuantRecipe | str | None = None, kv
 
     ``cp`` > 1: context parallelism over cp groups of that plan (cp x max(tp, ep) devices), ``context`` being a
     prompt prefilled context-parallel: the fullest rank's KV cache (:func:`context_kv_bytes`) and its prefill
-    pass (:func:`context_activation_bytes`, which grows with the slice), see :func:`_context_plan`."""
+    pass in pieces (:func:`context_activation_bytes`), see :func:`_context_plan`.
+
+    ``chunk``: the prefill piece in tokens; default :data:`PREFILL_CHUNK` (the engine's) in one process, the
+    attention chunk size with ``cp`` > 1 (``generate --cp``'s default)."""
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"the prefill piece must be >= 1 token, got {chunk}")
     if cp != 1:
-        return _context_plan(config, recipe, kv, context, memory, dtype, parallel, cp)
+        return _context_plan(config, recipe, kv, context, memory, dtype, parallel, cp,
+                             chunk or config.text.attention_chunk_size)
+    chunk = chunk or PREFILL_CHUNK
     if kv not in KV_FORMATS:
         raise ValueError(f"unknown KV cache dtype {kv!r}: expected one of {', '.join(KV_FORMATS)}")
     kv_heads = parallel_kv_heads(config, parallel) if parallel is not None else None
@@ -509,8 +522,9 @@ def memory_plan(config: ModelConfig, recipe: QuantRecipe | str | None = None, kv
 
 
 def _context_plan(config: ModelConfig, recipe, kv: str, context: int | None, memory: int | str | None,
-                  dtype: torch.dtype, parallel: ParallelPlan | None, cp: int) -> dict:
-    """:func:`memory_plan` with context parallelism: per device of cp x max(tp, ep)."""
+                  dtype: torch.dtype, parallel: ParallelPlan | None, cp: int, piece: int) -> dict:
+    """:func:`memory_plan` with context parallelism: per device of cp x max(tp, ep), each rank's slice prefilled in
+    pieces of ``piece`` tokens."""
     if kv not in KV_FORMATS:
         raise ValueError(f"unknown KV cache dtype {kv!r}: expected one of {', '.join(KV_FORMATS)}")
     if context is not None and context < 0:
@@ -524,11 +538,12 @@ def _context_plan(config: ModelConfig, recipe, kv: str, context: int | None, mem
     recipe = _parse_recipe(recipe)
     weights = weight_bytes(config, recipe, dtype, parallel)
     steps = activation_bytes(config, recipe, PREFILL_CHUNK, dtype, parallel)  # its decode step and dequantized
-    # weight; the prefill is the slice's own pass
+    # weight; the prefill is the slice's own pass, in pieces
 
     def activations(n: int) -> dict:
-        prefill = context_activation_bytes(config, -(-n // cp), inner, size)
-        return {"prefill_chunk": -(-n // cp), "prefill": prefill, "decode": steps["decode"],
+        prefill = context_activation_bytes(config, -(-n // cp), inner, size, piece)
+        return {"prefill_chunk": prefill["piece"], "slice_tokens": -(-n // cp), "prefill": prefill,
+                "decode": steps["decode"],
                 "dequantized_weight": steps["dequantized_weight"], "context_parallel": True,
                 "total_bytes": max(prefill["total"], steps["decode"]["total"]) + steps["dequantized_weight"]}
 

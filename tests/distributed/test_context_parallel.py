@@ -39,9 +39,15 @@ NEW_TOKENS = 6
 # [4, 8), the unfinished last chunk [8, 11) on rank 1), 16 = 8 | 8 (on a chunk boundary, no unfinished chunk),
 # 3 = 1 | 2. At 4 ranks: 13 = 3 | 3 | 3 | 4, 7 = 1 | 2 | 2 | 2 (rank 2's chunk starts on rank 0: pieces from two
 # ranks), 10 = 2 | 3 | 2 | 3 (not divisible by 4).
-CASES = {2: [("a", 2, 11), ("a", 1, 16), ("a", 1, 3), ("b", 2, 11)],
-         4: [("a", 2, 13), ("a", 1, 7), ("a", 1, 10), ("b", 1, 10)]}
-COUNTED = {2: (2, 11), 4: (1, 7)}
+# The last number is the prefill piece (None: each slice at once). Pieces smaller than the chunk (2, 3), equal to
+# it (4) and larger (5), over slices they do not divide: 11 = 5 | 6 in pieces of 2 (3 pieces each, the last ones
+# 1 and 2 tokens), 16 = 8 | 8 in pieces of 4 (on chunk edges), 11 in pieces of 5 (rank 0: one piece, rank 1: two,
+# so rank 0 runs an idle ring round); at 4 ranks 23 = 5 | 6 | 6 | 6 in pieces of 3, 4 and 5, 13 in pieces of 2.
+CASES = {2: [("a", 2, 11, None), ("a", 1, 16, None), ("a", 1, 3, None), ("b", 2, 11, None),
+             ("a", 2, 11, 2), ("a", 1, 16, 4), ("b", 2, 11, 5)],
+         4: [("a", 2, 13, None), ("a", 1, 7, None), ("a", 1, 10, None), ("b", 1, 10, None),
+             ("a", 2, 13, 2), ("a", 1, 23, 3), ("a", 1, 23, 4), ("b", 1, 23, 5)]}
+COUNTED = {2: [(2, 11, None), (2, 11, 2)], 4: [(1, 7, None), (1, 23, 3)]}
 
 
 def config(name: str) -> llama4.ModelConfig:
@@ -127,7 +133,7 @@ def _cases(rank: int, world: int) -> dict:
     results = {}
     plan = ContextPlan(world)
     models = {}
-    for name, rows, length in CASES[world]:
+    for name, rows, length, piece in CASES[world]:
         if name not in models:
             models[name] = reference(name), context_parallel(reference(name))
         ref, model = models[name]
@@ -136,12 +142,12 @@ def _cases(rank: int, world: int) -> dict:
         start, stop = plan.slices(length)[rank]
         cache = ContextParallelCache(model.config.text, plan)
         with torch.inference_mode():
-            entry = {"prefill_err": rel_err(prefill_logits(model, ids, cache), want[:, start:stop]),
+            entry = {"prefill_err": rel_err(prefill_logits(model, ids, cache, piece), want[:, start:stop]),
                      "prefill_held": [cache.held(i) for i in range(len(model.text.layers))]}
             entry.update(_decode_against_reference(model, ref, ids, cache))
-            entry["tokens"] = generate(model, ids, plan, NEW_TOKENS, stop_tokens=[])
+            entry["tokens"] = generate(model, ids, plan, NEW_TOKENS, stop_tokens=[], piece=piece)
         entry["want_tokens"] = llama4.generate(ref, ids.tolist(), max_new_tokens=NEW_TOKENS, stop_tokens=[])
-        results[(name, rows, length)] = entry
+        results[(name, rows, length, piece)] = entry
     return results
 
 
@@ -157,16 +163,17 @@ def _stops(rank: int, world: int) -> dict:
 
 
 def _counts(rank: int, world: int) -> dict:
-    rows, length = COUNTED[world]
-    model = context_parallel(reference("a"))
-    cache = ContextParallelCache(model.config.text, ContextPlan(world))
-    ids = prompt(rows, length)
-    with torch.inference_mode():
-        with _Counting(model) as prefill_log:
-            prefill(model, ids, cache)
-        with _Counting(model) as decode_log:
-            model(ids[:, :1], cache=cache)
-    return {"prefill": prefill_log, "decode": decode_log}
+    model, out = context_parallel(reference("a")), {}
+    for rows, length, piece in COUNTED[world]:
+        cache = ContextParallelCache(model.config.text, ContextPlan(world))
+        ids = prompt(rows, length)
+        with torch.inference_mode():
+            with _Counting(model) as prefill_log:
+                prefill(model, ids, cache, piece)
+            with _Counting(model) as decode_log:
+                model(ids[:, :1], cache=cache)
+        out[(rows, length, piece)] = {"prefill": prefill_log, "decode": decode_log}
+    return out
 
 
 def _errors(rank: int, world: int) -> dict:
@@ -190,6 +197,7 @@ def _errors(rank: int, world: int) -> dict:
     catch("twice", lambda: context_parallel(model))
     catch("group_size", lambda: ContextParallelCache(text, ContextPlan(world + 1)))
     catch("short_prompt", lambda: prefill(model, ids[:, :world - 1], ContextParallelCache(text, plan)))
+    catch("bad_piece", lambda: prefill(model, ids, ContextParallelCache(text, plan), piece=0))
     cache = ContextParallelCache(text, plan)
     prefill(model, ids, cache)
     catch("second_prefill", lambda: prefill(model, ids, cache))
@@ -260,17 +268,17 @@ def _worlds(world2, world4, world):
 CASE_IDS = [(world, *case) for world in (2, 4) for case in CASES[world]]
 
 
-@pytest.mark.parametrize("world,name,rows,length", CASE_IDS)
-def test_prefill_decode_and_greedy_tokens_equal_one_process(world2, world4, world, name, rows, length):
+@pytest.mark.parametrize("world,name,rows,length,piece", CASE_IDS)
+def test_prefill_decode_and_greedy_tokens_equal_one_process(world2, world4, world, name, rows, length, piece):
     for rank, results in enumerate(_worlds(world2, world4, world)):
-        entry = results["cases"][(name, rows, length)]
+        entry = results["cases"][(name, rows, length, piece)]
         assert entry["prefill_err"] <= 1e-5, (rank, entry["prefill_err"])
         assert max(entry["decode_errs"]) <= 1e-5, (rank, entry["decode_errs"])
         assert entry["tokens"] == entry["want_tokens"], rank
 
 
-@pytest.mark.parametrize("world,name,rows,length", CASE_IDS)
-def test_each_rank_holds_its_slice_of_the_global_layers(world2, world4, world, name, rows, length):
+@pytest.mark.parametrize("world,name,rows,length,piece", CASE_IDS)
+def test_each_rank_holds_its_slice_of_the_global_layers(world2, world4, world, name, rows, length, piece):
     """After the prefill: a global layer holds the rank's slice, a chunked one the prompt's unfinished chunk.
     After the decode passes (one token at n = T .. T+5, then three at once at T+6): each pass on rank n mod cp."""
     spec = config(name).text
@@ -280,7 +288,7 @@ def test_each_rank_holds_its_slice_of_the_global_layers(world2, world4, world, n
     last_chunk = (length + NEW_TOKENS) // CHUNK * CHUNK  # the chunk of the 3-token pass's first token
     chunk_held = end - last_chunk if end <= last_chunk + CHUNK else end % CHUNK  # a chunk ends when the next begins
     for rank, results in enumerate(_worlds(world2, world4, world)):
-        entry = results["cases"][(name, rows, length)]
+        entry = results["cases"][(name, rows, length, piece)]
         start, stop = slices[rank]
         owned = sum(count for n, count in passes if n % world == rank)
         assert entry["length"] == end
@@ -292,7 +300,7 @@ def test_each_rank_holds_its_slice_of_the_global_layers(world2, world4, world, n
                 assert entry["prefill_held"][layer.index] == stop - start
                 assert entry["held"][layer.index] == stop - start + owned
     # every global entry is held once over the ranks
-    totals = [sum(r["cases"][(name, rows, length)]["held"][i] for r in _worlds(world2, world4, world))
+    totals = [sum(r["cases"][(name, rows, length, piece)]["held"][i] for r in _worlds(world2, world4, world))
               for i in spec.global_layers]
     assert totals == [end] * len(totals)
 
@@ -304,19 +312,23 @@ def test_a_row_that_stops_early_is_dropped_as_llama4_generate_drops_it(world2):
         assert len(entry["got"][0]) < len(entry["got"][1])  # row 0 stopped, row 1 went on
 
 
-def _expected(world: int, rank: int) -> dict:
+def _expected(world: int, rank: int, rows: int, length: int, piece: int | None) -> dict:
     """docs/DISTRIBUTED.md, "Context parallelism": what rank r sends and receives per layer (bytes, messages).
 
     Slices [s_q, e_q) of a T-token prompt, chunk C, entry bytes E = 2 (key + value) * B * Hkv * d * 4 (fp32).
     Chunked layer: rank q wants [floor(s_q / C) * C, s_q) and [max(floor(T / C) * C, e_q), T); every rank sends
-    each other rank what its slice holds of that, one message per pair. Global layer (causal ring): rank r receives
-    the blocks of ranks 0..r-1 (s_r entries, r messages) and, unless last, sends blocks 0..r (e_r entries, r + 1
-    messages). A decode step: each global layer one all-gather of [B, H, 1, d + 1] float32, chunked layers nothing.
+    each other rank what its slice holds of that, one message per pair, once per layer. Global layer (causal ring):
+    R rounds, R = the most pieces of P tokens any slice has (P = the longest slice without pieces: R = 1); in each,
+    rank r receives the slices of ranks 0..r-1 (s_r entries) in blocks of at most P entries, ceil((e_q - s_q) / P)
+    messages for rank q's, and, unless last, sends its own slice's blocks and forwards those (e_r entries). A
+    decode step: each global layer one all-gather of [B, H, 1, d + 1] float32, chunked layers nothing.
     """
-    rows, length = COUNTED[world]
     spec = config("a").text
     entry = 2 * rows * spec.num_kv_heads * spec.head_dim * 4
     slices = ContextPlan(world).slices(length)
+    size = piece or max(e - s for s, e in slices)
+    rounds = max(-(-(e - s) // size) for s, e in slices)
+    blocks = [-(-(e - s) // size) for s, e in slices]
     tail = length // CHUNK * CHUNK
     wants = [[(a, b) for a, b in ((s // CHUNK * CHUNK, s), (max(tail, e), length)) if a < b] for s, e in slices]
 
@@ -334,8 +346,9 @@ def _expected(world: int, rank: int) -> dict:
             decode[layer.index] = []
         else:
             last = rank == world - 1
-            prefill[layer.index] = {"recv": (s_r * entry, rank),
-                                    "send": (0, 0) if last else (e_r * entry, rank + 1)}
+            before = sum(blocks[:rank])
+            sends = (0, 0) if last else (rounds * e_r * entry, rounds * (before + blocks[rank]))
+            prefill[layer.index] = {"recv": (rounds * s_r * entry, rounds * before), "send": sends}
             decode[layer.index] = [("all_gather", rows * spec.num_heads * (spec.head_dim + 1) * 4)]
     return {"prefill": prefill, "decode": decode, "logits": rows * spec.vocab_size * 4}
 
@@ -350,11 +363,15 @@ def _per_layer(log: list) -> tuple[dict[int, list], list]:
     return layers, before
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_bytes_each_collective_moves_match_the_documented_formula(world2, world4, world):
+COUNTED_IDS = [(world, *case) for world in (2, 4) for case in COUNTED[world]]
+
+
+@pytest.mark.parametrize("world,rows,length,piece", COUNTED_IDS)
+def test_bytes_each_collective_moves_match_the_documented_formula(world2, world4, world, rows, length, piece):
     for rank, results in enumerate(_worlds(world2, world4, world)):
-        expected = _expected(world, rank)
-        layers, before = _per_layer(results["counts"]["prefill"])
+        expected = _expected(world, rank, rows, length, piece)
+        counts = results["counts"][(rows, length, piece)]
+        layers, before = _per_layer(counts["prefill"])
         assert before == []
         last = max(layers)
         *last_calls, broadcast = layers[last]  # the logits' broadcast follows the last layer
@@ -367,24 +384,23 @@ def test_bytes_each_collective_moves_match_the_documented_formula(world2, world4
             want = expected["prefill"][index]
             assert (sum(recvs), len(recvs)) == want["recv"], (rank, index, calls)
             assert (sum(sends), len(sends)) == want["send"], (rank, index, calls)
-        layers, before = _per_layer(results["counts"]["decode"])
+        layers, before = _per_layer(counts["decode"])
         assert before == []
         assert layers == expected["decode"]
 
 
 def test_the_exchange_is_exactly_what_is_needed_over_all_ranks(world2, world4):
     """Summed over ranks, bytes sent equal bytes received (every message matched), per layer."""
-    for results in (world2, world4):
-        sums: dict[int, list[int]] = {}
-        for rank_results in results:
-            layers, _ = _per_layer(rank_results["counts"]["prefill"])
-            for index, calls in layers.items():
-                sent = sum(n for kind, n in calls if kind == "isend")
-                got = sum(n for kind, n in calls if kind == "irecv")
-                total = sums.setdefault(index, [0, 0])
-                total[0] += sent
-                total[1] += got
-        assert all(sent == got for sent, got in sums.values()), sums
+    for results, counted in ((world2, COUNTED[2]), (world4, COUNTED[4])):
+        for case in counted:
+            sums: dict[int, list[int]] = {}
+            for rank_results in results:
+                layers, _ = _per_layer(rank_results["counts"][case]["prefill"])
+                for index, calls in layers.items():
+                    total = sums.setdefault(index, [0, 0])
+                    total[0] += sum(n for kind, n in calls if kind == "isend")
+                    total[1] += sum(n for kind, n in calls if kind == "irecv")
+            assert all(sent == got for sent, got in sums.values()), (case, sums)
 
 
 @pytest.mark.parametrize("name", ["a", "b"])
@@ -405,6 +421,7 @@ def test_tensor_parallel_inside_context_groups(world4, name):
     ("group_size", r"PlanError: plan cp=3 needs a group of 3 ranks, the group has 2"),
     ("short_prompt", r"PlanError: a 1-token prompt cannot be split over cp=2 ranks"),
     ("second_prefill", r"ValueError: .*takes one prefill"),
+    ("bad_piece", r"ValueError: the prefill piece must be a positive number of tokens, got 0"),
     ("rows", r"ValueError: the cache holds 1 rows but the input has 2"),
 ])
 def test_misuse_is_refused_with_a_specific_error(world2, key, pattern):

@@ -7,7 +7,10 @@ its slice through every layer, at its global sequence indices (RoPE positions an
 - Global layers keep only the slice's keys/values. The queries of a slice see every earlier key: the earlier
   ranks' blocks come down a causal ring (rank r receives the blocks of ranks r-1, r-2, ..., 0 one at a time from
   rank r-1, forwarding each to rank r+1 while attending it), and the partial attentions are merged by their
-  log-sum-exps. No rank ever holds more than two foreign blocks.
+  log-sum-exps. No rank ever holds more than three foreign blocks of at most a piece's entries.
+- In pieces (``prefill(..., piece=P)``): each rank runs its slice layer by layer, each layer over pieces of at most
+  P tokens, so that only the residual stream is slice-sized; the ring runs once per piece (round), re-sending the
+  earlier slices in blocks of at most P entries (see :func:`_prefill_pass`).
 - Chunked layers: a query sees only its own attention chunk. Where a slice starts inside a chunk, the rank
   receives exactly that chunk's earlier part from the rank(s) that hold it; in the same exchange it receives the
   prompt's last, unfinished chunk (which the decode steps attend), so that every rank holds it afterwards.
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from llama4.config import TextConfig
 from llama4.distributed.plan import PlanError, split
@@ -223,6 +227,13 @@ class ContextParallelCache:
         self.bounds: list[tuple[int, int]] | None = None  # every rank's prefill slice, during the prefill pass
         self.total = 0  # the prompt's length, during the prefill pass
         self._batch = 0  # the prompt's rows, during the prefill pass
+        self.pieces: list[tuple[int, int]] = []  # this rank's prefill pieces [a, b), during the prefill pass
+        self.rounds = 0  # ring rounds per global layer: the most pieces any rank has
+        self.message = 0  # the most entries one ring message carries (the piece size)
+        self._piece: tuple[int, int] | None = None  # the piece the model runs now
+        self._kept: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.chunked]  # chunked: what others want
+        self._segments: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.chunked]  # chunked: own chunk
+        self._tail: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.chunked]  # chunked: last chunk's rest
         self._entries = [_Entries(block_size, self.chunk if chunked else None) for chunked in self.chunked]
         self._chunk_start = [0] * len(self.chunked)  # chunked layers: sequence index of entry 0
 
@@ -240,21 +251,33 @@ class ContextParallelCache:
     def seq_len(self) -> int:
         return self.lengths[0] if self.lengths else 0
 
-    def begin_prefill(self, batch: int, total: int) -> tuple[int, int]:
-        """Start the prefill pass of a [batch, total] prompt; returns this rank's slice [start, stop)."""
+    def begin_prefill(self, batch: int, total: int, piece: int | None = None) -> tuple[int, int]:
+        """Start the prefill pass of a [batch, total] prompt, each rank's slice in pieces of at most ``piece``
+        tokens (None: the whole slice at once); returns this rank's slice [start, stop)."""
         if self.lengths or self.bounds is not None:
             raise ValueError("a context-parallel cache takes one prefill, first: this one is already in use "
                              "(continue it with decode passes, or start a new cache)")
         if batch < 1:
             raise ValueError(f"a prefill needs at least one row, got {batch}")
-        self.bounds, self.total, self._batch = self.plan.slices(total), total, batch
-        return self.bounds[self.rank]
+        if piece is not None and (isinstance(piece, bool) or not isinstance(piece, int) or piece < 1):
+            raise ValueError(f"the prefill piece must be a positive number of tokens, got {piece!r}")
+        bounds = self.plan.slices(total)
+        size = piece or max(stop - start for start, stop in bounds)
+        self.bounds, self.total, self._batch, self.message = bounds, total, batch, size
+        start, stop = bounds[self.rank]
+        self.pieces = [(a, min(a + size, stop)) for a in range(start, stop, size)]
+        self.rounds = max(-(-(b - a) // size) for a, b in bounds)
+        return start, stop
 
     def clear(self) -> None:
         """Forget everything: an empty cache again."""
         self.lengths, self.bounds, self.total, self._batch = [], None, 0, 0
+        self.pieces, self.rounds, self._piece = [], 0, None
         for entries in self._entries:
             entries.n = 0
+        for parts in (self._kept, self._segments, self._tail):
+            for layer in parts:
+                layer.clear()
 
     def held(self, layer: int) -> int:
         """How many entries (per row) this rank holds for ``layer``."""
@@ -264,7 +287,7 @@ class ContextParallelCache:
         if self.bounds is not None:
             if batch != self._batch:
                 raise ValueError(f"the prefill started with {self._batch} rows but the input has {batch}")
-            return [self.bounds[self.rank][0]] * batch
+            return [(self._piece or self.bounds[self.rank])[0]] * batch
         if not self.lengths:
             raise ValueError("a context-parallel cache starts with a prefill over every rank "
                              "(llama4.distributed.context.prefill); this one is empty")
@@ -278,7 +301,7 @@ class ContextParallelCache:
             if num_tokens != stop - start:
                 raise ValueError(f"the prefill pass on rank {self.rank} ran {num_tokens} tokens, its slice has "
                                  f"{stop - start}")
-            self.lengths, self.bounds = [self.total] * self._batch, None
+            self._finish_prefill()
             return
         self.lengths = [n + num_tokens for n in self.lengths]
 
@@ -313,30 +336,106 @@ class ContextParallelCache:
             return self._prefill_chunked(layer, k, v)
         return self._continue_chunked(layer, k, v)
 
-    def _prefill_chunked(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> CacheView:
-        """Receive the part of the first query's chunk that precedes this slice, and the prompt's last chunk
-        where it lies past this slice; send the other ranks what they need of this slice (one message per pair)."""
-        chunk, total, bounds = self.chunk, self.total, self.bounds
-        tail = total // chunk * chunk  # the prompt's last chunk [tail, total): what decode steps attend
+    def _wants(self) -> list[list[tuple[int, int]]]:
+        """What each rank q needs of the other ranks' entries in a chunked layer: the part of its first query's
+        chunk before its slice, and the part of the prompt's last chunk [floor(T / C) * C, T) past its slice (what
+        decode steps attend)."""
+        chunk, total = self.chunk, self.total
+        tail = total // chunk * chunk
         wants = []
-        for start, stop in bounds:
+        for start, stop in self.bounds:
             ranges = [(start // chunk * chunk, start), (max(tail, stop), total)]
             wants.append([(a, b) for a, b in ranges if a < b])
-        start, stop = bounds[self.rank]
-        kv = torch.stack((k, v))  # [2, B, Hkv, T, d]: keys and values in one message
-        segments = [(start, kv)] + self._exchange(kv, wants)
-        first = start // chunk * chunk
-        seen = _take(segments, first, stop)
-        entries = self._entries[layer]
-        entries.n, self._chunk_start[layer] = 0, tail
-        if tail < total:
-            kept = _take(segments, tail, total)
-            entries.append(kept[0], kept[1])
+        return wants
+
+    def _asked_of_me(self) -> list[tuple[int, int]]:
+        """The union of what the other ranks need of this rank's slice in a chunked layer (at most two chunks'
+        worth: the chunk around the slice's end, and the prompt's last chunk)."""
+        wants, mine = self._wants(), self.bounds[self.rank]
+        ranges = sorted(r for q, ranges in enumerate(wants) if q != self.rank for r in _overlaps(ranges, mine))
+        merged: list[tuple[int, int]] = []
+        for a, b in ranges:
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        return merged
+
+    def staged_pieces(self, layer: int) -> list[tuple[int, int]]:
+        """The pieces whose keys/values must be computed before ``layer`` runs its pieces (:meth:`stage`): the other
+        ranks need them during this layer's first (chunked) or every (global) round. None with one piece a rank:
+        it stores them as it runs."""
+        if len(self.pieces) < 2:
+            return []
+        if not self.chunked[layer]:
+            return list(self.pieces)
+        asked = self._asked_of_me()
+        return [piece for piece in self.pieces if _overlaps(asked, piece)]
+
+    def set_piece(self, piece: tuple[int, int] | None) -> None:
+        """The piece [a, b) of this rank's slice the model runs next (prefill pass only)."""
+        if piece is not None and self.bounds is None:
+            raise ValueError("set_piece: no prefill pass is running")
+        self._piece = piece
+
+    def stage(self, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys/values [B, Hkv, n, d] of this rank's entries [first, first + n) at ``layer``, computed before the
+        layer's pieces run: a global layer stores them in its shard (the ring sends the whole slice in every
+        round); a chunked layer keeps only the parts other ranks asked for (:meth:`_asked_of_me`)."""
+        if not self.chunked[layer]:
+            entries = self._entries[layer]
+            if entries.n != first - self.bounds[self.rank][0]:
+                raise AssertionError(f"layer {layer}: staged entries out of order at {first}")
+            entries.append(k, v)
+            return
+        kv = torch.stack((k, v))
+        for a, b in _overlaps(self._asked_of_me(), (first, first + k.shape[2])):
+            self._kept[layer].append((a, kv[:, :, :, a - first:b - first].clone()))
+
+    def _prefill_chunked(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> CacheView:
+        """A piece [a, b) of the slice [s, e): the keys from its first query's chunk start. At the layer's first
+        piece, one exchange: receive the part of that chunk before the slice and the part of the prompt's last
+        chunk past it, and send the other ranks what they need of this slice (one message per pair). Later pieces
+        find their chunk's earlier part in what this rank kept of its previous pieces (less than a chunk)."""
+        chunk, (start, stop) = self.chunk, self.bounds[self.rank]
+        a, b = self._piece or (start, stop)
+        kv = torch.stack((k, v))  # [2, B, Hkv, n, d]: keys and values in one message
+        segments = self._segments[layer]
+        if a == start:
+            source = self._kept[layer] if len(self.pieces) > 1 else [(a, kv)]
+            received = self._exchange(lambda lo, hi: _take(source, lo, hi), kv, self._wants())
+            self._kept[layer] = []
+            segments[:] = [(first, part) for first, part in received if first < start]
+            self._tail[layer] = [(first, part) for first, part in received if first >= stop]
+        segments.append((a, kv))
+        first = a // chunk * chunk
+        seen = _take(segments, first, b)
+        keep = b // chunk * chunk  # the next piece's chunk starts here: keep [keep, b), less than a chunk
+        segments[:] = [(keep, _take(segments, keep, b))] if keep < b else []
         return CacheView(seen[0], seen[1], first, None)
 
-    def _exchange(self, kv: torch.Tensor, wants: list[list[tuple[int, int]]]) -> list[tuple[int, torch.Tensor]]:
+    def _finish_prefill(self) -> None:
+        """After the prefill pass: every chunked layer holds the prompt's last, unfinished chunk (its own part and
+        what it received), and the cache continues with ordinary passes."""
+        chunk, total = self.chunk, self.total
+        tail = total // chunk * chunk
+        for layer, chunked in enumerate(self.chunked):
+            if not chunked:
+                continue
+            entries = self._entries[layer]
+            entries.n, self._chunk_start[layer] = 0, tail
+            if tail < total:
+                kept = _take(self._segments[layer] + self._tail[layer], tail, total)
+                entries.append(kept[0], kept[1])
+            self._segments[layer], self._tail[layer], self._kept[layer] = [], [], []
+        self.lengths, self.bounds = [self.total] * self._batch, None
+        self.pieces, self.rounds, self._piece = [], 0, None
+
+    def _exchange(self, fetch, template: torch.Tensor, wants: list[list[tuple[int, int]]]
+                  ) -> list[tuple[int, torch.Tensor]]:
         """Point to point: every rank q asks for the entries ``wants[q]`` (sequence index ranges outside its own
-        slice); each rank sends what it holds of them and receives its own. Returns (first index, kv piece)."""
+        slice); each rank sends what it holds of them (``fetch(a, b)``: its entries [a, b) as [2, B, Hkv, b - a,
+        d]) and receives its own. Returns (first index, kv piece)."""
         me, bounds = self.rank, self.bounds
         mine = bounds[me]
         requests, incoming = [], []
@@ -345,7 +444,7 @@ class ContextParallelCache:
                 continue
             pieces = _overlaps(wants[q], mine)
             if pieces:
-                payload = torch.cat([kv[:, :, :, a - mine[0]:b - mine[0]] for a, b in pieces], dim=3).contiguous()
+                payload = torch.cat([fetch(a, b) for a, b in pieces], dim=3).contiguous()
                 requests.append(dist.isend(payload, self._global[q], group=self.group))
         for q in range(self.world):
             if q == me:
@@ -353,7 +452,7 @@ class ContextParallelCache:
             pieces = _overlaps(wants[me], bounds[q])
             if pieces:
                 count = sum(b - a for a, b in pieces)
-                buffer = kv.new_empty(*kv.shape[:3], count, kv.shape[4])
+                buffer = template.new_empty(*template.shape[:3], count, template.shape[4])
                 requests.append(dist.irecv(buffer, self._global[q], group=self.group))
                 incoming.append((pieces, buffer))
         for request in requests:
@@ -404,34 +503,68 @@ class ContextParallelCache:
 
     def _ring_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prefill pass: the slice's queries over its own keys (causal) and every earlier rank's block.
-
-        Causal ring: step i (0..r) attends the block of rank r - i (its own at i = 0) while sending it on to
-        rank r + 1 and receiving the next one (rank r - i - 1's) from rank r - 1. Rank r receives exactly the r
-        blocks before its slice and holds at most two foreign blocks at a time.
-        """
+        """A prefill piece [a, b) of the slice [s, e): its queries over this rank's entries [s, a) (earlier
+        pieces, staged before the layer ran), its own keys (causal) and, in this round of the ring, every earlier
+        rank's whole slice (:meth:`_ring_round`)."""
+        start, stop = self.bounds[self.rank]
+        a, b = self._piece or (start, stop)
         entries = self._entries[layer]
-        if entries.n:
-            raise AssertionError(f"layer {layer} already holds entries at prefill")
-        entries.append(k, v)
-        me, bounds = self.rank, self.bounds
-        current = torch.stack((k, v))  # [2, B, Hkv, T, d]: keys and values in one message
-        result = None
-        for i in range(me + 1):
-            requests = []
-            if me + 1 < self.world:
-                requests.append(dist.isend(current.contiguous(), self._global[me + 1], group=self.group))
-            incoming = None
-            if i < me:
-                start, stop = bounds[me - i - 1]
-                incoming = current.new_empty(*current.shape[:3], stop - start, current.shape[4])
-                requests.append(dist.irecv(incoming, self._global[me - 1], group=self.group))
-            part = attention_lse(q, current[0], current[1], causal=i == 0)
-            result = part if result is None else merge_partials([result, part])
-            for request in requests:
-                request.wait()
-            if incoming is not None:
-                current = incoming
+        if entries.n < b - start:  # not staged (one piece on this rank): store the piece's entries now
+            entries.append(k, v)
+        keys, values = entries.view()
+        parts = [attention_lse(q, keys[:, :, a - start:b - start], values[:, :, a - start:b - start], causal=True)]
+        if a > start:
+            parts.insert(0, attention_lse(q, keys[:, :, :a - start], values[:, :, :a - start], causal=False))
+        return self._ring_round(layer, q, merge_partials(parts))
+
+    def ring_idle(self, layer: int) -> None:
+        """A round of ``layer``'s ring in which this rank has no piece left (its slice has fewer pieces than
+        another's): it still sends its slice on and forwards the earlier ranks' blocks."""
+        if self.bounds is None or self.chunked[layer]:
+            raise PlanError(f"ring_idle: layer {layer} is not a global layer in a prefill pass")
+        self._ring_round(layer, None, None)
+
+    def _ring_round(self, layer: int, q: torch.Tensor | None, result):
+        """One round of the causal ring for ``layer``: rank r receives, from rank r - 1, the slices of ranks r - 1,
+        r - 2, ..., 0 in blocks of at most ``message`` entries (the piece size), attends each block with ``q`` (None:
+        no piece this round) merging into ``result``, and forwards it to rank r + 1 after sending its own slice's
+        blocks first. At most three foreign blocks are held at once: the one attended (and being forwarded), the
+        one arriving, and the previous one until its send completes."""
+        me, bounds, size = self.rank, self.bounds, self.message
+        start, stop = bounds[me]
+        last = me + 1 == self.world
+        keys, values = self._entries[layer].view()
+        incoming = [(a, min(a + size, e)) for s, e in (bounds[r] for r in range(me - 1, -1, -1))
+                    for a in range(s, e, size)]
+
+        def receive(i: int):
+            a, b = incoming[i]
+            buffer = keys.new_empty(2, *keys.shape[:2], b - a, keys.shape[3])
+            return buffer, dist.irecv(buffer, self._global[me - 1], group=self.group)
+
+        pending = receive(0) if incoming else None
+        sending = None  # (request, message): one send in flight at a time
+
+        def send(message: torch.Tensor):
+            nonlocal sending
+            if sending is not None:
+                sending[0].wait()
+            sending = dist.isend(message, self._global[me + 1], group=self.group), message
+
+        if not last:
+            for a in range(start, stop, size):
+                b = min(a + size, stop)
+                send(torch.stack((keys[:, :, a - start:b - start], values[:, :, a - start:b - start])))
+        for i in range(len(incoming)):
+            block, request = pending
+            request.wait()
+            pending = receive(i + 1) if i + 1 < len(incoming) else None
+            if not last:
+                send(block)
+            if q is not None:
+                result = merge_partials([result, attention_lse(q, block[0], block[1], causal=False)])
+        if sending is not None:
+            sending[0].wait()
         return result
 
     def _sharded_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -518,42 +651,81 @@ def context_parallel(model: Llama4Model) -> Llama4Model:
 
 
 def _prefill_pass(model: Llama4Model, ids: torch.Tensor, cache: ContextParallelCache,
-                  num_logits: int | None) -> torch.Tensor:
+                  num_logits: int | None, piece: int | None) -> torch.Tensor:
+    """This rank's slice through the model in pieces, layer by layer: the slice's hidden states (the residual
+    stream, [B, slice, D] in the model's dtype) are the one slice-sized activation; everything else is a piece's.
+
+    Layer by layer and not piece by piece through the whole model, because a piece's global attention needs every
+    earlier rank's whole slice at the same layer: run piece by piece, rank r could not start a global layer before
+    rank r - 1 had finished its slice, and the ranks would take turns. Before a layer's pieces run, the entries the
+    other ranks need of this slice at that layer are computed (:meth:`ContextParallelCache.staged_pieces`: every
+    piece of a global layer, the pieces holding what other ranks ask of a chunked one); then round j of the layer
+    runs piece j on every rank (a rank without a piece j still takes part in the ring).
+    """
     if not isinstance(cache, ContextParallelCache):
         raise TypeError(f"a context-parallel prefill needs a ContextParallelCache, got {type(cache).__name__}")
     if ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(ids.shape)}")
     check_token_ids(ids, model.config.text.vocab_size)
-    start, stop = cache.begin_prefill(ids.shape[0], ids.shape[1])
+    start, stop = cache.begin_prefill(ids.shape[0], ids.shape[1], piece)
+    text = model.text
     try:
-        h = model.embed(ids[:, start:stop])  # this rank's slice only: activations follow the slice
-        positions = torch.arange(start, stop, device=ids.device)[None]
-        return model.text(h, positions, cache, num_logits)
+        h = model.embed(ids[:, start:stop])  # this rank's slice only: the residual stream, kept between layers
+
+        def at(a: int, b: int) -> tuple[torch.Tensor, PositionTables]:
+            cache.set_piece((a, b))
+            x = h[:, a - start:b - start]
+            return x, text.position_tables(x, torch.arange(a, b, device=ids.device)[None], cache)
+
+        for layer in text.layers:
+            index = layer.attn.spec.index
+            for a, b in cache.staged_pieces(index):
+                x, tables = at(a, b)
+                _, k, v = layer.attn.heads(layer.attn_norm(x), tables)
+                cache.stage(index, a, k, v)
+            for j in range(cache.rounds):
+                if j < len(cache.pieces):
+                    a, b = cache.pieces[j]
+                    x, tables = at(a, b)
+                    h[:, a - start:b - start] = layer(x, tables, cache)
+                elif not layer.attn.spec.chunked:
+                    cache.ring_idle(index)
+        cache.set_piece(None)
+        cache.advance(stop - start)
+        if num_logits is not None:
+            h = h[:, h.shape[1] - num_logits:]
+        head = (lambda rows: F.linear(rows, text.embed.weight)) if text.output is None else text.output
+        return row_tiled(head, text.norm(h), text.batch_invariant).float()
     except BaseException:
         cache.clear()  # a failed pass leaves no half-prefilled state behind
         raise
 
 
-def prefill_logits(model: Llama4Model, ids: torch.Tensor, cache: ContextParallelCache) -> torch.Tensor:
-    """Prefill ``ids`` [B, T] (the whole prompt, on every rank) and return this rank's slice of the logits,
-    [B, stop - start, vocab] for its slice [start, stop) (``ContextPlan.slices``): concatenated in rank order they
-    are the prompt's logits (e.g. for prompt log-probabilities)."""
-    return _prefill_pass(model, ids, cache, None)
+def prefill_logits(model: Llama4Model, ids: torch.Tensor, cache: ContextParallelCache,
+                   piece: int | None = None) -> torch.Tensor:
+    """Prefill ``ids`` [B, T] (the whole prompt, on every rank; each rank's slice in pieces of at most ``piece``
+    tokens, None: at once) and return this rank's slice of the logits, [B, stop - start, vocab] for its slice
+    [start, stop) (``ContextPlan.slices``): concatenated in rank order they are the prompt's logits (e.g. for prompt
+    log-probabilities)."""
+    return _prefill_pass(model, ids, cache, None, piece)
 
 
-def prefill(model: Llama4Model, ids: torch.Tensor, cache: ContextParallelCache) -> torch.Tensor:
-    """Prefill ``ids`` [B, T] (the whole prompt, on every rank): the last position's logits [B, vocab], the same on
-    every rank (the last rank holds them; one broadcast)."""
-    logits = _prefill_pass(model, ids, cache, 1)[:, -1].contiguous()
+def prefill(model: Llama4Model, ids: torch.Tensor, cache: ContextParallelCache,
+            piece: int | None = None) -> torch.Tensor:
+    """Prefill ``ids`` [B, T] (the whole prompt, on every rank; each rank's slice in pieces of at most ``piece``
+    tokens, None: at once): the last position's logits [B, vocab], the same on every rank (the last rank holds
+    them; one broadcast)."""
+    logits = _prefill_pass(model, ids, cache, 1, piece)[:, -1].contiguous()
     dist.broadcast(logits, cache._global[cache.world - 1], group=cache.group)
     return logits
 
 
 def generate(model: Llama4Model, prompts: torch.Tensor | Sequence[Sequence[int]], plan: ContextPlan,
              max_new_tokens: int, stop_tokens: Sequence[int] | None = None, group: dist.ProcessGroup | None = None,
-             block_size: int = 256) -> list[list[int]]:
-    """Greedy generation with a context-parallel prefill; prompts [B, T] (one length). Returns prompt + new
-    tokens per row (the stop token kept, as llama4.generate does); every rank returns the same lists."""
+             block_size: int = 256, piece: int | None = None) -> list[list[int]]:
+    """Greedy generation with a context-parallel prefill (each rank's slice in pieces of at most ``piece``
+    tokens); prompts [B, T] (one length). Returns prompt + new tokens per row (the stop token kept, as
+    llama4.generate does); every rank returns the same lists."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     device = model.text.embed.weight.device
@@ -568,7 +740,7 @@ def generate(model: Llama4Model, prompts: torch.Tensor | Sequence[Sequence[int]]
     cache = ContextParallelCache(model.config.text, plan, group, block_size)
     live = list(range(len(outputs)))
     with torch.inference_mode():
-        logits = prefill(model, ids, cache)
+        logits = prefill(model, ids, cache, piece)
         for step in range(max_new_tokens):
             tokens = logits.float().argmax(-1).tolist()
             keep = []

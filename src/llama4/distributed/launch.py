@@ -176,9 +176,10 @@ class DistributedRun:
         return context_parallel(model) if self.context is not None else model
 
     def context_tokens(self, model, prompt: Sequence[int], choose: Callable[[torch.Tensor], int],
-                       max_new_tokens: int, stop_tokens: Sequence[int]) -> Iterator[int]:
+                       max_new_tokens: int, stop_tokens: Sequence[int], piece: int | None = None) -> Iterator[int]:
         """The tokens of one reply with a context-parallel prefill: ``prompt`` (the same on every rank) prefilled
-        in slices over the context group, then one decode pass per token on every rank. ``choose(logits [V]
+        in slices over the context group, each in pieces of ``piece`` tokens (default: the attention chunk), then
+        one decode pass per token on every rank. ``choose(logits [V]
         float32 on the CPU)`` picks each token (the same sampler state on every rank: the logits are identical
         everywhere). Yields every chosen token, a stop token included, and ends after it or ``max_new_tokens``."""
         if self.context is None:
@@ -190,7 +191,7 @@ class DistributedRun:
         cache = ContextParallelCache(model.config.text, self.context, self.context_group)
         ids = torch.tensor([list(prompt)], device=self.device)
         with torch.inference_mode():
-            logits = prefill(model, ids, cache)
+            logits = prefill(model, ids, cache, piece or model.config.text.attention_chunk_size)
             for step in range(max_new_tokens):
                 token = choose(logits[0].float().cpu())
                 yield token
