@@ -13,6 +13,10 @@
 
 Merging adds the update into a float base and keeps the unmerged tensors, so that unmerging restores
 them bit for bit (subtracting the update back would not: float addition does not round-trip).
+
+A frozen base multiplies through :func:`~llama4.lora.frozen.frozen_linear`: for the input's gradient its weight is
+built again in the backward (a quantized base is dequantized again) instead of being saved, so that training never
+holds a dequantized float copy of a quantized weight from the forward to the backward.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llama4.lora.frozen import WeightFn, frozen_linear
 from llama4.model.invariance import row_tiled
 from llama4.model.moe import Experts, each_expert_on_its_rows, shared_plus_routed
 from llama4.quant.modules import QuantizedExperts, QuantizedLinear
@@ -89,10 +94,21 @@ class LoraLinear(nn.Module):
         a = self.lora_A.weight
         return self.scaling * self.lora_B(self.lora_A(self.dropout(x).to(a.dtype)))
 
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        """The base's product; a quantized base or a frozen plain nn.Linear through frozen_linear (the router and
+        a trainable base as they compute themselves)."""
+        base = self.base
+        if isinstance(base, QuantizedLinear):
+            return frozen_linear(x, base.qweight.dequantize, bias=base.bias)
+        if type(base) is nn.Linear and not base.weight.requires_grad:
+            weight = base.weight
+            return frozen_linear(x, weight.to, bias=base.bias)
+        return base(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         if self.merged:
-            return out
+            return self.base(x)
+        out = self._base(x)
         return out + row_tiled(self._update, x, self.batch_invariant).to(out.dtype)
 
     def merge(self) -> None:
@@ -196,31 +212,41 @@ class LoraExperts(nn.Module):
         """The update of ``name`` (gate_up or down) for every expert, [E, in, out] in x @ W layout."""
         return self.scaling * torch.bmm(getattr(self, f"{name}_A"), getattr(self, f"{name}_B"))
 
-    def _base_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e's gate_up [D, 2I] and down [I, D] as x @ W (a quantized base dequantizes this expert only)."""
+    def _base_weights(self, e: int) -> dict[str, tuple[WeightFn, bool]]:
+        """How to build expert e's gate_up and down in a dtype, and whether that is the x @ W layout ([in, out],
+        float experts) rather than [out, in] (quantized experts, which dequantize this expert only)."""
         if isinstance(self.base, Experts):
-            return self.base.gate_up[e], self.base.down[e]
-        gate_up, down = self.base.dequantized_weights(e, dtype)
-        return gate_up.t(), down.t()
+            return {name: ((lambda dtype, w=getattr(self.base, name): w[e].to(dtype)), True)
+                    for name in EXPERT_TENSORS}
+        return {name: ((lambda dtype, w=getattr(self.base, name): w.dequantize(dtype, e)), False)
+                for name in EXPERT_TENSORS}
 
-    def _product(self, name: str, e: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        out = x @ weight
+    def _product(self, name: str, e: int, x: torch.Tensor, weight: tuple[WeightFn, bool]) -> torch.Tensor:
+        build, transposed = weight
+        if transposed and getattr(self.base, name).requires_grad:  # a trainable float base: autograd's own product
+            out = x @ build(x.dtype)
+        else:
+            out = frozen_linear(x, build, transposed)
         a = getattr(self, f"{name}_A")
         if a is None:
             return out
         update = (self.dropout(x).to(a.dtype) @ a[e]) @ getattr(self, f"{name}_B")[e]
         return out + (self.scaling * update).to(out.dtype)
 
-    def _swiglu(self, e: int, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        gate, up = self._product("gate_up", e, x, gate_up).chunk(2, dim=-1)
-        return self._product("down", e, F.silu(gate) * up, down)
+    def _swiglu(self, e: int, x: torch.Tensor, weights: dict[str, tuple[WeightFn, bool]]) -> torch.Tensor:
+        gate, up = self._product("gate_up", e, x, weights["gate_up"]).chunk(2, dim=-1)
+        return self._product("down", e, F.silu(gate) * up, weights["down"])
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Experts.expert: expert e with its adapter on its tokens x [n, D] -> [n, D]."""
+        """Experts.expert: expert e with its adapter on its tokens x [n, D] -> [n, D]. Without autograd the
+        weights are built once for every row tile; with it, each product builds its own (and its backward again)."""
         if self.merged:
             return self.base.expert(e, x)
-        gate_up, down = self._base_weights(e, x.dtype)
-        return row_tiled(lambda rows: self._swiglu(e, rows, gate_up, down), x, self.batch_invariant)
+        weights = self._base_weights(e)
+        if not torch.is_grad_enabled():
+            built = {name: (build(x.dtype), transposed) for name, (build, transposed) in weights.items()}
+            weights = {name: ((lambda dtype, w=w: w.to(dtype)), transposed) for name, (w, transposed) in built.items()}
+        return row_tiled(lambda rows: self._swiglu(e, rows, weights), x, self.batch_invariant)
 
     def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         return each_expert_on_its_rows(self, x, counts)

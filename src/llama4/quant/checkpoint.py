@@ -96,6 +96,12 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, max_shard_bytes: i
     ``quantization_config`` and safetensors, which transformers (with compressed-tensors) and vLLM load."""
     if getattr(model, "kernel_options", None) is not None:
         raise ValueError("the model is packed for the CPU kernels: save it with llama4.save_model, which unpacks it")
+    nf4 = [name for name, m in model.named_modules() if isinstance(m, QuantizedWeight) and not m.format.is_integer]
+    if nf4:
+        raise ValueError(f"{nf4[0].rpartition('.')[0]} (and {len(nf4) - 1} more weights) is in "
+                         f"{model.get_submodule(nf4[0]).format}, which the compressed-tensors layout cannot hold "
+                         "(its pack-quantized weights are integer codes): save the float model and quantize to nf4 "
+                         "at load (load_model(..., quant='nf4')), or save the adapter alone (llama4.lora.save_adapter)")
     tensors, quant_config = checkpoint_tensors(model)
     float_tensors = [t for name, t in tensors.items() if t.is_floating_point() and not name.endswith("weight_scale")]
     config = {**model_config_to_hf(model.config, dtype_name(float_tensors)), QUANTIZATION_KEY: quant_config}

@@ -53,7 +53,7 @@ class QuantRecipe:
 
     @classmethod
     def parse(cls, text: str) -> QuantRecipe:
-        """A recipe from a string: one format for experts, shared and attention (``int8``, ``int4-g64``), or
+        """A recipe from a string: one format for experts, shared and attention (``int8``, ``int4-g64``, ``nf4``), or
         ``kind=format`` items (``experts=int4-g32,attention=int8,shared=int8,head=int8``; ``none`` keeps a
         kind float), optionally after a format that sets the rest (``int4,attention=int8``), and
         ``scales=bf16`` (default fp32)."""
