@@ -1,11 +1,14 @@
 """Shared pieces of the LoRA tests: a tiny dense + MoE model, adapters made non-zero, the error measure."""
 
+import copy
+
 import torch
 
 import llama4
 from llama4.config import ModelConfig
 from llama4.lora import lora_state_dict
 from llama4.presets import text_config
+from llama4.quant import QuantizedExperts, QuantizedLinear
 
 
 def lora_config_model(top_k: int = 1, seed: int = 0, std: float = 0.1) -> llama4.Llama4Model:
@@ -32,3 +35,18 @@ def ids(batch: int = 2, length: int = 20, seed: int = 3) -> torch.Tensor:
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def dequantized_float_copy(quantized, float_model):
+    """The float model with every quantized weight replaced by its dequantized value."""
+    reference = copy.deepcopy(float_model)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, QuantizedLinear):
+                reference.get_submodule(name).weight.copy_(module.dequantized_weight(torch.float32))
+            elif isinstance(module, QuantizedExperts):
+                experts = reference.get_submodule(name)
+                for e in range(module.num_experts):
+                    gate_up, down = module.dequantized_weights(e, torch.float32)
+                    experts.gate_up[e], experts.down[e] = gate_up.T, down.T
+    return reference

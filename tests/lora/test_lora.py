@@ -23,7 +23,7 @@ from llama4.lora import (
 )
 from llama4.model.moe import MoE, route
 from llama4.quant import QuantizedExperts, QuantizedLinear, quantize_model
-from tests.lora.helpers import ids, lora_config_model, randomize_adapters, rel_err
+from tests.lora.helpers import dequantized_float_copy, ids, lora_config_model, randomize_adapters, rel_err
 
 ALL = ("attention", "shared", "mlp", "experts", "router")
 
@@ -222,27 +222,12 @@ def test_state_dict_round_trip_and_strictness():
         load_lora_state_dict(other, bad)
 
 
-def _dequantized_float_copy(quantized, float_model):
-    """The float model with every quantized weight replaced by its dequantized value."""
-    reference = copy.deepcopy(float_model)
-    with torch.no_grad():
-        for name, module in quantized.named_modules():
-            if isinstance(module, QuantizedLinear):
-                reference.get_submodule(name).weight.copy_(module.dequantized_weight(torch.float32))
-            elif isinstance(module, QuantizedExperts):
-                experts = reference.get_submodule(name)
-                for e in range(module.num_experts):
-                    gate_up, down = module.dequantized_weights(e, torch.float32)
-                    experts.gate_up[e], experts.down[e] = gate_up.T, down.T
-    return reference
-
-
 @pytest.mark.parametrize("fmt", ["int4-g32", "int8"])
 def test_qlora_equals_dequantized_base_plus_adapter(fmt):
     config = LoraConfig(rank=4, alpha=8, targets=("attention", "shared", "mlp", "experts"))
     float_model = lora_config_model(top_k=2)
     quantized = quantize_model(copy.deepcopy(float_model), fmt)
-    reference = _dequantized_float_copy(quantized, float_model)
+    reference = dequantized_float_copy(quantized, float_model)
     apply_lora(quantized, config)
     apply_lora(reference, config)
     assert isinstance(lora_modules(quantized)["text.layers.1.ffn.experts"].base, QuantizedExperts)

@@ -22,9 +22,9 @@ from llama4.lora.checkpointing import (
 )
 from llama4.lora.frozen import frozen_linear
 from llama4.presets import text_config
-from llama4.quant import QuantizedExperts, QuantizedLinear, quantize_model
+from llama4.quant import QuantizedLinear, quantize_model
 from llama4.quant.modules import QuantizedWeight
-from tests.lora.helpers import ids, lora_config_model, randomize_adapters, rel_err
+from tests.lora.helpers import dequantized_float_copy, ids, lora_config_model, randomize_adapters, rel_err
 
 ALL = ("attention", "shared", "mlp", "experts", "router")
 
@@ -126,24 +126,10 @@ def test_a_quantized_base_saves_no_dequantized_weight_for_backward(fmt):
     assert plain.holds(linear.dequantized_weight(torch.float32))
 
 
-def _dequantized_float_copy(quantized: nn.Module, float_model: nn.Module) -> nn.Module:
-    reference = copy.deepcopy(float_model)
-    with torch.no_grad():
-        for name, module in quantized.named_modules():
-            if isinstance(module, QuantizedLinear):
-                reference.get_submodule(name).weight.copy_(module.dequantized_weight(torch.float32))
-            elif isinstance(module, QuantizedExperts):
-                experts = reference.get_submodule(name)
-                for e in range(module.num_experts):
-                    gate_up, down = module.dequantized_weights(e, torch.float32)
-                    experts.gate_up[e], experts.down[e] = gate_up.T, down.T
-    return reference
-
-
 def test_nf4_qlora_gradients_equal_lora_on_the_dequantized_float_base():
     float_model = lora_config_model(top_k=2)
     quantized = quantize_model(copy.deepcopy(float_model), "nf4-g32")
-    reference = _dequantized_float_copy(quantized, float_model)
+    reference = dequantized_float_copy(quantized, float_model)
     config = LoraConfig(rank=4, alpha=8, dropout=0.1, targets=ALL)
     apply_lora(quantized, config)
     apply_lora(reference, config)
