@@ -18,14 +18,13 @@ from llama4.kernels import cpu as cpu_kernels
 from llama4.kernels.cpu import fused_decode
 from llama4.model.cache import KVCache
 from llama4.model.paged_cache import PagedKVCache
-from llama4.presets import text_config
-from tests.kernel_support import BF16_PACKING, KERNEL, pack
+from tests.kernel_support import BF16_PACKING, FUSED_CHUNK, KERNEL, fused_decode_model, pack
 
 pytestmark = pytest.mark.skipif(
     not BF16_PACKING or KERNEL is None,
     reason="no CPU kernel runs on this machine (no AVX2/AVX-512, no C compiler or no oneDNN bf16 packing)")
 
-CHUNK = 8
+CHUNK = FUSED_CHUNK
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,11 +33,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def plain():
-    """RoPE + chunked, NoPE + temperature tuning, MoE and dense layers; every width the kernel takes."""
-    cfg = text_config(num_layers=4, moe_step=2, vocab_size=211, hidden_size=64, num_heads=4, num_kv_heads=2,
-                      head_dim=32, intermediate_size=64, intermediate_size_mlp=96, num_experts=4,
-                      attention_chunk_size=CHUNK, floor_scale=4)
-    return llama4.random_model(llama4.ModelConfig(text=cfg), std=0.15, seed=7)
+    return fused_decode_model()
 
 
 @pytest.fixture(scope="module")

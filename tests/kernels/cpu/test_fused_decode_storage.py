@@ -15,9 +15,8 @@ import llama4
 from llama4.kernels.cpu import fused_decode
 from llama4.model.cache import KVCache
 from llama4.model.paged_cache import PagedKVCache
-from llama4.presets import text_config
 from llama4.quant.kv_cache import KVFormat, kv_storage
-from tests.kernel_support import BF16_PACKING, KERNEL, pack
+from tests.kernel_support import BF16_PACKING, KERNEL, fused_decode_model, pack
 from tests.kernels.cpu.test_fused_decode import CHUNK, Counting, rel_err
 from tests.model.test_cache_storage import Tagged
 
@@ -30,10 +29,7 @@ FORMATS = ["int8", "fp8"]
 
 @pytest.fixture(scope="module")
 def plain():
-    cfg = text_config(num_layers=4, moe_step=2, vocab_size=211, hidden_size=64, num_heads=4, num_kv_heads=2,
-                      head_dim=32, intermediate_size=64, intermediate_size_mlp=96, num_experts=4,
-                      attention_chunk_size=CHUNK, floor_scale=4)
-    return llama4.random_model(llama4.ModelConfig(text=cfg), std=0.15, seed=7)
+    return fused_decode_model()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from llama4.kernels.cpu import library as cpu_kernel
 from llama4.kernels.cpu.packing import PackedExperts, PackedLinear, PackedQKV, PackedSwiGLU, PackedWeight
 from llama4.kernels.cpu.quant_layout import KernelQuantized, kernel_reads
 from llama4.model.cache import KVCache
-from llama4.presets import text_config
 from llama4.quant import (
     QuantizedExperts,
     QuantizedLinear,
@@ -34,7 +33,7 @@ from llama4.quant import (
     quantize_model,
 )
 from llama4.quant.formats import unpack_int4
-from tests.kernel_support import BF16_PACKING, KERNEL, KERNELS, runnable_variants
+from tests.kernel_support import BF16_PACKING, FUSED_CHUNK, KERNEL, KERNELS, fused_decode_model, runnable_variants
 
 FORMATS = ["int8", "int4-g32", "int4-g64", "int4-g128", "int4-g32-asym", "int4-g128-asym"]
 SCALES = [torch.float32, torch.bfloat16]
@@ -186,16 +185,13 @@ def test_longer_inputs_run_as_the_bf16_products_of_this_cpu_run():
 # ---------------------------------------------------------------------------------------------------------------
 # whole models
 
-CHUNK = 8
+CHUNK = FUSED_CHUNK
 
 
 @pytest.fixture(scope="module")
 def plain():
     """RoPE + chunked, NoPE + temperature tuning, MoE and dense layers (the fused decode tests' model)."""
-    cfg = text_config(num_layers=4, moe_step=2, vocab_size=211, hidden_size=64, num_heads=4, num_kv_heads=2,
-                      head_dim=32, intermediate_size=64, intermediate_size_mlp=96, num_experts=4,
-                      attention_chunk_size=CHUNK, floor_scale=4)
-    return llama4.random_model(llama4.ModelConfig(text=cfg), std=0.15, seed=7).to(torch.bfloat16)
+    return fused_decode_model().to(torch.bfloat16)
 
 
 RECIPES = ["int8", "int4-g32", "experts=int4-g64-asym,attention=int8,shared=int4-g32,head=int8,scales=bf16"]
