@@ -75,6 +75,15 @@ def _address(weight) -> int | None:
     return getattr(weight, "address", None)
 
 
+def _home(owner: object, name: str) -> dict:
+    """The dict that holds ``owner.name`` (or would: an absent attribute reads as None from it)."""
+    stores = vars(owner) if hasattr(owner, "__dict__") else {}
+    for kind in ("_parameters", "_modules", "_buffers"):
+        if name in stores.get(kind, ()):
+            return stores[kind]
+    return stores
+
+
 class FusedDecode:
     """TextModel.fast_decode for a packed bf16 model. Binds to the layers' weights on first use (a loader
     fills packed modules after they are installed) and declines every step if any layer cannot run in C."""
@@ -83,7 +92,7 @@ class FusedDecode:
         self.model, self.kernel = model, kernel
         self.layers: list[_Layer] | None = None
         self._keep: list = []  # ctypes arrays the layer structs point into
-        self._bound: list[tuple[object, str, object]] = []  # (owner, attribute, what the structs point into)
+        self._bound: list[tuple[dict, str, object]] = []  # (where owner.attribute lives, attribute, what it held)
 
     def __call__(self, h: torch.Tensor, tables: PositionTables, cache: Cache) -> torch.Tensor | None:
         """The layers for h [B, T, D] -> [B, T, D], or None to let the torch layers run. ``cache``: any Cache (its
@@ -156,12 +165,12 @@ class FusedDecode:
     def _stale(self) -> bool:
         """Whether a weight the layer structs point into was replaced since they were built (a reload packs
         anew and assigns new norm weights)."""
-        return any(getattr(owner, name, None) is not bound for owner, name, bound in self._bound)
+        return any(where.get(name) is not bound for where, name, bound in self._bound)
 
     def _bind(self) -> list[_Layer] | None:
         """One struct per layer, or None if some layer cannot run in C."""
-        self._bound = [(norm, "weight", norm.weight) for block in self.model.layers
-                       for norm in (block.attn_norm, block.ffn_norm)]
+        self._bound = []
+        self._watch(*[(norm, "weight") for block in self.model.layers for norm in (block.attn_norm, block.ffn_norm)])
         lib = self.kernel.lib
         if not hasattr(lib, "llama4_decode_layer"):
             return None
@@ -208,5 +217,9 @@ class FusedDecode:
         return layers
 
     def _watch(self, *places: tuple[object, str]) -> None:
-        """Remember what ``owner.name`` holds now, for :meth:`_stale`."""
-        self._bound += [(owner, name, getattr(owner, name, None)) for owner, name in places]
+        """Remember what ``owner.name`` holds now, and the dict it lives in (a module's parameters, submodules or
+        buffers, or its __dict__), for :meth:`_stale`: a decode step then checks with plain dict lookups, not
+        nn.Module.__getattr__. Assigning a parameter or module replaces it in that same dict; an attribute that
+        moves to another dict reads as replaced (a rebind, never a missed one)."""
+        for owner, name in places:
+            self._bound.append((_home(owner, name), name, getattr(owner, name, None)))
