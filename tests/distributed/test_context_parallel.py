@@ -31,9 +31,9 @@ from llama4.distributed.context import (
     prefill_logits,
 )
 from llama4.model.cache import KVCache
-from llama4.presets import text_config
+from tests.distributed import workers
 
-SEED, STD, CHUNK = 3, 0.2, 4
+SEED, STD, CHUNK = workers.SEED, workers.STD, 4
 NEW_TOKENS = 6
 # world -> (config, rows, prompt length) of the checks. At 2 ranks: 11 = 5 | 6 (a slice boundary inside chunk
 # [4, 8), the unfinished last chunk [8, 11) on rank 1), 16 = 8 | 8 (on a chunk boundary, no unfinished chunk),
@@ -51,16 +51,8 @@ COUNTED = {2: [(2, 11, None), (2, 11, 2)], 4: [(1, 7, None), (1, 23, 3)]}
 
 
 def config(name: str) -> llama4.ModelConfig:
-    """"a": 8 layers (global layers 3 and 7), untied head, dense and MoE layers, 2 KV heads for 4 query heads.
-    "b": 4 layers, every layer MoE with top-2, one KV head, tied head."""
-    fields = dict(vocab_size=96, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=32,
-                  intermediate_size_mlp=48, num_experts=4, num_experts_per_tok=1, attention_chunk_size=CHUNK,
-                  floor_scale=3, attn_scale=0.5, rope_theta=10000.0, bos_token_id=1, eos_token_ids=(2,),
-                  pad_token_id=0)
-    if name == "a":
-        return llama4.ModelConfig(text=text_config(num_layers=8, moe_step=2, **fields))
-    fields.update(num_kv_heads=1, num_experts_per_tok=2, tie_word_embeddings=True)
-    return llama4.ModelConfig(text=text_config(num_layers=4, moe_step=1, **fields))
+    """The parallel tests' configs (tests/distributed/workers.py), "a" with 8 layers: global layers 3 and 7."""
+    return workers.config(name, a_layers=8)
 
 
 def reference(name: str) -> llama4.Llama4Model:

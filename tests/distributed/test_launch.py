@@ -128,7 +128,7 @@ def test_a_stalled_rank_ends_the_job_at_the_timeout():
     assert seconds < 150  # the stalled rank sleeps 600 s: the job ended on the timeout, not on the sleep
 
 
-def _inject(fault: str, step: int) -> None:
+def inject_fault(fault: str, step: int) -> None:
     """Wrap the rank's model (rank 1 only) so that its ``step``-th forward exits / raises / sleeps."""
     import llama4.distributed.launch as launch
 
@@ -154,7 +154,7 @@ def _inject(fault: str, step: int) -> None:
 
 
 if __name__ == "__main__":  # torchrun ... test_launch.py FAULT STEP llama4-arguments...
-    _inject(sys.argv[1], int(sys.argv[2]))
+    inject_fault(sys.argv[1], int(sys.argv[2]))
     from llama4.cli import main
 
     sys.exit(main(sys.argv[3:]))

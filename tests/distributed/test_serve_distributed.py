@@ -272,30 +272,10 @@ def test_a_follower_that_dies_ends_the_job_with_an_error_naming_it():
     assert time.monotonic() - started < 30  # found at the collective that failed, not at the timeout
 
 
-def _inject(step: int) -> None:
-    """Rank 1's model exits (os._exit) at its ``step``-th decode step (Llama4Model.forward: prefill pieces call
-    the text model directly)."""
-    import llama4.distributed.launch as launch
-
-    real = launch.load_sharded
-    calls = {"n": 0}
-
-    def hook(module, args):
-        calls["n"] += 1
-        if calls["n"] == step:
-            os._exit(3)
-
-    def load(*args, **kwargs):
-        model = real(*args, **kwargs)
-        if os.environ["RANK"] == "1":
-            model.register_forward_pre_hook(hook)
-        return model
-
-    launch.load_sharded = load
-
-
 if __name__ == "__main__":  # torchrun ... test_serve_distributed.py STEP llama4-arguments...
-    _inject(int(sys.argv[1]))
+    from test_launch import inject_fault  # (this file's folder is the script's first path entry)
+
+    inject_fault("exit", int(sys.argv[1]))  # rank 1's model exits at its N-th forward
     from llama4.cli import main
 
     sys.exit(main(sys.argv[2:]))

@@ -23,15 +23,16 @@ SEED, STD = 3, 0.2
 PROMPTS = [[5, 17, 33, 2, 90, 41, 8], [60, 3, 12, 71]]  # ragged: the decode steps run rows at two lengths
 
 
-def config(name: str) -> llama4.ModelConfig:
-    """"a": untied head, top-1, dense and MoE layers interleaved, KV heads split at tp=2 and replicated at tp=4.
-    "b": tied head, top-2, every layer MoE, one KV head (replicated at any tp)."""
+def config(name: str, a_layers: int = 4) -> llama4.ModelConfig:
+    """"a": ``a_layers`` layers (a global layer every 4th), untied head, top-1, dense and MoE layers interleaved, KV
+    heads split at tp=2 and replicated at tp=4. "b": 4 layers, tied head, top-2, every layer MoE, one KV head
+    (replicated at any tp). Attention chunks of 4 tokens."""
     fields = dict(vocab_size=96, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=32,
                   intermediate_size_mlp=48, num_experts=4, num_experts_per_tok=1, attention_chunk_size=4,
                   floor_scale=3, attn_scale=0.5, rope_theta=10000.0, bos_token_id=1, eos_token_ids=(2,),
                   pad_token_id=0)
     if name == "a":
-        return llama4.ModelConfig(text=text_config(num_layers=4, moe_step=2, **fields))
+        return llama4.ModelConfig(text=text_config(num_layers=a_layers, moe_step=2, **fields))
     fields.update(num_kv_heads=1, num_experts_per_tok=2, tie_word_embeddings=True)
     return llama4.ModelConfig(text=text_config(num_layers=4, moe_step=1, **fields))
 
