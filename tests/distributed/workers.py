@@ -186,3 +186,64 @@ def run_stalled(rank: int, world: int, store: str) -> None:
         time.sleep(8)
         return
     dist.all_reduce(torch.ones(4))
+
+
+# ---------------------------------------------------------------- quantized checkpoints, sharded
+
+
+def quantized_config() -> llama4.ModelConfig:
+    """Like "a", with sizes whose row-parallel splits at tp = 2 fall on int4 groups of 32 inputs (attention output
+    64 / 2, shared expert 64 / 2, dense MLP 128 / 2, each expert's hidden 64 / 2)."""
+    fields = dict(vocab_size=96, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
+                  intermediate_size_mlp=128, num_experts=4, num_experts_per_tok=1, attention_chunk_size=4,
+                  floor_scale=3, attn_scale=0.5, rope_theta=10000.0, bos_token_id=1, eos_token_ids=(2,),
+                  pad_token_id=0)
+    return llama4.ModelConfig(text=text_config(num_layers=4, moe_step=2, **fields))
+
+
+def _counting_open(real_open, log: list[tuple[str, int]]):
+    """safe_open whose handles count the bytes of every read; whole-tensor reads too (quantized loaders read the
+    tiny ``weight_shape`` tensors whole)."""
+    class File(_CountingFile):
+        def get_tensor(self, name):
+            tensor = self.inner.get_tensor(name)
+            self.log.append((name, tensor.numel() * tensor.element_size()))
+            return tensor
+
+    return lambda file, framework: File(real_open(file, framework), log)
+
+
+def _quantized_checks(checkpoints: dict[str, str]) -> dict:
+    from llama4.quant import checkpoint as quant_checkpoint
+
+    results = {}
+    ids = input_ids()
+    saved = shard_module.safe_open, quant_checkpoint.safe_open
+    for name, path in checkpoints.items():
+        single = llama4.load_model(path, pack=False)
+        want = single(ids)
+        want_tokens = llama4.generate(single, PROMPTS, max_new_tokens=6, stop_tokens=[])
+        for tp, ep in ((2, 2), (2, 1), (1, 2)):
+            log: list[tuple[str, int]] = []
+            shard_module.safe_open = quant_checkpoint.safe_open = _counting_open(saved[0], log)
+            try:
+                model = load_sharded(path, ParallelPlan(tp, ep))
+            finally:
+                shard_module.safe_open, quant_checkpoint.safe_open = saved
+            tensors = list(model.parameters()) + list(model.buffers())
+            results[(name, tp, ep)] = {
+                "rel_err": rel_err(model(ids), want), "reads": log,
+                "local_bytes": sum(t.numel() * t.element_size() for t in tensors),
+                "full_bytes": sum(t.numel() * t.element_size() for t in [*single.parameters(), *single.buffers()]),
+                "tokens": llama4.generate(model, PROMPTS, max_new_tokens=6, stop_tokens=[]),
+                "want_tokens": want_tokens,
+                "recipe": str(getattr(model, "quant_recipe", None)), "want_recipe": str(single.quant_recipe)}
+    return results
+
+
+def run_quantized(rank: int, world: int, store: str, out: str, checkpoints: dict[str, str]) -> None:
+    _init(rank, world, store, timeout_s=60)
+    try:
+        torch.save(_quantized_checks(checkpoints), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llama4.model.moe import Experts, Router, route
+from llama4.quant.modules import QuantizedLinear
 
 
 def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -33,10 +34,19 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, group: dist.ProcessGroup | None):
         super().__init__()
         self.group = group
+        self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(F.linear(x, self.weight), self.group)
+
+
+def all_gather_vocab(local: torch.Tensor, world: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Every rank's logits over its vocabulary rows [..., V / world], concatenated: [..., V] on every rank."""
+    local = local.contiguous()
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local, group=group)
+    return torch.cat(parts, dim=-1)
 
 
 class VocabParallelHead(nn.Module):
@@ -46,13 +56,41 @@ class VocabParallelHead(nn.Module):
     def __init__(self, vocab_rows: int, dim: int, world: int, group: dist.ProcessGroup | None):
         super().__init__()
         self.group, self.world = group, world
+        self.in_features, self.out_features = dim, vocab_rows
         self.weight = nn.Parameter(torch.empty(vocab_rows, dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = F.linear(x, self.weight).contiguous()
-        parts = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(parts, local, group=self.group)
-        return torch.cat(parts, dim=-1)
+        return all_gather_vocab(F.linear(x, self.weight), self.world, self.group)
+
+
+class QuantizedParallelLinear(nn.Module):
+    """A RowParallelLinear or VocabParallelHead whose weight is quantized (``qweight``, as a QuantizedLinear holds
+    it, and multiplied as it multiplies: dequantized in the input's dtype), with the same collective after the
+    rank's product. Not a QuantizedLinear, so that nothing that handles those (packing, adapters) takes it for a
+    whole linear."""
+
+    def __init__(self, linear: QuantizedLinear, like: RowParallelLinear | VocabParallelHead):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("parallel linears have no bias")
+        self.qweight, self.float_dtype = linear.qweight, linear.float_dtype
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.group = like.group
+        self.world = like.world if isinstance(like, VocabParallelHead) else None  # None: all-reduce
+
+    @property
+    def format(self):
+        return self.qweight.format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = F.linear(x, self.qweight.dequantize(x.dtype))
+        if self.world is None:
+            return all_reduce(local, self.group)
+        return all_gather_vocab(local, self.world, self.group)
+
+    def extra_repr(self) -> str:
+        kind = "row-parallel" if self.world is None else "vocabulary-parallel"
+        return f"{kind}, in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
 
 
 def local_routed(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor, experts: Experts,

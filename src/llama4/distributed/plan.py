@@ -20,12 +20,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
+from llama4.checkpoint.slices import Layout, layout_shape, read_layout
 from llama4.config import TextConfig
 
-Ranges = tuple[tuple[int, int], ...]  # pieces of one dimension, concatenated in this order
-Layout = tuple[Ranges, ...]  # one Ranges per dimension
+__all__ = ["Layout", "ParallelPlan", "PlanError", "layout_shape", "local_experts", "local_kv_heads", "read_layout",
+           "shard_layouts", "split"]
+
 
 
 class PlanError(ValueError):
@@ -159,18 +159,3 @@ def shard_layouts(names_shapes: dict[str, tuple[int, ...]], config: TextConfig, 
     for name, shape in names_shapes.items():
         out[name] = next((layout(tuple(shape)) for pattern, layout in rules if pattern.match(name)), None)
     return out
-
-
-def layout_shape(layout: Layout) -> tuple[int, ...]:
-    return tuple(sum(stop - start for start, stop in ranges) for ranges in layout)
-
-
-def read_layout(read: Callable[[tuple[slice, ...]], torch.Tensor], layout: Layout) -> torch.Tensor:
-    """The shard: ``read(index)`` for each piece (a tuple of slices), concatenated along the dimension with
-    several ranges."""
-    dim = next((d for d, ranges in enumerate(layout) if len(ranges) > 1), 0)
-    parts = []
-    for start, stop in layout[dim]:
-        index = tuple(slice(start, stop) if d == dim else slice(*ranges[0]) for d, ranges in enumerate(layout))
-        parts.append(read(index))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from llama4.checkpoint.io import CheckpointError, locate_tensors, read_config, read_quantization_config
 from llama4.checkpoint.mapping import to_hf_name
-from llama4.distributed.modules import ParallelMoE, RowParallelLinear, VocabParallelHead
+from llama4.distributed.modules import ParallelMoE, QuantizedParallelLinear, RowParallelLinear, VocabParallelHead
 from llama4.distributed.plan import (
     Layout,
     ParallelPlan,
@@ -33,6 +33,8 @@ from llama4.distributed.plan import (
 from llama4.model.invariance import is_batch_invariant, set_batch_invariant
 from llama4.model.moe import Experts, MoE, SwiGLU
 from llama4.model.transformer import Llama4Model, QKVProjection
+from llama4.quant.checkpoint import load_quantized_modules
+from llama4.quant.modules import QuantizedLinear
 
 TIED_HEAD, EMBED = "text.output.weight", "text.embed.weight"
 
@@ -143,26 +145,76 @@ def shard_model(model: Llama4Model, plan: ParallelPlan, group: dist.ProcessGroup
     return model
 
 
+def _load_quantized_parts(model: Llama4Model, path: Path, stored: dict, layouts: dict[str, Layout | None],
+                          plan: ParallelPlan, rank: int, group: dist.ProcessGroup | None, dtype: torch.dtype,
+                          device: str | torch.device) -> set[str]:
+    """The quantized modules of a sharded model from their parts of the checkpoint. The quantized loaders find
+    linears (nn.Linear), so each parallel linear stands aside for a plain one of its shape while they run; one
+    that comes back quantized becomes a QuantizedParallelLinear, one stored float goes back as it was (its weight
+    still to be read). Returns the checkpoint's tensor names handled."""
+    parallel = {name: module for name, module in model.named_modules()
+                if isinstance(module, (RowParallelLinear, VocabParallelHead))}
+    for name, module in parallel.items():
+        with torch.device("meta"):
+            _set(model, name, nn.Linear(module.in_features, module.out_features, bias=False))
+    handled = load_quantized_modules(model, path, stored, dtype, device, layouts=layouts,
+                                     full_row_max=_row_max_over(plan, rank, group))
+    for name, like in parallel.items():
+        module = model.get_submodule(name)
+        _set(model, name, QuantizedParallelLinear(module, like) if isinstance(module, QuantizedLinear) else like)
+    return handled
+
+
+def _row_max_over(plan: ParallelPlan, rank: int, group: dist.ProcessGroup | None
+                  ) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """The quantized loaders' ``full_row_max``: a part's row maxima all-gathered (one collective, every rank
+    calls it for the same parameters in turn), the largest over the ranks holding the other columns of the same
+    rows: every rank for the tensor-parallel linears, the ranks of the same expert block for routed experts."""
+    world = plan.world_size
+    block = range(rank // plan.expert_tp * plan.expert_tp, (rank // plan.expert_tp + 1) * plan.expert_tp)
+
+    def full_row_max(param: str, local: torch.Tensor) -> torch.Tensor:
+        local = local.float().contiguous()
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local, group=group)
+        peers = block if ".experts." in param else range(world)
+        return torch.stack([parts[r] for r in peers]).amax(0)
+
+    return full_row_max
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent), attribute, module)
+
+
 def load_sharded(path: str | os.PathLike, plan: ParallelPlan, group: dist.ProcessGroup | None = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama4Model:
-    """Load this rank's part of a Hugging Face float checkpoint: each split tensor is read as the slices the
-    rank holds (``safe_open(...).get_slice``), never whole; replicated tensors (embeddings, norms, routers,
-    vision) are read whole. The result equals ``shard_model(load_model(path, pack=False), plan, group)``.
+    """Load this rank's part of a Hugging Face checkpoint: each split tensor is read as the slices the rank holds
+    (``safe_open(...).get_slice``), never whole; replicated tensors (embeddings, norms, routers, vision) are read
+    whole. The result equals ``shard_model(load_model(path, pack=False), plan, group)``.
+
+    A quantized checkpoint (``quantization_config``: compressed-tensors int4 / int8 / FP8, Meta's fbgemm_fp8; as
+    :func:`llama4.load_model` reads them) is read the same way, codes and scales cut to the rank's part
+    (llama4.quant.checkpoint), into quantized modules with the plan's collectives. Packed int4 codes and group
+    scales are cut on their boundaries: a plan that would split a group of inputs is refused.
     """
     rank = group_rank(plan, group)
     path = Path(path)
     config = read_config(path)
     stored = read_quantization_config(path)
-    if stored is not None:
-        raise CheckpointError(f"{path} is quantized ({stored.get('quant_method')}): sharded loading takes float "
-                              f"checkpoints only so far")
     plan.check(config.text)
     with torch.device("meta"):
         model = Llama4Model(config)
-    located = locate_tensors(path, {n: p.shape for n, p in model.named_parameters()}, config.multimodal,
-                             config.text.tie_word_embeddings)
+    full = {n: p.shape for n, p in model.named_parameters()}
     layouts = shard_layouts(_full_shapes(model, plan), config.text, plan, rank)
     _swap_modules(model, plan, rank, group)
+    handled: set[str] = set()
+    if stored is not None:
+        handled = _load_quantized_parts(model, path, stored, layouts, plan, rank, group, dtype, device)
+    unread = {n for n, p in model.named_parameters() if p.is_meta}
+    located = locate_tensors(path, {n: shape for n, shape in full.items() if n in unread}, config.multimodal,
+                             config.text.tie_word_embeddings, handled)
     with contextlib.ExitStack() as stack:
         handles = {}
 

@@ -17,6 +17,7 @@ Float tensors go through checkpoint.io.load_weights, strictly, as for a float ch
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from llama4.checkpoint.io import (
     write_checkpoint,
 )
 from llama4.checkpoint.mapping import to_hf_name
+from llama4.checkpoint.slices import Layout, read_layout, whole
 from llama4.model.moe import Experts
 from llama4.quant import compressed_tensors as ct
 from llama4.quant import fp8
@@ -210,25 +212,38 @@ class _Loaded:
 
 
 class _Reader:
-    """A checkpoint's tensor index, and reads of a few tensors at a time, each file mapped only while read."""
+    """A checkpoint's tensor index, and reads of a few tensors (or parts of them) at a time, each file mapped only
+    while read. ``layouts`` (our parameter name -> the part this process holds, None: whole) is set for a sharded
+    load (llama4.distributed.load_sharded), whose model's modules have the shapes of those parts."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, layouts: dict[str, Layout | None] | None = None,
+                 full_row_max: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
         self.path = path
+        self.layouts = layouts or {}
+        self.full_row_max = full_row_max
         self.files: dict[str, Path] = {}
         self.dtypes: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         for name, file, handle in iter_checkpoint(path):
             self.files[name] = file
-            self.dtypes[name] = handle.get_slice(name).get_dtype()
+            piece = handle.get_slice(name)
+            self.dtypes[name], self.shapes[name] = piece.get_dtype(), tuple(piece.get_shape())
         self.read_names: set[str] = set()
+        self.claimed: set[str] = set()  # module prefixes ("m.") whose tensors a loader owns, read or not
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def layout(self, param: str) -> Layout | None:
+        return self.layouts.get(param)
+
+    def read(self, names: list[str], parts: dict[str, Layout] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors ``names``, each whole or the part ``parts`` gives it."""
         missing = [n for n in names if n not in self.files]
         if missing:
             raise CheckpointError(f"checkpoint {self.path} lacks {len(missing)} tensor(s) of a quantized module: "
                                   f"{missing[:10]}")
+        parts = parts or {}
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
@@ -237,11 +252,64 @@ class _Reader:
             try:
                 with safe_open(file, framework="pt") as handle:
                     for name in group:
-                        out[name] = handle.get_tensor(name).clone()  # owned: the mapping closes below
+                        if name in parts:
+                            piece = handle.get_slice(name)
+                            out[name] = read_layout(lambda index: piece[index].clone(), parts[name])
+                        else:
+                            out[name] = handle.get_tensor(name).clone()  # owned: the mapping closes below
             except SafetensorError as e:
                 raise CheckpointError(f"{file}: cannot read {group[0]}: {e}") from None
         self.read_names.update(names)
         return out
+
+    def row_max(self, param: str, window: _Window | None, local: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """For FP8 weights becoming int8 per row: where this part holds some of its rows' columns, the whole rows'
+        largest magnitudes (``full_row_max`` of the part's, ``local()``); None where the part holds whole rows."""
+        if window is None or window.cols == (0, window.full[1]):
+            return None
+        if self.full_row_max is None:
+            raise ValueError(f"{param}: a part of FP8 rows needs full_row_max to convert them as whole rows")
+        return self.full_row_max(param, local())
+
+    def handled(self) -> set[str]:
+        """The tensors the quantized loaders own: those read and those of the modules they claimed."""
+        prefixes = tuple(self.claimed)
+        return self.read_names | ({n for n in self.files if n.startswith(prefixes)} if prefixes else set())
+
+
+@dataclass(frozen=True)
+class _Window:
+    """The part of one linear's weight [out, in] = ``full`` a process holds: ``rows`` x ``cols``."""
+
+    full: tuple[int, int]
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+
+    @classmethod
+    def of(cls, layout: Layout, full: tuple[int, int]) -> _Window:
+        if any(len(ranges) != 1 for ranges in layout):
+            raise ValueError(f"a linear's part must be one range of rows and one of columns, got {layout}")
+        return cls(full, layout[0][0], layout[1][0])
+
+    @property
+    def layout(self) -> Layout:
+        return ((self.rows,), (self.cols,))
+
+
+def _expert_windows(reader: _Reader, site: Site, shape: tuple[int, int, int]) -> tuple[int, list[_Window | None]]:
+    """(first expert held, the windows of an expert's gate, up and down) of an experts site whose module has
+    ``shape`` = (experts, D, hidden) (a sharded load's part: some experts, some hidden columns of each)."""
+    gate_up, down = reader.layout(f"{site.name}.gate_up"), reader.layout(f"{site.name}.down")
+    if gate_up is None and down is None:
+        return 0, [None, None, None]
+    experts, dim, _ = shape
+    (first, _), = gate_up[0]
+    (lo, hi), (up_lo, _) = gate_up[2]
+    full_hidden = up_lo - lo
+    if down[0] != gate_up[0] or down[1] != ((lo, hi),):
+        raise ValueError(f"experts part gate_up {gate_up} and down {down} do not hold the same experts and columns")
+    gate = _Window((full_hidden, dim), (lo, hi), (0, dim))
+    return first, [gate, gate, _Window((dim, full_hidden), (0, dim), (lo, hi))]
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike, config: dict, dtype: torch.dtype,
@@ -249,6 +317,29 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, config: dict, dtyp
     """Fill ``model`` (built on the meta device) from a checkpoint whose ``quantization_config`` is ``config``:
     quantized modules swapped in from their codes, float tensors loaded as usual. Sets ``model.quant_recipe``
     where every kind has one format."""
+    count = len(sites(model))
+    handled = load_quantized_modules(model, path, config, dtype, device, progress)
+    shapes = {name: p.shape for name, p in model.named_parameters() if p.is_meta}
+    load_weights(model, path, dtype, device, None if progress is None else
+                 (lambda done, total: progress(count + done, count + total)), shapes, handled=handled)
+
+
+def load_quantized_modules(model: nn.Module, path: str | os.PathLike, config: dict, dtype: torch.dtype,
+                           device: torch.device | str, progress: Callable[[int, int], None] | None = None,
+                           layouts: dict[str, Layout | None] | None = None,
+                           full_row_max: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> set[str]:
+    """The quantized half of :func:`load_quantized`: every linear and routed-experts module stored quantized is
+    swapped in from its codes (a float module of a kind no recipe quantizes gets its dequantized values). Float
+    tensors are left to the caller; returns the checkpoint's tensor names it read or owns, for the caller's
+    strict load of the rest.
+
+    ``layouts`` (a sharded load: our parameter name -> the part this process holds, None: whole; ``model`` built
+    with the parts' shapes): each module is read as its part, packed codes and scales included, never whole.
+    FP8 weights become int8 with one scale per whole row, as a single process converts them: for a part holding
+    some of each row's columns, ``full_row_max(param, part_max)`` gives the whole rows' largest magnitudes from
+    the part's (its ``[..., out]`` maxima; every process holding a part of those rows calls it for the same
+    parameters in the same order).
+    """
     path = Path(path)
     method = config.get("quant_method")
     if method not in SUPPORTED_METHODS:
@@ -262,7 +353,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, config: dict, dtyp
             loader = _FbgemmLoader()
     except ValueError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
-    reader, loaded = _Reader(path), _Loaded({}, set())
+    reader, loaded = _Reader(path, layouts, full_row_max), _Loaded({}, set())
     all_sites = sites(model)
     for done, site in enumerate(all_sites, 1):
         try:
@@ -270,17 +361,16 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, config: dict, dtyp
         except CheckpointError:
             raise
         except ValueError as e:
-            raise CheckpointError(f"{path}: {site.hf}: {e}") from None
+            where = "" if str(e).startswith(site.hf) else f"{site.hf}: "
+            raise CheckpointError(f"{path}: {where}{e}") from None
         if progress is not None:
             progress(done, len(all_sites))
-    unscaled = [n for n, d in reader.dtypes.items() if d.startswith("F8") and n not in reader.read_names]
+    handled = reader.handled()
+    unscaled = [n for n, d in reader.dtypes.items() if d.startswith("F8") and n not in handled]
     if unscaled:
         raise CheckpointError(f"{path}: float8 tensor(s) without a scale this loader knows: {unscaled[:10]}")
-    offset = len(all_sites)
-    shapes = {name: p.shape for name, p in model.named_parameters() if p.is_meta}
-    load_weights(model, path, dtype, device, None if progress is None else
-                 (lambda done, total: progress(offset + done, offset + total)), shapes, handled=reader.read_names)
     model.quant_recipe = loaded.recipe()
+    return handled
 
 
 class _Loader(Protocol):
@@ -301,16 +391,28 @@ class _CompressedTensorsLoader:
             scheme = self.config.scheme_for(site.hf)
             if scheme is None:
                 raise ValueError("has quantized tensors but no config group targets it (or it is ignored)")
-            _install_linear(model, site, self._read(reader, site.hf, scheme), loaded, dtype, device)
+            layout = reader.layout(f"{site.name}.weight")
+            window = None if layout is None else _Window.of(layout, _stored_shape(reader, site.hf))
+            weight = self._read(reader, site.hf, scheme, window)
+            _install_linear(model, site, weight, loaded, dtype, device, _fp8_row_max(reader, site, weight, window))
         else:
             loaded.add(site.kind, None)
 
-    def _read(self, reader: _Reader, linear: str, scheme: ct.Scheme) -> QuantizedTensor | torch.Tensor:
-        """Our codes of an int scheme; FP8 weights as their float32 values (int8 where a kind lives)."""
+    def _read(self, reader: _Reader, linear: str, scheme: ct.Scheme,
+              window: _Window | None = None) -> QuantizedTensor | torch.Tensor:
+        """Our codes of an int scheme; FP8 weights as their float32 values (int8 where a kind lives); the
+        ``window`` part of the weight only, where one is given."""
         required, optional = scheme.tensor_names()
-        names = [f"{linear}.{s}" for s in sorted(required)] + [f"{linear}.{s}" for s in optional
-                                                               if f"{linear}.{s}" in reader]
-        tensors = {name.rpartition(".")[2]: t for name, t in reader.read(names).items()}
+        suffixes = sorted(required) + [s for s in optional if f"{linear}.{s}" in reader]
+        names = [f"{linear}.{s}" for s in suffixes]
+        parts = None
+        if window is not None:
+            stored = {s: reader.shapes[f"{linear}.{s}"] for s in suffixes if f"{linear}.{s}" in reader}
+            layouts = ct.window_layouts(scheme, stored, window.full, window.rows, window.cols, linear)
+            parts = {f"{linear}.{s}": layout for s, layout in layouts.items()}
+        tensors = {name.rpartition(".")[2]: t for name, t in reader.read(names, parts).items()}
+        if window is not None:
+            tensors = ct.narrowed(tensors, scheme, window.full, window.rows, window.cols, linear)
         if scheme.fp8:
             return fp8.dequantize_rows(tensors["weight"], tensors["weight_scale"], linear)
         return ct.decompress(tensors, scheme, linear)
@@ -318,21 +420,44 @@ class _CompressedTensorsLoader:
     def _experts(self, model, site, reader, loaded, dtype, device):
         module = model.get_submodule(site.name)
         experts, dim, two_hidden = module.gate_up.shape
-        if not any(f"{site.expert_linears(0)[0]}.{s}" in reader for s in ("weight", "weight_scale")):
+        first, windows = _expert_windows(reader, site, (experts, dim, two_hidden // 2))
+        if not any(f"{site.expert_linears(first)[0]}.{s}" in reader for s in ("weight", "weight_scale")):
             loaded.add(site.kind, None)
             return  # fused float experts: load_weights reads them
-        linears = [name for e in range(experts) for name in site.expert_linears(e)]
+        held = range(first, first + experts)
+        reader.claimed.update(f"{name}." for e in range(model.config.text.num_experts) if e not in held
+                              for name in site.expert_linears(e))  # the other ranks' experts
+        linears = [name for e in held for name in site.expert_linears(e)]
         schemes = {self.config.scheme_for(n) if f"{n}.weight_scale" in reader else None for n in linears}
         if len(schemes) != 1:
             raise ValueError("its experts' linears are not all stored in one format")
         scheme = schemes.pop()
         if scheme is None:
-            _install_float_experts(module, site, reader, dtype, device)
+            _install_float_experts(module, site, reader, dtype, device, first, windows)
             loaded.add(site.kind, None)
             return
-        per_expert = [[_codes(self._read(reader, name, scheme)) for name in site.expert_linears(e)]
-                      for e in range(experts)]
-        _install_experts(model, site, per_expert, (experts, dim, two_hidden // 2), loaded, dtype, device)
+        per_expert = []
+        for e in held:
+            linears = []
+            for name, param, window in zip(site.expert_linears(e), ("gate_up", "gate_up", "down"), windows):
+                weight = self._read(reader, name, scheme, window)
+                if isinstance(weight, QuantizedTensor):
+                    linears.append(weight)
+                else:
+                    amax = reader.row_max(f"{site.name}.{param}", window, lambda w=weight: w.abs().amax(1))
+                    linears.append(_codes(weight, amax))
+            per_expert.append(linears)
+        _install_experts(model, site, per_expert, (experts, dim, two_hidden // 2), loaded, dtype, device, first)
+
+
+def _stored_shape(reader: _Reader, linear: str) -> tuple[int, int]:
+    """A stored linear's weight shape (out, in): its ``weight``'s, or a packed one's ``weight_shape`` (2 numbers)."""
+    if f"{linear}.weight" in reader:
+        return reader.shapes[f"{linear}.weight"]
+    shape = reader.read([f"{linear}.weight_shape"])[f"{linear}.weight_shape"].tolist()
+    if len(shape) != 2:
+        raise CheckpointError(f"{reader.path}: {linear}.weight_shape: expected (out, in), got {shape}")
+    return tuple(shape)
 
 
 class _FbgemmLoader:
@@ -343,10 +468,22 @@ class _FbgemmLoader:
             if not any(n + fp8.SCALE_SUFFIX in reader for n in names):
                 loaded.add(site.kind, None)
                 return
-            tensors = reader.read([n for name in names for n in (name, name + fp8.SCALE_SUFFIX)])
-            gate_up, down = (fp8.fused_experts_to_int8(tensors[n], tensors[n + fp8.SCALE_SUFFIX], n) for n in names)
+            parts = {}
+            for name, param in zip(names, ("gate_up", "down")):
+                layout = reader.layout(f"{site.name}.{param}")
+                if layout is not None and name + fp8.SCALE_SUFFIX in reader:
+                    parts[name] = layout  # fbgemm keeps our [E, in, out]
+                    parts[name + fp8.SCALE_SUFFIX] = _column_scale_part(layout, reader.shapes[name + fp8.SCALE_SUFFIX])
+            tensors = reader.read([n for name in names for n in (name, name + fp8.SCALE_SUFFIX)], parts)
             module = model.get_submodule(site.name)
             experts, dim, two_hidden = module.gate_up.shape
+            _, windows = _expert_windows(reader, site, (experts, dim, two_hidden // 2))
+            converted = []
+            for name, param, window in zip(names, ("gate_up", "down"), windows[1:]):
+                weight, scale = tensors[name], tensors[name + fp8.SCALE_SUFFIX]
+                row_max = reader.row_max(f"{site.name}.{param}", window, lambda: fp8.fused_row_max(weight, scale, name))
+                converted.append(fp8.fused_experts_to_int8(weight, scale, name, row_max))
+            gate_up, down = converted
             _check_shape(gate_up, (experts, two_hidden, dim), names[0])
             _check_shape(down, (experts, dim, two_hidden // 2), names[1])
             _swap(model, site.name, QuantizedExperts.from_tensors(_to(gate_up, device), _to(down, device), dtype))
@@ -356,15 +493,44 @@ class _FbgemmLoader:
         if weight + fp8.SCALE_SUFFIX not in reader:
             loaded.add(site.kind, None)
             return
-        tensors = reader.read([weight, weight + fp8.SCALE_SUFFIX])
-        _install_linear(model, site, fp8.dequantize_rows(tensors[weight], tensors[weight + fp8.SCALE_SUFFIX], weight),
-                        loaded, dtype, device)
+        parts = None
+        layout = reader.layout(f"{site.name}.weight")
+        if layout is not None:
+            scale = reader.shapes[weight + fp8.SCALE_SUFFIX]
+            parts = {weight: layout, weight + fp8.SCALE_SUFFIX: whole(scale) if math.prod(scale) == 1
+                     else (layout[0], *whole(scale[1:]))}
+        tensors = reader.read([weight, weight + fp8.SCALE_SUFFIX], parts)
+        values = fp8.dequantize_rows(tensors[weight], tensors[weight + fp8.SCALE_SUFFIX], weight)
+        window = None if layout is None else _Window.of(layout, reader.shapes[weight])
+        _install_linear(model, site, values, loaded, dtype, device, _fp8_row_max(reader, site, values, window))
+
+
+def _fp8_row_max(reader: _Reader, site: Site, weight: QuantizedTensor | torch.Tensor,
+                 window: _Window | None) -> torch.Tensor | None:
+    """The whole rows' largest magnitudes of a linear's FP8 values (float32 ``weight``) held in part; else None."""
+    if isinstance(weight, QuantizedTensor) or site.kind is None:
+        return None
+    return reader.row_max(f"{site.name}.weight", window, lambda: weight.abs().amax(1))
+
+
+def _column_scale_part(layout: Layout, scale: tuple[int, ...]) -> Layout:
+    """The part of fbgemm's fused experts' scale (one per expert and output column: [E, 1, out] or [E, out, 1])
+    that goes with the part ``layout`` of the weight [E, in, out]."""
+    columns = layout[2]
+    if len(scale) != 3:
+        raise ValueError(f"fused experts' scale {list(scale)}: expected [E, 1, out] or [E, out, 1]")
+    if scale[1] == 1 and scale[2] != 1:
+        return layout[0], ((0, 1),), columns
+    if scale[2] == 1:
+        return layout[0], columns, ((0, 1),)
+    raise ValueError(f"fused experts' scale {list(scale)}: expected [E, 1, out] or [E, out, 1]")
 
 
 def _install_linear(model: nn.Module, site: Site, weight: QuantizedTensor | torch.Tensor, loaded: _Loaded,
-                    dtype: torch.dtype, device: torch.device | str) -> None:
-    """A quantized linear's weight (codes, or FP8 values in float32) into the model: our QuantizedLinear where a
-    recipe kind lives, else (router, vision) its float values into the float module."""
+                    dtype: torch.dtype, device: torch.device | str, row_max: torch.Tensor | None = None) -> None:
+    """A quantized linear's weight (codes, or FP8 values in float32, converted with ``row_max`` as in _codes) into
+    the model: our QuantizedLinear where a recipe kind lives, else (router, vision) its float values into the
+    float module."""
     module = model.get_submodule(site.name)
     _check_shape(weight, tuple(module.weight.shape), site.hf)
     if site.kind is None:
@@ -373,18 +539,19 @@ def _install_linear(model: nn.Module, site: Site, weight: QuantizedTensor | torc
         return
     if module.bias is not None:
         raise ValueError("quantized linears with a bias are not supported")
-    tensor = _codes(weight)
+    tensor = _codes(weight, row_max)
     _swap(model, site.name, QuantizedLinear.from_tensor(_to(tensor, device), None, dtype))
     loaded.add(site.kind, tensor)
 
 
 def _install_experts(model: nn.Module, site: Site, per_expert: list[list[QuantizedTensor]], shape: tuple[int, ...],
-                     loaded: _Loaded, dtype: torch.dtype, device: torch.device | str) -> None:
-    """Expert e's gate, up and down (``per_expert[e]``) stacked as QuantizedExperts' gate_up [E, 2I, D] and down."""
+                     loaded: _Loaded, dtype: torch.dtype, device: torch.device | str, first: int = 0) -> None:
+    """Expert first + e's gate, up and down (``per_expert[e]``) stacked as QuantizedExperts' gate_up [E, 2I, D] and
+    down."""
     experts, dim, hidden = shape
     for e, (gate, up, down) in enumerate(per_expert):
         for tensor, want, name in zip((gate, up, down), ((hidden, dim), (hidden, dim), (dim, hidden)),
-                                      site.expert_linears(e)):
+                                      site.expert_linears(first + e)):
             _check_shape(tensor, want, name)
     formats = {t.format for linears in per_expert for t in linears}
     if len(formats) != 1:
@@ -396,15 +563,18 @@ def _install_experts(model: nn.Module, site: Site, per_expert: list[list[Quantiz
 
 
 def _install_float_experts(module: Experts, site: Site, reader: _Reader, dtype: torch.dtype,
-                           device: torch.device | str) -> None:
-    """Per-expert float linears fused into the Experts' gate_up [E, D, 2I] and down [E, I, D], expert by expert."""
+                           device: torch.device | str, first: int = 0,
+                           windows: list[_Window | None] | None = None) -> None:
+    """Per-expert float linears (experts first, first + 1, ...) fused into the Experts' gate_up [E, D, 2I] and down
+    [E, I, D], expert by expert; each linear's ``windows`` part only, where given."""
     experts, dim, two_hidden = module.gate_up.shape
     hidden = two_hidden // 2
     gate_up = torch.empty((experts, dim, two_hidden), dtype=dtype, device=device)
     down = torch.empty((experts, hidden, dim), dtype=dtype, device=device)
     for e in range(experts):
-        names = [f"{n}.weight" for n in site.expert_linears(e)]
-        tensors = reader.read(names)
+        names = [f"{n}.weight" for n in site.expert_linears(first + e)]
+        parts = {name: window.layout for name, window in zip(names, windows or ()) if window is not None}
+        tensors = reader.read(names, parts)
         for name, want in zip(names, ((hidden, dim), (hidden, dim), (dim, hidden))):
             got = tensors[name]
             if not got.is_floating_point() or tuple(got.shape) != want:
@@ -416,9 +586,10 @@ def _install_float_experts(module: Experts, site: Site, reader: _Reader, dtype: 
     module._parameters["down"] = nn.Parameter(down, requires_grad=False)
 
 
-def _codes(weight: QuantizedTensor | torch.Tensor) -> QuantizedTensor:
-    """Codes as they are; FP8 values (float32) as int8 per channel with float32 scales (see fp8.py)."""
-    return weight if isinstance(weight, QuantizedTensor) else quantize(weight, fp8.INT8, torch.float32)
+def _codes(weight: QuantizedTensor | torch.Tensor, row_max: torch.Tensor | None = None) -> QuantizedTensor:
+    """Codes as they are; FP8 values (float32) as int8 per channel with float32 scales (see fp8.py), scaled by
+    ``row_max`` (the whole rows' largest magnitudes) where given."""
+    return weight if isinstance(weight, QuantizedTensor) else quantize(weight, fp8.INT8, torch.float32, row_max)
 
 
 def _check_shape(tensor: QuantizedTensor | torch.Tensor, want: tuple[int, ...], name: str) -> None:

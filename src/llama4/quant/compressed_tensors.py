@@ -24,6 +24,7 @@ module name, ``re:`` + a regex matched from the name's start, or a class name: `
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Iterable
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llama4.checkpoint.slices import Layout, whole
 from llama4.quant.formats import QuantizedTensor, WeightFormat, pack_int4, unpack_int4
 
 QUANT_METHOD = "compressed-tensors"
@@ -224,6 +226,57 @@ def decompress(tensors: dict[str, torch.Tensor], scheme: Scheme, where: str) -> 
     if "weight_g_idx" in tensors:
         _check_group_index(tensors["weight_g_idx"], in_features, fmt.group, where)
     return _checked(QuantizedTensor(fmt, codes.contiguous(), scale, zero), where)
+
+
+def window_layouts(scheme: Scheme, stored: dict[str, tuple[int, ...]], full: tuple[int, int], rows: tuple[int, int],
+                   cols: tuple[int, int], where: str) -> dict[str, Layout]:
+    """The part of each stored tensor (suffix -> its shape) that holds ``rows`` x ``cols`` of one module's weight
+    [out, in] = ``full``, for reading a shard without the rest (:func:`narrowed` then makes them the tensors of
+    a [rows, cols] module). Packed codes and group scales are cut on their word and group boundaries: columns
+    that do not fall on them raise CompressedTensorsError."""
+    (r0, r1), (c0, c1) = rows, cols
+    out, in_features = full
+    parts: dict[str, Layout] = {}
+    if scheme.format == PACK_QUANTIZED:
+        per_word, group = 32 // scheme.num_bits, scheme.group_size
+        for unit, what, whole_units in ((per_word, f"{per_word} codes per int32 word", "words"),
+                                        (group, f"groups of {group} inputs", "groups")):
+            if unit and (c0 % unit or (c1 % unit and c1 != in_features)):
+                raise CompressedTensorsError(f"{where}: inputs {c0}:{c1} of [{out}, {in_features}] do not fall on the "
+                                             f"{what}: a part must hold whole {whole_units} (a plan with fewer ranks "
+                                             f"splitting it, or a checkpoint with smaller groups)")
+        parts["weight_packed"] = ((rows,), ((c0 // per_word, -(-c1 // per_word)),))
+        groups = ((c0 // group, -(-c1 // group)),) if group else ((0, stored["weight_scale"][1]),)
+        parts["weight_scale"] = ((rows,), groups)
+        if "weight_zero_point" in stored:
+            parts["weight_zero_point"] = (((r0 // 8, -(-r1 // 8)),), groups)
+        for suffix in ("weight_shape", "weight_g_idx"):
+            if suffix in stored:
+                parts[suffix] = whole(stored[suffix])
+        return parts
+    parts["weight"] = ((rows,), (cols,))
+    scale = stored["weight_scale"]
+    parts["weight_scale"] = whole(scale) if math.prod(scale) == 1 else ((rows,), *whole(scale[1:]))
+    return parts
+
+
+def narrowed(tensors: dict[str, torch.Tensor], scheme: Scheme, full: tuple[int, int], rows: tuple[int, int],
+             cols: tuple[int, int], where: str) -> dict[str, torch.Tensor]:
+    """The tensors :func:`window_layouts` read, as those of a module whose weight is the [rows, cols] part (for
+    :func:`decompress`): its shape, the zero points of its rows alone, the group index checked whole."""
+    if scheme.format != PACK_QUANTIZED:
+        return tensors
+    (r0, r1), (c0, c1) = rows, cols
+    out = dict(tensors)
+    out["weight_shape"] = torch.tensor([r1 - r0, c1 - c0], dtype=torch.int64)
+    if "weight_g_idx" in out:
+        _check_group_index(out.pop("weight_g_idx"), full[1], scheme.group_size, where)
+    if "weight_zero_point" in out:
+        packed = out["weight_zero_point"]
+        first = r0 // 8 * 8
+        zero = _unpack_columns(packed, 8 * packed.shape[0], f"{where} (rows {first}:{first + 8 * packed.shape[0]})")
+        out["weight_zero_point"] = _pack_columns(zero[r0 - first:r1 - first])
+    return out
 
 
 def _scale(scale: torch.Tensor, where: str) -> torch.Tensor:

@@ -144,8 +144,14 @@ class QuantizedTensor:
                                None if self.zero is None else self.zero[index])
 
 
-def quantize(weight: torch.Tensor, fmt: WeightFormat, scale_dtype: torch.dtype = torch.float32) -> QuantizedTensor:
-    """Round-to-nearest codes of ``weight`` [..., out, in] (any float dtype; computed in float32)."""
+def quantize(weight: torch.Tensor, fmt: WeightFormat, scale_dtype: torch.dtype = torch.float32,
+             amax: torch.Tensor | None = None) -> QuantizedTensor:
+    """Round-to-nearest codes of ``weight`` [..., out, in] (any float dtype; computed in float32).
+
+    ``amax`` (symmetric int8 per channel only: [..., out]): the largest magnitude of each row to scale by instead
+    of the weight's own, where ``weight`` holds some columns of rows whose other columns are elsewhere (a rank's
+    part), so that the part gets the codes and scales the whole rows would.
+    """
     if weight.dim() < 2 or not weight.is_floating_point() or weight.is_meta:
         raise ValueError(f"quantize takes a float weight [..., out, in] with values, got {weight.dtype} "
                          f"{tuple(weight.shape)} on {weight.device}")
@@ -161,9 +167,14 @@ def quantize(weight: torch.Tensor, fmt: WeightFormat, scale_dtype: torch.dtype =
         raise ValueError("cannot quantize a weight with inf or nan values")
     if fmt.family == "nf":
         return _quantize_nf4(weight.shape, w, fmt, scale_dtype)
+    if amax is not None and (fmt.family != "int" or fmt.bits != 8 or fmt.group is not None):
+        raise ValueError(f"a given amax scales int8 per channel only, not {fmt}")
+    if amax is not None and tuple(amax.shape) != tuple(weight.shape[:-1]):
+        raise ValueError(f"amax {tuple(amax.shape)} must have one value per row of the weight {tuple(weight.shape)}")
     if fmt.symmetric:
         qmax = 2 ** (fmt.bits - 1) - 1
-        scale = _stored_scale(w.abs().amax(-1) / qmax, scale_dtype)
+        largest = w.abs().amax(-1) if amax is None else amax.float().reshape(*weight.shape[:-1], 1)
+        scale = _stored_scale(largest / qmax, scale_dtype)
         codes = _round(w, scale).clamp(-qmax, qmax)
         zero = None
     else:

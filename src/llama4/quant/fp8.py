@@ -54,24 +54,41 @@ def dequantize_rows(weight: torch.Tensor, scale: torch.Tensor, where: str) -> to
     return weight.float() * rows.float()
 
 
-def to_int8(weight: torch.Tensor, scale: torch.Tensor, where: str) -> QuantizedTensor:
-    """Our int8 codes (float32 scales) of the fp8 ``weight`` [out, in] with its row ``scale``."""
-    return quantize(dequantize_rows(weight, scale, where), INT8, torch.float32)
+def to_int8(weight: torch.Tensor, scale: torch.Tensor, where: str, row_max: torch.Tensor | None = None
+            ) -> QuantizedTensor:
+    """Our int8 codes (float32 scales) of the fp8 ``weight`` [out, in] with its row ``scale``; ``row_max`` [out]:
+    the whole rows' largest magnitudes, where ``weight`` is some of their columns (formats.quantize's amax)."""
+    return quantize(dequantize_rows(weight, scale, where), INT8, torch.float32, row_max)
 
 
-def fused_experts_to_int8(weight: torch.Tensor, scale: torch.Tensor, where: str) -> QuantizedTensor:
-    """fbgemm's fused experts ``weight`` fp8 [E, in, out] with ``scale`` of E x out elements ([E, 1, out] or
-    [E, out, 1]) -> int8 [E, out, in] (our [out, in] per expert), one expert's float32 copy at a time."""
+def _check_fused(weight: torch.Tensor, scale: torch.Tensor, where: str) -> None:
     if weight.dim() != 3 or scale.numel() != weight.shape[0] * weight.shape[2]:
         raise FP8Error(f"{where}: expected fp8 experts [E, in, out] with one scale per expert and output column, "
                        f"got {weight.dtype} {tuple(weight.shape)} and scale {tuple(scale.shape)}")
+
+
+def fused_row_max(weight: torch.Tensor, scale: torch.Tensor, where: str) -> torch.Tensor:
+    """float32 [E, out]: the largest magnitude of each expert's output row of fbgemm's fused experts (as
+    :func:`fused_experts_to_int8` takes them), one expert at a time."""
+    _check_fused(weight, scale, where)
     experts, _, out = weight.shape
-    first = to_int8(weight[0].t(), scale[0].reshape(out, 1), f"{where}[0]")
+    return torch.stack([dequantize_rows(weight[e].t(), scale[e].reshape(out, 1), where).abs().amax(1)
+                        for e in range(experts)])
+
+
+def fused_experts_to_int8(weight: torch.Tensor, scale: torch.Tensor, where: str,
+                          row_max: torch.Tensor | None = None) -> QuantizedTensor:
+    """fbgemm's fused experts ``weight`` fp8 [E, in, out] with ``scale`` of E x out elements ([E, 1, out] or
+    [E, out, 1]) -> int8 [E, out, in] (our [out, in] per expert), one expert's float32 copy at a time;
+    ``row_max`` [E, out] as in :func:`to_int8`."""
+    _check_fused(weight, scale, where)
+    experts, _, out = weight.shape
+    first = to_int8(weight[0].t(), scale[0].reshape(out, 1), f"{where}[0]", None if row_max is None else row_max[0])
     codes = torch.empty((experts, *first.codes.shape), dtype=first.codes.dtype, device=first.codes.device)
     scales = torch.empty((experts, *first.scale.shape), dtype=first.scale.dtype, device=first.scale.device)
     codes[0], scales[0] = first.codes, first.scale
     for e in range(1, experts):
-        q = to_int8(weight[e].t(), scale[e].reshape(out, 1), f"{where}[{e}]")
+        q = to_int8(weight[e].t(), scale[e].reshape(out, 1), f"{where}[{e}]", None if row_max is None else row_max[e])
         codes[e], scales[e] = q.codes, q.scale
     return QuantizedTensor(INT8, codes, scales)
 

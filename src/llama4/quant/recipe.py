@@ -111,7 +111,7 @@ def quantizable_modules(model: nn.Module) -> list[Target]:
         targets += [Target("attention", f"{at}.attn.qkv.{w}", qkv, w) for w in ("wq", "wk", "wv")]
         targets.append(Target("attention", f"{at}.attn.wo", layer.attn, "wo"))
         mlp, mlp_name = layer.ffn, f"{at}.ffn"
-        if isinstance(layer.ffn, MoE):
+        if isinstance(layer.ffn, MoE) or hasattr(layer.ffn, "experts"):  # a MoE, or a stand-in (a rank's part)
             targets.append(Target("experts", f"{at}.ffn.experts", layer.ffn, "experts"))
             mlp, mlp_name = layer.ffn.shared, f"{at}.ffn.shared"
         targets += [Target("shared", f"{mlp_name}.{w}", mlp, w) for w in ("gate", "up", "down")]
