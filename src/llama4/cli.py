@@ -247,8 +247,9 @@ def _generate_distributed(args: argparse.Namespace) -> int:
     if args.prompt is None:
         raise ValueError("give the prompt as an argument in a distributed run (every rank would read standard input)")
     if args.quant:
-        raise ValueError("--quant cannot be combined with --tp / --ep or torchrun yet: sharded loading takes float "
-                         "checkpoints")
+        from llama4.quant import QuantRecipe
+
+        QuantRecipe.parse(args.quant)  # a bad recipe stops every rank before any loads
     path = llama4.build.resolve_model_path(args.model)
     options = launch.LaunchOptions(tp=args.tp, ep=args.ep, cp=1 if args.cp is None else args.cp,
                                    timeout_s=args.dist_timeout, device=args.dist_device)
@@ -263,7 +264,7 @@ def _generate_distributed(args: argparse.Namespace) -> int:
 
     def body(run: launch.DistributedRun) -> int:
         _setup_torch(args)
-        model, tok = run.load(path, torch_dtype(args.dtype)), llama4.load_tokenizer(path)
+        model, tok = run.load(path, torch_dtype(args.dtype), args.quant), llama4.load_tokenizer(path)
         args.seed = run.shared_seed(args.seed)
         stream = None
         if run.context is not None:

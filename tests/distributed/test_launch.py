@@ -52,6 +52,15 @@ def test_two_rank_generate_prints_what_one_process_prints(sampling, capsys):
     assert len(want["tokens"]) == 10
 
 
+def test_two_rank_generate_quantizes_its_shards_as_one_process_quantizes(capsys):
+    """--quant int8 under torchrun: each rank quantizes its shard (int8 rows split over the ranks take the whole
+    rows' scales), so the tokens are the single-process quantized model's."""
+    want = _single(COMMON + ["--quant", "int8"], capsys)
+    out = _torchrun(["-m", "llama4", *COMMON, "--quant", "int8", "--tp", "2", "--dist-timeout", "60"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [line["tokens"] for line in _json_lines(out.stdout)] == [want["tokens"]]
+
+
 # long enough to cross the embedded model's 256-token attention chunk: rank 1's slice starts inside chunk 0 (it
 # receives that chunk's earlier part) and both ranks must hold the unfinished last chunk for the decode steps
 LONG_PROMPT = " ".join(["Once upon a time, a little dog named Max found a red ball in the park."] * 20)

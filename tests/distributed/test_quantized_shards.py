@@ -24,6 +24,7 @@ from llama4.quant.formats import dequantize
 from tests.distributed import workers
 
 PLANS = [(2, 2), (2, 1), (1, 2)]
+LOADED = ["int4-g32-asym,head=int8", "int8", "ct-fp8", "fbgemm_fp8"]
 FP8 = torch.float8_e4m3fn
 
 
@@ -96,42 +97,66 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
         save_quantized(quantize_model(_model(), recipe), paths[recipe])
     paths["ct-fp8"] = root / "ct-fp8"
     _ct_fp8(paths["int8"], paths["ct-fp8"])
-    llama4.save_model(_model(), root / "float")
+    paths["float"] = root / "float"
+    llama4.save_model(_model(), paths["float"])
     paths["fbgemm_fp8"] = root / "fbgemm"
-    _fbgemm(root / "float", paths["fbgemm_fp8"])
+    _fbgemm(paths["float"], paths["fbgemm_fp8"])
     return {name: str(path) for name, path in paths.items()}
+
+
+def _spawn(tmp_path_factory, world: int, checkpoints: dict[str, str]) -> list[dict]:
+    out = tmp_path_factory.mktemp(f"quantized_ranks{world}")
+    mp.spawn(workers.run_quantized, args=(world, str(out / "store"), str(out), checkpoints), nprocs=world)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory, checkpoints) -> list[dict]:
-    out = tmp_path_factory.mktemp("quantized_ranks")
-    mp.spawn(workers.run_quantized, args=(2, str(out / "store"), str(out), checkpoints), nprocs=2)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return _spawn(tmp_path_factory, 2, checkpoints)
 
 
-@pytest.mark.parametrize("name", ["int4-g32-asym,head=int8", "int8", "ct-fp8", "fbgemm_fp8"])
+@pytest.mark.parametrize("name", LOADED)
 @pytest.mark.parametrize("tp,ep", PLANS)
 def test_sharded_quantized_logits_and_tokens_equal_one_process(ranks, name, tp, ep):
     for rank, results in enumerate(ranks):
-        entry = results[(name, tp, ep)]
+        entry = results["loads"][(name, tp, ep)]
         assert entry["rel_err"] <= 1e-5, (rank, entry["rel_err"])
         assert entry["tokens"] == entry["want_tokens"], rank
         assert entry["recipe"] == entry["want_recipe"] != "None"
 
 
-@pytest.mark.parametrize("name", ["int4-g32-asym,head=int8", "int8", "ct-fp8", "fbgemm_fp8"])
+@pytest.mark.parametrize("name", LOADED)
 @pytest.mark.parametrize("tp,ep", PLANS)
 def test_each_rank_reads_no_more_than_it_keeps(ranks, name, tp, ep):
     """Bytes read from the files <= bytes held (codes and scales read as stored; zero points are read packed,
     8 rows to a word, and held one per byte; FP8 becomes int8 of the same size; the weight_shape pairs add 16
     bytes per packed linear). Every rank keeps well under the whole model at tp=2, ep=2."""
     for rank, results in enumerate(ranks):
-        entry = results[(name, tp, ep)]
+        entry = results["loads"][(name, tp, ep)]
         read = sum(nbytes for _, nbytes in entry["reads"])
         shapes = sum(nbytes for tensor, nbytes in entry["reads"] if tensor.endswith("weight_shape"))
         assert read - shapes <= entry["local_bytes"], (rank, read, entry["local_bytes"])
         if (tp, ep) == (2, 2):
             assert entry["local_bytes"] < 0.6 * entry["full_bytes"], rank
+
+
+@pytest.mark.parametrize("recipe", workers.QUANTIZE_RECIPES)
+@pytest.mark.parametrize("tp,ep", PLANS)
+def test_quantize_sharded_equals_quantizing_the_whole_model(ranks, recipe, tp, ep):
+    """Each rank's part quantized to the whole model's codes (int8 rows split at tp=2 take the whole rows' maxima;
+    int4 / NF4 groups of 32 fall within each part): logits within 1e-5 of quantize_model's."""
+    for rank, results in enumerate(ranks):
+        entry = results["quantize"][(recipe, tp, ep)]
+        assert entry["rel_err"] <= 1e-5, (rank, entry["rel_err"])
+        assert entry["recipe"] == str(llama4.quant.QuantRecipe.parse(recipe))
+
+
+def test_quantize_sharded_int8_rows_split_within_expert_blocks(tmp_path_factory, checkpoints):
+    """4 ranks: tp=4, ep=2 splits each expert's down rows over the 2 ranks of its block (their maxima only), ep=1
+    over all 4."""
+    for rank, results in enumerate(_spawn(tmp_path_factory, 4, {"float": checkpoints["float"]})):
+        for plan, entry in results["quantize"].items():
+            assert entry["rel_err"] <= 1e-5, (rank, plan, entry["rel_err"])
 
 
 def test_a_plan_that_splits_an_int4_group_is_refused(tmp_path):

@@ -111,7 +111,7 @@ def test_a_followers_cache_mirrors_rank_0s_block_for_block(checkpoint, tok):
 
 @pytest.mark.parametrize("flags,message", [
     (["--tp", "2"], "plan tp=2, ep=1 needs 2 ranks, this job has 1: use torchrun --nproc-per-node 2"),
-    (["--tp", "1", "--ep", "1", "--quant", "int8"], "--quant cannot be combined with --tp / --ep or torchrun yet"),
+    (["--tp", "1", "--ep", "1", "--quant", "int5"], "unknown weight format 'int5'"),
     (["--ep", "1", "--lora", "a=/x"], "--lora / --enable-lora cannot be combined with --tp / --ep or torchrun yet"),
 ])
 def test_what_a_sharded_server_cannot_do_is_a_clear_error(flags, message, capsys):

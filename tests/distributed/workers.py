@@ -241,9 +241,32 @@ def _quantized_checks(checkpoints: dict[str, str]) -> dict:
     return results
 
 
+QUANTIZE_RECIPES = ("int8,head=int8", "int4-g32-asym,head=int8", "nf4-g32")
+
+
+def quantize_checks(float_path: str, plans: list[tuple[int, int]], recipes=QUANTIZE_RECIPES) -> dict:
+    """quantize_sharded of each plan's float shards against quantize_model of the whole model."""
+    from llama4.distributed import quantize_sharded
+    from llama4.quant import quantize_model
+
+    results = {}
+    ids = input_ids()
+    for recipe in recipes:
+        want = quantize_model(llama4.load_model(float_path, pack=False), recipe)(ids)
+        for tp, ep in plans:
+            model = quantize_sharded(load_sharded(float_path, ParallelPlan(tp, ep)), recipe, ParallelPlan(tp, ep))
+            results[(recipe, tp, ep)] = {"rel_err": rel_err(model(ids), want), "recipe": str(model.quant_recipe)}
+    return results
+
+
 def run_quantized(rank: int, world: int, store: str, out: str, checkpoints: dict[str, str]) -> None:
     _init(rank, world, store, timeout_s=60)
     try:
-        torch.save(_quantized_checks(checkpoints), Path(out) / f"rank{rank}.pt")
+        if world == 2:
+            results = {"loads": _quantized_checks({k: v for k, v in checkpoints.items() if k != "float"}),
+                       "quantize": quantize_checks(checkpoints["float"], [(2, 2), (2, 1), (1, 2)])}
+        else:  # int8 rows split over 2 of 4 ranks (tp=4, ep=2: expert blocks of 2) and over all 4 (ep=1)
+            results = {"quantize": quantize_checks(checkpoints["float"], [(4, 2), (4, 1)], ["int8,head=int8"])}
+        torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -39,8 +39,10 @@ from typing import TextIO
 import torch
 import torch.distributed as dist
 
+from llama4.checkpoint.io import CheckpointError, read_quantization_config
 from llama4.distributed.context import ContextParallelCache, ContextPlan, context_mesh, context_parallel, prefill
 from llama4.distributed.plan import ParallelPlan, PlanError
+from llama4.distributed.quantize import quantize_sharded
 from llama4.distributed.shard import load_sharded
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
@@ -168,11 +170,19 @@ class DistributedRun:
         """Rank 0: the one that prints."""
         return self.env.rank == 0
 
-    def load(self, path, dtype: torch.dtype):
-        """This rank's shard of the float checkpoint at ``path`` (:func:`load_sharded` over the inner group: only
-        its slices are read); with context parallelism, the global layers' attention swapped
-        (:func:`context_parallel`)."""
+    def load(self, path, dtype: torch.dtype, quant: str | None = None):
+        """This rank's shard of the checkpoint at ``path`` (:func:`load_sharded` over the inner group: only its
+        slices are read; a quantized checkpoint's codes as they are), quantized with the recipe ``quant`` if given
+        (:func:`quantize_sharded`: a float checkpoint only); with context parallelism, the global layers'
+        attention swapped (:func:`context_parallel`)."""
+        if quant is not None:
+            stored = read_quantization_config(path)
+            if stored is not None:
+                raise CheckpointError(f"{path} is already quantized ({stored.get('quant_method')}): load it without "
+                                      f"--quant, or quantize its float original")
         model = load_sharded(path, self.plan, group=self.inner_group, dtype=dtype, device=self.device)
+        if quant is not None:
+            model = quantize_sharded(model, quant, self.plan, group=self.inner_group)
         return context_parallel(model) if self.context is not None else model
 
     def context_tokens(self, model, prompt: Sequence[int], choose: Callable[[torch.Tensor], int],

@@ -12,11 +12,14 @@ every rank and the routed experts need no dispatch: each rank runs the tokens ro
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llama4.distributed.plan import ParallelPlan
 from llama4.model.moe import Experts, Router, route
 from llama4.quant.modules import QuantizedLinear
 
@@ -91,6 +94,25 @@ class QuantizedParallelLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "row-parallel" if self.world is None else "vocabulary-parallel"
         return f"{kind}, in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+def row_max_over(plan: ParallelPlan, rank: int, group: dist.ProcessGroup | None
+                  ) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """``full_row_max(param, part_max)`` for int8 rows split over ranks (the quantized loaders', quantize_sharded's):
+    a part's row maxima all-gathered (one collective; every rank calls it for the same parameters in turn), the
+    largest over the ranks holding the other columns of the same rows: every rank for the tensor-parallel linears,
+    the ranks of the same expert block for the routed experts (``param`` names them: ``...experts.down``)."""
+    world = plan.world_size
+    block = range(rank // plan.expert_tp * plan.expert_tp, (rank // plan.expert_tp + 1) * plan.expert_tp)
+
+    def full_row_max(param: str, local: torch.Tensor) -> torch.Tensor:
+        local = local.float().contiguous()
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local, group=group)
+        peers = block if ".experts." in param else range(world)
+        return torch.stack([parts[r] for r in peers]).amax(0)
+
+    return full_row_max
 
 
 def local_routed(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor, experts: Experts,

@@ -19,7 +19,13 @@ from safetensors import safe_open
 
 from llama4.checkpoint.io import CheckpointError, locate_tensors, read_config, read_quantization_config
 from llama4.checkpoint.mapping import to_hf_name
-from llama4.distributed.modules import ParallelMoE, QuantizedParallelLinear, RowParallelLinear, VocabParallelHead
+from llama4.distributed.modules import (
+    ParallelMoE,
+    QuantizedParallelLinear,
+    RowParallelLinear,
+    VocabParallelHead,
+    row_max_over,
+)
 from llama4.distributed.plan import (
     Layout,
     ParallelPlan,
@@ -158,29 +164,11 @@ def _load_quantized_parts(model: Llama4Model, path: Path, stored: dict, layouts:
         with torch.device("meta"):
             _set(model, name, nn.Linear(module.in_features, module.out_features, bias=False))
     handled = load_quantized_modules(model, path, stored, dtype, device, layouts=layouts,
-                                     full_row_max=_row_max_over(plan, rank, group))
+                                     full_row_max=row_max_over(plan, rank, group))
     for name, like in parallel.items():
         module = model.get_submodule(name)
         _set(model, name, QuantizedParallelLinear(module, like) if isinstance(module, QuantizedLinear) else like)
     return handled
-
-
-def _row_max_over(plan: ParallelPlan, rank: int, group: dist.ProcessGroup | None
-                  ) -> Callable[[str, torch.Tensor], torch.Tensor]:
-    """The quantized loaders' ``full_row_max``: a part's row maxima all-gathered (one collective, every rank
-    calls it for the same parameters in turn), the largest over the ranks holding the other columns of the same
-    rows: every rank for the tensor-parallel linears, the ranks of the same expert block for routed experts."""
-    world = plan.world_size
-    block = range(rank // plan.expert_tp * plan.expert_tp, (rank // plan.expert_tp + 1) * plan.expert_tp)
-
-    def full_row_max(param: str, local: torch.Tensor) -> torch.Tensor:
-        local = local.float().contiguous()
-        parts = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(parts, local, group=group)
-        peers = block if ".experts." in param else range(world)
-        return torch.stack([parts[r] for r in peers]).amax(0)
-
-    return full_row_max
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

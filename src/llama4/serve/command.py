@@ -252,6 +252,7 @@ def serve_sharded(args: argparse.Namespace, rank: int) -> int:
     or LaunchError on rank 0; the other ranks find the same and return 2 (rank 0 says it)."""
     from llama4.build import resolve_model_path
     from llama4.distributed.launch import LaunchError, LaunchOptions
+    from llama4.quant import QuantRecipe
     from llama4.serve.distributed import serve_distributed
 
     try:
@@ -259,8 +260,7 @@ def serve_sharded(args: argparse.Namespace, rank: int) -> int:
             raise UsageError("--lora / --enable-lora cannot be combined with --tp / --ep or torchrun yet: adapters are "
                              "not applied to sharded models")
         if args.quant:
-            raise UsageError("--quant cannot be combined with --tp / --ep or torchrun yet: sharded loading takes "
-                             "float checkpoints")
+            QuantRecipe.parse(args.quant)  # a bad recipe stops every rank before any loads
         config = engine_config_of(args, lora=False)
         options = LaunchOptions(tp=args.tp, ep=args.ep, timeout_s=args.dist_timeout, device=args.dist_device)
         path = resolve_model_path(args.model)

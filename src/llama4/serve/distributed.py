@@ -35,7 +35,7 @@ def serve_distributed(args: argparse.Namespace, environ: Mapping[str, str], opti
     def body(run: launch.DistributedRun) -> int:
         from llama4.inference.sharded import Channel, follow
 
-        model = run.load(path, torch_dtype(args.dtype))
+        model = run.load(path, torch_dtype(args.dtype), args.quant)
         channel = Channel(run.device)
         if not run.is_main:
             with _signals_ignored():
