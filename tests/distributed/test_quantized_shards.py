@@ -151,6 +151,17 @@ def test_quantize_sharded_equals_quantizing_the_whole_model(ranks, recipe, tp, e
         assert entry["recipe"] == str(llama4.quant.QuantRecipe.parse(recipe))
 
 
+@pytest.mark.parametrize("recipe", workers.QUANTIZE_RECIPES)
+@pytest.mark.parametrize("tp,ep", PLANS)
+def test_the_per_device_planner_counts_what_quantize_sharded_holds(ranks, recipe, tp, ep):
+    """`llama4 info --tp --ep --quant` (info.weight_bytes with a plan) against the bytes each rank holds (fp32)."""
+    from llama4.info import weight_bytes
+
+    for rank, results in enumerate(ranks):
+        planned = weight_bytes(workers.quantized_config(), recipe, torch.float32, ParallelPlan(tp, ep), rank)
+        assert planned["total_bytes"] == results["quantize"][(recipe, tp, ep)]["bytes"], rank
+
+
 def test_quantize_sharded_int8_rows_split_within_expert_blocks(tmp_path_factory, checkpoints):
     """4 ranks: tp=4, ep=2 splits each expert's down rows over the 2 ranks of its block (their maxima only), ep=1
     over all 4."""

@@ -255,7 +255,12 @@ def quantize_checks(float_path: str, plans: list[tuple[int, int]], recipes=QUANT
         want = quantize_model(llama4.load_model(float_path, pack=False), recipe)(ids)
         for tp, ep in plans:
             model = quantize_sharded(load_sharded(float_path, ParallelPlan(tp, ep)), recipe, ParallelPlan(tp, ep))
-            results[(recipe, tp, ep)] = {"rel_err": rel_err(model(ids), want), "recipe": str(model.quant_recipe)}
+            from llama4.quant.modules import QuantizedWeight
+
+            tensors = [*model.parameters(), *(b for m in model.modules() if isinstance(m, QuantizedWeight)
+                                              for b in m.buffers())]  # not the RoPE tables
+            results[(recipe, tp, ep)] = {"rel_err": rel_err(model(ids), want), "recipe": str(model.quant_recipe),
+                                         "bytes": sum(t.numel() * t.element_size() for t in tensors)}
     return results
 
 
