@@ -156,10 +156,6 @@ def _print_plan(plan: dict) -> None:
         if kv["growth_bytes"]:
             print(f"    decoding past the slice's last block grows each global layer's buffer by half: "
                   f"+{_bytes(kv['growth_bytes'])} per device")
-        if "kv_as_run_bytes" in context:
-            print(f"    context parallelism keeps its shards in the model's dtype today: "
-                  f"{_bytes(context['kv_as_run_bytes'])} as it runs; the {plan['kv_dtype']} figure is for quantized "
-                  f"shards (not supported yet)")
     elif kv["context"] or plan.get("max_context") != -1:
         print(f"  KV cache at {kv['context']:,} tokens {_bytes(kv['total_bytes'])} = global layers "
               f"{_bytes(kv['global_bytes'])} ({_bytes(kv['bytes_per_token_global'])} per token) + chunked layers "
@@ -283,8 +279,6 @@ def _context_prompt(args: argparse.Namespace, tok, cp: int) -> list[int]:
 
     if args.image:
         raise ValueError("--cp: images in the prompt are not supported with context parallelism yet")
-    if args.kv_cache != "auto":
-        raise ValueError("--cp keeps the global layers' keys and values in the model's dtype: drop --kv-cache")
     if args.raw:
         ids = tok.encode(args.prompt, bos=True)
     else:
@@ -309,7 +303,8 @@ def _context_stream(args: argparse.Namespace, run, model, tok, ids: list[int], c
         return int(logits.argmax()) if sampler.plain_greedy else sampler.choose(logits).token
 
     def steps():
-        for token in run.context_tokens(model, ids, choose, args.max_tokens, tok.eos_ids, piece=args.prefill_chunk):
+        for token in run.context_tokens(model, ids, choose, args.max_tokens, tok.eos_ids, piece=args.prefill_chunk,
+                                        kv_cache=args.kv_cache):
             yield None if token in tok.eos_ids else (token, None)
 
     return text_pieces(tok, steps(), completion, args.stop)

@@ -91,8 +91,8 @@ def context_kv_bytes(config: ModelConfig, prompt: int, cp: int, decode: int = 0,
     differing by one, the later ranks taking the extra) in a buffer rounded up to whole blocks, plus the decode
     entries it owns (sequence index n on rank n mod cp), its buffer growing by half when full; a chunked layer
     keeps the prompt's unfinished last chunk on every rank, growing to at most one chunk while decoding.
-    ``global_format`` (int8 / fp8): the global entries at that format's cost; the cache keeps the model's dtype
-    today, so that is what quantized shards would cost, not what runs. ``kv_heads``: per device under tp.
+    ``global_format`` (int8 / fp8): the global entries at that format's cost (the cache's ``storage``: --kv-cache).
+    ``kv_heads``: per device under tp.
     """
     if prompt < 0 or decode < 0:
         raise ValueError(f"prompt and decode must be >= 0, got {prompt} and {decode}")
@@ -580,9 +580,6 @@ def _context_plan(config: ModelConfig, recipe, kv: str, context: int | None, mem
             context = found
     context = context or 0
     cache = context_kv_bytes(config, context, cp, **kv_args)
-    if quantized:  # what runs today: the shards in the model's dtype
-        plan["context_parallel"]["kv_as_run_bytes"] = context_kv_bytes(
-            config, context, cp, bytes_per_value=size, kv_heads=kv_heads)["total_bytes"]
     acts = activations(max(context, cp))
     plan |= {"context": context, "kv_cache": cache, "activations": acts,
              "total_bytes": weights["total_bytes"] + acts["total_bytes"] + cache["total_bytes"]}

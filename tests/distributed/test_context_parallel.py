@@ -217,6 +217,37 @@ def _tensor_and_context(rank: int, world: int) -> dict:
     return results
 
 
+def _quantized_kv(rank: int, world: int) -> dict:
+    """The global layers' shards stored int8 / fp8 (llama4.quant.kv_storage) against one process whose KVCache
+    stores them the same way: prefill logits of the rank's slice, teacher-forced decode steps, greedy tokens; and
+    the bytes of the global layers' buffers against the float shards'."""
+    from llama4.quant.kv_cache import kv_storage
+
+    ref, model = reference("a"), context_parallel(reference("a"))
+    text, plan = model.config.text, ContextPlan(world)
+    ids = prompt(1, 13)
+    start, stop = plan.slices(13)[rank]
+    more = torch.randint(3, 96, (1, NEW_TOKENS), generator=torch.Generator().manual_seed(7))
+    results = {}
+    for kv in ("auto", "int8", "fp8"):
+        storage = kv_storage(text, kv, torch.float32)
+        ref_cache = KVCache(text, storage=storage)
+        cache = ContextParallelCache(text, plan, storage=storage)
+        with torch.inference_mode():
+            want = ref(ids, cache=ref_cache)
+            errors = [rel_err(prefill_logits(model, ids, cache, 5), want[:, start:stop])]
+            for i in range(NEW_TOKENS):
+                step = more[:, i:i + 1]
+                errors.append(rel_err(model(step, cache=cache)[:, -1], ref(step, cache=ref_cache)[:, -1]))
+        results[kv] = {
+            "errors": errors,
+            "bytes": sum(e.k.nbytes + e.v.nbytes for i, e in enumerate(cache._entries) if not text.layers[i].chunked),
+            "tokens": generate(model, ids, plan, NEW_TOKENS, stop_tokens=[], kv_cache=kv),
+            "want_tokens": llama4.generate(ref, ids.tolist(), max_new_tokens=NEW_TOKENS, stop_tokens=[],
+                                           kv_cache=kv)}
+    return results
+
+
 def run_world(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
@@ -224,7 +255,7 @@ def run_world(rank: int, world: int, store: str, out: str) -> None:
     try:
         results = {"cases": _cases(rank, world), "counts": _counts(rank, world)}
         if world == 2:
-            results.update(stops=_stops(rank, world), errors=_errors(rank, world))
+            results.update(stops=_stops(rank, world), errors=_errors(rank, world), kv=_quantized_kv(rank, world))
         else:
             results["tp_cp"] = _tensor_and_context(rank, world)
         torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -465,3 +496,16 @@ def test_partial_attentions_merge_to_the_whole():
     want = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, 7:].repeat_interleave(2, 1),
                                                             v[:, :, 7:].repeat_interleave(2, 1), attn_mask=mask)
     assert rel_err(causal, want) < 1e-6
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_quantized_kv_shards_compute_what_one_quantized_cache_computes(world2, kv):
+    """fp32, 13-token prompt in pieces of 5 at cp=2, then 6 decode steps: within 1e-5 of one process whose KVCache
+    stores the global layers the same way (the codes of an entry depend only on its values); greedy tokens equal;
+    the global layers' buffers (10 bytes an entry: head_dim 8 codes and a 2-byte scale) against fp32's 32."""
+    for rank, results in enumerate(world2):
+        entry, plain = results["kv"][kv], results["kv"]["auto"]
+        assert max(entry["errors"]) <= 1e-5, (rank, entry["errors"])
+        assert entry["tokens"] == entry["want_tokens"], rank
+        assert entry["bytes"] * 32 == plain["bytes"] * 10, (rank, entry["bytes"], plain["bytes"])
+    assert max(world2[0]["kv"]["auto"]["errors"]) <= 1e-5

@@ -67,7 +67,8 @@ LONG_PROMPT = " ".join(["Once upon a time, a little dog named Max found a red ba
 
 
 @pytest.mark.parametrize("mode", [["--raw"], ["--temperature", "0.9", "--top-k", "40", "--seed", "5",
-                                              "--repetition-penalty", "1.2"]], ids=["greedy-raw", "sampled-chat"])
+                                              "--repetition-penalty", "1.2"], ["--raw", "--kv-cache", "int8"]],
+                         ids=["greedy-raw", "sampled-chat", "int8-kv"])
 def test_context_parallel_generate_prints_what_one_process_prints(mode, capsys):
     args = ["generate", LONG_PROMPT, "--max-tokens", "8", "--dtype", "fp32", "--json", "--quiet", *mode]
     want = _single(args, capsys)

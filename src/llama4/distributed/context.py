@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from llama4.config import TextConfig
 from llama4.distributed.plan import PlanError, split
-from llama4.model.cache import CacheView, DecodeSlots, KVStorage
+from llama4.model.cache import CacheView, DecodeSlots, KVStorage, storage_per_layer
 from llama4.model.invariance import row_tiled
 from llama4.model.transformer import Attention, Llama4Model, PositionTables, check_token_ids
 
@@ -153,15 +153,21 @@ def merge_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[
 
 class _Entries:
     """One layer's keys and values on this rank: [B, Hkv, capacity, d] buffers, the first ``n`` in use, grown
-    geometrically in whole blocks (at most ``limit`` entries when given: a chunked layer's chunk)."""
+    geometrically in whole blocks (at most ``limit`` entries when given: a chunked layer's chunk). With a
+    ``storage`` (a global layer's quantized KV) the buffers hold the stored entries [B, Hkv, capacity, width],
+    encoded as they are appended and decoded, in the attention's dtype, as they are viewed."""
 
-    def __init__(self, block: int, limit: int | None = None):
-        self.block, self.limit = block, limit
+    def __init__(self, block: int, limit: int | None = None, storage: KVStorage | None = None):
+        self.block, self.limit, self.storage = block, limit, storage
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.n = 0
+        self.dtype: torch.dtype | None = None  # the attention's dtype (what view returns)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.dtype = k.dtype
+        if self.storage is not None:
+            k, v = self.storage.encode(k), self.storage.encode(v)
         need = self.n + k.shape[2]
         if self.k is None or self.k.shape[2] < need or self.k.shape[:2] != k.shape[:2]:
             old = 0 if self.k is None else self.k.shape[2]
@@ -181,7 +187,10 @@ class _Entries:
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k is None:
             raise ValueError("no entries stored yet")
-        return self.k[:, :, :self.n], self.v[:, :, :self.n]
+        k, v = self.k[:, :, :self.n], self.v[:, :, :self.n]
+        if self.storage is None:
+            return k, v
+        return self.storage.decode(k, self.dtype), self.storage.decode(v, self.dtype)
 
     def keep_rows(self, index: torch.Tensor) -> None:
         if self.k is not None:
@@ -212,13 +221,21 @@ class ContextParallelCache:
     pass it knows every rank's slice; after it, every pass (a decode step, or several tokens at once) runs on
     every rank with the same tokens. Global layers hold this rank's shard: its prefill slice plus the later passes
     it owns (first sequence index n of a pass: rank ``n mod cp``). Chunked layers hold the current chunk, the same
-    on every rank. Entries are kept in the model's dtype (a quantized KV storage is not supported here).
+    on every rank. ``storage`` (one per layer, as KVCache takes it: llama4.quant.kv_storage) keeps the global layers'
+    shards encoded (int8 / fp8 per token and head), attended over their decoded values as a single process's
+    cache attends them (the ring carries decoded entries); chunked layers keep the model's dtype.
     """
 
     def __init__(self, config: TextConfig, plan: ContextPlan, group: dist.ProcessGroup | None = None,
-                 block_size: int = 256):
+                 block_size: int = 256, storage: Sequence[KVStorage | None] | None = None):
         if block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
+        storage = storage_per_layer(storage, len(config.layers))
+        chunked_stored = [i for i, spec in enumerate(config.layers) if spec.chunked and storage[i] is not None]
+        if chunked_stored:
+            raise ValueError(f"layers {chunked_stored} are chunk-local: a context-parallel cache stores only the "
+                             f"global layers otherwise (their chunk is small and the same on every rank)")
+        self.storage = storage
         self.plan, self.group = plan, group
         self.rank, self._global = _group_ranks(plan, group)
         self.chunk = config.attention_chunk_size
@@ -234,7 +251,8 @@ class ContextParallelCache:
         self._kept: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.chunked]  # chunked: what others want
         self._segments: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.chunked]  # chunked: own chunk
         self._tail: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.chunked]  # chunked: last chunk's rest
-        self._entries = [_Entries(block_size, self.chunk if chunked else None) for chunked in self.chunked]
+        self._entries = [_Entries(block_size, self.chunk if chunked else None, stored)
+                         for chunked, stored in zip(self.chunked, storage)]
         self._chunk_start = [0] * len(self.chunked)  # chunked layers: sequence index of entry 0
 
     # -- state ------------------------------------------------------------------------------------------
@@ -312,13 +330,13 @@ class ContextParallelCache:
         for entries in self._entries:
             entries.keep_rows(index)
 
-    # -- the Cache protocol's storage questions: entries stay in the model's dtype -----------------------
+    # -- the Cache protocol's storage questions ------------------------------------------------------------
 
     def stored_dtype(self, layer: int, dtype: torch.dtype) -> torch.dtype:
-        return dtype
+        return dtype if self.storage[layer] is None else self.storage[layer].dtype
 
     def layer_storage(self, layer: int) -> KVStorage | None:
-        return None
+        return self.storage[layer]
 
     def decode_slots(self, layer: int, rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                      device: torch.device, tokens: int = 1, offset: int = 0) -> DecodeSlots:
@@ -722,10 +740,11 @@ def prefill(model: Llama4Model, ids: torch.Tensor, cache: ContextParallelCache,
 
 def generate(model: Llama4Model, prompts: torch.Tensor | Sequence[Sequence[int]], plan: ContextPlan,
              max_new_tokens: int, stop_tokens: Sequence[int] | None = None, group: dist.ProcessGroup | None = None,
-             block_size: int = 256, piece: int | None = None) -> list[list[int]]:
+             block_size: int = 256, piece: int | None = None, kv_cache: str = "auto") -> list[list[int]]:
     """Greedy generation with a context-parallel prefill (each rank's slice in pieces of at most ``piece``
-    tokens); prompts [B, T] (one length). Returns prompt + new tokens per row (the stop token kept, as
-    llama4.generate does); every rank returns the same lists."""
+    tokens); prompts [B, T] (one length); the global layers' shards stored as ``kv_cache`` says (as
+    llama4.generate's). Returns prompt + new tokens per row (the stop token kept, as llama4.generate does);
+    every rank returns the same lists."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     device = model.text.embed.weight.device
@@ -737,7 +756,10 @@ def generate(model: Llama4Model, prompts: torch.Tensor | Sequence[Sequence[int]]
     if max_new_tokens == 0:
         return outputs
     stops = set(model.config.text.eos_token_ids if stop_tokens is None else stop_tokens)
-    cache = ContextParallelCache(model.config.text, plan, group, block_size)
+    from llama4.quant.kv_cache import kv_storage
+
+    storage = kv_storage(model.config.text, kv_cache, model.text.embed.weight.dtype)
+    cache = ContextParallelCache(model.config.text, plan, group, block_size, storage)
     live = list(range(len(outputs)))
     with torch.inference_mode():
         logits = prefill(model, ids, cache, piece)

@@ -186,10 +186,12 @@ class DistributedRun:
         return context_parallel(model) if self.context is not None else model
 
     def context_tokens(self, model, prompt: Sequence[int], choose: Callable[[torch.Tensor], int],
-                       max_new_tokens: int, stop_tokens: Sequence[int], piece: int | None = None) -> Iterator[int]:
+                       max_new_tokens: int, stop_tokens: Sequence[int], piece: int | None = None,
+                       kv_cache: str = "auto") -> Iterator[int]:
         """The tokens of one reply with a context-parallel prefill: ``prompt`` (the same on every rank) prefilled
         in slices over the context group, each in pieces of ``piece`` tokens (default: the attention chunk), then
-        one decode pass per token on every rank. ``choose(logits [V]
+        one decode pass per token on every rank; the global layers' shards stored as ``kv_cache`` says (auto, bf16,
+        int8, fp8: llama4.quant.kv_storage). ``choose(logits [V]
         float32 on the CPU)`` picks each token (the same sampler state on every rank: the logits are identical
         everywhere). Yields every chosen token, a stop token included, and ends after it or ``max_new_tokens``."""
         if self.context is None:
@@ -198,7 +200,11 @@ class DistributedRun:
             return
         self.context.slices(len(prompt))  # a prompt shorter than cp: the plan's error, before any collective
         stops = set(stop_tokens)
-        cache = ContextParallelCache(model.config.text, self.context, self.context_group)
+        from llama4.quant.kv_cache import kv_storage
+
+        text = model.config.text
+        storage = kv_storage(text, kv_cache, model.text.embed.weight.dtype)
+        cache = ContextParallelCache(text, self.context, self.context_group, storage=storage)
         ids = torch.tensor([list(prompt)], device=self.device)
         with torch.inference_mode():
             logits = prefill(model, ids, cache, piece or model.config.text.attention_chunk_size)
