@@ -112,6 +112,7 @@ def test_a_followers_cache_mirrors_rank_0s_block_for_block(checkpoint, tok):
 @pytest.mark.parametrize("flags,message", [
     (["--tp", "2"], "plan tp=2, ep=1 needs 2 ranks, this job has 1: use torchrun --nproc-per-node 2"),
     (["--tp", "1", "--ep", "1", "--quant", "int5"], "unknown weight format 'int5'"),
+    (["--cp", "2"], "--cp 2 needs a multiple of 2 ranks (cp x max(tp, ep) = 2 here), this job has 1"),
     (["--ep", "1", "--lora", "a=/x"], "--lora / --enable-lora cannot be combined with --tp / --ep or torchrun yet"),
 ])
 def test_what_a_sharded_server_cannot_do_is_a_clear_error(flags, message, capsys):
@@ -153,8 +154,8 @@ CAT = [{"role": "user", "content": "What does a cat like to eat?"}]
 PARK = [{"role": "user", "content": "Write about a day in the park with friends and a red ball."}]
 
 
-def _conversation(client: openai.OpenAI) -> dict[str, list[str]]:
-    """The requests both servers answer, in the same order."""
+def _conversation(client: openai.OpenAI, image: bool = True) -> dict[str, list[str]]:
+    """The requests both servers answer, in the same order (the image last)."""
     out = {"alone": _ask(client, STORY)}
     with ThreadPoolExecutor(2) as pool:  # in one batch on the server: rows join and leave together
         cat, park = pool.submit(_ask, client, CAT, 2), pool.submit(_ask, client, PARK)
@@ -162,6 +163,8 @@ def _conversation(client: openai.OpenAI) -> dict[str, list[str]]:
     out["streamed"] = _ask(client, PARK, stream=True, max_tokens=20)
     turn = STORY + [{"role": "assistant", "content": out["alone"][0]}, {"role": "user", "content": "And then?"}]
     out["second turn"] = _ask(client, turn)  # reuses the first turn's cache blocks (a prefix copy)
+    if not image:
+        return out
     picture = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url()}},
                                             {"type": "text", "text": "What colour is this?"}]}]
     out["image"] = _ask(client, picture, max_tokens=6)  # the piece's embeddings are broadcast
@@ -191,11 +194,12 @@ def single_process_replies() -> dict[str, list[str]]:
         sock.close()
 
 
-def _torchrun(script: list[str], port: int, extra: list[str]) -> subprocess.Popen:
+def _torchrun(script: list[str], port: int, extra: list[str], plan: tuple[str, ...] = ("--tp", "2", "--ep", "2")
+              ) -> subprocess.Popen:
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([str(torchrun), "--nproc-per-node", "2", "--monitor-interval", "0.2", *script, "serve",
-                             "--tp", "2", "--ep", "2", "--port", str(port), *COMMON, *extra],
+                             *plan, "--port", str(port), *COMMON, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=Path(__file__).parent)
 
@@ -250,6 +254,33 @@ def test_two_rank_server_answers_as_one_process_and_stops_cleanly(single_process
             job.communicate()
     assert job.returncode == 0, err[-3000:]
     assert "rank 0 of 2, tp=2 ep=2" in err and "error" not in err.lower(), err[-3000:]
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds rank 0's process through /proc")
+def test_context_parallel_server_answers_as_one_process(single_process_replies):
+    """serve --cp 2: every prompt prefilled in two slices (the global layers' KV split over the ranks), each row
+    decoded over its own cache; the text replies are the single-process server's (n = 2 prefills twice, the second
+    turn prefills whole: no shared or cached prefixes); a request with an image is refused with a clear 400."""
+    port = _free_port()
+    job = _torchrun(["-m", "llama4"], port, ["--dist-timeout", "60"], plan=("--cp", "2"))
+    try:
+        _wait_ready(job, port)
+        client = _client(port)
+        got = _conversation(client, image=False)
+        assert got == {k: v for k, v in single_process_replies.items() if k != "image"}
+        picture = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url()}},
+                                                {"type": "text", "text": "What colour is this?"}]}]
+        with pytest.raises(openai.BadRequestError, match="images are not supported with context parallelism"):
+            _ask(client, picture, max_tokens=4)
+        assert _ask(client, CAT) == single_process_replies["concurrent"][:1]  # the ranks still in step
+        os.kill(_worker(job.pid, 0), signal.SIGTERM)
+        _, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert job.returncode == 0, err[-3000:]
+    assert "rank 0 of 2, tp=1 ep=1 cp=2" in err and "error" not in err.lower(), err[-3000:]
 
 
 def test_a_follower_that_dies_ends_the_job_with_an_error_naming_it():

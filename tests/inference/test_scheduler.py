@@ -39,9 +39,9 @@ class FakeEngine:
     """The engine's iteration with a fake model: a piece moves ``prefilled`` on, a decode step gives every
     running row one token. ``step`` returns what happened, in order."""
 
-    def __init__(self, max_batch: int = 2, max_queue: int = 8, prefill_chunk: int = 4):
+    def __init__(self, max_batch: int = 2, max_queue: int = 8, prefill_chunk: int = 4, share_prompts: bool = True):
         self.consulted: list[str] = []
-        self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk, self.consult)
+        self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk, self.consult, share_prompts)
 
     def consult(self, seq: FakeSeq) -> None:
         self.consulted.append(seq.name)
@@ -177,6 +177,14 @@ def test_the_choices_of_n_share_one_prefill():
                                                                ("first", "n2"), ("first", "n0")]
     assert [s.name for s in engine.scheduler.running] == ["n1", "n2", "n0"]
     assert engine.scheduler.prefilling == [other] and not any(c.pieces for c in choices[1:])
+
+
+def test_without_shared_prompts_each_choice_of_n_prefills_its_own():
+    """A runner that cannot copy caches (context parallelism): the same prompt is prefilled once per sequence."""
+    engine = FakeEngine(max_batch=4, prefill_chunk=8, share_prompts=False)
+    engine.add(*[FakeSeq(f"n{i}", list(range(6))) for i in range(2)])
+    pieces = [e for step in engine.run() for e in step if e[0] in ("piece", "first")]
+    assert pieces == [("piece", "n0", 0, 6), ("first", "n0"), ("piece", "n1", 0, 6), ("first", "n1")]
 
 
 def test_a_prompt_cached_but_for_its_last_token_joins_without_a_prefill():

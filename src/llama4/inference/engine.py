@@ -168,11 +168,13 @@ class Engine:
         self.runner = runner
         self._pool = runner.pool
         self.outputs = OutputProcessor(self.metrics)
-        self.scheduler: Scheduler[SequenceState] = Scheduler(config.max_batch, config.max_queue,
-                                                             config.prefill_chunk, self._take_prefix)
+        chunk = config.prefill_chunk if runner.prefill_in_pieces else self.max_context
+        self.scheduler: Scheduler[SequenceState] = Scheduler(config.max_batch, config.max_queue, chunk,
+                                                             self._take_prefix, share_prompts=runner.copies_caches)
         self._idle = True  # nothing active since the pool was last trimmed
         self._kv_bytes = 0
-        self.prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes else None
+        self.prefix_cache = (PrefixCache(config.prefix_cache_bytes)
+                             if config.prefix_cache_bytes and runner.copies_caches else None)
         self._thread: threading.Thread | None = None
         self._after_step: Callable[[], None] | None = None
         self._stopping = False
@@ -187,6 +189,7 @@ class Engine:
     def submit(self, request: GenerationRequest, sink: Callable[[Event], None]) -> Handle:
         """Queue a request; raises ValueError (bad input), ContextTooLong or QueueFull at once."""
         max_new = admissible(request, self.vocab, self.max_context, self.has_vision)
+        self.runner.check(request)
         seq = SequenceState(request, sink, Sampler(request.params, self.vocab, request.prompt), self.tokenizer,
                             max_new)
         with self._cond:  # (unload_adapter checks the scheduler under this lock: no request slips past it)

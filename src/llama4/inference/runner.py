@@ -26,10 +26,18 @@ from llama4.model.transformer import Llama4Model
 
 
 class ModelRunner:
+    #: The engine may run a prompt in pieces (one per iteration) and copy a sequence's cache (the prefix cache, a
+    #: prompt shared by the choices of n); a runner that keeps caches of its own may not (context_runner.py).
+    prefill_in_pieces = True
+    copies_caches = True
+
     def __init__(self, model: Llama4Model, pool: PagedKVCache, batch_invariant: bool, rows: AdapterRows | None = None):
         self.model, self.pool, self.rows = model, pool, rows
         model.set_batch_invariant(batch_invariant)  # the model the engine runs computes as its config says
         self.device = model.text.embed.weight.device
+
+    def check(self, request) -> None:
+        """Raises ValueError for a request this runner cannot run, before it is queued (none here)."""
 
     @property
     def has_vision(self) -> bool:

@@ -66,10 +66,13 @@ class Piece(Generic[S]):
 
 
 class Scheduler(Generic[S]):
-    def __init__(self, max_batch: int, max_queue: int, prefill_chunk: int, consult: Callable[[S], None]):
-        """``consult(seq)``: take the longest cached prefix of ``seq``'s prompt (sets ``seq.prefilled``)."""
+    def __init__(self, max_batch: int, max_queue: int, prefill_chunk: int, consult: Callable[[S], None],
+                 share_prompts: bool = True):
+        """``consult(seq)``: take the longest cached prefix of ``seq``'s prompt (sets ``seq.prefilled``).
+        ``share_prompts``: sequences admitted with the same prompt take a copy of the first one's prefilled cache
+        (False: each prefills its own)."""
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.consult = consult
+        self.consult, self.share_prompts = consult, share_prompts
         self.waiting: deque[S] = deque()
         self.prefilling: list[S] = []  # in admission order
         self.running: list[S] = []  # in batch row order
@@ -130,7 +133,7 @@ class Scheduler(Generic[S]):
         """``seq``'s last piece is done: it leaves the prefilling sequences, with the admitted ones that share
         its prompt and have not started a prefill (returned: they take a copy of its cache)."""
         self.prefilling.remove(seq)
-        twins = [s for s in self.prefilling if not s.pieces and s.shares_prompt(seq)]
+        twins = [s for s in self.prefilling if self.share_prompts and not s.pieces and s.shares_prompt(seq)]
         for twin in twins:
             self.prefilling.remove(twin)
         return twins

@@ -35,10 +35,12 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from llama4.distributed.context import ContextPlan
 from llama4.inference.engine import EngineConfig, engine_pool
 from llama4.inference.runner import ModelRunner
 from llama4.model.paged_cache import PagedKVCache, PagedSequence
@@ -154,18 +156,22 @@ class LeaderRunner(ModelRunner):
     """
 
     def __init__(self, model: Llama4Model, config: EngineConfig, channel: Channel, heartbeat_s: float,
-                 on_failure: Callable[[BaseException], None] | None = None):
+                 on_failure: Callable[[BaseException], None] | None = None, context: ContextSetup | None = None):
         if config.max_loras:
             raise ValueError("LoRA adapters are not served by a sharded model yet")
         super().__init__(model, engine_pool(model, config, RecordingPool), config.batch_invariant)
         self.channel, self.heartbeat_s, self.on_failure = channel, heartbeat_s, on_failure
+        # with context parallelism the calls themselves are the context-parallel runner's (over the same pool)
+        self._calls: ModelRunner = self if context is None else context.runner(model, self.pool, config)
+        self.prefill_in_pieces, self.copies_caches = self._calls.prefill_in_pieces, self._calls.copies_caches
         self.failure: BaseException | None = None
         self._lock = threading.Lock()  # one message and its call at a time (the engine thread, the heartbeats)
         self._closed = False
         self._stopping = threading.Event()
         with self._lock:
             self._send({"op": "start", "kv_block_size": config.kv_block_size, "kv_cache": config.kv_cache,
-                        "batch_invariant": config.batch_invariant})
+                        "batch_invariant": config.batch_invariant, "prefill_chunk": config.prefill_chunk,
+                        "context": context is not None})
         self._beats = threading.Thread(target=self._heartbeats, name="llama4-heartbeat", daemon=True)
         self._beats.start()
 
@@ -179,11 +185,19 @@ class LeaderRunner(ModelRunner):
                       every_logit: bool, slot: int = 0) -> torch.Tensor:
         header = {"op": "prefill", "seq": cache.uid, "start": start, "ids": ids, "every": every_logit}
         with self._call(header, embeds):
+            if self._calls is not self:
+                return self._calls.prefill_piece(cache, start, ids, embeds, every_logit, slot)
             return super().prefill_piece(cache, start, ids, embeds, every_logit, slot)
 
     def decode(self, tokens: list[int], caches: list[PagedSequence], slots: list[int] | None = None) -> torch.Tensor:
         with self._call({"op": "decode", "tokens": list(tokens), "seqs": [c.uid for c in caches]}):
+            if self._calls is not self:
+                return self._calls.decode(tokens, caches, slots)
             return super().decode(tokens, caches, slots)
+
+    def check(self, request) -> None:
+        if self._calls is not self:
+            self._calls.check(request)
 
     def close(self) -> BaseException | None:
         """Stop the heartbeats and tell the followers to stop (unless a failure came first); returns the failure,
@@ -241,14 +255,18 @@ class Follower:
     """A follower rank: repeats rank 0's model calls on this rank's shard, each over this rank's own pool, whose
     blocks follow rank 0's journal. Made on the first message (rank 0's settings); :meth:`run` until stopped."""
 
-    def __init__(self, model: Llama4Model, channel: Channel):
+    def __init__(self, model: Llama4Model, channel: Channel, context: ContextSetup | None = None):
         self.channel, self.dtype = channel, model.text.embed.weight.dtype
         header, _ = channel.receive(self.dtype)
         if header.get("op") != "start":
             raise ShardedRunError(f"the first message from rank 0 was {header.get('op')!r}, not 'start'")
+        if header["context"] != (context is not None):
+            raise ShardedRunError("rank 0 and this rank disagree on context parallelism")
         config = EngineConfig(kv_block_size=header["kv_block_size"], kv_cache=header["kv_cache"],
-                              batch_invariant=header["batch_invariant"])
-        self.runner = ModelRunner(model, engine_pool(model, config), config.batch_invariant)
+                              batch_invariant=header["batch_invariant"], prefill_chunk=header["prefill_chunk"])
+        pool = engine_pool(model, config)
+        self.runner = (ModelRunner(model, pool, config.batch_invariant) if context is None
+                       else context.runner(model, pool, config))
         self.pool = self.runner.pool
         self.sequences: dict[int, PagedSequence] = {}  # rank 0's sequence ids -> this rank's sequences
         self.calls = 0
@@ -280,6 +298,21 @@ class Follower:
         return True
 
 
-def follow(model: Llama4Model, channel: Channel) -> int:
+def follow(model: Llama4Model, channel: Channel, context: ContextSetup | None = None) -> int:
     """Run a :class:`Follower` until rank 0 says stop; the number of model calls made."""
-    return Follower(model, channel).run()
+    return Follower(model, channel, context).run()
+
+
+@dataclass(frozen=True)
+class ContextSetup:
+    """Context parallelism of a sharded run (``serve --cp``): the context group of this rank and its plan; every
+    rank's model calls are then a :class:`~llama4.inference.context_runner.ContextParallelRunner`'s."""
+
+    plan: ContextPlan
+    group: dist.ProcessGroup | None
+
+    def runner(self, model: Llama4Model, pool: PagedKVCache, config: EngineConfig) -> ModelRunner:
+        from llama4.inference.context_runner import ContextParallelRunner
+
+        return ContextParallelRunner(model, pool, config.batch_invariant, self.plan, self.group,
+                                     config.prefill_chunk, config.kv_cache)

@@ -95,6 +95,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    "ranks, or 1 with --ep alone covering every rank)")
     g.add_argument("--ep", type=int, help="expert-parallel degree, dividing the number of ranks (default: the number "
                    "of ranks with --tp unset, else 1)")
+    g.add_argument("--cp", type=int, help="context-parallel degree: each prompt prefilled in slices over this many "
+                   "ranks, its global layers' KV cache split over them; the job has cp x max(tp, ep) ranks. Text "
+                   "prompts of at least cp tokens, each prefilled whole (in pieces of --prefill-chunk tokens per "
+                   "rank), no prefix cache")
     g.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds a collective may wait for the other ranks before the job ends with an error "
                         "(default: %(default)g)")
@@ -262,14 +266,15 @@ def serve_sharded(args: argparse.Namespace, rank: int) -> int:
         if args.quant:
             QuantRecipe.parse(args.quant)  # a bad recipe stops every rank before any loads
         config = engine_config_of(args, lora=False)
-        options = LaunchOptions(tp=args.tp, ep=args.ep, timeout_s=args.dist_timeout, device=args.dist_device)
+        options = LaunchOptions(tp=args.tp, ep=args.ep, cp=1 if args.cp is None else args.cp,
+                                timeout_s=args.dist_timeout, device=args.dist_device)
         path = resolve_model_path(args.model)
         served = app_options(args) if rank == 0 else {}  # the API key file, the generation defaults: rank 0's
     except (UsageError, LaunchError, ValueError) as e:
         if rank != 0:
             return 2
         raise UsageError(str(e)) from None
-    note = "; rank 0 of {world}, tp={tp} ep={ep}"
+    note = "; rank 0 of {world}, tp={tp} ep={ep} cp={cp}"
     return serve_distributed(args, os.environ, options, path, config, served,
                              lambda **job: print_banner(args, note.format(**job)))
 
@@ -308,7 +313,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.tp is not None or args.ep is not None or LaunchEnv.launched(os.environ):
+    if args.tp is not None or args.ep is not None or args.cp is not None or LaunchEnv.launched(os.environ):
         try:
             return serve_sharded(args, rank)
         except (UsageError, LaunchError) as e:

@@ -1,4 +1,6 @@
-"""``llama4 serve`` on every rank of a torchrun job: ``torchrun --nproc-per-node N -m llama4 serve --tp T --ep E``.
+"""``llama4 serve`` on every rank of a torchrun job: ``torchrun --nproc-per-node N -m llama4 serve --tp T --ep E
+[--cp C]`` (with --cp every rank's model calls are llama4.inference.context_runner's: prompts prefilled over the
+rank's context group).
 
 Every rank joins the process group and loads its shard (llama4.distributed.launch: a --dist-timeout bound on every
 collective, ``load_sharded``). Rank 0 serves: HTTP, and the engine as a thread of its own process (the model's
@@ -33,21 +35,22 @@ def serve_distributed(args: argparse.Namespace, environ: Mapping[str, str], opti
     from llama4.dtypes import torch_dtype
 
     def body(run: launch.DistributedRun) -> int:
-        from llama4.inference.sharded import Channel, follow
+        from llama4.inference.sharded import Channel, ContextSetup, follow
 
         model = run.load(path, torch_dtype(args.dtype), args.quant)
         channel = Channel(run.device)
+        context = None if run.context is None else ContextSetup(run.context, run.context_group)
         if not run.is_main:
             with _signals_ignored():
-                follow(model, channel)
+                follow(model, channel, context)
             return 0
-        return _lead(args, run, model, config, served, channel, banner)
+        return _lead(args, run, model, config, served, channel, banner, context)
 
     return launch.run(options, environ, body)
 
 
 def _lead(args: argparse.Namespace, run, model, config, served: dict, channel,
-          banner: Callable[..., None]) -> int:
+          banner: Callable[..., None], context=None) -> int:
     """Rank 0: the server, until it is stopped (0) or a rank fails (the failure is raised for launch.run)."""
     import uvicorn
 
@@ -59,7 +62,7 @@ def _lead(args: argparse.Namespace, run, model, config, served: dict, channel,
 
     tokenizer = load_tokenizer(args.model)
     # a follower waits for each message at most --dist-timeout: heartbeats well inside it
-    runner = LeaderRunner(model, config, channel, heartbeat_s=min(5.0, args.dist_timeout / 4))
+    runner = LeaderRunner(model, config, channel, heartbeat_s=min(5.0, args.dist_timeout / 4), context=context)
     try:
         engine = Engine(model, tokenizer, config, runner=runner)
         app = create_engine_app(engine, tokenizer, **served)
@@ -70,7 +73,7 @@ def _lead(args: argparse.Namespace, run, model, config, served: dict, channel,
             server.should_exit = True  # uvicorn's loop notices within a tick; open replies end with an error
 
         runner.on_failure = stop_serving
-        banner(world=run.world_size, tp=run.plan.tp, ep=run.plan.ep)
+        banner(world=run.world_size, tp=run.plan.tp, ep=run.plan.ep, cp=1 if run.context is None else run.context.cp)
         with _signals_ignored():  # uvicorn handles them while it runs, then raises them again: no-ops after it
             server.run()
     finally:
