@@ -133,12 +133,15 @@ def _client(port: int) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def _image_url() -> str:
+def _picture() -> list[dict]:
+    """A user message with a small red PNG and a question about it."""
     from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What colour is this?"}]}]
 
 
 def _ask(client: openai.OpenAI, messages, n: int = 1, stream: bool = False, max_tokens: int = 12) -> list[str]:
@@ -165,9 +168,7 @@ def _conversation(client: openai.OpenAI, image: bool = True) -> dict[str, list[s
     out["second turn"] = _ask(client, turn)  # reuses the first turn's cache blocks (a prefix copy)
     if not image:
         return out
-    picture = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url()}},
-                                            {"type": "text", "text": "What colour is this?"}]}]
-    out["image"] = _ask(client, picture, max_tokens=6)  # the piece's embeddings are broadcast
+    out["image"] = _ask(client, _picture(), max_tokens=6)  # the piece's embeddings are broadcast
     return out
 
 
@@ -246,14 +247,29 @@ def test_two_rank_server_answers_as_one_process_and_stops_cleanly(single_process
         assert got == single_process_replies
         assert all(text for texts in got.values() for text in texts)
         assert got["concurrent"][0] == got["concurrent"][1]  # n = 2 at temperature 0: the same reply twice
-        os.kill(_worker(job.pid, 0), signal.SIGTERM)  # drain, then rank 0 stops the follower
-        _, err = job.communicate(timeout=60)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.communicate()
-    assert job.returncode == 0, err[-3000:]
+    except BaseException:
+        _kill(job)
+        raise
+    err = _stop(job)
     assert "rank 0 of 2, tp=2 ep=2" in err and "error" not in err.lower(), err[-3000:]
+
+
+def _stop(job: subprocess.Popen) -> str:
+    """SIGTERM to rank 0 (it drains, then stops the followers): the job's stderr, once it exited 0."""
+    try:
+        os.kill(_worker(job.pid, 0), signal.SIGTERM)
+        _, err = job.communicate(timeout=60)
+    except BaseException:
+        _kill(job)
+        raise
+    assert job.returncode == 0, err[-3000:]
+    return err
+
+
+def _kill(job: subprocess.Popen) -> None:
+    if job.poll() is None:
+        job.kill()
+        job.communicate()
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds rank 0's process through /proc")
@@ -268,18 +284,13 @@ def test_context_parallel_server_answers_as_one_process(single_process_replies):
         client = _client(port)
         got = _conversation(client, image=False)
         assert got == {k: v for k, v in single_process_replies.items() if k != "image"}
-        picture = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url()}},
-                                                {"type": "text", "text": "What colour is this?"}]}]
         with pytest.raises(openai.BadRequestError, match="images are not supported with context parallelism"):
-            _ask(client, picture, max_tokens=4)
+            _ask(client, _picture(), max_tokens=4)
         assert _ask(client, CAT) == single_process_replies["concurrent"][:1]  # the ranks still in step
-        os.kill(_worker(job.pid, 0), signal.SIGTERM)
-        _, err = job.communicate(timeout=60)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.communicate()
-    assert job.returncode == 0, err[-3000:]
+    except BaseException:
+        _kill(job)
+        raise
+    err = _stop(job)
     assert "rank 0 of 2, tp=1 ep=1 cp=2" in err and "error" not in err.lower(), err[-3000:]
 
 
@@ -293,9 +304,7 @@ def test_a_follower_that_dies_ends_the_job_with_an_error_naming_it():
             _ask(_client(port), STORY, max_tokens=10)
         _, err = job.communicate(timeout=60)
     finally:
-        if job.poll() is None:
-            job.kill()
-            job.communicate()
+        _kill(job)
     assert job.returncode != 0
     errors = [line for line in err.splitlines() if line.startswith("llama4: error:")]
     assert len(errors) == 1, err[-3000:]
