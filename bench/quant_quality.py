@@ -5,6 +5,7 @@
     python bench/quant_quality.py --dtype bf16 --windows 16 --recipes int8,int4-g32
     python bench/quant_quality.py --llamacpp /work/llamacpp --no-write   # + llama.cpp's Q8_0 and Q4_K_M rows
     python bench/quant_quality.py --kernel     # + each recipe in bf16 on this CPU's kernels (what generate runs)
+    python bench/quant_quality.py --calibrate gptq --no-write   # + each recipe's GPTQ-calibrated codes
 
 The held-out text (TinyStories validation head) is tokenized once and cut into ``--windows`` windows of
 ``--window`` tokens. The float model and each recipe (applied to a fresh copy of the float model) score every
@@ -14,6 +15,11 @@ token, how often the quantized model's top-1 token is the float model's, and the
 (dequantize, then the float product). ``--kernel`` adds each recipe as the commands run it: the model in bf16,
 packed for this CPU's kernels (``kernels.cpu.pack``; the int4 products quantize each row's 32-input blocks to
 int8 on the way, csrc/quant_linear.c), and the float model in bf16 packed the same way for scale.
+
+``--calibrate gptq`` adds each recipe with GPTQ codes (llama4.quant.gptq), calibrated on ``--calibration-tokens``
+tokens of the TinyStories *train* split (``--calibration-data``; never the held-out text scored here) in windows of
+``--calibration-length``, as ``llama4 quantize --calibrate gptq`` does; with ``--kernel`` also in bf16 on the
+kernels (calibrated on the bf16 model, as the command quantizes a bf16 checkpoint).
 
 ``--llamacpp DIR`` (a llama.cpp build laid out as bench/llamacpp_gguf.py says; benchmark-only, never a
 dependency) adds llama.cpp's quantizations of the same checkpoint as rows of the same table, scored the way
@@ -64,6 +70,7 @@ from llama4.build import resolve_model_path  # noqa: E402
 from llama4.kernels import cpu as cpu_kernels  # noqa: E402
 from llama4.kernels.cpu.options import KernelOptions  # noqa: E402
 from llama4.quant import quantize_model, quantized_bytes  # noqa: E402
+from llama4.quant.gptq import calibration_windows, gptq_quantize_model  # noqa: E402
 from llamacpp_gguf import (  # noqa: E402
     LlamaCpp,
     bytes_of,
@@ -79,6 +86,7 @@ RECIPES = ("int8", "int4-g32", "int4-g64", "int4-g128", "int4-g32-asym", "expert
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GGUF_BASE = {"fp32": "f32", "bf16": "bf16"}
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinystories" / "tinystories_valid_head.txt.gz"
+CALIBRATION_DATA = ROOT.parent / "shared" / "data" / "tinystories" / "tinystories_train_head.jsonl.gz"
 LLAMACPP_TYPES = "Q8_0,Q4_K_M,Q8_0:float-ends,Q4_K_M:float-ends"
 RECIPE_KINDS = ("attention", "experts", "shared")  # what our single-format recipes quantize
 
@@ -240,6 +248,11 @@ def main() -> None:
                         help="where the GGUFs, the text file and llama.cpp's logs go")
     parser.add_argument("--kernel", action="store_true",
                         help="also score each recipe in bf16 on this CPU's kernels (as generate and serve run it)")
+    parser.add_argument("--calibrate", choices=["gptq"], help="also score each recipe with GPTQ-calibrated codes")
+    parser.add_argument("--calibration-data", type=Path, default=CALIBRATION_DATA,
+                        help="calibration text (.txt / .jsonl, optionally .gz); default: TinyStories train head")
+    parser.add_argument("--calibration-tokens", type=int, default=32768)
+    parser.add_argument("--calibration-length", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/PERFORMANCE.md alone")
     args = parser.parse_args()
     recipes = [r.strip() for r in args.recipes.split(";") if r.strip()]
@@ -268,6 +281,10 @@ def main() -> None:
                      f"{r['kl']:.5f}", f"{100 * r['top1']:.2f}%", size])
         print(f"{label}: ppl {r['ppl']:.3f}, KL {r['kl']:.5f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
+    calibration = None
+    if args.calibrate:
+        calibration = calibration_windows(args.calibration_data, tokenizer, args.calibration_tokens,
+                                          args.calibration_length, separator=tokenizer.end_of_text_id)
     options = KernelOptions()
     if args.kernel:
         if not cpu_kernels.supported(torch.bfloat16, torch.device("cpu"), options):
@@ -281,6 +298,14 @@ def main() -> None:
             add_row(f"`{recipe}` (bf16, CPU kernels)",
                     cpu_kernels.pack(quantize_model(copy.deepcopy(model).bfloat16(), recipe), options), size)
         del quantized
+        if args.calibrate:
+            calibrated = gptq_quantize_model(copy.deepcopy(model), recipe, calibration)
+            add_row(f"`{recipe}` GPTQ", calibrated, size)
+            del calibrated
+            if args.kernel:
+                calibrated = gptq_quantize_model(copy.deepcopy(model).bfloat16(), recipe, calibration)
+                add_row(f"`{recipe}` GPTQ (bf16, CPU kernels)", cpu_kernels.pack(calibrated, options), size)
+                del calibrated
     llamacpp_note = ""
     if args.llamacpp:
         stream = [bos] + tokenizer.encode(text)[: args.windows * args.window]
@@ -298,6 +323,9 @@ def main() -> None:
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}. "
              "KL(float || quantized) and top-1 agreement against the float model; quantized weight MB: codes, "
              "scales and zero points of the quantized weights (float row: all parameters).")
+    if calibration is not None:
+        setup += (f" GPTQ rows: calibrated on {calibration.numel()} tokens ({calibration.shape[0]} windows x "
+                  f"{calibration.shape[1]}) of {args.calibration_data.name}.")
     if llamacpp_note:
         setup += " " + llamacpp_note
     title = "### Quantization quality" + (", llama4 and llama.cpp" if args.llamacpp else "")

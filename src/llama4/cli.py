@@ -490,6 +490,11 @@ CHECKPOINT_SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.
                          "preprocessor_config.json", "processor_config.json")
 
 
+# `llama4 quantize --calibrate gptq`: TinyStories' *train* split (the held-out text is the validation split)
+DEFAULT_CALIBRATION = "../shared/data/tinystories/tinystories_train_head.jsonl.gz"
+CALIBRATION_TOKENS, CALIBRATION_LENGTH = 32768, 512
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
@@ -502,7 +507,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and out.resolve() == source.resolve():
         raise ValueError(f"--out {out} is the checkpoint being quantized; choose another directory")
-    model = llama4.load_model(source, dtype=torch_dtype(args.dtype), pack=False, quant=args.recipe)
+    if args.calibrate is None:
+        given = [flag for flag, value in (("--calibration-data", args.calibration_data),
+                                          ("--calibration-tokens", args.calibration_tokens),
+                                          ("--calibration-length", args.calibration_length)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --calibrate gptq")
+        model = llama4.load_model(source, dtype=torch_dtype(args.dtype), pack=False, quant=args.recipe)
+    else:
+        from llama4.quant import QuantRecipe
+        from llama4.quant.gptq import calibration_windows, gptq_quantize_model
+
+        recipe = QuantRecipe.parse(args.recipe)  # a bad recipe is refused before anything loads
+        tokens = CALIBRATION_TOKENS if args.calibration_tokens is None else args.calibration_tokens
+        length = CALIBRATION_LENGTH if args.calibration_length is None else args.calibration_length
+        if tokens < 1 or length < 2:
+            raise ValueError(f"--calibration-tokens must be >= 1 and --calibration-length >= 2, got {tokens} and "
+                             f"{length}")
+        tok = llama4.load_tokenizer(source)
+        windows = calibration_windows(args.calibration_data or DEFAULT_CALIBRATION, tok, tokens, length,
+                                      separator=tok.end_of_text_id)
+        model = llama4.load_model(source, dtype=torch_dtype(args.dtype), pack=False)
+        if not args.quiet:
+            print(f"GPTQ calibration: {windows.shape[0]} windows of {windows.shape[1]} tokens")
+        gptq_quantize_model(model, recipe, windows, progress=None if args.quiet else print)
     llama4.save_model(model, out, max_shard_bytes=args.max_shard_bytes)
     copied = [name for name in CHECKPOINT_SIDE_FILES if (source / name).is_file()]
     for name in copied:
@@ -638,6 +666,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "kind: experts=int4-g32,attention=int8,shared=int8,head=int8 (add scales=bf16)")
     quant.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), default="bf16",
                        help="dtype of the weights kept float (embeddings, norms, routers, vision) and of the model")
+    quant.add_argument("--calibrate", choices=["gptq"],
+                       help="choose the codes with GPTQ on calibration text (default: round to nearest); int8 and "
+                       "int4 formats (docs/QUANTIZATION.md)")
+    quant.add_argument("--calibration-data", metavar="PATH",
+                       help=f"calibration text: .txt or .jsonl (a \"text\" per line), optionally .gz (default: "
+                       f"{DEFAULT_CALIBRATION})")
+    quant.add_argument("--calibration-tokens", type=int, metavar="N",
+                       help=f"calibration tokens to read (default {CALIBRATION_TOKENS})")
+    quant.add_argument("--calibration-length", type=int, metavar="N",
+                       help=f"tokens per calibration window (default {CALIBRATION_LENGTH})")
     quant.add_argument("--max-shard-bytes", type=int, help="split the weights into files of at most this many bytes")
     quant.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     quant.add_argument("--quiet", action="store_true", help="no summary")
