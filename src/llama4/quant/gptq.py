@@ -64,7 +64,7 @@ from llama4.quant.formats import (
     stack,
 )
 from llama4.quant.modules import QuantizedExperts, QuantizedLinear
-from llama4.quant.recipe import QuantRecipe, Target, _check_plain, _check_target, quantizable_modules
+from llama4.quant.recipe import QuantRecipe, Target, checked_targets
 
 PERCDAMP = 0.03
 BLOCK = 128
@@ -256,17 +256,10 @@ def gptq_quantize_model(model: nn.Module, recipe: QuantRecipe | str, calibration
     module is swapped; a failure later (a Hessian that no damping makes positive definite) leaves the model partly
     quantized: start again from the float model.
     """
-    if isinstance(recipe, str):
-        recipe = QuantRecipe.parse(recipe)
-    _check_plain(model)
+    recipe, chosen = checked_targets(model, recipe, "GPTQ calibration")
     text, prefix = text_decoder(model, "GPTQ calibration")
-    if recipe.head is not None and text.output is None:
-        raise ValueError("the output head is tied to the embeddings (tie_word_embeddings), and embeddings "
-                         "quantization is not supported yet: leave head unset for this model")
-    chosen = [target for target in quantizable_modules(model) if recipe.format_for(target.kind) is not None]
     for target in chosen:
         fmt = recipe.format_for(target.kind)
-        _check_target(target, fmt)
         if not fmt.is_integer:
             raise ValueError(f"{target.name}: GPTQ calibrates int8 and int4 formats, not {fmt}; quantize nf4 to "
                              "nearest (without calibration)")

@@ -145,22 +145,31 @@ def _check_target(target: Target, fmt: WeightFormat) -> None:
                          f"got {in_dims}; use a smaller group or int8")
 
 
+def checked_targets(model: nn.Module, recipe: QuantRecipe | str, what: str = "quantization"
+                    ) -> tuple[QuantRecipe, list[Target]]:
+    """The recipe (parsed) and the modules it quantizes, every check made first (the model plain and float, the
+    head untied where the recipe quantizes it, each module's inputs fitting its format's groups), so that a refused
+    recipe leaves the model as it was."""
+    if isinstance(recipe, str):
+        recipe = QuantRecipe.parse(recipe)
+    _check_plain(model)
+    text, _ = text_decoder(model, what)
+    if recipe.head is not None and text.output is None:
+        raise ValueError("the output head is tied to the embeddings (tie_word_embeddings), and embeddings "
+                         "quantization is not supported yet: leave head unset for this model")
+    chosen = [target for target in quantizable_modules(model) if recipe.format_for(target.kind) is not None]
+    for target in chosen:
+        _check_target(target, recipe.format_for(target.kind))
+    return recipe, chosen
+
+
 def quantize_model(model: nn.Module, recipe: QuantRecipe | str) -> nn.Module:
     """Swap quantized stand-ins in for the weights ``recipe`` names, in place, and return the model.
 
     ``model`` is a plain (not packed) Llama4Model or TextModel with its weights loaded; each float module is
     freed as soon as its replacement exists.
     """
-    if isinstance(recipe, str):
-        recipe = QuantRecipe.parse(recipe)
-    _check_plain(model)
-    text, _ = text_decoder(model, "quantization")
-    if recipe.head is not None and text.output is None:
-        raise ValueError("the output head is tied to the embeddings (tie_word_embeddings), and embeddings "
-                         "quantization is not supported yet: leave head unset for this model")
-    chosen = [target for target in quantizable_modules(model) if recipe.format_for(target.kind) is not None]
-    for target in chosen:  # every check before the first swap: a refused recipe leaves the model as it was
-        _check_target(target, recipe.format_for(target.kind))
+    recipe, chosen = checked_targets(model, recipe)
     for target in chosen:
         fmt, child = recipe.format_for(target.kind), getattr(target.parent, target.attribute)
         if isinstance(child, Experts):
