@@ -560,3 +560,22 @@ def test_scout_qlora_plan_and_the_command(capsys):
     assert main(["info", "--preset", "scout", "--finetune", "qlora", "--context", "4096", "--memory", "80GB"]) == 0
     out = capsys.readouterr().out
     assert "adapters 12.58M params" in out and "largest context" in out
+
+
+def test_info_dtype_fp8_is_the_fp8_checkpoint_plan(capsys):
+    """`llama4 info --preset maverick --tp 8 --ep 8 --dtype fp8` (the issue's spelling) plans what --quant fp8 does;
+    --dtype fp32 doubles the float weights; --dtype fp8 with another --quant is refused."""
+    import json
+
+    from llama4.cli import main
+
+    def plan(*flags):
+        assert main(["info", "--preset", "maverick", "--tp", "8", "--ep", "8", "--context", "100000", "--json",
+                     *flags]) == 0
+        return json.loads(capsys.readouterr().out)["memory"]
+
+    assert plan("--dtype", "fp8") == plan("--quant", "fp8")
+    bf16, fp32 = plan(), plan("--dtype", "fp32")
+    assert fp32["weights"]["kinds"]["embeddings"]["bytes"] == 2 * bf16["weights"]["kinds"]["embeddings"]["bytes"]
+    assert main(["info", "--preset", "maverick", "--dtype", "fp8", "--quant", "int4"]) == 2
+    assert "--dtype fp8 plans an FP8 checkpoint (--quant fp8)" in capsys.readouterr().err

@@ -61,14 +61,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         return _finetune_info(args, source)
     plan = None
     if any(v is not None for v in (args.quant, args.kv, args.context, args.memory, args.tp, args.ep, args.cp,
-                                   args.prefill_chunk)):
+                                   args.prefill_chunk, args.dtype)):
+        import torch
+
         from llama4.distributed import ParallelPlan
         from llama4.info import memory_plan, resolve_config
 
         config, _ = resolve_config(source)
         parallel = ParallelPlan(args.tp or 1, args.ep or 1) if args.tp or args.ep else None
-        plan = memory_plan(config, args.quant, args.kv or "bf16", args.context, args.memory, parallel=parallel,
-                           cp=1 if args.cp is None else args.cp, chunk=args.prefill_chunk)
+        recipe, dtype = args.quant, torch.float32 if args.dtype == "fp32" else torch.bfloat16
+        if args.dtype == "fp8":
+            if args.quant is not None and args.quant != "fp8":
+                raise ValueError(f"--dtype fp8 plans an FP8 checkpoint (--quant fp8): it cannot be combined with "
+                                 f"--quant {args.quant}")
+            recipe = "fp8"
+        plan = memory_plan(config, recipe, args.kv or "bf16", args.context, args.memory, dtype=dtype,
+                           parallel=parallel, cp=1 if args.cp is None else args.cp, chunk=args.prefill_chunk)
         info["memory"] = plan
     if args.json:
         print(json.dumps(info, indent=2))
@@ -603,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(an FP8 checkpoint: loaded as int8 per channel), "
                       "int4-g128-asym, experts=int4-g32,attention=int8,shared=int8,head=int8 (add scales=bf16); "
                       "default: bf16 weights")
+    info.add_argument("--dtype", choices=("bf16", "fp32", "fp8"), help="memory plan: the checkpoint's dtype (default "
+                      "bf16): the float weights and activations in bf16 or fp32; fp8: an FP8 checkpoint (Maverick "
+                      "FP8), the same as --quant fp8 with the rest in bf16")
     info.add_argument("--kv", choices=("bf16", "fp32", "int8", "fp8"), help="memory plan: KV cache dtype (default "
                       "bf16; int8 / fp8: the global layers quantized, a bf16 scale per token and head, chunked "
                       "layers bf16)")
