@@ -9,6 +9,7 @@ decoded together (:meth:`KVCache.stack`).
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -109,6 +110,12 @@ class Cache(Protocol):
     def layer_storage(self, layer: int) -> KVStorage | None:
         """How ``layer``'s entries are stored (what ``decode_slots`` hands out): its :class:`KVStorage`, or None
         (the attention's own dtype)."""
+
+
+def _longs(values: list[int]) -> torch.Tensor:
+    """A small int64 tensor of ``values`` (over an array's buffer: a decode step makes several of these for every
+    layer, and this costs a third of torch.tensor's list parsing)."""
+    return torch.frombuffer(array("q", values), dtype=torch.long) if values else torch.zeros(0, dtype=torch.long)
 
 
 class KVCache:
@@ -250,9 +257,8 @@ class KVCache:
         capacity = keys.shape[2]
         first = [r * kv_heads * capacity for r in range(rows) for _ in range(tokens)]
         entry = [a + t for a in at for t in range(tokens)]
-        n = len(entry)  # one small tensor for all three: a decode step makes this call for every layer
-        ints = torch.tensor([f + e for f, e in zip(first, entry)] + [e + 1 for e in entry] + first, dtype=torch.long)
-        return DecodeSlots(keys, values, capacity * head_dim, ints[:n], ints[n:2 * n], ints[2 * n:], None)
+        return DecodeSlots(keys, values, capacity * head_dim, _longs([f + e for f, e in zip(first, entry)]),
+                           _longs([e + 1 for e in entry]), _longs(first), None)
 
     def _entries(self, layer: int, rows: int, kv_heads: int, width: int, dtype: torch.dtype, device: torch.device,
                  tokens: int = 1, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -23,6 +23,7 @@ the Python encoder writes them (the same bytes) and attended over decoded as the
 from __future__ import annotations
 
 import ctypes
+from operator import is_not
 
 import torch
 
@@ -60,6 +61,12 @@ class _Step(ctypes.Structure):
 _KV_FORMATS = {"bf16": (0, lambda d: 2 * d), "int8": (1, lambda d: d + 2), "fp8": (2, lambda d: d + 2)}
 
 
+# How long the kernel pool's workers are kept polling from the start of a pass (csrc/pool.h: llama4_pool_warm): what
+# comes before the first product (the slots of the first layer) takes tens of microseconds, a sleeping worker about
+# as long to wake
+_WARM_NS = 200_000
+
+
 def _parts_within_chunks(start: int, tokens: int, chunk: int) -> list[tuple[int, int]]:
     """(offset, count) parts of a pass over sequence indices start..start+tokens-1, cut where a chunk begins."""
     parts, offset = [], 0
@@ -93,6 +100,12 @@ class FusedDecode:
         self.layers: list[_Layer] | None = None
         self._keep: list = []  # ctypes arrays the layer structs point into
         self._bound: list[tuple[dict, str, object]] = []  # (where owner.attribute lives, attribute, what it held)
+        self._watched: tuple[tuple, tuple, tuple] = ((), (), ())  # _bound as three columns, for _stale
+        self._step = _Step()  # a pass's step, filled in place for each layer
+        self._step_ref = ctypes.byref(self._step)
+        self._layer_refs: list = []  # ctypes.byref of each layer struct
+        self._decode_layer = None
+        self._warm = kernel.lib.llama4_pool_warm
 
     def __call__(self, h: torch.Tensor, tables: PositionTables, cache: Cache) -> torch.Tensor | None:
         """The layers for h [B, T, D] -> [B, T, D], or None to let the torch layers run. ``cache``: any Cache (its
@@ -106,37 +119,50 @@ class FusedDecode:
         if not self.ready():
             return None
         config = self.model.config
-        formats = [self._kv_format(cache, i, config.head_dim) for i in range(len(self.layers))]
+        layers = self.layers
+        formats = [self._kv_format(cache, i, config.head_dim) for i in range(len(layers))]
         if None in formats:
             return None  # (before touching the cache: a storage the C layer does not know runs the layers)
         out = h.reshape(rows * tokens, -1).clone()
         half = config.head_dim // 2
         rope = torch.view_as_real(tables.rope.expand(rows, tokens, half).reshape(rows * tokens, half)).contiguous()
         q_scale = tables.q_scale.reshape(rows * tokens).contiguous() if tables.q_scale is not None else None
-        decode_layer = self.kernel.lib.llama4_decode_layer
+        # One step struct for every layer and part, filled in place (a decode step makes these calls for every
+        # layer, so the loop below keeps to plain attribute stores)
+        step, step_ref, layer_refs, decode_layer = self._step, self._step_ref, self._layer_refs, self._decode_layer
+        decode_slots, kv_heads, head_dim, dtype, device = (cache.decode_slots, config.num_kv_heads, config.head_dim,
+                                                           h.dtype, h.device)
+        step.threads = threads = torch.get_num_threads()
+        if threads > 1:  # the pool's workers sleep since the last step: wake them while the slots are prepared
+            self._warm(_WARM_NS)
         start, chunk = tables.starts[0], config.attention_chunk_size
-        for offset, count in _parts_within_chunks(start, tokens, chunk) if tokens > 1 else [(0, 1)]:
-            step = _Step(rows=rows * count, h=out[offset:].data_ptr(), rope=rope[offset:].data_ptr(),
-                         threads=torch.get_num_threads(),
-                         q_scale=q_scale[offset:].data_ptr() if q_scale is not None else None)
-            for index, layer in enumerate(self.layers):
-                slots = cache.decode_slots(index, rows, config.num_kv_heads, config.head_dim, h.dtype, h.device,
-                                           tokens=count, offset=offset)
-                kv_format, entry_bytes, stored = formats[index]
-                if not (slots.keys.is_contiguous() and slots.values.is_contiguous() and slots.keys.dtype == stored
-                        and slots.values.dtype == stored):
+        for offset, count in _parts_within_chunks(start, tokens, chunk) if tokens > 1 else ((0, 1),):
+            step.rows, step.h, step.rope = rows * count, out[offset:].data_ptr(), rope[offset:].data_ptr()
+            step.q_scale = q_scale[offset:].data_ptr() if q_scale is not None else None
+            for index, (kv_format, entry_bytes, stored) in enumerate(formats):
+                slots = decode_slots(index, rows, kv_heads, head_dim, dtype, device, tokens=count, offset=offset)
+                keys, values = slots.keys, slots.values
+                if not (keys.dtype == stored and values.dtype == stored and keys.is_contiguous()
+                        and values.is_contiguous()):
                     raise ValueError(f"fused decode needs contiguous {stored} key/value storage")
-                write, counts = slots.write.contiguous(), slots.count.contiguous()
-                first = slots.first.contiguous() if slots.first is not None else None
-                gather = slots.gather.contiguous() if slots.gather is not None else None
-                step.k_store, step.v_store = slots.keys.data_ptr(), slots.values.data_ptr()
-                step.head_stride = slots.head_stride * slots.keys.element_size()
+                write, counts, first, gather = slots.write, slots.count, slots.first, slots.gather
+                # (kept alive until the call returns: contiguous() may make copies)
+                write, counts = write.contiguous(), counts.contiguous()
+                step.k_store, step.v_store = keys.data_ptr(), values.data_ptr()
+                step.head_stride = slots.head_stride * keys.element_size()
                 step.write, step.count = write.data_ptr(), counts.data_ptr()
                 step.kv_format, step.entry_bytes = kv_format, entry_bytes
-                step.first = first.data_ptr() if first is not None else None
-                step.gather = gather.data_ptr() if gather is not None else None
-                step.gather_width = gather.shape[1] if gather is not None and gather.shape[0] > 1 else 0
-                if decode_layer(ctypes.byref(layer), ctypes.byref(step)) != 0:
+                if first is not None:
+                    first = first.contiguous()
+                    step.first = first.data_ptr()
+                else:
+                    step.first = None
+                if gather is not None:
+                    gather = gather.contiguous()
+                    step.gather, step.gather_width = gather.data_ptr(), gather.shape[1] if gather.shape[0] > 1 else 0
+                else:
+                    step.gather, step.gather_width = None, 0
+                if decode_layer(layer_refs[index], step_ref) != 0:
                     raise MemoryError("the fused decode layer could not allocate its scratch memory")
         return out.reshape(h.shape)
 
@@ -160,12 +186,16 @@ class FusedDecode:
         if self.layers is None or self._stale():
             self._keep = []
             self.layers = self._bind() or []
+            self._watched = tuple(zip(*self._bound)) if self._bound else ((), (), ())
+            self._layer_refs = [ctypes.byref(layer) for layer in self.layers]
+            self._decode_layer = self.kernel.lib.llama4_decode_layer if self.layers else None
         return bool(self.layers)
 
     def _stale(self) -> bool:
         """Whether a weight the layer structs point into was replaced since they were built (a reload packs
         anew and assigns new norm weights)."""
-        return any(where.get(name) is not bound for where, name, bound in self._bound)
+        wheres, names, bounds = self._watched
+        return any(map(is_not, map(dict.get, wheres, names), bounds))
 
     def _bind(self) -> list[_Layer] | None:
         """One struct per layer, or None if some layer cannot run in C."""

@@ -189,6 +189,8 @@ def load_variant(name: str, compiler: str | None = None, cache_dir: Path | None 
                                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                          ctypes.c_void_p, ctypes.c_int]
     lib.llama4_linear_groups.restype = ctypes.c_int
+    lib.llama4_pool_warm.argtypes = [ctypes.c_int64]
+    lib.llama4_pool_warm.restype = None
     return Kernel(name, lib)
 
 

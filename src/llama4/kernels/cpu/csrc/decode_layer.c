@@ -20,6 +20,8 @@
 #include "simd.h"
 
 #define MAX_ROWS 16
+/* How long the pool's workers poll after a layer (see llama4_decode_layer) */
+#define LAYER_GAP_NS 100000
 
 int llama4_linear_groups(const uint64_t *weights, const int64_t *rows, int64_t groups, int64_t out_features,
                           int64_t in_features, const uint16_t *x, uint16_t *y, int threads);
@@ -502,5 +504,9 @@ static int ffn_half(const struct llama4_layer *L, const struct llama4_step *S, i
  * attention half: the caller discards the pass). */
 int llama4_decode_layer(const struct llama4_layer *layer, const struct llama4_step *step) {
     const int threads = step->threads > 0 ? (int)step->threads : 1;
-    return attention_half(layer, step, threads) || ffn_half(layer, step, threads);
+    const int failed = attention_half(layer, step, threads) || ffn_half(layer, step, threads);
+    /* the next layer (or the output head) follows after the caller's Python between them: keep the workers
+     * polling through it rather than waking them from their sleep for its first product */
+    if (threads > 1) llama4_pool_warm(LAYER_GAP_NS);
+    return failed;
 }

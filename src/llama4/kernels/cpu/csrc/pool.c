@@ -19,11 +19,12 @@ static struct {
     _Atomic int64_t generation, finished;
     _Atomic int sleepers, inside;
     _Atomic int64_t next, done;
+    _Atomic int64_t warm_until, alerts; /* llama4_pool_warm: spin until then; bumped to wake sleepers */
     pool_task task;
     void *ctx;
     int64_t items;
     int threads;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 
 static inline int64_t pool_now_ns(void) {
     struct timespec t;
@@ -44,17 +45,24 @@ static void *pool_worker(void *arg) {
     const int thread = (int)(intptr_t)arg;
     int64_t seen = atomic_load(&pool.generation);
     for (;;) {
-        int64_t current = atomic_load(&pool.generation);
-        for (const int64_t until = pool_now_ns() + POOL_SPIN_NS; current == seen && pool_now_ns() < until;) {
-            for (int i = 0; i < 64; i++) __builtin_ia32_pause();
+        int64_t current;
+        for (;;) { /* spin for POOL_SPIN_NS or until warm_until, then sleep until a loop or an alert comes */
+            const int64_t alerts = atomic_load(&pool.alerts), spin = pool_now_ns() + POOL_SPIN_NS;
             current = atomic_load(&pool.generation);
-        }
-        if (current == seen) {
+            while (current == seen) {
+                const int64_t warm = atomic_load_explicit(&pool.warm_until, memory_order_relaxed);
+                if (pool_now_ns() >= (warm > spin ? warm : spin)) break;
+                for (int i = 0; i < 64; i++) __builtin_ia32_pause();
+                current = atomic_load(&pool.generation);
+            }
+            if (current != seen) break;
             pthread_mutex_lock(&pool.lock);
             atomic_fetch_add(&pool.sleepers, 1);
-            while ((current = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+            while ((current = atomic_load(&pool.generation)) == seen && atomic_load(&pool.alerts) == alerts)
+                pthread_cond_wait(&pool.wake, &pool.lock);
             atomic_fetch_sub(&pool.sleepers, 1);
             pthread_mutex_unlock(&pool.lock);
+            if (current != seen) break;
         }
         seen = current;
         /* Enter the loop only while it runs: the caller marks it finished, then waits for those inside
@@ -65,6 +73,16 @@ static void *pool_worker(void *arg) {
         atomic_fetch_sub(&pool.inside, 1);
     }
     return NULL;
+}
+
+void llama4_pool_warm(int64_t ns) {
+    atomic_store(&pool.warm_until, pool_now_ns() + ns);
+    atomic_fetch_add(&pool.alerts, 1);
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
 }
 
 /* A forked child has none of the parent's workers: it starts its own when it first needs them. */

@@ -18,4 +18,9 @@ typedef void (*pool_task)(void *ctx, int64_t item, int thread);
  * thread's index is below `threads`, for per-thread scratch). Returns when every item is done. */
 void llama4_pool_parallel(int64_t items, int threads, pool_task task, void *ctx);
 
+/* Keeps the started workers polling for the next loop for `ns` nanoseconds from now (waking those asleep), where
+ * the caller knows one follows soon after a gap longer than their usual poll (the Python between a decode step's
+ * layers, or before its first): a worker woken from its sleep only when the loop starts joins it late. */
+void llama4_pool_warm(int64_t ns);
+
 #endif
