@@ -66,9 +66,9 @@ def test_two_rank_generate_quantizes_its_shards_as_one_process_quantizes(capsys)
 LONG_PROMPT = " ".join(["Once upon a time, a little dog named Max found a red ball in the park."] * 20)
 
 
-@pytest.mark.parametrize("mode", [["--raw"], ["--temperature", "0.9", "--top-k", "40", "--seed", "5",
-                                              "--repetition-penalty", "1.2"], ["--raw", "--kv-cache", "int8"]],
-                         ids=["greedy-raw", "sampled-chat", "int8-kv"])
+@pytest.mark.parametrize("mode", [["--raw", "--kv-cache", "int8"], ["--temperature", "0.9", "--top-k", "40",
+                                                                     "--seed", "5", "--repetition-penalty", "1.2"]],
+                         ids=["greedy-raw-int8-kv", "sampled-chat"])
 def test_context_parallel_generate_prints_what_one_process_prints(mode, capsys):
     args = ["generate", LONG_PROMPT, "--max-tokens", "8", "--dtype", "fp32", "--json", "--quiet", *mode]
     want = _single(args, capsys)
