@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from llama4.distributed.modules import QuantizedParallelLinear, RowParallelLinear, VocabParallelHead, row_max_over
 from llama4.distributed.plan import Layout, ParallelPlan, PlanError, shard_layouts
-from llama4.distributed.shard import group_rank
+from llama4.distributed.shard import full_shapes, group_rank
 from llama4.model.moe import Experts
 from llama4.model.transformer import Llama4Model
 from llama4.quant.formats import QuantizedTensor, WeightFormat, quantize, stack
@@ -43,9 +43,7 @@ def quantize_sharded(model: Llama4Model, recipe: QuantRecipe | str, plan: Parall
         raise ValueError("the output head is tied to the embeddings (tie_word_embeddings), and embeddings "
                          "quantization is not supported yet: leave head unset for this model")
     with torch.device("meta"):
-        full = {n: tuple(p.shape) for n, p in Llama4Model(model.config).named_parameters()}
-    if model.config.text.tie_word_embeddings and model.text.output is not None:
-        full["text.output.weight"] = full["text.embed.weight"]
+        full = full_shapes(Llama4Model(model.config), plan)  # the whole model's shapes, tied head as shard.py has it
     layouts = shard_layouts(full, model.config.text, plan, rank)
     chosen = [(t, recipe.format_for(t.kind)) for t in quantizable_modules(model) if recipe.format_for(t.kind)]
     for target, fmt in chosen:  # every check before the first change: a refused recipe leaves the model as it was
@@ -67,8 +65,9 @@ def quantize_sharded(model: Llama4Model, recipe: QuantRecipe | str, plan: Parall
     return model
 
 
-def _split_columns(layout: Layout | None, full: tuple[int, ...] | None, dim: int) -> bool:
-    return layout is not None and full is not None and layout[dim] != ((0, full[dim]),)
+def _split_columns(layout: Layout | None, full: tuple[int, ...] | None) -> bool:
+    """Whether a part holds only some of its rows' inputs (dim 1: a linear's [out, in], the experts' down [E, I, D])."""
+    return layout is not None and full is not None and layout[1] != ((0, full[1]),)
 
 
 def _check(name: str, child: nn.Module, fmt: WeightFormat, layouts: dict[str, Layout | None]) -> None:
@@ -89,7 +88,7 @@ def _check(name: str, child: nn.Module, fmt: WeightFormat, layouts: dict[str, La
 def _row_max(param: str, weight: torch.Tensor, fmt: WeightFormat, layout: Layout | None,
              full: tuple[int, ...] | None, row_max) -> torch.Tensor | None:
     """A linear's whole rows' largest magnitudes where it holds some of their columns in int8 per channel."""
-    if fmt.group is not None or fmt.bits != 8 or not _split_columns(layout, full, 1):
+    if fmt.group is not None or fmt.bits != 8 or not _split_columns(layout, full):
         return None
     return row_max(param, weight.detach().float().abs().amax(1))
 
@@ -100,7 +99,7 @@ def _experts(name: str, experts: Experts, fmt: WeightFormat, scale_dtype: torch.
     when the expert hidden dimension is split (gate_up [E, D, 2I] always holds whole rows of its transpose)."""
     down_name = f"{name}.down"
     amax = None
-    if fmt.group is None and fmt.bits == 8 and _split_columns(layouts.get(down_name), full.get(down_name), 1):
+    if fmt.group is None and fmt.bits == 8 and _split_columns(layouts.get(down_name), full.get(down_name)):
         amax = row_max(down_name, experts.down.detach().float().abs().amax(1))  # [E, D]
     gate_up = stack([quantize(w.t(), fmt, scale_dtype) for w in experts.gate_up])
     down: list[QuantizedTensor] = [quantize(w.t(), fmt, scale_dtype, None if amax is None else amax[e])

@@ -121,7 +121,7 @@ def _fill(model: Llama4Model, layouts: dict[str, Layout | None],
         model.get_submodule(module_name)._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
-def _full_shapes(model: Llama4Model, plan: ParallelPlan) -> dict[str, tuple[int, ...]]:
+def full_shapes(model: Llama4Model, plan: ParallelPlan) -> dict[str, tuple[int, ...]]:
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     if model.text.output is None and plan.tp > 1:  # tied: the vocabulary-parallel head slices the embedding
         shapes[TIED_HEAD] = shapes[EMBED]
@@ -139,7 +139,7 @@ def shard_model(model: Llama4Model, plan: ParallelPlan, group: dist.ProcessGroup
     _check_plain(model)
     invariant = is_batch_invariant(model)
     full = dict(model.named_parameters())
-    layouts = shard_layouts(_full_shapes(model, plan), model.config.text, plan, rank)
+    layouts = shard_layouts(full_shapes(model, plan), model.config.text, plan, rank)
     _swap_modules(model, plan, rank, group)
 
     def read(name: str, index: tuple[slice, ...]) -> torch.Tensor:
@@ -195,7 +195,7 @@ def load_sharded(path: str | os.PathLike, plan: ParallelPlan, group: dist.Proces
     with torch.device("meta"):
         model = Llama4Model(config)
     full = {n: p.shape for n, p in model.named_parameters()}
-    layouts = shard_layouts(_full_shapes(model, plan), config.text, plan, rank)
+    layouts = shard_layouts(full_shapes(model, plan), config.text, plan, rank)
     _swap_modules(model, plan, rank, group)
     handled: set[str] = set()
     if stored is not None:
