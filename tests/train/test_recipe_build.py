@@ -9,7 +9,7 @@ import torch
 
 import llama4
 from llama4 import evaluation
-from llama4.train import recipe
+from llama4.train import instruct_data, recipe
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
@@ -18,11 +18,15 @@ DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
 def test_recipe_builds_a_loadable_model_with_a_card(tmp_path, monkeypatch):
     small = dict(steps=2, batch_size=2, warmup=1, eval_every=2, eval_batches=2, checkpoint_every=1, log_every=1)
-    monkeypatch.setattr(recipe, "PRETRAIN", replace(recipe.PRETRAIN, **small))
-    monkeypatch.setattr(recipe, "INSTRUCT", replace(recipe.INSTRUCT, **small))
+    monkeypatch.setattr(recipe, "PRETRAIN", replace(recipe.PRETRAIN, seq_len=256, **small))
+    monkeypatch.setattr(recipe, "INSTRUCT", replace(recipe.INSTRUCT, seq_len=256, **small))
     monkeypatch.setattr(recipe, "VISION", replace(recipe.VISION, **small))
     monkeypatch.setattr(recipe, "VISION_MEAN", replace(recipe.VISION_MEAN, **small))
     monkeypatch.setattr(recipe, "IMAGE_BATCH", 2)
+    monkeypatch.setattr(recipe, "CHAT_BATCH", 2)
+    monkeypatch.setattr(recipe, "BASE_VOCAB", 1024)  # the merges are most of the tokenizer's training time
+    every_chat = instruct_data.instruct_chats
+    monkeypatch.setattr(instruct_data, "instruct_chats", lambda *a, **k: every_chat(*a, **k)[:64])
     final = recipe.build_embedded(tmp_path / "run", DATA)
     record = json.loads((final / "recipe.json").read_text())
     assert record["stages"]["pretrain"]["steps"] == 2 and len(record["data_sha256"]) == 6
@@ -33,7 +37,7 @@ def test_recipe_builds_a_loadable_model_with_a_card(tmp_path, monkeypatch):
         set(acc) == {"shape", "colour", "count", "background"} for acc in probe.values())
     assert set(record["seconds"]) == {"tokenizer", "pretrain", "vision", "instruct"}
     model = llama4.load_model(final)
-    assert model.config.multimodal and model.config.text.vocab_size == 8192
+    assert model.config.multimodal and model.config.text.vocab_size == 1024 + 2048
     assert next(model.text.parameters()).dtype == torch.float32
     assert {t.dtype for t in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
         final / "model.safetensors").values()} == {torch.bfloat16}

@@ -34,8 +34,9 @@ from llama4.model.ops import (
 def check_token_ids(ids: torch.Tensor | Iterable[int], vocab: int, what: str = "token ids") -> None:
     """Raises ValueError naming the first few ids outside [0, vocab) (the one check of every caller)."""
     if isinstance(ids, torch.Tensor):
-        if not ids.numel() or (int(ids.min()) >= 0 and int(ids.max()) < vocab):
-            return
+        if ids.numel() > 64:  # (a few ids, a decode step's, are cheaper checked as a list)
+            if int(ids.min()) >= 0 and int(ids.max()) < vocab:
+                return
         ids = ids.flatten().tolist()
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
@@ -53,6 +54,51 @@ class PositionTables:
     rope: torch.Tensor
     q_scale: torch.Tensor | None
     starts: list[int]
+
+
+class IndexedTables:
+    """``rope_table`` and ``temperature_scale`` precomputed for indices 0..size-1 and looked up per forward, as
+    Meta's reference keeps ``freqs_cis``: a decode step then costs two lookups instead of the formulas' dozen
+    small ops. The tables are the formulas applied to an arange (elementwise, so a lookup gives the same values
+    as the formula at that index); they grow by doubling up to ``limit`` indices and are rebuilt for another
+    device or ``inv_freq`` tensor; indices outside them take the formulas."""
+
+    def __init__(self, floor_scale: float, attn_scale: float, limit: int = 16384):
+        self.floor_scale, self.attn_scale, self.limit = floor_scale, attn_scale, limit
+        self.size, self.key, self.rope, self.q_scale = 0, None, None, None
+
+    def rotations(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        """rope_table(positions, inv_freq) on positions' device."""
+        if positions.numel() <= 64:  # (a decode step's: cheaper read as a list than reduced)
+            values = positions.flatten().tolist() or [0]
+            low, high = min(values), max(values)
+        else:
+            low, high = (int(v) for v in torch.aminmax(positions))
+        if low < 0 or not self._cover(high, inv_freq, positions.device):
+            return rope_table(positions, inv_freq.to(positions.device))
+        return self.rope[positions]
+
+    def temperatures(self, starts: list[int], t: int, inv_freq: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Query scales [B, T] of sequence indices starts[b] + 0..t-1 (every start >= 0)."""
+        index = (torch.tensor(starts, device=device)[:, None] if t == 1
+                 else torch.tensor(starts, device=device)[:, None] + torch.arange(t, device=device))
+        if not self._cover(max(starts) + t - 1, inv_freq, device):
+            return temperature_scale(index, self.floor_scale, self.attn_scale)
+        return self.q_scale[index]
+
+    def _cover(self, high: int, inv_freq: torch.Tensor, device: torch.device) -> bool:
+        """Whether the tables (grown or rebuilt where allowed) hold index ``high`` for ``inv_freq`` on ``device``."""
+        same = self.key is not None and self.key[0] is inv_freq and self.key[1] == device
+        if same and high < self.size:
+            return True
+        if high >= self.limit:
+            return False
+        self.size = max(self.size if same else 0, min(self.limit, max(1024, 2 << high.bit_length())))
+        self.key = (inv_freq, device)
+        index = torch.arange(self.size, device=device)
+        self.rope = rope_table(index, inv_freq.to(device))
+        self.q_scale = temperature_scale(index, self.floor_scale, self.attn_scale)
+        return True
 
 
 class RMSNorm(nn.Module):
@@ -163,6 +209,7 @@ class TextModel(nn.Module):
             inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.tunes_temperature = any(spec.temperature_tuning for spec in config.layers)
+        self.indexed_tables = IndexedTables(config.floor_scale, config.attn_scale)
         # An optional specialised implementation of the layers for passes with a cache (decode steps, and
         # prefill pieces where they must compute what decode steps compute), installed from outside the model
         # (kernels); it returns None for inputs it does not take. The layers are its reference.
@@ -196,11 +243,10 @@ class TextModel(nn.Module):
     def position_tables(self, h: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> PositionTables:
         b, t = h.shape[:2]
         starts = cache.starts(b) if cache is not None else [0] * b
-        rope = rope_table(positions.to(h.device), self.inv_freq.to(h.device))
+        rope = self.indexed_tables.rotations(positions.to(h.device), self.inv_freq)
         q_scale = None
         if self.tunes_temperature:
-            index = torch.tensor(starts, device=h.device)[:, None] + torch.arange(t, device=h.device)
-            q_scale = temperature_scale(index, self.config.floor_scale, self.config.attn_scale)[:, :, None, None]
+            q_scale = self.indexed_tables.temperatures(starts, t, self.inv_freq, h.device)[:, :, None, None]
         return PositionTables(rope, q_scale, starts)
 
 
@@ -253,8 +299,9 @@ class Llama4Model(nn.Module):
         if positions is None:
             b, t = input_ids.shape
             starts = cache.starts(b) if cache is not None else [0]
-            positions = (torch.tensor(starts, device=input_ids.device)[:, None]
-                         + torch.arange(t, device=input_ids.device))
+            positions = torch.tensor(starts, device=input_ids.device)[:, None]
+            if t > 1:
+                positions = positions + torch.arange(t, device=input_ids.device)
         elif positions.dim() == 1:
             positions = positions[None]
         h = self.embed(input_ids, pixel_values)

@@ -265,6 +265,8 @@ def test_the_options_turn_the_kernel_off_or_pick_a_variant():
     assert KernelOptions.from_environ({"LLAMA4_CPU_KERNEL": "off"}).kernel() is None
     assert KernelOptions.from_environ({}) == KernelOptions(variant="auto", fused_decode=True)
     assert not KernelOptions.from_environ({"LLAMA4_FUSED_DECODE": "0"}).fused_decode
+    assert KernelOptions.from_environ({}).huge_pages
+    assert not KernelOptions.from_environ({"LLAMA4_HUGE_PAGES": "0"}).huge_pages
     with pytest.raises(ValueError, match="CPU kernel 'sse': expected one of auto, off, amx"):
         KernelOptions.from_environ({"LLAMA4_CPU_KERNEL": "sse"})
     if "avx2" in RUNNABLE:

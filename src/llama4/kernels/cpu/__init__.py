@@ -28,7 +28,7 @@ def pack(model: nn.Module, options: KernelOptions, fill: bool = True) -> nn.Modu
     checkpoint loader fills tensor by tensor (a meta-device model: never a plain and a packed copy at once);
     then give its text decoder the fused decode step where ``options`` allow it and a kernel runs."""
     kernel = options.kernel()
-    swap_in(model, kernel, fill)
+    swap_in(model, kernel, fill, options.huge_pages)
     model.kernel_options = options
     text = getattr(model, "text", model)
     if isinstance(text, TextModel):

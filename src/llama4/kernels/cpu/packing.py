@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llama4.kernels.cpu import huge_pages
 from llama4.kernels.cpu.library import (
     IN_BLOCK,
     MAX_ROWS,
@@ -34,6 +36,8 @@ from llama4.model.moe import Experts, Router, SwiGLU, each_expert_on_its_rows, s
 from llama4.model.transformer import QKVProjection
 from llama4.quant.formats import QuantizedTensor, dequantize, stack
 from llama4.quant.modules import QuantizedExperts, QuantizedLinear
+
+Place = Callable[[torch.Tensor], torch.Tensor]  # where a module's packed tensors go (huge_pages.place)
 
 
 @functools.cache
@@ -66,6 +70,9 @@ class PackedWeight:
     Without a kernel (or a weight it cannot read) the QuantizedTensor stays as it is (``reference``) and
     every product dequantizes it: llama4.quant's reference arithmetic.
 
+    ``place``: where a module's weight (never a call's temporary) keeps its kernel-layout tensors, e.g.
+    huge_pages.place (transparent huge pages); None leaves them where torch put them.
+
     Normally oneDNN's blocked layout (an opaque mkldnn tensor; AMX and AVX-512 BF16 CPUs pack bf16 in the
     layout the kernel reads). Where oneDNN cannot pack bf16 or packs it in another layout (AVX2, AVX-512
     without BF16) but a kernel runs, the weight is kept in the kernel's layout instead (``blocked``, a plain
@@ -75,13 +82,15 @@ class PackedWeight:
 
     __slots__ = ("tensor", "blocked", "plain", "shape", "address", "kernel", "descriptor", "quantized", "reference")
 
-    def __init__(self, weight: torch.Tensor | QuantizedTensor, kernel: Kernel | None):
+    def __init__(self, weight: torch.Tensor | QuantizedTensor, kernel: Kernel | None,
+                 place: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.tensor = self.blocked = self.plain = self.address = self.kernel = self.descriptor = None
         self.quantized = self.reference = None
         if isinstance(weight, QuantizedTensor):
             self.shape = weight.shape
             if kernel is not None and kernel_reads(weight):
-                self.quantized, self.kernel = KernelQuantized(weight), kernel
+                self.quantized = KernelQuantized(weight, place)
+                self.kernel = kernel
                 self.address = self.quantized.address
             else:
                 self.reference = weight
@@ -94,7 +103,8 @@ class PackedWeight:
                 self._on(kernel, torch.ops.mkldnn.data_ptr(self.tensor))
                 return
         if weight.dtype == torch.bfloat16 and weight.shape[1] % IN_BLOCK == 0 and kernel is not None:
-            self.tensor, self.blocked = None, to_blocked(weight)
+            blocked = to_blocked(weight)
+            self.tensor, self.blocked = None, place(blocked) if place else blocked
             self._on(kernel, self.blocked.data_ptr())
         elif self.tensor is None:
             self.plain = weight
@@ -173,9 +183,9 @@ class PackedLinear(nn.Module):
     can pack each weight as it is read and never hold the plain and packed copies of the whole model.
     """
 
-    def __init__(self, linear: nn.Linear | QuantizedLinear, kernel: Kernel | None):
+    def __init__(self, linear: nn.Linear | QuantizedLinear, kernel: Kernel | None, place: Place | None = None):
         super().__init__()
-        self.kernel = kernel
+        self.kernel, self.place = kernel, place
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.has_bias = linear.bias is not None
         self.float_dtype = getattr(linear, "float_dtype", None)
@@ -184,7 +194,7 @@ class PackedLinear(nn.Module):
 
     def load_tensor(self, name: str, tensor: torch.Tensor | QuantizedTensor) -> None:
         if name == "weight":
-            self.packed = PackedWeight(tensor, self.kernel)
+            self.packed = PackedWeight(tensor, self.kernel, place=self.place)
         elif name == "bias" and self.has_bias:
             self.bias = nn.Parameter(tensor.detach(), requires_grad=False)
         else:
@@ -214,9 +224,9 @@ ROW_BUCKET = ROW_TILE
 class PackedExperts(nn.Module):
     """Experts with each expert's gate/up and down matrices packed ([out, in] before packing)."""
 
-    def __init__(self, experts: Experts | QuantizedExperts, kernel: Kernel | None):
+    def __init__(self, experts: Experts | QuantizedExperts, kernel: Kernel | None, place: Place | None = None):
         super().__init__()
-        self.kernel = kernel
+        self.kernel, self.place = kernel, place
         self.batch_invariant = experts.batch_invariant
         self.num_experts = experts.num_experts
         self.float_dtype = getattr(experts, "float_dtype", None)
@@ -232,7 +242,7 @@ class PackedExperts(nn.Module):
         if name not in ("gate_up", "down"):
             raise KeyError(f"PackedExperts has no tensor {name!r}")
         quantized = isinstance(tensor, QuantizedTensor)
-        setattr(self, name, [PackedWeight(tensor[e] if quantized else tensor[e].t(), self.kernel)
+        setattr(self, name, [PackedWeight(tensor[e] if quantized else tensor[e].t(), self.kernel, place=self.place)
                              for e in range(self.num_experts)])
         weights = [*self.gate_up, *self.down]
         self.groups_in_one_call = len(weights) == 2 * self.num_experts and all(w.address is not None for w in weights)
@@ -303,9 +313,10 @@ class _FusedLinears(nn.Module):
     """Several bias-free linears of one input packed as one matrix (one wide product streams faster than
     several narrow ones at decode); outputs are views of its result."""
 
-    def __init__(self, parts: dict[str, nn.Linear | QuantizedLinear], kernel: Kernel | None, batch_invariant: bool):
+    def __init__(self, parts: dict[str, nn.Linear | QuantizedLinear], kernel: Kernel | None, batch_invariant: bool,
+                 place: Place | None = None):
         super().__init__()
-        self.kernel, self.batch_invariant = kernel, batch_invariant
+        self.kernel, self.batch_invariant, self.place = kernel, batch_invariant, place
         self.sizes = {name: linear.out_features for name, linear in parts.items()}
         self.in_features = next(iter(parts.values())).in_features
         self.float_dtype = getattr(next(iter(parts.values())), "float_dtype", None)
@@ -317,7 +328,7 @@ class _FusedLinears(nn.Module):
             raise KeyError(f"no fused part {name!r}; parts: {list(self.sizes)}")
         self.pending[name] = tensor if isinstance(tensor, QuantizedTensor) else tensor.detach()
         if len(self.pending) == len(self.sizes):  # all parts read: pack them as one [sum(out), in] matrix
-            self.packed = PackedWeight(_cat_rows([self.pending[n] for n in self.sizes]), self.kernel)
+            self.packed = PackedWeight(_cat_rows([self.pending[n] for n in self.sizes]), self.kernel, place=self.place)
             self.pending = {}
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -359,8 +370,8 @@ def _rows(tensor: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
 class PackedQKV(_FusedLinears):
     """QKVProjection with wq, wk, wv fused into one packed matrix."""
 
-    def __init__(self, qkv: QKVProjection, kernel: Kernel | None):
-        super().__init__({"wq": qkv.wq, "wk": qkv.wk, "wv": qkv.wv}, kernel, qkv.batch_invariant)
+    def __init__(self, qkv: QKVProjection, kernel: Kernel | None, place: Place | None = None):
+        super().__init__({"wq": qkv.wq, "wk": qkv.wk, "wv": qkv.wv}, kernel, qkv.batch_invariant, place)
 
     def load_tensor(self, name: str, tensor: torch.Tensor | QuantizedTensor) -> None:
         self.load_part(name.removesuffix(".weight"), tensor)
@@ -380,9 +391,9 @@ class PackedQKV(_FusedLinears):
 class PackedSwiGLU(_FusedLinears):
     """SwiGLU (shared expert, dense FFN) with gate and up fused into one packed matrix."""
 
-    def __init__(self, mlp: SwiGLU, kernel: Kernel | None):
-        super().__init__({"gate": mlp.gate, "up": mlp.up}, kernel, mlp.batch_invariant)
-        self.down = PackedLinear(mlp.down, kernel)
+    def __init__(self, mlp: SwiGLU, kernel: Kernel | None, place: Place | None = None):
+        super().__init__({"gate": mlp.gate, "up": mlp.up}, kernel, mlp.batch_invariant, place)
+        self.down = PackedLinear(mlp.down, kernel, place)
 
     def load_tensor(self, name: str, tensor: torch.Tensor | QuantizedTensor) -> None:
         part = name.removesuffix(".weight")
@@ -413,16 +424,16 @@ class PackedRouter(Router):
     product, which on AMX is what the plain product computes for one row, bit for bit (tested; elsewhere
     within a rounding); longer inputs keep the plain product."""
 
-    def __init__(self, router: Router, kernel: Kernel | None):
+    def __init__(self, router: Router, kernel: Kernel | None, place: Place | None = None):
         super().__init__(router.in_features, router.out_features, bias=False, device="meta")
-        self.kernel, self.batch_invariant = kernel, router.batch_invariant
+        self.kernel, self.batch_invariant, self.place = kernel, router.batch_invariant, place
         self.packed: PackedWeight | None = None
 
     def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
         if name != "weight":
             raise KeyError(f"PackedRouter has no tensor {name!r}")
         self.weight = nn.Parameter(tensor.detach(), requires_grad=False)
-        self.packed = PackedWeight(tensor, self.kernel)
+        self.packed = PackedWeight(tensor, self.kernel, place=self.place)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return row_tiled(self._product, x, self.batch_invariant)
@@ -465,12 +476,12 @@ def _packable(composite: nn.Module) -> bool:
                and not any(True for _ in child.buffers()) for child in composite.children())
 
 
-def _packed_shell(child: nn.Module, kernel: Kernel | None) -> nn.Module:
+def _packed_shell(child: nn.Module, kernel: Kernel | None, place: Place | None) -> nn.Module:
     for plain, packed in ((Experts, PackedExperts), (QuantizedExperts, PackedExperts), (QKVProjection, PackedQKV),
                           (SwiGLU, PackedSwiGLU), (Router, PackedRouter)):
         if isinstance(child, plain):
-            return packed(child, kernel)
-    return PackedLinear(child, kernel)
+            return packed(child, kernel, place)
+    return PackedLinear(child, kernel, place)
 
 
 def _weights(module: nn.Module, prefix: str = ""):
@@ -494,15 +505,16 @@ def _weights(module: nn.Module, prefix: str = ""):
 PACKED = (PackedLinear, PackedExperts, PackedQKV, PackedSwiGLU, PackedRouter)
 
 
-def swap_in(model: nn.Module, kernel: Kernel | None, fill: bool) -> None:
+def swap_in(model: nn.Module, kernel: Kernel | None, fill: bool, huge: bool = True) -> None:
     """Swap packed modules in for every linear and the expert weights, in place: filled from the plain
     modules' weights (``fill``; each plain module is freed as soon as its replacement exists), or left empty
     for a loader to fill (e.g. on a meta-device model). The MoE routers keep their plain weight beside the
-    packed one."""
+    packed one. ``huge``: the packed weights on transparent huge pages where the OS offers them."""
+    place = huge_pages.place if huge else None
     for parent_name, name in _swap_targets(model):
         parent = model.get_submodule(parent_name)
         child = getattr(parent, name)
-        shell = _packed_shell(child, kernel)
+        shell = _packed_shell(child, kernel, place)
         if fill:
             for tensor_name, tensor in _weights(child):
                 shell.load_tensor(tensor_name, tensor)

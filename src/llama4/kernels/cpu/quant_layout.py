@@ -12,6 +12,7 @@ gives the exact tensor back (unpacking, saving).
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 
@@ -71,16 +72,18 @@ class KernelQuantized:
 
     __slots__ = ("format", "shape", "codes", "scale", "zero", "descriptor", "address")
 
-    def __init__(self, tensor: QuantizedTensor):
+    def __init__(self, tensor: QuantizedTensor, place: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """``place``: where the layout's tensors go (e.g. huge_pages.place; default: where torch puts them)."""
         if not kernel_reads(tensor):
             raise ValueError(f"the CPU kernel takes [out, in] quantized weights with in a multiple of {IN_BLOCK}, "
                              f"got {tuple(tensor.shape)}")
         self.format: WeightFormat = tensor.format
         self.shape = tensor.shape
         int8 = tensor.format.bits == 8
-        self.codes = _blocks(tensor.codes, IN_BLOCK) if int8 else _int4_cells(tensor.codes)
-        self.scale = _per_output(tensor.scale)
-        self.zero = None if tensor.zero is None else _per_output(tensor.zero)
+        place = place or (lambda t: t)
+        self.codes = place(_blocks(tensor.codes, IN_BLOCK) if int8 else _int4_cells(tensor.codes))
+        self.scale = place(_per_output(tensor.scale))
+        self.zero = None if tensor.zero is None else place(_per_output(tensor.zero))
         self.descriptor = WeightDescriptor(
             INT8 if int8 else INT4, 0 if int8 else tensor.format.group, int(self.scale.dtype == torch.bfloat16),
             self.codes.data_ptr(), self.scale.data_ptr(), None if self.zero is None else self.zero.data_ptr())
