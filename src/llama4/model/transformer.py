@@ -80,8 +80,9 @@ class IndexedTables:
 
     def temperatures(self, starts: list[int], t: int, inv_freq: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Query scales [B, T] of sequence indices starts[b] + 0..t-1 (every start >= 0)."""
-        index = (torch.tensor(starts, device=device)[:, None] if t == 1
-                 else torch.tensor(starts, device=device)[:, None] + torch.arange(t, device=device))
+        index = torch.tensor(starts, device=device)[:, None]
+        if t > 1:
+            index = index + torch.arange(t, device=device)
         if not self._cover(max(starts) + t - 1, inv_freq, device):
             return temperature_scale(index, self.floor_scale, self.attn_scale)
         return self.q_scale[index]

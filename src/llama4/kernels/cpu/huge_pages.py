@@ -1,10 +1,11 @@
 """Packed weights on transparent huge pages (Linux).
 
 A decode step streams every weight it uses once. On 4 KiB pages each 4 KiB of weights is a TLB miss (in a
-virtual machine a two-level page walk) and a point where the hardware prefetcher stops; on 2 MiB pages the int4
-products of one row read 12-16 % more bytes per second on an AMD EPYC VM (bench/huge_pages.py). So the tensors a
-packed module keeps for the kernel (blocked bf16 weights, quantized codes, scales and zero points) are copied
-into slabs of anonymous memory, 2 MiB-aligned and marked ``MADV_HUGEPAGE`` before their first touch, as views
+virtual machine a two-level page walk) and a point where the hardware prefetcher stops; on 2 MiB pages the bf16,
+int8 and int4 products of one row read 1.12-1.27x the bytes per second on an AMD EPYC VM (bench/huge_pages.py).
+So the tensors a packed module keeps for the kernel (blocked bf16 weights, quantized codes, scales and zero
+points) are copied into slabs of anonymous memory, 2 MiB-aligned and marked ``MADV_HUGEPAGE`` before their first
+touch, as views
 that keep their slab alive (a slab is unmapped when the last of its tensors is freed; the space of a tensor freed
 before the others of its slab is not reused). Only long-lived weights go there, never a call's temporary.
 

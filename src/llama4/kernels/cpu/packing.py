@@ -82,8 +82,7 @@ class PackedWeight:
 
     __slots__ = ("tensor", "blocked", "plain", "shape", "address", "kernel", "descriptor", "quantized", "reference")
 
-    def __init__(self, weight: torch.Tensor | QuantizedTensor, kernel: Kernel | None,
-                 place: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, weight: torch.Tensor | QuantizedTensor, kernel: Kernel | None, place: Place | None = None):
         self.tensor = self.blocked = self.plain = self.address = self.kernel = self.descriptor = None
         self.quantized = self.reference = None
         if isinstance(weight, QuantizedTensor):
